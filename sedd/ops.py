@@ -1,0 +1,385 @@
+"""The public functional API: fused SEDD operations behind one interface.
+
+Every function here validates its arguments (raising ``TypeError``/``ValueError`` that name the
+argument, before any kernel launches), then dispatches to a backend:
+
+* ``"triton"``: the fused kernels of the ``kernels`` package. On CPU tensors this needs Triton's
+  interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported); anything else is an
+  error, never a silent fallback.
+* ``"torch"``: the eager reference of :mod:`sedd.reference`.
+* ``"auto"`` (default): Triton for CUDA tensors, eager for CPU tensors.
+
+The backend is chosen by the environment variable ``SEDD_BACKEND`` or, taking precedence, the
+context manager :func:`use_backend`; :func:`last_backend` says which one ran the latest call in
+this thread. Setting ``SEDD_CHECK_VALUES=0`` skips the value checks that need a device sync
+(token ids in range, σ finite and positive); shape, dtype and device checks always run.
+
+Shapes: B batch, L length, V score width (N + 1 for the absorbing graph, N for uniform).
+``log_score`` is [B, L, V] in fp32, bf16, fp16 (or fp64 on the eager backend) and is read in
+fp32. Optional ``shift`` [B]: ``log_score`` is then the raw network output z and the scores are
+ŝ = z + shift (the σ-dependent post-processing of the model, folded in so no extra [B, L, V]
+pass runs). In every case the entry at the current token is read as ŝ[x_t] = 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import threading
+
+import torch
+
+from sedd import reference
+from sedd.graph import Graph, graph_for_width
+
+BACKENDS = ("auto", "torch", "triton")
+
+_backend_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("sedd_backend", default=None)
+_last = threading.local()
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend selection
+# ---------------------------------------------------------------------------------------------
+
+
+def get_backend() -> str:
+    """The requested backend: the innermost :func:`use_backend`, else ``$SEDD_BACKEND``, else ``"auto"``."""
+    name = _backend_override.get() or os.environ.get("SEDD_BACKEND", "auto") or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"SEDD_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ``sedd.ops`` calls inside the block on backend ``name`` ("auto", "torch" or "triton")."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    token = _backend_override.set(name)
+    try:
+        yield
+    finally:
+        _backend_override.reset(token)
+
+
+def resolve_backend(device: torch.device | str) -> str:
+    """The backend ("torch" or "triton") a call on tensors of ``device`` runs on now.
+
+    Raises ``RuntimeError`` when Triton is requested where it cannot run.
+    """
+    device = torch.device(device)
+    name = get_backend()
+    if name == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if name == "triton":
+        if not _triton_available():
+            raise RuntimeError("SEDD backend 'triton' requested but triton is not importable")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "SEDD backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before importing sedd (or use the 'torch' backend on CPU)"
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"SEDD backend 'triton' does not support device {device}")
+    return name
+
+
+def last_backend() -> str | None:
+    """The backend ("torch" or "triton") that ran the most recent ``sedd.ops`` call in this thread."""
+    return getattr(_last, "backend", None)
+
+
+def _dispatch(device: torch.device) -> str:
+    backend = resolve_backend(device)
+    _last.backend = backend
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------
+
+_SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_values() -> bool:
+    return os.environ.get("SEDD_CHECK_VALUES", "1") != "0"
+
+
+def _check_log_score(log_score) -> tuple[int, int, int]:
+    if not isinstance(log_score, torch.Tensor):
+        raise TypeError(f"log_score must be a torch.Tensor, got {type(log_score).__name__}")
+    if log_score.dtype not in _SCORE_DTYPES:
+        raise TypeError(f"log_score must be float32, bfloat16, float16 or float64, got {log_score.dtype}")
+    if log_score.dim() != 3:
+        raise ValueError(f"log_score must have shape [B, L, V], got {tuple(log_score.shape)}")
+    B, L, V = log_score.shape
+    if V < 2:
+        raise ValueError(f"log_score must have V >= 2 scores per row, got V = {V}")
+    return B, L, V
+
+
+def _check_graph(graph, V: int) -> Graph:
+    if not isinstance(graph, (str, Graph)):
+        raise TypeError(f"graph must be 'absorb', 'uniform' or a Graph, got {type(graph).__name__}")
+    g = graph_for_width(graph, V)
+    if g.dim != V:
+        raise ValueError(f"graph {g} has rows of width {g.dim}, but log_score has V = {V}")
+    return g
+
+
+def _check_tokens(name: str, x, shape: tuple[int, int], device: torch.device, high: int, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{name} must hold integer token ids, got {x.dtype}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, expected {device}")
+    if _check_values() and x.numel() and (bool((x < 0).any()) or bool((x >= high).any())):
+        bad = x[(x < 0) | (x >= high)][0].item()
+        raise ValueError(f"{name} holds id {bad} outside [0, {high}) ({what})")
+
+
+def _check_per_row(name: str, v, B: int, device: torch.device, positive: bool = True) -> torch.Tensor:
+    """σ-like per-row scalars: a number, [B] or [B, 1] -> contiguous fp32 [B]."""
+    if isinstance(v, (int, float)):
+        v = torch.full((B,), float(v), device=device)
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or a number, got {type(v).__name__}")
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {v.dtype}")
+    if v.dim() == 0:
+        v = v.expand(B)
+    if tuple(v.shape) not in ((B,), (B, 1)):
+        raise ValueError(f"{name} must have shape [B] or [B, 1] with B = {B}, got {list(v.shape)}")
+    if v.device != device:
+        raise ValueError(f"{name} is on {v.device}, expected {device}")
+    v = v.reshape(B).float().contiguous()
+    if _check_values():
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} must be finite, got {v.tolist() if B <= 8 else 'non-finite entries'}")
+        if positive and not bool((v > 0).all()):
+            raise ValueError(f"{name} must be > 0, got min {v.min().item()}")
+    return v
+
+
+def _check_generator(generator, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if torch.device(generator.device).type != device.type:
+        raise ValueError(f"generator is on {generator.device}, but the tensors are on {device}")
+
+
+def _check_step_args(log_score, x_t, graph, shift):
+    B, L, V = _check_log_score(log_score)
+    g = _check_graph(graph, V)
+    _check_tokens("x_t", x_t, (B, L), log_score.device, V, "the current tokens")
+    if shift is not None:
+        shift = _check_per_row("shift", shift, B, log_score.device, positive=False)
+    return B, g, shift
+
+
+# ---------------------------------------------------------------------------------------------
+# Score entropy
+# ---------------------------------------------------------------------------------------------
+
+_REDUCTIONS = ("none", "sum", "batchmean")
+
+
+def score_entropy(
+    log_score: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    graph: str | Graph,
+    *,
+    shift: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "none",
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """Per-token score entropy ℓ(ŝ, σ, x_t, x0), differentiable in ``log_score``.
+
+    Args:
+        log_score: [B, L, V] fp32/bf16/fp16 log-scores ŝ (or the raw output z when ``shift`` is given).
+        sigma: [B] or [B, 1] total noise σ̄(t) > 0 of each sequence.
+        x_t: [B, L] int, the noisy tokens the scores were computed at.
+        x0: [B, L] int, the clean tokens (real tokens: < N).
+        graph: "absorb", "uniform" or a :class:`sedd.graph.Graph` whose width is V.
+        shift: optional [B] fp32; ŝ = log_score + shift.
+        weight: optional [B] per-sequence weight (e.g. dσ = σ̄'(t)) multiplied into the loss.
+        reduction: "none" -> [B, L]; "sum" -> scalar Σ over all tokens; "batchmean" -> scalar
+            Σ / B (nats per sequence, the SEDD training loss).
+        inplace_backward: let the Triton backend write the gradient into ``log_score``'s storage
+            (saves a [B, L, V] buffer in training; ``log_score`` must not be used after backward).
+
+    Returns:
+        float32 loss ([B, L] or a scalar; float64 for float64 input on the eager backend).
+    """
+    B, L, V = _check_log_score(log_score)
+    g = _check_graph(graph, V)
+    device = log_score.device
+    sigma = _check_per_row("sigma", sigma, B, device)
+    _check_tokens("x_t", x_t, (B, L), device, V, "the noisy tokens")
+    _check_tokens("x0", x0, (B, L), device, g.N, "clean tokens are real tokens, never MASK")
+    if shift is not None:
+        shift = _check_per_row("shift", shift, B, device, positive=False)
+    if weight is not None:
+        weight = _check_per_row("weight", weight, B, device, positive=False)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+    if _dispatch(device) == "triton":
+        return _score_entropy_triton(log_score, sigma, x_t, x0, g, shift, weight, reduction, inplace_backward)
+
+    loss = reference.score_entropy(log_score, sigma, x_t, x0, g, shift)
+    if weight is not None:
+        loss = loss * weight.to(loss.dtype).unsqueeze(-1)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "batchmean":
+        return loss.sum() / B
+    return loss
+
+
+def _score_entropy_triton(log_score, sigma, x_t, x0, graph, shift, weight, reduction, inplace_backward):
+    raise NotImplementedError("the Triton score-entropy kernel is not wired yet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward noising
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_transition(
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    graph: str | Graph,
+    generator: torch.Generator | None = None,
+    *,
+    dim: int | None = None,
+) -> torch.Tensor:
+    """Forward noising x_t ~ p_{t|0}(· | x0), independently per position.
+
+    Args:
+        x0: [B, L] int clean tokens in [0, N).
+        sigma: [B] or [B, 1] total noise σ̄(t) > 0.
+        graph: a Graph, or "absorb"/"uniform" together with ``dim`` (the score width V).
+        generator: optional torch.Generator on x0's device; the same seed gives the same noise.
+
+    Returns:
+        [B, L] tokens of x0's dtype: absorbing masks each token with probability 1 − e^{−σ};
+        uniform replaces it by a uniform draw over [0, N) with that probability.
+    """
+    if isinstance(graph, str):
+        if dim is None:
+            raise ValueError("graph given by name: pass dim=V (the score width) or a Graph object")
+        graph = graph_for_width(graph, dim)
+    elif not isinstance(graph, Graph):
+        raise TypeError(f"graph must be 'absorb', 'uniform' or a Graph, got {type(graph).__name__}")
+    if not isinstance(x0, torch.Tensor) or x0.dim() != 2:
+        raise ValueError(f"x0 must be a [B, L] tensor of token ids, got {getattr(x0, 'shape', type(x0))}")
+    _check_tokens("x0", x0, tuple(x0.shape), x0.device, graph.N, "clean tokens are real tokens")
+    sigma = _check_per_row("sigma", sigma, x0.shape[0], x0.device)
+    _check_generator(generator, x0.device)
+    if _dispatch(x0.device) == "triton":
+        return _sample_transition_triton(x0, sigma, graph, generator)
+    return reference.sample_transition(x0, sigma, graph, generator)
+
+
+def _sample_transition_triton(x0, sigma, graph, generator):
+    raise NotImplementedError("the Triton forward-noising kernel is not wired yet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reverse steps
+# ---------------------------------------------------------------------------------------------
+
+
+def euler_step(
+    log_score: torch.Tensor,
+    x_t: torch.Tensor,
+    dsigma: torch.Tensor,
+    dt: float | torch.Tensor,
+    graph: str | Graph,
+    generator: torch.Generator | None = None,
+    *,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One Euler (τ-leaping) reverse step; returns the next tokens [B, L] (x_t's dtype).
+
+    Args:
+        log_score: [B, L, V] log-scores at x_t (raw output when ``shift`` is given).
+        x_t: [B, L] int current tokens.
+        dsigma: [B] or [B, 1] noise rate σ̄'(t) > 0.
+        dt: step size Δt > 0 (a number or [B]).
+        graph, generator, shift: as in :func:`score_entropy` / :func:`sample_transition`.
+
+    Candidate y ≠ x_t has weight Δt·dσ·Q(x_t, y)·e^{ŝ_y}; staying has weight 1 − Σ (never chosen
+    when negative). For absorbing only MASK positions move.
+    """
+    B, g, shift = _check_step_args(log_score, x_t, graph, shift)
+    dsigma = _check_per_row("dsigma", dsigma, B, log_score.device)
+    dt = _check_per_row("dt", dt, B, log_score.device)
+    _check_generator(generator, log_score.device)
+    if _dispatch(log_score.device) == "triton":
+        return _step_triton("euler", log_score, x_t, dsigma * dt, g, shift, generator)
+    return reference.euler_step(log_score, x_t, dsigma, dt, g, shift, generator)
+
+
+def analytic_step(
+    log_score: torch.Tensor,
+    x_t: torch.Tensor,
+    dsigma: torch.Tensor,
+    graph: str | Graph,
+    generator: torch.Generator | None = None,
+    *,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One analytic (Tweedie τ-leaping) reverse step; returns the next tokens [B, L].
+
+    ``dsigma`` [B] or [B, 1] is the noise removed by the step, σ̄(t) − σ̄(t − Δt) > 0.
+    p_y ∝ (exp(−Δσ Q) s)_y · exp(Δσ Q)(x_t, y).
+    """
+    B, g, shift = _check_step_args(log_score, x_t, graph, shift)
+    dsigma = _check_per_row("dsigma", dsigma, B, log_score.device)
+    _check_generator(generator, log_score.device)
+    if _dispatch(log_score.device) == "triton":
+        return _step_triton("analytic", log_score, x_t, dsigma, g, shift, generator)
+    return reference.analytic_step(log_score, x_t, dsigma, g, shift, generator)
+
+
+def denoise_step(
+    log_score: torch.Tensor,
+    x_t: torch.Tensor,
+    sigma: torch.Tensor,
+    graph: str | Graph,
+    generator: torch.Generator | None = None,
+    *,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The final denoising step from total noise ``sigma`` [B] to σ = 0; never returns MASK."""
+    B, g, shift = _check_step_args(log_score, x_t, graph, shift)
+    sigma = _check_per_row("sigma", sigma, B, log_score.device)
+    _check_generator(generator, log_score.device)
+    if _dispatch(log_score.device) == "triton":
+        return _step_triton("denoise", log_score, x_t, sigma, g, shift, generator)
+    return reference.denoise_step(log_score, x_t, sigma, g, shift, generator)
+
+
+def _step_triton(kind, log_score, x_t, scalar, graph, shift, generator):
+    raise NotImplementedError("the Triton reverse-step kernels are not wired yet")

@@ -1,0 +1,171 @@
+"""Eager PyTorch reference for every per-token formula of SEDD (see docs: sedd-math.md).
+
+This is the readable math, the oracle the kernels are tested against, the baseline they are
+benchmarked against, and the CPU fallback behind :mod:`sedd.ops`. It materialises [B, L, V]
+temporaries freely; the fused kernels exist so that training and sampling do not have to.
+
+Shapes: ``log_score`` [B, L, V] (any float dtype; computed in fp32, or fp64 for fp64 input),
+``x_t``/``x0`` [B, L] integer ids, ``sigma``/``dsigma`` [B] or [B, 1]. ``shift`` (optional, [B])
+marks ``log_score`` as the raw network output z: the scores used are ŝ = z + shift. In every case
+the entry at the current token is read as ŝ[x_t] = 0 (the token's own ratio is 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sedd.graph import Graph
+
+
+def esigm1(sigma: torch.Tensor) -> torch.Tensor:
+    """E(σ) = e^σ − 1, through expm1 where σ is small enough for e^σ − 1 to cancel."""
+    return torch.where(sigma < 0.5, torch.expm1(sigma), torch.exp(sigma) - 1)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _per_row(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """[B] / [B, 1] / scalar -> [B, 1] (broadcasts against [B, L]) in like's dtype."""
+    v = torch.as_tensor(v, device=like.device, dtype=like.dtype)
+    return v.reshape(-1, 1) if v.dim() else v
+
+
+def log_scores(log_score: torch.Tensor, x_t: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """The post-processed scores ŝ [B, L, V]: (z + shift) with ŝ[x_t] = 0, in fp32 (fp64 stays)."""
+    s = log_score.to(_compute_dtype(log_score))
+    if shift is not None:
+        s = s + _per_row(shift, s).unsqueeze(-1)
+    return s.scatter(-1, x_t.unsqueeze(-1), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Score entropy
+# ---------------------------------------------------------------------------------------------
+
+
+def score_entropy(
+    log_score: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    graph: Graph,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token score entropy ℓ(ŝ, σ, x_t, x0), [B, L] in fp32 (fp64 for fp64 input).
+
+    Absorbing (zero unless x_t = MASK), with r = 1/E(σ):
+        ℓ = Σ_{j≠M} e^{ŝ_j} − r·ŝ_{x0} + r(log r − 1)
+    Uniform, with ρ = E/(E + N):
+        pos  = (1/N) Σ_{y≠x_t} e^{ŝ_y},   neg₀ = (1/N) Σ_{y≠x_t} ŝ_y
+        x_t = x0:  ℓ = pos − ρ·neg₀ + ((N−1)/N)·ρ(log ρ − 1)
+        x_t ≠ x0:  ℓ = pos − neg₀ − ŝ_{x0}/E + ((−log ρ − 1)/ρ − (N − 2))/N
+    """
+    s = log_scores(log_score, x_t, shift)
+    sigma = _per_row(sigma, s)
+    E = esigm1(sigma)
+    s_x0 = s.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    if graph.absorbing:
+        r = 1.0 / E
+        pos = s[..., : graph.mask_id].exp().sum(-1)
+        loss = pos - r * s_x0 + r * (torch.log(r) - 1)
+        return torch.where(x_t == graph.mask_id, loss, torch.zeros_like(loss))
+
+    N = graph.N
+    not_current = torch.ones_like(s, dtype=torch.bool).scatter(-1, x_t.unsqueeze(-1), False)
+    pos = torch.where(not_current, s.exp(), 0.0).sum(-1) / N
+    neg0 = s.sum(-1) / N  # ŝ[x_t] = 0, so the full sum is the sum over y ≠ x_t
+    rho = E / (E + N)
+    stay = x_t == x0
+    neg = torch.where(stay, rho * neg0, neg0 + s_x0 / E)
+    const = torch.where(
+        stay,
+        (N - 1) / N * rho * (torch.log(rho) - 1),
+        ((-torch.log(rho) - 1) / rho - (N - 2)) / N,
+    )
+    return pos - neg + const
+
+
+# ---------------------------------------------------------------------------------------------
+# Reverse steps: the categorical weights each step samples from
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalise(weights: torch.Tensor) -> torch.Tensor:
+    """Clamp to ≥ 0 (a negative stay/MASK weight is never chosen) and normalise each row."""
+    weights = weights.clamp_min(0)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def reverse_rates(x_t: torch.Tensor, graph: Graph, V: int, dtype=torch.float32) -> torch.Tensor:
+    """Q(x_t, y): the rate of the forward jump y → x_t, for y ≠ x_t, [B, L, V] (0 at y = x_t).
+
+    Absorbing: 1 for every real token when x_t = MASK, otherwise 0. Uniform: 1/N.
+    """
+    if graph.absorbing:
+        rates = torch.ones(*x_t.shape, V, dtype=dtype, device=x_t.device)
+        rates[..., graph.mask_id] = 0
+        rates = rates * (x_t == graph.mask_id).unsqueeze(-1)
+    else:
+        rates = torch.full((*x_t.shape, V), 1.0 / graph.N, dtype=dtype, device=x_t.device)
+    return rates.scatter(-1, x_t.unsqueeze(-1), 0.0)
+
+
+def euler_probs(log_score, x_t, dsigma, dt, graph: Graph, shift=None) -> torch.Tensor:
+    """Euler (τ-leaping) step: w_y = Δt·dσ·Q(x_t, y)·e^{ŝ_y} for y ≠ x_t, stay weight 1 − Σ w."""
+    s = log_scores(log_score, x_t, shift)
+    step = _per_row(dsigma, s) * _per_row(dt, s)
+    w = step.unsqueeze(-1) * reverse_rates(x_t, graph, s.shape[-1], s.dtype) * s.exp()
+    w = w.scatter(-1, x_t.unsqueeze(-1), (1 - w.sum(-1)).unsqueeze(-1))
+    return _normalise(w)
+
+
+def analytic_probs(log_score, x_t, dsigma, graph: Graph, shift=None) -> torch.Tensor:
+    """Tweedie τ-leaping step: p_y ∝ (exp(−Δσ Q) s)_y · exp(Δσ Q)(x_t, y), Δσ = σ̄(t) − σ̄(t − Δt)."""
+    s = log_scores(log_score, x_t, shift)
+    return _normalise(_tweedie_weights(s, x_t, dsigma, graph))
+
+
+def _tweedie_weights(s, x_t, dsigma, graph: Graph) -> torch.Tensor:
+    dsigma = torch.as_tensor(dsigma, dtype=s.dtype, device=s.device)
+    return graph.staggered_score(s.exp(), dsigma) * graph.transp_transition(x_t, dsigma).to(s.dtype)
+
+
+def denoise_probs(log_score, x_t, sigma, graph: Graph, shift=None) -> torch.Tensor:
+    """Final step: the analytic step with Δσ = σ (jump to σ = 0); absorbing never returns MASK."""
+    s = log_scores(log_score, x_t, shift)
+    weights = _tweedie_weights(s, x_t, sigma, graph)
+    if graph.absorbing:
+        weights = weights.clamp_min(0)
+        weights[..., graph.mask_id] = 0
+    return _normalise(weights)
+
+
+def sample_categorical(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row from unnormalised weights [..., V] ≥ 0: argmax_y (log w_y − log E_y), E ~ Exp(1).
+
+    The exponential noise is drawn and kept in fp64: fp32 noise truncates the tail of the draw
+    and lowers the effective temperature (arXiv 2409.02908).
+    """
+    noise = torch.empty(weights.shape, dtype=torch.float64, device=weights.device)
+    noise.exponential_(generator=generator)
+    logw = torch.where(weights > 0, weights.double().log(), -torch.inf)
+    return (logw - noise.log()).argmax(-1)
+
+
+def euler_step(log_score, x_t, dsigma, dt, graph: Graph, shift=None, generator=None) -> torch.Tensor:
+    return sample_categorical(euler_probs(log_score, x_t, dsigma, dt, graph, shift), generator).to(x_t.dtype)
+
+
+def analytic_step(log_score, x_t, dsigma, graph: Graph, shift=None, generator=None) -> torch.Tensor:
+    return sample_categorical(analytic_probs(log_score, x_t, dsigma, graph, shift), generator).to(x_t.dtype)
+
+
+def denoise_step(log_score, x_t, sigma, graph: Graph, shift=None, generator=None) -> torch.Tensor:
+    return sample_categorical(denoise_probs(log_score, x_t, sigma, graph, shift), generator).to(x_t.dtype)
+
+
+def sample_transition(x0, sigma, graph: Graph, generator=None) -> torch.Tensor:
+    """Forward noising x_t ~ p_{t|0}(· | x0), independently per position."""
+    return graph.sample_transition(x0, sigma, generator=generator)

@@ -1,0 +1,90 @@
+"""The denoising score-entropy training loss (diffusion weighted), on top of :mod:`sedd.ops`.
+
+Per sequence: t ~ U[ε_s, 1], (σ, dσ) = noise(t), x_t ~ p_{t|0}(· | x0), ŝ = model(x_t, σ) and
+loss = Σ_positions dσ·ℓ(ŝ, σ, x_t, x0). The batch loss is the mean over sequences, in nats per
+sequence. The model's raw output goes straight into the fused loss together with its per-row
+σ shift, so no post-processing pass over [B, L, V] runs between the output layer and the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sedd import ops
+from sedd.graph import Graph
+from sedd.noise import Noise
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DDP/FSDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def model_scores(model, x_t: torch.Tensor, sigma: torch.Tensor, **model_kwargs):
+    """(log_score, shift) for the ``sedd.ops`` calls.
+
+    A model with ``score_shift`` (like :class:`sedd.model.SEDD`) returns its raw output and the
+    per-row shift so the kernels fold the post-processing in; any other callable
+    ``model(x_t, sigma) -> log_score`` is used as is, with shift None.
+    """
+    net = unwrap(model)
+    if hasattr(net, "score_shift"):
+        return model(x_t, sigma, raw=True, **model_kwargs), net.score_shift(sigma)
+    return model(x_t, sigma, **model_kwargs), None
+
+
+def sample_times(batch_size: int, sampling_eps: float = 1e-3, *, device=None, generator=None) -> torch.Tensor:
+    """t ~ U[ε_s, 1] for each sequence, [B] fp32."""
+    u = torch.rand(batch_size, device=device, generator=generator)
+    return (1 - sampling_eps) * u + sampling_eps
+
+
+def score_entropy_loss(
+    model,
+    x0: torch.Tensor,
+    graph: Graph,
+    noise: Noise,
+    *,
+    t: torch.Tensor | None = None,
+    sampling_eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    **model_kwargs,
+) -> torch.Tensor:
+    """The SEDD training loss of a batch of clean sequences.
+
+    Args:
+        model: ``SEDD`` (or any ``model(x_t, sigma) -> log_score [B, L, V]``).
+        x0: [B, L] int clean tokens.
+        graph, noise: the forward process and its schedule.
+        t: optional [B] times; drawn from U[sampling_eps, 1] when None.
+        generator: optional generator for t and the forward noise (reproducible losses).
+        attention_mask: optional [B, L] bool, True on real tokens; padding adds no loss and is
+            passed to the model so it is not attended to.
+        reduction: "mean" (over sequences: nats per sequence) or "none" ([B] per sequence).
+
+    Returns:
+        fp32 scalar, or [B] for reduction="none".
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    B = x0.shape[0]
+    if t is None:
+        t = sample_times(B, sampling_eps, device=x0.device, generator=generator)
+    sigma, dsigma = noise(t)
+    x_t = ops.sample_transition(x0, sigma, graph, generator)
+    if attention_mask is not None:
+        model_kwargs["attention_mask"] = attention_mask
+    log_score, shift = model_scores(model, x_t, sigma, **model_kwargs)
+    if attention_mask is None and reduction == "mean":
+        return ops.score_entropy(log_score, sigma, x_t, x0, graph, shift=shift, weight=dsigma, reduction="batchmean")
+    per_token = ops.score_entropy(log_score, sigma, x_t, x0, graph, shift=shift, weight=dsigma)
+    if attention_mask is not None:
+        per_token = per_token * attention_mask
+    per_sequence = per_token.sum(-1)
+    return per_sequence.mean() if reduction == "mean" else per_sequence

@@ -163,3 +163,8 @@ def graph_for_width(graph: str | Graph, V: int) -> Graph:
     if graph in ("absorb", "absorbing"):
         return Absorbing(V - 1)
     return get_graph(graph, V)
+
+
+def graph_from_config(config: dict) -> Graph:
+    """The graph of a public-format training config: ``graph.type`` over ``tokens`` real tokens."""
+    return get_graph(config["graph"]["type"], int(config["tokens"]))

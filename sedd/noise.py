@@ -85,3 +85,15 @@ def get_noise(name: str | Noise, **kwargs) -> Noise:
 def _as_float(t) -> torch.Tensor:
     t = torch.as_tensor(t)
     return t if t.is_floating_point() else t.float()
+
+
+def noise_from_config(config: dict) -> Noise:
+    """The schedule of a public-format training config (``noise.type``, ``sigma_min``, ``sigma_max``;
+    the log-linear ε, absent from the public config, defaults to 1e-3 as in the paper)."""
+    cfg = config.get("noise", {})
+    kind = cfg.get("type", "loglinear")
+    if kind == "geometric":
+        return Geometric(cfg.get("sigma_min", 1e-4), cfg.get("sigma_max", 20.0))
+    if kind == "loglinear":
+        return LogLinear(cfg.get("eps", 1e-3))
+    return get_noise(kind)

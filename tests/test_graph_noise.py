@@ -138,3 +138,16 @@ def test_noise_names_and_validation():
         Geometric(1.0, 0.5)
     with pytest.raises(ValueError):
         LogLinear(eps=1.0)
+
+
+def test_from_public_config():
+    from sedd.graph import graph_from_config
+    from sedd.noise import noise_from_config
+
+    config = {"tokens": 50257, "graph": {"type": "absorb"}, "noise": {"type": "loglinear", "sigma_min": 1e-4}}
+    assert graph_from_config(config) == Absorbing(50257)
+    assert isinstance(noise_from_config(config), LogLinear)
+    config = {"tokens": 7, "graph": {"type": "uniform"}, "noise": {"type": "geometric", "sigma_min": 1e-3, "sigma_max": 5}}
+    assert graph_from_config(config).dim == 7
+    g = noise_from_config(config)
+    assert (g.sigma_min, g.sigma_max) == (1e-3, 5)

@@ -39,6 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from sedd.reference import esigm1
+
 try:
     from flash_attn import flash_attn_varlen_qkvpacked_func
 except (ImportError, OSError):  # OSError: a wheel built against another CUDA or torch
@@ -722,9 +724,7 @@ class SEDD(nn.Module):
         if not (self.absorb and self.scale_by_sigma):
             return torch.zeros(sigma.shape[0], dtype=torch.float32, device=sigma.device)
         s = sigma if sigma.dtype == torch.float64 else sigma.float()
-        # expm1 keeps the relative accuracy of E(σ) ≈ σ at small σ; exp(σ) − 1 is exact enough above.
-        esigm1 = torch.where(s < 0.5, torch.expm1(s), torch.exp(s) - 1)
-        return (-torch.log(esigm1) - math.log(self.vocab_size - 1)).float()
+        return (-torch.log(esigm1(s)) - math.log(self.vocab_size - 1)).float()
 
     def _postprocess(self, z: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         out = z.float() + self._score_shift(sigma)[:, None, None]  # a fresh tensor: safe to scatter into

@@ -1,0 +1,194 @@
+"""A checkpoint together with everything needed to use it: model, graph, noise schedule and tokenizer.
+
+The sampling and evaluation entry points (``train/sample.py``, ``train/eval.py``) and notebooks
+all start the same way::
+
+    p = load_pretrained("runs/small", device="cuda")            # or "louaaron/sedd-small"
+    p.model, p.graph, p.noise, p.tokenizer
+
+Checkpoints are directories in the layout of :meth:`sedd.model.SEDD.save_pretrained` (``config.json``
+and ``model.safetensors``; the trainer adds ``tokenizer.json`` and records its spec under the
+config key ``"tokenizer"``), or Hugging Face Hub ids of public SEDD checkpoints, which carry no
+tokenizer and use GPT-2's.
+
+Tokenizer resolution, first match wins:
+
+1. the ``tokenizer`` argument (a :func:`sedd.data.get_tokenizer` spec: ``"gpt2"``, ``"bpe:N"``
+   or a path to a directory with ``vocab.json`` + ``merges.txt`` or ``tokenizer.json``);
+2. ``CHECKPOINT/tokenizer.json`` when the checkpoint is a local directory that holds one;
+3. GPT-2 from the Hub (what the public checkpoints were trained with). Offline, the error names
+   the local alternative (``../shared/data/gpt2`` in this repository).
+
+The tokenizer must fit the model: ``tokenizer.vocab_size <= config["tokens"]`` (every id it can
+produce must be a real token of the model), otherwise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sedd.data import Tokenizer, get_tokenizer
+from sedd.graph import Graph, graph_from_config
+from sedd.model import SEDD
+from sedd.noise import Noise, noise_from_config
+
+__all__ = ["Pretrained", "load_pretrained", "resolve_tokenizer", "check_tokenizer_fits", "resolve_device"]
+
+LOCAL_GPT2_HINT = "../shared/data/gpt2"  # vocab.json + merges.txt, relative to the repository root
+
+
+@dataclass
+class Pretrained:
+    """A loaded checkpoint.
+
+    Attributes:
+        model: the SEDD model on the requested device, in eval mode.
+        graph, noise: the forward process and schedule of its config.
+        tokenizer: the resolved tokenizer (see the module docstring).
+        tokenizer_source: where the tokenizer came from, for reports: the spec given, the path of
+            the checkpoint's ``tokenizer.json``, or ``"gpt2"`` (the Hub).
+        checkpoint: the directory or Hub id as given.
+        config: ``model.config`` (the whole public-format config).
+    """
+
+    model: SEDD
+    graph: Graph
+    noise: Noise
+    tokenizer: Tokenizer
+    tokenizer_source: str
+    checkpoint: str
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.model.config
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/None -> CUDA when available, else CPU; anything else as ``torch.device``.
+    Raises ValueError for a CUDA device on a machine without one."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"bad device {str(device)!r}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available here")
+    return device
+
+
+def _local_config(checkpoint: str) -> dict[str, Any] | None:
+    """config.json of a local checkpoint directory, or None (a Hub id, or no such file yet)."""
+    path = Path(os.path.expanduser(checkpoint)) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
+
+
+def _config_tokens(config: dict[str, Any]) -> int | None:
+    if "tokens" not in config and isinstance(config.get("config"), dict):  # newer hub-mixin wrapping
+        config = config["config"]
+    tokens = config.get("tokens")
+    return int(tokens) if tokens is not None else None
+
+
+def resolve_tokenizer(
+    checkpoint: str | os.PathLike, spec: str | None = None, *, config: dict[str, Any] | None = None
+) -> tuple[Tokenizer, str]:
+    """The tokenizer of a checkpoint and where it came from (see the module docstring).
+
+    Arguments:
+        checkpoint: the checkpoint directory or Hub id.
+        spec: an explicit :func:`sedd.data.get_tokenizer` spec, or None.
+        config: the checkpoint's config, only used to make errors more helpful.
+    Returns:
+        (tokenizer, source) with source the spec, the tokenizer.json path, or "gpt2".
+    Raises:
+        FileNotFoundError / ValueError for a bad spec; ConnectionError when GPT-2 is needed and
+        the Hub cannot be reached.
+    """
+    if spec is not None:
+        return get_tokenizer(spec), spec
+    checkpoint = os.fspath(checkpoint)
+    local = Path(os.path.expanduser(checkpoint)) / "tokenizer.json"
+    if local.is_file():
+        return get_tokenizer(str(local)), str(local)
+    try:
+        return get_tokenizer("gpt2"), "gpt2"
+    except ConnectionError as err:
+        recorded = (config or {}).get("tokenizer")
+        note = f" (its config records the tokenizer spec {recorded!r})" if recorded else ""
+        raise ConnectionError(
+            f"checkpoint {checkpoint!r} holds no tokenizer.json{note}, so its tokenizer defaults to "
+            "GPT-2 from the Hugging Face Hub, which cannot be reached. Pass a local tokenizer "
+            f"instead: --tokenizer {LOCAL_GPT2_HINT} on the command line, or "
+            f"tokenizer={LOCAL_GPT2_HINT!r} (a directory holding vocab.json and merges.txt)."
+        ) from err
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, config: dict[str, Any], *, source: str = "") -> None:
+    """ValueError unless every id of ``tokenizer`` is a real token of the model
+    (``tokenizer.vocab_size <= config["tokens"]``)."""
+    tokens = _config_tokens(config)
+    if tokens is None:
+        raise ValueError("the checkpoint config has no 'tokens' key")
+    if tokenizer.vocab_size > tokens:
+        src = f" (from {source})" if source else ""
+        recorded = config.get("tokenizer")
+        hint = f"; the checkpoint was trained with tokenizer {recorded!r}" if recorded else ""
+        raise ValueError(
+            f"tokenizer {tokenizer.name}{src} has {tokenizer.vocab_size} ids but the model has only "
+            f"{tokens} tokens{hint}. Pass the tokenizer the checkpoint was trained with (--tokenizer)."
+        )
+
+
+def load_pretrained(
+    checkpoint: str | os.PathLike,
+    *,
+    tokenizer: str | None = None,
+    device: str | torch.device | None = "auto",
+    **from_pretrained_kwargs: Any,
+) -> Pretrained:
+    """Load a checkpoint (directory or Hub id) with its graph, noise schedule and tokenizer.
+
+    Arguments:
+        checkpoint: a directory holding config.json + model.safetensors (or pytorch_model.bin),
+            or a Hub id such as ``"louaaron/sedd-small"``.
+        tokenizer: explicit tokenizer spec, or None to resolve it (module docstring).
+        device: "auto" (CUDA when available), or any torch device.
+        from_pretrained_kwargs: passed to :meth:`SEDD.from_pretrained` (``revision``,
+            ``local_files_only``, ``attn_backend``, ...).
+    Raises:
+        FileNotFoundError (no such directory / files), OSError (Hub id not reachable),
+        ConnectionError (GPT-2 tokenizer needed offline), ValueError (the tokenizer or the
+        weights do not fit the config).
+    """
+    name = os.fspath(checkpoint)
+    device = resolve_device(device)
+    # A local config lets a tokenizer problem surface before the (possibly large) weights load.
+    config = _local_config(name)
+    tok = source = None
+    if config is not None:
+        tok, source = resolve_tokenizer(name, tokenizer, config=config)
+        check_tokenizer_fits(tok, config, source=source)
+    model = SEDD.from_pretrained(name, map_location=device, **from_pretrained_kwargs)
+    if tok is None:
+        tok, source = resolve_tokenizer(name, tokenizer, config=model.config)
+    check_tokenizer_fits(tok, model.config, source=source)
+    return Pretrained(
+        model=model,
+        graph=graph_from_config(model.config),
+        noise=noise_from_config(model.config),
+        tokenizer=tok,
+        tokenizer_source=source,
+        checkpoint=name,
+    )

@@ -1,0 +1,329 @@
+"""The sampling and evaluation entry points (train/sample.py, train/eval.py) on tiny checkpoints.
+
+Checkpoints are made here, untrained (random output layer, so samples and bounds are not trivial):
+one with a 512-id byte-level BPE trained on Tiny Shakespeare and saved as its tokenizer.json (the
+layout train/run.py writes), and one with GPT-2's 50257 tokens and no tokenizer file (the layout
+of the public checkpoints), used with --tokenizer ../shared/data/gpt2. Each CLI runs once as a
+subprocess (the real entry point); the other cases call main(argv) in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sedd.data import get_corpus, get_tokenizer, train_bpe
+from sedd.model import SEDD
+from train import eval as eval_cli
+from train import sample as sample_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+GPT2_DIR = SHARED / "gpt2"
+WIKITEXT = SHARED / "wikitext-2" / "test.txt"
+PTB = SHARED / "ptb" / "test.txt"
+
+pytestmark = pytest.mark.skipif(
+    not (GPT2_DIR.is_dir() and WIKITEXT.is_file() and PTB.is_file()),
+    reason="needs ../shared/data (gpt2, wikitext-2, ptb)",
+)
+
+
+def _random_model(tokens: int, graph: str = "absorb", seed: int = 0) -> SEDD:
+    torch.manual_seed(seed)
+    model = SEDD(SEDD.config_for("tiny", tokens=tokens, graph=graph, length=64, n_blocks=1))
+    # The output layer is zero-initialised (every score equal); give it some structure.
+    torch.nn.init.normal_(model.output_layer.linear.weight, std=0.3)
+    torch.nn.init.normal_(model.output_layer.linear.bias, std=0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sedd_cache")
+
+
+@pytest.fixture(autouse=True)
+def _offline_cache(cache_dir, monkeypatch):
+    monkeypatch.setenv("SEDD_CACHE", str(cache_dir))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The shapes here are tiny: intra-op threads only add synchronisation (10-100x slower on a
+    # busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bpe_ckpt(tmp_path_factory, cache_dir) -> Path:
+    """Our layout: config.json, model.safetensors, tokenizer.json (a 512-id BPE)."""
+    tok = train_bpe(get_corpus(SHARED / "tinyshakespeare" / "input.txt", "all"), 512,
+                    cache_dir=cache_dir, progress=False)
+    folder = tmp_path_factory.mktemp("bpe_ckpt")
+    model = _random_model(tok.vocab_size)
+    model.config["tokenizer"] = "bpe:512 (tinyshakespeare)"
+    model.save_pretrained(folder)
+    tok.save(folder / "tokenizer.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_ckpt(tmp_path_factory) -> Path:
+    """The public layout: GPT-2's tokens, no tokenizer file."""
+    folder = tmp_path_factory.mktemp("gpt2_ckpt")
+    _random_model(50257).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bpe(bpe_ckpt):
+    return get_tokenizer(str(bpe_ckpt / "tokenizer.json"))
+
+
+def _env(cache_dir) -> dict:
+    env = dict(os.environ, SEDD_CACHE=str(cache_dir), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)  # the scripts must find the package by themselves
+    return env
+
+
+def _run_script(name: str, args: list[str], cache_dir) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train" / name), *map(str, args)],
+        capture_output=True, text=True, env=_env(cache_dir), cwd=ROOT, timeout=120,
+    )
+
+
+def _sample_json(capsys, *args) -> dict:
+    assert sample_cli.main([*map(str, args), "--json", "-", "--no-progress"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# ----------------------------------------------------------------------------------------------
+# train/sample.py
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sample_script_unconditional(bpe_ckpt, cache_dir, tmp_path):
+    out = tmp_path / "samples.txt"
+    proc = _run_script("sample.py", [bpe_ckpt, "--steps", 8, "--batch-size", 2, "--seed", 3,
+                                     "--length", 48, "--out", out], cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "===== sample 1/2 =====" in proc.stdout and "===== sample 2/2 =====" in proc.stdout
+    assert "seed 3" in proc.stdout
+    texts = proc.stdout.split("=====\n")[1:]
+    assert all(t.strip() for t in texts)
+    assert out.read_text() == proc.stdout
+
+
+def test_sample_help_documents_the_syntax():
+    text = sample_cli.build_parser().format_help()
+    for word in ("--prefix", "--suffix", "--infill", "POS:TEXT", "[MASK:5]", "--sampler", "--steps"):
+        assert word in text
+
+
+def test_sample_conditioning_is_kept_token_for_token(bpe_ckpt, bpe, capsys):
+    out = _sample_json(capsys, bpe_ckpt, "--length", 64, "--steps", 6, "--batch-size", 2, "--seed", 0,
+                       "--prefix", "First Citizen: ", "--suffix", " Go, get you home.",
+                       "--infill", "30:the people", "--infill", "-20:O Rome")
+    prefix, suffix = bpe.encode("First Citizen:"), bpe.encode(" Go, get you home.")
+    middle, late = bpe.encode("the people"), bpe.encode("O Rome")
+    fixed = {f["source"]: f for f in out["fixed"]}
+    assert fixed["--prefix"]["tokens"] == prefix and fixed["--suffix"]["tokens"] == suffix
+    assert len(out["samples"]) == 2
+    for s in out["samples"]:
+        toks = s["tokens"]
+        assert len(toks) == 64
+        assert toks[: len(prefix)] == prefix
+        assert toks[64 - len(suffix):] == suffix
+        assert toks[30 : 30 + len(middle)] == middle
+        assert toks[44 : 44 + len(late)] == late
+        assert all(0 <= t < bpe.vocab_size for t in toks)  # no MASK left
+        assert s["text"] == bpe.decode(toks)
+        assert s["text"].startswith("First Citizen:") and s["text"].endswith(" Go, get you home.")
+
+
+def test_sample_template(bpe_ckpt, bpe, capsys):
+    out = _sample_json(capsys, bpe_ckpt, "--template", "The [MASK:5] sat on the [MASK:3].",
+                       "--length", 24, "--steps", 4, "--seed", 1)
+    toks = out["samples"][0]["tokens"]
+    the, mid, dot = bpe.encode("The"), bpe.encode(" sat on the"), bpe.encode(".")
+    p = len(the) + 5
+    assert toks[: len(the)] == the
+    assert toks[p : p + len(mid)] == mid
+    q = p + len(mid) + 3
+    assert toks[q : q + len(dot)] == dot
+    assert [f["start"] for f in out["fixed"]] == [0, p, q]
+
+
+@pytest.mark.parametrize("sampler", ["analytic", "euler"])
+def test_sample_same_seed_same_text(bpe_ckpt, capsys, sampler):
+    args = [bpe_ckpt, "--length", 32, "--steps", 5, "--batch-size", 2, "--sampler", sampler]
+    a = _sample_json(capsys, *args, "--seed", 7)
+    b = _sample_json(capsys, *args, "--seed", 7)
+    c = _sample_json(capsys, *args, "--seed", 8)
+    assert a["sampler"] == sampler and a["steps"] == 5
+    assert [s["tokens"] for s in a["samples"]] == [s["tokens"] for s in b["samples"]]
+    assert [s["tokens"] for s in a["samples"]] != [s["tokens"] for s in c["samples"]]
+
+
+def test_sample_public_layout_with_gpt2_tokenizer(gpt2_ckpt, capsys):
+    out = _sample_json(capsys, gpt2_ckpt, "--tokenizer", GPT2_DIR, "--length", 12, "--steps", 3,
+                       "--prefix", "Hello world,", "--seed", 0)
+    assert out["samples"][0]["tokens"][:3] == [15496, 995, 11]  # as in ../shared/data/README.md
+    assert out["tokenizer"]["source"] == str(GPT2_DIR)
+
+
+def test_sample_uniform_graph(bpe_ckpt, bpe, tmp_path, capsys):
+    folder = tmp_path / "uniform"
+    _random_model(bpe.vocab_size, graph="uniform").save_pretrained(folder)
+    bpe.save(folder / "tokenizer.json")
+    out = _sample_json(capsys, folder, "--length", 16, "--steps", 4, "--suffix", " end.", "--seed", 0)
+    assert out["graph"] == "uniform"
+    assert out["samples"][0]["tokens"][-len(bpe.encode(" end.")):] == bpe.encode(" end.")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--length", 8, "--prefix", "a rather long prompt that will not fit in eight tokens at all"], "does not fit"),
+        (["--length", 32, "--prefix", "one two three", "--infill", "1:four"], "overlaps"),
+        (["--length", 32, "--infill", "x:word"], "POS:TEXT"),
+        (["--length", 32, "--infill", "40:word"], "does not fit"),
+        (["--length", 32, "--template", "no holes here"], "no hole"),
+        (["--length", 0], "--length must be >= 1"),
+        (["--steps", 0], "--steps must be >= 1"),
+    ],
+)
+def test_sample_bad_input(bpe_ckpt, capsys, args, message):
+    assert sample_cli.main([str(bpe_ckpt), *map(str, args), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sample.py: error:") and message in err, err
+
+
+def test_sample_missing_checkpoint_and_tokenizer(tmp_path, gpt2_ckpt, bpe_ckpt, cache_dir, capsys):
+    assert sample_cli.main([str(tmp_path / "nope")]) == 2
+    assert "no checkpoint directory" in capsys.readouterr().err
+    # a GPT-2 tokenizer for a 512-token model does not fit
+    assert sample_cli.main([str(bpe_ckpt), "--tokenizer", str(GPT2_DIR)]) == 2
+    err = capsys.readouterr().err
+    assert "50257 ids" in err and "512 tokens" in err
+    # the public layout offline, without --tokenizer: the message says what to pass
+    proc = _run_script("sample.py", [gpt2_ckpt, "--length", 8, "--steps", 1], cache_dir)
+    assert proc.returncode == 2
+    assert "--tokenizer ../shared/data/gpt2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# train/eval.py
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_report(rep: dict, *, blocks: int, block_size: int, K: int, sampler: str) -> None:
+    nats = rep["nats_per_token"]
+    assert math.isfinite(nats) and nats > 0
+    assert rep["bits_per_token"] == pytest.approx(nats / math.log(2), rel=1e-12)
+    assert rep["perplexity_bound"] == pytest.approx(math.exp(nats), rel=1e-12)
+    assert math.isfinite(rep["stderr_nats_per_token"]) and rep["stderr_nats_per_token"] > 0
+    lo, hi = rep["perplexity_ci95"]
+    assert lo < rep["perplexity_bound"] < hi
+    assert rep["blocks"] == rep["sequences"] == blocks and rep["block_size"] == block_size
+    assert rep["tokens"] == blocks * block_size
+    assert rep["num_samples"] == K and rep["time_sampler"] == sampler
+
+
+def test_eval_script_wikitext(bpe_ckpt, cache_dir, tmp_path):
+    out = tmp_path / "report.json"
+    proc = _run_script("eval.py", [bpe_ckpt, "--data", WIKITEXT, "--max-blocks", 2, "--num-samples", 4,
+                                   "--block-size", 32, "--json", out], cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "perplexity ≤" in proc.stdout and "nats / token" in proc.stdout and "bits / token" in proc.stdout
+    rep = json.loads(out.read_text())
+    _check_report(rep, blocks=2, block_size=32, K=4, sampler="stratified")
+    assert rep["data"] == str(WIKITEXT) and rep["split"] == "all" and rep["detokenizer"] == "wikitext"
+    assert rep["checkpoint"] == str(bpe_ckpt)
+    assert rep["tokenizer"]["source"] == str(bpe_ckpt / "tokenizer.json")
+
+
+@pytest.mark.parametrize("sampler", ["antithetic", "stratified", "iid"])
+def test_eval_ptb(bpe_ckpt, capsys, sampler):
+    args = [str(bpe_ckpt), "--data", str(PTB), "--max-blocks", "3", "--num-samples", "4", "--block-size", "32",
+            "--batch-size", "2", "--time-sampler", sampler, "--json", "-", "--no-progress"]
+    assert eval_cli.main(args) == 0
+    captured = capsys.readouterr()
+    rep = json.loads(captured.out)  # with --json -, stdout is only the JSON ...
+    assert "perplexity ≤" in captured.err  # ... and the table goes to stderr
+    _check_report(rep, blocks=3, block_size=32, K=4, sampler=sampler)
+    assert rep["detokenizer"] == "ptb"
+
+
+def test_eval_gpt2_tokenizer_directory_split(gpt2_ckpt, capsys):
+    args = [str(gpt2_ckpt), "--data", str(PTB.parent), "--tokenizer", str(GPT2_DIR), "--max-blocks", "2",
+            "--num-samples", "2", "--block-size", "16", "--json", "-", "--no-progress"]
+    assert eval_cli.main(args) == 0
+    rep = json.loads(capsys.readouterr().out)
+    _check_report(rep, blocks=2, block_size=16, K=2, sampler="stratified")
+    assert rep["split"] == "test" and rep["tokenizer"]["vocab_size"] == 50257
+
+
+def test_eval_pads_or_drops_the_last_block(bpe_ckpt, bpe, tmp_path, capsys):
+    text = tmp_path / "small.txt"
+    text.write_text("To be, or not to be, that is the question.\nWhether 'tis nobler in the mind to suffer\n")
+    n_tokens = sum(len(bpe.encode(line)) + 1 for line in text.read_text().splitlines())
+    assert 32 < n_tokens < 64
+    reports = {}
+    for mode in ("pad", "drop"):
+        assert eval_cli.main([str(bpe_ckpt), "--data", str(text), "--block-size", "32", "--num-samples", "4",
+                              "--last-block", mode, "--json", "-", "--no-progress"]) == 0
+        reports[mode] = json.loads(capsys.readouterr().out)
+    assert reports["pad"]["tokens"] == n_tokens and reports["pad"]["blocks"] == 2
+    assert reports["drop"]["tokens"] == 32 and reports["drop"]["blocks"] == 1
+    assert math.isfinite(reports["pad"]["nats_per_token"])
+
+
+def test_make_blocks():
+    tokens = np.arange(1, 11)
+    blocks, mask = eval_cli.make_blocks(tokens, 4, "pad", None, pad_id=0)
+    assert blocks.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 0, 0]]
+    assert mask.sum().item() == 10 and mask[2].tolist() == [True, True, False, False]
+    blocks, mask = eval_cli.make_blocks(tokens, 4, "drop", None, pad_id=0)
+    assert blocks.shape == (2, 4) and bool(mask.all())
+    blocks, _ = eval_cli.make_blocks(tokens, 4, "pad", 1, pad_id=0)
+    assert blocks.tolist() == [[1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/no/such/file.txt"], "does not exist"),
+        (["--data", "no-such-dataset"], "unknown data source"),
+        (["--data", str(PTB), "--split", "test"], "no test split"),
+        (["--data", str(PTB), "--time-sampler", "antithetic", "--num-samples", "5"], "must be even"),
+        (["--data", str(PTB), "--block-size", "0"], "--block-size must be >= 1"),
+    ],
+)
+def test_eval_bad_input(bpe_ckpt, capsys, args, message):
+    if "--num-samples" not in args:
+        args = [*args, "--num-samples", "2"]
+    assert eval_cli.main([str(bpe_ckpt), *args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.py: error:" in err and message in err, err
+
+
+def test_eval_dataset_name_offline(bpe_ckpt, cache_dir):
+    proc = _run_script("eval.py", [bpe_ckpt, "--data", "wikitext-103", "--num-samples", 2], cache_dir)
+    assert proc.returncode == 2
+    assert "eval.py: error:" in proc.stderr and "wikitext-103" in proc.stderr and "--data PATH" in proc.stderr
+    assert "Traceback" not in proc.stderr

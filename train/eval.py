@@ -1,0 +1,286 @@
+"""The SEDD perplexity bound of a checkpoint on a text file, a directory or a dataset.
+
+    python train/eval.py CKPT --data PATH_OR_NAME [--split S] [--num-samples 1000]
+                              [--time-sampler stratified|antithetic|iid] [--block-size N]
+                              [--batch-size B] [--max-blocks M] [--seed S] [--json PATH|-]
+                              [--detokenizer auto|none|wikitext|ptb|lm1b|lambada] [--tokenizer SPEC]
+
+What it computes (sedd-math.md, "Likelihood bound and perplexity"): for every block x0,
+−log p(x0) ≤ ∫_0^1 E[Σ_positions σ̄'(t)·ℓ] dt + prior KL, with the integral estimated from K draws
+of t per block (:func:`sedd.likelihood.sequence_bounds`); the report is the total bound over the
+total number of tokens, in nats and bits per token, and the perplexity bound exp(nats/token), each
+with a standard error from the spread of the draws (:func:`sedd.likelihood.summarize`).
+
+Data pipeline, as in the paper's zero-shot evaluation: the text is cut into documents (wikitext
+paragraphs, ptb lines), detokenized (the word-level wikitext/ptb conventions are undone before
+the subword tokenizer sees the text), tokenized with the checkpoint's tokenizer (GPT-2 for the
+public checkpoints) with EOS after every document, concatenated and cut into blocks of
+``--block-size`` tokens (default: the model's length, 1024 for sedd-small). The last, partial
+block is kept and padded with EOS under an attention mask (``--last-block pad``, the default: every
+token of the data is scored, padding is neither attended to nor counted) or dropped
+(``--last-block drop``, as the paper's packing did). ``--max-blocks`` evaluates only the first M
+blocks (quick checks). The token stream is cached under $SEDD_CACHE (sedd.data.tokenize).
+
+Data sources (sedd.data.get_corpus): a text file (split "all"), a directory (its test.txt, else
+its valid.txt, else everything), or a Hugging Face dataset name (wikitext-2, wikitext-103, ptb,
+lambada, lm1b, text8, openwebtext; split "test" by default; needs the Hub or its local cache).
+``--detokenizer auto`` uses the dataset's own detokenizer for dataset names and, for local paths,
+the one named by a path component (wikitext, ptb, lambada, lm1b), else none.
+
+Note: ../shared/data/wikitext-2 is the word-level WikiText-2 with <unk> tokens, not the raw
+version the paper used, so its numbers are close to but not comparable with the paper's table.
+
+Output: a table (stdout), and with ``--json PATH`` a JSON object holding the report and every
+setting (checkpoint, data, split, tokenizer, K, time sampler, blocks, seed); ``--json -`` writes
+the JSON to stdout and the table to stderr. Exit status 0 on success, 2 on bad input (one-line
+message), 1 on other failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python train/eval.py` from a checkout that is not pip-installed
+    import importlib.util
+
+    if importlib.util.find_spec("sedd") is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sedd.data import DETOKENIZERS, HF_DATASETS, get_corpus, tokenize
+from sedd.likelihood import TIME_SAMPLERS, sequence_bounds, summarize
+from sedd.pretrained import load_pretrained
+
+DOC_SPLITS = ("auto", "file", "paragraph", "line")
+
+EXAMPLES = """\
+examples:
+  # the paper's setting: K = 1000 stratified draws per 1024-token block
+  python train/eval.py path/to/sedd-small --tokenizer ../shared/data/gpt2 \\
+      --data ../shared/data/wikitext-2/test.txt --json wikitext2.json
+  python train/eval.py runs/small --data ../shared/data/ptb/test.txt
+  # a quick check: 4 blocks, 64 antithetic draws each
+  python train/eval.py runs/small --data ../shared/data/ptb --max-blocks 4 --num-samples 64 \\
+      --time-sampler antithetic
+  # a Hugging Face dataset (needs the Hub or its cache)
+  python train/eval.py louaaron/sedd-small --data lambada --json -
+"""
+
+
+class InputError(Exception):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eval.py",
+        description="Monte-Carlo estimate of the SEDD likelihood bound (nats/token, bits/token, "
+        "perplexity bound, with standard errors) of a checkpoint on a text corpus.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors) or Hub id")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", required=True, metavar="PATH_OR_NAME",
+                   help=f"text file, directory, or dataset name ({', '.join(HF_DATASETS)})")
+    d.add_argument("--split", help="train / validation / test / all (default: test for dataset names and "
+                   "directories with test.txt, validation for directories with only valid.txt, all for files)")
+    d.add_argument("--detokenizer", default="auto", choices=["auto", "none", *DETOKENIZERS],
+                   help="undo word-level tokenization before the subword tokenizer (default: auto)")
+    d.add_argument("--doc-split", default="auto", choices=DOC_SPLITS,
+                   help="how local files become documents (default: auto: paragraphs if there are blank "
+                   "lines, else lines); EOS follows every document")
+    d.add_argument("--block-size", type=int, help="tokens per block (default: the model's length)")
+    d.add_argument("--last-block", choices=("pad", "drop"), default="pad",
+                   help="the final partial block: pad it under an attention mask, or drop it (default: pad)")
+    d.add_argument("--max-blocks", type=int, help="evaluate only the first M blocks")
+    e = p.add_argument_group("estimator")
+    e.add_argument("--num-samples", "-K", type=int, default=1000,
+                   help="draws of t per block, >= 2 (default: 1000, as in the paper; even for antithetic)")
+    e.add_argument("--time-sampler", choices=TIME_SAMPLERS, default="stratified",
+                   help="how the K times are drawn (default: stratified)")
+    e.add_argument("--batch-size", type=int, default=8,
+                   help="rows per model call; draws of the same block share a call when there are "
+                   "fewer blocks than this (default: 8)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the times and the forward noise (default: 0)")
+    r = p.add_argument_group("model, tokenizer, output")
+    r.add_argument("--tokenizer", metavar="SPEC",
+                   help="tokenizer spec or path (default: CKPT/tokenizer.json if present, else GPT-2 from "
+                   "the Hub; offline use --tokenizer ../shared/data/gpt2)")
+    r.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ... (default: auto)")
+    r.add_argument("--json", metavar="PATH", help="write the report and settings as JSON (- for stdout)")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars on stderr (default: when stderr is a terminal)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def default_split(data: str) -> str:
+    if data in HF_DATASETS:
+        return "test"
+    path = Path(data).expanduser()
+    if path.is_file():
+        return "all"
+    if path.is_dir():
+        if (path / "test.txt").is_file():
+            return "test"
+        if any((path / n).is_file() for n in ("valid.txt", "validation.txt", "val.txt", "dev.txt")):
+            return "validation"
+        return "all"
+    return "test"  # a path that does not exist: get_corpus says so
+
+
+def resolve_detokenizer(choice: str, data: str) -> str | None:
+    """The detokenizer name for get_corpus: "auto" stays "auto" for dataset names (their own);
+    for paths, the first component naming a known convention (wikitext-2/, ptb/, ...), else None."""
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return choice
+    if data in HF_DATASETS:
+        return "auto"
+    hints = (("wikitext", "wikitext"), ("ptb", "ptb"), ("penn", "ptb"), ("lambada", "lambada"), ("lm1b", "lm1b"))
+    for part in reversed(Path(data).expanduser().resolve().parts):
+        for word, name in hints:
+            if re.search(rf"(^|[^a-z]){word}", part.lower()):
+                return name
+    return None
+
+
+def make_blocks(tokens: np.ndarray, block_size: int, last_block: str, max_blocks: int | None, pad_id: int):
+    """[n, L] int64 blocks of the stream and their [n, L] bool mask (False on padding)."""
+    n_full, rest = divmod(len(tokens), block_size)
+    n = n_full + (1 if rest and last_block == "pad" else 0)
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    blocks = np.full((n, block_size), pad_id, dtype=np.int64)
+    mask = np.zeros((n, block_size), dtype=bool)
+    used = min(len(tokens), n * block_size)
+    blocks.reshape(-1)[:used] = tokens[:used]
+    mask.reshape(-1)[:used] = True
+    return torch.from_numpy(blocks), torch.from_numpy(mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_args(args) -> None:
+    for name in ("block_size", "batch_size", "max_blocks", "num_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.time_sampler == "antithetic" and args.num_samples % 2:
+        raise InputError(f"--time-sampler antithetic pairs t with 1 − t: --num-samples must be even, got {args.num_samples}")
+    if args.num_samples < 2:
+        raise InputError("--num-samples must be >= 2: the standard error comes from the spread of the draws")
+
+
+def run(args) -> int:
+    _check_args(args)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    started = time.perf_counter()
+    try:
+        pre = load_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
+    except (OSError, ValueError) as err:  # missing files, Hub offline, tokenizer that does not fit
+        raise InputError(str(err)) from err
+    model, tokenizer = pre.model, pre.tokenizer
+    device = next(model.parameters()).device
+    block_size = args.block_size or model.length
+    if block_size > model.length:
+        print(f"eval.py: warning: --block-size {block_size} is longer than the model's training length "
+              f"{model.length}", file=sys.stderr)
+
+    split = args.split or default_split(args.data)
+    detok = resolve_detokenizer(args.detokenizer, args.data)
+    try:
+        corpus = get_corpus(args.data, split, doc_split=args.doc_split, detokenizer=detok)
+        tokens = tokenize(corpus, tokenizer, progress=progress)
+    except (OSError, ValueError, RuntimeError) as err:  # no such path/split/dataset, Hub offline
+        raise InputError(str(err)) from err
+    blocks, mask = make_blocks(tokens, block_size, args.last_block, args.max_blocks, tokenizer.eos_id)
+    if len(blocks) == 0:
+        raise InputError(f"{args.data} ({split}) holds {len(tokens)} tokens: not one block of {block_size} "
+                         "(use --last-block pad or a smaller --block-size)")
+    print(f"eval.py: {len(blocks)} block(s) of {block_size} tokens ({int(mask.sum())} tokens) from "
+          f"{args.data} [{split}], K = {args.num_samples} {args.time_sampler} draws each, on {device}",
+          file=sys.stderr)
+
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    parts = []
+    bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress)
+    for start in range(0, len(blocks), args.batch_size):
+        x0 = blocks[start : start + args.batch_size].to(device)
+        m = mask[start : start + args.batch_size].to(device)
+        parts.append(sequence_bounds(
+            model, x0, pre.graph, pre.noise, num_samples=args.num_samples, time_sampler=args.time_sampler,
+            attention_mask=None if bool(m.all()) else m, batch_size=args.batch_size, generator=generator,
+            progress=progress,
+        ))
+        bar.update(len(x0))
+    bar.close()
+    report = summarize(parts, args.num_samples, args.time_sampler)
+    elapsed = time.perf_counter() - started
+
+    result = {
+        "checkpoint": args.checkpoint,
+        "data": args.data,
+        "split": split,
+        "detokenizer": detok if detok != "auto" else f"auto ({args.data})",
+        "doc_split": args.doc_split,
+        "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
+        "graph": pre.graph.name,
+        "noise": repr(pre.noise),
+        "block_size": block_size,
+        "blocks": len(blocks),
+        "last_block": args.last_block,
+        "seed": args.seed,
+        "device": str(device),
+        **report.as_dict(),
+        "stderr_bits_per_token": report.stderr_nats_per_token / math.log(2),
+        "elapsed_s": round(elapsed, 3),
+    }
+    result["perplexity_ci95"] = list(result["perplexity_ci95"])
+    table = "\n".join([
+        f"checkpoint  {args.checkpoint}",
+        f"data        {args.data} [{split}], detokenizer {result['detokenizer']}",
+        f"tokenizer   {tokenizer.name} ({pre.tokenizer_source})",
+        f"blocks      {len(blocks)} x {block_size} tokens (last block: {args.last_block})",
+        "",
+        report.table(),
+    ]) + "\n"
+    (sys.stderr if args.json == "-" else sys.stdout).write(table)
+    if args.json is not None:
+        payload = json.dumps(result, indent=2) + "\n"
+        if args.json == "-":
+            sys.stdout.write(payload)
+        else:
+            Path(args.json).write_text(payload)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except InputError as err:
+        print(f"eval.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

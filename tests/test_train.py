@@ -1,0 +1,231 @@
+"""The training entry point, run the way users run it: `python train/run.py ...` in a subprocess.
+
+A tiny model (one block of width 32) on 32-token blocks of Shakespeare with a 512-id BPE trained on
+that text, so each run takes a few seconds on a CPU. The cache (tokenizer, token streams) lives in a
+temporary directory shared by the tests of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train" / "run.py"
+TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+pytestmark = pytest.mark.skipif(not TEXT.is_file(), reason=f"test text {TEXT} is missing")
+
+TINY = [
+    "--data", str(TEXT), "--tokenizer", "bpe:512",
+    "--hidden-size", "32", "--cond-dim", "16", "--n-blocks", "1", "--n-heads", "2", "--length", "32",
+    "--batch-size", "4", "--global-batch", "4", "--warmup-steps", "2", "--lr", "3e-3",
+    "--val-blocks", "8", "--eval-every", "5", "--log-every", "1", "--ckpt-every", "5",
+    "--num-samples", "1", "--sample-length", "16", "--sample-steps", "4", "--threads", "1",
+]
+FILES = ["config.json", "model.safetensors", "tokenizer.json", "training_state.pt", "metrics.jsonl", "loss.png",
+         "samples.txt"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return dict(os.environ, SEDD_CACHE=str(tmp_path_factory.mktemp("sedd-cache")), PYTHONUNBUFFERED="1")
+
+
+def train(env, *args, launcher=(), timeout=300):
+    cmd = [sys.executable, *launcher, str(SCRIPT), *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def deterministic(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics]
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in ("training_state.pt", "model.safetensors", "config.json")}
+
+
+@pytest.fixture(scope="module")
+def trained(env, tmp_path_factory):
+    """A finished 10-step run: (output directory, completed process)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = train(env, *TINY, "--max-steps", 10, "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_end_to_end(trained):
+    from sedd.data import get_tokenizer
+    from sedd.model import SEDD
+
+    out, result = trained
+    for name in FILES:
+        assert (out / name).is_file(), f"{name} missing; {sorted(p.name for p in out.iterdir())}"
+    assert not list(out.glob(".*.tmp")), "temporary files left behind"
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Samples are printed and saved.
+    assert "--- sample 1 ---" in result.stdout
+    assert (out / "samples.txt").read_text() in result.stdout
+
+    # One metrics line per step (log_every 1), validation at 0, 5, 10.
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(11))
+    assert [m["step"] for m in metrics if "val_loss" in m] == [0, 5, 10]
+    for m in metrics[1:]:
+        assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= m.keys()
+        assert all(isinstance(v, (int, float)) for v in m.values())
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["step"] == 10
+    assert config["graph"]["type"] == "absorb" and config["noise"]["type"] == "loglinear"
+    assert config["model"]["hidden_size"] == 32 and config["model"]["length"] == 32
+    assert config["tokenizer"] == "bpe:512" and config["data"] == str(TEXT)
+    assert config["training"]["max_steps"] == 10 and config["training"]["grad_accum"] == 1
+
+    tok = get_tokenizer(str(out))
+    assert tok.vocab_size == config["tokens"] == 512
+
+    # The checkpoint loads with the public loader, and holds the EMA weights.
+    model = SEDD.from_pretrained(out)
+    state = torch.load(out / "training_state.pt", map_location="cpu", weights_only=True)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, state["ema"][name]), name
+    assert not all(torch.equal(state["model"][k], state["ema"][k]) for k in state["ema"])
+    x = torch.tensor([tok.encode("To be, or not to be")])
+    score = model(x, torch.tensor([1.0]))
+    assert score.shape == (1, x.shape[1], 513) and torch.isfinite(score).all()
+
+
+def test_interrupt_and_resume_is_exact(env, tmp_path):
+    steps = 40
+    args = [*TINY, "--max-steps", steps]
+    a, b = tmp_path / "a", tmp_path / "b"
+    result = train(env, *args, "--out", a)
+    assert result.returncode == 0, result.stderr
+
+    # Kill run b for real (SIGKILL, no clean-up) as soon as its first checkpoint is on disk.
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--out", str(b)], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (b / "training_state.pt").exists():
+        assert proc.poll() is None, f"run b exited ({proc.returncode}) before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within the time limit"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(b / "training_state.pt", map_location="cpu", weights_only=True)["step"]
+    assert 0 < killed_at < steps
+
+    result = train(env, *args, "--out", b, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {b} at step {killed_at}" in result.stdout
+
+    # Same losses, learning rates, gradient norms and validation losses at every step, and the
+    # same weights, EMA and optimizer state at the end.
+    assert deterministic(read_metrics(b)) == deterministic(read_metrics(a))
+    assert [m["step"] for m in read_metrics(b)] == list(range(steps + 1))
+    sa, sb = (torch.load(d / "training_state.pt", map_location="cpu", weights_only=True) for d in (a, b))
+    assert sa["step"] == sb["step"] == steps
+    for part in ("model", "ema"):
+        for k in sa[part]:
+            assert torch.equal(sa[part][k], sb[part][k]), (part, k)
+    for k, v in sa["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(v[name], sb["optimizer"]["state"][k][name]), (k, name)
+    assert sa["data"] == sb["data"]
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_torchrun_two_processes(env, tmp_path):
+    out = tmp_path / "ddp"
+    args = [*TINY, "--batch-size", 2, "--global-batch", 8, "--max-steps", 6, "--ckpt-every", 3, "--out", out]
+    result = train(env, *args, launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"))
+    assert result.returncode == 0, result.stderr + result.stdout
+    # The script compares a checksum of the weights across ranks at every checkpoint.
+    assert result.stdout.count("weights identical on all 2 ranks") == 2
+    # Only rank 0 prints and writes: every line once, every metrics step once.
+    assert result.stdout.count("--- sample 1 ---") == 1
+    assert result.stdout.count("model: ") == 1
+    assert [m["step"] for m in read_metrics(out)] == list(range(7))
+    assert not list(out.glob(".*.tmp"))
+    for name in FILES:
+        assert (out / name).is_file(), name
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["world_size"] == 2 and training["grad_accum"] == 2 and training["global_batch"] == 8
+
+
+def test_help_lists_the_flags():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for flag in ("--max-steps", "--out", "--resume", "--seed", "--data", "--preset", "--graph", "--noise",
+                 "--tokenizer", "--lr", "--global-batch", "--batch-size", "--ema", "--warmup-steps", "--grad-clip",
+                 "--compile", "--fsdp", "--tensorboard", "--eval-every", "--ckpt-every"):
+        assert flag in result.stdout, flag
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--data", "no-such-dataset"], "not one of"),
+    (["--data", "/no/such/dir/input.txt"], "no such file or directory"),
+    (["--graph", "diagonal"], "invalid choice: 'diagonal'"),
+    (["--noise", "cosine"], "invalid choice: 'cosine'"),
+    (["--tokenizer", "/no/such/tokenizer"], "no such file or directory"),
+])
+def test_bad_arguments(env, tmp_path, args, message):
+    result = train(env, *args, "--out", tmp_path / "out", timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_checkpoint_is_reported_and_left_alone(env, trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained[0], out)
+    state = out / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:5000])  # a truncated file, as from a full disk
+    before = snapshot(out)
+    result = train(env, *TINY, "--max-steps", 20, "--out", out, "--resume")
+    assert result.returncode == 1
+    assert "corrupt" in result.stderr and str(state) in result.stderr
+    assert snapshot(out) == before
+
+
+def test_nan_loss_stops_without_saving(env, trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained[0], out)
+    before = snapshot(out)
+    result = train(env, *TINY, "--max-steps", 20, "--out", out, "--resume", "--lr", "1e30")
+    assert result.returncode == 1
+    assert "non-finite loss" in result.stderr
+    step = int(result.stderr.split(" at step ")[1].split(";")[0])
+    assert 10 < step <= 20
+    assert "keeps its checkpoint of step 10" in result.stderr
+    assert snapshot(out) == before
+
+
+def test_existing_checkpoint_is_never_silently_replaced(env, trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained[0], out)
+    before = snapshot(out)
+    fresh = train(env, *TINY, "--max-steps", 20, "--out", out)  # forgot --resume
+    assert fresh.returncode == 2 and "--resume" in fresh.stderr
+    reshaped = train(env, *TINY, "--max-steps", 20, "--out", out, "--resume", "--hidden-size", 64)
+    assert reshaped.returncode == 2 and "cannot change hidden_size" in reshaped.stderr
+    missing = train(env, *TINY, "--out", tmp_path / "empty", "--resume")
+    assert missing.returncode == 2 and "no training_state.pt" in missing.stderr
+    assert snapshot(out) == before

@@ -110,6 +110,28 @@ def test_end_to_end(trained):
     assert score.shape == (1, x.shape[1], 513) and torch.isfinite(score).all()
 
 
+def test_sample_and_eval_the_trained_checkpoint(env, trained, tmp_path):
+    """The trained run's directory is all the other entry points need: sample with a prompt, then bound it."""
+    out, _ = trained
+    run = lambda name, *args: subprocess.run(  # noqa: E731
+        [sys.executable, str(ROOT / "train" / name), str(out), *map(str, args)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    sampled = run("sample.py", "--prefix", "ROMEO:", "--length", 16, "--steps", 4, "--batch-size", 2,
+                  "--seed", 1, "--json", tmp_path / "samples.json", "--no-progress")
+    assert sampled.returncode == 0, sampled.stderr
+    samples = json.loads((tmp_path / "samples.json").read_text())
+    assert "===== sample 2/2 =====" in sampled.stdout
+    assert all(text.startswith("ROMEO:") for text in (s["text"] for s in samples["samples"]))
+
+    evaluated = run("eval.py", "--data", TEXT, "--max-blocks", 2, "--num-samples", 4, "--block-size", 32,
+                    "--json", tmp_path / "bound.json", "--no-progress")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads((tmp_path / "bound.json").read_text())
+    assert report["checkpoint"] == str(out) and report["tokens"] == 64
+    assert 0 < report["nats_per_token"] < 50 and report["perplexity_bound"] > 1
+
+
 def test_interrupt_and_resume_is_exact(env, tmp_path):
     steps = 40
     args = [*TINY, "--max-steps", steps]

@@ -110,6 +110,12 @@ def _score_entropy_kernel(
             tl.store(loss_ptr + rows, tl.zeros([BLOCK_R], dtype=tl.float32), mask=row_ok)
             return
 
+    if WRITE_LOSS:
+        # ŝ_{x0} (0 when x0 = x_t: the current token reads as 0), fp64 for the constant terms;
+        # gathered before the pass, which may overwrite z with the gradient
+        s_x0 = tl.load(z_row + x0, mask=active & (x0 != xt), other=0.0).to(tl.float64) + shift.to(tl.float64)
+        s_x0 = tl.where(x0 == xt, 0.0, s_x0)
+
     # ---- one streaming pass over the row ---------------------------------------------------
     m = tl.full([BLOCK_R], -1e30, dtype=tl.float32)  # running max of the included ŝ
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)  # Σ e^{ŝ − m}
@@ -139,9 +145,6 @@ def _score_entropy_kernel(
             tl.store(grad_ptr + rows[:, None] * V + cols[None, :], gr.to(grad_ptr.dtype.element_ty), mask=st_ok)
 
     if WRITE_LOSS:
-        # ŝ_{x0} (0 when x0 = x_t: the current token reads as 0), fp64 for the constant terms
-        s_x0 = tl.load(z_row + x0, mask=active & (x0 != xt), other=0.0).to(tl.float64) + shift.to(tl.float64)
-        s_x0 = tl.where(x0 == xt, 0.0, s_x0)
         acc = tl.where(active, acc, 1.0)  # inactive rows: no included column (masked below)
         pos = tl.exp((tl.log(acc) + m).to(tl.float64))  # e^{lse} over the included columns
         if ABSORB:

@@ -93,14 +93,15 @@ def last_backend() -> str | None:
 
 def _dispatch(device: torch.device) -> str:
     if torch.compiler.is_compiling():
-        # dynamo cannot trace the ContextVar / threading.local: resolve once at trace time
+        # dynamo cannot trace the ContextVar / threading.local: resolve once at trace time (the
+        # choice is baked into the compiled graph; last_backend() reports that trace-time choice)
         return _dispatch_at_trace_time(device.type)
     backend = resolve_backend(device)
     _last.backend = backend
     return backend
 
 
-@torch._dynamo.assume_constant_result
+@torch.compiler.assume_constant_result
 def _dispatch_at_trace_time(device_type: str) -> str:
     backend = resolve_backend(device_type)
     _last.backend = backend

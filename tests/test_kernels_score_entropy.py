@@ -144,6 +144,16 @@ def test_block_size_does_not_change_the_result(monkeypatch):
     torch.testing.assert_close(grad_small, grad_default, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8], ids=str)
+def test_token_dtypes(dtype):
+    graph = Uniform(37)
+    z, sigma, x_t, x0, shift, weight = _case(graph)
+    want_loss, want_grad = _oracle(z, sigma, x_t, x0, graph, shift, weight, "sum")
+    loss, grad, _ = _run(z, sigma, x_t.to(dtype), x0.to(dtype), graph, shift, weight, "sum")
+    _assert_loss(loss, want_loss)
+    _assert_grad(grad, want_grad)
+
+
 @pytest.mark.parametrize("reduction", ["none", "batchmean"])
 def test_absorbing_all_masked_and_none_masked(reduction):
     graph = Absorbing(20)

@@ -236,7 +236,8 @@ def score_entropy(
         reduction: "none" -> [B, L]; "sum" -> scalar Σ over all tokens; "batchmean" -> scalar
             Σ / B (nats per sequence, the SEDD training loss).
         inplace_backward: let the Triton backend write the gradient into ``log_score``'s storage
-            (saves a [B, L, V] buffer in training; ``log_score`` must not be used after backward).
+            (saves a [B, L, V] buffer in training; ``log_score`` must not be read after this call:
+            for "sum"/"batchmean" it holds the gradient as soon as the forward returns).
 
     Returns:
         float32 loss ([B, L] or a scalar; float64 for float64 input on the eager backend).

@@ -92,7 +92,18 @@ def last_backend() -> str | None:
 
 
 def _dispatch(device: torch.device) -> str:
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace the ContextVar / threading.local: resolve once at trace time (the
+        # choice is baked into the compiled graph; last_backend() reports that trace-time choice)
+        return _dispatch_at_trace_time(device.type)
     backend = resolve_backend(device)
+    _last.backend = backend
+    return backend
+
+
+@torch.compiler.assume_constant_result
+def _dispatch_at_trace_time(device_type: str) -> str:
+    backend = resolve_backend(device_type)
     _last.backend = backend
     return backend
 
@@ -225,7 +236,8 @@ def score_entropy(
         reduction: "none" -> [B, L]; "sum" -> scalar Σ over all tokens; "batchmean" -> scalar
             Σ / B (nats per sequence, the SEDD training loss).
         inplace_backward: let the Triton backend write the gradient into ``log_score``'s storage
-            (saves a [B, L, V] buffer in training; ``log_score`` must not be used after backward).
+            (saves a [B, L, V] buffer in training; ``log_score`` must not be read after this call:
+            for "sum"/"batchmean" it holds the gradient as soon as the forward returns).
 
     Returns:
         float32 loss ([B, L] or a scalar; float64 for float64 input on the eager backend).
@@ -257,7 +269,9 @@ def score_entropy(
 
 
 def _score_entropy_triton(log_score, sigma, x_t, x0, graph, shift, weight, reduction, inplace_backward):
-    raise NotImplementedError("the Triton score-entropy kernel is not wired yet")
+    if log_score.dtype == torch.float64:
+        raise TypeError("log_score must be float32, bfloat16 or float16 on the triton backend, got torch.float64")
+    return _triton_score_entropy(log_score, sigma, x_t, x0, graph, shift, weight, reduction, inplace_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +316,257 @@ def sample_transition(
 
 
 def _sample_transition_triton(x0, sigma, graph, generator):
-    raise NotImplementedError("the Triton forward-noising kernel is not wired yet")
+    # the Philox seed comes from the caller's generator (or the device's default one), as a
+    # device tensor: the same generator state gives the same noise, and no host sync is needed
+    seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=x0.device)
+    return torch.ops.sedd.sample_transition(x0.contiguous(), sigma, seed, graph.absorbing, graph.N, 0)
+
+
+# =============================================================================================
+# Triton backend: score entropy and forward noising
+# =============================================================================================
+#
+# The kernels (``kernels/score_entropy.py``, ``kernels/transitions.py``) are imported lazily inside
+# the op bodies, so importing ``sedd`` never needs Triton. Each kernel launch is a
+# ``torch.library.custom_op`` with a fake (meta) implementation, so ``torch.compile`` traces the
+# calls as opaque nodes without graph breaks; autograd is an ``autograd.Function`` over them.
+#
+# Score entropy, with g = weight · (1/B for "batchmean") the per-row gradient scale:
+#   * no gradient needed: ``sedd::score_entropy_fwd`` (one read of the row, loss only);
+#   * "sum"/"batchmean" with a gradient: ``sedd::score_entropy_fwd_grad`` computes the loss and
+#     writes ∂loss/∂log_score in the same single pass (into a new buffer, or, with
+#     ``inplace_backward``, ``sedd::score_entropy_fwd_grad_`` into log_score's own storage);
+#     backward only multiplies by the incoming scalar (skipped when it is 1, the usual case);
+#   * "none" with a gradient: the forward computes the loss only and the backward
+#     (``sedd::score_entropy_bwd`` / ``sedd::score_entropy_bwd_`` in place) makes one pass reading
+#     log_score and writing the gradient scaled by the per-token incoming gradient.
+# With ``inplace_backward=True`` log_score's storage holds the gradient after the forward
+# ("sum"/"batchmean") or after the backward ("none"): the caller must not read log_score
+# afterwards. The fused reductions' backward may run once (retain_graph then a second backward
+# raises). A non-contiguous log_score is copied first (the storage reuse then is the copy's).
+# Gradients w.r.t. sigma, shift and weight are not computed (None): they depend on σ, not on
+# trained parameters.
+
+_BLOCK_V_FOR_TESTS: int = 0  # > 0 forces the column tile of the score-entropy kernel (tests)
+
+
+def _se_kernel(log_score, sigma, x_t, x0, shift, weight, absorbing, block_v, **kw):
+    from kernels.score_entropy import score_entropy as launch
+
+    return launch(
+        log_score, sigma, x_t, x0, absorbing=absorbing, shift=shift, weight=weight, block_v=block_v or None, **kw
+    )
+
+
+@torch.library.custom_op("sedd::score_entropy_fwd", mutates_args=())
+def _se_fwd_op(
+    log_score: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    shift: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    absorbing: bool,
+    block_v: int,
+) -> torch.Tensor:
+    """Weighted per-token loss [B, L] fp32, no gradient."""
+    return _se_kernel(log_score, sigma, x_t, x0, shift, weight, absorbing, block_v)
+
+
+@torch.library.custom_op("sedd::score_entropy_fwd_grad", mutates_args=())
+def _se_fwd_grad_op(
+    log_score: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    shift: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    absorbing: bool,
+    grad_scale: float,
+    block_v: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss [B, L] fp32, grad_scale · ∂Σloss/∂log_score [B, L, V] in log_score's dtype), one pass."""
+    grad = torch.empty_like(log_score)
+    loss = _se_kernel(log_score, sigma, x_t, x0, shift, weight, absorbing, block_v, grad=grad, grad_scale=grad_scale)
+    return loss, grad
+
+
+@torch.library.custom_op("sedd::score_entropy_fwd_grad_", mutates_args=("log_score",))
+def _se_fwd_grad_inplace_op(
+    log_score: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    shift: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    absorbing: bool,
+    grad_scale: float,
+    block_v: int,
+) -> torch.Tensor:
+    """As ``score_entropy_fwd_grad`` with the gradient written over log_score; returns the loss."""
+    return _se_kernel(
+        log_score, sigma, x_t, x0, shift, weight, absorbing, block_v, grad=log_score, grad_scale=grad_scale
+    )
+
+
+@torch.library.custom_op("sedd::score_entropy_bwd", mutates_args=())
+def _se_bwd_op(
+    grad_loss: torch.Tensor,
+    log_score: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    shift: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    absorbing: bool,
+    block_v: int,
+) -> torch.Tensor:
+    """∂/∂log_score of Σ grad_loss·loss for a per-token grad_loss [B, L]; a new [B, L, V] buffer."""
+    grad = torch.empty_like(log_score)
+    _se_kernel(
+        log_score, sigma, x_t, x0, shift, weight, absorbing, block_v,
+        grad=grad, grad_output=grad_loss.float().contiguous(), compute_loss=False,
+    )  # fmt: skip
+    return grad
+
+
+@torch.library.custom_op("sedd::score_entropy_bwd_", mutates_args=("log_score",))
+def _se_bwd_inplace_op(
+    grad_loss: torch.Tensor,
+    log_score: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    shift: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    absorbing: bool,
+    block_v: int,
+) -> None:
+    """As ``score_entropy_bwd`` with the gradient written over log_score."""
+    _se_kernel(
+        log_score, sigma, x_t, x0, shift, weight, absorbing, block_v,
+        grad=log_score, grad_output=grad_loss.float().contiguous(), compute_loss=False,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("sedd::scale_grad_", mutates_args=("grad",))
+def _scale_grad_op(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """grad *= grad_output (a scalar), skipped when it is exactly 1 (the usual ``loss.backward()``)."""
+    if not bool(grad_output == 1):
+        grad.mul_(grad_output.to(grad.dtype))
+
+
+@torch.library.custom_op("sedd::sample_transition", mutates_args=())
+def _sample_transition_op(
+    x0: torch.Tensor, sigma: torch.Tensor, seed: torch.Tensor, absorbing: bool, N: int, block: int
+) -> torch.Tensor:
+    """x_t [B, L] (x0's dtype) ~ p_{t|0}(· | x0); Philox keyed by ``seed`` [1] int64 and the element index."""
+    from kernels.transitions import sample_transition as launch
+
+    return launch(x0, sigma, seed, absorbing=absorbing, N=N, block=block or None)
+
+
+@_se_fwd_op.register_fake
+def _(log_score, sigma, x_t, x0, shift, weight, absorbing, block_v):
+    return log_score.new_empty(log_score.shape[:2], dtype=torch.float32)
+
+
+@_se_fwd_grad_op.register_fake
+def _(log_score, sigma, x_t, x0, shift, weight, absorbing, grad_scale, block_v):
+    return log_score.new_empty(log_score.shape[:2], dtype=torch.float32), torch.empty_like(log_score)
+
+
+@_se_fwd_grad_inplace_op.register_fake
+def _(log_score, sigma, x_t, x0, shift, weight, absorbing, grad_scale, block_v):
+    return log_score.new_empty(log_score.shape[:2], dtype=torch.float32)
+
+
+@_se_bwd_op.register_fake
+def _(grad_loss, log_score, sigma, x_t, x0, shift, weight, absorbing, block_v):
+    return torch.empty_like(log_score)
+
+
+@_se_bwd_inplace_op.register_fake
+def _(grad_loss, log_score, sigma, x_t, x0, shift, weight, absorbing, block_v):
+    return None
+
+
+@_scale_grad_op.register_fake
+def _(grad, grad_output):
+    return None
+
+
+@_sample_transition_op.register_fake
+def _(x0, sigma, seed, absorbing, N, block):
+    return torch.empty_like(x0)
+
+
+class _ScoreEntropyTriton(torch.autograd.Function):
+    """Autograd over the score-entropy ops; only ``log_score`` receives a gradient."""
+
+    @staticmethod
+    def forward(ctx, log_score, sigma, x_t, x0, shift, weight, absorbing, reduction, inplace, block_v):
+        B = log_score.shape[0]
+        ctx.reduction, ctx.absorbing, ctx.inplace, ctx.block_v = reduction, absorbing, inplace, block_v
+        ctx.backward_ran = False
+        if reduction == "none":
+            loss = torch.ops.sedd.score_entropy_fwd(log_score, sigma, x_t, x0, shift, weight, absorbing, block_v)
+            ctx.save_for_backward(log_score, sigma, x_t, x0, shift, weight)
+            return loss
+        scale = 1.0 / B if reduction == "batchmean" else 1.0
+        if inplace:
+            loss = torch.ops.sedd.score_entropy_fwd_grad_(
+                log_score, sigma, x_t, x0, shift, weight, absorbing, scale, block_v
+            )
+            grad = log_score
+        else:
+            loss, grad = torch.ops.sedd.score_entropy_fwd_grad(
+                log_score, sigma, x_t, x0, shift, weight, absorbing, scale, block_v
+            )
+        ctx.save_for_backward(grad)
+        return loss.sum() / B if reduction == "batchmean" else loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.backward_ran and ctx.reduction != "none":
+            raise RuntimeError(
+                "sedd.ops.score_entropy (triton, reduction 'sum'/'batchmean'): the gradient was computed in "
+                "the forward pass and its backward can run only once"
+            )
+        ctx.backward_ran = True
+        nones = (None,) * 9
+        if ctx.reduction != "none":
+            (grad,) = ctx.saved_tensors
+            torch.ops.sedd.scale_grad_(grad, grad_output)
+            return (grad, *nones)
+        log_score, sigma, x_t, x0, shift, weight = ctx.saved_tensors
+        if ctx.inplace:
+            torch.ops.sedd.score_entropy_bwd_(
+                grad_output, log_score, sigma, x_t, x0, shift, weight, ctx.absorbing, ctx.block_v
+            )
+            return (log_score, *nones)
+        grad = torch.ops.sedd.score_entropy_bwd(
+            grad_output, log_score, sigma, x_t, x0, shift, weight, ctx.absorbing, ctx.block_v
+        )
+        return (grad, *nones)
+
+
+def _triton_score_entropy(log_score, sigma, x_t, x0, graph, shift, weight, reduction, inplace_backward):
+    """Validated arguments (sigma/shift/weight fp32 [B]) -> the loss, through the custom ops."""
+    log_score = log_score.contiguous()
+    x_t, x0 = x_t.contiguous(), x0.contiguous()
+    B = log_score.shape[0]
+    block_v = _BLOCK_V_FOR_TESTS
+    if log_score.requires_grad and torch.is_grad_enabled():
+        return _ScoreEntropyTriton.apply(
+            log_score, sigma, x_t, x0, shift, weight, graph.absorbing, reduction, bool(inplace_backward), block_v
+        )
+    loss = torch.ops.sedd.score_entropy_fwd(log_score, sigma, x_t, x0, shift, weight, graph.absorbing, block_v)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "batchmean":
+        return loss.sum() / B
+    return loss
 
 
 # ---------------------------------------------------------------------------------------------

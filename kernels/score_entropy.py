@@ -1,0 +1,255 @@
+"""Fused score entropy: the per-token SEDD loss and its gradient in one streaming pass.
+
+Why fuse. The eager loss (``sedd/reference.py``) on a [B, L, V] row block reads the raw output,
+writes ŝ = z + shift in fp32, scatters the zero at x_t (another copy), takes exp (another), sums,
+gathers; autograd then replays most of that backwards. At V = 50258 that is ~10 passes over
+[B, L, V] fp32 temporaries. The kernel below reads each row of z once and, when a gradient is
+wanted, writes the gradient row once (possibly into z's own storage): the minimum traffic.
+
+The gradient does not depend on the row sum. For both graphs ∂ℓ/∂ŝ_y is elementwise given
+per-row scalars (see docs/sedd-math.md):
+
+    absorbing (x_t = MASK):  ∂ℓ/∂ŝ_j = e^{ŝ_j} − r·[j = x0]                  (j ≠ MASK),  r = 1/E(σ)
+    uniform:                 ∂ℓ/∂ŝ_y = (e^{ŝ_y} − c)/N − [x_t ≠ x0][y = x0]/E  (y ≠ x_t)
+
+with c = ρ = E/(E + N) when x_t = x0 and c = 1 otherwise, and 0 on the excluded columns
+(MASK, x_t). So one pass serves both the loss (an online log-sum-exp of the included ŝ, plus Σ ŝ
+for uniform) and the gradient; a backward-only launch (reduction "none", where the incoming
+gradient is per token) is the same pass with the loss statistics compiled out.
+
+Per-row scalars (E(σ), r, ρ, log ρ and the constant terms) are computed in fp64: they are a few
+flops per row, and at σ = 1e-5 the constant r(log r − 1) ~ 1e6 cancels against r·ŝ_{x0}, which fp32
+would leave with an absolute error ~0.1. Everything of size V is fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _esigm1(sigma):
+    """E(σ) = e^σ − 1 for fp64 σ > 0; a 4-term series below 1e-3 (relative error < 1e-14)."""
+    series = sigma * (1.0 + sigma * (0.5 + sigma * (1.0 / 6.0 + sigma * (1.0 / 24.0))))
+    return tl.where(sigma < 1e-3, series, tl.exp(sigma) - 1.0)
+
+
+@triton.jit
+def _score_entropy_kernel(
+    z_ptr,  # [n_rows, V] raw output z (or ŝ), fp32/bf16/fp16, rows contiguous (row stride V)
+    grad_ptr,  # [n_rows, V] gradient out, z's dtype (may be z_ptr itself); unused unless WRITE_GRAD
+    loss_ptr,  # [n_rows] fp32 weighted per-token loss; unused unless WRITE_LOSS
+    gout_ptr,  # [n_rows] fp32 incoming gradient per token; unused unless HAS_GOUT
+    sigma_ptr,  # [B] fp32 σ
+    shift_ptr,  # [B] fp32 shift (ŝ = z + shift); unused unless HAS_SHIFT
+    weight_ptr,  # [B] fp32 per-sequence weight; unused unless HAS_WEIGHT
+    xt_ptr,  # [n_rows] int32/int64 noisy tokens
+    x0_ptr,  # [n_rows] int32/int64 clean tokens
+    n_rows,  # B·L
+    L,  # sequence length (row // L is the batch index)
+    V,  # row width
+    N,  # real tokens (V − 1 absorbing, V uniform)
+    grad_scale,  # fp32 constant folded into the gradient (1, 1/B for batchmean)
+    ABSORB: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_GOUT: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_V: tl.constexpr,  # columns per tile
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # 64-bit: rows·V overflows int32
+    row_ok = rows < n_rows
+    b = rows // L
+    xt = tl.load(xt_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    x0 = tl.load(x0_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    if ABSORB:
+        active = row_ok & (xt == V - 1)  # only MASK positions carry a loss
+    else:
+        active = row_ok
+
+    # ---- per-row scalars, fp64 -------------------------------------------------------------
+    sigma = tl.load(sigma_ptr + b, mask=row_ok, other=1.0).to(tl.float64)
+    E = _esigm1(sigma)
+    if HAS_SHIFT:
+        shift = tl.load(shift_ptr + b, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        shift = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + b, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        w = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
+    z_row = z_ptr + rows * V
+    if ABSORB:
+        # ∂ℓ/∂ŝ_j = k·(e^{ŝ_j} − c) − d·[j = x0]
+        k = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
+        c = tl.zeros([BLOCK_R], dtype=tl.float32)
+        d = (1.0 / E).to(tl.float32)
+    else:
+        stay = xt == x0
+        rho = E / (E + N)
+        k = tl.full([BLOCK_R], 1.0, dtype=tl.float32) / N
+        c = tl.where(stay, rho, 1.0).to(tl.float32)
+        d = tl.where(stay, 0.0, 1.0 / E).to(tl.float32)
+
+    if WRITE_GRAD:
+        g = w * grad_scale
+        if HAS_GOUT:
+            g = g * tl.load(gout_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        g = tl.where(active, g, 0.0)  # inactive rows get an all-zero gradient row
+
+    n_active = tl.sum(active.to(tl.int32), axis=0)
+    if not WRITE_GRAD:
+        if n_active == 0:  # e.g. absorbing rows without MASK: no loss, nothing to read
+            tl.store(loss_ptr + rows, tl.zeros([BLOCK_R], dtype=tl.float32), mask=row_ok)
+            return
+
+    if WRITE_LOSS:
+        # ŝ_{x0} (0 when x0 = x_t: the current token reads as 0), fp64 for the constant terms;
+        # gathered before the pass, which may overwrite z with the gradient
+        s_x0 = tl.load(z_row + x0, mask=active & (x0 != xt), other=0.0).to(tl.float64) + shift.to(tl.float64)
+        s_x0 = tl.where(x0 == xt, 0.0, s_x0)
+
+    # ---- one streaming pass over the row ---------------------------------------------------
+    m = tl.full([BLOCK_R], -1e30, dtype=tl.float32)  # running max of the included ŝ
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)  # Σ e^{ŝ − m}
+    ssum = tl.zeros([BLOCK_R], dtype=tl.float32)  # Σ ŝ (uniform)
+    cols0 = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        col_ok = cols < V
+        # included columns: every y ≠ x_t (for absorbing, active rows have x_t = MASK, so this also
+        # drops the MASK column); the x_t entry is never read, whatever the buffer holds there
+        inc = active[:, None] & col_ok[None, :] & (cols[None, :] != xt[:, None])
+        offs = z_row[:, None] + cols[None, :]
+        s = tl.load(offs, mask=inc, other=0.0).to(tl.float32) + shift[:, None]
+        es = tl.exp(s)
+        if WRITE_LOSS:
+            s_inc = tl.where(inc, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s_inc, axis=1))
+            acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(s_inc - m_new[:, None]), axis=1)
+            m = m_new
+            if not ABSORB:
+                ssum += tl.sum(tl.where(inc, s, 0.0), axis=1)
+        if WRITE_GRAD:
+            # fp32 throughout: the x0 entry e^{ŝ_x0} − r is formed from the fp32 values
+            gr = k[:, None] * (es - c[:, None]) - tl.where(cols[None, :] == x0[:, None], d[:, None], 0.0)
+            gr = tl.where(inc, gr * g[:, None], 0.0)
+            st_ok = row_ok[:, None] & col_ok[None, :]
+            tl.store(grad_ptr + rows[:, None] * V + cols[None, :], gr.to(grad_ptr.dtype.element_ty), mask=st_ok)
+
+    if WRITE_LOSS:
+        acc = tl.where(active, acc, 1.0)  # inactive rows: no included column (masked below)
+        pos = tl.exp((tl.log(acc) + m).to(tl.float64))  # e^{lse} over the included columns
+        if ABSORB:
+            # ℓ = Σ_{j≠M} e^{ŝ_j} − r ŝ_{x0} + r(log r − 1) = e^{lse} + r(−log E − 1 − ŝ_{x0})
+            r = 1.0 / E
+            loss = pos + r * (-tl.log(E) - 1.0 - s_x0)
+        else:
+            logrho = tl.log(E) - tl.log(E + N)
+            neg0 = ssum.to(tl.float64) / N
+            loss_stay = pos / N - rho * neg0 + (N - 1.0) / N * rho * (logrho - 1.0)
+            loss_move = pos / N - neg0 - s_x0 / E + ((-logrho - 1.0) / rho - (N - 2.0)) / N
+            loss = tl.where(stay, loss_stay, loss_move)
+        loss = tl.where(active, loss.to(tl.float32) * w, 0.0)
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launch_config(n_rows: int, V: int, element_size: int, block_v: int | None):
+    """(BLOCK_R, BLOCK_V, num_warps). GPU: one row per program, 4–8K-column tiles (a bf16 row of
+    50258 is 100 KB). Interpreter: a small tile and several rows per program, since every program
+    instance costs ~1 ms there."""
+    if block_v is None:
+        cap = 1024 if _interpreted() else (8192 if element_size <= 2 else 4096)
+        block_v = min(triton.next_power_of_2(V), cap)
+    elif block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    budget = 1 << 15 if _interpreted() else 4096  # elements per [BLOCK_R, BLOCK_V] tile
+    block_r = max(1, min(budget // block_v, triton.next_power_of_2(max(n_rows, 1)), 64))
+    num_warps = 16 if block_v * block_r >= 8192 else (8 if block_v * block_r >= 2048 else 4)
+    return block_r, block_v, num_warps
+
+
+def score_entropy(
+    z: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    *,
+    absorbing: bool,
+    shift: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    grad_scale: float = 1.0,
+    grad_output: torch.Tensor | None = None,
+    compute_loss: bool = True,
+    block_v: int | None = None,
+) -> torch.Tensor | None:
+    """Launch the fused score entropy.
+
+    Args:
+        z: [B, L, V] contiguous fp32/bf16/fp16 log-scores (raw output when ``shift`` is given).
+        sigma: [B] fp32 σ > 0.   x_t, x0: [B, L] int32/int64.
+        absorbing: the graph (True: V = N + 1, MASK = V − 1; False: uniform, N = V).
+        shift, weight: optional [B] fp32.
+        grad: optional [B, L, V] contiguous tensor of z's dtype to receive
+            ∂(Σ weight·ℓ)/∂ŝ · grad_scale (· grad_output per token); may be ``z`` itself (each tile
+            is read before it is written, by the same program).
+        grad_output: optional [B, L] fp32 per-token incoming gradient.
+        compute_loss: return the weighted loss [B, L] fp32 (else None: a backward-only pass).
+        block_v: force the column tile (a power of two); for tests.
+    """
+    B, L, V = z.shape
+    assert z.is_contiguous() and z.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    n_rows = B * L
+    N = V - 1 if absorbing else V
+    loss = torch.empty((B, L), dtype=torch.float32, device=z.device) if compute_loss else None
+    if grad is not None:
+        assert grad.shape == z.shape and grad.dtype == z.dtype and grad.is_contiguous()
+    if not compute_loss and grad is None:
+        return None
+    if n_rows == 0:
+        return loss
+    block_r, block_v, num_warps = _launch_config(n_rows, V, z.element_size(), block_v)
+    dummy = sigma
+    _score_entropy_kernel[(triton.cdiv(n_rows, block_r),)](
+        z,
+        grad if grad is not None else z,
+        loss if loss is not None else dummy,
+        grad_output if grad_output is not None else dummy,
+        sigma,
+        shift if shift is not None else dummy,
+        weight if weight is not None else dummy,
+        x_t,
+        x0,
+        n_rows,
+        L,
+        V,
+        N,
+        float(grad_scale),
+        ABSORB=absorbing,
+        HAS_SHIFT=shift is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_GOUT=grad_output is not None,
+        WRITE_LOSS=compute_loss,
+        WRITE_GRAD=grad is not None,
+        BLOCK_R=block_r,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+    return loss

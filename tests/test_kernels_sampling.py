@@ -63,26 +63,42 @@ def _probs(kind, log_score, x_t, scalar, graph, shift=None, dt=None):
     return reference.denoise_probs(one, x1, scalar[:1], graph, shift)[0, 0]
 
 
-# (kind, scalar, dt): Euler's scalar is dσ with Δt = dt; analytic Δσ and denoise σ cover
-# tiny (1e-4), moderate and large (5+) noise; the large Euler step makes Σw > 1 (stay impossible)
+# (kind, scalar, dt, target): Euler's scalar is dσ with Δt = dt; analytic Δσ and denoise σ cover
+# tiny (1e-4), moderate and large (5+) noise. The row is offset so that the candidates' total
+# weight (coefficient · Σ_{y≠x_t} e^{ŝ_y}) equals ``target``: 0.5 leaves the stay / MASK option a
+# weight of one half, a target above 1 makes it impossible (a negative weight, never chosen).
 CASES = [
-    ("euler", 1.0, 0.01),
-    ("euler", 50.0, 1.0),
-    ("analytic", 1e-4, None),
-    ("analytic", 0.3, None),
-    ("analytic", 6.0, None),
-    ("denoise", 1e-4, None),
-    ("denoise", 0.5, None),
-    ("denoise", 8.0, None),
+    ("euler", 1.0, 0.01, 0.5),
+    ("euler", 50.0, 1.0, 3.0),
+    ("analytic", 1e-4, None, 0.5),
+    ("analytic", 0.3, None, 0.5),
+    ("analytic", 0.3, None, 2.0),
+    ("analytic", 6.0, None, 0.5),
+    ("denoise", 1e-4, None, 0.5),
+    ("denoise", 0.5, None, 0.5),
+    ("denoise", 8.0, None, 0.5),
 ]
 
 
+def _offset_to_target(log_score, x_t, graph, kind, scalar, dt, target):
+    """Shift every row so that coef · Σ_{y≠x_t} e^{ŝ_y} = target."""
+    if kind == "euler":
+        coef = scalar * dt / (1 if graph.absorbing else graph.N)
+    else:
+        coef = math.expm1(scalar) / (1 if graph.absorbing else graph.N)
+    row = log_score[0, 0].float().clone()
+    row[x_t[0, 0]] = -math.inf
+    offset = math.log(target / coef) - torch.logsumexp(row, 0).item()
+    return log_score + offset
+
+
 @pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
-@pytest.mark.parametrize("kind,scalar,dt", CASES)
-def test_draws_match_reference_probabilities(graph_name, kind, scalar, dt, monkeypatch):
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_draws_match_reference_probabilities(graph_name, case, monkeypatch):
+    kind, scalar, dt, target = CASES[case]
     graph = _graph(graph_name, V_ODD)
-    spread = 1.0 if scalar < 1 else 3.0
-    log_score, x_t = _batch(graph, V_ODD, spread=spread, seed=hash((kind, scalar)) % 1000)
+    log_score, x_t = _batch(graph, V_ODD, spread=1.5, seed=case)
+    log_score = _offset_to_target(log_score, x_t, graph, kind, scalar, dt, target)
     monkeypatch.setattr(ks, "_DEFAULT_BLOCK_V", 16)  # several tiles per row
     with ops.use_backend("triton"):
         draws = _step(kind, log_score, x_t, scalar, graph, torch.Generator().manual_seed(7), dt=dt)
@@ -90,7 +106,13 @@ def test_draws_match_reference_probabilities(graph_name, kind, scalar, dt, monke
     probs = _probs(kind, log_score, x_t, scalar, graph, dt=dt)
     if kind == "denoise" and graph.absorbing:
         assert (draws != graph.mask_id).all()
+    if target > 1 and (kind == "euler" or graph.absorbing):
+        assert (draws != x_t).all()  # the stay / MASK weight is negative: never chosen
     assert chi2_pvalue(draws, probs) > 1e-3
+    # the stay / MASK cell on its own (χ² over 37 cells dilutes a bias in one cell)
+    p_stay, n = probs[x_t[0, 0]].item(), draws.numel()
+    stays = int((draws == x_t).sum())
+    assert abs(stays - n * p_stay) <= 4.5 * math.sqrt(n * p_stay * (1 - p_stay)) + 1e-9, (stays, n * p_stay)
 
 
 @pytest.mark.parametrize("graph_name", ["absorb", "uniform"])

@@ -58,9 +58,7 @@ import triton.language as tl
 EULER, ANALYTIC, DENOISE = 0, 1, 2
 KINDS = {"euler": EULER, "analytic": ANALYTIC, "denoise": DENOISE}
 
-_TWO_M32 = 2.3283064365386963e-10  # 2^-32
-_TWO_M64 = 5.421010862427522e-20  # 2^-64
-_NEG_BIG = -1.0e30  # finite "−∞" for running maxima (keeps exp(m − m_new) free of nan)
+_NEG_BIG = tl.constexpr(-1.0e30)  # finite "−∞" for running maxima (keeps exp(m − m_new) free of nan)
 
 
 # ---------------------------------------------------------------------------------------------

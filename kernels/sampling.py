@@ -137,6 +137,7 @@ def reverse_step_kernel(
     KIND: tl.constexpr,  # 0 Euler, 1 analytic, 2 denoise
     ABSORB: tl.constexpr,  # absorbing graph (MASK = V − 1) or uniform
     HAS_SHIFT: tl.constexpr,
+    TWO_PASS: tl.constexpr,  # uniform analytic / denoise: row statistics first, then the race
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_V: tl.constexpr,  # columns per tile (even)
     N_ROUNDS: tl.constexpr,  # Philox rounds
@@ -164,7 +165,6 @@ def reverse_step_kernel(
     k1 = tl.load(const_ptr + b * 4 + 1, mask=row_ok, other=0.0)
     k2 = tl.load(const_ptr + b * 4 + 2, mask=row_ok, other=0.0)
     k3 = tl.load(const_ptr + b * 4 + 3, mask=row_ok, other=0.0)
-    TWO_PASS: tl.constexpr = (not ABSORB) and (KIND != 0)
 
     # ---- pass 1 (uniform analytic / denoise only): log S, S = Σ_k e^{ŝ_k} over the whole row
     log_q0 = k1
@@ -318,6 +318,7 @@ def reverse_step(
         z, z.stride(0), z.stride(1), shift_arg, x, consts, seed, out,
         n_rows, L, V,
         KIND=KINDS[kind], ABSORB=bool(absorbing), HAS_SHIFT=shift is not None,
+        TWO_PASS=(not absorbing) and kind != "euler",
         BLOCK_R=block_r, BLOCK_V=block_v, N_ROUNDS=10,
         num_warps=num_warps,
     )

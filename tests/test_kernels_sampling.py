@@ -336,3 +336,18 @@ def test_full_sampler_reproduces_a_product_distribution_on_triton(graph_name):
         x = sample(FactorizedScore(pi, graph), graph, noise, batch_size=20, length=100, steps=6,
                    generator=torch.Generator().manual_seed(0))
     assert chi2_pvalue(x, pi) > 1e-3
+
+
+def test_strided_scores_and_narrow_token_dtypes():
+    """A view with padded rows (stride(1) > V) and int32 ids give the same draws as contiguous int64."""
+    graph = Absorbing(V_ODD - 1)
+    g = torch.Generator().manual_seed(13)
+    wide = torch.randn(2, 20, V_ODD + 5, generator=g)
+    z = wide[..., :V_ODD]
+    x_t = torch.full((2, 20), graph.mask_id)
+    x_t[:, ::4] = 3
+    with ops.use_backend("triton"):
+        a = ops.analytic_step(z, x_t, torch.ones(2), graph, torch.Generator().manual_seed(14))
+        b = ops.analytic_step(z.contiguous(), x_t.int(), torch.ones(2), graph, torch.Generator().manual_seed(14))
+    assert b.dtype == torch.int32
+    assert torch.equal(a, b.long())

@@ -646,4 +646,20 @@ def denoise_step(
 
 
 def _step_triton(kind, log_score, x_t, scalar, graph, shift, generator):
-    raise NotImplementedError("the Triton reverse-step kernels are not wired yet")
+    if log_score.dtype == torch.float64:
+        raise TypeError("log_score must be float32, bfloat16 or float16 on the triton backend, got torch.float64")
+    from kernels.sampling import reverse_step
+
+    seed = _philox_seed(log_score.device, generator)
+    return reverse_step(kind, log_score, x_t, scalar, graph.absorbing, graph.N, shift=shift, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton backend: reverse steps
+# ---------------------------------------------------------------------------------------------
+
+
+def _philox_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """A [1] int64 Philox key drawn from ``generator`` (or the device's default generator), left
+    on the device so the kernel reads it without a host sync; same generator state, same draws."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator)

@@ -1,0 +1,325 @@
+"""Fused reverse steps of SEDD: Euler, analytic (Tweedie) and denoise, absorbing and uniform.
+
+Why fuse. The eager step (``sedd/reference.py``) reads the [B, L, V] scores and then builds the
+weights, the rates, the transition row, their product, the normalised probabilities, fp64
+exponential noise and its log: about ten [B, L, V] tensors written and read again, i.e. ~20 bytes
+of traffic per score byte for bf16 input, plus as many allocations. A step needs none of it: the
+output is one token id per position. This kernel reads each row of the raw network output z once
+(twice for the uniform analytic/denoise steps, see below), keeps a handful of per-row running
+values in registers and writes one id. Absorbing positions that are not MASK cannot move: their
+row is never read (the loads are masked off and the tile loop does not run for a block whose
+rows are all fixed).
+
+The draw. A categorical draw from unnormalised weights w is argmax_y (log w_y − log E_y) with
+E_y ~ Exp(1) i.i.d. (the exponential race; Gumbel-max with G = −log E). The argmax decomposes over
+tiles, so streaming the row keeps only the running best key and its column. Options whose weight
+needs the whole row (the Euler stay weight 1 − Σw, the absorbing analytic MASK weight
+1 − (e^{Δσ} − 1)Σ e^{ŝ}) are resolved after the loop with their own noise E_stay; non-positive
+weights are never chosen.
+
+Noise accuracy (arXiv 2409.02908). A token of relative weight p wins only when its E_y < p·E_best,
+so tokens of tiny weight are decided entirely by the lower tail of E. The usual fp32 recipe
+E = −log(u) with u ~ U[0, 1) in fp32 quantises u near 1 in steps of 2^-24: E takes no values in
+(0, 6e-8), tokens with p ≲ 1e-7 are (almost) never drawn, and the temperature drops. Here every
+E is built from 64 random bits (two Philox words hi, lo): v = (hi·2^32 + lo + 1/2)·2^-64 and its
+complement u = 1 − v = (~hi·2^32 + ~lo + 1/2)·2^-64 are both formed in fp32 *as floating-point
+numbers*, so each keeps 24-bit relative precision all the way down to 2^-65 (no fixed absolute
+grid). Then E = −log1p(−v) by its series v(1 + v/2 + … + v⁶/7) for v < 1/16 (relative error
+< 1e-8) and E = −log(u) otherwise (u ≤ 15/16 is well conditioned). Both tails of E are therefore
+those of a 64-bit uniform (E ∈ [2.7e-20, 45]) with ~1e-7 relative rounding, no systematic bias;
+only log E enters the key, in fp32, where it is exact to ~1e-7 absolute.
+
+RNG. Philox-4x32-10 (``tl.philox``) keyed by a 64-bit seed read from device memory (the launcher
+draws it from the caller's torch.Generator, so no host sync), with counter (pair, row_lo, row_hi,
+stream): columns 2k and 2k+1 of a row share one Philox call (words 0,1 and 2,3), the stay option
+uses stream 1. The noise of (row, column) is thus fixed by the seed alone: results do not depend
+on the block sizes or the grid.
+
+Uniform analytic / denoise. The staggered score s'_y = e^{Δσ}s_y − (E(Δσ)/N)·Σ_k s_k needs the row
+sum before any candidate can be scored, so these two steps make two passes over the row: pass 1
+computes log Σ_k e^{ŝ_k} (online max, overflow safe), pass 2 runs the race with
+p_y = s'_y·T(x_t, y) (the current token competing as an ordinary column). Every other step is one
+pass.
+
+Layout. One program handles BLOCK_R rows × the whole row width in tiles of BLOCK_V columns. On a
+GPU BLOCK_R = 1 and BLOCK_V is a few thousand; under the interpreter (~1 ms per program) a program
+takes many rows at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+EULER, ANALYTIC, DENOISE = 0, 1, 2
+KINDS = {"euler": EULER, "analytic": ANALYTIC, "denoise": DENOISE}
+
+_NEG_BIG = tl.constexpr(-1.0e30)  # finite "−∞" for running maxima (keeps exp(m − m_new) free of nan)
+
+
+# ---------------------------------------------------------------------------------------------
+# jit helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def log_exp1_from_bits(hi, lo):
+    """log E for E ~ Exp(1), from two uint32 random words (see the module docstring).
+
+    v = (hi·2^32 + lo + ½)·2^-64 and u = 1 − v from the complemented words, both in fp32 with
+    full relative precision down to 2^-65; E = −log1p(−v) by its series for small v, −log(u) else.
+    """
+    v = hi.to(tl.float32) * 2.3283064365386963e-10 + (lo.to(tl.float32) + 0.5) * 5.421010862427522e-20
+    hi_c = hi ^ 0xFFFFFFFF
+    lo_c = lo ^ 0xFFFFFFFF
+    u = hi_c.to(tl.float32) * 2.3283064365386963e-10 + (lo_c.to(tl.float32) + 0.5) * 5.421010862427522e-20
+    # −log1p(−v) = v + v²/2 + v³/3 + …; seven terms are exact to 1e-8 relative for v < 1/16
+    series = v * (1.0 + v * (0.5 + v * (0.3333333333333333 + v * (0.25 + v * (0.2 + v * (0.16666666666666666
+                                                                                        + v * 0.14285714285714285))))))
+    e = tl.where(v < 0.0625, series, -tl.log(u))
+    return tl.log(e)
+
+
+@triton.jit
+def _tile_log_noise(seed, rows, start, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, N_ROUNDS: tl.constexpr):
+    """log E [BLOCK_R, BLOCK_V] for columns start … start + BLOCK_V − 1 of ``rows`` (start even).
+
+    One Philox call per column pair: column 2k uses words (0, 1) of counter (k, row, 0), column
+    2k + 1 uses words (2, 3), so the noise of a (row, column) does not depend on BLOCK_V.
+    """
+    pairs = (start // 2 + tl.arange(0, BLOCK_V // 2)).to(tl.uint32)
+    r = rows.to(tl.uint64)
+    row_lo = (r & 0xFFFFFFFF).to(tl.uint32)
+    row_hi = (r >> 32).to(tl.uint32)
+    c0 = tl.broadcast_to(pairs[None, :], (BLOCK_R, BLOCK_V // 2))
+    c1 = tl.broadcast_to(row_lo[:, None], (BLOCK_R, BLOCK_V // 2))
+    c2 = tl.broadcast_to(row_hi[:, None], (BLOCK_R, BLOCK_V // 2))
+    c3 = c0 * 0
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3, N_ROUNDS)
+    hi = tl.reshape(tl.join(w0, w2), (BLOCK_R, BLOCK_V))
+    lo = tl.reshape(tl.join(w1, w3), (BLOCK_R, BLOCK_V))
+    return log_exp1_from_bits(hi, lo)
+
+
+@triton.jit
+def _stay_log_noise(seed, rows, N_ROUNDS: tl.constexpr):
+    """log E [BLOCK_R] for the stay / MASK option of each row: Philox stream 1."""
+    r = rows.to(tl.uint64)
+    row_lo = (r & 0xFFFFFFFF).to(tl.uint32)
+    row_hi = (r >> 32).to(tl.uint32)
+    zero = row_lo * 0
+    w0, w1, w2, w3 = tl.philox(seed, zero, row_lo, row_hi, zero + 1, N_ROUNDS)
+    return log_exp1_from_bits(w0, w1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def reverse_step_kernel(
+    z_ptr,  # [B, L, V] fp32/bf16/fp16 raw scores (ŝ = z + shift, ŝ[x_t] read as 0); column stride 1
+    stride_zb,  # elements between batches of z
+    stride_zl,  # elements between positions of z
+    shift_ptr,  # [B] fp32 per-row shift (read only when HAS_SHIFT)
+    x_ptr,  # [B·L] int current tokens x_t (contiguous)
+    const_ptr,  # [B, 4] fp32 per-row constants from ``_row_constants``
+    seed_ptr,  # [1] int64 Philox seed
+    out_ptr,  # [B·L] int next tokens (x's dtype)
+    n_rows,  # B·L
+    L,  # positions per sequence
+    V,  # row width
+    KIND: tl.constexpr,  # 0 Euler, 1 analytic, 2 denoise
+    ABSORB: tl.constexpr,  # absorbing graph (MASK = V − 1) or uniform
+    HAS_SHIFT: tl.constexpr,
+    TWO_PASS: tl.constexpr,  # uniform analytic / denoise: row statistics first, then the race
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_V: tl.constexpr,  # columns per tile (even)
+    N_ROUNDS: tl.constexpr,  # Philox rounds
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < n_rows
+    b = rows // L
+    x = tl.load(x_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    if HAS_SHIFT:
+        shift = tl.load(shift_ptr + b, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        shift = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if ABSORB:
+        active = row_ok & (x == V - 1)  # only MASK positions move
+    else:
+        active = row_ok
+    row_base = b * stride_zb + (rows - b * L) * stride_zl  # int64 element offsets
+    seed = tl.load(seed_ptr)
+    # early exit: a block with no moving row reads nothing (loop bound 0)
+    n_cols = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, V, 0)
+
+    # per-row constants, computed by the launcher in fp64 (see ``_row_constants``)
+    k0 = tl.load(const_ptr + b * 4 + 0, mask=row_ok, other=0.0)
+    k1 = tl.load(const_ptr + b * 4 + 1, mask=row_ok, other=0.0)
+    k2 = tl.load(const_ptr + b * 4 + 2, mask=row_ok, other=0.0)
+    k3 = tl.load(const_ptr + b * 4 + 3, mask=row_ok, other=0.0)
+
+    # ---- pass 1 (uniform analytic / denoise only): log S, S = Σ_k e^{ŝ_k} over the whole row
+    log_q0 = k1
+    if TWO_PASS:
+        m1 = tl.full([BLOCK_R], _NEG_BIG, dtype=tl.float32)
+        s1 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            ld = active[:, None] & (cols < V)[None, :]
+            zt = tl.load(z_ptr + row_base[:, None] + cols[None, :], mask=ld, other=0.0).to(tl.float32)
+            sh = tl.where(cols[None, :] == x[:, None], 0.0, zt + shift[:, None])
+            sh = tl.where(ld, sh, float("-inf"))
+            m_new = tl.maximum(m1, tl.max(sh, axis=1))
+            s1 = s1 * tl.exp(m1 - m_new) + tl.sum(tl.exp(sh - m_new[:, None]), axis=1)
+            m1 = m_new
+        # s'_y = e^{Δσ}s_y − (E/N)S = e^{Δσ}s_y·(1 − q_y), log q_y = [log(E/N) − Δσ] + log S − ŝ_y
+        log_q0 = k1 + m1 + tl.log(s1)
+
+    # ---- the race (pass 2 for the two-pass steps): running best key and its column,
+    # plus Σ_{candidates} e^{ŝ} (online max) for the stay / MASK option
+    best = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    best_col = x
+    m = tl.full([BLOCK_R], _NEG_BIG, dtype=tl.float32)
+    s = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        ld = active[:, None] & (cols < V)[None, :]
+        zt = tl.load(z_ptr + row_base[:, None] + cols[None, :], mask=ld, other=0.0).to(tl.float32)
+        is_cur = cols[None, :] == x[:, None]
+        sh = tl.where(is_cur, 0.0, zt + shift[:, None])
+        if TWO_PASS:
+            # log p_y = Δσ + ŝ_y + log(1 − q_y) + log T(x_t, y); non-positive s'_y (q ≥ 1) never chosen
+            q = tl.exp(log_q0[:, None] - sh)
+            log_w = k0[:, None] + sh + tl.log(1.0 - q) + tl.where(is_cur, k3[:, None], k2[:, None])
+            cand = ld & (q < 1.0)
+        else:
+            # candidates y ≠ x_t: log w_y = log(coef) + ŝ_y; the row constant is added after the loop
+            log_w = sh
+            cand = ld & (~is_cur)
+        key = tl.where(cand, log_w - _tile_log_noise(seed, rows, start, BLOCK_R, BLOCK_V, N_ROUNDS), float("-inf"))
+        tile_best, tile_arg = tl.max(key, axis=1, return_indices=True)
+        better = tile_best > best
+        best = tl.where(better, tile_best, best)
+        best_col = tl.where(better, start + tile_arg.to(tl.int64), best_col)
+        if not TWO_PASS:
+            shc = tl.where(cand, sh, float("-inf"))
+            m_new = tl.maximum(m, tl.max(shc, axis=1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(shc - m_new[:, None]), axis=1)
+            m = m_new
+
+    choice = best_col
+    if not TWO_PASS:
+        best = best + k0  # log of the candidates' common factor
+        if KIND != 2:  # denoise never keeps MASK
+            # stay weight 1 − coef·Σ e^{ŝ} (Euler stay, absorbing analytic MASK); ≤ 0: impossible
+            total = tl.exp(k0 + m + tl.log(s))
+            stay_key = tl.log(1.0 - total) - _stay_log_noise(seed, rows, N_ROUNDS)
+            stay_key = tl.where(total < 1.0, stay_key, float("-inf"))
+            choice = tl.where(stay_key > best, x, best_col)
+    choice = tl.where(active, choice, x)
+    tl.store(out_ptr + rows, choice.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+
+
+_DEFAULT_BLOCK_V: int | None = None  # force a tile width for every launch (tests: several tiles per row)
+
+
+def _row_constants(kind: int, scalar: torch.Tensor, absorbing: bool, N: int) -> torch.Tensor:
+    """[B, 4] fp32 per-row constants, computed in fp64 (expm1 without cancellation).
+
+    One-pass steps: column 0 is log of the candidates' common factor (Euler dσΔt, over N for
+    uniform; absorbing analytic/denoise E(c) = e^c − 1). Two-pass steps (uniform analytic and
+    denoise, c = Δσ): Δσ, log(E/N) − Δσ, log T_off = log((1 − e^{−Δσ})/N), log T_on =
+    log(e^{−Δσ} + (1 − e^{−Δσ})/N).
+    """
+    c = scalar.double()
+    out = torch.zeros(c.shape[0], 4, dtype=torch.float64, device=c.device)
+    if kind == EULER:
+        out[:, 0] = c.log() - (0.0 if absorbing else math.log(N))
+    elif absorbing:
+        out[:, 0] = torch.expm1(c).log()
+    else:
+        t_off = -torch.expm1(-c) / N
+        out[:, 0] = c
+        out[:, 1] = torch.expm1(c).log() - math.log(N) - c
+        out[:, 2] = t_off.log()
+        out[:, 3] = (torch.exp(-c) + t_off).log()
+    return out.float().contiguous()
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def reverse_step(
+    kind: str,
+    z: torch.Tensor,
+    x_t: torch.Tensor,
+    scalar: torch.Tensor,
+    absorbing: bool,
+    N: int,
+    *,
+    shift: torch.Tensor | None = None,
+    seed: torch.Tensor,
+    block_v: int | None = None,
+    block_r: int | None = None,
+) -> torch.Tensor:
+    """One fused reverse step; returns the next tokens [B, L] in x_t's dtype.
+
+    Args:
+        kind: "euler" (scalar = dσ·Δt), "analytic" (scalar = Δσ) or "denoise" (scalar = σ).
+        z: [B, L, V] fp32/bf16/fp16 scores, or raw output when ``shift`` is given.
+        x_t: [B, L] int current tokens in [0, V).
+        scalar: [B] fp32 per-sequence scalar (see ``kind``).
+        absorbing: absorbing graph (MASK = V − 1, N = V − 1) or uniform (N = V).
+        shift: optional [B] fp32, ŝ = z + shift.
+        seed: [1] int64 tensor on z's device, the Philox key.
+        block_v, block_r: force the tile width (even) / rows per program (powers of two).
+
+    The caller (``sedd.ops``) validates values; this checks only what the kernel relies on.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
+    B, L, V = z.shape
+    if z.stride(2) != 1:
+        z = z.contiguous()
+    x = x_t.contiguous()
+    out = torch.empty_like(x)
+    n_rows = B * L
+    if n_rows == 0:
+        return out
+    consts = _row_constants(KINDS[kind], scalar.reshape(B), absorbing, N)
+    shift_arg = shift.reshape(B).float().contiguous() if shift is not None else consts
+    if block_v is None:
+        block_v = _DEFAULT_BLOCK_V
+    if block_v is None:
+        block_v = min(256, triton.next_power_of_2(V)) if _interpreted() else min(4096, triton.next_power_of_2(V))
+    block_v = max(2, int(block_v))
+    if block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    if block_r is None:
+        # interpreter: wide programs (~1 ms each); GPU: one row per program
+        block_r = max(1, min(triton.next_power_of_2(n_rows), 4096 // block_v, 256)) if _interpreted() else 1
+    num_warps = 4 if block_v <= 1024 else 8
+    grid = (triton.cdiv(n_rows, block_r),)
+    reverse_step_kernel[grid](
+        z, z.stride(0), z.stride(1), shift_arg, x, consts, seed, out,
+        n_rows, L, V,
+        KIND=KINDS[kind], ABSORB=bool(absorbing), HAS_SHIFT=shift is not None,
+        TWO_PASS=(not absorbing) and kind != "euler",
+        BLOCK_R=block_r, BLOCK_V=block_v, N_ROUNDS=10,
+        num_warps=num_warps,
+    )
+    return out

@@ -4,8 +4,8 @@
 What a step must move: the scores of the positions that can change (for absorbing, the masked
 ones: masked rows × V × 2 bytes in bf16), the current ids and the new ids. The eager reference
 reads every row and materialises about ten [B, L, V] fp32/fp64 temporaries on top. The kernel's
-bandwidth is compared with a device-to-device copy measured in the same run (read + write bytes
-over time), so the fraction is meaningful on any GPU.
+bandwidth is compared with a device-to-device copy measured in the same run (``copy_bandwidth``
+in ``conftest.py``: read + write bytes over time), so the fraction is meaningful on any GPU.
 
 On CUDA the shape is the issue's: GPT-2 absorbing width V = 50258, B·L = 16 × 1024 = 16384 rows,
 bf16 raw scores with a per-row shift, half of the positions masked. On CPU a small shape runs
@@ -55,31 +55,6 @@ def step_inputs():
     return dict(graph=graph, z=z, x_t=x_t, sigma=sigma, dsigma=torch.full((B,), 0.05, device=DEVICE), shift=shift)
 
 
-@pytest.fixture(scope="module")
-def copy_bandwidth(step_inputs):
-    """Device-to-device copy bandwidth (read + write bytes / s) of a buffer of the step's input size."""
-    src = step_inputs["z"]
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    _sync()
-    if CUDA:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        seconds = start.elapsed_time(end) / 1e3 / 20
-    else:
-        import time
-
-        t0 = time.perf_counter()
-        for _ in range(5):
-            dst.copy_(src)
-        seconds = (time.perf_counter() - t0) / 5
-    return 2 * src.numel() * src.element_size() / seconds
-
-
 def _required_bytes(inp) -> int:
     """Scores of the rows that can move (masked rows × V × 2 bytes), plus ids read and written."""
     masked = int((inp["x_t"] == inp["graph"].mask_id).sum())
@@ -110,20 +85,9 @@ def _make_step(kind, impl, inp):
     return run
 
 
-def _peak_memory(fn) -> int | None:
-    if not CUDA:
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_reverse_step(benchmark, step_inputs, copy_bandwidth, kind, impl):
+def test_reverse_step(benchmark, step_inputs, copy_bandwidth, measure_peak, kind, impl):
     fn = _make_step(kind, impl, step_inputs)
 
     def step():
@@ -140,7 +104,7 @@ def test_reverse_step(benchmark, step_inputs, copy_bandwidth, kind, impl):
     assert out.shape == (B, L)
     fixed = step_inputs["x_t"] != step_inputs["graph"].mask_id
     assert torch.equal(out[fixed], step_inputs["x_t"][fixed])
-    peak = _peak_memory(step)
+    peak = measure_peak(step)
     benchmark.pedantic(step, rounds=10 if CUDA else 2, warmup_rounds=1)
     seconds = benchmark.stats.stats.mean if benchmark.stats else None
     nbytes = _required_bytes(step_inputs)

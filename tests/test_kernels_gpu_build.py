@@ -1,0 +1,152 @@
+"""The kernels build for real GPUs, checked without one.
+
+The interpreter runs the kernels' Python semantics on CPU; it does not lower them. Here each
+launcher is called as it is on a GPU (interpreter off), the launch it makes is recorded instead of
+run, and exactly that kernel specialisation (argument types, tile sizes, warps) is compiled ahead of
+time with Triton's bundled LLVM and ptxas for sm_90 (H100/H200) and sm_80 (A100). That catches
+what the interpreter cannot: lowering errors and unsupported ops; on sm_90 it also checks that no
+kernel spills registers to local memory (a spill in a streaming loop costs bandwidth every tile).
+
+    python -m tests.test_kernels_gpu_build sm90    # (without TRITON_INTERPRET) the records as JSON
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import kernels.sampling as sampling_kernels  # noqa: E402
+import kernels.score_entropy as score_entropy_kernels  # noqa: E402
+import kernels.transitions as transition_kernels  # noqa: E402
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+pytestmark = pytest.mark.skipif(not (BIN / "ptxas").is_file(), reason="this Triton has no bundled ptxas")
+
+TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
+_TYPES = {
+    torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
+    torch.int64: "*i64", torch.int32: "*i32", torch.int16: "*i16", torch.uint8: "*u8",
+}
+V_ABSORB = 50258  # GPT-2 + MASK: the widths the kernels run at in training and sampling
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` function: ``kernel[grid](*args, **kw)`` records the call."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append((args, kw))
+
+
+def _recorded(module, name, launch) -> list[tuple[tuple, dict]]:
+    kernel = getattr(module, name)
+    recorder = _Recorder(kernel)
+    setattr(module, name, recorder)
+    try:
+        launch()
+    finally:
+        setattr(module, name, kernel)
+    assert recorder.calls, f"{module.__name__}: the launcher made no launch"
+    return [(recorder.fn, args, kw) for args, kw in recorder.calls]
+
+
+def _compile(fn, args, kw, target):
+    options = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+    signature, constexprs = {}, {}
+    for name, value in zip(fn.arg_names, args):
+        if isinstance(value, torch.Tensor):
+            signature[name] = _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, int):
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{name}: unexpected launch argument {value!r}")
+    for name, value in kw.items():
+        signature[name], constexprs[name] = "constexpr", value
+    return triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+
+
+def _resource_usage(compiled) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        Path(cubin).write_bytes(compiled.asm["cubin"])
+        out = subprocess.run([str(BIN / "cuobjdump"), "--dump-resource-usage", cubin],
+                             capture_output=True, text=True, check=True).stdout
+    (line,) = [line for line in out.splitlines() if "REG:" in line]
+    return line
+
+
+def _launches():
+    """Every kernel specialisation the library launches on a GPU in training and sampling."""
+    B, L = 1, 2
+    z = torch.zeros(B, L, V_ABSORB, dtype=torch.bfloat16)
+    zu = torch.zeros(B, L, V_ABSORB - 1, dtype=torch.bfloat16)
+    x = torch.zeros(B, L, dtype=torch.int64)
+    per_row = torch.ones(B)
+    seed = torch.zeros(1, dtype=torch.int64)
+    x0 = torch.zeros(4, 1024, dtype=torch.int64)  # enough positions for the full noising block
+    launches = []
+    for absorbing, scores in ((True, z), (False, zu)):
+        common = dict(absorbing=absorbing, shift=per_row, weight=per_row)
+        for kw in (
+            dict(grad=torch.empty_like(scores), grad_scale=0.5),  # fused loss + gradient (sum/batchmean)
+            dict(),  # loss only (no grad, or reduction "none" forward)
+            dict(grad=torch.empty_like(scores), grad_output=torch.ones(B, L), compute_loss=False),  # backward
+        ):
+            launches += _recorded(score_entropy_kernels, "_score_entropy_kernel",
+                                  lambda: score_entropy_kernels.score_entropy(scores, per_row, x, x, **common, **kw))
+        launches += _recorded(transition_kernels, "_sample_transition_kernel",
+                              lambda: transition_kernels.sample_transition(x0, per_row.expand(4), seed, absorbing=absorbing,
+                                                                           N=V_ABSORB - 1))
+        for kind in ("euler", "analytic", "denoise"):
+            launches += _recorded(sampling_kernels, "reverse_step_kernel",
+                                  lambda: sampling_kernels.reverse_step(kind, scores, x, per_row, absorbing,
+                                                                        V_ABSORB - 1, shift=per_row, seed=seed))
+    return launches
+
+
+def build(target: str) -> list[dict]:
+    """Compile every launch for ``target``; one record per kernel specialisation."""
+    records = []
+    for fn, args, kw in _launches():
+        usage = _resource_usage(_compile(fn, args, dict(kw), TARGETS[target]))
+        records.append({"kernel": fn.__name__, "constexprs": {k: v for k, v in kw.items() if k.isupper()},
+                        "num_warps": kw.get("num_warps"), "usage": usage})
+    return records
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_every_gpu_launch_compiles_without_spills(target):
+    # A fresh process: the kernels must be real JIT functions, and this session runs the interpreter.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "tests.test_kernels_gpu_build", target], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = json.loads(proc.stdout.splitlines()[-1])
+    assert len(records) == 2 * (3 + 1 + 3)
+    assert {r["kernel"] for r in records} == {"_score_entropy_kernel", "_sample_transition_kernel",
+                                              "reverse_step_kernel"}
+    if target == "sm90":  # the GPUs the benchmarks target; sm_80 spills 8 bytes in one per-row epilogue
+        for r in records:
+            assert "LOCAL:0" in r["usage"] and "STACK:0" in r["usage"], f"spills: {r}"
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") != "1", "run without the interpreter"
+    print(json.dumps(build(sys.argv[1])))

@@ -117,6 +117,11 @@ def _score_entropy_kernel(
         s_x0 = tl.where(x0 == xt, 0.0, s_x0)
 
     # ---- one streaming pass over the row ---------------------------------------------------
+    # The load mask is constant along a row except for the bound check, so the loads vectorise
+    # (16-byte accesses); the x_t column is excluded afterwards with a select, and column ids are
+    # compared in int32 (V < 2^31).
+    xt_col = xt.to(tl.int32)
+    x0_col = x0.to(tl.int32)
     m = tl.full([BLOCK_R], -1e30, dtype=tl.float32)  # running max of the included ŝ
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)  # Σ e^{ŝ − m}
     ssum = tl.zeros([BLOCK_R], dtype=tl.float32)  # Σ ŝ (uniform)
@@ -124,22 +129,27 @@ def _score_entropy_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         col_ok = cols < V
+        ld = active[:, None] & col_ok[None, :]
         # included columns: every y ≠ x_t (for absorbing, active rows have x_t = MASK, so this also
-        # drops the MASK column); the x_t entry is never read, whatever the buffer holds there
-        inc = active[:, None] & col_ok[None, :] & (cols[None, :] != xt[:, None])
-        offs = z_row[:, None] + cols[None, :]
-        s = tl.load(offs, mask=inc, other=0.0).to(tl.float32) + shift[:, None]
-        es = tl.exp(s)
+        # drops the MASK column); the x_t entry is never used, whatever the buffer holds there
+        inc = ld & (cols[None, :] != xt_col[:, None])
+        s = tl.load(z_row[:, None] + cols[None, :], mask=ld, other=0.0).to(tl.float32) + shift[:, None]
         if WRITE_LOSS:
             s_inc = tl.where(inc, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s_inc, axis=1))
-            acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(s_inc - m_new[:, None]), axis=1)
+            e_rel = tl.exp(s_inc - m_new[:, None])  # e^{ŝ − m}: the one exponential per element
+            acc = acc * tl.exp(m - m_new) + tl.sum(e_rel, axis=1)
             m = m_new
             if not ABSORB:
                 ssum += tl.sum(tl.where(inc, s, 0.0), axis=1)
         if WRITE_GRAD:
+            if WRITE_LOSS:
+                # e^{ŝ} = e^{ŝ − m}·e^{m}: no second exponential (overflows only where e^{ŝ} does)
+                es = e_rel * tl.exp(m_new)[:, None]
+            else:
+                es = tl.exp(s)
             # fp32 throughout: the x0 entry e^{ŝ_x0} − r is formed from the fp32 values
-            gr = k[:, None] * (es - c[:, None]) - tl.where(cols[None, :] == x0[:, None], d[:, None], 0.0)
+            gr = k[:, None] * (es - c[:, None]) - tl.where(cols[None, :] == x0_col[:, None], d[:, None], 0.0)
             gr = tl.where(inc, gr * g[:, None], 0.0)
             st_ok = row_ok[:, None] & col_ok[None, :]
             tl.store(grad_ptr + rows[:, None] * V + cols[None, :], gr.to(grad_ptr.dtype.element_ty), mask=st_ok)

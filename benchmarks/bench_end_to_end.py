@@ -76,7 +76,9 @@ def test_training_step(benchmark, model, measure_peak, backend):
     benchmark.pedantic(step, rounds=5 if CUDA else 2, warmup_rounds=1)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if CUDA else "cpu",
-        backend=backend,
+        graph="absorb",
+        mode="train step",
+        impl="eager" if backend == "torch" else backend,
         tokens_per_step=TRAIN_BATCH * LENGTH,
         tokens_per_s=_per_second(benchmark, TRAIN_BATCH * LENGTH),
         peak_memory_bytes=peak,
@@ -99,7 +101,9 @@ def test_sampling(benchmark, model, measure_peak, backend):
     benchmark.pedantic(run, rounds=3 if CUDA else 1, warmup_rounds=0)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if CUDA else "cpu",
-        backend=backend,
+        graph="absorb",
+        mode=f"sample {STEPS} steps",
+        impl="eager" if backend == "torch" else backend,
         steps=STEPS,
         tokens_per_s=_per_second(benchmark, SAMPLE_BATCH * LENGTH),
         peak_memory_bytes=peak,

@@ -30,10 +30,10 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 if CUDA:
     B, L, V = 16, 1024, 50258
-    IMPLS = ["triton", "torch", "compile"]
+    IMPLS = ["triton", "eager", "compiled"]
 else:
     B, L, V = 2, 64, 1025
-    IMPLS = ["torch"]
+    IMPLS = ["eager"]
 KINDS = ["analytic", "euler", "denoise"]
 
 
@@ -65,14 +65,14 @@ def _required_bytes(inp) -> int:
 def _make_step(kind, impl, inp):
     graph, z, x_t, shift = inp["graph"], inp["z"], inp["x_t"], inp["shift"]
     gen = torch.Generator(DEVICE).manual_seed(1)
-    if impl == "compile":
+    if impl == "compiled":
         eager = {"analytic": reference.analytic_step, "euler": reference.euler_step, "denoise": reference.denoise_step}[kind]
         compiled = torch.compile(eager)
         if kind == "euler":
             return lambda: compiled(z, x_t, inp["dsigma"], 0.01, graph, shift)
         scalar = inp["dsigma"] if kind == "analytic" else inp["sigma"]
         return lambda: compiled(z, x_t, scalar, graph, shift)
-    backend = impl
+    backend = "torch" if impl == "eager" else impl
 
     def run():
         with ops.use_backend(backend):
@@ -98,7 +98,7 @@ def test_reverse_step(benchmark, step_inputs, copy_bandwidth, measure_peak, kind
     try:
         out = step()  # warm-up: compile, allocator
     except Exception as err:  # torch.compile of the reference is optional
-        if impl == "compile":
+        if impl == "compiled":
             pytest.skip(f"torch.compile(reference) failed: {type(err).__name__}: {err}")
         raise
     assert out.shape == (B, L)
@@ -111,8 +111,10 @@ def test_reverse_step(benchmark, step_inputs, copy_bandwidth, measure_peak, kind
     gbps = nbytes / seconds / 1e9 if seconds else None
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if CUDA else "cpu",
-        kind=kind,
+        graph="absorb",
+        mode=kind,
         impl=impl,
+        dtype="bf16",
         shape=[B, L, V],
         required_bytes=nbytes,
         gb_per_s=gbps,

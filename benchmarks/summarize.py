@@ -38,8 +38,9 @@ def summarize(data: dict) -> tuple[str, str]:
         f"- commit: {sha} (branch {commit.get('branch', '?')})",
         f"- torch {machine.get('torch', '?')}, triton {machine.get('triton', '?')}",
         "",
-        "| case | impl | median ms | GB/s | of copy BW | peak extra / buffer | × vs eager | × vs compiled |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | impl | median ms | GB/s | of copy BW | tokens/s | peak extra MB | peak extra / buffer "
+        "| × vs eager | × vs compiled |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     copy = None
     for key, info, stats, name in sorted(rows, key=lambda r: (str(r[0]), str(r[1].get("impl")))):
@@ -47,9 +48,11 @@ def summarize(data: dict) -> tuple[str, str]:
         eager, compiled = medians.get((*key, "eager")), medians.get((*key, "compiled"))
         case = f"{info.get('graph', '?')} {info.get('mode', '?')} {info.get('shape', '')} {info.get('dtype', '')}"
         copy = info.get("copy_gb_per_s") or copy
+        peak = info.get("peak_extra_bytes", info.get("peak_memory_bytes"))
         lines.append(
             f"| {case} | {info.get('impl', name)} | {_fmt(median and median * 1e3, '.3f')} "
             f"| {_fmt(info.get('gb_per_s'), '.3g')} | {_fmt(info.get('fraction_of_copy'), '.0%')} "
+            f"| {_fmt(info.get('tokens_per_s'), '.4g')} | {_fmt(peak and peak / 2**20, '.0f')} "
             f"| {_fmt(info.get('peak_over_buffer'), '.2f')} "
             f"| {_fmt(eager / median if eager and median else None, '.2f')} "
             f"| {_fmt(compiled / median if compiled and median else None, '.2f')} |"
@@ -64,10 +67,12 @@ def summarize(data: dict) -> tuple[str, str]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device>-<date>-<commit>.md")
+    parser.add_argument("--out", type=Path, default=None, help="default: OUT_DIR/<device>-<date>-<commit>.md")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results",
+                        help="directory of the default output file (default: benchmarks/results)")
     args = parser.parse_args(argv)
     text, stem = summarize(json.loads(args.json.read_text()))
-    out = args.out or Path(__file__).parent / "results" / f"{stem}.md"
+    out = args.out or args.out_dir / f"{stem}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

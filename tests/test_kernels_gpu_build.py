@@ -65,21 +65,28 @@ def _recorded(module, name, launch) -> list[tuple[tuple, dict]]:
 
 def _compile(fn, args, kw, target):
     options = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
-    signature, constexprs = {}, {}
-    for name, value in zip(fn.arg_names, args):
+    # The specialisation Triton's launcher makes at run time: pointers (torch allocations) and
+    # integers that are multiples of 16 are marked 16-divisible, integers equal to 1 become constants.
+    signature, constexprs, attrs = {}, {}, {}
+    divisible = [["tt.divisibility", 16]]
+    for i, (name, value) in enumerate(zip(fn.arg_names, args)):
         if isinstance(value, torch.Tensor):
-            signature[name] = _TYPES[value.dtype]
+            signature[name], attrs[(i,)] = _TYPES[value.dtype], divisible
         elif isinstance(value, bool):
             signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, int) and value == 1:
+            signature[name], constexprs[(i,)] = "constexpr", 1
         elif isinstance(value, int):
             signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = divisible
         elif isinstance(value, float):
             signature[name] = "fp32"
         else:
             raise TypeError(f"{name}: unexpected launch argument {value!r}")
     for name, value in kw.items():
         signature[name], constexprs[name] = "constexpr", value
-    return triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
 
 
 def _resource_usage(compiled) -> str:

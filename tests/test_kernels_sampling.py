@@ -158,7 +158,7 @@ def test_every_block_size_draws_from_the_reference_distribution(graph_name, kind
     log_score = _offset_to_target(log_score, x_t, graph, kind, scalar, dt, 0.6)
     probs = _probs(kind, log_score, x_t, scalar, graph, dt=dt)
     s = torch.full((2,), scalar * (dt if kind == "euler" else 1.0))
-    for i, (bv, br) in enumerate([(2, 64), (8, 16), (64, 8)]):
+    for i, (bv, br) in enumerate([(4, 512), (16, 256), (64, 64)]):
         draws = ks.reverse_step(kind, log_score, x_t, s, graph.absorbing, graph.N, seed=torch.tensor([99 + i]),
                                 block_v=bv, block_r=br)
         assert chi2_pvalue(draws, probs) > 1e-3, (bv, br)
@@ -188,7 +188,7 @@ def test_tile_race_with_very_unequal_tiles(graph_name, kind):
     probs = _probs(kind, log_score, x_t, scalar, graph, dt=dt)
     s = torch.full((2,), scalar * (dt if kind == "euler" else 1.0))
     draws = ks.reverse_step(kind, log_score, x_t, s, graph.absorbing, graph.N, seed=torch.tensor([5]),
-                            block_v=16, block_r=64)
+                            block_v=16, block_r=512)
     assert chi2_pvalue(draws, probs) > 1e-3
     # the tiles' and the stay option's frequencies on their own
     tile_of = torch.arange(V) // 16

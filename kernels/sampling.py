@@ -122,14 +122,15 @@ def _tile_log_noise(seed, rows, start, BLOCK_R: tl.constexpr, BLOCK_V: tl.conste
 
 @triton.jit
 def _row_log_noise(seed, rows, counter, STREAM: tl.constexpr, N_ROUNDS: tl.constexpr):
-    """log E [BLOCK_R], one per row: Philox counter (counter, row_lo, row_hi, STREAM).
+    """log E, one per (row, counter) (``rows`` and ``counter`` broadcast against each other):
+    words 0, 1 of Philox counter (counter, row_lo, row_hi, STREAM).
 
     Stream 1 is the stay / MASK option (counter 0), stream 2 the race of tile ``counter``.
     """
     r = rows.to(tl.uint64)
-    row_lo = (r & 0xFFFFFFFF).to(tl.uint32)
-    row_hi = (r >> 32).to(tl.uint32)
-    zero = row_lo * 0
+    zero = (r * 0 + counter * 0).to(tl.uint32)
+    row_lo = zero + (r & 0xFFFFFFFF).to(tl.uint32)
+    row_hi = zero + (r >> 32).to(tl.uint32)
     w0, w1, w2, w3 = tl.philox(seed, zero + counter, row_lo, row_hi, zero + STREAM, N_ROUNDS)
     return log_exp1_from_bits(w0, w1)
 
@@ -159,6 +160,7 @@ def reverse_step_kernel(
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_V: tl.constexpr,  # columns per tile (even)
     N_ROUNDS: tl.constexpr,  # Philox rounds
+    N_TILES: tl.constexpr,  # ≥ cdiv(V, BLOCK_V), a power of two: the per-row tile arrays
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -203,23 +205,26 @@ def reverse_step_kernel(
         log_q0 = k1 + m1 + tl.log(s1)
         t_ratio = tl.exp(k3 - k2)  # T(x_t, x_t) / T(x_t, y ≠ x_t)
 
-    # ---- pass A: the race among tiles. Per (row, tile τ): λ_τ = log W_τ, W_τ = Σ_{y∈τ} w_y over the
-    # candidates (tile max + exp-sum), key_τ = λ_τ − log E_τ (one Exp(1) per row and tile, stream 2).
-    # Also the running log-sum-exp (m, s) over tiles for the stay / MASK option.
-    # One-pass steps: λ_τ omits the common factor e^{k0}; two-pass steps: λ_τ omits e^{Δσ}·T_off.
-    best = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    best_tile = tl.full([BLOCK_R], -1, dtype=tl.int32)
-    m = tl.full([BLOCK_R], _NEG_BIG, dtype=tl.float32)
-    s = tl.zeros([BLOCK_R], dtype=tl.float32)
+    # ---- pass A: the race among tiles. Per (row, tile τ): W_τ = Σ_{y∈τ} w_y over the candidates,
+    # kept as (tile max, exp-sum) in two small [BLOCK_R, N_TILES] arrays; the race itself (one Exp(1)
+    # per row and tile, Philox stream 2: key_τ = log W_τ − log E_τ) and the total for the stay /
+    # MASK option run once after the loop, all tiles at once. One-pass steps: W_τ omits the common
+    # factor e^{k0}; two-pass steps: W_τ omits e^{Δσ}·T_off.
+    # Absorbing: the moving rows are MASK rows and MASK = V − 1 is the last column, so the candidates
+    # are exactly the columns < V − 1 (no per-element test for the current token).
+    tiles = tl.arange(0, N_TILES)
+    lam_m = tl.full([BLOCK_R, N_TILES], _NEG_BIG, dtype=tl.float32)
+    lam_s = tl.zeros([BLOCK_R, N_TILES], dtype=tl.float32)
+    n_cand = V - 1 if ABSORB else V
     for start in range(0, n_cols, BLOCK_V):
         # lanes (int32) against per-row scalars: the load mask is the bound check only (constant
         # along columns otherwise), the current token is dropped after the load
         tile_ptr = row_ptr + start
-        ld = active[:, None] & (lanes < V - start)[None, :]
+        ld = active[:, None] & (lanes < n_cand - start)[None, :]
         zt = tl.load(tile_ptr[:, None] + lanes[None, :], mask=ld).to(tl.float32)
-        is_cur = lanes[None, :] == (x - start)[:, None]
         if TWO_PASS:
             # w_y ∝ T'_y·(e^{ŝ_y} − C), candidates ŝ_y > log C (s'_y > 0), T' = t_ratio at x_t, else 1
+            is_cur = lanes[None, :] == (x - start)[:, None]
             sh = tl.where(is_cur, 0.0, zt + shift[:, None])
             cand = ld & (sh > log_q0[:, None])
             shc = tl.where(cand, sh, float("-inf"))
@@ -230,26 +235,30 @@ def reverse_step_kernel(
         else:
             # candidates y ≠ x_t: log w_y = log(coef) + z_y + shift; per element only the raw z
             # (max, one exp2, add); the shift and the row constant are added per tile / per row
-            zc = tl.where(ld & ~is_cur, zt, float("-inf"))
+            if ABSORB:
+                zc = tl.where(ld, zt, float("-inf"))
+            else:
+                zc = tl.where(ld & (lanes[None, :] != (x - start)[:, None]), zt, float("-inf"))
             tile_mz = tl.maximum(tl.max(zc, axis=1), _NEG_BIG)
             tile_s = tl.sum(_exp2(zc * LOG2E - (tile_mz * LOG2E)[:, None]), axis=1)
             tile_m = tile_mz + shift
-            m_new = tl.maximum(m, tile_m)
-            s = s * tl.exp(m - m_new) + tile_s * tl.exp(tile_m - m_new)
-            m = m_new
-        # per row and tile, not per element: one Philox call and two logs
-        tile = start // BLOCK_V
-        key = tile_m + tl.log(tile_s) - _row_log_noise(seed, rows, tile, 2, N_ROUNDS)
-        key = tl.where(tile_s > 0.0, key, float("-inf"))  # an empty tile never wins
-        better = key > best
-        best = tl.where(better, key, best)
-        best_tile = tl.where(better, tile, best_tile)
+        this = tiles[None, :] == start // BLOCK_V
+        lam_m = tl.where(this, tile_m[:, None], lam_m)
+        lam_s = tl.where(this, tile_s[:, None], lam_s)
+
+    # the tile race, per row over its N_TILES tiles (an empty or missing tile never wins)
+    keys = lam_m + tl.log(lam_s) - _row_log_noise(seed, rows[:, None], tiles[None, :], 2, N_ROUNDS)
+    keys = tl.where(lam_s > 0.0, keys, float("-inf"))
+    best, best_tile = tl.max(keys, axis=1, return_indices=True)
+    best_tile = tl.where(best > float("-inf"), best_tile.to(tl.int32), -1)
 
     # ---- the stay / MASK option (one-pass steps), with its own noise (stream 1)
     draw = active & (best_tile >= 0)
     if not TWO_PASS:
         if KIND != 2:  # denoise never keeps MASK
             # stay weight 1 − coef·Σ e^{ŝ} (Euler stay, absorbing analytic MASK); ≤ 0: impossible
+            m = tl.max(lam_m, axis=1)
+            s = tl.sum(lam_s * tl.exp(lam_m - m[:, None]), axis=1)
             total = tl.exp(k0 + m + tl.log(s))
             stay_key = tl.log(1.0 - total) - _row_log_noise(seed, rows, 0, 1, N_ROUNDS)
             stay_key = tl.where(total < 1.0, stay_key, float("-inf"))
@@ -262,7 +271,7 @@ def reverse_step_kernel(
     for _ in range(0, n_b):
         base = best_tile * BLOCK_V
         cols = base[:, None] + lanes[None, :]
-        ld = draw[:, None] & (cols < V)
+        ld = draw[:, None] & (cols < n_cand)
         zt = tl.load(row_ptr[:, None] + cols, mask=ld, other=0.0).to(tl.float32)
         is_cur = cols == x[:, None]
         sh = tl.where(is_cur, 0.0, zt + shift[:, None])
@@ -372,7 +381,7 @@ def reverse_step(
         n_rows, L, V,
         KIND=KINDS[kind], ABSORB=bool(absorbing), HAS_SHIFT=shift is not None,
         TWO_PASS=(not absorbing) and kind != "euler",
-        BLOCK_R=block_r, BLOCK_V=block_v, N_ROUNDS=10,
+        BLOCK_R=block_r, BLOCK_V=block_v, N_ROUNDS=10, N_TILES=triton.next_power_of_2(triton.cdiv(V, block_v)),
         num_warps=num_warps,
     )
     return out

@@ -5,17 +5,28 @@ weights, the rates, the transition row, their product, the normalised probabilit
 exponential noise and its log: about ten [B, L, V] tensors written and read again, i.e. ~20 bytes
 of traffic per score byte for bf16 input, plus as many allocations. A step needs none of it: the
 output is one token id per position. This kernel reads each row of the raw network output z once
-(twice for the uniform analytic/denoise steps, see below), keeps a handful of per-row running
+(plus the one tile its draw falls in; twice for the uniform analytic/denoise steps, see below), keeps a handful of per-row running
 values in registers and writes one id. Absorbing positions that are not MASK cannot move: their
 row is never read (the loads are masked off and the tile loop does not run for a block whose
 rows are all fixed).
 
 The draw. A categorical draw from unnormalised weights w is argmax_y (log w_y − log E_y) with
-E_y ~ Exp(1) i.i.d. (the exponential race; Gumbel-max with G = −log E). The argmax decomposes over
-tiles, so streaming the row keeps only the running best key and its column. Options whose weight
-needs the whole row (the Euler stay weight 1 − Σw, the absorbing analytic MASK weight
-1 − (e^{Δσ} − 1)Σ e^{ŝ}) are resolved after the loop with their own noise E_stay; non-positive
-weights are never chosen.
+E_y ~ Exp(1) i.i.d. (the exponential race; Gumbel-max with G = −log E). Drawing it per element
+costs a Philox-10 call and two precise logs per score: compiled for sm_90 that loop was ~140 SASS
+instructions per element, ~10× what a memory-bound step affords (≲ 15 per bf16 element on
+H100/H200). So the draw is two-level and exact: P(y) = P(tile(y) wins)·P(y wins inside its tile)
+= (W_τ/W)·(w_y/W_τ).
+- Pass A streams the row once; per element only load, convert, select, max, one exp2, add: per
+  (row, tile τ of BLOCK_V columns) it keeps the tile mass W_τ = Σ_{y∈τ} w_y over the candidates as
+  (tile max, exp-sum) in two small per-row arrays. After the loop the tiles race with one Exp(1)
+  per (row, tile): key_τ = log W_τ − log E_τ; the total W = Σ_τ W_τ gives the stay option.
+- Options whose weight needs the whole row (the Euler stay weight 1 − Σw, the absorbing analytic
+  MASK weight 1 − (e^{Δσ} − 1)Σ e^{ŝ}) race the best tile key with their own noise E_stay;
+  non-positive weights are never chosen.
+- Pass B re-reads only the winning tile of each row that still draws and races its columns with
+  per-element noise on the same log w_y (≈ 1/12 of a row at V = 50258, BLOCK_V = 4096).
+Each noise is drawn once from its own Philox stream, so the two stages are independent. The
+tokens drawn for a seed depend on BLOCK_V (the tile partition), their distribution does not.
 
 Noise accuracy (arXiv 2409.02908). A token of relative weight p wins only when its E_y < p·E_best,
 so tokens of tiny weight are decided entirely by the lower tail of E. The usual fp32 recipe
@@ -30,20 +41,25 @@ those of a 64-bit uniform (E ∈ [2.7e-20, 45]) with ~1e-7 relative rounding, no
 only log E enters the key, in fp32, where it is exact to ~1e-7 absolute.
 
 RNG. Philox-4x32-10 (``tl.philox``) keyed by a 64-bit seed read from device memory (the launcher
-draws it from the caller's torch.Generator, so no host sync), with counter (pair, row_lo, row_hi,
-stream): columns 2k and 2k+1 of a row share one Philox call (words 0,1 and 2,3), the stay option
-uses stream 1. The noise of (row, column) is thus fixed by the seed alone: results do not depend
-on the block sizes or the grid.
+draws it from the caller's torch.Generator, so no host sync), with counter (c, row_lo, row_hi,
+stream): stream 0 is the within-tile draw (c = column pair: columns 2k and 2k + 1 share one call,
+words 0,1 and 2,3), stream 1 the stay option (c = 0), stream 2 the tile race (c = tile index).
 
 Uniform analytic / denoise. The staggered score s'_y = e^{Δσ}s_y − (E(Δσ)/N)·Σ_k s_k needs the row
 sum before any candidate can be scored, so these two steps make two passes over the row: pass 1
-computes log Σ_k e^{ŝ_k} (online max, overflow safe), pass 2 runs the race with
-p_y = s'_y·T(x_t, y) (the current token competing as an ordinary column). Every other step is one
-pass.
+computes log Σ_k e^{ŝ_k} (online max, overflow safe), then pass A and pass B run with
+p_y = s'_y·T(x_t, y) (the current token competing as an ordinary column); in pass A the tile mass
+is Σ T'_y(e^{ŝ_y − m} − C e^{−m}), C = (E/N)S e^{−Δσ}, which has the same absolute rounding as the
+per-element e^{ŝ}(1 − q) of pass B. Every other step streams the row once (plus one tile).
 
 Layout. One program handles BLOCK_R rows × the whole row width in tiles of BLOCK_V columns. On a
 GPU BLOCK_R = 1 and BLOCK_V is a few thousand; under the interpreter (~1 ms per program) a program
 takes many rows at once.
+
+Instruction counts (sm_90, Triton 3.9, SASS of each loop body per warp ÷ elements per thread;
+BLOCK_V = 4096, 8 warps, 16 elements per thread): pass A 13.7 per element for the absorbing steps,
+15.8 for uniform Euler (the current-token test), 26.6 for uniform analytic / denoise (plus 18.2
+for their statistics pass); before the two-level draw the single loop was 127–170.
 """
 
 from __future__ import annotations
@@ -54,16 +70,30 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 EULER, ANALYTIC, DENOISE = 0, 1, 2
 KINDS = {"euler": EULER, "analytic": ANALYTIC, "denoise": DENOISE}
 
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+LOG2E = tl.constexpr(1.4426950408889634)
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "−∞" for running maxima (keeps exp(m − m_new) free of nan)
 
 
 # ---------------------------------------------------------------------------------------------
 # jit helpers
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _exp2(x):
+    """2^x by libdevice (Triton compiles libdevice with flush-to-zero: a bare ex2.approx.ftz, where
+    tl.exp adds a denormal-range fix-up of three instructions around it). The interpreter has no
+    libdevice: tl.exp2 there, the same function."""
+    if _INTERPRET:
+        return tl.exp2(x)
+    else:
+        return libdevice.exp2(x)
 
 
 @triton.jit
@@ -86,16 +116,17 @@ def log_exp1_from_bits(hi, lo):
 
 @triton.jit
 def _tile_log_noise(seed, rows, start, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, N_ROUNDS: tl.constexpr):
-    """log E [BLOCK_R, BLOCK_V] for columns start … start + BLOCK_V − 1 of ``rows`` (start even).
+    """log E [BLOCK_R, BLOCK_V] for columns start_r … start_r + BLOCK_V − 1 of each row r (``start``
+    [BLOCK_R] int32, even): the within-tile draw of pass B.
 
     One Philox call per column pair: column 2k uses words (0, 1) of counter (k, row, 0), column
-    2k + 1 uses words (2, 3), so the noise of a (row, column) does not depend on BLOCK_V.
+    2k + 1 uses words (2, 3).
     """
-    pairs = (start // 2 + tl.arange(0, BLOCK_V // 2)).to(tl.uint32)
+    pairs = ((start // 2)[:, None] + tl.arange(0, BLOCK_V // 2)[None, :]).to(tl.uint32)
     r = rows.to(tl.uint64)
     row_lo = (r & 0xFFFFFFFF).to(tl.uint32)
     row_hi = (r >> 32).to(tl.uint32)
-    c0 = tl.broadcast_to(pairs[None, :], (BLOCK_R, BLOCK_V // 2))
+    c0 = tl.broadcast_to(pairs, (BLOCK_R, BLOCK_V // 2))
     c1 = tl.broadcast_to(row_lo[:, None], (BLOCK_R, BLOCK_V // 2))
     c2 = tl.broadcast_to(row_hi[:, None], (BLOCK_R, BLOCK_V // 2))
     c3 = c0 * 0
@@ -106,13 +137,17 @@ def _tile_log_noise(seed, rows, start, BLOCK_R: tl.constexpr, BLOCK_V: tl.conste
 
 
 @triton.jit
-def _stay_log_noise(seed, rows, N_ROUNDS: tl.constexpr):
-    """log E [BLOCK_R] for the stay / MASK option of each row: Philox stream 1."""
+def _row_log_noise(seed, rows, counter, STREAM: tl.constexpr, N_ROUNDS: tl.constexpr):
+    """log E, one per (row, counter) (``rows`` and ``counter`` broadcast against each other):
+    words 0, 1 of Philox counter (counter, row_lo, row_hi, STREAM).
+
+    Stream 1 is the stay / MASK option (counter 0), stream 2 the race of tile ``counter``.
+    """
     r = rows.to(tl.uint64)
-    row_lo = (r & 0xFFFFFFFF).to(tl.uint32)
-    row_hi = (r >> 32).to(tl.uint32)
-    zero = row_lo * 0
-    w0, w1, w2, w3 = tl.philox(seed, zero, row_lo, row_hi, zero + 1, N_ROUNDS)
+    zero = (r * 0 + counter * 0).to(tl.uint32)
+    row_lo = zero + (r & 0xFFFFFFFF).to(tl.uint32)
+    row_hi = zero + (r >> 32).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, zero + counter, row_lo, row_hi, zero + STREAM, N_ROUNDS)
     return log_exp1_from_bits(w0, w1)
 
 
@@ -141,12 +176,13 @@ def reverse_step_kernel(
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_V: tl.constexpr,  # columns per tile (even)
     N_ROUNDS: tl.constexpr,  # Philox rounds
+    N_TILES: tl.constexpr,  # ≥ cdiv(V, BLOCK_V), a power of two: the per-row tile arrays
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < n_rows
     b = rows // L
-    x = tl.load(x_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    x = tl.load(x_ptr + rows, mask=row_ok, other=0).to(tl.int32)  # columns compare in int32
     if HAS_SHIFT:
         shift = tl.load(shift_ptr + b, mask=row_ok, other=0.0).to(tl.float32)
     else:
@@ -155,10 +191,11 @@ def reverse_step_kernel(
         active = row_ok & (x == V - 1)  # only MASK positions move
     else:
         active = row_ok
-    row_base = b * stride_zb + (rows - b * L) * stride_zl  # int64 element offsets
+    row_ptr = z_ptr + (b * stride_zb + (rows - b * L) * stride_zl)  # int64 element offsets
     seed = tl.load(seed_ptr)
     # early exit: a block with no moving row reads nothing (loop bound 0)
     n_cols = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, V, 0)
+    lanes = tl.arange(0, BLOCK_V)
 
     # per-row constants, computed by the launcher in fp64 (see ``_row_constants``)
     k0 = tl.load(const_ptr + b * 4 + 0, mask=row_ok, other=0.0)
@@ -166,64 +203,105 @@ def reverse_step_kernel(
     k2 = tl.load(const_ptr + b * 4 + 2, mask=row_ok, other=0.0)
     k3 = tl.load(const_ptr + b * 4 + 3, mask=row_ok, other=0.0)
 
-    # ---- pass 1 (uniform analytic / denoise only): log S, S = Σ_k e^{ŝ_k} over the whole row
+    # ---- stats pass (uniform analytic / denoise only): log S, S = Σ_k e^{ŝ_k} over the whole row
     log_q0 = k1
     if TWO_PASS:
         m1 = tl.full([BLOCK_R], _NEG_BIG, dtype=tl.float32)
         s1 = tl.zeros([BLOCK_R], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
+            cols = start + lanes
             ld = active[:, None] & (cols < V)[None, :]
-            zt = tl.load(z_ptr + row_base[:, None] + cols[None, :], mask=ld, other=0.0).to(tl.float32)
+            zt = tl.load(row_ptr[:, None] + cols[None, :], mask=ld, other=0.0).to(tl.float32)
             sh = tl.where(cols[None, :] == x[:, None], 0.0, zt + shift[:, None])
             sh = tl.where(ld, sh, float("-inf"))
             m_new = tl.maximum(m1, tl.max(sh, axis=1))
-            s1 = s1 * tl.exp(m1 - m_new) + tl.sum(tl.exp(sh - m_new[:, None]), axis=1)
+            s1 = s1 * tl.exp(m1 - m_new) + tl.sum(_exp2(sh * LOG2E - (m_new * LOG2E)[:, None]), axis=1)
             m1 = m_new
-        # s'_y = e^{Δσ}s_y − (E/N)S = e^{Δσ}s_y·(1 − q_y), log q_y = [log(E/N) − Δσ] + log S − ŝ_y
+        # s'_y = e^{Δσ}s_y − (E/N)S = e^{Δσ}(e^{ŝ_y} − C), log C = [log(E/N) − Δσ] + log S =: log_q0
         log_q0 = k1 + m1 + tl.log(s1)
+        t_ratio = tl.exp(k3 - k2)  # T(x_t, x_t) / T(x_t, y ≠ x_t)
 
-    # ---- the race (pass 2 for the two-pass steps): running best key and its column,
-    # plus Σ_{candidates} e^{ŝ} (online max) for the stay / MASK option
-    best = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    best_col = x
-    m = tl.full([BLOCK_R], _NEG_BIG, dtype=tl.float32)
-    s = tl.zeros([BLOCK_R], dtype=tl.float32)
+    # ---- pass A: the race among tiles. Per (row, tile τ): W_τ = Σ_{y∈τ} w_y over the candidates,
+    # kept as (tile max, exp-sum) in two small [BLOCK_R, N_TILES] arrays; the race itself (one Exp(1)
+    # per row and tile, Philox stream 2: key_τ = log W_τ − log E_τ) and the total for the stay /
+    # MASK option run once after the loop, all tiles at once. One-pass steps: W_τ omits the common
+    # factor e^{k0}; two-pass steps: W_τ omits e^{Δσ}·T_off.
+    # Absorbing: the moving rows are MASK rows and MASK = V − 1 is the last column, so the candidates
+    # are exactly the columns < V − 1 (no per-element test for the current token).
+    tiles = tl.arange(0, N_TILES)
+    lam_m = tl.full([BLOCK_R, N_TILES], _NEG_BIG, dtype=tl.float32)
+    lam_s = tl.zeros([BLOCK_R, N_TILES], dtype=tl.float32)
+    n_cand = V - 1 if ABSORB else V
     for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        ld = active[:, None] & (cols < V)[None, :]
-        zt = tl.load(z_ptr + row_base[:, None] + cols[None, :], mask=ld, other=0.0).to(tl.float32)
-        is_cur = cols[None, :] == x[:, None]
-        sh = tl.where(is_cur, 0.0, zt + shift[:, None])
+        # lanes (int32) against per-row scalars: the load mask is the bound check only (constant
+        # along columns otherwise), the current token is dropped after the load
+        tile_ptr = row_ptr + start
+        ld = active[:, None] & (lanes < n_cand - start)[None, :]
+        zt = tl.load(tile_ptr[:, None] + lanes[None, :], mask=ld).to(tl.float32)
         if TWO_PASS:
-            # log p_y = Δσ + ŝ_y + log(1 − q_y) + log T(x_t, y); non-positive s'_y (q ≥ 1) never chosen
-            q = tl.exp(log_q0[:, None] - sh)
-            log_w = k0[:, None] + sh + tl.log(1.0 - q) + tl.where(is_cur, k3[:, None], k2[:, None])
-            cand = ld & (q < 1.0)
-        else:
-            # candidates y ≠ x_t: log w_y = log(coef) + ŝ_y; the row constant is added after the loop
-            log_w = sh
-            cand = ld & (~is_cur)
-        key = tl.where(cand, log_w - _tile_log_noise(seed, rows, start, BLOCK_R, BLOCK_V, N_ROUNDS), float("-inf"))
-        tile_best, tile_arg = tl.max(key, axis=1, return_indices=True)
-        better = tile_best > best
-        best = tl.where(better, tile_best, best)
-        best_col = tl.where(better, start + tile_arg.to(tl.int64), best_col)
-        if not TWO_PASS:
+            # w_y ∝ T'_y·(e^{ŝ_y} − C), candidates ŝ_y > log C (s'_y > 0), T' = t_ratio at x_t, else 1
+            is_cur = lanes[None, :] == (x - start)[:, None]
+            sh = tl.where(is_cur, 0.0, zt + shift[:, None])
+            cand = ld & (sh > log_q0[:, None])
             shc = tl.where(cand, sh, float("-inf"))
-            m_new = tl.maximum(m, tl.max(shc, axis=1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(shc - m_new[:, None]), axis=1)
-            m = m_new
+            tile_m = tl.maximum(tl.max(shc, axis=1), _NEG_BIG)
+            c_t = tl.exp(tl.minimum(log_q0 - tile_m, 0.0))  # log C ≥ tile max: empty tile anyway
+            d = tl.maximum(_exp2(shc * LOG2E - (tile_m * LOG2E)[:, None]) - c_t[:, None], 0.0)
+            tile_s = tl.sum(tl.where(is_cur, d * t_ratio[:, None], d), axis=1)
+        else:
+            # candidates y ≠ x_t: log w_y = log(coef) + z_y + shift; per element only the raw z
+            # (max, one exp2, add); the shift and the row constant are added per tile / per row
+            if ABSORB:
+                zc = tl.where(ld, zt, float("-inf"))
+            else:
+                zc = tl.where(ld & (lanes[None, :] != (x - start)[:, None]), zt, float("-inf"))
+            tile_mz = tl.maximum(tl.max(zc, axis=1), _NEG_BIG)
+            tile_s = tl.sum(_exp2(zc * LOG2E - (tile_mz * LOG2E)[:, None]), axis=1)
+            tile_m = tile_mz + shift
+        this = tiles[None, :] == start // BLOCK_V
+        lam_m = tl.where(this, tile_m[:, None], lam_m)
+        lam_s = tl.where(this, tile_s[:, None], lam_s)
 
-    choice = best_col
+    # the tile race, per row over its N_TILES tiles (an empty or missing tile never wins)
+    keys = lam_m + tl.log(lam_s) - _row_log_noise(seed, rows[:, None], tiles[None, :], 2, N_ROUNDS)
+    keys = tl.where(lam_s > 0.0, keys, float("-inf"))
+    best, best_tile = tl.max(keys, axis=1, return_indices=True)
+    best_tile = tl.where(best > float("-inf"), best_tile.to(tl.int32), -1)
+
+    # ---- the stay / MASK option (one-pass steps), with its own noise (stream 1)
+    draw = active & (best_tile >= 0)
     if not TWO_PASS:
-        best = best + k0  # log of the candidates' common factor
         if KIND != 2:  # denoise never keeps MASK
             # stay weight 1 − coef·Σ e^{ŝ} (Euler stay, absorbing analytic MASK); ≤ 0: impossible
+            m = tl.max(lam_m, axis=1)
+            s = tl.sum(lam_s * tl.exp(lam_m - m[:, None]), axis=1)
             total = tl.exp(k0 + m + tl.log(s))
-            stay_key = tl.log(1.0 - total) - _stay_log_noise(seed, rows, N_ROUNDS)
+            stay_key = tl.log(1.0 - total) - _row_log_noise(seed, rows, 0, 1, N_ROUNDS)
             stay_key = tl.where(total < 1.0, stay_key, float("-inf"))
-            choice = tl.where(stay_key > best, x, best_col)
+            draw = draw & ~(stay_key > best + k0)
+
+    # ---- pass B: re-read only the winning tile of each row that still draws, and race its columns
+    # with per-element 64-bit noise (stream 0) on the same log w_y. P(y) = (W_τ/W)·(w_y/W_τ).
+    choice = x
+    n_b = tl.max(draw.to(tl.int32), axis=0)  # 0 or 1: skip when no row of the block draws
+    for _ in range(0, n_b):
+        base = best_tile * BLOCK_V
+        cols = base[:, None] + lanes[None, :]
+        ld = draw[:, None] & (cols < n_cand)
+        zt = tl.load(row_ptr[:, None] + cols, mask=ld, other=0.0).to(tl.float32)
+        is_cur = cols == x[:, None]
+        sh = tl.where(is_cur, 0.0, zt + shift[:, None])
+        if TWO_PASS:
+            # log w_y = ŝ_y + log(1 − q_y) + log T(x_t, y) (+ Δσ, common); non-positive s'_y never chosen
+            q = tl.exp(log_q0[:, None] - sh)
+            log_w = sh + tl.log(1.0 - q) + tl.where(is_cur, k3[:, None], k2[:, None])
+            cand = ld & (sh > log_q0[:, None]) & (q < 1.0)
+        else:
+            log_w = sh
+            cand = ld & (~is_cur)
+        key_b = tl.where(cand, log_w - _tile_log_noise(seed, rows, base, BLOCK_R, BLOCK_V, N_ROUNDS), float("-inf"))
+        arg = tl.argmax(key_b, axis=1).to(tl.int32)
+        choice = tl.where(draw, base + arg, x)
     choice = tl.where(active, choice, x)
     tl.store(out_ptr + rows, choice.to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -319,7 +397,7 @@ def reverse_step(
         n_rows, L, V,
         KIND=KINDS[kind], ABSORB=bool(absorbing), HAS_SHIFT=shift is not None,
         TWO_PASS=(not absorbing) and kind != "euler",
-        BLOCK_R=block_r, BLOCK_V=block_v, N_ROUNDS=10,
+        BLOCK_R=block_r, BLOCK_V=block_v, N_ROUNDS=10, N_TILES=triton.next_power_of_2(triton.cdiv(V, block_v)),
         num_warps=num_warps,
     )
     return out

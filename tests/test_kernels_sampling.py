@@ -2,8 +2,9 @@
 
 Samplers are tested by distribution: one small row is replicated into a [B, L, V] batch so a
 single launch gives thousands of independent draws, which must fit the reference ``*_probs``
-(χ² goodness of fit, fixed seeds). Everything else (seeding, block-size independence, rows that
-must not be read, raw output + shift) is tested by exact equality of draws.
+(χ² goodness of fit, fixed seeds). The two-level draw (a race among tiles, then a draw inside the winner) is tested by distribution
+for several tile sizes and on rows whose tiles hold very unequal mass. Everything else (seeding,
+rows that must not be read, raw output + shift) is tested by exact equality of draws.
 """
 
 import math
@@ -148,19 +149,58 @@ def test_seeding():
 
 @pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
 @pytest.mark.parametrize("kind", ["euler", "analytic", "denoise"])
-def test_block_sizes_do_not_change_the_draws(graph_name, kind):
+def test_every_block_size_draws_from_the_reference_distribution(graph_name, kind):
+    """The tile partition changes which noise a draw uses (the tile race has one Exp(1) per tile),
+    not the distribution: several (block_v, block_r), one tile per column pair up to one per row."""
     graph = _graph(graph_name, V_ODD)
-    g = torch.Generator().manual_seed(5)
-    z = torch.randn(2, 24, V_ODD, generator=g) * 2  # different rows
-    x_t = torch.randint(0, V_ODD, (2, 24), generator=g)
-    shift = torch.tensor([0.5, -1.0])
-    scalar = torch.tensor([0.4, 2.0])
-    seed = torch.tensor([99])
-    runs = [ks.reverse_step(kind, z, x_t, scalar, graph.absorbing, graph.N, shift=shift, seed=seed,
-                            block_v=bv, block_r=br)
-            for bv, br in [(2, 16), (8, 4), (16, 64), (64, 1)]]
-    for other in runs[1:]:
-        assert torch.equal(runs[0], other)
+    scalar, dt = 0.4, 0.5
+    log_score, x_t = _batch(graph, V_ODD, n=2048, B=2, spread=1.5, seed=5)
+    log_score = _offset_to_target(log_score, x_t, graph, kind, scalar, dt, 0.6)
+    probs = _probs(kind, log_score, x_t, scalar, graph, dt=dt)
+    s = torch.full((2,), scalar * (dt if kind == "euler" else 1.0))
+    for i, (bv, br) in enumerate([(4, 512), (16, 256), (64, 64)]):
+        draws = ks.reverse_step(kind, log_score, x_t, s, graph.absorbing, graph.N, seed=torch.tensor([99 + i]),
+                                block_v=bv, block_r=br)
+        assert chi2_pvalue(draws, probs) > 1e-3, (bv, br)
+
+
+@pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
+@pytest.mark.parametrize("kind", ["euler", "analytic"])
+def test_tile_race_with_very_unequal_tiles(graph_name, kind):
+    """The two-level draw: four tiles of 16 columns holding ~90 %, ~9 %, ~1 % and ~0.1 % of the
+    candidates' mass (uneven inside each tile too), plus a stay / MASK option of weight ~0.4. A
+    tile race with the wrong odds (e.g. without its noise) or a wrong draw inside the winning
+    tile moves whole tiles' worth of probability."""
+    V = 64
+    graph = _graph(graph_name, V)
+    g = torch.Generator().manual_seed(21)
+    row = torch.randn(V, generator=g) * 0.7
+    for t, mass in enumerate([0.9, 0.09, 0.009, 0.0009]):
+        part = slice(16 * t, 16 * t + 16)
+        row[part] += math.log(mass) - torch.logsumexp(row[part], 0)
+    order = [1, 3, 0, 2]  # the heavy tile is not the first one
+    row = torch.cat([row[16 * t:16 * t + 16] for t in order])
+    n = 6000
+    log_score = row.expand(2, n // 2, V).contiguous()
+    x_t = torch.full((2, n // 2), graph.mask_id if graph.absorbing else 5)
+    scalar, dt = 0.3, 0.5
+    log_score = _offset_to_target(log_score, x_t, graph, kind, scalar, dt, 0.6)
+    probs = _probs(kind, log_score, x_t, scalar, graph, dt=dt)
+    s = torch.full((2,), scalar * (dt if kind == "euler" else 1.0))
+    draws = ks.reverse_step(kind, log_score, x_t, s, graph.absorbing, graph.N, seed=torch.tensor([5]),
+                            block_v=16, block_r=512)
+    assert chi2_pvalue(draws, probs) > 1e-3
+    # the tiles' and the stay option's frequencies on their own
+    tile_of = torch.arange(V) // 16
+    stay = x_t[0, 0].item()
+    for t in range(4):
+        cells = (tile_of == t) & (torch.arange(V) != stay)
+        p = probs[cells].sum().item()
+        hits = int(cells[draws].sum())
+        assert abs(hits - n * p) <= 4.5 * math.sqrt(n * p * (1 - p)) + 1, (t, hits, n * p)
+    p = probs[stay].item()
+    hits = int((draws == stay).sum())
+    assert abs(hits - n * p) <= 4.5 * math.sqrt(n * p * (1 - p)) + 1, (hits, n * p)
 
 
 @pytest.mark.parametrize("kind", ["euler", "analytic", "denoise"])

@@ -70,30 +70,19 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
+
+from kernels._math import LOG2E
+from kernels._math import exp2 as _exp2
 
 EULER, ANALYTIC, DENOISE = 0, 1, 2
 KINDS = {"euler": EULER, "analytic": ANALYTIC, "denoise": DENOISE}
 
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
-LOG2E = tl.constexpr(1.4426950408889634)
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "−∞" for running maxima (keeps exp(m − m_new) free of nan)
 
 
 # ---------------------------------------------------------------------------------------------
 # jit helpers
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _exp2(x):
-    """2^x by libdevice (Triton compiles libdevice with flush-to-zero: a bare ex2.approx.ftz, where
-    tl.exp adds a denormal-range fix-up of three instructions around it). The interpreter has no
-    libdevice: tl.exp2 there, the same function."""
-    if _INTERPRET:
-        return tl.exp2(x)
-    else:
-        return libdevice.exp2(x)
 
 
 @triton.jit

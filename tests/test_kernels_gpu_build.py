@@ -7,13 +7,15 @@ time with Triton's bundled LLVM and ptxas for sm_90 (H100/H200) and sm_80 (A100)
 what the interpreter cannot: lowering errors and unsupported ops; on sm_90 it also checks that no
 kernel spills registers to local memory (a spill in a streaming loop costs bandwidth every tile).
 
-    python -m tests.test_kernels_gpu_build sm90    # (without TRITON_INTERPRET) the records as JSON
+    python -m tests.test_kernels_gpu_build sm90 [--loops]   # (interpreter off) the records as JSON;
+                                                            # --loops adds SASS instructions per loop body
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -89,14 +91,26 @@ def _compile(fn, args, kw, target):
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
 
 
-def _resource_usage(compiled) -> str:
+def _cuobjdump(compiled, flag: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         Path(cubin).write_bytes(compiled.asm["cubin"])
-        out = subprocess.run([str(BIN / "cuobjdump"), "--dump-resource-usage", cubin],
-                             capture_output=True, text=True, check=True).stdout
-    (line,) = [line for line in out.splitlines() if "REG:" in line]
+        return subprocess.run([str(BIN / "cuobjdump"), flag, cubin], capture_output=True, text=True, check=True).stdout
+
+
+def _resource_usage(compiled) -> str:
+    (line,) = [line for line in _cuobjdump(compiled, "--dump-resource-usage").splitlines() if "REG:" in line]
     return line
+
+
+def _loop_sizes(compiled) -> list[int]:
+    """SASS instructions in each loop body (a backward branch to its head), per warp and iteration."""
+    sizes = []
+    for line in _cuobjdump(compiled, "-sass").splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/.*\bBRA\s+0x([0-9a-f]+)", line)
+        if m and int(m.group(2), 16) < int(m.group(1), 16):
+            sizes.append((int(m.group(1), 16) - int(m.group(2), 16)) // 16 + 1)
+    return sizes
 
 
 def _launches():
@@ -128,13 +142,17 @@ def _launches():
     return launches
 
 
-def build(target: str) -> list[dict]:
-    """Compile every launch for ``target``; one record per kernel specialisation."""
+def build(target: str, loops: bool = False) -> list[dict]:
+    """Compile every launch for ``target``; one record per kernel specialisation (with ``loops``,
+    also the SASS instruction count of each loop body: the per-tile cost of the streaming loops)."""
     records = []
     for fn, args, kw in _launches():
-        usage = _resource_usage(_compile(fn, args, dict(kw), TARGETS[target]))
-        records.append({"kernel": fn.__name__, "constexprs": {k: v for k, v in kw.items() if k.isupper()},
-                        "num_warps": kw.get("num_warps"), "usage": usage})
+        compiled = _compile(fn, args, dict(kw), TARGETS[target])
+        record = {"kernel": fn.__name__, "constexprs": {k: v for k, v in kw.items() if k.isupper()},
+                  "num_warps": kw.get("num_warps"), "usage": _resource_usage(compiled)}
+        if loops:
+            record["loop_instructions"] = _loop_sizes(compiled)
+        records.append(record)
     return records
 
 
@@ -156,4 +174,4 @@ def test_every_gpu_launch_compiles_without_spills(target):
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") != "1", "run without the interpreter"
-    print(json.dumps(build(sys.argv[1])))
+    print(json.dumps(build(sys.argv[1], loops="--loops" in sys.argv[2:])))

@@ -54,6 +54,7 @@ def score_entropy_loss(
     generator: torch.Generator | None = None,
     attention_mask: torch.Tensor | None = None,
     reduction: str = "mean",
+    scale: float = 1.0,
     **model_kwargs,
 ) -> torch.Tensor:
     """The SEDD training loss of a batch of clean sequences.
@@ -67,6 +68,9 @@ def score_entropy_loss(
         attention_mask: optional [B, L] bool, True on real tokens; padding adds no loss and is
             passed to the model so it is not attended to.
         reduction: "mean" (over sequences: nats per sequence) or "none" ([B] per sequence).
+        scale: a constant factor on the loss, folded into the per-sequence weight of the fused
+            kernel so the backward needs no extra pass over [B, L, V] (gradient accumulation
+            passes 1/steps instead of dividing the loss).
 
     Returns:
         fp32 scalar, or [B] for reduction="none".
@@ -77,6 +81,7 @@ def score_entropy_loss(
     if t is None:
         t = sample_times(B, sampling_eps, device=x0.device, generator=generator)
     sigma, dsigma = noise(t)
+    weight = dsigma * scale if scale != 1.0 else dsigma
     x_t = ops.sample_transition(x0, sigma, graph, generator)
     if attention_mask is not None:
         model_kwargs["attention_mask"] = attention_mask
@@ -86,10 +91,10 @@ def score_entropy_loss(
         # write the gradient over it (the Triton backend; the eager one ignores the flag). An
         # arbitrary model's output might be held elsewhere, so it is never overwritten.
         return ops.score_entropy(
-            log_score, sigma, x_t, x0, graph, shift=shift, weight=dsigma, reduction="batchmean",
+            log_score, sigma, x_t, x0, graph, shift=shift, weight=weight, reduction="batchmean",
             inplace_backward=shift is not None,
         )  # fmt: skip
-    per_token = ops.score_entropy(log_score, sigma, x_t, x0, graph, shift=shift, weight=dsigma)
+    per_token = ops.score_entropy(log_score, sigma, x_t, x0, graph, shift=shift, weight=weight)
     if attention_mask is not None:
         per_token = per_token * attention_mask
     per_sequence = per_token.sum(-1)

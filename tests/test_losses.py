@@ -108,3 +108,30 @@ def test_model_scores_unwraps_wrappers():
     log_score, shift = model_scores(wrapped, x_t, torch.ones(2))
     torch.testing.assert_close(log_score, model.table[x_t])
     torch.testing.assert_close(shift, model.score_shift(torch.ones(2)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_scale_is_folded_into_the_loss_and_its_gradient(monkeypatch, backend):
+    """scale=1/k gives the loss and the gradients of loss/k; on the fused path the backward then
+    skips its pass over [B, L, V] (the incoming gradient is exactly 1)."""
+    from sedd import ops
+
+    graph, noise = Absorbing(10), LogLinear()
+    model = TableModel(graph.dim)
+    x0 = torch.randint(0, graph.N, (4, 16))
+    scaled_passes = []
+    monkeypatch.setattr(torch.Tensor, "mul_", lambda self, other, _mul=torch.Tensor.mul_: (
+        scaled_passes.append(self.shape), _mul(self, other))[1])
+
+    def run(**kw):
+        model.zero_grad()
+        with ops.use_backend(backend):
+            loss = score_entropy_loss(model, x0, graph, noise, generator=torch.Generator().manual_seed(3), **kw)
+        return loss, loss.backward(), model.table.grad.clone()
+
+    full, _, full_grad = run()
+    quarter, _, quarter_grad = run(scale=0.25)
+    torch.testing.assert_close(quarter, full * 0.25)
+    torch.testing.assert_close(quarter_grad, full_grad * 0.25)
+    if backend == "triton":
+        assert not [s for s in scaled_passes if len(s) == 3], "the backward rescaled a [B, L, V] gradient"

@@ -590,11 +590,12 @@ def main(argv=None):
                 model.require_backward_grad_sync = sync
             x0 = next(batches).to(device, non_blocking=True)
             g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 0, rank, step, micro))
+            # 1/grad_accum rides in the fused loss's per-row weight: no extra pass over the gradient
             loss = score_entropy_loss(model, x0, graph, noise, generator=g, sampling_eps=cfg["sampling_eps"],
-                                      **model_kwargs(x0))
-            (loss / grad_accum).backward()
+                                      scale=1.0 / grad_accum, **model_kwargs(x0))
+            loss.backward()
             loss_sum += loss.detach()
-        loss = loss_sum / grad_accum
+        loss = loss_sum
         if distributed:
             dist.all_reduce(loss)
             loss /= world

@@ -41,6 +41,50 @@ def _esigm1(sigma):
 
 
 @triton.jit
+def _tile(z_win, g_win, start, cols0, V, mis, active, row_ok, xt_col, shift, k, c, g, m, acc, ssum,
+          ABSORB: tl.constexpr, WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, WHOLE: tl.constexpr):
+    """One window of the pass: positions start … start + BLOCK_V − 1 after each row's aligned base
+    (``z_win``/``g_win``: the row's first column minus ``mis`` [BLOCK_R] columns), i.e. columns
+    j = start + i − mis. Updates the running max m, Σ e^{ŝ − m} and Σ ŝ, and writes the gradient
+    of the included columns (0 on the others of the row)."""
+    w = start + cols0  # position in the window (int32)
+    if WHOLE:  # all columns of the window lie in [0, V − 1): the masks are per row only
+        ld = active[:, None]
+        st = row_ok[:, None]
+        if ABSORB:  # active rows have x_t = MASK = V − 1, outside this window
+            inc = ld
+        else:
+            inc = ld & (w[None, :] != (xt_col + mis)[:, None])
+    else:
+        j = w[None, :] - mis[:, None]
+        col_ok = (j >= 0) & (j < V)
+        ld = active[:, None] & col_ok
+        st = row_ok[:, None] & col_ok
+        # every y ≠ x_t (for absorbing, active rows have x_t = MASK, so this drops the MASK column);
+        # the x_t entry is never used, whatever the buffer holds there
+        inc = ld & (j != xt_col[:, None])
+    s = tl.load((z_win + start)[:, None] + cols0[None, :], mask=ld, other=0.0).to(tl.float32) + shift[:, None]
+    if WRITE_LOSS:
+        s_inc = tl.where(inc, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s_inc, axis=1))
+        e_rel = exp2(s_inc * LOG2E - (m_new * LOG2E)[:, None])  # e^{ŝ − m}: the one exponential per element
+        acc = acc * tl.exp(m - m_new) + tl.sum(e_rel, axis=1)
+        if not ABSORB:
+            ssum += tl.sum(tl.where(inc, s, 0.0), axis=1)
+    if WRITE_GRAD:
+        if WRITE_LOSS:
+            # e^{ŝ} = e^{ŝ − m}·e^{m}: no second exponential (overflows only where e^{ŝ} does)
+            es = e_rel * tl.exp(m_new)[:, None]
+        else:
+            es = exp2(s * LOG2E)
+        gr = tl.where(inc, (k[:, None] * (es - c[:, None])) * g[:, None], 0.0)
+        tl.store((g_win + start)[:, None] + cols0[None, :], gr.to(g_win.dtype.element_ty), mask=st)
+    if WRITE_LOSS:
+        m = m_new
+    return m, acc, ssum
+
+
+@triton.jit
 def _score_entropy_kernel(
     z_ptr,  # [n_rows, V] raw output z (or ŝ), fp32/bf16/fp16, rows contiguous (row stride V)
     grad_ptr,  # [n_rows, V] gradient out, z's dtype (may be z_ptr itself); unused unless WRITE_GRAD
@@ -64,6 +108,7 @@ def _score_entropy_kernel(
     WRITE_GRAD: tl.constexpr,
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_V: tl.constexpr,  # columns per tile
+    ALIGN: tl.constexpr,  # elements per 16 bytes when z and grad are misaligned alike, else 1
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # 64-bit: rows·V overflows int32
@@ -87,7 +132,8 @@ def _score_entropy_kernel(
         w = tl.load(weight_ptr + b, mask=row_ok, other=0.0).to(tl.float32)
     else:
         w = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
-    z_row = z_ptr + rows * V
+    row_start = rows * V
+    z_row = z_ptr + row_start
     if ABSORB:
         # ∂ℓ/∂ŝ_j = k·(e^{ŝ_j} − c) − d·[j = x0]
         k = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
@@ -105,6 +151,8 @@ def _score_entropy_kernel(
         if HAS_GOUT:
             g = g * tl.load(gout_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         g = tl.where(active, g, 0.0)  # inactive rows get an all-zero gradient row
+    else:
+        g = tl.zeros([BLOCK_R], dtype=tl.float32)
 
     n_active = tl.sum(active.to(tl.int32), axis=0)
     if not WRITE_GRAD:
@@ -112,53 +160,61 @@ def _score_entropy_kernel(
             tl.store(loss_ptr + rows, tl.zeros([BLOCK_R], dtype=tl.float32), mask=row_ok)
             return
 
-    if WRITE_LOSS:
-        # ŝ_{x0} (0 when x0 = x_t: the current token reads as 0), fp64 for the constant terms;
-        # gathered before the pass, which may overwrite z with the gradient
-        s_x0 = tl.load(z_row + x0, mask=active & (x0 != xt), other=0.0).to(tl.float64) + shift.to(tl.float64)
-        s_x0 = tl.where(x0 == xt, 0.0, s_x0)
+    # ŝ_{x0} (0 when x0 = x_t: the current token reads as 0), gathered before the pass, which may
+    # overwrite z with the gradient; the barrier keeps every warp's read ahead of any warp's write.
+    s_x0 = tl.load(z_row + x0, mask=active & (x0 != xt), other=0.0).to(tl.float32) + shift
+    s_x0 = tl.where(x0 == xt, 0.0, s_x0)
+    if WRITE_GRAD:
+        tl.debug_barrier()
 
     # ---- one streaming pass over the row ---------------------------------------------------
-    # The load mask is constant along a row except for the bound check, so the loads vectorise
-    # (16-byte accesses); the x_t column is excluded afterwards with a select, and column ids are
-    # compared in int32 (V < 2^31).
+    # A GPT-2 row (V = 50258) starts only 4-byte aligned, which alone forces 2-byte scalar accesses
+    # and per-element 64-bit address arithmetic. So the pass walks each row in windows aligned to
+    # 16 bytes: the row's base is moved back by its misalignment ``mis`` (< ALIGN elements) and
+    # window w covers columns w·BLOCK_V − mis …. The windows that lie wholly inside [0, V − 1)
+    # need no per-element mask (and, for absorbing, no current-token test: x_t = MASK is the last
+    # column), so their loads and stores are 16-byte vectors. The first window and the tail are
+    # masked per element (nothing outside the row is read or written). The x0 entry of the gradient
+    # is written by the pass like any other and overwritten after it (below). Column ids compare
+    # in int32 (V < 2^31).
     xt_col = xt.to(tl.int32)
-    x0_col = x0.to(tl.int32)
+    if ALIGN > 1:  # elements between each row's start and the 16-byte boundary below it
+        mis = ((z_row.to(tl.int64, bitcast=True) % 16) // (16 // ALIGN)).to(tl.int32)
+    else:
+        mis = tl.zeros([BLOCK_R], dtype=tl.int32)
+    z_win = z_ptr + (row_start - mis)
+    g_win = grad_ptr + (row_start - mis)
+    if ALIGN > 1:  # pointer divisibility is in bytes
+        z_win = tl.multiple_of(z_win, 16)
+        g_win = tl.multiple_of(g_win, 16)
     m = tl.full([BLOCK_R], -1e30, dtype=tl.float32)  # running max of the included ŝ
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)  # Σ e^{ŝ − m}
     ssum = tl.zeros([BLOCK_R], dtype=tl.float32)  # Σ ŝ (uniform)
     cols0 = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        col_ok = cols < V
-        ld = active[:, None] & col_ok[None, :]
-        # included columns: every y ≠ x_t (for absorbing, active rows have x_t = MASK, so this also
-        # drops the MASK column); the x_t entry is never used, whatever the buffer holds there
-        inc = ld & (cols[None, :] != xt_col[:, None])
-        s = tl.load(z_row[:, None] + cols[None, :], mask=ld, other=0.0).to(tl.float32) + shift[:, None]
-        if WRITE_LOSS:
-            s_inc = tl.where(inc, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s_inc, axis=1))
-            e_rel = exp2(s_inc * LOG2E - (m_new * LOG2E)[:, None])  # e^{ŝ − m}: the one exponential per element
-            acc = acc * tl.exp(m - m_new) + tl.sum(e_rel, axis=1)
-            m = m_new
-            if not ABSORB:
-                ssum += tl.sum(tl.where(inc, s, 0.0), axis=1)
-        if WRITE_GRAD:
-            if WRITE_LOSS:
-                # e^{ŝ} = e^{ŝ − m}·e^{m}: no second exponential (overflows only where e^{ŝ} does)
-                es = e_rel * tl.exp(m_new)[:, None]
-            else:
-                es = exp2(s * LOG2E)
-            # fp32 throughout: the x0 entry e^{ŝ_x0} − r is formed from the fp32 values
-            gr = k[:, None] * (es - c[:, None]) - tl.where(cols[None, :] == x0_col[:, None], d[:, None], 0.0)
-            gr = tl.where(inc, gr * g[:, None], 0.0)
-            st_ok = row_ok[:, None] & col_ok[None, :]
-            tl.store(grad_ptr + rows[:, None] * V + cols[None, :], gr.to(grad_ptr.dtype.element_ty), mask=st_ok)
+    # window w is whole iff w ≥ 1 (so w·BLOCK_V − mis ≥ 0) and (w + 1)·BLOCK_V ≤ V − 1 (so its last
+    # column w·BLOCK_V + BLOCK_V − 1 − mis < V − 1 for every mis ≥ 0)
+    whole_end = ((V - 1) // BLOCK_V) * BLOCK_V
+    m, acc, ssum = _tile(z_win, g_win, 0, cols0, V, mis, active, row_ok, xt_col, shift, k, c, g, m, acc, ssum,
+                         ABSORB, WRITE_LOSS, WRITE_GRAD, False)
+    for start in range(BLOCK_V, whole_end, BLOCK_V):
+        m, acc, ssum = _tile(z_win, g_win, start, cols0, V, mis, active, row_ok, xt_col, shift, k, c, g, m, acc,
+                             ssum, ABSORB, WRITE_LOSS, WRITE_GRAD, True)
+    for start in range(tl.maximum(whole_end, BLOCK_V), V + ALIGN - 1, BLOCK_V):
+        m, acc, ssum = _tile(z_win, g_win, start, cols0, V, mis, active, row_ok, xt_col, shift, k, c, g, m, acc,
+                             ssum, ABSORB, WRITE_LOSS, WRITE_GRAD, False)
+
+    if WRITE_GRAD:
+        # The x0 entry, ∂ℓ/∂ŝ_{x0} = k·(e^{ŝ_{x0}} − c) − d, from the fp32 value gathered above (no
+        # difference of rounded numbers). The barrier orders it after the pass's write of that entry.
+        tl.debug_barrier()
+        fix = active & (x0 != xt)
+        g_x0 = g * (k * (tl.exp(s_x0) - c) - d)
+        tl.store(grad_ptr + row_start + x0, g_x0.to(grad_ptr.dtype.element_ty), mask=fix)
 
     if WRITE_LOSS:
         acc = tl.where(active, acc, 1.0)  # inactive rows: no included column (masked below)
         pos = tl.exp((tl.log(acc) + m).to(tl.float64))  # e^{lse} over the included columns
+        s_x0 = s_x0.to(tl.float64)  # the constant terms are fp64 (see the module docstring)
         if ABSORB:
             # ℓ = Σ_{j≠M} e^{ŝ_j} − r ŝ_{x0} + r(log r − 1) = e^{lse} + r(−log E − 1 − ŝ_{x0})
             r = 1.0 / E
@@ -183,17 +239,18 @@ def _interpreted() -> bool:
 
 
 def _launch_config(n_rows: int, V: int, element_size: int, block_v: int | None):
-    """(BLOCK_R, BLOCK_V, num_warps). GPU: one row per program, 4–8K-column tiles (a bf16 row of
-    50258 is 100 KB). Interpreter: a small tile and several rows per program, since every program
-    instance costs ~1 ms there."""
+    """(BLOCK_R, BLOCK_V, num_warps). GPU: one row per program, 4096-column windows and 8 warps, so
+    16 elements per thread: the per-window reductions are amortised and the loop needs 48–80
+    registers with no spills (sm_90 build; 8192 × 16 warps spills). Interpreter: a small tile and
+    several rows per program, since every program instance costs ~1 ms there."""
     if block_v is None:
-        cap = 1024 if _interpreted() else (8192 if element_size <= 2 else 4096)
+        cap = 1024 if _interpreted() else 4096
         block_v = min(triton.next_power_of_2(V), cap)
     elif block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     budget = 1 << 15 if _interpreted() else 4096  # elements per [BLOCK_R, BLOCK_V] tile
     block_r = max(1, min(budget // block_v, triton.next_power_of_2(max(n_rows, 1)), 64))
-    num_warps = 16 if block_v * block_r >= 8192 else (8 if block_v * block_r >= 2048 else 4)
+    num_warps = 8 if block_v * block_r >= 4096 else 4
     return block_r, block_v, num_warps
 
 
@@ -238,6 +295,11 @@ def score_entropy(
     if n_rows == 0:
         return loss
     block_r, block_v, num_warps = _launch_config(n_rows, V, z.element_size(), block_v)
+    # 16-byte windows need z and the gradient buffer to be misaligned alike (both fresh
+    # allocations, or the gradient written over z) and tiles of at least 16 bytes
+    align = 16 // z.element_size()
+    if block_v < align or (grad is not None and grad.data_ptr() % 16 != z.data_ptr() % 16):
+        align = 1
     dummy = sigma
     _score_entropy_kernel[(triton.cdiv(n_rows, block_r),)](
         z,
@@ -262,6 +324,7 @@ def score_entropy(
         WRITE_GRAD=grad is not None,
         BLOCK_R=block_r,
         BLOCK_V=block_v,
+        ALIGN=align,
         num_warps=num_warps,
     )
     return loss

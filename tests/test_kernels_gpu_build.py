@@ -132,6 +132,11 @@ def _launches():
         ):
             launches += _recorded(score_entropy_kernels, "_score_entropy_kernel",
                                   lambda: score_entropy_kernels.score_entropy(scores, per_row, x, x, **common, **kw))
+        # scores misaligned against a fresh gradient buffer: the unaligned-window fallback
+        shifted = torch.zeros(scores.numel() + 1, dtype=scores.dtype)[1:].view(scores.shape)
+        launches += _recorded(score_entropy_kernels, "_score_entropy_kernel",
+                              lambda: score_entropy_kernels.score_entropy(shifted, per_row, x, x, **common,
+                                                                          grad=torch.empty_like(scores)))
         launches += _recorded(transition_kernels, "_sample_transition_kernel",
                               lambda: transition_kernels.sample_transition(x0, per_row.expand(4), seed, absorbing=absorbing,
                                                                            N=V_ABSORB - 1))
@@ -164,7 +169,7 @@ def test_every_gpu_launch_compiles_without_spills(target):
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = json.loads(proc.stdout.splitlines()[-1])
-    assert len(records) == 2 * (3 + 1 + 3)
+    assert len(records) == 2 * (4 + 1 + 3)
     assert {r["kernel"] for r in records} == {"_score_entropy_kernel", "_sample_transition_kernel",
                                               "reverse_step_kernel"}
     if target == "sm90":  # the GPUs the benchmarks target; sm_80 spills 8 bytes in one per-row epilogue

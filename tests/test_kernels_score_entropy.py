@@ -144,6 +144,30 @@ def test_block_size_does_not_change_the_result(monkeypatch):
     torch.testing.assert_close(grad_small, grad_default, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("offset", [1, 3, 6])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("graph", [Absorbing(36), Uniform(37)], ids=str)
+def test_misaligned_scores(monkeypatch, graph, dtype, reduction, inplace, offset):
+    """Scores that start ``offset`` elements past a 16-byte boundary (a view into a larger buffer):
+    the 16-byte windows shift with them, or (a fresh gradient buffer aligned differently) the
+    kernel falls back to unaligned windows. Rows of V = 37 are misaligned by a different amount
+    each; tiles of 16 give a head window, a whole window and a tail."""
+    monkeypatch.setattr(ops, "_BLOCK_V_FOR_TESTS", 16)
+    z, sigma, x_t, x0, shift, weight = _case(graph, dtype=dtype)
+    leaf = z.clone().requires_grad_()
+    zin = torch.cat([torch.zeros(offset, dtype=dtype), leaf.reshape(-1)])[offset:].view(z.shape)
+    assert zin.data_ptr() % 16 != 0
+    loss = ops.score_entropy(zin, sigma, x_t, x0, graph, shift=shift, weight=weight, reduction=reduction,
+                             inplace_backward=inplace)
+    go = torch.rand(loss.shape) if reduction == "none" else torch.tensor(1.0)
+    loss.backward(go)
+    want_loss, want_grad = _oracle(z, sigma, x_t, x0, graph, shift, weight, reduction, grad_output=go)
+    _assert_loss(loss.detach(), want_loss)
+    _assert_grad(leaf.grad, want_grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8], ids=str)
 def test_token_dtypes(dtype):
     graph = Uniform(37)

@@ -86,15 +86,18 @@ def score_entropy_loss(
     if attention_mask is not None:
         model_kwargs["attention_mask"] = attention_mask
     log_score, shift = model_scores(model, x_t, sigma, **model_kwargs)
-    if attention_mask is None and reduction == "mean":
-        # A raw output (shift given) is a fresh tensor only the loss reads: the fused kernel may
-        # write the gradient over it (the Triton backend; the eager one ignores the flag). An
-        # arbitrary model's output might be held elsewhere, so it is never overwritten.
-        return ops.score_entropy(
-            log_score, sigma, x_t, x0, graph, shift=shift, weight=weight, reduction="batchmean",
-            inplace_backward=shift is not None,
-        )  # fmt: skip
-    per_token = ops.score_entropy(log_score, sigma, x_t, x0, graph, shift=shift, weight=weight)
+    # x0 and σ were checked by the noising above and x_t was made by it: the loss repeats no value
+    # check, so a CUDA step does not wait for the forward pass to finish before the backward.
+    with ops.value_checks(False):
+        if attention_mask is None and reduction == "mean":
+            # A raw output (shift given) is a fresh tensor only the loss reads: the fused kernel may
+            # write the gradient over it (the Triton backend; the eager one ignores the flag). An
+            # arbitrary model's output might be held elsewhere, so it is never overwritten.
+            return ops.score_entropy(
+                log_score, sigma, x_t, x0, graph, shift=shift, weight=weight, reduction="batchmean",
+                inplace_backward=shift is not None,
+            )  # fmt: skip
+        per_token = ops.score_entropy(log_score, sigma, x_t, x0, graph, shift=shift, weight=weight)
     if attention_mask is not None:
         per_token = per_token * attention_mask
     per_sequence = per_token.sum(-1)

@@ -11,8 +11,9 @@ argument, before any kernel launches), then dispatches to a backend:
 
 The backend is chosen by the environment variable ``SEDD_BACKEND`` or, taking precedence, the
 context manager :func:`use_backend`; :func:`last_backend` says which one ran the latest call in
-this thread. Setting ``SEDD_CHECK_VALUES=0`` skips the value checks that need a device sync
-(token ids in range, σ finite and positive); shape, dtype and device checks always run.
+this thread. Setting ``SEDD_CHECK_VALUES=0`` (or the context manager :func:`value_checks`) skips
+the value checks that need a device sync (token ids in range, σ finite and positive); shape,
+dtype and device checks always run.
 
 Shapes: B batch, L length, V score width (N + 1 for the absorbing graph, N for uniform).
 ``log_score`` is [B, L, V] in fp32, bf16, fp16 (or fp64 on the eager backend) and is read in
@@ -123,7 +124,25 @@ def _triton_available() -> bool:
 _SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+_value_checks: contextvars.ContextVar[bool | None] = contextvars.ContextVar("sedd_value_checks", default=None)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Turn the value checks that need a device sync (ids in range, σ finite and positive) on or
+    off inside the block, whatever ``SEDD_CHECK_VALUES`` says. The sampler and the training loss
+    turn them off for tensors they made themselves, so a CUDA step does not wait on the GPU."""
+    token = _value_checks.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _value_checks.reset(token)
+
+
 def _check_values() -> bool:
+    enabled = _value_checks.get()
+    if enabled is not None:
+        return enabled
     return os.environ.get("SEDD_CHECK_VALUES", "1") != "0"
 
 
@@ -158,7 +177,7 @@ def _check_tokens(name: str, x, shape: tuple[int, int], device: torch.device, hi
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device}, expected {device}")
-    if _check_values() and x.numel() and (bool((x < 0).any()) or bool((x >= high).any())):
+    if _check_values() and x.numel() and bool(((x < 0) | (x >= high)).any()):  # one device sync
         bad = x[(x < 0) | (x >= high)][0].item()
         raise ValueError(f"{name} holds id {bad} outside [0, {high}) ({what})")
 
@@ -178,11 +197,10 @@ def _check_per_row(name: str, v, B: int, device: torch.device, positive: bool = 
     if v.device != device:
         raise ValueError(f"{name} is on {v.device}, expected {device}")
     v = v.reshape(B).float().contiguous()
-    if _check_values():
+    if _check_values() and not bool((torch.isfinite(v) & (v > 0 if positive else True)).all()):  # one sync
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"{name} must be finite, got {v.tolist() if B <= 8 else 'non-finite entries'}")
-        if positive and not bool((v > 0).all()):
-            raise ValueError(f"{name} must be > 0, got min {v.min().item()}")
+        raise ValueError(f"{name} must be > 0, got min {v.min().item()}")
     return v
 
 

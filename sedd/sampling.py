@@ -92,6 +92,14 @@ def sample(
     times = torch.linspace(1, eps, steps + 1, device=device, dtype=torch.float64)
     dt = (1 - eps) / steps
 
+    # Every tensor the steps see from here on is made here (the fixed tokens were checked above):
+    # no value checks, so no device sync per step.
+    with ops.value_checks(False):
+        return _run_steps(model, graph, noise, x, project, times, steps, dt, predictor, denoise, generator, progress)
+
+
+def _run_steps(model, graph, noise, x, project, times, steps, dt, predictor, denoise, generator, progress):
+    B = x.shape[0]
     for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         t = times[i].expand(B)
         if predictor == "euler":

@@ -207,3 +207,45 @@ def test_steps_are_seeded():
     two = ops.analytic_step(log_score, x_t, torch.ones(2), "absorb", torch.Generator().manual_seed(3))
     three = ops.analytic_step(log_score, x_t, torch.ones(2), "absorb", torch.Generator().manual_seed(4))
     assert torch.equal(one, two) and not torch.equal(one, three)
+
+
+def test_value_checks_context_manager(monkeypatch):
+    log_score, sigma, x_t, x0 = _args()
+    bad_sigma = torch.tensor([0.5, -1.0])
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        ops.score_entropy(log_score, bad_sigma, x_t, x0, "absorb")
+    with ops.value_checks(False):
+        ops.score_entropy(log_score, bad_sigma, x_t, x0, "absorb")  # not checked: no device sync
+        with ops.value_checks(True), pytest.raises(ValueError, match="sigma"):
+            ops.score_entropy(log_score, bad_sigma, x_t, x0, "absorb")
+    monkeypatch.setenv("SEDD_CHECK_VALUES", "0")
+    ops.score_entropy(log_score, bad_sigma, x_t, x0, "absorb")
+    with ops.value_checks(True), pytest.raises(ValueError, match="sigma"):
+        ops.score_entropy(log_score, bad_sigma, x_t, x0, "absorb")
+    # the shape, dtype and device checks never switch off
+    with ops.value_checks(False), pytest.raises(ValueError, match="x0 must have shape"):
+        ops.score_entropy(log_score, sigma, x_t, x0[:, :2], "absorb")
+
+
+def test_sampler_and_loss_make_no_value_checks_after_their_inputs(monkeypatch):
+    """The per-step ops run without device syncs: value checks only where user data comes in."""
+    from sedd.graph import Absorbing
+    from sedd.losses import score_entropy_loss
+    from sedd.noise import LogLinear
+    from sedd.sampling import conditioning, sample
+
+    graph, noise = Absorbing(6), LogLinear()
+    table = torch.randn(7, 7)
+    def model(x, s):
+        return (table[x] - torch.log(torch.expm1(s))[:, None, None]).scatter(-1, x.unsqueeze(-1), 0.0)
+
+    checked = []
+    real = ops._check_values
+    monkeypatch.setattr(ops, "_check_values", lambda: checked.append(real()) or checked[-1])
+    tokens, mask = conditioning(8, {0: [1, 2]})
+    sample(model, graph, noise, batch_size=2, length=8, steps=5, fixed_tokens=tokens, fixed_mask=mask)
+    assert checked and not any(checked)
+    checked.clear()
+    score_entropy_loss(model, torch.randint(0, 6, (2, 8)), graph, noise)
+    # sample_transition checks x0 and σ (two syncs); score_entropy checks nothing again
+    assert checked == [True, True, False, False, False, False]

@@ -131,7 +131,8 @@ _value_checks: contextvars.ContextVar[bool | None] = contextvars.ContextVar("sed
 def value_checks(enabled: bool):
     """Turn the value checks that need a device sync (ids in range, σ finite and positive) on or
     off inside the block, whatever ``SEDD_CHECK_VALUES`` says. The sampler and the training loss
-    turn them off for tensors they made themselves, so a CUDA step does not wait on the GPU."""
+    turn them off for tensors they made themselves, so a CUDA step does not wait on the GPU.
+    Inside a ``torch.compile``d function only ``SEDD_CHECK_VALUES`` counts."""
     token = _value_checks.set(bool(enabled))
     try:
         yield
@@ -140,9 +141,11 @@ def value_checks(enabled: bool):
 
 
 def _check_values() -> bool:
-    enabled = _value_checks.get()
-    if enabled is not None:
-        return enabled
+    # dynamo cannot trace ContextVar.get: under torch.compile only the environment variable counts
+    if not torch.compiler.is_compiling():
+        enabled = _value_checks.get()
+        if enabled is not None:
+            return enabled
     return os.environ.get("SEDD_CHECK_VALUES", "1") != "0"
 
 

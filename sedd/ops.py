@@ -336,10 +336,14 @@ def sample_transition(
     return reference.sample_transition(x0, sigma, graph, generator)
 
 
+def _philox_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """A [1] int64 Philox key drawn from ``generator`` (or the device's default generator), left
+    on the device so the kernel reads it without a host sync; same generator state, same draws."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator)
+
+
 def _sample_transition_triton(x0, sigma, graph, generator):
-    # the Philox seed comes from the caller's generator (or the device's default one), as a
-    # device tensor: the same generator state gives the same noise, and no host sync is needed
-    seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=x0.device)
+    seed = _philox_seed(x0.device, generator)
     return torch.ops.sedd.sample_transition(x0.contiguous(), sigma, seed, graph.absorbing, graph.N, 0)
 
 
@@ -679,8 +683,3 @@ def _step_triton(kind, log_score, x_t, scalar, graph, shift, generator):
 # Triton backend: reverse steps
 # ---------------------------------------------------------------------------------------------
 
-
-def _philox_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    """A [1] int64 Philox key drawn from ``generator`` (or the device's default generator), left
-    on the device so the kernel reads it without a host sync; same generator state, same draws."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator)

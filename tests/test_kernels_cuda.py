@@ -52,8 +52,10 @@ def test_score_entropy_matches_reference_at_gpt2_width(graph_name, dtype, reduct
     def run(backend, inplace=False):
         w = z.clone().requires_grad_()
         with ops.use_backend(backend):
-            loss = ops.score_entropy(w if backend == "triton" else w.double(), sigma, x_t, x0, graph, shift=shift,
-                                     weight=weight, reduction=reduction, inplace_backward=inplace)
+            # a non-leaf, as a model's output is (the in-place gradient overwrites it)
+            scores = w * 1 if backend == "triton" else w.double()
+            loss = ops.score_entropy(scores, sigma, x_t, x0, graph, shift=shift, weight=weight,
+                                     reduction=reduction, inplace_backward=inplace)
         assert ops.last_backend() == backend
         (loss * grad_out if grad_out is not None else loss).sum().backward()
         return loss.detach().double(), w.grad.double()

@@ -93,17 +93,13 @@ def last_backend() -> str | None:
 
 
 def _dispatch(device: torch.device) -> str:
-    if torch.compiler.is_compiling():
-        # dynamo cannot trace the ContextVar / threading.local: resolve once at trace time (the
-        # choice is baked into the compiled graph; last_backend() reports that trace-time choice)
-        return _dispatch_at_trace_time(device.type)
-    backend = resolve_backend(device)
-    _last.backend = backend
-    return backend
+    return _resolve_and_record(device.type)
 
 
+# dynamo cannot trace the ContextVar / threading.local: under torch.compile the backend is resolved
+# once at trace time and baked into the graph (last_backend() then reports that trace-time choice)
 @torch.compiler.assume_constant_result
-def _dispatch_at_trace_time(device_type: str) -> str:
+def _resolve_and_record(device_type: str) -> str:
     backend = resolve_backend(device_type)
     _last.backend = backend
     return backend
@@ -277,7 +273,7 @@ def score_entropy(
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
     if _dispatch(device) == "triton":
-        return _score_entropy_triton(log_score, sigma, x_t, x0, g, shift, weight, reduction, inplace_backward)
+        return _triton_score_entropy(log_score, sigma, x_t, x0, g, shift, weight, reduction, inplace_backward)
 
     loss = reference.score_entropy(log_score, sigma, x_t, x0, g, shift)
     if weight is not None:
@@ -289,10 +285,9 @@ def score_entropy(
     return loss
 
 
-def _score_entropy_triton(log_score, sigma, x_t, x0, graph, shift, weight, reduction, inplace_backward):
+def _check_triton_dtype(log_score: torch.Tensor) -> None:
     if log_score.dtype == torch.float64:
         raise TypeError("log_score must be float32, bfloat16 or float16 on the triton backend, got torch.float64")
-    return _triton_score_entropy(log_score, sigma, x_t, x0, graph, shift, weight, reduction, inplace_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,6 +573,7 @@ class _ScoreEntropyTriton(torch.autograd.Function):
 
 def _triton_score_entropy(log_score, sigma, x_t, x0, graph, shift, weight, reduction, inplace_backward):
     """Validated arguments (sigma/shift/weight fp32 [B]) -> the loss, through the custom ops."""
+    _check_triton_dtype(log_score)
     log_score = log_score.contiguous()
     x_t, x0 = x_t.contiguous(), x0.contiguous()
     B = log_score.shape[0]
@@ -671,8 +667,7 @@ def denoise_step(
 
 
 def _step_triton(kind, log_score, x_t, scalar, graph, shift, generator):
-    if log_score.dtype == torch.float64:
-        raise TypeError("log_score must be float32, bfloat16 or float16 on the triton backend, got torch.float64")
+    _check_triton_dtype(log_score)
     from kernels.sampling import reverse_step
 
     seed = _philox_seed(log_score.device, generator)

@@ -95,31 +95,26 @@ def sample(
     # Every tensor the steps see from here on is made here (the fixed tokens were checked above):
     # no value checks, so no device sync per step.
     with ops.value_checks(False):
-        return _run_steps(model, graph, noise, x, project, times, steps, dt, predictor, denoise, generator, progress)
+        for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+            t = times[i].expand(B)
+            if predictor == "euler":
+                sigma, dsigma = (v.float() for v in noise(t))
+                log_score, shift = model_scores(model, x, sigma)
+                x = ops.euler_step(log_score, x, dsigma, dt, graph, generator, shift=shift)
+            else:
+                sigma = noise.total(t)
+                dsigma = (sigma - noise.total(t - dt)).float()
+                sigma = sigma.float()
+                log_score, shift = model_scores(model, x, sigma)
+                x = ops.analytic_step(log_score, x, dsigma, graph, generator, shift=shift)
+            x = project(x)
+            del log_score
 
-
-def _run_steps(model, graph, noise, x, project, times, steps, dt, predictor, denoise, generator, progress):
-    B = x.shape[0]
-    for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
-        t = times[i].expand(B)
-        if predictor == "euler":
-            sigma, dsigma = (v.float() for v in noise(t))
+        if denoise:
+            sigma = noise.total(times[-1].expand(B)).float()
             log_score, shift = model_scores(model, x, sigma)
-            x = ops.euler_step(log_score, x, dsigma, dt, graph, generator, shift=shift)
-        else:
-            sigma = noise.total(t)
-            dsigma = (sigma - noise.total(t - dt)).float()
-            sigma = sigma.float()
-            log_score, shift = model_scores(model, x, sigma)
-            x = ops.analytic_step(log_score, x, dsigma, graph, generator, shift=shift)
-        x = project(x)
-        del log_score
-
-    if denoise:
-        sigma = noise.total(times[-1].expand(B)).float()
-        log_score, shift = model_scores(model, x, sigma)
-        x = project(ops.denoise_step(log_score, x, sigma, graph, generator, shift=shift))
-    return x
+            x = project(ops.denoise_step(log_score, x, sigma, graph, generator, shift=shift))
+        return x
 
 
 def _projector(fixed_tokens, fixed_mask, B: int, L: int, graph: Graph, device):

@@ -12,6 +12,12 @@ _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+def interpreted() -> bool:
+    """Whether launches run under Triton's interpreter (read at call time: the launchers pick
+    small tiles and wide programs there, GPU-sized ones otherwise)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @triton.jit
 def exp2(x):
     """2^x by libdevice: Triton compiles libdevice with flush-to-zero, so this is a bare

@@ -65,13 +65,12 @@ for their statistics pass); before the two-level draw the single loop was 127–
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels._math import LOG2E
+from kernels._math import LOG2E, interpreted
 from kernels._math import exp2 as _exp2
 
 EULER, ANALYTIC, DENOISE = 0, 1, 2
@@ -326,10 +325,6 @@ def _row_constants(kind: int, scalar: torch.Tensor, absorbing: bool, N: int) -> 
     return out.float().contiguous()
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def reverse_step(
     kind: str,
     z: torch.Tensor,
@@ -372,13 +367,13 @@ def reverse_step(
     if block_v is None:
         block_v = _DEFAULT_BLOCK_V
     if block_v is None:
-        block_v = min(256, triton.next_power_of_2(V)) if _interpreted() else min(4096, triton.next_power_of_2(V))
+        block_v = min(256, triton.next_power_of_2(V)) if interpreted() else min(4096, triton.next_power_of_2(V))
     block_v = max(2, int(block_v))
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     if block_r is None:
         # interpreter: wide programs (~1 ms each); GPU: one row per program
-        block_r = max(1, min(triton.next_power_of_2(n_rows), 4096 // block_v, 256)) if _interpreted() else 1
+        block_r = max(1, min(triton.next_power_of_2(n_rows), 4096 // block_v, 256)) if interpreted() else 1
     num_warps = 4 if block_v <= 1024 else 8
     grid = (triton.cdiv(n_rows, block_r),)
     reverse_step_kernel[grid](

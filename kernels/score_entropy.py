@@ -24,13 +24,12 @@ would leave with an absolute error ~0.1. Everything of size V is fp32.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels._math import LOG2E, exp2
+from kernels._math import LOG2E, exp2, interpreted
 
 
 @triton.jit
@@ -234,21 +233,17 @@ def _score_entropy_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _launch_config(n_rows: int, V: int, element_size: int, block_v: int | None):
     """(BLOCK_R, BLOCK_V, num_warps). GPU: one row per program, 4096-column windows and 8 warps, so
     16 elements per thread: the per-window reductions are amortised and the loop needs 48–80
     registers with no spills (sm_90 build; 8192 × 16 warps spills). Interpreter: a small tile and
     several rows per program, since every program instance costs ~1 ms there."""
     if block_v is None:
-        cap = 1024 if _interpreted() else 4096
+        cap = 1024 if interpreted() else 4096
         block_v = min(triton.next_power_of_2(V), cap)
     elif block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
-    budget = 1 << 15 if _interpreted() else 4096  # elements per [BLOCK_R, BLOCK_V] tile
+    budget = 1 << 15 if interpreted() else 4096  # elements per [BLOCK_R, BLOCK_V] tile
     block_r = max(1, min(budget // block_v, triton.next_power_of_2(max(n_rows, 1)), 64))
     num_warps = 8 if block_v * block_r >= 4096 else 4
     return block_r, block_v, num_warps

@@ -16,11 +16,12 @@ moves, the other two (combined to 64 bits, so the modulo bias is ~N/2^64) give t
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels._math import interpreted
 
 
 @triton.jit
@@ -73,7 +74,7 @@ def sample_transition(
     if n == 0:
         return out
     if block is None:
-        block = 4096 if os.environ.get("TRITON_INTERPRET") == "1" else 1024
+        block = 4096 if interpreted() else 1024
         block = min(block, triton.next_power_of_2(n))
     _sample_transition_kernel[(triton.cdiv(n, block),)](
         x0, out, sigma, seed, n, L, N, ABSORB=absorbing, BLOCK=block, num_warps=4

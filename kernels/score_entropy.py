@@ -161,8 +161,8 @@ def _score_entropy_kernel(
 
     # ŝ_{x0} (0 when x0 = x_t: the current token reads as 0), gathered before the pass, which may
     # overwrite z with the gradient; the barrier keeps every warp's read ahead of any warp's write.
-    s_x0 = tl.load(z_row + x0, mask=active & (x0 != xt), other=0.0).to(tl.float32) + shift
-    s_x0 = tl.where(x0 == xt, 0.0, s_x0)
+    z_x0 = tl.load(z_row + x0, mask=active & (x0 != xt), other=0.0).to(tl.float32)
+    s_x0 = tl.where(x0 == xt, 0.0, z_x0 + shift)
     if WRITE_GRAD:
         tl.debug_barrier()
 
@@ -213,7 +213,8 @@ def _score_entropy_kernel(
     if WRITE_LOSS:
         acc = tl.where(active, acc, 1.0)  # inactive rows: no included column (masked below)
         pos = tl.exp((tl.log(acc) + m).to(tl.float64))  # e^{lse} over the included columns
-        s_x0 = s_x0.to(tl.float64)  # the constant terms are fp64 (see the module docstring)
+        # the constant terms are fp64 (see the module docstring), ŝ_{x0} with them
+        s_x0 = tl.where(x0 == xt, 0.0, z_x0.to(tl.float64) + shift.to(tl.float64))
         if ABSORB:
             # ℓ = Σ_{j≠M} e^{ŝ_j} − r ŝ_{x0} + r(log r − 1) = e^{lse} + r(−log E − 1 − ŝ_{x0})
             r = 1.0 / E

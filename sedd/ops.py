@@ -678,3 +678,10 @@ def _step_triton(kind, log_score, x_t, scalar, graph, shift, generator):
 # Triton backend: reverse steps
 # ---------------------------------------------------------------------------------------------
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The output head fused with the score entropy (its own module; re-exported here)
+# ---------------------------------------------------------------------------------------------
+
+from sedd.ops_linear import linear_score_entropy  # noqa: E402

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import sedd.data as D
+from sedd.data import tokenizers
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GPT2_DIR = SHARED / "gpt2"
@@ -29,7 +30,7 @@ def text_dir(tmp_path_factory):
     if SHAKESPEARE.is_file():
         text = SHAKESPEARE.read_text()[:200_000]
     else:  # real text that is always here: no blank lines (they split documents), no EOS string
-        source = Path(D.__file__).with_name("model.py").read_text()
+        source = (Path(D.__file__).parents[1] / "model.py").read_text()
         text = "\n".join(line for line in source.splitlines() if line.strip()) * 4
     chunk = len(text) // 40
     for i in range(40):
@@ -83,8 +84,8 @@ def test_tokenizer_spec_errors(tmp_path):
 
 def test_bpe_trains_once_and_round_trips(text_dir, tmp_path, monkeypatch):
     calls = []
-    real_train = D._train_bpe_tokenizer
-    monkeypatch.setattr(D, "_train_bpe_tokenizer", lambda *a: calls.append(1) or real_train(*a))
+    real_train = tokenizers._train_bpe_tokenizer
+    monkeypatch.setattr(tokenizers, "_train_bpe_tokenizer", lambda *a: calls.append(1) or real_train(*a))
     tok = D.get_tokenizer("bpe:300", corpus=str(text_dir), cache_dir=tmp_path, progress=False)
     assert calls == [1]
     (cached,) = (tmp_path / "tokenizers").glob("bpe300-*.json")

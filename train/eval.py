@@ -46,21 +46,16 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python train/eval.py` from a checkout that is not pip-installed
-    import importlib.util
-
-    if importlib.util.find_spec("sedd") is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python train/eval.py`: the package of this checkout, installed or not
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sedd.data import DETOKENIZERS, HF_DATASETS, get_corpus, tokenize
+from sedd.data import DETOKENIZERS, DOC_SPLITS, HF_DATASETS, evaluation_split, get_corpus, tokenize
 from sedd.likelihood import TIME_SAMPLERS, sequence_bounds, summarize
 from sedd.pretrained import load_pretrained
-
-DOC_SPLITS = ("auto", "file", "paragraph", "line")
 
 EXAMPLES = """\
 examples:
@@ -93,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", required=True, metavar="PATH_OR_NAME",
                    help=f"text file, directory, or dataset name ({', '.join(HF_DATASETS)})")
     d.add_argument("--split", help="train / validation / test / all (default: test for dataset names and "
-                   "directories with test.txt, validation for directories with only valid.txt, all for files)")
+                   "directories with test.txt, validation for directories with only valid.txt and for the "
+                   "default corpus, all for files; see sedd.data.evaluation_split)")
     d.add_argument("--detokenizer", default="auto", choices=["auto", "none", *DETOKENIZERS],
                    help="undo word-level tokenization before the subword tokenizer (default: auto)")
     d.add_argument("--doc-split", default="auto", choices=DOC_SPLITS,
@@ -126,21 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-
-
-def default_split(data: str) -> str:
-    if data in HF_DATASETS:
-        return "test"
-    path = Path(data).expanduser()
-    if path.is_file():
-        return "all"
-    if path.is_dir():
-        if (path / "test.txt").is_file():
-            return "test"
-        if any((path / n).is_file() for n in ("valid.txt", "validation.txt", "val.txt", "dev.txt")):
-            return "validation"
-        return "all"
-    return "test"  # a path that does not exist: get_corpus says so
 
 
 def resolve_detokenizer(choice: str, data: str) -> str | None:
@@ -205,7 +186,7 @@ def run(args) -> int:
         print(f"eval.py: warning: --block-size {block_size} is longer than the model's training length "
               f"{model.length}", file=sys.stderr)
 
-    split = args.split or default_split(args.data)
+    split = args.split or evaluation_split(args.data)
     detok = resolve_detokenizer(args.detokenizer, args.data)
     try:
         corpus = get_corpus(args.data, split, doc_split=args.doc_split, detokenizer=detok)

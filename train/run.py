@@ -64,6 +64,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so a plain checkout runs without `pip install -e .`
 from sedd import data as sdata  # noqa: E402
 from sedd.graph import graph_from_config  # noqa: E402
+from sedd.io import TMP_GLOB, atomic_write  # noqa: E402
 from sedd.losses import score_entropy_loss  # noqa: E402
 from sedd.model import PRESETS as MODEL_PRESETS  # noqa: E402
 from sedd.model import SEDD  # noqa: E402
@@ -207,18 +208,6 @@ def parse_args(argv=None):
 def die(message: str, code: int = 1):
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp) then rename tmp over path: readers (and a crash) see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # some writers create 0600 files; checkpoints are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def step_seed(seed: int, stream: int, rank: int, step: int, micro: int = 0) -> int:
@@ -365,10 +354,8 @@ def main(argv=None):
                 log(f"note: {cfg['tokenizer']!r} now gives another tokenizer than the checkpoint's; "
                     f"using {out / 'tokenizer.json'}")
                 tok = saved
-        hf = sdata.HF_DATASETS.get(cfg["data"])
-        val_split = "test" if hf is not None and "validation" not in hf.splits else "validation"
         train = sdata.load_tokens(cfg["data"], "train", tok, progress=master)
-        val = sdata.load_tokens(cfg["data"], val_split, tok, progress=master)
+        val = sdata.load_tokens(cfg["data"], sdata.validation_split(cfg["data"]), tok, progress=master)
         return tok, train, val
 
     if distributed and not master:
@@ -548,7 +535,7 @@ def main(argv=None):
     writer = None
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        for leftover in out.glob(".*.tmp"):  # from a run killed while writing
+        for leftover in out.glob(TMP_GLOB):  # from a run killed while writing
             leftover.unlink(missing_ok=True)
         atomic_write(out / "metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics)))
         if args.tensorboard:

@@ -40,11 +40,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python train/sample.py` from a checkout that is not pip-installed
-    import importlib.util
-
-    if importlib.util.find_spec("sedd") is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python train/sample.py`: the package of this checkout, installed or not
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -34,15 +34,9 @@ TIME_SAMPLERS = ("stratified", "antithetic", "iid")
 
 
 def prior_kl(graph: Graph, noise: Noise) -> float:
-    """The per-token prior term KL(p_{1|0}(·|x0) ‖ p_base) in nats (independent of x0)."""
-    sigma1 = float(noise.total(torch.tensor(1.0, dtype=torch.float64)))
-    stay = math.exp(-sigma1)
-    N = graph.N
-    if graph.absorbing:
-        return stay * math.log(N)
-    a = stay + (1 - stay) / N  # probability of the clean token itself
-    b = (1 - stay) / N  # of each other token
-    return a * math.log(a * N) + ((N - 1) * b * math.log(b * N) if b > 0 else 0.0)
+    """The per-token prior term KL(p_{1|0}(·|x0) ‖ p_base) in nats (independent of x0): the
+    graph's :meth:`~sedd.graph.Graph.prior_kl` at the schedule's total noise σ̄(1)."""
+    return graph.prior_kl(float(noise.total(torch.tensor(1.0, dtype=torch.float64))))
 
 
 def draw_times(batch: int, num_samples: int, kind: str = "stratified", *, generator=None, device=None) -> torch.Tensor:

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from sedd.reference import esigm1
+from sedd.graph import get_graph
 
 try:
     from flash_attn import flash_attn_varlen_qkvpacked_func
@@ -472,6 +472,7 @@ class SEDD(nn.Module):
             raise ValueError(f"config tokens must be >= {1 if self.absorb else 2} for graph {self.graph_type!r}, got {self.tokens}")
         self.vocab_size = self.tokens + (1 if self.absorb else 0)
         self.mask_id = self.vocab_size - 1 if self.absorb else None
+        self.graph = get_graph(self.graph_type, self.tokens)  # the forward process; supplies the score shift
 
         hidden, n_heads = int(m["hidden_size"]), int(m["n_heads"])
         if hidden % n_heads:
@@ -721,10 +722,10 @@ class SEDD(nn.Module):
         return self._postprocess(raw, x_t, self._check_sigma(sigma, x_t.shape[0], x_t.device))
 
     def _score_shift(self, sigma: torch.Tensor) -> torch.Tensor:
-        if not (self.absorb and self.scale_by_sigma):
+        # the public code only ever scaled absorbing models; a uniform graph's shift is 0 anyway
+        if not self.scale_by_sigma:
             return torch.zeros(sigma.shape[0], dtype=torch.float32, device=sigma.device)
-        s = sigma if sigma.dtype == torch.float64 else sigma.float()
-        return (-torch.log(esigm1(s)) - math.log(self.vocab_size - 1)).float()
+        return self.graph.score_shift(sigma)
 
     def _postprocess(self, z: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         out = z.float() + self._score_shift(sigma)[:, None, None]  # a fresh tensor: safe to scatter into

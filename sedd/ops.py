@@ -65,25 +65,40 @@ def use_backend(name: str):
         _backend_override.reset(token)
 
 
-def resolve_backend(device: torch.device | str) -> str:
-    """The backend ("torch" or "triton") a call on tensors of ``device`` runs on now.
+def resolve_backend(device: torch.device | str, graph: Graph | None = None) -> str:
+    """The backend ("torch" or "triton") a call on tensors of ``device`` (with ``graph``) runs on now.
 
-    Raises ``RuntimeError`` when Triton is requested where it cannot run.
+    A graph whose ``kernel`` tag is None has no Triton kernel: "auto" runs its eager math, and an
+    explicit "triton" is a ``RuntimeError``, as is Triton requested where it cannot run.
     """
-    device = torch.device(device)
+    backend = _resolve(torch.device(device).type, graph is None or graph.kernel is not None)
+    if backend == _NO_KERNEL:
+        raise RuntimeError(
+            f"SEDD backend 'triton' requested, but graph {graph!r} has no Triton kernel (its kernel tag is None); "
+            "use the 'auto' or 'torch' backend, which run the graph's eager math"
+        )
+    return backend
+
+
+_NO_KERNEL = "no-kernel"  # "triton" was asked for explicitly, for a graph without a kernel
+
+
+def _resolve(device_type: str, has_kernel: bool) -> str:
     name = get_backend()
     if name == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        return "triton" if device_type == "cuda" and has_kernel and _triton_available() else "torch"
     if name == "triton":
         if not _triton_available():
             raise RuntimeError("SEDD backend 'triton' requested but triton is not importable")
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(
                 "SEDD backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
                 "before importing sedd (or use the 'torch' backend on CPU)"
             )
-        if device.type not in ("cpu", "cuda"):
-            raise RuntimeError(f"SEDD backend 'triton' does not support device {device}")
+        if device_type not in ("cpu", "cuda"):
+            raise RuntimeError(f"SEDD backend 'triton' does not support device {device_type}")
+        if not has_kernel:
+            return _NO_KERNEL
     return name
 
 
@@ -92,16 +107,20 @@ def last_backend() -> str | None:
     return getattr(_last, "backend", None)
 
 
-def _dispatch(device: torch.device) -> str:
-    return _resolve_and_record(device.type)
+def _dispatch(device: torch.device, graph: Graph) -> str:
+    backend = _resolve_and_record(device.type, graph.kernel is not None)
+    if backend == _NO_KERNEL:
+        return resolve_backend(device, graph)  # raises, naming the graph
+    return backend
 
 
 # dynamo cannot trace the ContextVar / threading.local: under torch.compile the backend is resolved
 # once at trace time and baked into the graph (last_backend() then reports that trace-time choice)
 @torch.compiler.assume_constant_result
-def _resolve_and_record(device_type: str) -> str:
-    backend = resolve_backend(device_type)
-    _last.backend = backend
+def _resolve_and_record(device_type: str, has_kernel: bool) -> str:
+    backend = _resolve(device_type, has_kernel)
+    if backend != _NO_KERNEL:
+        _last.backend = backend
     return backend
 
 
@@ -272,7 +291,7 @@ def score_entropy(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
-    if _dispatch(device) == "triton":
+    if _dispatch(device, g) == "triton":
         return _triton_score_entropy(log_score, sigma, x_t, x0, g, shift, weight, reduction, inplace_backward)
 
     loss = reference.score_entropy(log_score, sigma, x_t, x0, g, shift)
@@ -326,9 +345,16 @@ def sample_transition(
     _check_tokens("x0", x0, tuple(x0.shape), x0.device, graph.N, "clean tokens are real tokens")
     sigma = _check_per_row("sigma", sigma, x0.shape[0], x0.device)
     _check_generator(generator, x0.device)
-    if _dispatch(x0.device) == "triton":
+    if _dispatch(x0.device, graph) == "triton":
         return _sample_transition_triton(x0, sigma, graph, generator)
     return reference.sample_transition(x0, sigma, graph, generator)
+
+
+def _absorb(graph: Graph) -> bool:
+    """The kernels' graph switch, from the graph's kernel tag (dispatch has checked it is set)."""
+    if graph.kernel not in ("absorb", "uniform"):
+        raise ValueError(f"graph {graph!r} has kernel tag {graph.kernel!r}; the Triton kernels know 'absorb' and 'uniform'")
+    return graph.kernel == "absorb"
 
 
 def _philox_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -339,7 +365,7 @@ def _philox_seed(device: torch.device, generator: torch.Generator | None) -> tor
 
 def _sample_transition_triton(x0, sigma, graph, generator):
     seed = _philox_seed(x0.device, generator)
-    return torch.ops.sedd.sample_transition(x0.contiguous(), sigma, seed, graph.absorbing, graph.N, 0)
+    return torch.ops.sedd.sample_transition(x0.contiguous(), sigma, seed, _absorb(graph), graph.N, 0)
 
 
 # =============================================================================================
@@ -580,9 +606,9 @@ def _triton_score_entropy(log_score, sigma, x_t, x0, graph, shift, weight, reduc
     block_v = _BLOCK_V_FOR_TESTS
     if log_score.requires_grad and torch.is_grad_enabled():
         return _ScoreEntropyTriton.apply(
-            log_score, sigma, x_t, x0, shift, weight, graph.absorbing, reduction, bool(inplace_backward), block_v
+            log_score, sigma, x_t, x0, shift, weight, _absorb(graph), reduction, bool(inplace_backward), block_v
         )
-    loss = torch.ops.sedd.score_entropy_fwd(log_score, sigma, x_t, x0, shift, weight, graph.absorbing, block_v)
+    loss = torch.ops.sedd.score_entropy_fwd(log_score, sigma, x_t, x0, shift, weight, _absorb(graph), block_v)
     if reduction == "sum":
         return loss.sum()
     if reduction == "batchmean":
@@ -621,7 +647,7 @@ def euler_step(
     dsigma = _check_per_row("dsigma", dsigma, B, log_score.device)
     dt = _check_per_row("dt", dt, B, log_score.device)
     _check_generator(generator, log_score.device)
-    if _dispatch(log_score.device) == "triton":
+    if _dispatch(log_score.device, g) == "triton":
         return _step_triton("euler", log_score, x_t, dsigma * dt, g, shift, generator)
     return reference.euler_step(log_score, x_t, dsigma, dt, g, shift, generator)
 
@@ -643,7 +669,7 @@ def analytic_step(
     B, g, shift = _check_step_args(log_score, x_t, graph, shift)
     dsigma = _check_per_row("dsigma", dsigma, B, log_score.device)
     _check_generator(generator, log_score.device)
-    if _dispatch(log_score.device) == "triton":
+    if _dispatch(log_score.device, g) == "triton":
         return _step_triton("analytic", log_score, x_t, dsigma, g, shift, generator)
     return reference.analytic_step(log_score, x_t, dsigma, g, shift, generator)
 
@@ -661,7 +687,7 @@ def denoise_step(
     B, g, shift = _check_step_args(log_score, x_t, graph, shift)
     sigma = _check_per_row("sigma", sigma, B, log_score.device)
     _check_generator(generator, log_score.device)
-    if _dispatch(log_score.device) == "triton":
+    if _dispatch(log_score.device, g) == "triton":
         return _step_triton("denoise", log_score, x_t, sigma, g, shift, generator)
     return reference.denoise_step(log_score, x_t, sigma, g, shift, generator)
 
@@ -671,7 +697,7 @@ def _step_triton(kind, log_score, x_t, scalar, graph, shift, generator):
     from kernels.sampling import reverse_step
 
     seed = _philox_seed(log_score.device, generator)
-    return reverse_step(kind, log_score, x_t, scalar, graph.absorbing, graph.N, shift=shift, seed=seed)
+    return reverse_step(kind, log_score, x_t, scalar, _absorb(graph), graph.N, shift=shift, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------

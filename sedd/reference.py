@@ -14,29 +14,24 @@ from __future__ import annotations
 
 import torch
 
+from sedd._math import esigm1, per_row
 from sedd.graph import Graph
 
-
-def esigm1(sigma: torch.Tensor) -> torch.Tensor:
-    """E(σ) = e^σ − 1, through expm1 where σ is small enough for e^σ − 1 to cancel."""
-    return torch.where(sigma < 0.5, torch.expm1(sigma), torch.exp(sigma) - 1)
+__all__ = [
+    "esigm1", "log_scores", "score_entropy", "reverse_rates", "euler_probs", "analytic_probs", "denoise_probs",
+    "sample_categorical", "euler_step", "analytic_step", "denoise_step", "sample_transition",
+]  # fmt: skip
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _per_row(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    """[B] / [B, 1] / scalar -> [B, 1] (broadcasts against [B, L]) in like's dtype."""
-    v = torch.as_tensor(v, device=like.device, dtype=like.dtype)
-    return v.reshape(-1, 1) if v.dim() else v
-
-
 def log_scores(log_score: torch.Tensor, x_t: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
     """The post-processed scores ŝ [B, L, V]: (z + shift) with ŝ[x_t] = 0, in fp32 (fp64 stays)."""
     s = log_score.to(_compute_dtype(log_score))
     if shift is not None:
-        s = s + _per_row(shift, s).unsqueeze(-1)
+        s = s + per_row(shift, s, s.dtype)
     return s.scatter(-1, x_t.unsqueeze(-1), 0.0)
 
 
@@ -55,6 +50,8 @@ def score_entropy(
 ) -> torch.Tensor:
     """Per-token score entropy ℓ(ŝ, σ, x_t, x0), [B, L] in fp32 (fp64 for fp64 input).
 
+    The graph's :meth:`~sedd.graph.Graph.score_entropy` on the post-processed scores. Every form
+    equals Σ_{y≠x_t} Q(x_t, y)[s_y − a_y log s_y + a_y(log a_y − 1)], a_y = p_{t|0}(y|x0)/p_{t|0}(x_t|x0).
     Absorbing (zero unless x_t = MASK), with r = 1/E(σ):
         ℓ = Σ_{j≠M} e^{ŝ_j} − r·ŝ_{x0} + r(log r − 1)
     Uniform, with ρ = E/(E + N):
@@ -62,29 +59,7 @@ def score_entropy(
         x_t = x0:  ℓ = pos − ρ·neg₀ + ((N−1)/N)·ρ(log ρ − 1)
         x_t ≠ x0:  ℓ = pos − neg₀ − ŝ_{x0}/E + ((−log ρ − 1)/ρ − (N − 2))/N
     """
-    s = log_scores(log_score, x_t, shift)
-    sigma = _per_row(sigma, s)
-    E = esigm1(sigma)
-    s_x0 = s.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    if graph.absorbing:
-        r = 1.0 / E
-        pos = s[..., : graph.mask_id].exp().sum(-1)
-        loss = pos - r * s_x0 + r * (torch.log(r) - 1)
-        return torch.where(x_t == graph.mask_id, loss, torch.zeros_like(loss))
-
-    N = graph.N
-    not_current = torch.ones_like(s, dtype=torch.bool).scatter(-1, x_t.unsqueeze(-1), False)
-    pos = torch.where(not_current, s.exp(), 0.0).sum(-1) / N
-    neg0 = s.sum(-1) / N  # ŝ[x_t] = 0, so the full sum is the sum over y ≠ x_t
-    rho = E / (E + N)
-    stay = x_t == x0
-    neg = torch.where(stay, rho * neg0, neg0 + s_x0 / E)
-    const = torch.where(
-        stay,
-        (N - 1) / N * rho * (torch.log(rho) - 1),
-        ((-torch.log(rho) - 1) / rho - (N - 2)) / N,
-    )
-    return pos - neg + const
+    return graph.score_entropy(log_scores(log_score, x_t, shift), sigma, x_t, x0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,48 +73,34 @@ def _normalise(weights: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(-1, keepdim=True)
 
 
-def reverse_rates(x_t: torch.Tensor, graph: Graph, V: int, dtype=torch.float32) -> torch.Tensor:
+def reverse_rates(x_t: torch.Tensor, graph: Graph, V: int | None = None, dtype=torch.float32) -> torch.Tensor:
     """Q(x_t, y): the rate of the forward jump y → x_t, for y ≠ x_t, [B, L, V] (0 at y = x_t).
 
     Absorbing: 1 for every real token when x_t = MASK, otherwise 0. Uniform: 1/N.
+    ``V`` is the graph's width (kept for old callers; it must equal ``graph.dim``).
     """
-    if graph.absorbing:
-        rates = torch.ones(*x_t.shape, V, dtype=dtype, device=x_t.device)
-        rates[..., graph.mask_id] = 0
-        rates = rates * (x_t == graph.mask_id).unsqueeze(-1)
-    else:
-        rates = torch.full((*x_t.shape, V), 1.0 / graph.N, dtype=dtype, device=x_t.device)
-    return rates.scatter(-1, x_t.unsqueeze(-1), 0.0)
+    if V is not None and V != graph.dim:
+        raise ValueError(f"V = {V} does not match the width {graph.dim} of graph {graph}")
+    return graph.reverse_rates(x_t, dtype)
 
 
 def euler_probs(log_score, x_t, dsigma, dt, graph: Graph, shift=None) -> torch.Tensor:
     """Euler (τ-leaping) step: w_y = Δt·dσ·Q(x_t, y)·e^{ŝ_y} for y ≠ x_t, stay weight 1 − Σ w."""
     s = log_scores(log_score, x_t, shift)
-    step = _per_row(dsigma, s) * _per_row(dt, s)
-    w = step.unsqueeze(-1) * reverse_rates(x_t, graph, s.shape[-1], s.dtype) * s.exp()
-    w = w.scatter(-1, x_t.unsqueeze(-1), (1 - w.sum(-1)).unsqueeze(-1))
-    return _normalise(w)
+    step = per_row(dsigma, x_t, s.dtype) * per_row(dt, x_t, s.dtype)
+    return _normalise(graph.euler_weights(s, x_t, step))
 
 
 def analytic_probs(log_score, x_t, dsigma, graph: Graph, shift=None) -> torch.Tensor:
     """Tweedie τ-leaping step: p_y ∝ (exp(−Δσ Q) s)_y · exp(Δσ Q)(x_t, y), Δσ = σ̄(t) − σ̄(t − Δt)."""
     s = log_scores(log_score, x_t, shift)
-    return _normalise(_tweedie_weights(s, x_t, dsigma, graph))
-
-
-def _tweedie_weights(s, x_t, dsigma, graph: Graph) -> torch.Tensor:
-    dsigma = torch.as_tensor(dsigma, dtype=s.dtype, device=s.device)
-    return graph.staggered_score(s.exp(), dsigma) * graph.transp_transition(x_t, dsigma).to(s.dtype)
+    return _normalise(graph.analytic_weights(s, x_t, dsigma))
 
 
 def denoise_probs(log_score, x_t, sigma, graph: Graph, shift=None) -> torch.Tensor:
     """Final step: the analytic step with Δσ = σ (jump to σ = 0); absorbing never returns MASK."""
     s = log_scores(log_score, x_t, shift)
-    weights = _tweedie_weights(s, x_t, sigma, graph)
-    if graph.absorbing:
-        weights = weights.clamp_min(0)
-        weights[..., graph.mask_id] = 0
-    return _normalise(weights)
+    return _normalise(graph.denoise_weights(s, x_t, sigma))
 
 
 def sample_categorical(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -8,6 +8,8 @@ sequence. The model's raw output goes straight into the fused loss together with
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from sedd import ops
@@ -55,6 +57,7 @@ def score_entropy_loss(
     attention_mask: torch.Tensor | None = None,
     reduction: str = "mean",
     scale: float = 1.0,
+    fused: bool = True,
     **model_kwargs,
 ) -> torch.Tensor:
     """The SEDD training loss of a batch of clean sequences.
@@ -71,6 +74,10 @@ def score_entropy_loss(
         scale: a constant factor on the loss, folded into the per-sequence weight of the fused
             kernel so the backward needs no extra pass over [B, L, V] (gradient accumulation
             passes 1/steps instead of dividing the loss).
+        fused: for a model that takes a ``head`` (like :class:`sedd.model.SEDD`), compute the loss
+            with :func:`sedd.ops.linear_score_entropy` inside the model's output layer: no
+            [B, L, V] logits, and on the absorbing graph only the MASK rows are multiplied. False:
+            the logits, then :func:`sedd.ops.score_entropy` (the same loss up to float rounding).
 
     Returns:
         fp32 scalar, or [B] for reduction="none".
@@ -85,6 +92,8 @@ def score_entropy_loss(
     x_t = ops.sample_transition(x0, sigma, graph, generator)
     if attention_mask is not None:
         model_kwargs["attention_mask"] = attention_mask
+    if fused and accepts_head(unwrap(model)):
+        return _fused_loss(model, x_t, sigma, x0, graph, weight, attention_mask, reduction, model_kwargs)
     log_score, shift = model_scores(model, x_t, sigma, **model_kwargs)
     # x0 and σ were checked by the noising above and x_t was made by it: the loss repeats no value
     # check, so a CUDA step does not wait for the forward pass to finish before the backward.
@@ -101,4 +110,31 @@ def score_entropy_loss(
     if attention_mask is not None:
         per_token = per_token * attention_mask
     per_sequence = per_token.sum(-1)
+    return per_sequence.mean() if reduction == "mean" else per_sequence
+
+
+def accepts_head(net) -> bool:
+    """Whether the (unwrapped) model takes ``head=`` in its forward, as :class:`sedd.model.SEDD` does."""
+    return hasattr(net, "score_shift") and "head" in inspect.signature(net.forward).parameters
+
+
+def _fused_loss(model, x_t, sigma, x0, graph, weight, attention_mask, reduction, model_kwargs):
+    shift = unwrap(model).score_shift(sigma)
+    per_token = attention_mask is not None or reduction == "none"
+
+    def head(hidden, head_weight, head_bias):
+        return ops.linear_score_entropy(
+            hidden, head_weight, head_bias, sigma, x_t, x0, graph, shift=shift, loss_weight=weight,
+            reduction="none" if per_token else "batchmean",
+        )  # fmt: skip
+
+    # the loss runs inside the model's forward (see SEDD.forward's ``head``): under FSDP2 the head's
+    # parameters are gathered only there. No value checks: x0 and σ were checked by the noising.
+    with ops.value_checks(False):
+        loss = model(x_t, sigma, head=head, **model_kwargs)
+    if not per_token:
+        return loss
+    if attention_mask is not None:
+        loss = loss * attention_mask
+    per_sequence = loss.sum(-1)
     return per_sequence.mean() if reduction == "mean" else per_sequence

@@ -29,7 +29,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,9 +298,18 @@ class DDiTFinalLayer(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, head: Callable | None = None) -> Any:
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        return self.linear(_modulate(self.norm_final(x), shift, scale))
+        h = _modulate(self.norm_final(x), shift, scale)
+        if head is None:
+            return self.linear(h)
+        weight, bias = self.linear.weight, self.linear.bias
+        if torch.is_autocast_enabled(h.device.type):  # the casts nn.Linear would get from autocast
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
+        # Called here, inside this module's forward, so DDP and FSDP2 (whose hooks gather the
+        # parameters around the forward) see the head's parameters in use.
+        return head(h, weight, bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -655,6 +664,7 @@ class SEDD(nn.Module):
         raw: bool = False,
         attention_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None,
     ) -> torch.Tensor:
         """Log concrete scores of every one-token change of ``x_t``.
 
@@ -670,6 +680,11 @@ class SEDD(nn.Module):
                 their document, a maximal run of equal ids (an id that recurs later in the row
                 starts a new document). Positions keep counting across documents, which rotary
                 attention cannot see (it depends on relative positions only).
+            head: replaces the output linear: ``head(hidden [B, L, D], weight [V, D], bias [V])``
+                is called inside the output layer's forward (so DDP/FSDP2 see its parameters in
+                use; under autocast all three come cast to the autocast dtype) and ``forward``
+                returns its result as is: e.g. :func:`sedd.ops.linear_score_entropy` for the loss
+                without the [B, L, V] logits, or the head at a few rows only.
         Returns:
             raw=False: ŝ [B, L, V] float32, with ŝ[b, i, x_t[b, i]] = 0.
             raw=True: z [B, L, V] in the compute dtype (:meth:`compute_dtype`: bf16 on CUDA with
@@ -697,8 +712,8 @@ class SEDD(nn.Module):
         with amp:
             for block in self.blocks:
                 x = block(x, c, cos, sin, plan)
-            z = self.output_layer(x, c)  # [B, L, V]
-        if raw:
+            z = self.output_layer(x, c, head)  # [B, L, V]
+        if raw or head is not None:
             return z
         return self._postprocess(z, x_t, sigma)
 

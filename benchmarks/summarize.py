@@ -1,11 +1,17 @@
-"""Turn a pytest-benchmark JSON into a markdown table naming the device, the date and the commit.
+"""The results table: a markdown file naming the device, the date and the commit.
 
-    python -m pytest benchmarks/bench_score_entropy.py --benchmark-only --benchmark-json out.json
-    python benchmarks/summarize.py out.json [--out benchmarks/results/NAME.md]
+    python benchmarks/summarize.py --results benchmarks/results     # what device_check.sh writes
+    python benchmarks/summarize.py out.json [--out FILE]             # a pytest-benchmark JSON
 
-Columns: median time, useful bandwidth (minimum bytes / time), that as a fraction of the copy
-bandwidth measured in the same run, peak extra memory as a multiple of one [B, L, V] buffer, and
-the speed-up against the eager reference and torch.compile(reference) of the same case.
+From a device-check results directory it reads ``status.txt`` (the stage lines), ``device.json``
+(device, rooflines), ``smoke.json`` (correctness checks) and ``bench.jsonl`` (one benchmark per
+line) and writes ``device-check.md`` there; whatever is missing is reported as missing.
+
+Benchmark columns: median time, useful bandwidth (bytes the operation must move / time), that
+as a fraction of the copy bandwidth measured in the same run, tokens/s and MFU (end to end),
+peak extra memory (MB and per [B, L, V] buffer), the speed-up against the eager reference, the
+``torch.compile``d reference and the public SEDD op sequence of the same case, and the targets
+of issue 9 as pass/fail columns (recorded, never asserted).
 """
 
 from __future__ import annotations
@@ -15,67 +21,170 @@ import json
 import re
 from pathlib import Path
 
+# (column, which rows, extra_info key or speed-up baseline, threshold, "min" or "max")
+TARGETS = [
+    ("BW ≥ 85% copy", ("score_entropy", "fwd_bwd"), "fraction_of_copy", 0.85, "min"),
+    ("× compiled ≥ 1.5", ("score_entropy", "fwd_bwd"), "compiled", 1.5, "min"),
+    ("× public ≥ 5", ("score_entropy", "fwd_bwd"), "public", 5.0, "min"),
+    ("in-place peak ≤ 0.05 buffer", ("score_entropy", "fwd_bwd", "triton_inplace"), "peak_over_buffer", 0.05, "max"),
+    ("BW ≥ 80% copy", ("reverse_step", ("analytic", "euler")), "fraction_of_copy", 0.80, "min"),
+    ("× public ≥ 10", ("reverse_step", ("analytic", "euler")), "public", 10.0, "min"),
+]
+FUSED = ("triton", "triton_inplace")
+
 
 def _fmt(v, spec):
     return "–" if v is None else format(v, spec)
 
 
-def summarize(data: dict) -> tuple[str, str]:
+def _bench_kind(record) -> str:
+    info = record.get("extra_info", {})
+    if info.get("bench"):
+        return info["bench"]
+    match = re.search(r"test_(\w+?)(\[|$)", record.get("name", ""))
+    return match.group(1) if match else "?"
+
+
+def _applies(target_rows, kind, info) -> bool:
+    want_kind, want_mode, *want_impl = target_rows
+    modes = want_mode if isinstance(want_mode, tuple) else (want_mode,)
+    impls = tuple(want_impl) or FUSED
+    return kind == want_kind and info.get("mode") in modes and info.get("impl") in impls
+
+
+def _target_cell(value, threshold, sense) -> str:
+    if value is None:
+        return "–"
+    ok = value >= threshold if sense == "min" else value <= threshold
+    return f"{'pass' if ok else 'FAIL'} ({value:.3g})"
+
+
+def benchmark_table(records: list[dict]) -> list[str]:
+    if not records:
+        return ["No benchmark finished (see the stage lines above)."]
+    medians = {}
+    for r in records:
+        info = r.get("extra_info", {})
+        key = (_bench_kind(r), info.get("graph"), info.get("mode"), str(info.get("shape")))
+        medians[(*key, info.get("impl"))] = r.get("median_s")
+    target_names = [t[0] for t in TARGETS]
+    lines = [
+        "| case | impl | median ms | GB/s | of copy BW | tokens/s | MFU | peak extra MB | peak / buffer "
+        "| × eager | × compiled | × public | " + " | ".join(target_names) + " |",
+        "| --- | --- |" + " ---: |" * 10 + " --- |" * len(TARGETS),
+    ]
+    for r in sorted(records, key=lambda r: (_bench_kind(r), str(r["extra_info"].get("graph")),
+                                             str(r["extra_info"].get("mode")), str(r["extra_info"].get("shape")),
+                                             str(r["extra_info"].get("impl")))):  # fmt: skip
+        info, median, kind = r.get("extra_info", {}), r.get("median_s"), _bench_kind(r)
+        key = (kind, info.get("graph"), info.get("mode"), str(info.get("shape")))
+        speedup = {}
+        for base in ("eager", "compiled", "public"):
+            other = medians.get((*key, base))
+            speedup[base] = other / median if other and median and info.get("impl") != base else None
+        peak = info.get("peak_extra_bytes", info.get("peak_memory_bytes"))
+        case = f"{kind} {info.get('graph', '')} {info.get('mode', '')} {info.get('shape', '')} {info.get('dtype', '')}"
+        cells = [
+            case.strip(), str(info.get("impl", r.get("name"))), _fmt(median and median * 1e3, ".3f"),
+            _fmt(info.get("gb_per_s"), ".4g"), _fmt(info.get("fraction_of_copy"), ".1%"),
+            _fmt(info.get("tokens_per_s"), ".4g"), _fmt(info.get("mfu"), ".1%"),
+            _fmt(peak and peak / 2**20, ".0f"), _fmt(info.get("peak_over_buffer"), ".3f"),
+            _fmt(speedup["eager"], ".2f"), _fmt(speedup["compiled"], ".2f"), _fmt(speedup["public"], ".2f"),
+        ]  # fmt: skip
+        for _, rows, source, threshold, sense in TARGETS:
+            if not _applies(rows, kind, info):
+                cells.append("")
+                continue
+            value = speedup[source] if source in speedup else info.get(source)
+            cells.append(_target_cell(value, threshold, sense))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def summarize_results(results: Path, mode: str | None = None) -> str:
+    device = _read_json(results / "device.json") or {}
+    smoke = _read_json(results / "smoke.json")
+    records = []
+    if (results / "bench.jsonl").is_file():
+        for line in (results / "bench.jsonl").read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by a killed stage
+    status = (results / "status.txt").read_text() if (results / "status.txt").is_file() else "(no status.txt)\n"
+    lines = [
+        f"# Device check: {device.get('device', 'device unknown (stage 1 did not finish)')}",
+        "",
+        f"- mode: {mode or '?'}",
+        f"- date: {device.get('date', '?')}",
+        f"- commit: {device.get('commit', '?')}",
+        f"- torch {device.get('torch', '?')}, triton {device.get('triton', '?')}, python {device.get('python', '?')}"
+        + (f"; {device['capability']}, {device['sms']} SMs, {device['memory_gib']} GiB" if "sms" in device else ""),
+        f"- copy bandwidth (read + write): {_fmt(device.get('copy_gb_per_s'), '.4g')} GB/s; "
+        f"bf16 dense matmul: {_fmt(device.get('bf16_matmul_tflop_per_s'), '.4g')} TFLOP/s "
+        "(medians, CUDA events, this run)",
+        "",
+        "## Stages",
+        "",
+        "```",
+        status.rstrip("\n"),
+        "```",
+        "",
+        "## Correctness smoke (kernels against sedd/reference.py)",
+        "",
+    ]
+    if smoke is None:
+        lines.append("No smoke results (see the stage lines above).")
+    else:
+        lines += ["| check | shape | result | detail | s |", "| --- | --- | --- | --- | ---: |"]
+        for c in smoke.get("checks", []):
+            detail = str(c.get("detail", "")).replace("|", "/").replace("\n", " ")[:300]
+            lines.append(f"| {c['check']} | {c.get('shape')} | {'ok' if c['ok'] else 'FAIL'} | {detail} | {c.get('seconds')} |")
+    lines += ["", "## Benchmarks (median of the rounds, CUDA events; targets recorded, not asserted)", ""]
+    lines += benchmark_table(records)
+    return "\n".join(lines) + "\n"
+
+
+def summarize_pytest_json(data: dict) -> tuple[str, str]:
+    """A pytest-benchmark JSON -> (markdown, file stem <device>-<date>-<commit>)."""
     machine, commit = data.get("machine_info", {}), data.get("commit_info", {})
     device = machine.get("device") or machine.get("cpu", {}).get("brand_raw") or "unknown device"
     date = data.get("datetime", "unknown date")
-    sha = commit.get("id", "unknown")[:12] + (" (dirty)" if commit.get("dirty") else "")
-    rows, medians = [], {}
-    for bench in data.get("benchmarks", []):
-        info, stats = bench.get("extra_info", {}), bench.get("stats", {})
-        key = (bench.get("group"), info.get("graph"), info.get("mode"))
-        medians[(*key, info.get("impl"))] = stats.get("median")
-        rows.append((key, info, stats, bench["name"]))
-    lines = [
-        f"# Benchmarks: {device}",
-        "",
-        f"- date: {date}",
-        f"- commit: {sha} (branch {commit.get('branch', '?')})",
-        f"- torch {machine.get('torch', '?')}, triton {machine.get('triton', '?')}",
-        "",
-        "| case | impl | median ms | GB/s | of copy BW | tokens/s | peak extra MB | peak extra / buffer "
-        "| × vs eager | × vs compiled |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    copy = None
-    for key, info, stats, name in sorted(rows, key=lambda r: (str(r[0]), str(r[1].get("impl")))):
-        median = stats.get("median")
-        eager, compiled = medians.get((*key, "eager")), medians.get((*key, "compiled"))
-        case = f"{info.get('graph', '?')} {info.get('mode', '?')} {info.get('shape', '')} {info.get('dtype', '')}"
-        copy = info.get("copy_gb_per_s") or copy
-        peak = info.get("peak_extra_bytes", info.get("peak_memory_bytes"))
-        lines.append(
-            f"| {case} | {info.get('impl', name)} | {_fmt(median and median * 1e3, '.3f')} "
-            f"| {_fmt(info.get('gb_per_s'), '.3g')} | {_fmt(info.get('fraction_of_copy'), '.0%')} "
-            f"| {_fmt(info.get('tokens_per_s'), '.4g')} | {_fmt(peak and peak / 2**20, '.0f')} "
-            f"| {_fmt(info.get('peak_over_buffer'), '.2f')} "
-            f"| {_fmt(eager / median if eager and median else None, '.2f')} "
-            f"| {_fmt(compiled / median if compiled and median else None, '.2f')} |"
-        )
-    lines += ["", f"Copy bandwidth measured in the same run: {_fmt(copy, '.3g')} GB/s (read + write)."]
-    stem = "-".join(
-        [re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower(), date[:10], commit.get("id", "nocommit")[:8]]
-    )
+    sha = machine.get("commit") or commit.get("id") or "unknown"
+    records = [{"name": b.get("fullname", b.get("name", "?")), "median_s": b.get("stats", {}).get("median"),
+                "extra_info": b.get("extra_info", {})} for b in data.get("benchmarks", [])]  # fmt: skip
+    lines = [f"# Benchmarks: {device}", "", f"- date: {date}", f"- commit: {sha}",
+             f"- torch {machine.get('torch', '?')}, triton {machine.get('triton', '?')}", ""]  # fmt: skip
+    lines += benchmark_table(records)
+    stem = "-".join([re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower(), date[:10], sha[:8]])
     return "\n".join(lines) + "\n", stem
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="default: OUT_DIR/<device>-<date>-<commit>.md")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results",
-                        help="directory of the default output file (default: benchmarks/results)")
+    parser.add_argument("json", type=Path, nargs="?", help="a pytest-benchmark JSON file")
+    parser.add_argument("--results", type=Path, help="a device-check results directory")
+    parser.add_argument("--mode", help="how the device check ran (recorded in the file)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: RESULTS/device-check.md, or OUT_DIR/<device>-<date>-<commit>.md")  # fmt: skip
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    text, stem = summarize(json.loads(args.json.read_text()))
-    out = args.out or args.out_dir / f"{stem}.md"
+    if (args.json is None) == (args.results is None):
+        parser.error("give either a pytest-benchmark JSON file or --results DIR")
+    if args.results is not None:
+        text, out = summarize_results(args.results, args.mode), args.out or args.results / "device-check.md"
+    else:
+        text, stem = summarize_pytest_json(json.loads(args.json.read_text()))
+        out = args.out or args.out_dir / f"{stem}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print(text)
     print(f"written to {out}")
 
 

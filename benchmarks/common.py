@@ -1,0 +1,146 @@
+"""What every benchmark and device-check stage shares: the device, one clock and one statistic,
+the copy-bandwidth and bf16-matmul rooflines, the commit id, and the model's score shift.
+
+Timing. Every figure (kernels, baselines, the copy, the matmul) is the **median** of several
+rounds after a warm-up, read from :func:`device_clock`: on CUDA a clock made of CUDA events (an
+event recorded and waited for at each reading, so the interval between two readings is GPU time
+from the first event to the last one); on CPU ``time.perf_counter``. ``benchmarks/conftest.py``
+makes it pytest-benchmark's timer, so the pytest suites and the device check time alike.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+ROOT = Path(__file__).resolve().parent.parent
+COMMIT_FILE = ROOT / "benchmarks" / "COMMIT"
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+class _EventClock:
+    """Seconds of GPU time since the first reading. Each reading records an event and waits for
+    it; the differences between consecutive events are summed in Python floats (one event pair's
+    ``elapsed_time`` is fp32 milliseconds: fine for an interval, not for an absolute time)."""
+
+    def __init__(self):
+        self._last = None
+        self._seconds = 0.0
+
+    def __call__(self) -> float:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        event.synchronize()
+        if self._last is not None:
+            self._seconds += self._last.elapsed_time(event) / 1e3
+        self._last = event
+        return self._seconds
+
+
+_event_clock = _EventClock() if CUDA else None
+
+
+def device_clock() -> float:
+    """The one clock of every benchmark: CUDA events on a GPU, ``perf_counter`` on CPU."""
+    return _event_clock() if _event_clock is not None else time.perf_counter()
+
+
+def time_median(fn, *, setup=None, warmup: int = 3, rounds: int = 20) -> float:
+    """Median seconds of ``fn()`` over ``rounds`` after ``warmup`` calls; ``setup()`` (untimed)
+    runs before each call. The same rule pytest-benchmark applies with :func:`device_clock`."""
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    times = []
+    for _ in range(rounds):
+        if setup is not None:
+            setup()
+        sync()
+        start = device_clock()
+        fn()
+        times.append(device_clock() - start)
+    return statistics.median(times)
+
+
+def device_name() -> str:
+    if CUDA:
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy, read + write counted: 1 GiB on CUDA, 16 MiB on CPU."""
+    n = (1 << 30) if CUDA else (16 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=DEVICE).fill_(1)
+    dst = torch.empty_like(src)
+    seconds = time_median(lambda: dst.copy_(src), warmup=3, rounds=20 if CUDA else 5)
+    del src, dst
+    if CUDA:
+        torch.cuda.empty_cache()
+    return 2 * n / seconds
+
+
+def matmul_peak(dtype: torch.dtype = torch.bfloat16) -> float:
+    """FLOP/s of a dense square matmul (8192³ on CUDA, 256³ on CPU): the practical dense peak
+    that MFU is measured against."""
+    n = 8192 if CUDA else 256
+    a = torch.randn(n, n, device=DEVICE).to(dtype)
+    b = torch.randn(n, n, device=DEVICE).to(dtype)
+    seconds = time_median(lambda: torch.matmul(a, b), warmup=3, rounds=20 if CUDA else 3)
+    del a, b
+    return 2 * n**3 / seconds
+
+
+def commit_id() -> str:
+    """``SEDD_COMMIT``, else the file ``benchmarks/COMMIT`` (written before copying a tree without
+    ``.git``: ``bash benchmarks/device_check.sh --write-commit``), else ``git``, else "unknown"."""
+    if os.environ.get("SEDD_COMMIT"):
+        return os.environ["SEDD_COMMIT"].strip()
+    if COMMIT_FILE.is_file():
+        text = COMMIT_FILE.read_text().strip()
+        if text:
+            return text
+    try:
+        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version()}
+
+
+def score_shift(graph, sigma: torch.Tensor) -> torch.Tensor:
+    """The per-row score shift a SEDD model with ``scale_by_sigma`` applies for ``graph``
+    (absorbing: −log E(σ) − log(V − 1); uniform: 0), taken from the library, not re-derived."""
+    if hasattr(graph, "score_shift"):
+        return graph.score_shift(sigma)
+    from sedd.model import SEDD
+
+    # SEDD's shift depends only on these three attributes; no model weights are needed.
+    owner = SimpleNamespace(absorb=graph.absorbing, scale_by_sigma=True, vocab_size=graph.dim)
+    return SEDD._score_shift(owner, sigma)

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The device check: everything a session with a GPU should run, in one command of at most
+# ~6 minutes on an H100/H200, most valuable stage first. From the repository root:
+#
+#     bash benchmarks/device_check.sh                  # on the GPU machine
+#     RESULTS=$OUT bash benchmarks/device_check.sh     # results where a borrowed machine returns them
+#     bash benchmarks/device_check.sh --dry-run        # every stage on CPU at tiny shapes (interpreter)
+#     bash benchmarks/device_check.sh --write-commit   # before copying a tree without .git
+#
+# It uses the image's python3 (PYTHON=... to change) with PYTHONPATH=., installs nothing and needs
+# no .git: the commit id is $SEDD_COMMIT, else benchmarks/COMMIT (--write-commit), else
+# `git rev-parse HEAD`, else "unknown". Stages, each under its own timeout and all under one
+# budget ($DEVICE_CHECK_BUDGET_S, default 330 s; a stage gets what is left when it starts):
+#   1 device   device name, copy bandwidth, bf16 matmul peak       benchmarks/device_peaks.py
+#   2 smoke    every kernel against sedd/reference.py, V = 50258   benchmarks/gpu_smoke.py
+#   3 kernels  kernel benchmarks, no torch.compile baselines       bench_score_entropy.py, bench_sampling.py
+#   4 tests    the compiled-kernel tests                            tests/test_kernels_cuda.py
+#   5 e2e      training step (MFU) and sampling                     bench_end_to_end.py
+#   6 compiled torch.compile(reference) baselines, if time is left  bench_score_entropy.py, bench_sampling.py
+# Under $RESULTS (default benchmarks/results), written as it goes, six files:
+#   status.txt        one line per stage: ok / failed (with the error tail) / skipped (with the reason)
+#   device-check.md   the results table (rebuilt after every stage, so it exists whatever fails)
+#   device-check.log  every stage's full output
+#   device.json, smoke.json, bench.jsonl   the raw figures (bench.jsonl: one benchmark per line)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+dry_run=0
+case "${1:-}" in
+  "") ;;
+  --dry-run) dry_run=1 ;;
+  --write-commit)
+    sha="$(git rev-parse HEAD)" || exit 1
+    git diff --quiet HEAD -- 2>/dev/null || sha="$sha-dirty"
+    echo "$sha" > benchmarks/COMMIT && echo "benchmarks/COMMIT: $sha"
+    exit 0 ;;
+  *) echo "usage: bash benchmarks/device_check.sh [--dry-run | --write-commit]" >&2; exit 2 ;;
+esac
+
+PY="${PYTHON:-python3}"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+RESULTS="${RESULTS:-benchmarks/results}"
+BUDGET="${DEVICE_CHECK_BUDGET_S:-330}"
+mkdir -p "$RESULTS"
+status="$RESULTS/status.txt"
+log="$RESULTS/device-check.log"
+records="$RESULTS/bench.jsonl"
+: > "$status"; : > "$log"; : > "$records"
+rm -f "$RESULTS/device.json" "$RESULTS/smoke.json"
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+
+if [[ -z "${SEDD_COMMIT:-}" ]]; then
+  if [[ -s benchmarks/COMMIT ]]; then SEDD_COMMIT="$(head -n1 benchmarks/COMMIT)"
+  elif sha="$(git rev-parse HEAD 2>/dev/null)"; then
+    git diff --quiet HEAD -- 2>/dev/null || sha="$sha-dirty"
+    SEDD_COMMIT="$sha"
+  else SEDD_COMMIT=unknown; fi
+fi
+export SEDD_COMMIT SEDD_BENCH_RECORDS="$records"
+if (( dry_run )); then
+  # CPU only, even on a GPU machine; the kernels run in Triton's interpreter.
+  export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
+  mode="dry run on CPU (tiny shapes, kernels interpreted: checks the plumbing, measures nothing)"
+else
+  export TRITON_INTERPRET=0
+  mode="GPU"
+fi
+echo "# device check, $mode, commit $SEDD_COMMIT, started $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET}s" >> "$status"
+have_timeout=0; command -v timeout > /dev/null && have_timeout=1
+start=$SECONDS
+
+summarize() {
+  "$PY" benchmarks/summarize.py --results "$RESULTS" --mode "$mode" >> "$log" 2>&1 \
+    || echo "    (summarize.py failed; see device-check.log)" >> "$status"
+}
+
+skip() {  # skip NAME REASON
+  echo "[$1] skipped: $2" >> "$status"
+  echo "=== stage $1 skipped: $2" >> "$log"
+}
+
+stage() {  # stage NAME TIMEOUT_S COMMAND...
+  local name="$1" limit="$2" left t rc elapsed t0 last
+  shift 2
+  left=$(( BUDGET - (SECONDS - start) ))
+  if (( left < 15 )); then skip "$name" "the ${BUDGET} s budget is spent"; return; fi
+  t=$(( limit < left ? limit : left ))
+  echo "=== stage $name (timeout ${t}s): $*" >> "$log"
+  t0=$SECONDS
+  if (( have_timeout )); then
+    timeout -k 10 "$t" "$@" > "$scratch/out" 2>&1; rc=$?
+  else
+    "$@" > "$scratch/out" 2>&1; rc=$?
+  fi
+  elapsed=$(( SECONDS - t0 ))
+  cat "$scratch/out" >> "$log"
+  last="$(grep -v '^[[:space:]]*$' "$scratch/out" | tail -n1 | cut -c1-160)"
+  if (( rc == 0 )); then
+    echo "[$name] ok (${elapsed}s): $last" >> "$status"
+  else
+    if (( rc == 124 || rc == 137 )); then
+      echo "[$name] failed: timeout after ${t}s" >> "$status"
+    else
+      echo "[$name] failed: exit status $rc after ${elapsed}s" >> "$status"
+    fi
+    tail -n 25 "$scratch/out" | cut -c1-300 | sed 's/^/    | /' >> "$status"
+  fi
+  summarize
+}
+
+pytest_bench=("$PY" -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-disable-gc)
+
+stage device 60 "$PY" -m benchmarks.device_peaks --out "$RESULTS/device.json"
+stage smoke 120 "$PY" -m benchmarks.gpu_smoke --out "$RESULTS/smoke.json"
+stage kernels 120 "${pytest_bench[@]}" benchmarks/bench_score_entropy.py benchmarks/bench_sampling.py -k "not compiled"
+if (( dry_run )); then
+  skip tests "tests/test_kernels_cuda.py needs CUDA (the CPU test run collects it and skips every test)"
+else
+  stage tests 90 "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_kernels_cuda.py
+fi
+stage e2e 90 "${pytest_bench[@]}" benchmarks/bench_end_to_end.py
+if (( dry_run )); then
+  skip compiled "torch.compile on CPU builds C++ with inductor for minutes; the GPU run measures it"
+else
+  stage compiled 300 "${pytest_bench[@]}" benchmarks/bench_score_entropy.py benchmarks/bench_sampling.py -k compiled
+fi
+summarize
+echo "# finished after $(( SECONDS - start ))s; results in $RESULTS" >> "$status"
+cat "$status"
+grep -q '^\[[a-z0-9]*\] failed' "$status" && exit 1
+exit 0

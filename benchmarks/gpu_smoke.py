@@ -1,0 +1,249 @@
+"""Device check, stage 2: every kernel against ``sedd/reference.py`` at the width it runs at.
+
+    PYTHONPATH=. python3 -m benchmarks.gpu_smoke --out benchmarks/results/smoke.json
+
+On CUDA: GPT-2 widths (V = 50258 absorbing, 50257 uniform), 4096 rows (4 × 1024) of bf16 raw
+scores with the model's score shift. On CPU (``--dry-run`` of the device check) the same checks
+at V ≈ 130 through Triton's interpreter, so this file cannot rot.
+
+Checks, each recorded as it finishes (one failing check does not stop the others):
+- score entropy, per graph: the loss (batchmean, fused loss + gradient), the gradient, the
+  in-place gradient, and reduction "none" (its separate backward kernel), against the reference
+  in fp64 through ``ops``' torch backend;
+- forward noising: the move rate per row within 5 standard deviations;
+- reverse steps (Euler, analytic, denoise) per graph: one peaked row repeated ``draws`` times,
+  the draws against the reference probabilities (χ², p > 1e-4; computed here without scipy,
+  which the GPU image lacks), and at scale: absorbing steps keep unmasked positions, denoise
+  leaves no MASK.
+Exit status 1 when any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from benchmarks import common
+from sedd import ops, reference
+from sedd.graph import get_graph
+
+if common.CUDA:
+    N, B, L, DRAWS = 50257, 4, 1024, 1 << 14
+else:
+    N, B, L, DRAWS = 64, 2, 16, 1 << 8
+DEVICE = common.DEVICE
+SIGMAS = [1e-3, 0.3, 2.0, 10.0]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(DEVICE).manual_seed(seed)
+
+
+def chi2_pvalue(draws: torch.Tensor, probs: torch.Tensor) -> float:
+    """Goodness of fit of integer draws against categorical probabilities; cells expecting fewer
+    than 5 draws are pooled. A draw of a zero-probability outcome fails outright."""
+    probs = probs.double().flatten().cpu()
+    counts = torch.bincount(draws.flatten().cpu(), minlength=probs.numel()).double()
+    zero = probs <= 0
+    if counts[zero].sum() > 0:
+        raise AssertionError(f"drew zero-probability outcomes {torch.nonzero(counts * zero).flatten()[:5].tolist()}")
+    expected = probs / probs.sum() * counts.sum()
+    big, small = expected >= 5, (expected < 5) & ~zero
+    obs, exp = [counts[big]], [expected[big]]
+    if small.any():
+        obs.append(counts[small].sum()[None])
+        exp.append(expected[small].sum()[None])
+    obs, exp = torch.cat(obs), torch.cat(exp)
+    if obs.numel() < 2:
+        return 1.0
+    stat = ((obs - exp) ** 2 / exp).sum()
+    return float(torch.special.gammaincc(torch.tensor((obs.numel() - 1) / 2, dtype=torch.float64), stat / 2))
+
+
+def _loss_inputs(graph):
+    g = _gen(0)
+    z = (torch.randn(B, L, graph.dim, device=DEVICE, generator=g) * 2).to(torch.bfloat16)
+    sigma = torch.tensor((SIGMAS * B)[:B], device=DEVICE)
+    x0 = torch.randint(0, graph.N, (B, L), device=DEVICE, generator=g)
+    x_t = reference.sample_transition(x0, sigma, graph, g)
+    shift = common.score_shift(graph, sigma)
+    weight = torch.rand(B, device=DEVICE, generator=g) + 0.5
+    return z, sigma, x_t, x0, shift, weight
+
+
+def _loss_and_grad(backend, graph, inputs, reduction, inplace=False, grad_out=None):
+    z, sigma, x_t, x0, shift, weight = inputs
+    w = z.clone().requires_grad_()
+    with ops.use_backend(backend):
+        scores = w * 1 if backend == "triton" else w.double()  # a non-leaf, as a model's output is
+        loss = ops.score_entropy(scores, sigma, x_t, x0, graph, shift=shift, weight=weight,
+                                 reduction=reduction, inplace_backward=inplace)  # fmt: skip
+        used = ops.last_backend()
+    if used != backend:
+        raise AssertionError(f"ran on backend {used!r}, not {backend!r}")
+    (loss * grad_out if grad_out is not None else loss).sum().backward()
+    return loss.detach().double(), w.grad.double()
+
+
+def _close(name, got, want, rtol, atol_scale) -> str:
+    scale = float(want[want.isfinite()].abs().max()) if want.numel() else 1.0
+    atol = atol_scale * max(scale, 1e-30)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    err = float(((got - want).abs() / (atol + rtol * want.abs())).nan_to_num(0).max())
+    return f"{name} max err {err:.2g} of tolerance"
+
+
+def score_entropy_checks(graph_name):
+    graph = get_graph(graph_name, N)
+    inputs = _loss_inputs(graph)
+    want_loss, want_grad = _loss_and_grad("torch", graph, inputs, "batchmean")
+
+    def batchmean(inplace):
+        def check():
+            loss, grad = _loss_and_grad("triton", graph, inputs, "batchmean", inplace)
+            return "; ".join([_close("loss", loss, want_loss, 1e-4, 1e-5),
+                              _close("gradient", grad, want_grad, 1.6e-2, 1.6e-2)])  # fmt: skip
+
+        return check
+
+    def per_token():
+        grad_out = torch.rand(B, L, device=DEVICE, generator=_gen(5))
+        want = _loss_and_grad("torch", graph, inputs, "none", grad_out=grad_out)
+        loss, grad = _loss_and_grad("triton", graph, inputs, "none", grad_out=grad_out)
+        return "; ".join([_close("loss", loss, want[0], 1e-4, 1e-5), _close("gradient", grad, want[1], 1.6e-2, 1.6e-2)])
+
+    shape = [B, L, graph.dim]
+    yield f"score entropy {graph_name} loss + gradient (batchmean)", shape, batchmean(False)
+    yield f"score entropy {graph_name} loss + in-place gradient (batchmean)", shape, batchmean(True)
+    yield f"score entropy {graph_name} per token + backward (none)", shape, per_token
+
+
+def noising_check(graph_name):
+    graph = get_graph(graph_name, N)
+    length = 1 << (16 if common.CUDA else 12)
+    sigma = torch.tensor([1e-4, 0.01, 0.3, 1.0, 3.0, 20.0], device=DEVICE)
+
+    def check():
+        x0 = torch.randint(0, N, (len(sigma), length), device=DEVICE, generator=_gen(1))
+        with ops.use_backend("triton"):
+            x_t = ops.sample_transition(x0, sigma, graph, _gen(1))
+        changed = (x_t != x0).double().mean(1)
+        p_move = -torch.expm1(-sigma.double())
+        p_change = p_move if graph.absorbing else p_move * (N - 1) / N
+        sd = (p_change * (1 - p_change) / length).sqrt()
+        worst = float(((changed - p_change).abs() / (sd + 1e-12)).max())
+        if worst > 5:
+            raise AssertionError(f"move rate off by {worst:.1f} sd: {changed.tolist()} vs {p_change.tolist()}")
+        if graph.absorbing and not ((x_t == x0) | (x_t == graph.mask_id)).all():
+            raise AssertionError("absorbing noising produced a token other than x0 or MASK")
+        return f"worst rate deviation {worst:.2f} sd"
+
+    yield f"forward noising {graph_name}", [len(sigma), length], check
+
+
+def _step(kind, z, x_t, scalar, graph, gen):
+    if kind == "euler":
+        return ops.euler_step(z, x_t, scalar, 0.5, graph, gen)
+    if kind == "analytic":
+        return ops.analytic_step(z, x_t, scalar, graph, gen)
+    return ops.denoise_step(z, x_t, scalar, graph, gen)
+
+
+def reverse_step_checks(graph_name):
+    graph = get_graph(graph_name, N)
+    V = graph.dim
+    for kind in ("euler", "analytic", "denoise"):
+
+        def draws(kind=kind):
+            g = _gen(2)
+            row = torch.randn(V, device=DEVICE, generator=g) * 3 - 4  # a peaked row with a long tail
+            row[torch.randint(0, N, (40,), device=DEVICE, generator=g)] += 6
+            x_cur = graph.mask_id if graph.absorbing else 17
+            z = row.expand(1, DRAWS, V).to(torch.bfloat16)
+            x_t = torch.full((1, DRAWS), x_cur, device=DEVICE)
+            scalar = torch.tensor([1e-3 if kind == "denoise" else 0.05], device=DEVICE)
+            with ops.use_backend("triton"):
+                out = _step(kind, z, x_t, scalar, graph, g)
+            probs_fn = {"euler": reference.euler_probs, "analytic": reference.analytic_probs,
+                        "denoise": reference.denoise_probs}[kind]  # fmt: skip
+            args = (scalar, 0.5) if kind == "euler" else (scalar,)
+            probs = probs_fn(z[:, :1], x_t[:, :1], *args, graph).reshape(V)
+            p = chi2_pvalue(out, probs)
+            if p <= 1e-4:
+                raise AssertionError(f"χ² p-value {p:.2g} ≤ 1e-4")
+            if kind == "denoise" and graph.absorbing and (out == graph.mask_id).any():
+                raise AssertionError("denoise returned MASK")
+            return f"χ² p = {p:.3g} over {DRAWS} draws"
+
+        yield f"reverse step {graph_name} {kind}: draws vs reference", [DRAWS, V], draws
+
+    def at_scale():
+        g = _gen(3)
+        z = torch.randn(B, L, V, device=DEVICE, generator=g).to(torch.bfloat16)
+        shift = common.score_shift(graph, torch.full((B,), 1.0, device=DEVICE))
+        x_t = torch.randint(0, graph.N, (B, L), device=DEVICE, generator=g)
+        if graph.absorbing:
+            x_t[torch.rand(B, L, device=DEVICE, generator=g) < 0.5] = graph.mask_id
+        fixed = x_t != graph.mask_id if graph.absorbing else torch.zeros_like(x_t, dtype=torch.bool)
+        with ops.use_backend("triton"):
+            out = ops.analytic_step(z, x_t, torch.full((B,), 0.05, device=DEVICE), graph, g, shift=shift)
+            final = ops.denoise_step(z, out, torch.full((B,), 1e-3, device=DEVICE), graph, g, shift=shift)
+        for name, ids in (("analytic", out), ("denoise", final)):
+            if not ((ids >= 0) & (ids < V)).all():
+                raise AssertionError(f"{name} step produced ids outside [0, {V})")
+            if not torch.equal(ids[fixed], x_t[fixed]):
+                raise AssertionError(f"{name} step moved an unmasked position")
+        if graph.absorbing and (final == graph.mask_id).any():
+            raise AssertionError("denoise left a MASK")
+        return f"{int((~fixed).sum())} of {B * L} positions free to move"
+
+    yield f"reverse step {graph_name} analytic + denoise at scale", [B, L, V], at_scale
+
+
+def all_checks():
+    for graph_name in ("absorb", "uniform"):
+        yield from score_entropy_checks(graph_name)
+    for graph_name in ("absorb", "uniform"):
+        yield from noising_check(graph_name)
+    for graph_name in ("absorb", "uniform"):
+        yield from reverse_step_checks(graph_name)
+
+
+def run(out: Path) -> bool:
+    report = {"device": common.device_name(), "commit": common.commit_id(), **common.versions(), "checks": []}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ok = True
+    with ops.value_checks(True):  # a correctness run: keep the input checks on
+        for name, shape, check in all_checks():
+            start = time.perf_counter()
+            try:
+                detail = check()
+                common.sync()  # a kernel fault surfaces here, inside its own check
+                passed = True
+            except Exception as err:  # noqa: BLE001  (every failure is recorded, then the next check runs)
+                detail, passed = f"{type(err).__name__}: {err}"[-2000:], False
+                traceback.print_exc()
+            seconds = time.perf_counter() - start
+            ok &= passed
+            report["checks"].append({"check": name, "shape": shape, "ok": passed, "detail": detail, "seconds": round(seconds, 2)})
+            print(f"{'ok  ' if passed else 'FAIL'} {name} {shape} ({seconds:.1f} s): {detail}", flush=True)
+            out.write_text(json.dumps(report, indent=1) + "\n")
+            if common.CUDA:
+                torch.cuda.empty_cache()
+    return ok
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    raise SystemExit(0 if run(args.out) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The device check (benchmarks/device_check.sh) on CPU: its dry run exercises every stage at tiny
+shapes, so the one GPU run a session may get does not fail on plumbing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "device_check.sh"
+STAGES = ["device", "smoke", "kernels", "tests", "e2e", "compiled"]
+
+
+def _run(results: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "PYTHON": sys.executable, "RESULTS": str(results), "SEDD_COMMIT": "test-commit", **env}
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=environ, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+def _stage_lines(results: Path) -> dict[str, str]:
+    lines = (results / "status.txt").read_text().splitlines()
+    return {line[1:].split("]")[0]: line for line in lines if line.startswith("[")}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("device-check")
+    return _run(results, "--dry-run"), results
+
+
+def test_dry_run_runs_or_skips_every_stage_with_a_reason(dry_run):
+    proc, results = dry_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stages = _stage_lines(results)
+    assert list(stages) == STAGES
+    for name, line in stages.items():
+        assert line.startswith(f"[{name}] ok (") or line.startswith(f"[{name}] skipped: "), line
+    assert "skipped" in stages["compiled"] and "skipped" in stages["tests"]
+    # at most 8 files come back from a borrowed machine
+    assert sorted(p.name for p in results.iterdir()) == sorted(
+        ["status.txt", "device-check.md", "device-check.log", "device.json", "smoke.json", "bench.jsonl"]
+    )
+
+
+def test_dry_run_writes_the_figures_and_the_table(dry_run):
+    _, results = dry_run
+    device = json.loads((results / "device.json").read_text())
+    assert device["commit"] == "test-commit" and not device["cuda"]
+    assert device["copy_gb_per_s"] > 0 and device["bf16_matmul_tflop_per_s"] > 0
+    checks = json.loads((results / "smoke.json").read_text())["checks"]
+    names = " ".join(c["check"] for c in checks)
+    for part in ("absorb loss + gradient", "absorb loss + in-place gradient", "uniform per token",
+                 "forward noising uniform", "uniform euler", "absorb denoise: draws"):  # fmt: skip
+        assert part in names
+    assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
+    records = [json.loads(line) for line in (results / "bench.jsonl").read_text().splitlines()]
+    benches = {r["name"].split("::")[1].split("[")[0] for r in records}
+    assert benches >= {"test_score_entropy", "test_reverse_step", "test_training_step", "test_sampling"}
+    assert all(r["median_s"] > 0 for r in records)
+    table = (results / "device-check.md").read_text()
+    assert "| case | impl | median ms |" in table and "[smoke] ok" in table and "test-commit" in table
+
+
+def test_stage_failures_and_an_empty_budget_are_reported(tmp_path):
+    # a python that fails: every stage is reported failed with its error tail, the script exits 1
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'boom from the fake python' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    proc = _run(tmp_path / "failed", PYTHON=str(fake), DEVICE_CHECK_BUDGET_S="100")
+    assert proc.returncode == 1
+    status = (tmp_path / "failed" / "status.txt").read_text()
+    assert "[device] failed: exit status 3" in status and "    | boom from the fake python" in status
+    assert "[compiled] failed" in status
+    # no budget left: every stage skipped with the reason, the table still written
+    proc = _run(tmp_path / "none", "--dry-run", DEVICE_CHECK_BUDGET_S="0")
+    assert proc.returncode == 0, proc.stderr
+    stages = _stage_lines(tmp_path / "none")
+    assert stages["device"] == "[device] skipped: the 0 s budget is spent"
+    assert "No benchmark finished" in (tmp_path / "none" / "device-check.md").read_text()

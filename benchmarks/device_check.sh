@@ -69,6 +69,7 @@ fi
 echo "# device check, $mode, commit $SEDD_COMMIT, started $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET}s" >> "$status"
 have_timeout=0; command -v timeout > /dev/null && have_timeout=1
 start=$SECONDS
+abort=""
 
 summarize() {
   "$PY" benchmarks/summarize.py --results "$RESULTS" --mode "$mode" >> "$log" 2>&1 \
@@ -84,6 +85,7 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2" left t rc elapsed t0 last
   shift 2
   left=$(( BUDGET - (SECONDS - start) ))
+  if [[ -n "$abort" ]]; then skip "$name" "$abort"; return; fi
   if (( left < 15 )); then skip "$name" "the ${BUDGET} s budget is spent"; return; fi
   t=$(( limit < left ? limit : left ))
   echo "=== stage $name (timeout ${t}s): $*" >> "$log"
@@ -111,7 +113,14 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
 
 pytest_bench=("$PY" -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-disable-gc)
 
-stage device 60 "$PY" -m benchmarks.device_peaks --out "$RESULTS/device.json"
+if (( dry_run )); then
+  stage device 60 "$PY" -m benchmarks.device_peaks --out "$RESULTS/device.json"
+else
+  stage device 60 "$PY" -m benchmarks.device_peaks --out "$RESULTS/device.json" --require-cuda
+  if grep -q '^\[device\] failed: exit status 3' "$status"; then
+    abort="no CUDA device (use --dry-run on CPU)"
+  fi
+fi
 stage smoke 120 "$PY" -m benchmarks.gpu_smoke --out "$RESULTS/smoke.json"
 stage kernels 120 "${pytest_bench[@]}" benchmarks/bench_score_entropy.py benchmarks/bench_sampling.py -k "not compiled"
 if (( dry_run )); then

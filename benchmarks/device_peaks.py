@@ -39,7 +39,11 @@ def measure() -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--require-cuda", action="store_true", help="exit with status 3 when no CUDA device is visible")
     args = parser.parse_args(argv)
+    if args.require_cuda and not common.CUDA:
+        print("no CUDA device visible to torch: on a CPU machine run `bash benchmarks/device_check.sh --dry-run`")
+        raise SystemExit(3)
     info = measure()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(info, indent=1) + "\n")

@@ -69,12 +69,12 @@ def test_dry_run_writes_the_figures_and_the_table(dry_run):
 def test_stage_failures_and_an_empty_budget_are_reported(tmp_path):
     # a python that fails: every stage is reported failed with its error tail, the script exits 1
     fake = tmp_path / "python"
-    fake.write_text("#!/bin/sh\necho 'boom from the fake python' >&2\nexit 3\n")
+    fake.write_text("#!/bin/sh\necho 'boom from the fake python' >&2\nexit 4\n")
     fake.chmod(0o755)
     proc = _run(tmp_path / "failed", PYTHON=str(fake), DEVICE_CHECK_BUDGET_S="100")
     assert proc.returncode == 1
     status = (tmp_path / "failed" / "status.txt").read_text()
-    assert "[device] failed: exit status 3" in status and "    | boom from the fake python" in status
+    assert "[device] failed: exit status 4" in status and "    | boom from the fake python" in status
     assert "[compiled] failed" in status
     # no budget left: every stage skipped with the reason, the table still written
     proc = _run(tmp_path / "none", "--dry-run", DEVICE_CHECK_BUDGET_S="0")
@@ -82,3 +82,4 @@ def test_stage_failures_and_an_empty_budget_are_reported(tmp_path):
     stages = _stage_lines(tmp_path / "none")
     assert stages["device"] == "[device] skipped: the 0 s budget is spent"
     assert "No benchmark finished" in (tmp_path / "none" / "device-check.md").read_text()
+

@@ -12,6 +12,8 @@ positions may be fixed: a prefix (prompting), a suffix, middle spans (infilling)
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from tqdm.auto import tqdm
 
@@ -86,6 +88,12 @@ def sample(
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
     B = batch_size
+    trained = getattr(model, "length", None)
+    if isinstance(trained, int) and length > trained:
+        warnings.warn(
+            f"sampling {length} tokens at once from a model with training length {trained}: quality "
+            "drops past it; sedd.generation.sample_blockwise (sedd.generate) samples longer sequences "
+            "window by window", UserWarning, stacklevel=3)
 
     project = _projector(fixed_tokens, fixed_mask, B, length, graph, device)
     x = project(graph.sample_limit((B, length), device=device, generator=generator))

@@ -195,6 +195,20 @@ def test_sample_uniform_graph(bpe_ckpt, bpe, tmp_path, capsys):
     assert out["samples"][0]["tokens"][-len(bpe.encode(" end.")):] == bpe.encode(" end.")
 
 
+def test_sample_longer_than_the_model_is_semi_autoregressive(bpe_ckpt, bpe, capsys):
+    # the model's length is 64: 100 tokens are generated in windows ending at 64, 96 and 100
+    assert sample_cli.main([str(bpe_ckpt), "--length", "100", "--steps", "2", "--seed", "0", "--prefix", "ROMEO:",
+                            "--suffix", " Farewell.", "--json", "-", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    out, err = json.loads(captured.out), captured.err
+    assert "longer than the 64-token window" in err and "3 windows" in err, err
+    toks = out["samples"][0]["tokens"]
+    assert len(toks) == 100 and out["window"] == 64 and out["stride"] == 32
+    assert toks[: len(bpe.encode("ROMEO:"))] == bpe.encode("ROMEO:")
+    assert toks[-len(bpe.encode(" Farewell.")):] == bpe.encode(" Farewell.")
+    assert all(0 <= t < bpe.vocab_size for t in toks)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -205,6 +219,8 @@ def test_sample_uniform_graph(bpe_ckpt, bpe, tmp_path, capsys):
         (["--length", 32, "--template", "no holes here"], "no hole"),
         (["--length", 0], "--length must be >= 1"),
         (["--steps", 0], "--steps must be >= 1"),
+        (["--window", 0], "--window must be >= 1"),
+        (["--length", 100, "--stride", 64], "--stride must be smaller than the window (64)"),
     ],
 )
 def test_sample_bad_input(bpe_ckpt, capsys, args, message):

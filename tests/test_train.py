@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -80,6 +81,7 @@ def test_end_to_end(trained):
     # Samples are printed and saved.
     assert "--- sample 1 ---" in result.stdout
     assert (out / "samples.txt").read_text() in result.stdout
+    assert re.search(r"sampling:\s+\d+%.*\| \d+/4 \[", result.stderr), result.stderr[-2000:]  # per-step bar
 
     # One metrics line per step (log_every 1), validation at 0, 5, 10.
     metrics = read_metrics(out)

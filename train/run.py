@@ -197,7 +197,9 @@ def parse_args(argv=None):
             parser.error(f"--{key} {spec!r}: no such file or directory, and not one of {known}")
         if not os.access(path, os.R_OK):
             parser.error(f"--{key} {spec!r}: permission denied")
-        overrides[key] = str(path.resolve())  # so --resume finds it from any working directory
+        # Absolute, so --resume finds it from any working directory, but with symbolic links kept:
+        # the path is stored and compared as the user spelled it.
+        overrides[key] = os.path.abspath(path)
     for key in ("hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "batch_size", "global_batch",
                 "log_every", "ckpt_every", "sample_steps"):
         if key in overrides and overrides[key] < 1:
@@ -633,7 +635,8 @@ def main(argv=None):
         g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 3, 0, step))
         with ema_weights():
             x = sample(net, graph, noise, batch_size=cfg["num_samples"], length=cfg["sample_length"],
-                       steps=cfg["sample_steps"], predictor="analytic", generator=g, device=device)
+                       steps=cfg["sample_steps"], predictor="analytic", generator=g, device=device,
+                       progress=master)
         texts = [tok.decode(row) for row in x.cpu()]
         report = f"=== {len(texts)} samples at step {step} (EMA weights, {cfg['sample_steps']} analytic steps) ===\n"
         report += "".join(f"--- sample {i + 1} ---\n{text}\n" for i, text in enumerate(texts))

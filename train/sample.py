@@ -45,8 +45,9 @@ if __package__ in (None, ""):  # `python train/sample.py`: the package of this c
 
 import torch
 
+from sedd.generation import sample_blockwise
 from sedd.pretrained import load_pretrained
-from sedd.sampling import PREDICTORS, conditioning, sample
+from sedd.sampling import PREDICTORS, conditioning
 
 TEMPLATE_HOLE = re.compile(r"\[MASK(?::(\d+))?\]")
 
@@ -111,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the literal text between holes is fixed",
     )
     s = p.add_argument_group("sampling")
-    s.add_argument("--length", type=int, help="tokens per sample (default: the model's training length)")
+    s.add_argument("--length", type=int, help="tokens per sample (default: the model's training length); "
+                   "longer than the model's length is generated window by window (--window, --stride)")
+    s.add_argument("--window", type=int, help="semi-autoregressive window: tokens the model sees at once "
+                   "(default: the model's training length)")
+    s.add_argument("--stride", type=int, help="new tokens per window after the first, the rest of the window "
+                   "holding the tokens before them (default: half the window)")
     s.add_argument(
         "--steps", type=int,
         help="reverse-process steps, one model call each (default: --length, as in the paper; "
@@ -220,7 +226,7 @@ def build_spans(args, tokenizer, length: int) -> list[Span]:
 
 
 def _check_args(args) -> None:
-    for name in ("length", "steps", "batch_size"):
+    for name in ("length", "steps", "batch_size", "window", "stride"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -246,7 +252,19 @@ def run(args) -> int:
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
     length = args.length or model.length
-    steps = args.steps or length
+    window = args.window or model.length
+    if window > model.length:
+        print(f"sample.py: warning: --window {window} is longer than the model's training length "
+              f"{model.length}; quality drops past it", file=sys.stderr)
+    if args.stride is not None and args.stride >= window:
+        raise InputError(f"--stride must be smaller than the window ({window}), got {args.stride}")
+    stride = args.stride or window // 2
+    if length > window:
+        blocks = 1 + -(-(length - window) // stride)
+        print(f"sample.py: {length} tokens is longer than the {window}-token window: generating "
+              f"semi-autoregressively in {blocks} windows, each holding the {window - stride} tokens before "
+              f"its {stride} new ones fixed (--window, --stride)", file=sys.stderr)
+    steps = args.steps or min(length, window)
     spans = build_spans(args, tokenizer, length)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
 
@@ -255,9 +273,9 @@ def run(args) -> int:
         fixed_tokens, fixed_mask = conditioning(length, {s.start: s.ids for s in spans}, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
-    x = sample(
-        model, pre.graph, pre.noise, batch_size=args.batch_size, length=length, steps=steps,
-        predictor=args.sampler, eps=args.eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask,
+    x = sample_blockwise(
+        model, pre.graph, pre.noise, batch_size=args.batch_size, length=length, window=window, stride=stride,
+        steps=steps, predictor=args.sampler, eps=args.eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask,
         generator=generator, device=device, progress=progress,
     )
     elapsed = time.perf_counter() - start
@@ -269,6 +287,8 @@ def run(args) -> int:
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
         "graph": pre.graph.name,
         "length": length,
+        "window": window,
+        "stride": stride if length > window else None,
         "steps": steps,
         "sampler": args.sampler,
         "eps": args.eps,

@@ -1,0 +1,440 @@
+"""Text in, text out: prompts, suffixes and infill templates as strings, samples as strings.
+
+    from sedd import generate, load_pretrained
+
+    p = load_pretrained("out")                       # a checkpoint directory, or a Hub id
+    generate(p, ["Once upon a time", "def main("], length=64, steps=64)
+    generate(p, templates=["The [MASK:5] sat on the [MASK:3]."])
+    generate(p, num_samples=2, length=3 * p.model.length)      # longer than the training length
+
+Every row of a batch has its own fixed positions ([B, L] masks), so prompts of different lengths,
+suffixes and templates mix in one batch. Each fixed text is tokenized on its own and placed token
+by token; the sampler holds those tokens at their positions and generates the rest (exact
+conditioning, sedd-math.md "Conditioning").
+
+Byte-level BPE tokenizers (GPT-2's) attach a space to the word after it, so trailing spaces of a
+fixed text that generated tokens follow are left to the generated token: the prompt "The " is
+placed as "The" and the model writes " cat".
+
+Longer than the training length (``length > window``, the window defaulting to the model's
+``length``): generation runs block by block, semi-autoregressively as in MDLM. The first window
+is sampled as usual; each later window of the same size keeps its first ``window - stride``
+positions fixed to the tokens already generated (the context) and generates the next ``stride``.
+A window sees only fixed text inside it: a suffix or an infill span further on does not steer
+earlier windows.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from sedd.sampling import sample
+
+__all__ = [
+    "Span", "Sample", "fixed_spans", "template_spans", "spans_to_mask", "sample_blockwise",
+    "generate", "generate_samples",
+]
+
+TEMPLATE_HOLE = re.compile(r"\[MASK(?::(\d+))?\]")
+
+
+@dataclass
+class Span:
+    """Fixed tokens ``ids`` at positions [start, start + len(ids)).
+
+    Attributes:
+        source: what asked for it ("prefix", "suffix", "infill 40", "template piece 2"), for messages.
+        text: the text as given (its tokens may have dropped trailing spaces).
+    """
+
+    source: str
+    start: int
+    ids: list[int]
+    text: str
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.ids)
+
+
+@dataclass
+class Sample:
+    """One generated sequence: its text, its token ids and the spans that were held fixed."""
+
+    text: str
+    tokens: list[int]
+    fixed: list[Span] = field(default_factory=list)
+
+
+def _encode(tokenizer, text: str, *, followed_by_hole: bool) -> list[int]:
+    # A byte-level BPE glues a space to the next word: "The " would end in a lone " " token that
+    # the model rarely saw before a word. Leave the space to the generated token.
+    if followed_by_hole:
+        text = text.rstrip(" ")
+    return tokenizer.encode(text) if text else []
+
+
+def template_spans(template: str, tokenizer) -> list[Span]:
+    """The fixed spans of a template laid out from position 0: literal text is fixed,
+    ``[MASK:n]`` is a hole of n generated tokens (``[MASK]`` = one).
+
+    Raises:
+        ValueError: no hole, or a hole of 0 tokens.
+    """
+    if not isinstance(template, str):
+        raise TypeError(f"template must be a string, got {type(template).__name__}")
+    pieces: list[tuple[str, int]] = []  # (literal text, hole size after it)
+    last = 0
+    for m in TEMPLATE_HOLE.finditer(template):
+        n = int(m.group(1)) if m.group(1) is not None else 1
+        if n < 1:
+            raise ValueError(f"template: a hole needs at least one token, got {m.group(0)!r}")
+        pieces.append((template[last : m.start()], n))
+        last = m.end()
+    pieces.append((template[last:], 0))
+    if len(pieces) == 1:
+        raise ValueError(f"template {template!r} has no hole: mark the spans to generate with [MASK:n] (or [MASK])")
+    spans, pos = [], 0
+    for i, (text, hole) in enumerate(pieces):
+        ids = _encode(tokenizer, text, followed_by_hole=True)  # free positions may follow the last piece too
+        if ids:
+            spans.append(Span(f"template piece {i + 1} {text!r}", pos, ids, text))
+        pos += len(ids) + hole
+    return spans
+
+
+def fixed_spans(
+    tokenizer,
+    length: int,
+    *,
+    prefix: str | None = None,
+    suffix: str | None = None,
+    infill: Sequence[tuple[int, str]] = (),
+    template: str | None = None,
+) -> list[Span]:
+    """Every fixed span of one sequence of ``length`` tokens, sorted by position.
+
+    Args:
+        prefix: text starting at position 0 (a prompt).
+        suffix: text ending at the last position.
+        infill: (position, text) pairs; the text's first token sits at the position (negative
+            positions count from the end: -10 starts 10 tokens before the end).
+        template: see :func:`template_spans`.
+    Raises:
+        ValueError: a span that does not fit in ``length`` or overlaps another, an infill without
+            text, or spans that leave nothing to generate.
+    """
+    spans: list[Span] = []
+    if template is not None:
+        spans += template_spans(template, tokenizer)
+    if prefix:
+        spans.append(Span("prefix", 0, _encode(tokenizer, prefix, followed_by_hole=True), prefix))
+    for item in infill:
+        try:
+            pos, text = item
+            pos = int(pos)
+        except (TypeError, ValueError):
+            raise ValueError(f"infill items are (position, text) pairs, got {item!r}") from None
+        ids = _encode(tokenizer, text, followed_by_hole=True)
+        if not ids:
+            raise ValueError(f"infill at position {pos} has no text to place")
+        start = pos + length if pos < 0 else pos
+        if start < 0:
+            raise ValueError(f"infill {pos}:{text!r}: position {pos} is before the start of a {length}-token sequence")
+        spans.append(Span(f"infill {pos}:{text!r}", start, ids, text))
+    if suffix:
+        ids = _encode(tokenizer, suffix, followed_by_hole=False)
+        spans.append(Span("suffix", length - len(ids), ids, suffix))
+
+    spans = [s for s in spans if s.ids]
+    for s in spans:
+        if s.start < 0 or s.end > length:
+            raise ValueError(
+                f"{s.source} is {len(s.ids)} tokens, which does not fit at position {max(s.start, 0)} "
+                f"of a {length}-token sequence; raise the length or shorten the text"
+            )
+    ordered = sorted(spans, key=lambda s: s.start)
+    for a, b in zip(ordered, ordered[1:]):
+        if b.start < a.end:
+            raise ValueError(
+                f"{a.source} (tokens {a.start}..{a.end - 1}) overlaps {b.source} (tokens {b.start}..{b.end - 1})"
+            )
+    if sum(len(s.ids) for s in spans) == length:
+        raise ValueError(f"the fixed spans cover all {length} positions: nothing is left to generate")
+    return ordered
+
+
+def spans_to_mask(rows: Sequence[Sequence[Span]], length: int, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed tokens and mask, both [len(rows), length], from each row's spans."""
+    tokens = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for b, spans in enumerate(rows):
+        for s in spans:
+            tokens[b, s.start : s.end] = torch.tensor(s.ids, dtype=torch.long)
+            mask[b, s.start : s.end] = True
+    return tokens.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample_blockwise(
+    model,
+    graph,
+    noise,
+    *,
+    batch_size: int,
+    length: int,
+    window: int,
+    stride: int | None = None,
+    steps: int = 128,
+    predictor: str = "analytic",
+    eps: float = 1e-5,
+    fixed_tokens: torch.Tensor | None = None,
+    fixed_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Semi-autoregressive sampling of sequences longer than the model's window.
+
+    The first ``window`` positions are sampled as by :func:`sedd.sampling.sample`; then each
+    window [end − window, end) with end advancing by ``stride`` keeps the tokens before the new
+    ``stride`` positions fixed (the context) and samples the new ones, ``steps`` reverse steps
+    per window. Positions fixed by ``fixed_mask`` stay fixed in every window that holds them.
+
+    Args:
+        length: total tokens per sequence; ``length <= window`` is one ordinary :func:`sample`.
+        window: tokens the model sees at once (its training length).
+        stride: new tokens per later window, in [1, window); default ``window // 2``.
+        fixed_tokens, fixed_mask: [length] or [B, length], as for :func:`sample`.
+        other arguments: as for :func:`sedd.sampling.sample`.
+    Returns:
+        [B, length] int64 tokens.
+    """
+    for name, value in (("batch_size", batch_size), ("length", length), ("window", window)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    stride = window // 2 if stride is None else stride
+    if length > window and not (isinstance(stride, int) and 1 <= stride < window):
+        raise ValueError(f"stride must be an integer in [1, window = {window}), got {stride!r}")
+    if (fixed_tokens is None) != (fixed_mask is None):
+        raise ValueError("fixed_tokens and fixed_mask must be given together")
+    if device is None:
+        param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        device = param.device if param is not None else "cpu"
+    device = torch.device(device)
+    common = dict(steps=steps, predictor=predictor, eps=eps, generator=generator, device=device)
+    if length <= window:
+        return sample(model, graph, noise, batch_size=batch_size, length=length, fixed_tokens=fixed_tokens,
+                      fixed_mask=fixed_mask, progress=progress, **common)
+
+    B = batch_size
+    if fixed_tokens is None:
+        tokens = torch.zeros(B, length, dtype=torch.long, device=device)
+        mask = torch.zeros(B, length, dtype=torch.bool, device=device)
+    else:
+        tokens = torch.as_tensor(fixed_tokens, device=device).long()
+        mask = torch.as_tensor(fixed_mask, device=device).bool()
+        if tokens.shape != mask.shape or tokens.dim() not in (1, 2) or tokens.shape[-1] != length:
+            raise ValueError(f"fixed_tokens and fixed_mask must both be [length] or [B, length] with length = {length}")
+        if tokens.dim() == 2 and tokens.shape[0] not in (1, B):
+            raise ValueError(f"fixed_tokens has batch {tokens.shape[0]}, expected 1 or {B}")
+        tokens, mask = tokens.expand(B, length).clone(), mask.expand(B, length).clone()
+
+    ends = [window, *range(window + stride, length, stride), length]
+    ends = sorted(set(ends))
+    x = tokens.clone()
+    done = 0
+    for end in tqdm(ends, desc="blocks", disable=not progress, leave=False):
+        start = max(end - window, 0)
+        new = slice(done, end)
+        if bool(mask[:, new].all()):  # every new position is fixed text: nothing to sample
+            done = end
+            continue
+        win_mask = mask[:, start:end].clone()
+        win_mask[:, : done - start] = True  # the context: tokens already generated or fixed
+        y = sample(model, graph, noise, batch_size=B, length=end - start, fixed_tokens=x[:, start:end],
+                   fixed_mask=win_mask, progress=False, **common)
+        x[:, new] = y[:, done - start :]
+        done = end
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Text in, text out
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_rows(name: str, value) -> list | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Sequence) or not all(v is None or isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be a string or a sequence of strings (None for no {name[:-1]}), "
+                        f"got {type(value).__name__}")
+    return list(value)
+
+
+def _resolve(model, tokenizer, device):
+    """(model, graph, noise, tokenizer) from a Pretrained, a checkpoint name or a model."""
+    from sedd.pretrained import Pretrained, load_pretrained
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load_pretrained(model, tokenizer=tokenizer, device="auto" if device is None else device)
+        tokenizer = None
+    if isinstance(model, Pretrained):
+        tok = model.tokenizer if tokenizer is None else tokenizer
+        net, graph, noise = model.model, model.graph, model.noise
+    elif isinstance(model, torch.nn.Module) and isinstance(getattr(model, "config", None), dict):
+        from sedd.graph import graph_from_config
+        from sedd.noise import noise_from_config
+
+        if tokenizer is None:
+            raise ValueError("a bare model needs tokenizer=... (or pass load_pretrained(...) instead)")
+        tok, net = tokenizer, model
+        graph, noise = graph_from_config(model.config), noise_from_config(model.config)
+    else:
+        raise TypeError("model must be a Pretrained (sedd.load_pretrained), a checkpoint directory or Hub id, "
+                        f"or a SEDD model, got {type(model).__name__}")
+    if isinstance(tok, str):
+        from sedd.data import get_tokenizer
+
+        tok = get_tokenizer(tok)
+    return net, graph, noise, tok
+
+
+def generate_samples(
+    model,
+    prompts: str | Sequence[str | None] | None = None,
+    *,
+    suffixes: str | Sequence[str | None] | None = None,
+    templates: str | Sequence[str | None] | None = None,
+    infills: Sequence[Sequence[tuple[int, str]] | None] | None = None,
+    num_samples: int = 1,
+    length: int | None = None,
+    steps: int | None = None,
+    predictor: str = "analytic",
+    eps: float = 1e-5,
+    window: int | None = None,
+    stride: int | None = None,
+    tokenizer: Any = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> list[Sample]:
+    """Like :func:`generate`, returning :class:`Sample` objects (text, token ids, fixed spans);
+    ``infills`` adds per-row lists of (position, text) spans (see :func:`fixed_spans`)."""
+    net, graph, noise, tok = _resolve(model, tokenizer, device)
+    lists = {name: _as_rows(name, value) for name, value in
+             (("prompts", prompts), ("suffixes", suffixes), ("templates", templates))}
+    if infills is not None:
+        lists["infills"] = [None if spans is None else list(spans) for spans in infills]
+    given = {name: rows for name, rows in lists.items() if rows is not None}
+    sizes = {len(rows) for rows in given.values()}
+    if len(sizes) > 1:
+        raise ValueError("prompts, suffixes, templates and infills must have the same number of rows, got "
+                         + ", ".join(f"{name}: {len(rows)}" for name, rows in given.items()))
+    rows = sizes.pop() if sizes else 1
+    if rows == 0:
+        raise ValueError("no prompts were given (an empty list); pass None for unconditional samples")
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+
+    model_length = getattr(net, "length", None)
+    window = window or model_length or length
+    length = length or window
+    if length is None:
+        raise ValueError("length is needed for a model without a training length")
+    for name, value in (("length", length), ("window", window)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    steps = min(length, window) if steps is None else steps
+
+    def pick(name, i):
+        rows_ = lists.get(name)
+        return None if rows_ is None else rows_[i]
+
+    spans = []
+    for i in range(rows):
+        try:
+            row = fixed_spans(tok, length, prefix=pick("prompts", i), suffix=pick("suffixes", i),
+                              infill=pick("infills", i) or (), template=pick("templates", i))
+        except ValueError as err:
+            raise ValueError(f"row {i}: {err}" if rows > 1 else str(err)) from None
+        spans += [row] * num_samples
+
+    device = next(net.parameters()).device if device is None or isinstance(model, (str, os.PathLike)) \
+        else torch.device(device)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    fixed_tokens = fixed_mask = None
+    if any(spans):
+        fixed_tokens, fixed_mask = spans_to_mask(spans, length, device=device)
+    x = sample_blockwise(
+        net, graph, noise, batch_size=len(spans), length=length, window=window, stride=stride, steps=steps,
+        predictor=predictor, eps=eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
+        device=device, progress=progress,
+    )
+    ids = x.cpu().tolist()
+    return [Sample(tok.decode(row), row, list(fixed)) for row, fixed in zip(ids, spans)]
+
+
+def generate(
+    model,
+    prompts: str | Sequence[str | None] | None = None,
+    *,
+    suffixes: str | Sequence[str | None] | None = None,
+    templates: str | Sequence[str | None] | None = None,
+    num_samples: int = 1,
+    length: int | None = None,
+    steps: int | None = None,
+    predictor: str = "analytic",
+    window: int | None = None,
+    stride: int | None = None,
+    tokenizer: Any = None,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    **kwargs: Any,
+) -> list[str]:
+    """Generate text: continuations of prompts, text before suffixes, filled templates.
+
+    Args:
+        model: what :func:`sedd.load_pretrained` returns, a checkpoint directory or Hub id
+            (loaded with it), or a SEDD model together with ``tokenizer``.
+        prompts: a string or one per row (None: no prompt in that row); row i starts with
+            prompts[i]. Rows may have prompts of any lengths.
+        suffixes: a string or one per row; the row ends with it.
+        templates: a string or one per row: literal text with ``[MASK:n]`` holes of n tokens,
+            laid out from position 0 (positions after it are generated too).
+        num_samples: samples per row (per prompt), or the number of unconditional samples.
+        length: tokens per sample, fixed text included (default: the model's training length).
+            Longer than ``window``: block by block (module docstring).
+        steps: reverse steps (one model call each) per window (default: the window length, as in
+            the paper; fewer is faster at some cost in quality).
+        predictor: "analytic" or "euler".
+        window, stride: the semi-autoregressive windows (default: the model's length, half of it).
+        tokenizer: a tokenizer or :func:`sedd.data.get_tokenizer` spec (default: the checkpoint's).
+        seed: for reproducible samples (or pass ``generator=``).
+        device: for a checkpoint name: where to load it ("auto" by default).
+        kwargs: ``infills``, ``eps``, ``generator``: see :func:`generate_samples`.
+    Returns:
+        ``len(rows) * num_samples`` strings, each a whole sequence (its fixed text included),
+        row by row: the samples of row 0 first.
+    Raises:
+        ValueError: rows of different counts, text that does not fit ``length``, bad sizes.
+        TypeError: prompts that are not strings, a model of another kind.
+    """
+    samples = generate_samples(
+        model, prompts, suffixes=suffixes, templates=templates, num_samples=num_samples, length=length,
+        steps=steps, predictor=predictor, window=window, stride=stride, tokenizer=tokenizer, seed=seed,
+        device=device, progress=progress, **kwargs,
+    )
+    return [s.text for s in samples]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sedd
+from sedd.data import byte_tokenizer, get_tokenizer
 from sedd.generation import fixed_spans, generate, generate_samples, sample_blockwise
 from sedd.graph import Absorbing
 from sedd.model import SEDD
@@ -102,24 +103,8 @@ def test_generate_input_errors():
         fixed_spans(TOK, 4, prefix="abcd")
 
 
-def _byte_tokenizer():
-    """A byte-level BPE with no merges (256 byte ids + EOS): a real sedd.data.Tokenizer, no training."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from sedd.data import EOS_TOKEN, Tokenizer
-
-    vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    vocab[EOS_TOKEN] = len(vocab)
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.add_special_tokens([EOS_TOKEN])
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return Tokenizer(tok, "bytes")
-
-
 def test_generate_from_a_checkpoint_directory(tmp_path):
-    tok = _byte_tokenizer()
+    tok = byte_tokenizer()
     torch.manual_seed(0)
     model = SEDD(SEDD.config_for("tiny", tokens=tok.vocab_size, length=16, n_blocks=1))
     model.save_pretrained(tmp_path)
@@ -186,3 +171,12 @@ def test_sample_warns_past_the_training_length():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sample(model, graph, noise, batch_size=1, length=8, steps=1)
+
+
+def test_byte_tokenizer_round_trips_any_text():
+    tok = get_tokenizer("bytes")
+    text = "naïve café — 日本 <|endoftext|>\x00"
+    ids = tok.encode(text)
+    assert tok.vocab_size == 257 and tok.eos_id == 0 and ids[-2:-1] == [0]
+    assert tok.decode(ids) == text and max(ids) < 257
+    assert len(tok.encode("abc")) == 3

@@ -102,7 +102,8 @@ HELP = {
     # data
     "data": "training text: 'default' (the Python standard library, offline), a local text file or "
             "directory, or a Hugging Face dataset: " + ", ".join(sdata.HF_DATASETS),
-    "tokenizer": "'bpe' or 'bpe:N' (byte-level BPE with N ids trained on the training text, cached), 'gpt2' "
+    "tokenizer": "'bpe' or 'bpe:N' (byte-level BPE with N ids trained on the training text, cached), 'bytes' "
+                 "(one id per byte, no training), 'gpt2' "
                  "(from the hub), or a directory holding vocab.json + merges.txt (or tokenizer.json)",
     "doc_mask": "no attention across the EOS boundaries of packed documents (the paper attends across them)",
     # model and diffusion
@@ -190,7 +191,7 @@ def parse_args(argv=None):
         if key not in overrides:
             continue
         spec, path = overrides[key], Path(overrides[key]).expanduser()
-        known = ["default", *sdata.HF_DATASETS] if key == "data" else ["bpe", "gpt2"]
+        known = ["default", *sdata.HF_DATASETS] if key == "data" else ["bpe", "bytes", "gpt2"]
         if spec in known or (key == "tokenizer" and spec.startswith("bpe:")):
             continue
         if not path.exists():

@@ -11,7 +11,8 @@ Hugging Face datasets and the hub GPT-2 tokenizer are used only when asked for b
 Public API (details in each docstring)::
 
     get_tokenizer(spec="bpe", *, cache_dir=None, corpus="default") -> Tokenizer
-        "bpe" / "bpe:8192" (trained byte-level BPE, cached), "gpt2" (hub), or a local path
+        "bpe" / "bpe:8192" (trained byte-level BPE, cached), "bytes" (257 ids, no training),
+        "gpt2" (hub), or a local path
         (a directory with vocab.json + merges.txt or with tokenizer.json, or a tokenizer.json).
     train_bpe(corpus, vocab_size=4096, *, cache_dir=None) -> Tokenizer
     Tokenizer: .name, .vocab_size, .eos_id, .encode(text), .encode_batch(texts), .decode(ids)
@@ -73,7 +74,7 @@ from sedd.data.corpora import (
 )
 from sedd.data.detokenizers import DETOKENIZERS
 from sedd.data.packing import PackedBlocks, segment_ids
-from sedd.data.tokenizers import DEFAULT_BPE_VOCAB, EOS_TOKEN, Tokenizer, get_tokenizer, train_bpe
+from sedd.data.tokenizers import DEFAULT_BPE_VOCAB, EOS_TOKEN, Tokenizer, byte_tokenizer, get_tokenizer, train_bpe
 from sedd.data.tokens import load_tokens, split_documents, tokenize
 
 __all__ = [
@@ -86,6 +87,7 @@ __all__ = [
     "HFDataset",
     "Tokenizer",
     "get_tokenizer",
+    "byte_tokenizer",
     "train_bpe",
     "Corpus",
     "get_corpus",

@@ -16,8 +16,9 @@ Tokenizer resolution, first match wins:
 1. the ``tokenizer`` argument (a :func:`sedd.data.get_tokenizer` spec: ``"gpt2"``, ``"bpe:N"``
    or a path to a directory with ``vocab.json`` + ``merges.txt`` or ``tokenizer.json``);
 2. ``CHECKPOINT/tokenizer.json`` when the checkpoint is a local directory that holds one;
-3. GPT-2 from the Hub (what the public checkpoints were trained with). Offline, the error names
-   the local alternative (``../shared/data/gpt2`` in this repository).
+3. GPT-2 from the Hub (what the public checkpoints were trained with). Offline, the error explains
+   the local alternative: ``tokenizer=DIR`` (``--tokenizer DIR``), a directory holding GPT-2's
+   ``vocab.json`` and ``merges.txt``.
 
 The tokenizer must fit the model: ``tokenizer.vocab_size <= config["tokens"]`` (every id it can
 produce must be a real token of the model), otherwise ``ValueError``.
@@ -39,8 +40,6 @@ from sedd.model import SEDD
 from sedd.noise import Noise, noise_from_config
 
 __all__ = ["Pretrained", "load_pretrained", "resolve_tokenizer", "check_tokenizer_fits", "resolve_device"]
-
-LOCAL_GPT2_HINT = "../shared/data/gpt2"  # vocab.json + merges.txt, relative to the repository root
 
 
 @dataclass
@@ -130,8 +129,9 @@ def resolve_tokenizer(
         raise ConnectionError(
             f"checkpoint {checkpoint!r} holds no tokenizer.json{note}, so its tokenizer defaults to "
             "GPT-2 from the Hugging Face Hub, which cannot be reached. Pass a local tokenizer "
-            f"instead: --tokenizer {LOCAL_GPT2_HINT} on the command line, or "
-            f"tokenizer={LOCAL_GPT2_HINT!r} (a directory holding vocab.json and merges.txt)."
+            "instead: --tokenizer DIR on the command line, or load_pretrained(..., tokenizer=DIR), "
+            "where DIR holds GPT-2's vocab.json and merges.txt (the files of "
+            "https://huggingface.co/gpt2, fetched once on a machine with a network)."
         ) from err
 
 

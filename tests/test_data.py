@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sedd.data as D
-from sedd.data import tokenizers
+from sedd.data import corpora, offline, tokenizers
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GPT2_DIR = SHARED / "gpt2"
@@ -203,6 +203,7 @@ def test_hub_dataset_mapping_without_network(monkeypatch):
         return datasets.Dataset.from_dict({"sentence": ["a b 's c", "", "no N more"]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(corpora, "hub_offline_reason", lambda: None)  # as if online
     corpus = D.get_corpus("ptb", "valid")
     assert seen == {"path": "ptb_text_only", "name": None, "split": "validation"}
     assert list(corpus) == ["a b's c", "no 1 more"]  # PTB detokenizer applied, empty rows dropped
@@ -222,6 +223,55 @@ def test_hub_dataset_mapping_without_network(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", broken)
     with pytest.raises(RuntimeError, match="scripts.*--data PATH"):
         D.get_corpus("lm1b", "test")
+
+
+def test_hub_unreachable_fails_at_once_naming_the_local_alternative(tmp_path, monkeypatch):
+    """No offline variable set, but the Hub endpoint refuses connections: one probe says so, and
+    neither datasets nor huggingface_hub is asked (their retries take half a minute)."""
+    import datasets
+    import huggingface_hub
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # empty caches
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setattr(offline, "_probe_result", {})
+
+    def must_not_run(*a, **kw):
+        raise AssertionError("the hub client was called although the probe failed")
+
+    monkeypatch.setattr(datasets, "load_dataset", must_not_run)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", must_not_run)
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:9 cannot be reached.*--data PATH"):
+        D.get_corpus("wikitext-103", "test")
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:9 cannot be reached.*--tokenizer DIR.*vocab\.json and merges\.txt") as err:
+        D.get_tokenizer("gpt2")
+    assert "shared" not in str(err.value)
+    assert offline.hub_offline_reason() is not None and len(offline._probe_result) == 1  # probed once
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert offline.hub_offline_reason() == "HF_DATASETS_OFFLINE is set"
+    # something in the cache for the dataset: then the cache is worth a try
+    (tmp_path / "hf" / "datasets" / "wikitext").mkdir(parents=True)
+    assert offline.cache_may_hold("Salesforce/wikitext") and not offline.cache_may_hold("ptb_text_only")
+
+
+def test_no_text_found(tmp_path):
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    (blank / "a.txt").write_text("\n   \n\n")
+    (blank / "b.txt").write_text("")
+    (blank / "c.bin").write_bytes(b"\x00\x01binary")
+    with pytest.raises(ValueError, match=r"no text found in .*blank \(3 files read, 1 skipped as binary"):
+        list(D.get_corpus(blank, "train"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"no text found in .*empty \(0 files read.*holds no files"):
+        list(D.get_corpus(empty, "all"))
+    with pytest.raises(ValueError, match=r"no text found in .*a\.txt \(1 file read, 0 skipped"):
+        list(D.get_corpus(blank / "a.txt", "all"))
 
 
 def test_hub_offline_errors_in_subprocess(tmp_path):

@@ -27,7 +27,7 @@ lambada, lm1b, text8, openwebtext; split "test" by default; needs the Hub or its
 ``--detokenizer auto`` uses the dataset's own detokenizer for dataset names and, for local paths,
 the one named by a path component (wikitext, ptb, lambada, lm1b), else none.
 
-Note: ../shared/data/wikitext-2 is the word-level WikiText-2 with <unk> tokens, not the raw
+Note: the word-level WikiText-2 (wikitext-2-v1, with <unk> tokens) is not the raw
 version the paper used, so its numbers are close to but not comparable with the paper's table.
 
 Output: a table (stdout), and with ``--json PATH`` a JSON object holding the report and every
@@ -60,11 +60,11 @@ from sedd.pretrained import load_pretrained
 EXAMPLES = """\
 examples:
   # the paper's setting: K = 1000 stratified draws per 1024-token block
-  python train/eval.py path/to/sedd-small --tokenizer ../shared/data/gpt2 \\
-      --data ../shared/data/wikitext-2/test.txt --json wikitext2.json
-  python train/eval.py runs/small --data ../shared/data/ptb/test.txt
+  python train/eval.py path/to/sedd-small --tokenizer path/to/gpt2-tokenizer \\
+      --data path/to/wikitext-2/test.txt --json wikitext2.json
+  python train/eval.py runs/small --data path/to/ptb/test.txt
   # a quick check: 4 blocks, 64 antithetic draws each
-  python train/eval.py runs/small --data ../shared/data/ptb --max-blocks 4 --num-samples 64 \\
+  python train/eval.py runs/small --data path/to/ptb --max-blocks 4 --num-samples 64 \\
       --time-sampler antithetic
   # a Hugging Face dataset (needs the Hub or its cache)
   python train/eval.py louaaron/sedd-small --data lambada --json -
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("model, tokenizer, output")
     r.add_argument("--tokenizer", metavar="SPEC",
                    help="tokenizer spec or path (default: CKPT/tokenizer.json if present, else GPT-2 from "
-                   "the Hub; offline use --tokenizer ../shared/data/gpt2)")
+                   "the Hub; offline: --tokenizer DIR, a directory holding GPT-2's vocab.json and merges.txt)")
     r.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ... (default: auto)")
     r.add_argument("--json", metavar="PATH", help="write the report and settings as JSON (- for stdout)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

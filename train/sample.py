@@ -56,7 +56,7 @@ examples:
   # 4 unconditional samples of the model's length (1024 for sedd-small), 128 steps
   python train/sample.py runs/small --batch-size 4 --steps 128
   # public checkpoint, GPT-2 tokenizer from a local directory (offline)
-  python train/sample.py path/to/sedd-small --tokenizer ../shared/data/gpt2 --length 128
+  python train/sample.py path/to/sedd-small --tokenizer path/to/gpt2-tokenizer --length 128
   # prompt and ending
   python train/sample.py runs/small --prefix "Once upon a time" --suffix " The end." --length 256
   # fix spans at token positions 40 and 100
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--tokenizer", metavar="SPEC",
         help="tokenizer spec or path (default: CKPT/tokenizer.json if present, else GPT-2 from the "
-        "Hub; offline use --tokenizer ../shared/data/gpt2)",
+        "Hub; offline: --tokenizer DIR, a directory holding GPT-2's vocab.json and merges.txt)",
     )
     r.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ... (default: auto)")
     r.add_argument("--json", metavar="PATH", help="write samples, token ids and settings as JSON (- for stdout, "

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 from sedd.data.cache import FORMAT_VERSION, content_key
 from sedd.data.detokenizers import resolve_detokenizer
+from sedd.data.offline import cache_may_hold, go_offline, hub_offline_reason
 
 DEFAULT_VALID_FRACTION = 0.02
 LARGE_FILE_BYTES = 1 << 20  # files in a directory above this are cut into paragraphs/lines
@@ -250,11 +251,13 @@ def _local_corpus(path: Path, split: str, valid_fraction: float, doc_split: str,
 
     def items():
         def all_items():
+            found = skipped = 0
             for f, key in files:
                 text = _read_text(f)
                 if text is None:
                     if single or not hashed:
                         raise ValueError(f"{f} is not UTF-8 text")
+                    skipped += 1
                     continue  # binary or non-UTF-8 files in a directory are skipped
                 how = doc_split
                 if how == "auto" and not single and hashed and len(text) <= LARGE_FILE_BYTES:
@@ -262,7 +265,14 @@ def _local_corpus(path: Path, split: str, valid_fraction: float, doc_split: str,
                 pieces = _cut(text, how)
                 for i, piece in enumerate(pieces):
                     if piece.strip():
+                        found += 1
                         yield (key if len(pieces) == 1 else f"{key}#{i}"), piece
+            if not found:  # said here, where the counts are known, not as "0 blocks" much later
+                n = len(files)
+                raise ValueError(
+                    f"no text found in {path} ({n} file{'s' * (n != 1)} read, {skipped} skipped as "
+                    "binary or not UTF-8): every file is empty or blank"
+                    + ("" if n else "; the directory holds no files (hidden ones are skipped)"))
 
         stream = _hash_split(all_items(), split, valid_fraction) if hashed else all_items()
         for key, text in stream:
@@ -293,17 +303,28 @@ def _hf_corpus(name: str, split: str, detokenizer) -> Corpus:
     if split not in spec.splits:
         raise ValueError(f"dataset {name!r} has splits {sorted(spec.splits)}, not {split!r}")
     detok = resolve_detokenizer(detokenizer, spec.detokenizer)
+    label = spec.path + (f"/{spec.config}" if spec.config else "")
+    instead = (
+        "pass a local copy instead: --data PATH (get_corpus(PATH)), a text file or a directory "
+        "holding train.txt / validation.txt / test.txt"
+    )
+    offline = hub_offline_reason()
+    if offline is not None:
+        if not cache_may_hold(spec.path):  # fail now, not after the import and the retries
+            raise ConnectionError(
+                f"cannot reach the Hugging Face hub to load dataset {name!r} ({label}): {offline}, and "
+                f"the local datasets cache holds no copy of it; {instead}"
+            )
+        go_offline()
     import datasets
 
-    label = spec.path + (f"/{spec.config}" if spec.config else "")
     try:
         ds = datasets.load_dataset(spec.path, spec.config, split=spec.splits[split])
     except Exception as e:
         if _is_network_error(e):
             raise ConnectionError(
                 f"cannot reach the Hugging Face hub to load dataset {name!r} ({label}) and it is "
-                "not in the local datasets cache; pass --data PATH to a local text file or "
-                "directory instead"
+                f"not in the local datasets cache; {instead}"
             ) from e
         raise RuntimeError(
             f"failed to load Hugging Face dataset {name!r} ({label}): {e}; pass --data PATH to a "

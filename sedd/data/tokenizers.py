@@ -14,6 +14,7 @@ import torch
 
 from sedd.data.cache import get_cache_dir
 from sedd.data.corpora import Corpus, _is_network_error, _looks_like_path, get_corpus
+from sedd.data.offline import cache_may_hold, go_offline, hub_offline_reason
 from sedd.io import atomic_write_bytes
 
 EOS_TOKEN = "<|endoftext|>"
@@ -100,6 +101,19 @@ def _from_path(path: Path) -> Tokenizer:
 
 
 def _gpt2_from_hub(repo_id: str = "gpt2") -> Tokenizer:
+    instead = (
+        "pass a local copy instead: --tokenizer DIR on the command line, get_tokenizer(DIR) or "
+        f"load_pretrained(..., tokenizer=DIR), where DIR holds GPT-2's vocab.json and merges.txt "
+        f"(the files of https://huggingface.co/{repo_id}, fetched once on a machine with a network)"
+    )
+    offline = hub_offline_reason()
+    if offline is not None:
+        if not cache_may_hold(repo_id):
+            raise ConnectionError(
+                f"cannot reach the Hugging Face hub to download the {repo_id!r} tokenizer: {offline}, "
+                f"and the local hub cache holds no copy of it; {instead}"
+            )
+        go_offline()
     import huggingface_hub
 
     try:
@@ -109,8 +123,7 @@ def _gpt2_from_hub(repo_id: str = "gpt2") -> Tokenizer:
         if _is_network_error(e):
             raise ConnectionError(
                 f"cannot reach the Hugging Face hub to download the {repo_id!r} tokenizer (and it "
-                "is not in the local hub cache); pass a local directory holding vocab.json and "
-                "merges.txt instead, e.g. get_tokenizer('../shared/data/gpt2')"
+                f"is not in the local hub cache); {instead}"
             ) from e
         raise
     return _from_vocab_merges(Path(vocab).parent, "gpt2")
@@ -187,7 +200,7 @@ def get_tokenizer(
             training); ``"gpt2"``: GPT-2 (50257 ids, EOS 50256) from the
             Hugging Face hub (raises ``ConnectionError`` when the hub cannot be reached);
             otherwise a path: a directory holding ``vocab.json`` + ``merges.txt`` (byte-level BPE,
-            e.g. ``../shared/data/gpt2``) or ``tokenizer.json``, or a ``tokenizer.json`` file.
+            GPT-2's for offline use) or ``tokenizer.json``, or a ``tokenizer.json`` file.
         cache_dir: see :func:`get_cache_dir`.
         corpus: corpus spec (or :class:`Corpus`) the BPE is trained on; ignored for other specs.
     """

@@ -179,4 +179,10 @@ def test_byte_tokenizer_round_trips_any_text():
     ids = tok.encode(text)
     assert tok.vocab_size == 257 and tok.eos_id == 0 and ids[-2:-1] == [0]
     assert tok.decode(ids) == text and max(ids) < 257
-    assert len(tok.encode("abc")) == 3
+    assert tok.encode("abc") == [ord("a") + 1, ord("b") + 1, ord("c") + 1]  # the same in every process
+    assert tok.encode("é\n") == [b + 1 for b in "é\n".encode()]
+    from tokenizers import pre_tokenizers
+
+    from sedd.data.tokenizers import byte_symbols
+
+    assert set(byte_symbols()) == set(pre_tokenizers.ByteLevel.alphabet())

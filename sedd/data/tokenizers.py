@@ -129,15 +129,31 @@ def _gpt2_from_hub(repo_id: str = "gpt2") -> Tokenizer:
     return _from_vocab_merges(Path(vocab).parent, "gpt2")
 
 
+def byte_symbols() -> list[str]:
+    """The character that stands for each byte 0..255 in byte-level BPE vocabularies (GPT-2's
+    mapping: printable Latin-1 bytes stand for themselves, the others for chr(256 + n) in order)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
+    symbols, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
+
+
 def byte_tokenizer() -> Tokenizer:
-    """The byte-level BPE with no merges: ``<|endoftext|>`` = id 0 and one id per byte (257 ids).
+    """The byte-level BPE with no merges: ``<|endoftext|>`` = id 0 and byte b = id b + 1 (257 ids).
     Needs no training and no download: the quickest tokenizer for a first run, at about four times
     the tokens per text of a trained BPE."""
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, pre_tokenizers
+    from tokenizers import models
 
+    # Ids in byte order, so every process builds the same tokenizer (ByteLevel.alphabet() is a
+    # set whose order changes from one process to the next).
     vocab = {EOS_TOKEN: 0}
-    for char in pre_tokenizers.ByteLevel.alphabet():
+    for char in byte_symbols():
         vocab[char] = len(vocab)
     tok = _byte_level(HFTokenizer(models.BPE(vocab=vocab, merges=[])))
     tok.add_special_tokens([EOS_TOKEN])

@@ -69,6 +69,7 @@ def sequence_bounds(
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    on_draws=None,
 ) -> dict[str, torch.Tensor]:
     """Per-sequence bound terms for clean sequences ``x0`` [B, L].
 
@@ -76,6 +77,8 @@ def sequence_bounds(
     integral, nats), ``variance`` (the estimated variance of that estimate), ``prior`` (the
     prior term, nats) and ``tokens`` (the number of real tokens).
     ``batch_size`` caps the number of sequences per model call (draws are batched together).
+    ``on_draws(n)`` is called after every model call with the n draws it evaluated (for a
+    caller's own progress bar over many calls of this function).
     """
     B, L = x0.shape
     device = x0.device
@@ -98,6 +101,8 @@ def sequence_bounds(
             )
             values[rows, ks] = loss.double().reshape(m, n).T
             bar.update(n * m)
+            if on_draws is not None:
+                on_draws(n * m)
     bar.close()
     tokens = (attention_mask.sum(-1) if attention_mask is not None else torch.full((B,), L, device=device)).double()
     K = num_samples

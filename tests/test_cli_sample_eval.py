@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,50 @@ def test_sample_uniform_graph(bpe_ckpt, bpe, tmp_path, capsys):
     assert out["samples"][0]["tokens"][-len(bpe.encode(" end.")):] == bpe.encode(" end.")
 
 
+def test_sample_negative_infill_position_as_two_words_and_threads(bpe_ckpt, bpe, capsys):
+    threads = torch.get_num_threads()
+    out = _sample_json(capsys, bpe_ckpt, "--length", 40, "--steps", 2, "--seed", 0, "--infill", "-8:O Rome",
+                       "--threads", 2)
+    assert torch.get_num_threads() == 2 != threads
+    assert out["samples"][0]["tokens"][32 : 32 + len(bpe.encode("O Rome"))] == bpe.encode("O Rome")
+    assert out["fixed"][0]["start"] == 32
+
+
+def test_sample_jsonl_in_and_out(bpe_ckpt, bpe, tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join([
+        json.dumps("ROMEO:"),
+        "",
+        json.dumps({"suffix": " Farewell."}),
+        json.dumps({"template": "The [MASK:3] king", "infill": [[-6, "O Rome"]]}),
+        json.dumps({"infill": ["20:the people"]}),
+    ]) + "\n")
+    assert sample_cli.main([str(bpe_ckpt), "--input", str(requests), "--batch-size", "2", "--length", "32",
+                            "--steps", "2", "--seed", "0", "--no-progress"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [s["line"] for s in lines] == [1, 1, 3, 3, 4, 4, 5, 5] and [s["index"] for s in lines] == list(range(8))
+    for s in lines:
+        assert len(s["tokens"]) == 32 and s["text"] == bpe.decode(s["tokens"])
+        assert s["settings"]["length"] == 32 and s["settings"]["seed"] == 0 and s["settings"]["steps"] == 2
+        for span in s["fixed"]:
+            assert s["tokens"][span["start"] : span["end"]] == span["tokens"]
+    assert lines[0]["tokens"][: len(bpe.encode("ROMEO:"))] == bpe.encode("ROMEO:")
+    assert lines[2]["tokens"][-len(bpe.encode(" Farewell.")):] == bpe.encode(" Farewell.")
+    assert [f["start"] for f in lines[4]["fixed"]] == [0, len(bpe.encode("The")) + 3, 26]
+    assert lines[6]["fixed"][0]["start"] == 20
+    assert lines[0]["tokens"] != lines[1]["tokens"]  # two samples per request
+
+    bad = tmp_path / "bad.jsonl"
+    for content, message in [('"ok"\n{not json\n', "line 2: not JSON"),
+                             ('{"prefix": "x", "colour": 1}\n', "line 1: expected a string"),
+                             ('{"prefix": "' + "word " * 40 + '"}\n', "line 1: prefix is"),
+                             ("\n\n", "holds no request")]:
+        bad.write_text(content)
+        assert sample_cli.main([str(bpe_ckpt), "--input", str(bad), "--length", "32", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sample.py: error: --input") and message in err, err
+
+
 def test_sample_longer_than_the_model_is_semi_autoregressive(bpe_ckpt, bpe, capsys):
     # the model's length is 64: 100 tokens are generated in windows ending at 64, 96 and 100
     assert sample_cli.main([str(bpe_ckpt), "--length", "100", "--steps", "2", "--seed", "0", "--prefix", "ROMEO:",
@@ -310,6 +355,41 @@ def test_eval_pads_or_drops_the_last_block(bpe_ckpt, bpe, tmp_path, capsys):
     assert math.isfinite(reports["pad"]["nats_per_token"])
 
 
+def test_eval_public_sedd_protocol_cost_and_progress(bpe_ckpt, bpe, capsys, monkeypatch):
+    from sedd.data.public import public_blocks, public_rows
+
+    args = [str(bpe_ckpt), "--data", str(WIKITEXT), "--protocol", "sedd", "--max-blocks", "2", "-K", "4",
+            "--block-size", "32", "--batch-size", "2", "--threads", "1", "--json", "-", "--progress"]
+    assert eval_cli.main(args) == 0
+    captured = capsys.readouterr()
+    rep = json.loads(captured.out)
+    _check_report(rep, blocks=2, block_size=32, K=4, sampler="stratified")
+    assert rep["protocol"] == "sedd" and rep["prior_included"] is True
+    assert rep["nats_per_token_without_prior"] == pytest.approx(rep["nats_per_token"] - rep["prior_nats_per_token"])
+    assert 0 < rep["prior_nats_per_token"] < rep["nats_per_token"]
+    # the blocks are the public pipeline's: rows with EOS, the first two blocks of 32
+    expected = public_blocks(public_rows(WIKITEXT, detokenizer="wikitext"), bpe, 32)[:2]
+    assert rep["tokens"] == expected.size
+    err = captured.err
+    assert "cost: 2 block(s) x K = 4 draws = 8 rows of 32 tokens in 4 model call(s) of up to 2 rows" in err, err
+    assert re.search(r"draws: +100%.*8/8 \[\d\d:\d\d<", err), err  # one bar over all draws, with an ETA
+
+    # a long run says how to make it shorter
+    class SlowClock:
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls):
+            cls.now += 100.0
+            return cls.now
+
+    monkeypatch.setattr(eval_cli, "time", SlowClock)
+    assert eval_cli.main([str(bpe_ckpt), "--data", str(PTB), "--max-blocks", "1", "-K", "40",
+                          "--block-size", "16", "--batch-size", "1", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "40 model call(s)" in err and "about 67 min" in err and "-K 4" in err and "--max-blocks M" in err, err
+
+
 def test_make_blocks():
     tokens = np.arange(1, 11)
     blocks, mask = eval_cli.make_blocks(tokens, 4, "pad", None, pad_id=0)
@@ -329,6 +409,8 @@ def test_make_blocks():
         (["--data", str(PTB), "--split", "test"], "no test split"),
         (["--data", str(PTB), "--time-sampler", "antithetic", "--num-samples", "5"], "must be even"),
         (["--data", str(PTB), "--block-size", "0"], "--block-size must be >= 1"),
+        (["--data", str(PTB), "--protocol", "sedd", "--last-block", "pad"], "drop --last-block"),
+        (["--data", str(PTB), "--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_eval_bad_input(bpe_ckpt, capsys, args, message):

@@ -4,6 +4,7 @@
                               [--time-sampler stratified|antithetic|iid] [--block-size N]
                               [--batch-size B] [--max-blocks M] [--seed S] [--json PATH|-]
                               [--detokenizer auto|none|wikitext|ptb|lm1b|lambada] [--tokenizer SPEC]
+                              [--protocol packed|sedd] [--threads N]
 
 What it computes (sedd-math.md, "Likelihood bound and perplexity"): for every block x0,
 −log p(x0) ≤ ∫_0^1 E[Σ_positions σ̄'(t)·ℓ] dt + prior KL, with the integral estimated from K draws
@@ -26,6 +27,21 @@ its valid.txt, else everything), or a Hugging Face dataset name (wikitext-2, wik
 lambada, lm1b, text8, openwebtext; split "test" by default; needs the Hub or its local cache).
 ``--detokenizer auto`` uses the dataset's own detokenizer for dataset names and, for local paths,
 the one named by a path component (wikitext, ptb, lambada, lm1b), else none.
+
+Conventions of the numbers (also in the JSON report):
+
+* **Prior term included.** The bound is the diffusion term plus the prior term KL(p_1|0 ‖ base)
+  (sedd.likelihood.prior_kl): for the absorbing graph e^{−σ̄(1)}·log N per token, about 0.011
+  nats per token at GPT-2's width with the log-linear ε = 1e-3; for the uniform graph the KL to
+  the uniform distribution. The public SEDD code reports the diffusion term alone:
+  ``nats_per_token_without_prior`` in the JSON report is that number.
+* **Tokens counted:** every real token of the blocks, the EOS tokens between documents (rows)
+  included; padding (``--last-block pad``) is neither attended to nor counted.
+* **Data pipeline** (``--protocol``): ``packed`` (the default, described above: documents, empty
+  ones dropped, one stream, every token scored) or ``sedd``, the public SEDD code's pipeline, to
+  reproduce its numbers: every dataset row detokenized and followed by EOS, empty rows included
+  (WikiText: one row per line), blocks of the model's length cut within each batch of 1000 rows
+  of 8 contiguous shards, and every batch's remainder dropped (sedd.data.public).
 
 Note: the word-level WikiText-2 (wikitext-2-v1, with <unk> tokens) is not the raw
 version the paper used, so its numbers are close to but not comparable with the paper's table.
@@ -54,7 +70,9 @@ import torch
 from tqdm.auto import tqdm
 
 from sedd.data import DETOKENIZERS, DOC_SPLITS, HF_DATASETS, evaluation_split, get_corpus, tokenize
+from sedd.data.public import public_blocks, public_rows
 from sedd.likelihood import TIME_SAMPLERS, sequence_bounds, summarize
+from sedd.losses import score_entropy_loss
 from sedd.pretrained import load_pretrained
 
 EXAMPLES = """\
@@ -66,8 +84,8 @@ examples:
   # a quick check: 4 blocks, 64 antithetic draws each
   python train/eval.py runs/small --data path/to/ptb --max-blocks 4 --num-samples 64 \\
       --time-sampler antithetic
-  # a Hugging Face dataset (needs the Hub or its cache)
-  python train/eval.py louaaron/sedd-small --data lambada --json -
+  # a Hugging Face dataset (needs the Hub or its cache), through the public SEDD pipeline
+  python train/eval.py louaaron/sedd-small --data wikitext-103 --protocol sedd --json -
 """
 
 
@@ -95,9 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--doc-split", default="auto", choices=DOC_SPLITS,
                    help="how local files become documents (default: auto: paragraphs if there are blank "
                    "lines, else lines); EOS follows every document")
+    d.add_argument("--protocol", choices=("packed", "sedd"), default="packed",
+                   help="data pipeline: packed (documents, EOS after each, one stream, the last block padded: "
+                   "every token scored) or sedd (the public SEDD code's: every dataset row with EOS, empty rows "
+                   "too, blocks cut per batch of 1000 rows of 8 shards, remainders dropped; sedd.data.public) "
+                   "(default: packed)")
     d.add_argument("--block-size", type=int, help="tokens per block (default: the model's length)")
-    d.add_argument("--last-block", choices=("pad", "drop"), default="pad",
-                   help="the final partial block: pad it under an attention mask, or drop it (default: pad)")
+    d.add_argument("--last-block", choices=("pad", "drop"),
+                   help="the final partial block: pad it under an attention mask, or drop it (default: pad; "
+                   "--protocol sedd drops every batch's remainder)")
     d.add_argument("--max-blocks", type=int, help="evaluate only the first M blocks")
     e = p.add_argument_group("estimator")
     e.add_argument("--num-samples", "-K", type=int, default=1000,
@@ -113,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer spec or path (default: CKPT/tokenizer.json if present, else GPT-2 from "
                    "the Hub; offline: --tokenizer DIR, a directory holding GPT-2's vocab.json and merges.txt)")
     r.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ... (default: auto)")
+    r.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's, one per core; "
+                   "on a busy shared machine 1 or 2 is often much faster)")
     r.add_argument("--json", metavar="PATH", help="write the report and settings as JSON (- for stdout)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars on stderr (default: when stderr is a terminal)")
@@ -161,7 +187,7 @@ def make_blocks(tokens: np.ndarray, block_size: int, last_block: str, max_blocks
 
 
 def _check_args(args) -> None:
-    for name in ("block_size", "batch_size", "max_blocks", "num_samples"):
+    for name in ("block_size", "batch_size", "max_blocks", "num_samples", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -169,10 +195,55 @@ def _check_args(args) -> None:
         raise InputError(f"--time-sampler antithetic pairs t with 1 − t: --num-samples must be even, got {args.num_samples}")
     if args.num_samples < 2:
         raise InputError("--num-samples must be >= 2: the standard error comes from the spread of the draws")
+    if args.protocol == "sedd" and args.last_block is not None:
+        raise InputError("--protocol sedd drops the remainder of every batch of rows: drop --last-block")
+    if args.protocol == "sedd" and args.doc_split != "auto":
+        raise InputError("--protocol sedd makes one row per line (per dataset row): drop --doc-split")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _print_cost(args, model, pre, blocks: torch.Tensor, device) -> None:
+    """The number of model calls the run makes and, from one timed call of the largest shape, the
+    time it will take, with what makes it shorter when that is long."""
+    K, bs, L = args.num_samples, args.batch_size, blocks.shape[1]
+    calls, widest = 0, 0
+    for start in range(0, len(blocks), bs):
+        B = min(bs, len(blocks) - start)
+        per_call = max(1, bs // B)  # draws of the same block share a call (sequence_bounds)
+        calls += -(-K // per_call)
+        widest = max(widest, B * min(per_call, K))
+    x = blocks[:1].to(device).expand(widest, L)
+    g = torch.Generator(device=device).manual_seed(0)  # its own stream: the estimate changes no number
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        score_entropy_loss(model, x, pre.graph, pre.noise, generator=g, reduction="none")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    per_call_s = time.perf_counter() - t0
+    estimate = calls * per_call_s
+    message = (f"eval.py: cost: {len(blocks)} block(s) x K = {K} draws = {len(blocks) * K:,} rows of {L} tokens "
+               f"in {calls:,} model call(s) of up to {widest} rows; one call took {per_call_s:.2f} s here, so "
+               f"about {_duration(estimate)}")
+    if estimate > 600:
+        message += (f". For a quicker, noisier number: -K {max(2, K // 20 * 2)} (about {math.sqrt(10):.1f}x the "
+                    "standard error) or --max-blocks M (fewer tokens); a larger --batch-size packs more rows per "
+                    "call where memory allows")
+    print(message, file=sys.stderr, flush=True)
 
 
 def run(args) -> int:
     _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     started = time.perf_counter()
     try:
@@ -188,31 +259,42 @@ def run(args) -> int:
 
     split = args.split or evaluation_split(args.data)
     detok = resolve_detokenizer(args.detokenizer, args.data)
+    last_block = args.last_block or "pad"
     try:
-        corpus = get_corpus(args.data, split, doc_split=args.doc_split, detokenizer=detok)
-        tokens = tokenize(corpus, tokenizer, progress=progress)
+        if args.protocol == "sedd":
+            rows = public_rows(args.data, split, detokenizer=detok)
+            blocks = torch.from_numpy(public_blocks(rows, tokenizer, block_size)[: args.max_blocks])
+            mask = torch.ones(blocks.shape, dtype=torch.bool)
+            n_tokens = sum(len(r) for r in tokenizer.encode_batch(rows)) + len(rows)
+            last_block = "dropped per batch of rows (sedd protocol)"
+        else:
+            corpus = get_corpus(args.data, split, doc_split=args.doc_split, detokenizer=detok)
+            tokens = tokenize(corpus, tokenizer, progress=progress)
+            n_tokens = len(tokens)
+            blocks, mask = make_blocks(tokens, block_size, last_block, args.max_blocks, tokenizer.eos_id)
     except (OSError, ValueError, RuntimeError) as err:  # no such path/split/dataset, Hub offline
         raise InputError(str(err)) from err
-    blocks, mask = make_blocks(tokens, block_size, args.last_block, args.max_blocks, tokenizer.eos_id)
     if len(blocks) == 0:
-        raise InputError(f"{args.data} ({split}) holds {len(tokens)} tokens: not one block of {block_size} "
-                         "(use --last-block pad or a smaller --block-size)")
+        hint = "a smaller --block-size" + (" or --protocol packed" if args.protocol == "sedd" else
+                                           " or --last-block pad")
+        raise InputError(f"{args.data} ({split}) holds {n_tokens} tokens: not one block of {block_size} ({hint})")
     print(f"eval.py: {len(blocks)} block(s) of {block_size} tokens ({int(mask.sum())} tokens) from "
           f"{args.data} [{split}], K = {args.num_samples} {args.time_sampler} draws each, on {device}",
           file=sys.stderr)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    _print_cost(args, model, pre, blocks, device)
     parts = []
-    bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress)
+    total_draws = len(blocks) * args.num_samples
+    bar = tqdm(total=total_draws, desc="draws", unit="draw", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(blocks), args.batch_size):
         x0 = blocks[start : start + args.batch_size].to(device)
         m = mask[start : start + args.batch_size].to(device)
         parts.append(sequence_bounds(
             model, x0, pre.graph, pre.noise, num_samples=args.num_samples, time_sampler=args.time_sampler,
             attention_mask=None if bool(m.all()) else m, batch_size=args.batch_size, generator=generator,
-            progress=progress,
+            on_draws=bar.update,
         ))
-        bar.update(len(x0))
     bar.close()
     report = summarize(parts, args.num_samples, args.time_sampler)
     elapsed = time.perf_counter() - started
@@ -228,11 +310,15 @@ def run(args) -> int:
         "noise": repr(pre.noise),
         "block_size": block_size,
         "blocks": len(blocks),
-        "last_block": args.last_block,
+        "last_block": last_block,
+        "protocol": args.protocol,
         "seed": args.seed,
         "device": str(device),
         **report.as_dict(),
         "stderr_bits_per_token": report.stderr_nats_per_token / math.log(2),
+        # The bound includes the prior term; without it, the number the public SEDD code reports.
+        "prior_included": True,
+        "nats_per_token_without_prior": report.nats_per_token - report.prior_nats_per_token,
         "elapsed_s": round(elapsed, 3),
     }
     result["perplexity_ci95"] = list(result["perplexity_ci95"])
@@ -240,7 +326,7 @@ def run(args) -> int:
         f"checkpoint  {args.checkpoint}",
         f"data        {args.data} [{split}], detokenizer {result['detokenizer']}",
         f"tokenizer   {tokenizer.name} ({pre.tokenizer_source})",
-        f"blocks      {len(blocks)} x {block_size} tokens (last block: {args.last_block})",
+        f"blocks      {len(blocks)} x {block_size} tokens (protocol {args.protocol}, last block: {last_block})",
         "",
         report.table(),
     ]) + "\n"

@@ -5,6 +5,8 @@
                                 [--length N] [--steps N] [--sampler analytic|euler]
                                 [--batch-size B] [--seed S] [--device auto|cpu|cuda]
                                 [--tokenizer SPEC] [--json PATH|-] [--out FILE]
+                                [--input REQUESTS.jsonl|-] [--jsonl PATH|-] [--window N] [--stride N]
+                                [--threads N]
 
 CKPT is a checkpoint directory written by train/run.py or ``SEDD.save_pretrained`` (config.json,
 model.safetensors, usually tokenizer.json), a public SEDD checkpoint directory, or a Hub id such
@@ -24,6 +26,16 @@ Byte-level BPE tokenizers (GPT-2's) attach a space to the word after it, so trai
 fixed text (prefix, infill, template piece) are left to the generated token that follows: "The "
 is placed as "The" and the model writes " cat". Spans may not overlap or run past --length.
 
+``--input FILE.jsonl`` reads one request per line instead: a JSON string (a prompt) or an object
+with any of "prefix", "suffix", "template" and "infill" (a list of [pos, text] pairs); each request
+gets --batch-size samples, all in one batch (every row with its own fixed positions), and the
+output is JSONL, one object per sample with its text, token ids, fixed spans, input line and the
+settings (--jsonl PATH|- chooses where; it works without --input too).
+
+A --length above the model's training length is generated semi-autoregressively: window by
+window (--window, default the model's length), each later window holding the tokens before its
+--stride new ones fixed (sedd.generation.sample_blockwise).
+
 The output is every decoded sample under a header (to stdout and to --out), or JSON with the
 token ids of every sample and of every fixed span (--json); exit status 0 on success, 2 on bad
 input (with a one-line message), 1 on other failures.
@@ -33,11 +45,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import secrets
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/sample.py`: the package of this checkout, installed or not
@@ -45,11 +55,9 @@ if __package__ in (None, ""):  # `python train/sample.py`: the package of this c
 
 import torch
 
-from sedd.generation import sample_blockwise
+from sedd.generation import Span, fixed_spans, sample_blockwise, spans_to_mask
 from sedd.pretrained import load_pretrained
-from sedd.sampling import PREDICTORS, conditioning
-
-TEMPLATE_HOLE = re.compile(r"\[MASK(?::(\d+))?\]")
+from sedd.sampling import PREDICTORS
 
 EXAMPLES = """\
 examples:
@@ -65,25 +73,15 @@ examples:
   python train/sample.py runs/small --template "The [MASK:5] sat on the [MASK:3]." --length 32
   # reproducible, machine-readable
   python train/sample.py runs/small --seed 0 --json - > samples.json
+  # one request per line in, one sample per line out
+  python train/sample.py runs/small --input requests.jsonl --batch-size 2 --length 64 > samples.jsonl
+  # 4096 tokens from a 1024-token model, 512 new tokens per window
+  python train/sample.py runs/small --length 4096 --stride 512 --steps 256
 """
 
 
 class InputError(Exception):
     """Bad command-line input: reported as one line, exit status 2."""
-
-
-@dataclass
-class Span:
-    """Fixed tokens ``ids`` at positions [start, start + len(ids)), and the option that set them."""
-
-    source: str
-    start: int
-    ids: list[int]
-    text: str  # as given on the command line (the tokens may have dropped its trailing spaces)
-
-    @property
-    def end(self) -> int:
-        return self.start + len(self.ids)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ... (default: auto)")
     r.add_argument("--json", metavar="PATH", help="write samples, token ids and settings as JSON (- for stdout, "
                    "replacing the text output)")
+    r.add_argument("--input", metavar="PATH", help="JSONL requests, one per line (- for stdin): a JSON string "
+                   "(a prompt) or an object with any of prefix, suffix, template and infill ([[pos, text], ...]); "
+                   "--batch-size samples of each, all in one batch; writes JSONL (--jsonl -) unless told otherwise")
+    r.add_argument("--jsonl", metavar="PATH", help="write one JSON object per sample (text, token ids, fixed "
+                   "spans, input line, settings) per line (- for stdout, replacing the text output)")
     r.add_argument("--out", metavar="FILE", help="also write the text output to FILE")
+    r.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's, one per core; "
+                   "on a busy shared machine 1 or 2 is often much faster)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     return p
@@ -147,77 +152,69 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 
 
-def _encode(tokenizer, text: str, *, followed_by_hole: bool) -> list[int]:
-    # A byte-level BPE glues a space to the next word: "The " would end in a lone " " token that
-    # the model rarely saw before a word. Leave the space to the generated token.
-    if followed_by_hole:
-        text = text.rstrip(" ")
-    return tokenizer.encode(text) if text else []
+def parse_infill(item) -> tuple[int, str]:
+    """(position, text) of an ``--infill POS:TEXT`` value (or a JSONL ``[pos, text]`` pair)."""
+    if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], str):
+        pos_text, text = item
+        sep = True
+    else:
+        pos_text, sep, text = str(item).partition(":")
+    try:
+        pos = int(pos_text)
+    except (TypeError, ValueError):
+        pos = None
+    if not sep or pos is None or isinstance(pos_text, bool):
+        raise InputError(f"--infill expects POS:TEXT with an integer token position, got {item!r}")
+    return pos, text
 
 
-def parse_template(template: str, tokenizer) -> list[Span]:
-    """Fixed spans of a template: literal text is fixed, ``[MASK:n]`` holes are n free positions."""
-    spans, pos, last = [], 0, 0
-    pieces: list[tuple[str, int]] = []  # (literal text, hole size after it)
-    for m in TEMPLATE_HOLE.finditer(template):
-        n = int(m.group(1)) if m.group(1) is not None else 1
-        if n < 1:
-            raise InputError(f"--template: a hole needs at least one token, got {m.group(0)!r}")
-        pieces.append((template[last : m.start()], n))
-        last = m.end()
-    pieces.append((template[last:], 0))
-    if len(pieces) == 1:
-        raise InputError("--template has no hole: mark the spans to generate with [MASK:n] (or [MASK])")
-    for i, (text, hole) in enumerate(pieces):
-        ids = _encode(tokenizer, text, followed_by_hole=True)  # free positions may follow the last piece too
-        if ids:
-            spans.append(Span(f"--template piece {i + 1} {text!r}", pos, ids, text))
-        pos += len(ids) + hole
+def build_spans(tokenizer, length: int, *, prefix=None, suffix=None, infill=(), template=None,
+                where: str = "") -> list[Span]:
+    """Every fixed span one sample asks for (sedd.generation.fixed_spans), checked against
+    ``length`` and each other. ``where`` ("--input x.jsonl line 3: ") starts the messages; the
+    spans of command-line options are named after them (--prefix, --infill 40:'text', ...)."""
+    try:
+        spans = fixed_spans(tokenizer, length, prefix=prefix, suffix=suffix,
+                            infill=[parse_infill(item) for item in infill], template=template)
+    except ValueError as err:
+        raise InputError(f"{where}{err}") from None
+    if not where:
+        for span in spans:
+            span.source = f"--{span.source}"
     return spans
 
 
-def build_spans(args, tokenizer, length: int) -> list[Span]:
-    """Every fixed span the options ask for, checked against ``length`` and each other."""
-    spans: list[Span] = []
-    if args.template is not None:
-        spans += parse_template(args.template, tokenizer)
-    if args.prefix:
-        spans.append(Span("--prefix", 0, _encode(tokenizer, args.prefix, followed_by_hole=True), args.prefix))
-    for item in args.infill:
-        pos_text, sep, text = item.partition(":")
-        try:
-            pos = int(pos_text)
-        except ValueError:
-            pos = None
-        if not sep or pos is None:
-            raise InputError(f"--infill expects POS:TEXT with an integer token position, got {item!r}")
-        ids = _encode(tokenizer, text, followed_by_hole=True)
-        if not ids:
-            raise InputError(f"--infill {item!r} has no text to place")
-        start = pos + length if pos < 0 else pos
-        if start < 0:
-            raise InputError(f"--infill {item!r}: position {pos} is before the start of a {length}-token sequence")
-        spans.append(Span(f"--infill {item!r}", start, ids, text))
-    if args.suffix:
-        ids = _encode(tokenizer, args.suffix, followed_by_hole=False)
-        spans.append(Span("--suffix", length - len(ids), ids, args.suffix))
+_SPEC_KEYS = {"prefix", "suffix", "infill", "template"}
 
-    spans = [s for s in spans if s.ids]
-    for s in spans:
-        if s.start < 0 or s.end > length:
-            raise InputError(
-                f"{s.source} is {len(s.ids)} tokens, which does not fit at position {max(s.start, 0)} "
-                f"of a {length}-token sequence; raise --length or shorten the text"
-            )
-    ordered = sorted(spans, key=lambda s: s.start)
-    for a, b in zip(ordered, ordered[1:]):
-        if b.start < a.end:
-            raise InputError(
-                f"{a.source} (tokens {a.start}..{a.end - 1}) overlaps {b.source} (tokens {b.start}..{b.end - 1})"
-            )
-    if sum(len(s.ids) for s in spans) == length:
-        raise InputError(f"the fixed spans cover all {length} positions: nothing is left to generate")
-    return ordered
+
+def read_requests(path: str) -> list[dict]:
+    """The JSONL requests of ``--input``: per line a JSON string (a prompt) or an object with any
+    of prefix, suffix, template (strings) and infill (a list of [pos, text] pairs, or of
+    "POS:TEXT" strings); blank lines are skipped."""
+    try:
+        lines = (sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")).splitlines()
+    except OSError as err:
+        raise InputError(f"--input {path}: {err.strerror or err}") from None
+    requests = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"--input {path} line {n}: not JSON ({err.msg})") from None
+        if isinstance(item, str):
+            item = {"prefix": item}
+        if not isinstance(item, dict) or not item.keys() <= _SPEC_KEYS:
+            raise InputError(f"--input {path} line {n}: expected a string (a prompt) or an object with keys "
+                             f"{sorted(_SPEC_KEYS)}, got {line.strip()[:80]!r}")
+        if not isinstance(item.get("infill", []), list):
+            raise InputError(f"--input {path} line {n}: infill must be a list of [pos, text] pairs")
+        item["line"] = n
+        requests.append(item)
+    if not requests:
+        raise InputError(f"--input {path} holds no request")
+    return requests
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +223,7 @@ def build_spans(args, tokenizer, length: int) -> list[Span]:
 
 
 def _check_args(args) -> None:
-    for name in ("length", "steps", "batch_size", "window", "stride"):
+    for name in ("length", "steps", "batch_size", "window", "stride", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -244,6 +241,8 @@ def _format_text(samples: list[dict], header: str) -> str:
 
 def run(args) -> int:
     _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     try:
         pre = load_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
@@ -265,23 +264,43 @@ def run(args) -> int:
               f"semi-autoregressively in {blocks} windows, each holding the {window - stride} tokens before "
               f"its {stride} new ones fixed (--window, --stride)", file=sys.stderr)
     steps = args.steps or min(length, window)
-    spans = build_spans(args, tokenizer, length)
+    if args.input is not None:
+        if args.prefix or args.suffix or args.infill or args.template:
+            raise InputError("--input gives the prefix, suffix, infill and template of every sample: "
+                             "drop --prefix / --suffix / --infill / --template")
+        requests = read_requests(args.input)
+        rows = [build_spans(tokenizer, length, prefix=r.get("prefix"), suffix=r.get("suffix"),
+                            infill=r.get("infill", []), template=r.get("template"),
+                            where=f"--input {args.input} line {r['line']}: ") for r in requests]
+    else:
+        requests = []
+        rows = [build_spans(tokenizer, length, prefix=args.prefix, suffix=args.suffix, infill=args.infill,
+                            template=args.template)]
+    jsonl = args.jsonl if args.jsonl is not None or args.input is None or args.json is not None else "-"
     seed = args.seed if args.seed is not None else secrets.randbits(31)
 
+    # One batch: every request's samples, each row with its own fixed positions.
+    per_sample = [spans for spans in rows for _ in range(args.batch_size)]
     fixed_tokens = fixed_mask = None
-    if spans:
-        fixed_tokens, fixed_mask = conditioning(length, {s.start: s.ids for s in spans}, device=device)
+    if any(per_sample):
+        fixed_tokens, fixed_mask = spans_to_mask(per_sample, length, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
     x = sample_blockwise(
-        model, pre.graph, pre.noise, batch_size=args.batch_size, length=length, window=window, stride=stride,
+        model, pre.graph, pre.noise, batch_size=len(per_sample), length=length, window=window, stride=stride,
         steps=steps, predictor=args.sampler, eps=args.eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask,
         generator=generator, device=device, progress=progress,
     )
     elapsed = time.perf_counter() - start
     ids = x.cpu().tolist()
-    samples = [{"index": i, "text": tokenizer.decode(row), "tokens": row} for i, row in enumerate(ids)]
 
+    def described(spans):
+        return [{"source": s.source, "start": s.start, "end": s.end, "text": s.text, "tokens": s.ids} for s in spans]
+
+    samples = [{"index": i, "text": tokenizer.decode(row), "tokens": row} for i, row in enumerate(ids)]
+    if requests:
+        for i, sample_ in enumerate(samples):
+            sample_.update(line=requests[i // args.batch_size]["line"], fixed=described(per_sample[i]))
     settings = {
         "checkpoint": args.checkpoint,
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
@@ -296,28 +315,50 @@ def run(args) -> int:
         "seed": seed,
         "device": str(device),
         "elapsed_s": round(elapsed, 3),
-        "fixed": [{"source": s.source, "start": s.start, "end": s.end, "text": s.text, "tokens": s.ids} for s in spans],
     }
+    if not requests:
+        settings["fixed"] = described(rows[0])
     header = (
-        f"# {args.checkpoint}: {args.batch_size} sample(s) of {length} tokens, {args.sampler} sampler, "
-        f"{steps} steps, seed {seed}, {len(spans)} fixed span(s), {elapsed:.1f}s on {device}"
+        f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {args.sampler} sampler, "
+        f"{steps} steps, seed {seed}, "
+        + (f"{len(requests)} request(s) from {args.input}" if requests else f"{len(rows[0])} fixed span(s)")
+        + f", {elapsed:.1f}s on {device}"
     )
     text = _format_text(samples, header)
+    outputs = []  # (destination, payload)
     if args.json is not None:
-        payload = json.dumps({**settings, "samples": samples}, ensure_ascii=False) + "\n"
-        if args.json == "-":
+        outputs.append((args.json, json.dumps({**settings, "samples": samples}, ensure_ascii=False) + "\n"))
+    if jsonl is not None:
+        outputs.append((jsonl, "".join(json.dumps({**s, "settings": settings}, ensure_ascii=False) + "\n"
+                                       for s in samples)))
+    for dest, payload in outputs:
+        if dest == "-":
             sys.stdout.write(payload)
         else:
-            Path(args.json).write_text(payload, encoding="utf-8")
-    if args.json != "-":
+            Path(dest).write_text(payload, encoding="utf-8")
+    if "-" not in (args.json, jsonl):
         sys.stdout.write(text)
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
     return 0
 
 
+def attach_option_values(argv: list[str], options=("--infill",)) -> list[str]:
+    """``--infill -8:TEXT`` as ``--infill=-8:TEXT``: argparse takes a value starting with "-" for an
+    option, so a position counted from the end would not parse as two words."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in options and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--":
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(attach_option_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         return run(args)
     except InputError as err:

@@ -303,6 +303,28 @@ def _hf_corpus(name: str, split: str, detokenizer) -> Corpus:
     if split not in spec.splits:
         raise ValueError(f"dataset {name!r} has splits {sorted(spec.splits)}, not {split!r}")
     detok = resolve_detokenizer(detokenizer, spec.detokenizer)
+    ds, label = load_hf_split(name, split)
+    fp = content_key({"src": "hf", "label": label, "split": spec.splits[split], "column": spec.column,
+                  "ds": getattr(ds, "_fingerprint", None),
+                  "detok": getattr(detok, "__qualname__", None), "v": FORMAT_VERSION})
+
+    def items():
+        i = 0
+        for batch in ds.iter(batch_size=1024):
+            for text in batch[spec.column]:
+                key, i = f"{split}:{i}", i + 1
+                if text and text.strip():
+                    yield key, (detok(text) if detok else text)
+
+    return Corpus(name, split, fp, items, num_docs=len(ds))
+
+
+def load_hf_split(name: str, split: str):
+    """(``datasets.Dataset``, label) of one split of a name in :data:`HF_DATASETS`; offline, a
+    ConnectionError at once unless the local cache may hold it (see :mod:`sedd.data.offline`)."""
+    spec = HF_DATASETS[name]
+    if split not in spec.splits:
+        raise ValueError(f"dataset {name!r} has splits {sorted(spec.splits)}, not {split!r}")
     label = spec.path + (f"/{spec.config}" if spec.config else "")
     instead = (
         "pass a local copy instead: --data PATH (get_corpus(PATH)), a text file or a directory "
@@ -330,19 +352,7 @@ def _hf_corpus(name: str, split: str, detokenizer) -> Corpus:
             f"failed to load Hugging Face dataset {name!r} ({label}): {e}; pass --data PATH to a "
             "local text file or directory instead"
         ) from e
-    fp = content_key({"src": "hf", "label": label, "split": spec.splits[split], "column": spec.column,
-                  "ds": getattr(ds, "_fingerprint", None),
-                  "detok": getattr(detok, "__qualname__", None), "v": FORMAT_VERSION})
-
-    def items():
-        i = 0
-        for batch in ds.iter(batch_size=1024):
-            for text in batch[spec.column]:
-                key, i = f"{split}:{i}", i + 1
-                if text and text.strip():
-                    yield key, (detok(text) if detok else text)
-
-    return Corpus(name, split, fp, items, num_docs=len(ds))
+    return ds, label
 
 
 def get_corpus(

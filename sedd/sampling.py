@@ -1,5 +1,5 @@
-"""Reverse-time samplers: Euler or analytic (Tweedie) predictors over the time grid, a final
-denoising step, and exact conditioning on any set of fixed positions.
+"""Reverse-time samplers: a predictor (:mod:`sedd.predictors`: Euler, analytic (Tweedie), or any
+registered one) over the time grid, a final denoising step, and conditioning on fixed positions.
 
 Time grid t_k = linspace(1, ε, steps + 1), Δt = (1 − ε)/steps. Every step calls the model once
 and hands its raw output with the per-row σ shift to :mod:`sedd.ops`, which on CUDA samples the
@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from sedd import ops
 from sedd.graph import Graph
-from sedd.losses import model_scores
 from sedd.noise import Noise
+from sedd.predictors import DENOISERS, PREDICTORS, Predictor, get_predictor, register_predictor
 
-PREDICTORS = ("euler", "analytic")
+__all__ = ["DENOISERS", "PREDICTORS", "Predictor", "conditioning", "register_predictor", "sample"]
 
 
 def conditioning(length: int, spans: dict[int, list[int]] | None = None, *, device=None):
@@ -52,9 +52,10 @@ def sample(
     batch_size: int,
     length: int,
     steps: int = 128,
-    predictor: str = "analytic",
+    predictor: str | Predictor = "analytic",
     eps: float = 1e-5,
     denoise: bool = True,
+    denoiser: str | Predictor = "denoise",
     fixed_tokens: torch.Tensor | None = None,
     fixed_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -67,8 +68,10 @@ def sample(
         model: ``SEDD`` (or any ``model(x_t, sigma) -> log_score``), in eval mode.
         graph, noise: the forward process and schedule the model was trained with.
         steps: number of predictor steps (≥ 1).
-        predictor: "euler" or "analytic" (Tweedie τ-leaping).
-        eps: the final time ε of the grid; ``denoise`` adds the last step from σ̄(ε) to 0.
+        predictor: "euler", "analytic" (Tweedie τ-leaping), another name in :data:`PREDICTORS`
+            (see :func:`register_predictor`), or a :class:`~sedd.predictors.Predictor` instance.
+        eps: the final time ε of the grid; ``denoise`` adds the last step from σ̄(ε) to 0, made
+            by ``denoiser`` (a name in :data:`DENOISERS` or an instance).
         fixed_tokens, fixed_mask: [L] or [B, L]; positions where the mask is True are held at
             ``fixed_tokens`` throughout (prompt, suffix, infilling). See :func:`conditioning`.
         generator: a torch.Generator on ``device`` for reproducible samples.
@@ -77,8 +80,8 @@ def sample(
     Returns:
         [B, L] int64 tokens (absorbing: no MASK left when ``denoise``).
     """
-    if predictor not in PREDICTORS:
-        raise ValueError(f"predictor must be one of {PREDICTORS}, got {predictor!r}")
+    step = get_predictor(predictor)
+    final = get_predictor(denoiser, final=True) if denoise else None
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0 < eps < 1:
@@ -104,24 +107,9 @@ def sample(
     # no value checks, so no device sync per step.
     with ops.value_checks(False):
         for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
-            t = times[i].expand(B)
-            if predictor == "euler":
-                sigma, dsigma = (v.float() for v in noise(t))
-                log_score, shift = model_scores(model, x, sigma)
-                x = ops.euler_step(log_score, x, dsigma, dt, graph, generator, shift=shift)
-            else:
-                sigma = noise.total(t)
-                dsigma = (sigma - noise.total(t - dt)).float()
-                sigma = sigma.float()
-                log_score, shift = model_scores(model, x, sigma)
-                x = ops.analytic_step(log_score, x, dsigma, graph, generator, shift=shift)
-            x = project(x)
-            del log_score
-
-        if denoise:
-            sigma = noise.total(times[-1].expand(B)).float()
-            log_score, shift = model_scores(model, x, sigma)
-            x = project(ops.denoise_step(log_score, x, sigma, graph, generator, shift=shift))
+            x = project(step.update(model, x, times[i].expand(B), dt, graph, noise, generator))
+        if final is not None:
+            x = project(final.update(model, x, times[-1].expand(B), dt, graph, noise, generator))
         return x
 
 

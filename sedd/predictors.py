@@ -1,0 +1,156 @@
+"""Reverse-step predictors: one object per way of moving the tokens from time t to t − Δt.
+
+A predictor calls the model once per step (through :func:`sedd.scoring.model_scores`, so the
+fused kernels fold the σ shift in) and hands the scores to a :mod:`sedd.ops` step. The sampler
+looks predictors up by name in a registry and makes a fresh instance for every ``sample`` call,
+so a predictor may keep state across the steps of one call (a cache, for instance).
+
+Adding one::
+
+    @register_predictor
+    class MyPredictor(Predictor):
+        name = "mine"
+
+        def update(self, model, x, t, dt, graph, noise, generator=None):
+            ...  # return the next tokens [B, L]
+
+    sample(model, graph, noise, batch_size=4, length=128, predictor="mine")
+
+``final = True`` marks a denoiser: the last step, from σ̄(t) at the end of the grid to σ = 0
+(``"denoise"``), chosen with ``sample(..., denoiser=...)`` and not offered as a per-step predictor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sedd import ops
+from sedd.graph import Graph
+from sedd.noise import Noise
+from sedd.scoring import model_scores
+
+
+class Predictor:
+    """The interface: ``update(model, x, t, dt, graph, noise, generator) -> next tokens``.
+
+    Arguments of ``update``: ``x`` [B, L] int64 current tokens; ``t`` [B] float64 current times;
+    ``dt`` the step Δt > 0 (a float; the final step gets the same Δt and may ignore it); ``graph``
+    and ``noise`` the forward process and schedule; ``generator`` for reproducible draws.
+    """
+
+    name: str = ""
+    final: bool = False
+
+    def update(
+        self,
+        model,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        dt: float,
+        graph: Graph,
+        noise: Noise,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+REGISTRY: dict[str, type[Predictor]] = {}
+
+
+def register_predictor(cls: type[Predictor], *, name: str | None = None, replace: bool = False) -> type[Predictor]:
+    """Register a :class:`Predictor` subclass under ``name`` (default: its ``name``); usable as a
+    class decorator. A name already taken is a ``ValueError`` unless ``replace=True``."""
+    if not (isinstance(cls, type) and issubclass(cls, Predictor)):
+        raise TypeError(f"register_predictor takes a Predictor subclass, got {cls!r}")
+    name = name or cls.name
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"predictor {cls.__name__} needs a name (set its `name` or pass name=...)")
+    if name in REGISTRY and not replace:
+        raise ValueError(f"a predictor named {name!r} is already registered ({REGISTRY[name].__name__}); pass replace=True")
+    REGISTRY[name] = cls
+    return cls
+
+
+def get_predictor(predictor: str | Predictor, *, final: bool = False) -> Predictor:
+    """A fresh instance of the registered predictor ``predictor`` (or the given instance), checked
+    to be a per-step predictor (``final=False``) or a denoiser (``final=True``)."""
+    kind = "denoiser" if final else "predictor"
+    if isinstance(predictor, Predictor):
+        instance = predictor
+    elif isinstance(predictor, str):
+        if predictor not in REGISTRY:
+            names = tuple(n for n, c in REGISTRY.items() if c.final == final)
+            raise ValueError(f"{kind} must be one of {names}, got {predictor!r}")
+        instance = REGISTRY[predictor]()
+    else:
+        raise TypeError(f"{kind} must be a name or a Predictor, got {type(predictor).__name__}")
+    if instance.final != final:
+        what = "the final denoising step" if instance.final else "a per-step predictor"
+        raise ValueError(f"{kind} {predictor!r} is {what}")
+    return instance
+
+
+class _Names(Sequence):
+    """The names of the registered per-step predictors (or denoisers), read live from the registry."""
+
+    def __init__(self, final: bool):
+        self._final = final
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(n for n, c in REGISTRY.items() if c.final == self._final)
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+PREDICTORS: Sequence[str] = _Names(final=False)  # ("euler", "analytic", and any registered since)
+DENOISERS: Sequence[str] = _Names(final=True)  # ("denoise", ...)
+
+
+@register_predictor
+class EulerPredictor(Predictor):
+    """τ-leaping with the rate at t: candidate y ≠ x_t has weight Δt·σ̄'(t)·Q(x_t, y)·e^{ŝ_y}."""
+
+    name = "euler"
+
+    def update(self, model, x, t, dt, graph, noise, generator=None):
+        sigma, dsigma = (v.float() for v in noise(t))
+        log_score, shift = model_scores(model, x, sigma)
+        return ops.euler_step(log_score, x, dsigma, dt, graph, generator, shift=shift)
+
+
+@register_predictor
+class AnalyticPredictor(Predictor):
+    """Tweedie τ-leaping over the noise the step removes, Δσ = σ̄(t) − σ̄(t − Δt)."""
+
+    name = "analytic"
+
+    def update(self, model, x, t, dt, graph, noise, generator=None):
+        sigma = noise.total(t)
+        dsigma = (sigma - noise.total(t - dt)).float()  # the difference in t's precision (fp64)
+        log_score, shift = model_scores(model, x, sigma.float())
+        return ops.analytic_step(log_score, x, dsigma, graph, generator, shift=shift)
+
+
+@register_predictor
+class Denoiser(Predictor):
+    """The last step: from σ̄(t) straight to σ = 0 (absorbing: every MASK left is filled)."""
+
+    name = "denoise"
+    final = True
+
+    def update(self, model, x, t, dt, graph, noise, generator=None):
+        sigma = noise.total(t).float()
+        log_score, shift = model_scores(model, x, sigma)
+        return ops.denoise_step(log_score, x, sigma, graph, generator, shift=shift)

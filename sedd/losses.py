@@ -15,9 +15,7 @@ import torch
 from sedd import ops
 from sedd.graph import Graph
 from sedd.noise import Noise
-from sedd.scoring import model_scores, unwrap
-
-__all__ = ["model_scores", "unwrap", "sample_times", "score_entropy_loss"]  # the first two re-exported from sedd.scoring
+from sedd.scoring import model_scores, unwrap  # noqa: F401  (also re-exported: their old home)
 
 
 def sample_times(batch_size: int, sampling_eps: float = 1e-3, *, device=None, generator=None) -> torch.Tensor:

@@ -60,14 +60,15 @@ __all__ = [
     "sigma_embedding",
 ]
 
-# Model sections of the public configs (configs/model/{small,medium}.yaml) plus a tiny one for
-# smoke tests. ``SEDD.config_for`` wraps one into a whole config.
+# Model sections of the public configs (configs/model/{small,medium}.yaml) plus the CPU one that
+# `python train/run.py` trains by default. ``SEDD.config_for`` wraps one into a whole config.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, cond_dim=32, length=128, n_blocks=2, n_heads=4, dropout=0.0),
+    "cpu": dict(hidden_size=128, cond_dim=64, length=128, n_blocks=4, n_heads=4, dropout=0.0),
     "small": dict(hidden_size=768, cond_dim=128, length=1024, n_blocks=12, n_heads=12, dropout=0.1),
     "medium": dict(hidden_size=1024, cond_dim=128, length=1024, n_blocks=24, n_heads=16, dropout=0.1),
 }
 
+PRESET_ALIASES = {"tiny": "cpu"}  # the name config_for used before it matched train/run.py's --preset
 _REQUIRED_MODEL_KEYS = ("hidden_size", "cond_dim", "n_blocks", "n_heads")
 
 
@@ -510,24 +511,33 @@ class SEDD(nn.Module):
 
     @staticmethod
     def config_for(
-        preset: str, *, graph: str = "absorb", tokens: int = 50257, **model_overrides: Any
+        preset: str,
+        *,
+        graph: str = "absorb",
+        tokens: int = 50257,
+        noise: str | Mapping[str, Any] | None = None,
+        **model_overrides: Any,
     ) -> dict[str, Any]:
-        """A whole config (public layout) for a preset in :data:`PRESETS` ("tiny", "small",
-        "medium"), e.g. ``SEDD(SEDD.config_for("small"))`` or
-        ``SEDD.config_for("tiny", tokens=11, graph="uniform", n_blocks=1)``.
+        """A whole config (public layout) for a preset in :data:`PRESETS` ("cpu", the model of
+        ``python train/run.py``, also accepted as "tiny"; "small"; "medium"), e.g.
+        ``SEDD(SEDD.config_for("small"))`` or ``SEDD.config_for("cpu", tokens=11, graph="uniform", n_blocks=1)``.
 
-        The noise schedule is the paper's pairing: log-linear for absorbing, geometric for uniform.
+        ``noise`` is the noise section: a type name, a whole section ({"type": ..., "eps": ...}),
+        or None for the paper's pairing (log-linear for absorbing, geometric for uniform).
         """
+        preset = PRESET_ALIASES.get(preset, preset)
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         if graph not in ("absorb", "uniform"):
             raise ValueError(f"graph must be 'absorb' or 'uniform', got {graph!r}")
+        if noise is None:
+            noise = "loglinear" if graph == "absorb" else "geometric"
         model = {"name": preset, "type": "ddit", "scale_by_sigma": graph == "absorb", **PRESETS[preset]}
         model.update(model_overrides)
         return {
             "tokens": int(tokens),
             "graph": {"type": graph},
-            "noise": {"type": "loglinear" if graph == "absorb" else "geometric"},
+            "noise": {"type": noise} if isinstance(noise, str) else dict(noise),
             "model": model,
         }
 

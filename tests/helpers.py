@@ -7,6 +7,7 @@ import torch
 from scipy import stats
 
 from sedd.graph import Graph
+from sedd.model import SEDD
 
 
 def full_Q(graph: Graph) -> torch.Tensor:
@@ -104,3 +105,10 @@ class ExactSequenceScore(torch.nn.Module):
                 out[b, i] = logp[tuple(index)] - logp[here] + self.perturb[here][i]
                 out[b, i, here[i]] = 0.0
         return out.float()
+
+
+def small_model_config(tokens: int, graph: str = "absorb", **model_overrides) -> dict:
+    """A whole config of a small DDiT (width 64, 2 blocks: the former "tiny" preset), cheap enough
+    for tests on CPU; ``model_overrides`` change the model section."""
+    return SEDD.config_for("cpu", tokens=tokens, graph=graph,
+                           **{"hidden_size": 64, "cond_dim": 32, "n_blocks": 2, **model_overrides})

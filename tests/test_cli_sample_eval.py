@@ -23,6 +23,7 @@ import torch
 
 from sedd.data import get_corpus, get_tokenizer, train_bpe
 from sedd.model import SEDD
+from tests.helpers import small_model_config
 from train import eval as eval_cli
 from train import sample as sample_cli
 
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.skipif(
 
 def _random_model(tokens: int, graph: str = "absorb", seed: int = 0) -> SEDD:
     torch.manual_seed(seed)
-    model = SEDD(SEDD.config_for("tiny", tokens=tokens, graph=graph, length=64, n_blocks=1))
+    model = SEDD(small_model_config(tokens, graph, length=64, n_blocks=1))
     # The output layer is zero-initialised (every score equal); give it some structure.
     torch.nn.init.normal_(model.output_layer.linear.weight, std=0.3)
     torch.nn.init.normal_(model.output_layer.linear.bias, std=0.3)

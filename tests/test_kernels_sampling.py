@@ -20,7 +20,7 @@ from sedd import ops, reference
 from sedd.graph import Absorbing, Uniform
 from sedd.noise import Geometric, LogLinear
 from sedd.sampling import conditioning, sample
-from tests.helpers import FactorizedScore, chi2_pvalue
+from tests.helpers import FactorizedScore, chi2_pvalue, small_model_config
 
 # the interpreter evaluates masked-off lanes too (log of non-positive weights there is discarded)
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
@@ -337,7 +337,7 @@ def test_full_sampler_on_the_triton_backend_respects_conditioning():
     from sedd.model import SEDD
 
     torch.manual_seed(0)
-    net = SEDD(SEDD.config_for("tiny", tokens=20)).eval()
+    net = SEDD(small_model_config(20)).eval()
     with torch.no_grad():
         net.output_layer.linear.weight.normal_(0, 0.05)
     graph, noise = Absorbing(20), LogLinear()

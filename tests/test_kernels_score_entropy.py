@@ -15,6 +15,7 @@ import torch
 
 from sedd import ops, reference
 from sedd.graph import Absorbing, Uniform
+from tests.helpers import small_model_config
 
 SIGMAS = [1e-5, 0.3, 0.7, 5.0, 20.0]
 GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
@@ -352,7 +353,7 @@ def test_training_loss_with_sedd_model_matches_eager(monkeypatch, graph_name):
     graph = get_graph(graph_name, 31)
     noise = LogLinear() if graph.absorbing else Geometric()
     torch.manual_seed(0)
-    model = SEDD(SEDD.config_for("tiny", tokens=31, graph=graph_name))
+    model = SEDD(small_model_config(31, graph_name))
     with torch.no_grad():
         model.output_layer.linear.weight.normal_(0, 0.5)
     x0 = torch.randint(0, 31, (3, 8))

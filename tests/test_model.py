@@ -162,8 +162,13 @@ def test_presets_build_the_published_sizes():
     assert small.vocab_size == 50258 and small.blocks[0].dropout == 0.1
     non_embedding = sum(p.numel() for n, p in small.named_parameters() if "vocab_embed" not in n and "output_layer.linear" not in n)
     assert 85e6 < non_embedding < 95e6  # "SEDD small": ~90M non-embedding parameters
-    uniform = SEDD.config_for("tiny", graph="uniform", tokens=7, n_blocks=1)
+    uniform = SEDD.config_for("cpu", graph="uniform", tokens=7, n_blocks=1)
     assert uniform["graph"]["type"] == "uniform" and uniform["model"]["n_blocks"] == 1
+    assert uniform["noise"] == {"type": "geometric"} and uniform["model"]["scale_by_sigma"] is False
+    # "tiny", the name before it matched `train/run.py --preset cpu`, still works
+    assert SEDD.config_for("tiny") == SEDD.config_for("cpu")
+    noise = {"type": "loglinear", "eps": 1e-3}
+    assert SEDD.config_for("cpu", noise=noise)["noise"] == noise
     with pytest.raises(ValueError, match="preset"):
         SEDD.config_for("huge")
 

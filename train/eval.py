@@ -73,7 +73,7 @@ from sedd.data import DETOKENIZERS, DOC_SPLITS, HF_DATASETS, evaluation_split, g
 from sedd.data.public import public_blocks, public_rows
 from sedd.likelihood import TIME_SAMPLERS, sequence_bounds, summarize
 from sedd.losses import score_entropy_loss
-from sedd.pretrained import load_pretrained
+from train.cli import InputError, check_positive, load_checkpoint, main_with_exit_codes
 
 EXAMPLES = """\
 examples:
@@ -87,10 +87,6 @@ examples:
   # a Hugging Face dataset (needs the Hub or its cache), through the public SEDD pipeline
   python train/eval.py louaaron/sedd-small --data wikitext-103 --protocol sedd --json -
 """
-
-
-class InputError(Exception):
-    """Bad command-line input: reported as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,10 +183,7 @@ def make_blocks(tokens: np.ndarray, block_size: int, last_block: str, max_blocks
 
 
 def _check_args(args) -> None:
-    for name in ("block_size", "batch_size", "max_blocks", "num_samples", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_positive(args, ("block_size", "batch_size", "max_blocks", "num_samples", "threads"))
     if args.time_sampler == "antithetic" and args.num_samples % 2:
         raise InputError(f"--time-sampler antithetic pairs t with 1 − t: --num-samples must be even, got {args.num_samples}")
     if args.num_samples < 2:
@@ -246,10 +239,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     started = time.perf_counter()
-    try:
-        pre = load_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
-    except (OSError, ValueError) as err:  # missing files, Hub offline, tokenizer that does not fit
-        raise InputError(str(err)) from err
+    pre = load_checkpoint(args)
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
     block_size = args.block_size or model.length
@@ -341,12 +331,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except InputError as err:
-        print(f"eval.py: error: {err}", file=sys.stderr)
-        return 2
+    return main_with_exit_codes("eval.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -56,8 +56,8 @@ if __package__ in (None, ""):  # `python train/sample.py`: the package of this c
 import torch
 
 from sedd.generation import Span, fixed_spans, sample_blockwise, spans_to_mask
-from sedd.pretrained import load_pretrained
 from sedd.sampling import PREDICTORS
+from train.cli import InputError, check_positive, load_checkpoint, main_with_exit_codes
 
 EXAMPLES = """\
 examples:
@@ -78,10 +78,6 @@ examples:
   # 4096 tokens from a 1024-token model, 512 new tokens per window
   python train/sample.py runs/small --length 4096 --stride 512 --steps 256
 """
-
-
-class InputError(Exception):
-    """Bad command-line input: reported as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,10 +219,7 @@ def read_requests(path: str) -> list[dict]:
 
 
 def _check_args(args) -> None:
-    for name in ("length", "steps", "batch_size", "window", "stride", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_positive(args, ("length", "steps", "batch_size", "window", "stride", "threads"))
     if not 0 < args.eps < 1:
         raise InputError(f"--eps must be in (0, 1), got {args.eps}")
 
@@ -244,10 +237,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    try:
-        pre = load_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
-    except (OSError, ValueError) as err:  # missing files, Hub offline, tokenizer that does not fit
-        raise InputError(str(err)) from err
+    pre = load_checkpoint(args)
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
     length = args.length or model.length
@@ -358,12 +348,8 @@ def attach_option_values(argv: list[str], options=("--infill",)) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(attach_option_values(sys.argv[1:] if argv is None else list(argv)))
-    try:
-        return run(args)
-    except InputError as err:
-        print(f"sample.py: error: {err}", file=sys.stderr)
-        return 2
+    argv = attach_option_values(sys.argv[1:] if argv is None else list(argv))
+    return main_with_exit_codes("sample.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

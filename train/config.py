@@ -1,0 +1,192 @@
+"""The configuration of a training run: presets, command-line flags, and what --resume may change.
+
+Every field of a preset is also a flag (``max_steps`` is ``--max-steps``). A run's configuration is
+the preset plus the flags given, or, with --resume, the saved run plus the flags that do not change
+what it trains (:data:`FROZEN`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from sedd import data as sdata
+from sedd.model import PRESETS as MODEL_PRESETS
+from sedd.model import SEDD
+
+PAPER = dict(  # the GPT-2-scale runs of the paper and the public code (configs/config.yaml)
+    data="openwebtext", tokenizer="gpt2", doc_mask=False,
+    graph="absorb", noise="auto", noise_eps=1e-3, sigma_min=1e-4, sigma_max=20.0,
+    global_batch=512, max_steps=1_300_000, lr=3e-4, beta1=0.9, beta2=0.999, weight_decay=0.0,
+    warmup_steps=2500, grad_clip=1.0, ema=0.9999, sampling_eps=1e-3, bf16=True,
+    log_every=50, eval_every=2500, val_blocks=512, ckpt_every=10_000,
+    num_samples=2, sample_length=128, sample_steps=128, seed=0,
+)
+PRESETS = {
+    # Sized so the whole run (BPE training and tokenization included) takes 3-5 minutes on 2 CPU
+    # cores: the output layer over 4097 ids costs as much as the 4 blocks, so a wider model buys
+    # little here, and for a fixed number of tokens 1000 steps of 16 blocks reach a lower loss
+    # than 500 steps of 32. EMA 0.99 because 0.9999 would barely move from the initial weights.
+    "cpu": dict(
+        PAPER, **MODEL_PRESETS["cpu"], data="default", tokenizer="bpe:4096",
+        batch_size=16, global_batch=16, max_steps=1000, lr=1e-3, warmup_steps=50, ema=0.99,
+        log_every=10, eval_every=100, val_blocks=256, ckpt_every=500, sample_length=64, sample_steps=64,
+    ),
+    "small": dict(PAPER, **MODEL_PRESETS["small"], batch_size=64),
+    "medium": dict(PAPER, **MODEL_PRESETS["medium"], batch_size=32),
+}
+HELP = {
+    # data
+    "data": "training text: 'default' (the Python standard library, offline), a local text file or "
+            "directory, or a Hugging Face dataset: " + ", ".join(sdata.HF_DATASETS),
+    "tokenizer": "'bpe' or 'bpe:N' (byte-level BPE with N ids trained on the training text, cached), 'bytes' "
+                 "(one id per byte, no training), 'gpt2' "
+                 "(from the hub), or a directory holding vocab.json + merges.txt (or tokenizer.json)",
+    "doc_mask": "no attention across the EOS boundaries of packed documents (the paper attends across them)",
+    # model and diffusion
+    "graph": "forward process: absorb (masking) or uniform",
+    "noise": "noise schedule: loglinear, geometric, or auto (loglinear for absorb, geometric for uniform)",
+    "noise_eps": "epsilon of the log-linear schedule", "sigma_min": "geometric schedule sigma_min",
+    "sigma_max": "geometric schedule sigma_max",
+    "hidden_size": "transformer width", "cond_dim": "width of the sigma conditioning",
+    "n_blocks": "transformer blocks", "n_heads": "attention heads",
+    "length": "tokens per training block (documents are packed into blocks with EOS between them)",
+    "dropout": "dropout in the blocks",
+    # optimisation
+    "batch_size": "blocks per micro-batch on each process",
+    "global_batch": "blocks per optimizer step over all processes (= batch_size x grad_accum x world_size; "
+                    "grad_accum is derived from it)",
+    "max_steps": "optimizer steps to train for", "lr": "AdamW peak learning rate",
+    "beta1": "AdamW beta1", "beta2": "AdamW beta2", "weight_decay": "AdamW weight decay",
+    "warmup_steps": "linear warmup steps, then a constant learning rate",
+    "grad_clip": "clip the gradient norm to this (0: no clipping)", "ema": "EMA decay of the weights",
+    "sampling_eps": "t is drawn from U[sampling_eps, 1]", "bf16": "bf16 autocast on CUDA (no effect on CPU)",
+    "seed": "seed of the initialisation, the data order and every step's noise",
+    # evaluation, logging, checkpoints
+    "log_every": "write metrics every N steps", "eval_every": "validation loss (EMA weights) every N steps, 0: never",
+    "val_blocks": "held-out blocks in the fixed validation set (0: all)", "ckpt_every": "checkpoint every N steps",
+    "num_samples": "samples printed at the end", "sample_length": "tokens per sample",
+    "sample_steps": "steps of the analytic sampler",
+}
+GROUPS = {
+    "data": ["data", "tokenizer", "doc_mask"],
+    "model and diffusion": ["graph", "noise", "noise_eps", "sigma_min", "sigma_max", "hidden_size", "cond_dim",
+                            "n_blocks", "n_heads", "length", "dropout"],
+    "optimisation": ["batch_size", "global_batch", "max_steps", "lr", "beta1", "beta2", "weight_decay",
+                     "warmup_steps", "grad_clip", "ema", "sampling_eps", "bf16", "seed"],
+    "evaluation, logging, checkpoints": ["log_every", "eval_every", "val_blocks", "ckpt_every", "num_samples",
+                                         "sample_length", "sample_steps"],
+}
+CHOICES = {"graph": ["absorb", "uniform"], "noise": ["auto", "loglinear", "geometric"]}
+# What a run trains: --resume refuses to change these (the checkpoint would no longer fit, or
+# the data order and noise would silently differ from the run being continued).
+FROZEN = ["data", "tokenizer", "doc_mask", "graph", "noise", "noise_eps", "sigma_min", "sigma_max", "hidden_size",
+          "cond_dim", "n_blocks", "n_heads", "length", "batch_size", "global_batch", "seed"]
+MODEL_KEYS = ["hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "dropout"]
+NOT_TRAINING = ["data", "tokenizer", "graph", "noise", "noise_eps", "sigma_min", "sigma_max", *MODEL_KEYS]  # own keys in config.json
+
+
+def parse_args(argv=None, *, epilog: str = ""):
+    """Returns (args, overrides): overrides holds only the preset fields given on the command line.
+    ``epilog`` ends ``--help`` (train/run.py passes its docstring)."""
+    def preset_default(key):
+        values = {name: p[key] for name, p in PRESETS.items()}
+        if len(set(map(str, values.values()))) == 1:
+            return f" (default: {values['cpu']})"
+        return " (" + ", ".join(f"{name}: {v}" for name, v in values.items()) + ")"
+
+    parser = argparse.ArgumentParser(
+        description="Train a SEDD model. Fields default to the chosen --preset; any flag overrides it.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,
+                        help="configuration to start from (default: cpu)")
+    parser.add_argument("--out", default=None, help="checkpoint directory (default: out/<preset>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh even though --out already holds a checkpoint")
+    run = parser.add_argument_group("system")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                     help="auto: CUDA when available (default: auto)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP (for CUDA)")
+    run.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
+    run.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
+    for title, keys in GROUPS.items():
+        group = parser.add_argument_group(title)
+        for key in keys:
+            flag, kind = "--" + key.replace("_", "-"), type(PRESETS["cpu"][key])
+            common = dict(dest=key, default=argparse.SUPPRESS, help=HELP[key] + preset_default(key))
+            if kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            else:
+                metavar = None if key in CHOICES else {int: "N", float: "X", str: "SPEC"}[kind]
+                group.add_argument(flag, type=kind, choices=CHOICES.get(key), metavar=metavar, **common)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k in PRESETS["cpu"]}
+
+    # Check names and paths now, before minutes of work, with argparse's message and exit code 2.
+    for key in ("data", "tokenizer"):
+        if key not in overrides:
+            continue
+        spec, path = overrides[key], Path(overrides[key]).expanduser()
+        known = ["default", *sdata.HF_DATASETS] if key == "data" else ["bpe", "bytes", "gpt2"]
+        if spec in known or (key == "tokenizer" and spec.startswith("bpe:")):
+            continue
+        if not path.exists():
+            parser.error(f"--{key} {spec!r}: no such file or directory, and not one of {known}")
+        if not os.access(path, os.R_OK):
+            parser.error(f"--{key} {spec!r}: permission denied")
+        # Absolute, so --resume finds it from any working directory, but with symbolic links kept:
+        # the path is stored and compared as the user spelled it.
+        overrides[key] = os.path.abspath(path)
+    for key in ("hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "batch_size", "global_batch",
+                "log_every", "ckpt_every", "sample_steps"):
+        if key in overrides and overrides[key] < 1:
+            parser.error(f"--{key.replace('_', '-')} must be positive, got {overrides[key]}")
+    return args, overrides
+
+
+class UsageError(ValueError):
+    """A configuration the command line asked for that cannot run: exit status 2."""
+
+
+def resolve_config(overrides: dict, preset: str | None, saved: dict | None, world: int, *,
+                   source: str = "the checkpoint") -> dict:
+    """The run's configuration: ``PRESETS[preset]`` with the flags ``overrides``, or the ``saved``
+    configuration of the run being resumed (from ``source``) with the flags that do not change
+    what it trains.
+    Also settles ``noise="auto"`` and adds ``grad_accum`` (micro-batches per optimizer step).
+    Raises :class:`UsageError` for a combination that cannot run."""
+    if saved is not None:
+        cfg = dict(saved)
+        if preset is not None and preset != cfg["preset"]:
+            raise UsageError(f"--resume: {source} is a '{cfg['preset']}' run, not '{preset}'")
+        for key, value in overrides.items():
+            if key in FROZEN and value != cfg[key]:
+                raise UsageError(
+                    f"--resume: cannot change {key} (the checkpoint has {cfg[key]!r}, the command line "
+                    f"asks for {value!r}); start a new run with another --out instead")
+            cfg[key] = value
+    else:
+        cfg = dict(PRESETS[preset or "cpu"], **overrides, preset=preset or "cpu")
+    if cfg["noise"] == "auto":
+        cfg["noise"] = "loglinear" if cfg["graph"] == "absorb" else "geometric"
+    if cfg["global_batch"] % (cfg["batch_size"] * world):
+        raise UsageError(f"--global-batch {cfg['global_batch']} is not a multiple of batch_size x world_size = "
+                         f"{cfg['batch_size']} x {world}")
+    cfg["grad_accum"] = cfg["global_batch"] // (cfg["batch_size"] * world)
+    return cfg
+
+
+def model_config(cfg: dict, vocab_size: int, world: int) -> dict:
+    """The config.json of the run: the public layout (tokens, graph, noise, model), so
+    ``SEDD.from_pretrained(out)`` loads the checkpoint, plus "tokenizer", "data" and "training"
+    (every other hyper-parameter)."""
+    config = SEDD.config_for(cfg["preset"], graph=cfg["graph"], tokens=vocab_size,
+                             noise={"type": cfg["noise"], "sigma_min": cfg["sigma_min"],
+                                    "sigma_max": cfg["sigma_max"], "eps": cfg["noise_eps"]},
+                             **{k: cfg[k] for k in MODEL_KEYS})
+    config["tokenizer"], config["data"] = cfg["tokenizer"], cfg["data"]
+    config["training"] = {**{k: v for k, v in cfg.items() if k not in NOT_TRAINING}, "world_size": world}
+    return config

@@ -32,7 +32,7 @@ if CUDA:
     CONFIG = SEDD.config_for("small")
     TRAIN_BATCH, SAMPLE_BATCH, LENGTH, STEPS = 8, 16, 1024, 128
 else:
-    CONFIG = SEDD.config_for("tiny", tokens=255, n_blocks=1)
+    CONFIG = SEDD.config_for("cpu", tokens=255, hidden_size=64, cond_dim=32, n_blocks=1)
     TRAIN_BATCH, SAMPLE_BATCH, LENGTH, STEPS = 2, 2, 32, 4
 
 

@@ -2,6 +2,12 @@
 eager path of this library (which mirrors the public SEDD code: the loss and the reverse steps
 materialise several [B, L, V] tensors).
 
+MFU of the training step: tokens/s × FLOPs per token / the dense bf16 matmul rate measured in the
+same run (``bf16_peak``). FLOPs per token = 6·N + 12·n_blocks·hidden·L: N counts the parameters
+that take part in matrix products (all but the embedding table, which is a lookup; the output
+layer counts), and 12·n_blocks·hidden·L is full (non-causal) attention's QKᵀ and AV, forward
+and backward. Time is the median of the rounds (``benchmarks/common.py``).
+
 On CUDA the shapes are SEDD-small's (768 hidden, 12 blocks, GPT-2 vocabulary, 1024 tokens):
 training at batch 8 with bf16 autocast, sampling at batch 16 with 128 analytic steps. On CPU the
 same code runs a tiny model so the suite stays runnable anywhere (eager only: the Triton
@@ -17,6 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks import common
 from sedd import ops
 from sedd.graph import Absorbing
 from sedd.losses import score_entropy_loss
@@ -24,8 +31,7 @@ from sedd.model import SEDD
 from sedd.noise import LogLinear
 from sedd.sampling import sample
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+CUDA, DEVICE = common.CUDA, common.DEVICE
 BACKENDS = ["triton", "torch"] if CUDA else ["torch"]
 
 if CUDA:
@@ -46,18 +52,20 @@ def model():
 
 
 def _per_second(benchmark, amount: int) -> float | None:
-    """amount / mean time of the benchmarked call; None under --benchmark-disable (no timings)."""
+    """amount / median time of the benchmarked call; None under --benchmark-disable (no timings)."""
     stats = getattr(benchmark, "stats", None)
-    return amount / stats.stats.mean if stats is not None else None
+    return amount / stats.stats.median if stats is not None else None
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
+def training_flops_per_token(net: SEDD, length: int) -> int:
+    """6·N (matmul parameters) + 12·n_blocks·hidden·length (attention), forward + backward."""
+    matmul_params = sum(p.numel() for name, p in net.named_parameters() if name != "vocab_embed.embedding")
+    m = net.config["model"]
+    return 6 * matmul_params + 12 * m["n_blocks"] * m["hidden_size"] * length
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_training_step(benchmark, model, measure_peak, backend):
+def test_training_step(benchmark, model, measure_peak, bf16_peak, backend):
     graph, noise = Absorbing(CONFIG["tokens"]), LogLinear()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -69,18 +77,25 @@ def test_training_step(benchmark, model, measure_peak, backend):
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync()
+        common.sync()
 
     step()  # warm-up: kernels compile, allocator settles
     peak = measure_peak(step)
     benchmark.pedantic(step, rounds=5 if CUDA else 1, warmup_rounds=1 if CUDA else 0)
+    tokens_per_s = _per_second(benchmark, TRAIN_BATCH * LENGTH)
+    flops_per_token = training_flops_per_token(model, LENGTH)
     benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if CUDA else "cpu",
+        bench="training_step",
+        device=common.device_name(),
         graph="absorb",
         mode="train step",
+        shape=[TRAIN_BATCH, LENGTH, graph.dim],
         impl="eager" if backend == "torch" else backend,
         tokens_per_step=TRAIN_BATCH * LENGTH,
-        tokens_per_s=_per_second(benchmark, TRAIN_BATCH * LENGTH),
+        tokens_per_s=tokens_per_s,
+        flops_per_token=flops_per_token,
+        bf16_peak_tflop_per_s=bf16_peak / 1e12,
+        mfu=tokens_per_s * flops_per_token / bf16_peak if tokens_per_s else None,
         peak_memory_bytes=peak,
     )
 
@@ -94,13 +109,17 @@ def test_sampling(benchmark, model, measure_peak, backend):
         with ops.use_backend(backend):
             sample(model, graph, noise, batch_size=SAMPLE_BATCH, length=LENGTH, steps=STEPS, device=DEVICE,
                    generator=torch.Generator(DEVICE).manual_seed(0))
-        _sync()
+        common.sync()
 
-    run()
+    # the warm-up; on CUDA it is also the run whose peak memory is measured (a run takes seconds)
     peak = measure_peak(run)
-    benchmark.pedantic(run, rounds=3 if CUDA else 1, warmup_rounds=0)
+    if not CUDA:
+        run()
+    benchmark.pedantic(run, rounds=2 if CUDA else 1, warmup_rounds=0)
     benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if CUDA else "cpu",
+        bench="sampling",
+        device=common.device_name(),
+        shape=[SAMPLE_BATCH, LENGTH, graph.dim],
         graph="absorb",
         mode=f"sample {STEPS} steps",
         impl="eager" if backend == "torch" else backend,

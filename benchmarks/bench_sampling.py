@@ -1,21 +1,23 @@
-"""One reverse step (analytic, Euler, denoise): the fused Triton kernel against the eager reference
-(and ``torch.compile(reference)``), reported as bandwidth over the bytes the step must read.
+"""One reverse step (analytic, Euler, denoise), absorbing and uniform: the fused Triton kernel
+against the public SEDD op sequence, the eager reference and ``torch.compile(reference)``.
 
-What a step must move: the scores of the positions that can change (for absorbing, the masked
-ones: masked rows × V × 2 bytes in bf16), the current ids and the new ids. The eager reference
-reads every row and materialises about ten [B, L, V] fp32/fp64 temporaries on top. The kernel's
-bandwidth is compared with a device-to-device copy measured in the same run (``copy_bandwidth``
-in ``conftest.py``: read + write bytes over time), so the fraction is meaningful on any GPU.
+Inputs: bf16 raw scores [B, L, V] with the model's per-row score shift; absorbing with half of
+the positions masked, uniform with random tokens. Rows: 16384 (16 × 1024) for every impl, and
+65536 (64 × 1024) for the kernel only (the eager reference's fp64 noise alone would be 26 GB).
 
-On CUDA the shape is the issue's: GPT-2 absorbing width V = 50258, B·L = 16 × 1024 = 16384 rows,
-bf16 raw scores with a per-row shift, half of the positions masked. On CPU a small shape runs
-the eager path only (the Triton interpreter is a correctness tool, not a fast path).
+What a step must move (``bytes_moved``): the rows that can change (absorbing: the masked ones;
+uniform: all) once, V × 2 bytes each, plus the current ids read and the new ids written. The
+uniform analytic / denoise kernel reads its rows twice (the staggered score needs the row sum
+first); the count stays the minimum, so its fraction of copy shows that cost. Time: the median
+of the rounds (``benchmarks/common.py``); ``fraction_of_copy`` against the copy bandwidth of the
+same run.
 
-    python -m pytest benchmarks/bench_sampling.py --benchmark-only
+On CPU a tiny shape runs the public and eager steps, plus the fused kernel under Triton's
+interpreter when TRITON_INTERPRET=1 (the device check's dry run: a code-path check, not a
+measurement).
+
+    python -m pytest benchmarks/bench_sampling.py --benchmark-only -k "not compiled"
     python -m pytest benchmarks/bench_sampling.py --benchmark-disable -q   # smoke run
-
-Each case records time, GB/s over the required bytes, the fraction of copy bandwidth and the
-peak memory allocated by the step in ``benchmark.extra_info``.
 """
 
 from __future__ import annotations
@@ -23,77 +25,91 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks import common, public_sedd
 from sedd import ops, reference
-from sedd.graph import Absorbing
+from sedd.graph import get_graph
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+CUDA, DEVICE = common.CUDA, common.DEVICE
 if CUDA:
-    B, L, V = 16, 1024, 50258
-    IMPLS = ["triton", "eager", "compiled"]
+    N, SHAPES = 50257, [(16, 1024), (64, 1024)]
+    IMPLS = ["triton", "public", "eager", "compiled"]
 else:
-    B, L, V = 2, 64, 1025
-    IMPLS = ["eager"]
+    N, SHAPES = 255, [(2, 32)]
+    # the fused kernel too where Triton's interpreter is on (the device check's dry run)
+    IMPLS = (["triton"] if common.INTERPRETED else []) + ["public", "eager"]
 KINDS = ["analytic", "euler", "denoise"]
+ROUNDS, WARMUP = (10, 1) if CUDA else (1, 0)  # on CPU a code-path check: one round
+BASELINE_MAX_ROWS = 16384
+DT = 0.01
+
+_cached = {}
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
+def _inputs(graph, B, L):
+    key = (graph.name, B, L)
+    if key not in _cached:
+        _cached.clear()
+        if CUDA:
+            torch.cuda.empty_cache()
+        g = torch.Generator(DEVICE).manual_seed(0)
+        z = torch.randn(B, L, graph.dim, device=DEVICE, generator=g, dtype=torch.bfloat16)
+        x_t = torch.randint(0, graph.N, (B, L), device=DEVICE, generator=g)
+        if graph.absorbing:
+            x_t[torch.rand(B, L, device=DEVICE, generator=g) < 0.5] = graph.mask_id
+        sigma = torch.full((B,), 2.0, device=DEVICE)
+        _cached[key] = dict(z=z, x_t=x_t, sigma=sigma, dsigma=torch.full((B,), 0.05, device=DEVICE),
+                            shift=graph.score_shift(sigma))  # fmt: skip
+    return _cached[key]
 
 
-@pytest.fixture(scope="module")
-def step_inputs():
-    """bf16 raw scores [B, L, V], shift [B], x_t [B, L] with half the positions masked."""
-    g = torch.Generator(DEVICE).manual_seed(0)
-    graph = Absorbing(V - 1)
-    z = torch.randn(B, L, V, device=DEVICE, generator=g).to(torch.bfloat16)
-    x_t = torch.randint(0, graph.N, (B, L), device=DEVICE, generator=g)
-    x_t[torch.rand(B, L, device=DEVICE, generator=g) < 0.5] = graph.mask_id
-    sigma = torch.full((B,), 2.0, device=DEVICE)
-    shift = -reference.esigm1(sigma).log() - torch.log(torch.tensor(V - 1.0, device=DEVICE))
-    return dict(graph=graph, z=z, x_t=x_t, sigma=sigma, dsigma=torch.full((B,), 0.05, device=DEVICE), shift=shift)
+def bytes_moved(graph, x_t, V: int, element_size: int) -> int:
+    """Scores of the rows that can move, plus the ids read and written (module docstring)."""
+    rows = int((x_t == graph.mask_id).sum()) if graph.absorbing else x_t.numel()
+    return rows * V * element_size + 2 * x_t.numel() * x_t.element_size()
 
 
-def _required_bytes(inp) -> int:
-    """Scores of the rows that can move (masked rows × V × 2 bytes), plus ids read and written."""
-    masked = int((inp["x_t"] == inp["graph"].mask_id).sum())
-    ids = inp["x_t"].numel() * inp["x_t"].element_size()
-    return masked * V * inp["z"].element_size() + 2 * ids
-
-
-def _make_step(kind, impl, inp):
-    graph, z, x_t, shift = inp["graph"], inp["z"], inp["x_t"], inp["shift"]
-    gen = torch.Generator(DEVICE).manual_seed(1)
-    if impl == "compiled":
-        eager = {"analytic": reference.analytic_step, "euler": reference.euler_step, "denoise": reference.denoise_step}[kind]
-        compiled = torch.compile(eager)
+def _make_step(kind, impl, graph, inp):
+    z, x_t, shift = inp["z"], inp["x_t"], inp["shift"]
+    scalar = inp["sigma"] if kind == "denoise" else inp["dsigma"]
+    if impl in ("eager", "compiled"):
+        eager = {"analytic": reference.analytic_step, "euler": reference.euler_step,
+                 "denoise": reference.denoise_step}[kind]  # fmt: skip
+        fn = torch.compile(eager) if impl == "compiled" else eager
         if kind == "euler":
-            return lambda: compiled(z, x_t, inp["dsigma"], 0.01, graph, shift)
-        scalar = inp["dsigma"] if kind == "analytic" else inp["sigma"]
-        return lambda: compiled(z, x_t, scalar, graph, shift)
-    backend = "torch" if impl == "eager" else impl
+            return lambda: fn(z, x_t, scalar, DT, graph, shift)
+        return lambda: fn(z, x_t, scalar, graph, shift)
+    if impl == "public":
+        if kind == "euler":
+            return lambda: public_sedd.euler_step(z, x_t, scalar, DT, graph, shift)
+        return lambda: getattr(public_sedd, f"{kind}_step")(z, x_t, scalar, graph, shift)
+    gen = torch.Generator(DEVICE).manual_seed(1)
 
     def run():
-        with ops.use_backend(backend):
+        with ops.use_backend("triton"):
             if kind == "euler":
-                return ops.euler_step(z, x_t, inp["dsigma"], 0.01, graph, gen, shift=shift)
+                return ops.euler_step(z, x_t, scalar, DT, graph, gen, shift=shift)
             if kind == "analytic":
-                return ops.analytic_step(z, x_t, inp["dsigma"], graph, gen, shift=shift)
-            return ops.denoise_step(z, x_t, inp["sigma"], graph, gen, shift=shift)
+                return ops.analytic_step(z, x_t, scalar, graph, gen, shift=shift)
+            return ops.denoise_step(z, x_t, scalar, graph, gen, shift=shift)
 
     return run
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_reverse_step(benchmark, step_inputs, copy_bandwidth, measure_peak, kind, impl):
-    fn = _make_step(kind, impl, step_inputs)
+@pytest.mark.parametrize("rows", [f"{B}x{L}" for B, L in SHAPES])
+@pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
+def test_reverse_step(benchmark, copy_bandwidth, measure_peak, device_label, graph_name, rows, kind, impl):
+    B, L = map(int, rows.split("x"))
+    if impl != "triton" and B * L > BASELINE_MAX_ROWS:
+        pytest.skip(f"baselines run at {BASELINE_MAX_ROWS} rows (their [B, L, V] fp32/fp64 temporaries)")
+    graph = get_graph(graph_name, N)
+    inp = _inputs(graph, B, L)
+    fn = _make_step(kind, impl, graph, inp)
 
     def step():
-        out = fn()
-        _sync()
-        return out
+        with ops.value_checks(False):
+            return fn()
 
     try:
         out = step()  # warm-up: compile, allocator
@@ -102,23 +118,25 @@ def test_reverse_step(benchmark, step_inputs, copy_bandwidth, measure_peak, kind
             pytest.skip(f"torch.compile(reference) failed: {type(err).__name__}: {err}")
         raise
     assert out.shape == (B, L)
-    fixed = step_inputs["x_t"] != step_inputs["graph"].mask_id
-    assert torch.equal(out[fixed], step_inputs["x_t"][fixed])
+    if graph.absorbing:
+        fixed = inp["x_t"] != graph.mask_id
+        assert torch.equal(out[fixed], inp["x_t"][fixed].to(out.dtype))
     peak = measure_peak(step)
-    benchmark.pedantic(step, rounds=10 if CUDA else 2, warmup_rounds=1)
-    seconds = benchmark.stats.stats.mean if benchmark.stats else None
-    nbytes = _required_bytes(step_inputs)
-    gbps = nbytes / seconds / 1e9 if seconds else None
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP)
+    stats = getattr(benchmark, "stats", None)
+    seconds = stats.stats.median if stats is not None else None  # None under --benchmark-disable
+    nbytes = bytes_moved(graph, inp["x_t"], graph.dim, inp["z"].element_size())
     benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if CUDA else "cpu",
-        graph="absorb",
+        bench="reverse_step",
+        device=device_label,
+        graph=graph_name,
         mode=kind,
         impl=impl,
         dtype="bf16",
-        shape=[B, L, V],
-        required_bytes=nbytes,
-        gb_per_s=gbps,
+        shape=[B, L, graph.dim],
+        bytes_moved=nbytes,
+        gb_per_s=nbytes / seconds / 1e9 if seconds else None,
         copy_gb_per_s=copy_bandwidth / 1e9,
-        fraction_of_copy=gbps * 1e9 / copy_bandwidth if gbps else None,
+        fraction_of_copy=nbytes / seconds / copy_bandwidth if seconds else None,
         peak_memory_bytes=peak,
     )

@@ -1,22 +1,26 @@
-"""Score entropy: the fused Triton kernel against the eager reference and torch.compile(reference).
+"""Score entropy in the training call: the fused Triton kernel against the public SEDD op sequence,
+the eager reference and torch.compile(reference).
 
-What each must move. One [B, L, V] row block of the raw output z in bf16 is 2·B·L·V bytes
-(B·L = 16384, V = 50258: 1.65 GB). The loss needs at least one read of z (forward); the loss with
-its gradient needs one read of z and one write of the gradient (forward + backward). The figures
-below count only those minimum bytes, so "GB/s" is the *useful* bandwidth and "fraction of copy"
-compares it with a device-to-device copy measured in the same run (the practical roofline).
-The eager reference moves many fp32 [B, L, V] temporaries, so its useful bandwidth is low.
+The call: raw bf16 output z + the model's per-row score shift, weight dσ, ``batchmean``.
+Cases: {absorb, uniform} × {fwd, fwd_bwd} × rows {16384 (16 × 1024), 65536 (64 × 1024, the
+paper's per-GPU batch; its offsets pass 2^31 elements)} × impl:
+- ``triton``, ``triton_inplace`` (``inplace_backward=True``, fwd_bwd only): the fused kernel;
+- ``public``: the public code's op sequence on the same bf16 input (``public_sedd.py``);
+- ``eager``: ``sedd/reference.py`` (fp32 math; 16384 rows only: at 65536 rows its fp32
+  temporaries alone are several 13 GB buffers);
+- ``compiled``: ``torch.compile(reference)`` (the device check runs these last).
+On CUDA V = 50258 (absorbing, GPT-2 + MASK) / 50257 (uniform). On CPU a tiny shape, public and
+eager, plus the fused kernel under Triton's interpreter when TRITON_INTERPRET=1 (the device
+check's dry run: it checks the code path, it measures nothing).
 
-Cases: {absorb, uniform} × {fwd, fwd_bwd} × {triton, triton_inplace (fwd_bwd only), eager,
-compiled}. All use the training call: raw output + per-row shift + weight (dσ) + batchmean.
-On CUDA: bf16, B·L = 16384 rows (16 × 1024), V = 50258 (absorbing, GPT-2 + MASK) / 50257 (uniform).
-On CPU: eager only at a small shape (the Triton interpreter is a correctness tool, not a fast path).
+What the operation must move (``bytes_moved``). Absorbing: only masked positions have a loss, so
+the forward must read the masked rows of z (and the ids); the gradient is zero on the other rows
+but is still a full [B, L, V] tensor, so forward + backward adds one write of the whole buffer.
+Uniform: every row is read (and, with the gradient, written). ``gb_per_s`` = bytes_moved / median
+time; ``fraction_of_copy`` divides it by the copy bandwidth measured in the same run.
 
-    python -m pytest benchmarks/bench_score_entropy.py --benchmark-only --benchmark-json out.json
-    python benchmarks/summarize.py out.json        # -> benchmarks/results/<device>-<date>-<commit>.md
-
-``benchmark.extra_info`` per case: bytes_moved, gb_per_s, copy_gb_per_s, fraction_of_copy,
-peak_extra_bytes (CUDA), buffer_bytes (one [B, L, V] buffer of z's dtype), peak_over_buffer.
+    python -m pytest benchmarks/bench_score_entropy.py --benchmark-only -k "not compiled"
+    python -m pytest benchmarks/bench_score_entropy.py --benchmark-disable -q   # smoke run
 """
 
 from __future__ import annotations
@@ -24,35 +28,51 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks import common, public_sedd
 from sedd import ops, reference
-from sedd.graph import Absorbing, Uniform
+from sedd.graph import get_graph
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+CUDA, DEVICE = common.CUDA, common.DEVICE
 if CUDA:
-    B, L, N, DTYPE = 16, 1024, 50257, torch.bfloat16
-    IMPLS = ["triton", "triton_inplace", "eager", "compiled"]
+    N, SHAPES = 50257, [(16, 1024), (64, 1024)]
+    IMPLS = ["triton", "triton_inplace", "public", "eager", "compiled"]
 else:
-    B, L, N, DTYPE = 2, 64, 1023, torch.bfloat16
-    IMPLS = ["eager"]
-GRAPHS = {"absorb": Absorbing(N), "uniform": Uniform(N)}
+    N, SHAPES = 255, [(2, 32)]
+    # the fused kernel too where Triton's interpreter is on (the device check's dry run)
+    IMPLS = (["triton", "triton_inplace"] if common.INTERPRETED else []) + ["public", "eager"]
+DTYPE = torch.bfloat16
+ROUNDS, WARMUP = (10, 1) if CUDA else (1, 0)  # on CPU a code-path check: one round
+EAGER_MAX_ROWS = 16384
+
+_cached = {}
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
+def _inputs(graph, B, L):
+    """z, sigma, x_t, x0, shift, weight for one case; one case is kept at a time (65536 rows of
+    bf16 z are 6.6 GB)."""
+    key = (graph.name, B, L)
+    if key not in _cached:
+        _cached.clear()
+        if CUDA:
+            torch.cuda.empty_cache()
+        gen = torch.Generator(DEVICE).manual_seed(0)
+        z = torch.randn(B, L, graph.dim, device=DEVICE, generator=gen, dtype=DTYPE)
+        sigma = torch.rand(B, device=DEVICE, generator=gen) * 2 + 0.05
+        x0 = torch.randint(0, graph.N, (B, L), device=DEVICE, generator=gen)
+        x_t = graph.sample_transition(x0, sigma, generator=gen)
+        weight = torch.rand(B, device=DEVICE, generator=gen) + 0.5  # stands in for dσ
+        _cached[key] = (z, sigma, x_t, x0, graph.score_shift(sigma), weight)
+    return _cached[key]
 
 
-def _inputs(graph):
-    gen = torch.Generator(DEVICE).manual_seed(0)
-    V = graph.dim
-    z = torch.randn(B, L, V, device=DEVICE, generator=gen).to(DTYPE)
-    sigma = torch.rand(B, device=DEVICE, generator=gen) * 2 + 0.05
-    x0 = torch.randint(0, graph.N, (B, L), device=DEVICE, generator=gen)
-    x_t = ops.sample_transition(x0, sigma, graph, gen) if CUDA else reference.sample_transition(x0, sigma, graph, gen)
-    shift = -torch.log(torch.expm1(sigma)) - torch.log(torch.tensor(float(V - 1), device=DEVICE))
-    weight = torch.rand(B, device=DEVICE, generator=gen) + 0.5
-    return z, sigma, x_t, x0, shift, weight
+def bytes_moved(graph, x_t, V: int, mode: str, element_size: int) -> int:
+    """The traffic the operation cannot avoid (see the module docstring)."""
+    rows = x_t.numel()
+    read_rows = int((x_t == graph.mask_id).sum()) if graph.absorbing else rows
+    ids = rows * x_t.element_size() + read_rows * x_t.element_size()  # x_t of every row, x0 of the rows read
+    scores = read_rows * V * element_size
+    gradient = rows * V * element_size if mode == "fwd_bwd" else 0
+    return scores + gradient + ids
 
 
 def _reference_loss(graph):
@@ -76,6 +96,8 @@ def _loss_fn(impl, graph):
                                          reduction="batchmean", inplace_backward=inplace)  # fmt: skip
 
         return fused
+    if impl == "public":
+        return lambda *args: public_sedd.score_entropy_loss(*args[:4], graph, *args[4:])
     if impl == "eager":
         return _reference_loss(graph)
     if graph.name not in _COMPILED:
@@ -85,53 +107,57 @@ def _loss_fn(impl, graph):
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("graph_name", list(GRAPHS))
-def test_score_entropy(benchmark, copy_bandwidth, measure_peak, device_label, graph_name, impl, mode):
+@pytest.mark.parametrize("rows", [f"{B}x{L}" for B, L in SHAPES])
+@pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
+def test_score_entropy(benchmark, copy_bandwidth, measure_peak, device_label, graph_name, rows, impl, mode):
     if impl == "triton_inplace" and mode == "fwd":
         pytest.skip("in-place only changes the gradient path")
-    graph = GRAPHS[graph_name]
-    z0, *rest = _inputs(graph)
+    B, L = map(int, rows.split("x"))
+    if impl == "eager" and B * L > EAGER_MAX_ROWS:
+        pytest.skip(f"the fp32 reference's temporaries at {B * L} rows do not fit beside the inputs")
+    graph = get_graph(graph_name, N)
+    z0, *rest = _inputs(graph, B, L)
     fn = _loss_fn(impl, graph)
 
     def setup():
         # a fresh non-leaf z each round (the in-place variant overwrites it); not timed
         leaf = z0.clone().requires_grad_(mode == "fwd_bwd")
         z = leaf * 1 if mode == "fwd_bwd" else leaf
-        _sync()
+        common.sync()
         return (z,), {}
 
     def run(z):
-        if mode == "fwd":
-            with torch.no_grad():
-                out = fn(z, *rest)
-        else:
+        with ops.value_checks(False):
+            if mode == "fwd":
+                with torch.no_grad():
+                    return fn(z, *rest)
             loss = fn(z, *rest)
-            (out,) = torch.autograd.grad(loss, z)
-        _sync()
-        return out
+            (grad,) = torch.autograd.grad(loss, z)
+            return grad
 
     run(*setup()[0])  # warm-up: compile kernels / graphs
     (z,), _ = setup()
     peak = measure_peak(lambda: run(z))
     del z
-    benchmark.pedantic(run, setup=setup, rounds=10 if CUDA else 3, warmup_rounds=1)
+    benchmark.pedantic(run, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP)
 
     buffer_bytes = z0.numel() * z0.element_size()
-    bytes_moved = buffer_bytes * (1 if mode == "fwd" else 2)  # read z (+ write the gradient)
+    nbytes = bytes_moved(graph, rest[1], graph.dim, mode, z0.element_size())
     stats = getattr(benchmark, "stats", None)
     seconds = stats.stats.median if stats is not None else None  # None under --benchmark-disable
     benchmark.extra_info.update(
+        bench="score_entropy",
         device=device_label,
         graph=graph_name,
         impl=impl,
         mode=mode,
         shape=[B, L, graph.dim],
-        dtype=str(DTYPE),
-        bytes_moved=bytes_moved,
+        dtype="bf16",
+        bytes_moved=nbytes,
         buffer_bytes=buffer_bytes,
         copy_gb_per_s=copy_bandwidth / 1e9,
-        gb_per_s=bytes_moved / seconds / 1e9 if seconds else None,
-        fraction_of_copy=bytes_moved / seconds / copy_bandwidth if seconds else None,
+        gb_per_s=nbytes / seconds / 1e9 if seconds else None,
+        fraction_of_copy=nbytes / seconds / copy_bandwidth if seconds else None,
         peak_extra_bytes=peak,
         peak_over_buffer=peak / buffer_bytes if peak is not None else None,
     )

@@ -1,5 +1,5 @@
 """What every benchmark and device-check stage shares: the device, one clock and one statistic,
-the copy-bandwidth and bf16-matmul rooflines, the commit id, and the model's score shift.
+the copy-bandwidth and bf16-matmul rooflines, and the commit id.
 
 Timing. Every figure (kernels, baselines, the copy, the matmul) is the **median** of several
 rounds after a warm-up, read from :func:`device_clock`: on CUDA a clock made of CUDA events (an
@@ -16,11 +16,11 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton kernels run on CPU tensors
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 ROOT = Path(__file__).resolve().parent.parent
 COMMIT_FILE = ROOT / "benchmarks" / "COMMIT"
@@ -133,14 +133,3 @@ def versions() -> dict:
         triton_version = None
     return {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version()}
 
-
-def score_shift(graph, sigma: torch.Tensor) -> torch.Tensor:
-    """The per-row score shift a SEDD model with ``scale_by_sigma`` applies for ``graph``
-    (absorbing: −log E(σ) − log(V − 1); uniform: 0), taken from the library, not re-derived."""
-    if hasattr(graph, "score_shift"):
-        return graph.score_shift(sigma)
-    from sedd.model import SEDD
-
-    # SEDD's shift depends only on these three attributes; no model weights are needed.
-    owner = SimpleNamespace(absorb=graph.absorbing, scale_by_sigma=True, vocab_size=graph.dim)
-    return SEDD._score_shift(owner, sigma)

@@ -128,7 +128,7 @@ if (( dry_run )); then
 else
   stage tests 90 "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_kernels_cuda.py
 fi
-stage e2e 90 "${pytest_bench[@]}" benchmarks/bench_end_to_end.py
+stage e2e 120 "${pytest_bench[@]}" benchmarks/bench_end_to_end.py
 if (( dry_run )); then
   skip compiled "torch.compile on CPU builds C++ with inductor for minutes; the GPU run measures it"
 else

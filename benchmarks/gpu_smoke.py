@@ -14,7 +14,9 @@ Checks, each recorded as it finishes (one failing check does not stop the others
 - reverse steps (Euler, analytic, denoise) per graph: one peaked row repeated ``draws`` times,
   the draws against the reference probabilities (χ², p > 1e-4; computed here without scipy,
   which the GPU image lacks), and at scale: absorbing steps keep unmasked positions, denoise
-  leaves no MASK.
+  leaves no MASK;
+- 65536 rows (64 × 1024, element offsets past 2^31): the last rows of the fused loss + gradient
+  against the reference on those rows, and an Euler + denoise step keeping the fixed positions.
 Exit status 1 when any check failed.
 """
 
@@ -34,8 +36,10 @@ from sedd.graph import get_graph
 
 if common.CUDA:
     N, B, L, DRAWS = 50257, 4, 1024, 1 << 14
+    BIG = (64, 1024)  # 65536 rows: element offsets pass 2^31 after row 42732
 else:
     N, B, L, DRAWS = 64, 2, 16, 1 << 8
+    BIG = (4, 16)
 DEVICE = common.DEVICE
 SIGMAS = [1e-3, 0.3, 2.0, 10.0]
 
@@ -71,7 +75,7 @@ def _loss_inputs(graph):
     sigma = torch.tensor((SIGMAS * B)[:B], device=DEVICE)
     x0 = torch.randint(0, graph.N, (B, L), device=DEVICE, generator=g)
     x_t = reference.sample_transition(x0, sigma, graph, g)
-    shift = common.score_shift(graph, sigma)
+    shift = graph.score_shift(sigma)
     weight = torch.rand(B, device=DEVICE, generator=g) + 0.5
     return z, sigma, x_t, x0, shift, weight
 
@@ -185,7 +189,7 @@ def reverse_step_checks(graph_name):
     def at_scale():
         g = _gen(3)
         z = torch.randn(B, L, V, device=DEVICE, generator=g).to(torch.bfloat16)
-        shift = common.score_shift(graph, torch.full((B,), 1.0, device=DEVICE))
+        shift = graph.score_shift(torch.full((B,), 1.0, device=DEVICE))
         x_t = torch.randint(0, graph.N, (B, L), device=DEVICE, generator=g)
         if graph.absorbing:
             x_t[torch.rand(B, L, device=DEVICE, generator=g) < 0.5] = graph.mask_id
@@ -205,6 +209,51 @@ def reverse_step_checks(graph_name):
     yield f"reverse step {graph_name} analytic + denoise at scale", [B, L, V], at_scale
 
 
+def large_offset_checks():
+    """The paper's per-GPU batch, 64 × 1024 rows: the last rows (offsets past 2^31 elements) of
+    the fused loss + gradient against the reference on those rows, and the reverse steps."""
+    graph = get_graph("absorb", N)
+    Bb, Lb = BIG
+    tail = 64
+
+    def loss_and_gradient():
+        g = _gen(7)
+        z = (torch.randn(Bb, Lb, graph.dim, device=DEVICE, generator=g, dtype=torch.bfloat16) * 2).requires_grad_()
+        sigma = torch.rand(Bb, device=DEVICE, generator=g) * 2 + 0.05
+        sigma[-1] = 2.0  # most of the checked rows masked
+        x0 = torch.randint(0, graph.N, (Bb, Lb), device=DEVICE, generator=g)
+        x_t = reference.sample_transition(x0, sigma, graph, g)
+        shift, weight = graph.score_shift(sigma), torch.rand(Bb, device=DEVICE, generator=g) + 0.5
+        with ops.use_backend("triton"):
+            with torch.no_grad():
+                per_token = ops.score_entropy(z, sigma, x_t, x0, graph, shift=shift, weight=weight, reduction="none")
+            loss = ops.score_entropy(z * 1, sigma, x_t, x0, graph, shift=shift, weight=weight, reduction="batchmean")
+        (grad,) = torch.autograd.grad(loss, z)
+        rows = slice(Lb - tail, Lb)  # the last sequence's last positions
+        zs = z.detach()[-1:, rows].double().requires_grad_()
+        want = reference.score_entropy(zs, sigma[-1:], x_t[-1:, rows], x0[-1:, rows], graph, shift[-1:]) * weight[-1]
+        (want / Bb).sum().backward()
+        return "; ".join([_close("loss (last rows)", per_token.detach()[-1:, rows].double(), want.detach(), 1e-4, 1e-5),
+                          _close("gradient (last rows)", grad[-1:, rows].double(), zs.grad, 1.6e-2, 1.6e-2)])  # fmt: skip
+
+    def steps():
+        g = _gen(8)
+        z = torch.randn(Bb, Lb, graph.dim, device=DEVICE, generator=g, dtype=torch.bfloat16)
+        x_t = torch.randint(0, graph.N, (Bb, Lb), device=DEVICE, generator=g)
+        x_t[torch.rand(Bb, Lb, device=DEVICE, generator=g) < 0.5] = graph.mask_id
+        fixed = x_t != graph.mask_id
+        with ops.use_backend("triton"):
+            out = ops.euler_step(z, x_t, torch.full((Bb,), 0.05, device=DEVICE), 0.5, graph, g)
+            final = ops.denoise_step(z, out, torch.full((Bb,), 1e-3, device=DEVICE), graph, g)
+        if not torch.equal(final[fixed], x_t[fixed]) or (final == graph.mask_id).any():
+            raise AssertionError("a fixed position moved or a MASK survived the denoise step")
+        moved = (out[-1] != x_t[-1]).float().mean()
+        return f"last sequence: {float(moved):.0%} of positions moved in the Euler step"
+
+    yield f"score entropy absorb at {Bb * Lb} rows: last rows vs reference", [Bb, Lb, graph.dim], loss_and_gradient
+    yield f"reverse step absorb Euler + denoise at {Bb * Lb} rows", [Bb, Lb, graph.dim], steps
+
+
 def all_checks():
     for graph_name in ("absorb", "uniform"):
         yield from score_entropy_checks(graph_name)
@@ -212,6 +261,7 @@ def all_checks():
         yield from noising_check(graph_name)
     for graph_name in ("absorb", "uniform"):
         yield from reverse_step_checks(graph_name)
+    yield from large_offset_checks()
 
 
 def run(out: Path) -> bool:

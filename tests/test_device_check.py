@@ -83,3 +83,35 @@ def test_stage_failures_and_an_empty_budget_are_reported(tmp_path):
     assert stages["device"] == "[device] skipped: the 0 s budget is spent"
     assert "No benchmark finished" in (tmp_path / "none" / "device-check.md").read_text()
 
+
+@pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
+def test_public_sequence_computes_what_the_reference_does(graph_name):
+    """The public-code baseline is the same math (in fp64 here), so "× public" compares like with like."""
+    import torch
+
+    from benchmarks import public_sedd
+    from sedd import reference
+    from sedd.graph import get_graph
+
+    graph = get_graph(graph_name, 11)
+    B, L, V = 3, 6, graph.dim
+    z = torch.randn(B, L, V, dtype=torch.float64) * 2
+    sigma = torch.tensor([0.02, 0.7, 3.0], dtype=torch.float64)
+    x0 = torch.randint(0, graph.N, (B, L))
+    x_t = graph.sample_transition(x0, sigma)
+    x_t[0, :2] = graph.mask_id if graph.absorbing else x0[0, :2]  # both branches of each formula
+    shift = graph.score_shift(sigma).double()
+    weight = torch.rand(B, dtype=torch.float64) + 0.5
+    want = (reference.score_entropy(z, sigma, x_t, x0, graph, shift) * weight[:, None]).sum() / B
+    got = public_sedd.score_entropy_loss(z, sigma, x_t, x0, graph, shift, weight)
+    torch.testing.assert_close(got, want)
+    dsigma = torch.tensor([0.05, 0.3, 1.0], dtype=torch.float64)
+    pairs = [
+        (public_sedd.analytic_probs(z, x_t, dsigma, graph, shift), reference.analytic_probs(z, x_t, dsigma, graph, shift)),
+        (public_sedd.euler_probs(z, x_t, dsigma, 0.01, graph, shift), reference.euler_probs(z, x_t, dsigma, 0.01, graph, shift)),
+        (public_sedd.denoise_probs(z, x_t, sigma, graph, shift), reference.denoise_probs(z, x_t, sigma, graph, shift)),
+    ]
+    for got_w, want_p in pairs:
+        got_w = got_w.clamp_min(0)
+        want_p = want_p[..., : got_w.shape[-1]]
+        torch.testing.assert_close(got_w / got_w.sum(-1, keepdim=True), want_p)

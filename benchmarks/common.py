@@ -106,22 +106,21 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16) -> float:
 
 
 def commit_id() -> str:
-    """``SEDD_COMMIT``, else the file ``benchmarks/COMMIT`` (written before copying a tree without
-    ``.git``: ``bash benchmarks/device_check.sh --write-commit``), else ``git``, else "unknown"."""
+    """``SEDD_COMMIT`` (the device check sets it), else ``git rev-parse HEAD`` (+ "-dirty"), else
+    the file ``benchmarks/COMMIT`` (``bash benchmarks/device_check.sh --write-commit``, for a copy
+    without ``.git``), else "unknown"."""
     if os.environ.get("SEDD_COMMIT"):
         return os.environ["SEDD_COMMIT"].strip()
-    if COMMIT_FILE.is_file():
-        text = COMMIT_FILE.read_text().strip()
-        if text:
-            return text
     try:
         sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--"], timeout=10).returncode != 0
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    if COMMIT_FILE.is_file() and COMMIT_FILE.read_text().strip():
+        return COMMIT_FILE.read_text().strip().splitlines()[0]
+    return "unknown"
 
 
 def versions() -> dict:

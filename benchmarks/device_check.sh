@@ -8,9 +8,10 @@
 #     bash benchmarks/device_check.sh --write-commit   # before copying a tree without .git
 #
 # It uses the image's python3 (PYTHON=... to change) with PYTHONPATH=., installs nothing and needs
-# no .git: the commit id is $SEDD_COMMIT, else benchmarks/COMMIT (--write-commit), else
-# `git rev-parse HEAD`, else "unknown". Stages, each under its own timeout and all under one
-# budget ($DEVICE_CHECK_BUDGET_S, default 330 s; a stage gets what is left when it starts):
+# no .git: the commit id is $SEDD_COMMIT, else `git rev-parse HEAD`, else benchmarks/COMMIT
+# (--write-commit, for a copy without .git), else "unknown". Stages, each under its own timeout and all under one
+# budget ($DEVICE_CHECK_BUDGET_S, default 330 s; a stage gets what is left when it starts;
+# DEVICE_CHECK_STAGES="smoke tests" runs only the stages named, e.g. to rerun what failed):
 #   1 device   device name, copy bandwidth, bf16 matmul peak       benchmarks/device_peaks.py
 #   2 smoke    every kernel against sedd/reference.py, V = 50258   benchmarks/gpu_smoke.py
 #   3 kernels  kernel benchmarks, no torch.compile baselines       bench_score_entropy.py, bench_sampling.py
@@ -50,11 +51,11 @@ rm -f "$RESULTS/device.json" "$RESULTS/smoke.json"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 
-if [[ -z "${SEDD_COMMIT:-}" ]]; then
-  if [[ -s benchmarks/COMMIT ]]; then SEDD_COMMIT="$(head -n1 benchmarks/COMMIT)"
-  elif sha="$(git rev-parse HEAD 2>/dev/null)"; then
+if [[ -z "${SEDD_COMMIT:-}" ]]; then  # git where the checkout has .git, so a stale COMMIT file cannot mislabel
+  if sha="$(git rev-parse HEAD 2>/dev/null)"; then
     git diff --quiet HEAD -- 2>/dev/null || sha="$sha-dirty"
     SEDD_COMMIT="$sha"
+  elif [[ -s benchmarks/COMMIT ]]; then SEDD_COMMIT="$(head -n1 benchmarks/COMMIT)"
   else SEDD_COMMIT=unknown; fi
 fi
 export SEDD_COMMIT SEDD_BENCH_RECORDS="$records"
@@ -85,6 +86,9 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2" left t rc elapsed t0 last
   shift 2
   left=$(( BUDGET - (SECONDS - start) ))
+  if [[ -n "${DEVICE_CHECK_STAGES:-}" && " $DEVICE_CHECK_STAGES " != *" $name "* ]]; then
+    skip "$name" "not selected (DEVICE_CHECK_STAGES=\"$DEVICE_CHECK_STAGES\")"; return
+  fi
   if [[ -n "$abort" ]]; then skip "$name" "$abort"; return; fi
   if (( left < 15 )); then skip "$name" "the ${BUDGET} s budget is spent"; return; fi
   t=$(( limit < left ? limit : left ))

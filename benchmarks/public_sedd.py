@@ -31,16 +31,17 @@ def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def postprocess(z: torch.Tensor, x_t: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-    """ŝ = z + shift, then ŝ[x_t] = 0, in z's dtype (the public model's last lines)."""
-    s = z + _rows(shift, z).to(z.dtype) if shift is not None else z
+def postprocess(z: torch.Tensor, x_t: torch.Tensor, shift: torch.Tensor | None, graph: Graph) -> torch.Tensor:
+    """ŝ = z + shift (absorbing only: the public model scales by σ for that graph alone), then
+    ŝ[x_t] = 0, in z's dtype (the public model's last lines)."""
+    s = z + _rows(shift, z).to(z.dtype) if shift is not None and graph.absorbing else z
     return torch.scatter(s, -1, x_t[..., None], torch.zeros_like(s[..., :1]))
 
 
 def score_entropy_loss(z, sigma, x_t, x0, graph: Graph, shift, weight) -> torch.Tensor:
     """Σ_positions weight·ℓ per sequence, mean over the batch (the public training loss with
     weight = dσ), through the public op sequence."""
-    s = postprocess(z, x_t, shift)
+    s = postprocess(z, x_t, shift, graph)
     E = esigm1(sigma)[:, None].expand_as(x_t)
     if graph.absorbing:
         masked = x_t == graph.mask_id
@@ -93,7 +94,7 @@ def _transp_transition(x_t: torch.Tensor, sigma: torch.Tensor, graph: Graph, lik
 
 def analytic_probs(z, x_t, dsigma, graph: Graph, shift) -> torch.Tensor:
     """The unnormalised weights of the analytic step (what :func:`analytic_step` draws from)."""
-    ratios = postprocess(z, x_t, shift).exp()
+    ratios = postprocess(z, x_t, shift, graph).exp()
     return _staggered(ratios, dsigma, graph) * _transp_transition(x_t, dsigma, graph, ratios)
 
 
@@ -103,7 +104,7 @@ def denoise_probs(z, x_t, sigma, graph: Graph, shift) -> torch.Tensor:
 
 
 def euler_probs(z, x_t, dsigma, dt: float, graph: Graph, shift) -> torch.Tensor:
-    ratios = postprocess(z, x_t, shift).exp()
+    ratios = postprocess(z, x_t, shift, graph).exp()
     one_hot = _one_hot(x_t, graph.dim, ratios)
     if graph.absorbing:  # from MASK every real token is reachable at rate 1; −Σ on the diagonal below
         rate = torch.where((x_t == graph.mask_id)[..., None], 1 - one_hot, -one_hot) * ratios

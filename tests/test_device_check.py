@@ -82,6 +82,11 @@ def test_stage_failures_and_an_empty_budget_are_reported(tmp_path):
     stages = _stage_lines(tmp_path / "none")
     assert stages["device"] == "[device] skipped: the 0 s budget is spent"
     assert "No benchmark finished" in (tmp_path / "none" / "device-check.md").read_text()
+    # a selection of stages: the others are skipped as not selected
+    proc = _run(tmp_path / "some", "--dry-run", DEVICE_CHECK_STAGES="compiled", DEVICE_CHECK_BUDGET_S="0")
+    stages = _stage_lines(tmp_path / "some")
+    assert stages["smoke"] == '[smoke] skipped: not selected (DEVICE_CHECK_STAGES="compiled")'
+    assert stages["device"].startswith("[device] skipped: not selected")
 
 
 @pytest.mark.parametrize("graph_name", ["absorb", "uniform"])

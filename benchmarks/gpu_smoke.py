@@ -10,6 +10,8 @@ Checks, each recorded as it finishes (one failing check does not stop the others
 - score entropy, per graph: the loss (batchmean, fused loss + gradient), the gradient, the
   in-place gradient, and reduction "none" (its separate backward kernel), against the reference
   in fp64 through ``ops``' torch backend;
+- the fused head (``linear_score_entropy``, the training loss's default): loss and the
+  gradients of hidden, weight and bias against the logits path in fp64;
 - forward noising: the move rate per row within 5 standard deviations;
 - reverse steps (Euler, analytic, denoise) per graph: one peaked row repeated ``draws`` times,
   the draws against the reference probabilities (χ², p > 1e-4; computed here without scipy,
@@ -125,6 +127,49 @@ def score_entropy_checks(graph_name):
     yield f"score entropy {graph_name} loss + gradient (batchmean)", shape, batchmean(False)
     yield f"score entropy {graph_name} loss + in-place gradient (batchmean)", shape, batchmean(True)
     yield f"score entropy {graph_name} per token + backward (none)", shape, per_token
+
+
+def fused_head_check(graph_name):
+    """``ops_linear.linear_score_entropy`` (the training loss's default head: the output matmul
+    fused with the loss, chunked over rows) against the logits path in fp64 on the same bf16
+    values. Tolerances allow for the bf16 logits the fused path works from."""
+    from sedd.ops_linear import linear_score_entropy
+
+    graph = get_graph(graph_name, N)
+    D = 768 if common.CUDA else 32
+
+    def check():
+        g = _gen(9)
+        hidden = torch.randn(2, L, D, device=DEVICE, generator=g).to(torch.bfloat16)
+        weight = (torch.randn(graph.dim, D, device=DEVICE, generator=g) * D**-0.5).to(torch.bfloat16)
+        bias = (torch.randn(graph.dim, device=DEVICE, generator=g) * 0.1).to(torch.bfloat16)
+        sigma = torch.tensor([0.05, 1.5], device=DEVICE)
+        x0 = torch.randint(0, graph.N, (2, L), device=DEVICE, generator=g)
+        x_t = reference.sample_transition(x0, sigma, graph, g)
+        shift, dsigma = graph.score_shift(sigma), torch.tensor([2.0, 0.7], device=DEVICE)
+
+        def run(backend):
+            leaves = [t.clone().double() if backend == "torch" else t.clone() for t in (hidden, weight, bias)]
+            for t in leaves:
+                t.requires_grad_()
+            with ops.use_backend(backend):
+                if backend == "torch":  # the unfused logits path
+                    logits = leaves[0] @ leaves[1].T + leaves[2]
+                    loss = ops.score_entropy(logits, sigma, x_t, x0, graph, shift=shift, weight=dsigma, reduction="batchmean")
+                else:
+                    loss = linear_score_entropy(*leaves, sigma, x_t, x0, graph, shift=shift, loss_weight=dsigma,
+                                                reduction="batchmean")
+            loss.backward()
+            return loss.detach().double(), [t.grad.double() for t in leaves]
+
+        want_loss, want_grads = run("torch")
+        loss, grads = run("triton")
+        parts = [_close("loss", loss, want_loss, 2e-2, 1e-6)]
+        for name, got, want in zip(("∂hidden", "∂weight", "∂bias"), grads, want_grads):
+            parts.append(_close(name, got, want, 5e-2, 5e-2))
+        return "; ".join(parts)
+
+    yield f"fused head (linear score entropy) {graph_name}", [2, L, D, graph.dim], check
 
 
 def noising_check(graph_name):
@@ -257,6 +302,8 @@ def large_offset_checks():
 def all_checks():
     for graph_name in ("absorb", "uniform"):
         yield from score_entropy_checks(graph_name)
+    for graph_name in ("absorb", "uniform"):
+        yield from fused_head_check(graph_name)
     for graph_name in ("absorb", "uniform"):
         yield from noising_check(graph_name)
     for graph_name in ("absorb", "uniform"):

@@ -55,7 +55,8 @@ def test_dry_run_writes_the_figures_and_the_table(dry_run):
     checks = json.loads((results / "smoke.json").read_text())["checks"]
     names = " ".join(c["check"] for c in checks)
     for part in ("absorb loss + gradient", "absorb loss + in-place gradient", "uniform per token",
-                 "forward noising uniform", "uniform euler", "absorb denoise: draws"):  # fmt: skip
+                 "forward noising uniform", "uniform euler", "absorb denoise: draws", "fused head (linear score entropy) absorb",
+                 "score entropy absorb at 64 rows"):  # fmt: skip
         assert part in names
     assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
     records = [json.loads(line) for line in (results / "bench.jsonl").read_text().splitlines()]

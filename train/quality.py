@@ -1,0 +1,562 @@
+"""Generation quality of a SEDD checkpoint against the number of sampling steps.
+
+    python train/quality.py CKPT --judge DIR_OR_HUB_ID [--steps 16,32,64] [--num-samples N]
+                            [--predictor analytic|euler] [--length L] [--batch-size B]
+                            [--reference-data PATH_OR_NAME] [--json out.json] [--plot out.png]
+                            [--first-token bos|skip] [--judge-batch-size B] [--judge-context C]
+                            [--seed S] [--threads T] [--device auto|cpu|cuda] [--tokenizer SPEC]
+
+For every step count, N sequences are sampled (``sedd.sampling.sample``, the chosen predictor,
+then the final denoising step) and reported as:
+
+* **generative perplexity**: exp of the judge's mean negative log-likelihood per judge token,
+  over all tokens of all N sequences (exp(Σ_i nll_i / Σ_i n_i)), with a 95% confidence interval
+  over sequences: the delta-method standard error of that ratio, from the spread of the
+  per-sequence sums, mapped through exp (a normal approximation: optimistic for a handful of
+  sequences);
+* **entropy**: the unigram entropy (nats) of each sequence's own tokens (the checkpoint's token
+  ids, as MDLM and Duo report it), averaged over sequences. A sampler that buys a low generative
+  perplexity by repeating itself shows up here;
+* **degenerate**: the fraction of sequences in which a single token id fills at least half of the
+  positions (``--degenerate-share``);
+* wall time of the sampling alone and generated tokens per second (N * L / wall time).
+
+The judge is any causal LM ``transformers`` loads (``AutoModelForCausalLM`` + ``AutoTokenizer``):
+a local directory (``save_pretrained`` layout; ``train/train_judge.py`` writes one) or a Hub id
+such as ``gpt2-large``. It runs in bf16 on CUDA and fp32 on CPU, in batches, with a progress bar.
+
+Scoring convention. The judge's tokenizer usually differs from the model's, so each sample is
+decoded to text with the checkpoint's tokenizer (EOS kept as ``<|endoftext|>``) and that text is
+re-encoded with the judge's tokenizer without special tokens; the judge scores this canonical
+tokenization, not the sampler's token ids. With ``--first-token bos`` (the default) the judge's
+BOS token (its EOS when it has none, as GPT-2) is put in front and every text token is scored, the
+first one as the start of a document; with ``--first-token skip`` nothing is prepended and the
+first token is not scored (the public SEDD code's convention). n_i counts the scored tokens.
+Texts longer than the judge's context C are scored in windows of C tokens that start every
+C // 2 tokens: each token is scored once, in the first window that holds it, so every token after
+the first window sees at least C // 2 tokens of context (the sliding-window evaluation of the
+``transformers`` perplexity guide).
+
+``--reference-data`` scores N blocks of real text the same way (the validation split, cut into
+blocks of L model tokens spread evenly over it, decoded and retokenized as the samples are): the
+judge's perplexity and the entropy of real data, as a reference row and a line in the plot.
+
+Offline: a local judge directory needs no network. For a Hub id, with ``HF_HUB_OFFLINE=1`` or when
+a probe of the Hub (3 s at most) fails, only the local Hub cache is tried; if the judge is not
+there the command fails at once, naming ``--judge DIR``.
+
+Output: a table on stdout; ``--json PATH`` with one record per step count (steps, gen_ppl,
+gen_ppl_ci, nll, nll_se, judge_tokens, entropy, degenerate, wall_s, tokens_per_s, ...), the
+reference record and every setting; ``--plot PATH`` a PNG of generative perplexity and entropy
+against steps. Exit status 0 on success, 2 on bad input (with a one-line message), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python train/quality.py` from a checkout that is not pip-installed
+    import importlib.util
+
+    if importlib.util.find_spec("sedd") is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sedd.pretrained import load_pretrained
+from sedd.sampling import PREDICTORS, sample
+
+HUB_PROBE_TIMEOUT_S = 3.0
+Z_95 = 1.959963984540054
+
+EXAMPLES = """\
+examples:
+  # a judge trained here on the same corpus (offline), three step counts
+  python train/train_judge.py --out runs/judge
+  python train/quality.py runs/cpu --judge runs/judge --steps 16,32,64,128 --num-samples 64 \\
+      --reference-data default --json quality.json --plot quality.png
+  # the usual judge of the papers (needs the Hub or its local cache)
+  python train/quality.py louaaron/sedd-small --tokenizer ../shared/data/gpt2 --judge gpt2-large \\
+      --steps 128,256,1024 --num-samples 256
+"""
+
+
+class InputError(Exception):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="quality.py",
+        description="Generative perplexity (under an autoregressive judge, with a 95% confidence "
+        "interval), unigram entropy, degeneracy and speed of a SEDD checkpoint's samples, for "
+        "several step counts.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors) or Hub id")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--steps", default="16,32,64", metavar="LIST",
+                   help="comma-separated step counts (default: 16,32,64)")
+    s.add_argument("--num-samples", "-n", type=int, default=32, help="sequences per step count (default: 32)")
+    s.add_argument("--predictor", choices=PREDICTORS, default="analytic", help="predictor (default: analytic)")
+    s.add_argument("--length", type=int, help="tokens per sequence (default: the model's training length)")
+    s.add_argument("--batch-size", type=int, default=16, help="sequences per sampler call (default: 16)")
+    s.add_argument("--eps", type=float, default=1e-5, help="final time of the grid (default: 1e-5)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampler, the same for every step count (default: 0)")
+    j = p.add_argument_group("judge")
+    j.add_argument("--judge", required=True, metavar="DIR_OR_HUB_ID",
+                   help="causal LM for transformers: a local directory (offline) or a Hub id (e.g. gpt2-large)")
+    j.add_argument("--first-token", choices=("bos", "skip"), default="bos",
+                   help="bos: prepend the judge's BOS (or EOS) and score every token; skip: score all "
+                   "but the first (default: bos)")
+    j.add_argument("--judge-batch-size", type=int, default=8, help="windows per judge call (default: 8)")
+    j.add_argument("--judge-context", type=int,
+                   help="tokens per judge window (default: the judge's maximum positions)")
+    j.add_argument("--degenerate-share", type=float, default=0.5,
+                   help="a sequence is degenerate when one token id fills at least this share of it "
+                   "(default: 0.5)")
+    r = p.add_argument_group("reference, model, output")
+    r.add_argument("--reference-data", metavar="PATH_OR_NAME",
+                   help="also score N blocks of real text: 'default' (the Python standard library), a text "
+                   "file or directory, or a dataset name")
+    r.add_argument("--reference-split",
+                   help="split of --reference-data (default: validation; all for a single file)")
+    r.add_argument("--tokenizer", metavar="SPEC",
+                   help="the checkpoint's tokenizer (default: CKPT/tokenizer.json, else GPT-2; see sample.py)")
+    r.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ... (default: auto)")
+    r.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
+    r.add_argument("--json", metavar="PATH", help="write the records and settings as JSON (- for stdout)")
+    r.add_argument("--keep-samples", action="store_true", help="include every sample's text in the JSON")
+    r.add_argument("--plot", metavar="PATH", help="PNG of generative perplexity and entropy against steps")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars on stderr (default: when stderr is a terminal)")
+    return p
+
+
+def parse_steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"--steps expects comma-separated integers such as 16,32,64, got {text!r}") from None
+    if not steps or min(steps) < 1:
+        raise InputError(f"--steps needs step counts >= 1, got {text!r}")
+    return sorted(set(steps))
+
+
+# ----------------------------------------------------------------------------------------------
+# Judge
+# ----------------------------------------------------------------------------------------------
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hub answers within ``timeout`` seconds. A thread bounds the whole probe, name
+    resolution included (socket timeouts do not cover DNS)."""
+    from huggingface_hub import constants
+
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    answer: list[bool] = []
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint.rstrip("/") + "/api/models?limit=1",
+                                                          method="HEAD"), timeout=timeout)
+            answer.append(True)
+        except urllib.error.HTTPError:  # it answered, if not to our liking
+            answer.append(True)
+        except Exception:  # noqa: BLE001 - refused, unresolvable, timed out, proxy errors...
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
+@dataclass
+class Judge:
+    """A causal LM and its tokenizer, with the scoring convention of the module docstring."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    context: int
+    prefix_id: int | None  # prepended to every text (BOS, or EOS when there is no BOS); None: skip
+    device: torch.device
+
+    def encode(self, text: str) -> list[int]:
+        """The scored sequence of a text: [prefix] + its tokens (no special tokens added)."""
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ([self.prefix_id] if self.prefix_id is not None else []) + ids
+
+    @torch.inference_mode()
+    def score(self, texts: list[str], *, batch_size: int = 8, progress: bool = False):
+        """Per text: (sum of the scored tokens' NLL in nats, number of scored tokens).
+
+        Returns two float64 / int64 numpy arrays [len(texts)]."""
+        pieces = []  # (text index, window ids, number of scored tokens at the window's end)
+        for i, text in enumerate(texts):
+            pieces += [(i, w, k) for w, k in windows(self.encode(text), self.context)]
+        nll = np.zeros(len(texts), dtype=np.float64)
+        count = np.zeros(len(texts), dtype=np.int64)
+        for i, _, k in pieces:
+            count[i] += k
+        # Longest first: batches of similar lengths waste little on padding.
+        pieces = [p for p in sorted(pieces, key=lambda p: -len(p[1])) if p[2] > 0]
+        pad = self.prefix_id if self.prefix_id is not None else 0
+        bar = tqdm(total=len(pieces), desc="judge", unit="window", disable=not progress, leave=False)
+        for start in range(0, len(pieces), batch_size):
+            batch = pieces[start : start + batch_size]
+            width = len(batch[0][1])
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(batch), width), dtype=torch.long)
+            scored = torch.zeros((len(batch), width - 1), dtype=torch.bool)  # over the shifted targets
+            for r, (_, w, k) in enumerate(batch):
+                ids[r, : len(w)] = torch.tensor(w)
+                attn[r, : len(w)] = 1
+                scored[r, len(w) - 1 - k : len(w) - 1] = True
+            ids, attn, scored = ids.to(self.device), attn.to(self.device), scored.to(self.device)
+            logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+            token_nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+            ).view(len(batch), width - 1)
+            sums = (token_nll * scored).sum(1).double().cpu().numpy()
+            for r, (i, _, _) in enumerate(batch):
+                nll[i] += sums[r]
+            bar.update(len(batch))
+        bar.close()
+        return nll, count
+
+
+def windows(ids: list[int], context: int) -> list[tuple[list[int], int]]:
+    """Cut a scored sequence into judge windows: [(window ids, k)], where the last k tokens of the
+    window are scored (predicted from the tokens before them in the window).
+
+    Windows hold ``context`` tokens and start every ``context // 2`` tokens; the tokens ids[1:]
+    are each scored exactly once, in the first window that holds them."""
+    if context < 2:
+        raise ValueError(f"the judge context must be >= 2 tokens, got {context}")
+    stride = context // 2
+    out, begin, done = [], 0, 1  # ids[0] is never a target (the prefix, or the unscored first token)
+    while done < len(ids):
+        end = min(begin + context, len(ids))
+        out.append((ids[begin:end], end - done))
+        done, begin = end, begin + stride
+    return out
+
+
+def load_judge(spec: str, device: torch.device, *, first_token: str = "bos", context: int | None = None,
+               progress: bool = False) -> Judge:
+    """Load the judge (bf16 on CUDA, fp32 on CPU). InputError when it cannot be found, with the
+    offline alternative named."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not progress:
+        hf_logging.disable_progress_bar()
+
+    path = Path(spec).expanduser()
+    local_only = False
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"--judge {spec!r} is a file; expected a model directory (config.json, weights, "
+                             "tokenizer) or a Hub id")
+        source = str(path)
+    else:
+        if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not re.fullmatch(r"[\w.\-/]+", spec):
+            raise InputError(f"--judge {spec!r}: no such directory (and not a Hub id)")
+        source = spec
+        offline = _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
+        local_only = offline or not _hub_reachable()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        if local_only:
+            raise InputError(
+                f"--judge {spec!r}: the Hugging Face Hub cannot be reached (or HF_HUB_OFFLINE is set) and the "
+                f"judge is not in the local Hub cache. Use a local judge: --judge DIR, a directory written by "
+                f"save_pretrained (python train/train_judge.py --out DIR trains a small one offline)"
+            ) from err
+        raise InputError(f"--judge {spec!r}: cannot load it with transformers: {str(err).splitlines()[0]}") from err
+    model = model.to(device=device, dtype=dtype).eval()
+    limit = next((getattr(model.config, k) for k in ("n_positions", "max_position_embeddings", "n_ctx")
+                  if isinstance(getattr(model.config, k, None), int)), None)
+    if context is None:
+        if limit is None:
+            raise InputError(f"--judge {spec!r}: its config names no maximum length; pass --judge-context")
+        context = limit
+    elif limit is not None and context > limit:
+        raise InputError(f"--judge-context {context} is longer than the judge's {limit} positions")
+    if context < 2:
+        raise InputError(f"--judge-context must be >= 2, got {context}")
+    prefix = None
+    if first_token == "bos":
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if prefix is None:
+            raise InputError(f"--judge {spec!r} has neither a BOS nor an EOS token: use --first-token skip")
+    return Judge(model, tokenizer, spec, int(context), prefix, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def unigram_entropy(tokens: torch.Tensor) -> np.ndarray:
+    """Entropy (nats) of the empirical token distribution of each row of [N, L] ids: [N] float64."""
+    out = np.empty(len(tokens), dtype=np.float64)
+    for i, row in enumerate(tokens):
+        counts = torch.unique(row, return_counts=True)[1].double()
+        p = counts / counts.sum()
+        out[i] = float(-(p * p.log()).sum())
+    return out
+
+
+def top_share(tokens: torch.Tensor) -> np.ndarray:
+    """Share of each row of [N, L] ids taken by its most frequent id: [N] float64."""
+    return np.array([float(torch.unique(row, return_counts=True)[1].max()) / len(row) for row in tokens])
+
+
+def perplexity_summary(nll: np.ndarray, count: np.ndarray) -> dict:
+    """exp(Σ nll / Σ n) with a 95% interval from the delta-method standard error of the ratio
+    over sequences (the sequences are the independent draws)."""
+    m, total = len(nll), int(count.sum())
+    if total == 0:
+        raise InputError("the judge scored no token at all: the samples decode to empty text")
+    mean = float(nll.sum() / total)
+    if m > 1:
+        resid = (nll - mean * count) / (total / m)
+        se = float(math.sqrt((resid**2).sum() / (m * (m - 1))))
+    else:
+        se = float("nan")
+    return {
+        "gen_ppl": math.exp(mean),
+        "gen_ppl_ci": [math.exp(mean - Z_95 * se), math.exp(mean + Z_95 * se)],
+        "nll": mean,
+        "nll_se": se,
+        "judge_tokens": total,
+    }
+
+
+def sample_stats(tokens: torch.Tensor, texts: list[str], judge: Judge, args, progress: bool) -> dict:
+    nll, count = judge.score(texts, batch_size=args.judge_batch_size, progress=progress)
+    entropy = unigram_entropy(tokens)
+    share = top_share(tokens)
+    return {
+        **perplexity_summary(nll, count),
+        "entropy": float(entropy.mean()),
+        "entropy_std": float(entropy.std(ddof=1)) if len(entropy) > 1 else 0.0,
+        "top_token_share": float(share.mean()),
+        "degenerate": float((share >= args.degenerate_share).mean()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference text
+# ----------------------------------------------------------------------------------------------
+
+
+def reference_blocks(spec: str, split: str | None, tokenizer, n: int, length: int) -> tuple[torch.Tensor, str]:
+    """[n, length] blocks of real text in the checkpoint's tokens, spread evenly over the split."""
+    from sedd.data import get_corpus, tokenize
+
+    if split is None:
+        split = "all" if Path(spec).expanduser().is_file() else "validation"
+    try:
+        stream = tokenize(get_corpus(spec, split), tokenizer, progress=False)
+    except (OSError, ValueError, RuntimeError) as err:  # no such path/split/dataset, Hub offline
+        raise InputError(f"--reference-data {spec!r}: {err}") from err
+    available = len(stream) // length
+    if available < 1:
+        raise InputError(f"--reference-data {spec!r} [{split}] holds {len(stream)} tokens: not one block of {length}")
+    starts = np.unique(np.linspace(0, available - 1, min(n, available)).round().astype(np.int64)) * length
+    blocks = np.stack([np.asarray(stream[s : s + length], dtype=np.int64) for s in starts])
+    return torch.from_numpy(blocks), split
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+
+def format_table(records: list[dict], reference: dict | None) -> str:
+    head = f"{'steps':>6}  {'gen ppl':>10}  {'95% CI':>21}  {'entropy':>8}  {'degenerate':>10}  {'wall s':>8}  {'tok/s':>9}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        lo, hi = r["gen_ppl_ci"]
+        flag = "  <- degenerate samples" if r["degenerate"] > 0 else ""
+        lines.append(f"{r['steps']:>6}  {r['gen_ppl']:>10.2f}  [{lo:>9.2f}, {hi:>9.2f}]  {r['entropy']:>8.3f}  "
+                     f"{r['degenerate']:>10.3f}  {r['wall_s']:>8.1f}  {r['tokens_per_s']:>9.1f}{flag}")
+    if reference is not None:
+        lo, hi = reference["gen_ppl_ci"]
+        lines.append(f"{'data':>6}  {reference['gen_ppl']:>10.2f}  [{lo:>9.2f}, {hi:>9.2f}]  "
+                     f"{reference['entropy']:>8.3f}  {reference['degenerate']:>10.3f}  {'':>8}  {'':>9}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], reference: dict | None, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["steps"] for r in records]
+    ppl = np.array([r["gen_ppl"] for r in records])
+    ci = np.array([r["gen_ppl_ci"] for r in records])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.errorbar(steps, ppl, yerr=[ppl - ci[:, 0], ci[:, 1] - ppl], marker="o", capsize=3, label="samples")
+    b.plot(steps, [r["entropy"] for r in records], marker="o", label="samples")
+    if reference is not None:
+        a.axhline(reference["gen_ppl"], color="gray", linestyle="--", label="real text")
+        b.axhline(reference["entropy"], color="gray", linestyle="--", label="real text")
+    for ax, label in ((a, "generative perplexity (judge)"), (b, "unigram entropy per sequence (nats)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_args(args) -> None:
+    for name in ("num_samples", "batch_size", "judge_batch_size", "length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.num_samples < 2:
+        raise InputError("--num-samples must be >= 2: the confidence interval comes from the spread over sequences")
+    if not 0 < args.eps < 1:
+        raise InputError(f"--eps must be in (0, 1), got {args.eps}")
+    if not 0 < args.degenerate_share <= 1:
+        raise InputError(f"--degenerate-share must be in (0, 1], got {args.degenerate_share}")
+    if args.threads < 0:
+        raise InputError(f"--threads must be >= 0, got {args.threads}")
+
+
+def run(args) -> int:
+    _check_args(args)
+    steps_list = parse_steps(args.steps)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        pre = load_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
+    except (OSError, ValueError) as err:  # missing files, Hub offline, tokenizer that does not fit
+        raise InputError(str(err)) from err
+    model, tokenizer = pre.model, pre.tokenizer
+    device = next(model.parameters()).device
+    judge = load_judge(args.judge, device, first_token=args.first_token, context=args.judge_context,
+                       progress=progress)
+    length = args.length or model.length
+    print(f"quality.py: {args.num_samples} samples of {length} tokens per step count {steps_list}, "
+          f"{args.predictor} predictor, judge {args.judge} (context {judge.context}, first token "
+          f"{args.first_token}) on {device}", file=sys.stderr)
+
+    records = []
+    for steps in steps_list:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        parts, wall = [], 0.0
+        for start in range(0, args.num_samples, args.batch_size):
+            b = min(args.batch_size, args.num_samples - start)
+            began = time.perf_counter()
+            parts.append(sample(model, pre.graph, pre.noise, batch_size=b, length=length, steps=steps,
+                                predictor=args.predictor, eps=args.eps, generator=generator, device=device,
+                                progress=progress).cpu())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            wall += time.perf_counter() - began
+        tokens = torch.cat(parts)
+        texts = [tokenizer.decode(row) for row in tokens]
+        began = time.perf_counter()
+        record = {"steps": steps, **sample_stats(tokens, texts, judge, args, progress)}
+        record.update(
+            wall_s=wall, tokens_per_s=tokens.numel() / wall, judge_s=time.perf_counter() - began,
+            num_samples=len(tokens), length=length,
+        )
+        if args.keep_samples:
+            record["samples"] = texts
+        records.append(record)
+        print(f"quality.py: {steps} steps: gen ppl {record['gen_ppl']:.2f}, entropy {record['entropy']:.3f}, "
+              f"{wall:.1f}s sampling", file=sys.stderr)
+
+    reference = None
+    if args.reference_data is not None:
+        blocks, split = reference_blocks(args.reference_data, args.reference_split, tokenizer, args.num_samples,
+                                         length)
+        texts = [tokenizer.decode(row) for row in blocks]
+        reference = {"data": args.reference_data, "split": split, "num_samples": len(blocks), "length": length,
+                     **sample_stats(blocks, texts, judge, args, progress)}
+        if args.keep_samples:
+            reference["samples"] = texts
+
+    table = format_table(records, reference)
+    result = {
+        "checkpoint": args.checkpoint,
+        "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
+        "graph": pre.graph.name,
+        "predictor": args.predictor,
+        "length": length,
+        "num_samples": args.num_samples,
+        "eps": args.eps,
+        "seed": args.seed,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "judge": {"name": args.judge, "context": judge.context, "first_token": args.first_token,
+                  "prefix_id": judge.prefix_id, "dtype": str(next(judge.model.parameters()).dtype)},
+        "degenerate_share": args.degenerate_share,
+        "records": records,
+        "reference": reference,
+    }
+    (sys.stderr if args.json == "-" else sys.stdout).write(table)
+    if args.json is not None:
+        payload = json.dumps(result, indent=2, ensure_ascii=False) + "\n"
+        if args.json == "-":
+            sys.stdout.write(payload)
+        else:
+            Path(args.json).write_text(payload, encoding="utf-8")
+    if args.plot:
+        plot(records, reference, args.plot,
+             f"{args.checkpoint}: {args.predictor}, {args.num_samples} x {length} tokens, judge {args.judge}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except InputError as err:
+        print(f"quality.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

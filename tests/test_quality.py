@@ -120,12 +120,8 @@ def cli_run(ckpt, judge_dir, cache_dir, tmp_path_factory):
     return out, result
 
 
-def _oracle_nll(judge_dir: Path, text: str) -> tuple[float, int]:
+def _oracle_nll(tok, model, text: str) -> tuple[float, int]:
     """The judge's summed NLL of a text after its EOS (= its BOS, as GPT-2's), by one plain forward."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(judge_dir)
-    model = AutoModelForCausalLM.from_pretrained(judge_dir).eval()
     ids = torch.tensor([[tok.eos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]])
     assert ids.shape[1] <= model.config.n_positions
     with torch.no_grad():
@@ -134,17 +130,20 @@ def _oracle_nll(judge_dir: Path, text: str) -> tuple[float, int]:
 
 
 def test_cli_records_match_an_independent_judge(cli_run, judge_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     out, result = cli_run
+    tok = AutoTokenizer.from_pretrained(judge_dir)
+    model = AutoModelForCausalLM.from_pretrained(judge_dir).eval()
     report = json.loads((out / "q.json").read_text())
     records = report["records"]
     assert [r["steps"] for r in records] == [2, 4]  # sorted
     assert report["judge"]["first_token"] == "bos" and report["judge"]["dtype"] == "torch.float32"
-    sums, counts = [], []
     for r in records + [report["reference"]]:
         for key in ("gen_ppl", "gen_ppl_ci", "entropy", "degenerate", "nll_se", "judge_tokens"):
             assert key in r
         assert len(r["samples"]) == 3
-        per_text = [_oracle_nll(judge_dir, t) for t in r["samples"]]
+        per_text = [_oracle_nll(tok, model, t) for t in r["samples"]]
         nll = np.array([p[0] for p in per_text])
         n = np.array([p[1] for p in per_text])
         assert r["judge_tokens"] == n.sum()
@@ -157,8 +156,6 @@ def test_cli_records_match_an_independent_judge(cli_run, judge_dir):
         assert r["nll_se"] == pytest.approx(se, rel=1e-4)
         assert hi == pytest.approx(math.exp(mean + 1.96 * se), rel=1e-3)
         assert 0 < r["entropy"] <= math.log(32)
-        sums.append(nll.sum())
-        counts.append(n.sum())
     for r in records:
         assert r["num_samples"] == 3 and r["length"] == 32
         assert r["tokens_per_s"] == pytest.approx(3 * 32 / r["wall_s"])

@@ -37,7 +37,8 @@ C // 2 tokens: each token is scored once, in the first window that holds it, so 
 the first window sees at least C // 2 tokens of context (the sliding-window evaluation of the
 ``transformers`` perplexity guide).
 
-``--reference-data`` scores N blocks of real text the same way (the validation split, cut into
+``--reference-data`` scores N blocks of real text the same way (held-out text, the split
+``sedd.data.evaluation_split`` picks, as train/eval.py does: cut into
 blocks of L model tokens spread evenly over it, decoded and retokenized as the samples are): the
 judge's perplexity and the entropy of real data, as a reference row and a line in the plot.
 
@@ -66,11 +67,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python train/quality.py` from a checkout that is not pip-installed
-    import importlib.util
-
-    if importlib.util.find_spec("sedd") is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python train/quality.py`: the package of this checkout, installed or not
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -135,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score N blocks of real text: 'default' (the Python standard library), a text "
                    "file or directory, or a dataset name")
     r.add_argument("--reference-split",
-                   help="split of --reference-data (default: validation; all for a single file)")
+                   help="split of --reference-data (default: held-out text as train/eval.py picks it: test, "
+                   "else validation; validation for the default corpus; all for a file)")
     r.add_argument("--tokenizer", metavar="SPEC",
                    help="the checkpoint's tokenizer (default: CKPT/tokenizer.json, else GPT-2; see sample.py)")
     r.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ... (default: auto)")
@@ -378,11 +377,10 @@ def sample_stats(tokens: torch.Tensor, texts: list[str], judge: Judge, args, pro
 
 def reference_blocks(spec: str, split: str | None, tokenizer, n: int, length: int) -> tuple[torch.Tensor, str]:
     """[n, length] blocks of real text in the checkpoint's tokens, spread evenly over the split."""
-    from sedd.data import get_corpus, tokenize
+    from sedd.data import evaluation_split, get_corpus, tokenize
 
-    if split is None:
-        split = "all" if Path(spec).expanduser().is_file() else "validation"
     try:
+        split = split or evaluation_split(spec)
         stream = tokenize(get_corpus(spec, split), tokenizer, progress=False)
     except (OSError, ValueError, RuntimeError) as err:  # no such path/split/dataset, Hub offline
         raise InputError(f"--reference-data {spec!r}: {err}") from err

@@ -28,11 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python train/train_judge.py` from a checkout that is not pip-installed
-    import importlib.util
-
-    if importlib.util.find_spec("sedd") is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python train/train_judge.py`: the package of this checkout, installed or not
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -107,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = sdata.get_tokenizer(args.tokenizer, corpus=args.data, progress=progress)
     train_tokens = sdata.load_tokens(args.data, "train", tok, progress=progress)
-    val_tokens = sdata.load_tokens(args.data, "validation", tok, progress=progress)
+    val_tokens = sdata.load_tokens(args.data, sdata.validation_split(args.data), tok, progress=progress)
     train_blocks = sdata.PackedBlocks(train_tokens, args.context)
     val_blocks = sdata.PackedBlocks(val_tokens, args.context)
     val_index = np.unique(np.linspace(0, len(val_blocks) - 1, min(args.val_blocks, len(val_blocks))).round()

@@ -218,6 +218,8 @@ def test_offline_hub_id_fails_fast_naming_a_local_judge(ckpt, monkeypatch, capsy
     assert "--judge DIR" in capsys.readouterr().err
     # not flagged offline, but the Hub does not answer (a closed local port): the probe says so
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     assert quality.main(argv) == 2
     assert "--judge DIR" in capsys.readouterr().err

@@ -43,8 +43,8 @@ blocks of L model tokens spread evenly over it, decoded and retokenized as the s
 judge's perplexity and the entropy of real data, as a reference row and a line in the plot.
 
 Offline: a local judge directory needs no network. For a Hub id, with ``HF_HUB_OFFLINE=1`` or when
-a probe of the Hub (3 s at most) fails, only the local Hub cache is tried; if the judge is not
-there the command fails at once, naming ``--judge DIR``.
+the Hub does not answer (``sedd.data.offline``: one probe of about 2 s), only the local Hub cache
+is tried; if the judge is not there the command fails at once, naming ``--judge DIR``.
 
 Output: a table on stdout; ``--json PATH`` with one record per step count (steps, gen_ppl,
 gen_ppl_ci, nll, nll_se, judge_tokens, entropy, degenerate, wall_s, tokens_per_s, ...), the
@@ -60,10 +60,7 @@ import math
 import os
 import re
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,10 +71,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sedd.data.offline import hub_offline_reason
 from sedd.pretrained import load_pretrained
 from sedd.sampling import PREDICTORS, sample
 
-HUB_PROBE_TIMEOUT_S = 3.0
 Z_95 = 1.959963984540054
 
 EXAMPLES = """\
@@ -160,34 +157,6 @@ def parse_steps(text: str) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # Judge
 # ----------------------------------------------------------------------------------------------
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether the Hub answers within ``timeout`` seconds. A thread bounds the whole probe, name
-    resolution included (socket timeouts do not cover DNS)."""
-    from huggingface_hub import constants
-
-    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    answer: list[bool] = []
-
-    def probe():
-        try:
-            urllib.request.urlopen(urllib.request.Request(endpoint.rstrip("/") + "/api/models?limit=1",
-                                                          method="HEAD"), timeout=timeout)
-            answer.append(True)
-        except urllib.error.HTTPError:  # it answered, if not to our liking
-            answer.append(True)
-        except Exception:  # noqa: BLE001 - refused, unresolvable, timed out, proxy errors...
-            answer.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(answer and answer[0])
 
 
 @dataclass
@@ -283,8 +252,10 @@ def load_judge(spec: str, device: torch.device, *, first_token: str = "bos", con
         if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not re.fullmatch(r"[\w.\-/]+", spec):
             raise InputError(f"--judge {spec!r}: no such directory (and not a Hub id)")
         source = spec
-        offline = _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
-        local_only = offline or not _hub_reachable()
+        offline = hub_offline_reason()
+        if offline is None and os.environ.get("TRANSFORMERS_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            offline = "TRANSFORMERS_OFFLINE is set"
+        local_only = offline is not None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
@@ -292,9 +263,9 @@ def load_judge(spec: str, device: torch.device, *, first_token: str = "bos", con
     except (OSError, ValueError) as err:
         if local_only:
             raise InputError(
-                f"--judge {spec!r}: the Hugging Face Hub cannot be reached (or HF_HUB_OFFLINE is set) and the "
-                f"judge is not in the local Hub cache. Use a local judge: --judge DIR, a directory written by "
-                f"save_pretrained (python train/train_judge.py --out DIR trains a small one offline)"
+                f"--judge {spec!r}: the Hugging Face Hub cannot be used ({offline}) and the judge is not in the "
+                f"local Hub cache. Use a local judge: --judge DIR, a directory written by save_pretrained "
+                f"(python train/train_judge.py --out DIR trains a small one offline)"
             ) from err
         raise InputError(f"--judge {spec!r}: cannot load it with transformers: {str(err).splitlines()[0]}") from err
     model = model.to(device=device, dtype=dtype).eval()

@@ -27,6 +27,7 @@ from sedd.graph import graph_from_config
 from sedd.losses import score_entropy_loss
 from sedd.model import SEDD
 from sedd.noise import noise_from_config
+from tests.helpers import small_model_config
 from train import quality
 from train.train_judge import hf_tokenizer
 
@@ -56,8 +57,7 @@ def ckpt(tmp_path_factory, cache_dir) -> Path:
     tok = train_bpe(get_corpus(TEXT, "all"), 512, cache_dir=cache_dir, progress=False)
     stream = load_tokens(TEXT, "all", tok, cache_dir=cache_dir, progress=False)
     torch.manual_seed(0)
-    model = SEDD(SEDD.config_for("tiny", tokens=tok.vocab_size, length=32, n_blocks=1, hidden_size=32,
-                                 cond_dim=16, n_heads=2))
+    model = SEDD(small_model_config(tok.vocab_size, length=32, n_blocks=1, hidden_size=32, cond_dim=16, n_heads=2))
     graph, noise = graph_from_config(model.config), noise_from_config(model.config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     blocks = torch.from_numpy(np.asarray(stream[: 8 * 4 * 32], dtype=np.int64)).view(8, 4, 32)

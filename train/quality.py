@@ -72,8 +72,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sedd.data.offline import hub_offline_reason
-from sedd.pretrained import load_pretrained
 from sedd.sampling import PREDICTORS, sample
+from train.cli import InputError, check_positive, load_checkpoint, main_with_exit_codes
 
 Z_95 = 1.959963984540054
 
@@ -87,10 +87,6 @@ examples:
   python train/quality.py louaaron/sedd-small --tokenizer ../shared/data/gpt2 --judge gpt2-large \\
       --steps 128,256,1024 --num-samples 256
 """
-
-
-class InputError(Exception):
-    """Bad command-line input: reported as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,10 +413,7 @@ def plot(records: list[dict], reference: dict | None, path: str, title: str) -> 
 
 
 def _check_args(args) -> None:
-    for name in ("num_samples", "batch_size", "judge_batch_size", "length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_positive(args, ("num_samples", "batch_size", "judge_batch_size", "length"))
     if args.num_samples < 2:
         raise InputError("--num-samples must be >= 2: the confidence interval comes from the spread over sequences")
     if not 0 < args.eps < 1:
@@ -437,10 +430,7 @@ def run(args) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        pre = load_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
-    except (OSError, ValueError) as err:  # missing files, Hub offline, tokenizer that does not fit
-        raise InputError(str(err)) from err
+    pre = load_checkpoint(args)
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
     judge = load_judge(args.judge, device, first_token=args.first_token, context=args.judge_context,
@@ -519,12 +509,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except InputError as err:
-        print(f"quality.py: error: {err}", file=sys.stderr)
-        return 2
+    return main_with_exit_codes("quality.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -388,8 +388,21 @@ def test_batch_iterator_deterministic_and_resumable():
     assert resumed.epoch == 1
     assert all(torch.equal(x, y) for x, y in zip(run(resumed, 13), a[17:]))
 
-    with pytest.raises(ValueError, match="global_batch_size"):
-        D.BatchIterator(blocks, 4, seed=1).load_state_dict(state)
+    # elastic: half the global batch (say 1 process instead of 2) re-splits the global position:
+    # 17 batches of 8 = 40 blocks into epoch 1, then the same blocks in batches of 4
+    half = D.BatchIterator(blocks, 4, seed=1)
+    half.load_state_dict(state)
+    assert half.epoch == 1
+    assert torch.equal(torch.cat(run(half, 2)), a[17]) and torch.equal(torch.cat(run(half, 2)), a[18])
+    with pytest.raises(ValueError, match="not a whole number of global batches of 16"):
+        D.BatchIterator(blocks, 16, seed=1).load_state_dict(state)  # 40 blocks: not 16 x n
+    small = D.BatchIterator(blocks, 4, seed=1)
+    run(small, 24)  # 96 of the 100 blocks of epoch 0: batches of 32 do not fit in its 96 first
+    big = D.BatchIterator(blocks, 32, seed=1)
+    big.load_state_dict(small.state_dict())
+    assert big.epoch == 1 and big.position == 3
+    with pytest.raises(ValueError, match="the data changed"):
+        D.BatchIterator(D.PackedBlocks(_stream()[:500], 10), 8, seed=1).load_state_dict(state)
     with pytest.raises(ValueError, match="cannot fill"):
         D.BatchIterator(blocks, 101)
 

@@ -177,8 +177,12 @@ def test_interrupt_and_resume_is_exact(env, tmp_path):
 
 def test_torchrun_two_processes(env, tmp_path):
     out = tmp_path / "ddp"
-    args = [*TINY, "--batch-size", 2, "--global-batch", 8, "--max-steps", 6, "--ckpt-every", 3, "--out", out]
-    result = train(env, *args, launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"))
+    # no --batch-size: the preset's 16 does not divide a global batch of 8 over 2 processes, so
+    # the micro-batch is derived (4)
+    tiny = [a for i, a in enumerate(TINY) if "--batch-size" not in TINY[max(i - 1, 0): i + 1]]
+    args = [*tiny, "--global-batch", 8, "--ckpt-every", 3, "--out", out]
+    result = train(env, *args, "--max-steps", 6,
+                   launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"))
     assert result.returncode == 0, result.stderr + result.stdout
     # The script compares a checksum of the weights across ranks at every checkpoint.
     assert result.stdout.count("weights identical on all 2 ranks") == 2
@@ -190,7 +194,23 @@ def test_torchrun_two_processes(env, tmp_path):
     for name in FILES:
         assert (out / name).is_file(), name
     training = json.loads((out / "config.json").read_text())["training"]
-    assert training["world_size"] == 2 and training["grad_accum"] == 2 and training["global_batch"] == 8
+    assert training["world_size"] == 2 and training["batch_size"] == 4 and training["grad_accum"] == 1
+    assert training["global_batch"] == 8
+    ddp_val0 = read_metrics(out)[0]["val_loss"]
+
+    # Elastic resume: the 2-process run continues with 1 process (2 micro-batches per step), the
+    # global data position re-split.
+    resumed = train(env, *args, "--max-steps", 8, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out} at step 6" in resumed.stdout
+    assert [m["step"] for m in read_metrics(out)] == list(range(9))
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["world_size"] == 1 and training["grad_accum"] == 2
+
+    # Validation draws are seeded by block: one process sees the same number at step 0.
+    single = train(env, *args[:-1], tmp_path / "single", "--max-steps", 1, "--num-samples", 0)
+    assert single.returncode == 0, single.stderr
+    assert read_metrics(tmp_path / "single")[0]["val_loss"] == pytest.approx(ddp_val0, rel=1e-5)
 
 
 def test_help_lists_the_flags():
@@ -209,6 +229,10 @@ def test_help_lists_the_flags():
     (["--graph", "diagonal"], "invalid choice: 'diagonal'"),
     (["--noise", "cosine"], "invalid choice: 'cosine'"),
     (["--tokenizer", "/no/such/tokenizer"], "no such file or directory"),
+    (["--max-steps", "-5"], "--max-steps must be positive, got -5"),
+    (["--sample-length", "0", "--batch-size", "-2"], "must be positive"),
+    (["--num-samples", "-1"], "--num-samples must be >= 0"),
+    (["--batch-size", "3", "--global-batch", "8"], "pass --global-batch as a multiple of 3"),
 ])
 def test_bad_arguments(env, tmp_path, args, message):
     result = train(env, *args, "--out", tmp_path / "out", timeout=60)
@@ -253,3 +277,15 @@ def test_existing_checkpoint_is_never_silently_replaced(env, trained, tmp_path):
     missing = train(env, *TINY, "--out", tmp_path / "empty", "--resume")
     assert missing.returncode == 2 and "no training_state.pt" in missing.stderr
     assert snapshot(out) == before
+
+    # A directory that is not a checkpoint: the files a run writes are never replaced unasked.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "config.json").write_text('{"mine": true}')
+    (notes / "samples.txt").write_text("my samples")
+    (notes / "ideas.md").write_text("keep")
+    refused = train(env, *TINY, "--max-steps", 1, "--out", notes)
+    assert refused.returncode == 2, refused.stderr
+    assert "config.json, samples.txt" in refused.stderr and "--overwrite" in refused.stderr
+    assert (notes / "config.json").read_text() == '{"mine": true}' and sorted(p.name for p in notes.iterdir()) == [
+        "config.json", "ideas.md", "samples.txt"]

@@ -140,11 +140,27 @@ def parse_args(argv=None, *, epilog: str = ""):
         # Absolute, so --resume finds it from any working directory, but with symbolic links kept:
         # the path is stored and compared as the user spelled it.
         overrides[key] = os.path.abspath(path)
-    for key in ("hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "batch_size", "global_batch",
-                "log_every", "ckpt_every", "sample_steps"):
-        if key in overrides and overrides[key] < 1:
+    for key in POSITIVE:
+        if key in overrides and not overrides[key] > 0:
             parser.error(f"--{key.replace('_', '-')} must be positive, got {overrides[key]}")
+    for key in NON_NEGATIVE:
+        if key in overrides and not overrides[key] >= 0:
+            parser.error(f"--{key.replace('_', '-')} must be >= 0 ({NON_NEGATIVE[key]}), got {overrides[key]}")
+    if "dropout" in overrides and not 0 <= overrides["dropout"] < 1:
+        parser.error(f"--dropout must be in [0, 1), got {overrides['dropout']}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0 (0: cores / processes), got {args.threads}")
     return args, overrides
+
+
+# Counts, sizes and lengths: below 1 (or 0) a run would do nothing, or nothing sensible, so the
+# command line refuses them with exit status 2 instead of, say, writing an untrained checkpoint.
+POSITIVE = ("hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "batch_size", "global_batch",
+            "max_steps", "log_every", "ckpt_every", "sample_length", "sample_steps", "lr", "noise_eps",
+            "sigma_min", "sigma_max")
+NON_NEGATIVE = {"warmup_steps": "0: no warmup", "eval_every": "0: no validation",
+                "val_blocks": "0: the whole validation split", "num_samples": "0: no samples",
+                "weight_decay": "0: none", "grad_clip": "0: no clipping", "ema": "0: no averaging"}
 
 
 class UsageError(ValueError):
@@ -173,8 +189,18 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
     if cfg["noise"] == "auto":
         cfg["noise"] = "loglinear" if cfg["graph"] == "absorb" else "geometric"
     if cfg["global_batch"] % (cfg["batch_size"] * world):
-        raise UsageError(f"--global-batch {cfg['global_batch']} is not a multiple of batch_size x world_size = "
-                         f"{cfg['batch_size']} x {world}")
+        derivable = saved is None and "batch_size" not in overrides and cfg["global_batch"] % world == 0
+        if not derivable:
+            given = "the checkpoint's" if saved is not None and "batch_size" not in overrides else "--batch-size"
+            raise UsageError(
+                f"--global-batch {cfg['global_batch']} is not a multiple of batch_size x world_size = "
+                f"{cfg['batch_size']} x {world} ({given} batch size, {world} process(es)): pass "
+                f"--global-batch as a multiple of {cfg['batch_size'] * world}"
+                + ("" if saved is not None else f", or a --batch-size that divides {cfg['global_batch']} / {world}"))
+        # The preset's micro-batch does not divide over these processes: the largest that does
+        # and is no larger (the optimizer step keeps its global batch).
+        per_process = cfg["global_batch"] // world
+        cfg["batch_size"] = max(b for b in range(1, cfg["batch_size"] + 1) if per_process % b == 0)
     cfg["grad_accum"] = cfg["global_batch"] // (cfg["batch_size"] * world)
     return cfg
 

@@ -74,6 +74,11 @@ from train.cli import die  # noqa: E402
 from train.config import UsageError, model_config, parse_args, resolve_config  # noqa: E402
 
 
+# Every file a run writes into --out (besides its temporary files and tensorboard/).
+RUN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "training_state.pt", "metrics.jsonl",
+             "loss.png", "samples.txt")
+
+
 def step_seed(seed: int, stream: int, rank: int, step: int, micro: int = 0) -> int:
     """A seed for one (step, micro-batch, rank): randomness that depends on nothing but these
     numbers is what makes a resumed run identical to an uninterrupted one."""
@@ -124,18 +129,19 @@ def ema_weights(net: torch.nn.Module, ema: dict):
 
 
 @torch.no_grad()
-def validation_loss(net, ema, val_blocks, index, graph, noise, cfg, eos_id, rank, device) -> float:
-    """The training loss (EMA weights) on this rank's share ``index`` of the fixed validation
-    blocks, averaged over all ranks, with the same t and noise draws at every evaluation (seeded
-    by batch), so successive values measure the model and not the draws."""
+def validation_loss(net, ema, val_blocks, index, graph, noise, cfg, eos_id, device) -> float:
+    """The training loss (EMA weights) on the fixed validation blocks, this rank's share ``index``
+    of them, averaged over all ranks. Every block draws its t and forward noise from a generator
+    seeded by the block's index, so successive values measure the model and not the draws, and the
+    number is the same for any number of processes (up to float rounding)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
     with ema_weights(net, ema):
-        for b, start in enumerate(range(0, len(index), cfg["batch_size"])):
-            x0 = val_blocks.get_batch(index[start:start + cfg["batch_size"]]).to(device)
-            g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 1, rank, b))
-            losses = score_entropy_loss(net, x0, graph, noise, generator=g, sampling_eps=cfg["sampling_eps"],
-                                        reduction="none", **doc_mask_kwargs(x0, cfg, eos_id))
-            total += torch.stack([losses.double().sum(), torch.tensor(float(len(losses)), device=device)])
+        for i in index:  # one block per call: its noise must not depend on the blocks beside it
+            x0 = val_blocks.get_batch([int(i)]).to(device)
+            g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 1, 0, int(i)))
+            loss = score_entropy_loss(net, x0, graph, noise, generator=g, sampling_eps=cfg["sampling_eps"],
+                                      reduction="none", **doc_mask_kwargs(x0, cfg, eos_id))
+            total += torch.stack([loss.double().sum(), torch.ones((), dtype=torch.float64, device=device)])
     if dist.is_initialized():
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
@@ -189,6 +195,15 @@ def main(argv=None):
     elif (out / "training_state.pt").exists() and not args.overwrite:
         die(f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to "
             "start afresh (or choose another --out)", 2)
+    elif out.exists() and not out.is_dir():
+        die(f"--out {out} is a file, not a directory", 2)
+    elif not args.overwrite:
+        # Not a checkpoint of this script: files the run would write must not replace a user's.
+        clash = sorted(name for name in RUN_FILES if (out / name).exists())
+        if clash:
+            die(f"{out} is not a checkpoint of this script (no training_state.pt) but holds "
+                f"{', '.join(clash)}, which this run would overwrite; choose another --out, or pass "
+                "--overwrite to replace them", 2)
     try:
         cfg = resolve_config(overrides, preset, state["cfg"] if state else None, world, source=str(out))
     except UsageError as e:
@@ -288,7 +303,7 @@ def main(argv=None):
     metrics_log = MetricsLog(out, metrics, master=master, tensorboard=args.tensorboard, step=step)
     if step == 0 and cfg["eval_every"]:
         metrics_log.record({"step": 0, "val_loss": validation_loss(
-            net, ema, val_blocks, my_val_index, graph, noise, cfg, tok.eos_id, rank, device)})
+            net, ema, val_blocks, my_val_index, graph, noise, cfg, tok.eos_id, device)})
         log(f"step 0: val loss {metrics[-1]['val_loss']:.2f}")
     if step >= cfg["max_steps"]:
         log(f"{out} is already at step {step} (max_steps {cfg['max_steps']}): nothing to train")
@@ -355,7 +370,7 @@ def main(argv=None):
             window_time, window_steps = 0.0, 0
         if cfg["eval_every"] and step % cfg["eval_every"] == 0:
             entry["val_loss"] = validation_loss(
-                net, ema, val_blocks, my_val_index, graph, noise, cfg, tok.eos_id, rank, device)
+                net, ema, val_blocks, my_val_index, graph, noise, cfg, tok.eos_id, device)
             log(f"step {step}: val loss {entry['val_loss']:.2f}")
         if len(entry) > 1:
             metrics_log.record(entry)

@@ -75,16 +75,32 @@ class BatchIterator:
                 "global_batch_size": self.global_batch_size, "num_blocks": len(self.blocks)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict` (the saved seed wins). The data and the global batch
-        size must match; the world size may change if the global batch size does not."""
-        for key in ("num_blocks", "global_batch_size"):
-            mine = self.state_dict()[key]
-            if state[key] != mine:
-                raise ValueError(
-                    f"cannot resume: saved {key}={state[key]}, this iterator has {mine}")
+        """Resume from :meth:`state_dict` (the saved seed wins). The data must match.
+
+        Elastic: the position is global (blocks served in the epoch's permutation), so another
+        ``batch_size * world_size`` re-splits it: the next batch starts at the first block not yet
+        served in the saved epoch (the next epoch when the new batches do not fit in this one).
+        The saved position must then fall on a whole number of the new global batches (it does at
+        every optimizer step when the batch per step is a multiple of the new global batch)."""
+        if state["num_blocks"] != len(self.blocks):
+            raise ValueError(f"cannot resume: saved num_blocks={state['num_blocks']}, this iterator has "
+                             f"{len(self.blocks)} (the data changed)")
         self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
-        self.position = int(state["position"])
         self._order_epoch = -1
+        saved_gbs, position = int(state["global_batch_size"]), int(state["position"])
+        if saved_gbs == self.global_batch_size:
+            self.position = position
+            return
+        epoch, step = divmod(position, len(self.blocks) // saved_gbs)
+        served = step * saved_gbs  # blocks of this epoch's permutation already used
+        if served % self.global_batch_size:
+            raise ValueError(
+                f"cannot resume: the saved position ({served} blocks into epoch {epoch}) is not a whole "
+                f"number of global batches of {self.global_batch_size} (batch_size x world_size)")
+        new_step = served // self.global_batch_size
+        if new_step >= self.batches_per_epoch:
+            epoch, new_step = epoch + 1, 0
+        self.position = epoch * self.batches_per_epoch + new_step
 
 
 def eval_batches(blocks: PackedBlocks, batch_size: int, *, rank: int = 0,

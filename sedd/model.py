@@ -408,12 +408,20 @@ def _checkpoint_dir(
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     safetensors_file, bin_file = (folder / f for f in _WEIGHT_FILES)
-    if safetensors_file.is_file():
-        from safetensors.torch import load_file
+    if safetensors_file.is_file() or bin_file.is_file():
+        path = safetensors_file if safetensors_file.is_file() else bin_file
+        try:
+            if path is safetensors_file:
+                from safetensors.torch import load_file
 
-        state = load_file(str(safetensors_file), device="cpu")
-    elif bin_file.is_file():
-        state = torch.load(bin_file, map_location="cpu", weights_only=True)
+                state = load_file(str(path), device="cpu")
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # SafetensorError, pickle and zip errors: a damaged file
+            raise ValueError(
+                f"cannot read the weights {str(path)!r} ({path.stat().st_size:,} bytes): {err}. The file is "
+                "damaged, most likely truncated by an interrupted copy or download; copy it again"
+            ) from err
     else:
         present = sorted(p.name for p in folder.iterdir())
         raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {str(folder)!r} (found {present})")

@@ -241,6 +241,21 @@ def test_sample_jsonl_in_and_out(bpe_ckpt, bpe, tmp_path, capsys):
         assert err.startswith("sample.py: error: --input") and message in err, err
 
 
+def test_truncated_weights_name_the_file(bpe_ckpt, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "truncated"
+    shutil.copytree(bpe_ckpt, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*1,000 bytes.*truncated"):
+        SEDD.from_pretrained(folder)
+    assert sample_cli.main([str(folder), "--length", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sample.py: error: cannot read the weights") and str(weights) in err, err
+    assert len(err.strip().splitlines()) == 1  # one line, no traceback
+
+
 def test_sample_longer_than_the_model_is_semi_autoregressive(bpe_ckpt, bpe, capsys):
     # the model's length is 64: 100 tokens are generated in windows ending at 64, 96 and 100
     assert sample_cli.main([str(bpe_ckpt), "--length", "100", "--steps", "2", "--seed", "0", "--prefix", "ROMEO:",

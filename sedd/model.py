@@ -18,6 +18,9 @@ Attention runs on flash-attn's varlen kernel (CUDA, fp16/bf16) or on
 ``torch.nn.functional.scaled_dot_product_attention`` (everywhere else); padded batches
 (``attention_mask``) and packed documents (``segment_ids``) never attend across a boundary.
 
+Files: the blocks are in :mod:`sedd.layers`, the attention backends and the padded / packed plan
+in :mod:`sedd.attention`, config normalisation and the checkpoint files in :mod:`sedd.checkpoint`.
+
 Precision: the residual stream and the σ conditioning stay in the parameter dtype (fp32 for the
 checkpoints); on CUDA the blocks and the output layer run under bf16 autocast, as the checkpoints
 were trained; LayerNorm and rotary always compute in fp32. The post-processed scores are fp32.
@@ -26,30 +29,37 @@ were trained; LayerNorm and rotary always compute in fp32. The post-processed sc
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
+from sedd.attention import ATTN_BACKENDS, FLASH_ATTN_AVAILABLE, check_backend, plan_attention, resolve_backend
+from sedd.checkpoint import (
+    check_state_fits,
+    checkpoint_dir,
+    normalise_config,
+    read_config,
+    read_weights,
+    strip_wrapper_prefix,
+    write_checkpoint,
+)
 from sedd.graph import get_graph
-
-try:
-    from flash_attn import flash_attn_varlen_qkvpacked_func
-except (ImportError, OSError):  # OSError: a wheel built against another CUDA or torch
-    flash_attn_varlen_qkvpacked_func = None
-
-FLASH_ATTN_AVAILABLE = flash_attn_varlen_qkvpacked_func is not None
-ATTN_BACKENDS = ("auto", "sdpa", "flash")
-SIGMA_EMBED_DIM = 256  # fixed by the checkpoints: sigma_map.mlp.0.weight is [C, 256]
-ROTARY_BASE = 10_000.0
+from sedd.layers import (  # re-exported: sedd.model was their home
+    SIGMA_EMBED_DIM,
+    DDiTBlock,
+    DDiTFinalLayer,
+    EmbeddingLayer,
+    LayerNorm,
+    Rotary,
+    SigmaEmbedder,
+    apply_rotary,
+    sigma_embedding,
+)
 
 __all__ = [
     "ATTN_BACKENDS",
@@ -69,383 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PRESET_ALIASES = {"tiny": "cpu"}  # the name config_for used before it matched train/run.py's --preset
-_REQUIRED_MODEL_KEYS = ("hidden_size", "cond_dim", "n_blocks", "n_heads")
 
-
-# ----------------------------------------------------------------------------------------------
-# Functional pieces (also the formulas the tests check)
-# ----------------------------------------------------------------------------------------------
-
-
-def sigma_embedding(sigma: torch.Tensor, dim: int = SIGMA_EMBED_DIM, max_period: float = 1e4) -> torch.Tensor:
-    """Sinusoidal features of the noise level σ itself (not of t).
-
-    Arguments:
-        sigma: [B], any float dtype.
-        dim: even number of features.
-    Returns:
-        [B, dim] float32: ``cat(cos(σ·f), sin(σ·f))`` with ``f_k = exp(−ln(max_period)·k/(dim/2))``,
-        k = 0 .. dim/2 − 1 (first half cos, second half sin).
-    """
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half
-    )
-    args = sigma.float()[:, None] * freqs[None, :]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding in the rotate-half (GPT-NeoX) layout: channel i pairs with i + d/2.
-
-    Arguments:
-        x: [B, L, ..., d], any float dtype (e.g. [B, L, 2, H, d] for q and k together).
-        cos, sin: [L, d] float32 from :class:`Rotary`.
-    Returns:
-        same shape and dtype as ``x``; computed in fp32 because a bf16 product at position ~1000
-        loses the phase of the high-frequency channels.
-    """
-    xf = x.float()
-    shape = (1, x.shape[1]) + (1,) * (x.dim() - 3) + (x.shape[-1],)
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos.view(shape) + rotated * sin.view(shape)).to(x.dtype)
-
-
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
-
-
-def _document_ids(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[B, L] segment ids -> [B, L] int64 ids of maximal runs of equal ids (0, 1, 2, ... per row).
-
-    Documents are runs, so an id that comes back later in the row starts a new document: the SDPA
-    mask and flash-attn's cu_seqlens (which can only describe runs) then agree.
-    """
-    change = (segment_ids[:, 1:] != segment_ids[:, :-1]).long()
-    return F.pad(change.cumsum(dim=1), (1, 0))
-
-
-# ----------------------------------------------------------------------------------------------
-# Layers (attribute names are the checkpoint's key names)
-# ----------------------------------------------------------------------------------------------
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm over the last dim with a learned scale and no bias. x: [..., D] -> same dtype.
-
-    Statistics in fp32 whatever the input: a bf16 mean/variance over 768 channels is off by
-    percents, and the checkpoints were trained with fp32 norms.
-    """
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (autocast keeps layer_norm in fp32 too, so no autocast-disabled region is needed)
-        y = F.layer_norm(x.float(), (self.dim,), weight=self.weight.float())
-        return y.to(x.dtype)
-
-
-class EmbeddingLayer(nn.Module):
-    """Token embedding as a bare [V, D] parameter (the checkpoint key is ``vocab_embed.embedding``)."""
-
-    def __init__(self, dim: int, vocab_size: int):
-        super().__init__()
-        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
-        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.embedding(x, self.embedding)
-
-
-class SigmaEmbedder(nn.Module):
-    """σ [B] -> [B, C]: :func:`sigma_embedding` (256 features) then Linear -> SiLU -> Linear."""
-
-    def __init__(self, cond_dim: int, frequency_dim: int = SIGMA_EMBED_DIM):
-        super().__init__()
-        self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_dim, cond_dim, bias=True),
-            nn.SiLU(),
-            nn.Linear(cond_dim, cond_dim, bias=True),
-        )
-
-    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
-        emb = sigma_embedding(sigma, self.frequency_dim)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
-
-
-class Rotary(nn.Module):
-    """Rotary tables for head size d, base 10000. ``inv_freq`` [d/2] is a persistent buffer
-    because the public checkpoints carry it."""
-
-    def __init__(self, head_dim: int, base: float = ROTARY_BASE):
-        super().__init__()
-        if head_dim % 2:
-            raise ValueError(f"rotary embedding needs an even head size, got {head_dim}")
-        self.head_dim = head_dim
-        self.base = base
-        self.register_buffer("inv_freq", self._inv_freq(None))
-
-    def _inv_freq(self, device: torch.device | None) -> torch.Tensor:
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        return 1.0 / (self.base**exponent)
-
-    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (cos, sin), each [seq_len, d] float32, for positions 0 .. seq_len − 1."""
-        inv_freq = self.inv_freq
-        if inv_freq.dtype not in (torch.float32, torch.float64):
-            # model.to(bfloat16) also casts buffers; 8-bit-mantissa frequencies would scramble
-            # the phases at long positions, so rebuild them exactly.
-            inv_freq = self._inv_freq(inv_freq.device)
-        t = torch.arange(seq_len, dtype=torch.float32, device=device)
-        freqs = torch.outer(t, inv_freq.to(device=device, dtype=torch.float32))
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos(), emb.sin()
-
-
-@dataclass
-class _AttentionPlan:
-    """What every block's attention needs, built once per forward.
-
-    backend: "sdpa" or "flash".
-    sdpa_mask: bool [B, 1, 1, L] or [B, 1, L, L] (True = may attend), or None for full attention.
-    flash_index: int64 [T]: flat positions (into B·L) of the real tokens, or None when all are real.
-    cu_seqlens: int32 [n_docs + 1]: document boundaries in the (unpadded) flat token list.
-    max_seqlen: the longest document.
-    """
-
-    backend: str
-    sdpa_mask: torch.Tensor | None = None
-    flash_index: torch.Tensor | None = None
-    cu_seqlens: torch.Tensor | None = None
-    max_seqlen: int = 0
-
-
-def _attention(qkv: torch.Tensor, plan: _AttentionPlan) -> torch.Tensor:
-    """Non-causal attention, softmax scale 1/√d, no dropout.
-
-    Arguments:
-        qkv: [B, L, 3, H, d] (q and k already rotated).
-    Returns:
-        [B, L, H, d], dtype of ``qkv``. Rows of padding positions hold unspecified values.
-    """
-    B, L, _, H, d = qkv.shape
-    if plan.backend == "flash":
-        flat = qkv.reshape(B * L, 3, H, d)
-        if plan.flash_index is not None:
-            flat = flat[plan.flash_index]
-        if flat.shape[0] == 0:  # every position is padding
-            return qkv.new_zeros(B, L, H, d)
-        out = flash_attn_varlen_qkvpacked_func(
-            flat.contiguous(), plan.cu_seqlens, plan.max_seqlen, 0.0, softmax_scale=d**-0.5, causal=False
-        )
-        if plan.flash_index is not None:
-            out = out.new_zeros(B * L, H, d).index_copy_(0, plan.flash_index, out)
-        return out.view(B, L, H, d)
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # [B, H, L, d]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.sdpa_mask, dropout_p=0.0, scale=d**-0.5)
-    return out.transpose(1, 2)
-
-
-class DDiTBlock(nn.Module):
-    """One transformer block with adaLN-Zero conditioning. x: [B, L, D], c: [B, C] -> [B, L, D]."""
-
-    def __init__(self, dim: int, n_heads: int, cond_dim: int, mlp_ratio: int = 4, dropout: float = 0.1):
-        super().__init__()
-        self.n_heads = n_heads
-        self.dropout = dropout
-        self.norm1 = LayerNorm(dim)
-        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.attn_out = nn.Linear(dim, dim, bias=False)
-        self.norm2 = LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, mlp_ratio * dim, bias=True),
-            nn.GELU(approximate="tanh"),
-            nn.Linear(mlp_ratio * dim, dim, bias=True),
-        )
-        # adaLN-Zero: with zero modulation every block starts as the identity.
-        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim, bias=True)
-        nn.init.zeros_(self.adaLN_modulation.weight)
-        nn.init.zeros_(self.adaLN_modulation.bias)
-
-    def forward(
-        self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: _AttentionPlan
-    ) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-
-        h = _modulate(self.norm1(x), shift1, scale1)
-        qkv = rearrange(self.attn_qkv(h), "b s (three h d) -> b s three h d", three=3, h=self.n_heads)
-        qkv = torch.cat([apply_rotary(qkv[:, :, :2], cos, sin), qkv[:, :, 2:]], dim=2)
-        a = rearrange(_attention(qkv, plan), "b s h d -> b s (h d)")
-        x = x + gate1 * F.dropout(self.attn_out(a), self.dropout, self.training)
-
-        h = _modulate(self.norm2(x), shift2, scale2)
-        return x + gate2 * F.dropout(self.mlp(h), self.dropout, self.training)
-
-
-class DDiTFinalLayer(nn.Module):
-    """x: [B, L, D], c: [B, C] -> z [B, L, V]. Zero-initialised, so a fresh model outputs z = 0."""
-
-    def __init__(self, hidden_size: int, vocab_size: int, cond_dim: int):
-        super().__init__()
-        self.norm_final = LayerNorm(hidden_size)
-        self.linear = nn.Linear(hidden_size, vocab_size)
-        self.adaLN_modulation = nn.Linear(cond_dim, 2 * hidden_size, bias=True)
-        for layer in (self.linear, self.adaLN_modulation):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor, head: Callable | None = None) -> Any:
-        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        h = _modulate(self.norm_final(x), shift, scale)
-        if head is None:
-            return self.linear(h)
-        weight, bias = self.linear.weight, self.linear.bias
-        if torch.is_autocast_enabled(h.device.type):  # the casts nn.Linear would get from autocast
-            dtype = torch.get_autocast_dtype(h.device.type)
-            h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
-        # Called here, inside this module's forward, so DDP and FSDP2 (whose hooks gather the
-        # parameters around the forward) see the head's parameters in use.
-        return head(h, weight, bias)
-
-
-# ----------------------------------------------------------------------------------------------
-# Config handling
-# ----------------------------------------------------------------------------------------------
-
-
-def _to_plain(obj: Any) -> Any:
-    """Nested dict / list copy of a config (OmegaConf DictConfig, Mapping, dataclass-free)."""
-    if type(obj).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf  # only reachable when the caller already has omegaconf
-
-        return OmegaConf.to_container(obj, resolve=True)
-    if isinstance(obj, Mapping):
-        return {str(k): _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _normalise_config(config: Any) -> dict[str, Any]:
-    cfg = _to_plain(config)
-    if not isinstance(cfg, dict):
-        raise TypeError(f"config must be a dict (or an OmegaConf DictConfig), got {type(config).__name__}")
-    # Tolerate the {"config": {...}} wrapping that newer PyTorchModelHubMixin versions write.
-    if "tokens" not in cfg and isinstance(cfg.get("config"), dict):
-        cfg = cfg["config"]
-    if "tokens" not in cfg:
-        raise ValueError("config has no 'tokens' key (the number of real tokens, e.g. 50257 for GPT-2)")
-    graph = cfg.get("graph")
-    graph_type = graph.get("type") if isinstance(graph, dict) else graph
-    if graph_type not in ("absorb", "uniform"):
-        raise ValueError(f"config graph.type must be 'absorb' or 'uniform', got {graph_type!r}")
-    model = cfg.get("model")
-    if not isinstance(model, dict):
-        raise ValueError("config has no 'model' section with hidden_size, cond_dim, n_blocks, n_heads")
-    missing = [k for k in _REQUIRED_MODEL_KEYS if k not in model]
-    if missing:
-        raise ValueError(f"config.model is missing {missing}")
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoint files
-# ----------------------------------------------------------------------------------------------
-
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def _looks_like_local_path(name: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else can only mean a local path.
-    return (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-    )
-
-
-def _checkpoint_dir(
-    name: str, *, revision: str | None, cache_dir: str | os.PathLike | None, local_files_only: bool
-) -> Path:
-    path = Path(os.path.expanduser(name))
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(
-            f"{name!r} is a file; pass the directory that holds config.json and model.safetensors"
-        )
-    if _looks_like_local_path(name):
-        raise FileNotFoundError(f"no checkpoint directory at {name!r}")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as err:
-        raise OSError(
-            f"{name!r} is not a local directory and huggingface_hub is not installed to fetch it "
-            "from the Hub; pass a local directory holding config.json and model.safetensors"
-        ) from err
-    try:
-        folder = snapshot_download(
-            repo_id=name,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            allow_patterns=["config.json", *_WEIGHT_FILES],
-        )
-    except Exception as err:  # offline, unknown repo, invalid id, HTTP errors: all mean "not here"
-        raise OSError(
-            f"could not get the checkpoint {name!r} from the Hugging Face Hub "
-            f"({type(err).__name__}: {err}). If you are offline or the repository does not exist, "
-            "pass a local directory holding config.json and model.safetensors (or pytorch_model.bin)."
-        ) from err
-    return Path(folder)
-
-
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    safetensors_file, bin_file = (folder / f for f in _WEIGHT_FILES)
-    if safetensors_file.is_file() or bin_file.is_file():
-        path = safetensors_file if safetensors_file.is_file() else bin_file
-        try:
-            if path is safetensors_file:
-                from safetensors.torch import load_file
-
-                state = load_file(str(path), device="cpu")
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # SafetensorError, pickle and zip errors: a damaged file
-            raise ValueError(
-                f"cannot read the weights {str(path)!r} ({path.stat().st_size:,} bytes): {err}. The file is "
-                "damaged, most likely truncated by an interrupted copy or download; copy it again"
-            ) from err
-    else:
-        present = sorted(p.name for p in folder.iterdir())
-        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {str(folder)!r} (found {present})")
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"the weights in {str(folder)!r} are not a flat state dict of tensors")
-    return dict(state)
-
-
-def _strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # DDP ("module.") and torch.compile ("_orig_mod.") wrap every key; the weights are the same.
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def _listing(keys: list[str], limit: int = 8) -> str:
-    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-# ----------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------
 
 
 class SEDD(nn.Module):
@@ -480,7 +114,7 @@ class SEDD(nn.Module):
         autocast_dtype: torch.dtype | None = torch.bfloat16,
     ):
         super().__init__()
-        self.config = _normalise_config(config)
+        self.config = normalise_config(config)
         cfg, m = self.config, self.config["model"]
         graph = cfg["graph"]
         self.graph_type: str = graph["type"] if isinstance(graph, dict) else graph
@@ -557,11 +191,7 @@ class SEDD(nn.Module):
 
     @attn_backend.setter
     def attn_backend(self, value: str) -> None:
-        if value not in ATTN_BACKENDS:
-            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {value!r}")
-        if value == "flash" and not FLASH_ATTN_AVAILABLE:
-            raise RuntimeError("attn_backend='flash' needs the flash-attn package (pip install flash-attn), which is not importable here")
-        self._attn_backend = value
+        self._attn_backend = check_backend(value)
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         """dtype the blocks compute in on ``device`` (the dtype of a raw output there)."""
@@ -576,53 +206,7 @@ class SEDD(nn.Module):
     def resolved_attn_backend(self, device: torch.device) -> str:
         """"sdpa" or "flash": the backend a forward on ``device`` uses. Raises where "flash" was
         asked for and cannot run there."""
-        device, dtype = torch.device(device), self.compute_dtype(device)
-        flash_ok = FLASH_ATTN_AVAILABLE and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-        if self.attn_backend == "flash" and not flash_ok:
-            raise ValueError(
-                f"attn_backend='flash' needs CUDA tensors in fp16/bf16; this forward runs on {device} in {dtype}"
-            )
-        if self.attn_backend == "sdpa":
-            return "sdpa"
-        return "flash" if flash_ok else "sdpa"
-
-    def _plan_attention(
-        self, B: int, L: int, device: torch.device, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None
-    ) -> _AttentionPlan:
-        backend = self.resolved_attn_backend(device)
-        docs = _document_ids(segment_ids) if segment_ids is not None else None
-        if backend == "sdpa":
-            allowed = None
-            if docs is not None:
-                allowed = docs[:, :, None] == docs[:, None, :]  # [B, L, L]
-            if attention_mask is not None:
-                # A row of pure padding would leave its queries nothing to attend to (NaN); let it
-                # see itself, its output is unspecified anyway.
-                keys = (attention_mask | ~attention_mask.any(dim=1, keepdim=True))[:, None, :]  # [B, 1, L]
-                allowed = keys if allowed is None else allowed & keys
-                if docs is not None:
-                    # Same for a padding query whose document holds no real token. NaN rows must not
-                    # exist at all: 0 · NaN in the next layer's P·V would reach the real tokens.
-                    allowed = allowed | torch.eye(L, dtype=torch.bool, device=device)
-            return _AttentionPlan("sdpa", sdpa_mask=None if allowed is None else allowed[:, None])
-
-        if attention_mask is None and docs is None:
-            cu = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=device)
-            return _AttentionPlan("flash", cu_seqlens=cu, max_seqlen=L)
-        # One key per (row, document): rows never merge because a row's document ids are < L.
-        key = (docs if docs is not None else torch.zeros(B, L, dtype=torch.long, device=device))
-        key = (key + torch.arange(B, device=device)[:, None] * L).reshape(-1)
-        index = None
-        if attention_mask is not None:
-            index = attention_mask.reshape(-1).nonzero().squeeze(1)  # host sync: flash needs lengths
-            key = key[index]
-        starts = torch.ones_like(key, dtype=torch.bool)
-        starts[1:] = key[1:] != key[:-1]
-        bounds = torch.cat([starts.nonzero().squeeze(1), key.new_tensor([key.numel()])])
-        max_seqlen = int((bounds[1:] - bounds[:-1]).max()) if bounds.numel() > 1 else 0
-        return _AttentionPlan(
-            "flash", flash_index=index, cu_seqlens=bounds.to(torch.int32), max_seqlen=max_seqlen
-        )
+        return resolve_backend(self.attn_backend, device, self.compute_dtype(device))
 
     # -- input checks ---------------------------------------------------------------------------
 
@@ -721,7 +305,7 @@ class SEDD(nn.Module):
         # features feed every block's scale and gate.
         c = F.silu(self.sigma_map(sigma))  # [B, C]
         cos, sin = self.rotary_emb(L, x.device)
-        plan = self._plan_attention(B, L, x.device, attention_mask, segment_ids)
+        plan = plan_attention(self.resolved_attn_backend(x.device), B, L, x.device, attention_mask, segment_ids)
 
         if x.device.type == "cuda" and self.autocast_dtype is not None:
             amp = torch.autocast("cuda", dtype=self.autocast_dtype)
@@ -771,30 +355,9 @@ class SEDD(nn.Module):
         """``load_state_dict`` with the checks a checkpoint needs: every key present (except the
         deterministic ``rotary_emb.inv_freq``), no unexpected key, every shape equal. Raises
         ValueError naming the offending keys. Strips a ``module.`` / ``_orig_mod.`` prefix."""
-        state = _strip_wrapper_prefix(dict(state))
-        expected = self.state_dict()
-        missing = sorted(k for k in expected if k not in state and k != "rotary_emb.inv_freq")
-        unexpected = sorted(k for k in state if k not in expected)
-        mismatched = [
-            f"{k} (checkpoint {list(state[k].shape)}, model {list(v.shape)})"
-            for k, v in expected.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys: {_listing(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatches: {_listing(mismatched)}")
-        if problems:
-            raise ValueError(
-                "checkpoint does not fit this model ("
-                + f"V={self.vocab_size}, graph={self.graph_type!r}, hidden={self.hidden_size}, "
-                + f"blocks={len(self.blocks)}): "
-                + "; ".join(problems)
-                + ". Is config.json the config these weights were trained with?"
-            )
+        state = strip_wrapper_prefix(state)
+        check_state_fits(state, self.state_dict(), f"V={self.vocab_size}, graph={self.graph_type!r}, "
+                         f"hidden={self.hidden_size}, blocks={len(self.blocks)}")
         self.load_state_dict(state, strict=False)
 
     @classmethod
@@ -817,25 +380,14 @@ class SEDD(nn.Module):
         such repository) raises OSError. A checkpoint that does not fit its config raises ValueError.
         Returns the model on ``map_location`` in eval mode.
         """
-        folder = _checkpoint_dir(
+        folder = checkpoint_dir(
             os.fspath(dir_or_hub_id), revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
         )
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"no config.json in {str(folder)!r}")
-        config = json.loads(config_file.read_text())
-        model = cls(config, attn_backend=attn_backend, autocast_dtype=autocast_dtype)
-        model.load_checkpoint_state(_read_weights(folder))
+        model = cls(read_config(folder), attn_backend=attn_backend, autocast_dtype=autocast_dtype)
+        model.load_checkpoint_state(read_weights(folder))
         return model.to(map_location).eval()
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``config.json`` (the whole config) and ``model.safetensors`` into the directory,
         the layout :meth:`from_pretrained` and the public checkpoints use."""
-        from safetensors.torch import save_file
-
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
-        # No weights are tied, so every tensor is saved as its own contiguous copy on the CPU.
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        write_checkpoint(save_directory, self.config, self.state_dict())

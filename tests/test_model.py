@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sedd.model as model_mod
+import sedd.attention as attention
 from sedd.model import SEDD, apply_rotary, sigma_embedding
 
 N_TOKENS, D, C, H, BLOCKS = 11, 32, 16, 4, 2
@@ -286,12 +286,12 @@ def test_sdpa_attention_matches_naive_with_masks():
     model = make_model()
     cases = [(None, None), (mask, None), (None, segment_ids), (mask, segment_ids)]
     for attention_mask, seg in cases:
-        plan = model._plan_attention(B, L, qkv.device, attention_mask, seg)
+        plan = attention.plan_attention(model.resolved_attn_backend(qkv.device), B, L, qkv.device, attention_mask, seg)
         assert plan.backend == "sdpa"
-        out = model_mod._attention(qkv, plan)
+        out = attention.attention(qkv, plan)
         allowed = torch.ones(B, L, L, dtype=torch.bool)
         if seg is not None:
-            docs = model_mod._document_ids(seg)
+            docs = attention.document_ids(seg)
             allowed &= docs[:, :, None] == docs[:, None, :]
         if attention_mask is not None:
             allowed &= attention_mask[:, None, :]
@@ -354,13 +354,13 @@ def _fake_flash_varlen(qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale=Non
 def test_flash_plumbing_with_a_fake_kernel(monkeypatch):
     """The unpadding, cu_seqlens and scatter-back of the flash path, run on CPU through a naive
     stand-in for flash-attn's kernel (the real kernel needs a GPU)."""
-    monkeypatch.setattr(model_mod, "flash_attn_varlen_qkvpacked_func", _fake_flash_varlen)
+    monkeypatch.setattr(attention, "flash_attn_varlen_qkvpacked_func", _fake_flash_varlen)
     model = make_model()
     seqs, sigma, x, mask = _padded_batch(model)
     segment_ids = torch.tensor([[0] * 8, [0] * 3 + [1] * 5, [0] * 6 + [1] * 2])
     sdpa = [model(x, sigma), model(x, sigma, attention_mask=mask), model(x, sigma, attention_mask=mask, segment_ids=segment_ids)]
     monkeypatch.setattr(model, "resolved_attn_backend", lambda device: "flash")
-    plan = model._plan_attention(3, 8, x.device, mask, segment_ids)
+    plan = attention.plan_attention("flash", 3, 8, x.device, mask, segment_ids)
     assert plan.cu_seqlens.tolist() == [0, 5, 8, 13, 14, 16] and plan.max_seqlen == 5
     flash = [model(x, sigma), model(x, sigma, attention_mask=mask), model(x, sigma, attention_mask=mask, segment_ids=segment_ids)]
     torch.testing.assert_close(flash[0], sdpa[0], atol=1e-5, rtol=1e-5)
@@ -373,10 +373,10 @@ def test_attention_backend_selection(monkeypatch):
     assert model.resolved_attn_backend("cpu") == "sdpa"
     with pytest.raises(ValueError, match="attn_backend"):
         model.attn_backend = "xformers"
-    if not model_mod.FLASH_ATTN_AVAILABLE:
+    if not attention.FLASH_ATTN_AVAILABLE:
         with pytest.raises(RuntimeError, match="flash-attn"):
             SEDD(tiny_config(), attn_backend="flash")
-    monkeypatch.setattr(model_mod, "FLASH_ATTN_AVAILABLE", True)
+    monkeypatch.setattr(attention, "FLASH_ATTN_AVAILABLE", True)
     model.attn_backend = "flash"
     x, sigma = inputs(model)
     with pytest.raises(ValueError, match="CUDA"):

@@ -1,0 +1,225 @@
+"""Model checkpoints on disk and on the Hub: the config, the weights, and the checks between them.
+
+A checkpoint directory holds ``config.json`` (the whole training config in the public layout:
+``tokens``, ``graph``, ``noise``, ``model``, ...) and ``model.safetensors`` (or, in older public
+checkpoints, ``pytorch_model.bin``). :meth:`sedd.model.SEDD.from_pretrained` and
+:meth:`~sedd.model.SEDD.save_pretrained` are built from the functions here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sedd.io import atomic_write
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+REQUIRED_MODEL_KEYS = ("hidden_size", "cond_dim", "n_blocks", "n_heads")
+DERIVED_KEYS = ("rotary_emb.inv_freq",)  # recomputed from the config: a checkpoint may omit them
+
+__all__ = [
+    "WEIGHT_FILES",
+    "checkpoint_dir",
+    "check_state_fits",
+    "normalise_config",
+    "read_config",
+    "read_weights",
+    "strip_wrapper_prefix",
+    "write_checkpoint",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+def _to_plain(obj: Any) -> Any:
+    """Nested dict / list copy of a config (OmegaConf DictConfig, Mapping, dataclass-free)."""
+    if type(obj).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf  # only reachable when the caller already has omegaconf
+
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, Mapping):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def normalise_config(config: Any) -> dict[str, Any]:
+    """A plain-dict copy of a model config, checked for what :class:`~sedd.model.SEDD` needs.
+
+    Accepts a dict or an OmegaConf DictConfig, and the ``{"config": {...}}`` wrapping that newer
+    PyTorchModelHubMixin versions write. Raises TypeError / ValueError naming what is missing."""
+    cfg = _to_plain(config)
+    if not isinstance(cfg, dict):
+        raise TypeError(f"config must be a dict (or an OmegaConf DictConfig), got {type(config).__name__}")
+    if "tokens" not in cfg and isinstance(cfg.get("config"), dict):
+        cfg = cfg["config"]
+    if "tokens" not in cfg:
+        raise ValueError("config has no 'tokens' key (the number of real tokens, e.g. 50257 for GPT-2)")
+    graph = cfg.get("graph")
+    graph_type = graph.get("type") if isinstance(graph, dict) else graph
+    if graph_type not in ("absorb", "uniform"):
+        raise ValueError(f"config graph.type must be 'absorb' or 'uniform', got {graph_type!r}")
+    model = cfg.get("model")
+    if not isinstance(model, dict):
+        raise ValueError("config has no 'model' section with hidden_size, cond_dim, n_blocks, n_heads")
+    missing = [k for k in REQUIRED_MODEL_KEYS if k not in model]
+    if missing:
+        raise ValueError(f"config.model is missing {missing}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else can only mean a local path.
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+    )
+
+
+def checkpoint_dir(
+    name: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """The local directory of checkpoint ``name``: the directory itself, or the Hub snapshot of a
+    Hub id (``huggingface_hub.snapshot_download``; ``revision``, ``cache_dir`` and
+    ``local_files_only`` are passed on). Raises OSError when the Hub cannot provide it
+    (offline, no such repository), FileNotFoundError for a local path that does not exist."""
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(
+            f"{name!r} is a file; pass the directory that holds config.json and model.safetensors"
+        )
+    if _looks_like_local_path(name):
+        raise FileNotFoundError(f"no checkpoint directory at {name!r}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise OSError(
+            f"{name!r} is not a local directory and huggingface_hub is not installed to fetch it "
+            "from the Hub; pass a local directory holding config.json and model.safetensors"
+        ) from err
+    try:
+        folder = snapshot_download(
+            repo_id=name,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            allow_patterns=["config.json", *WEIGHT_FILES],
+        )
+    except Exception as err:  # offline, unknown repo, invalid id, HTTP errors: all mean "not here"
+        raise OSError(
+            f"could not get the checkpoint {name!r} from the Hugging Face Hub "
+            f"({type(err).__name__}: {err}). If you are offline or the repository does not exist, "
+            "pass a local directory holding config.json and model.safetensors (or pytorch_model.bin)."
+        ) from err
+    return Path(folder)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a checkpoint directory (not yet normalised)."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {str(folder)!r}")
+    return json.loads(config_file.read_text())
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The state dict in ``folder`` (model.safetensors, else pytorch_model.bin), on the CPU."""
+    safetensors_file, bin_file = (folder / f for f in WEIGHT_FILES)
+    if safetensors_file.is_file() or bin_file.is_file():
+        path = safetensors_file if safetensors_file.is_file() else bin_file
+        try:
+            if path is safetensors_file:
+                from safetensors.torch import load_file
+
+                state = load_file(str(path), device="cpu")
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # SafetensorError, pickle and zip errors: a damaged file
+            raise ValueError(
+                f"cannot read the weights {str(path)!r} ({path.stat().st_size:,} bytes): {err}. The file is "
+                "damaged, most likely truncated by an interrupted copy or download; copy it again"
+            ) from err
+    else:
+        present = sorted(p.name for p in folder.iterdir())
+        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {str(folder)!r} (found {present})")
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"the weights in {str(folder)!r} are not a flat state dict of tensors")
+    return dict(state)
+
+
+def write_checkpoint(folder: str | os.PathLike, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``folder``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    # No weights are tied, so every tensor is saved as its own contiguous copy on the CPU.
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    atomic_write(folder / "model.safetensors",
+                 lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+
+# ----------------------------------------------------------------------------------------------
+# State dicts
+# ----------------------------------------------------------------------------------------------
+
+
+def strip_wrapper_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the key prefix DDP ("module.") or torch.compile ("_orig_mod.") adds to
+    every key; the weights are the same."""
+    state = dict(state)
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_state_fits(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], model_name: str) -> None:
+    """Raise ValueError naming the offending keys unless ``state`` has every key of ``expected``
+    (but :data:`DERIVED_KEYS`), no other key, and every shape equal. ``model_name`` describes the
+    model in the message."""
+    missing = sorted(k for k in expected if k not in state and k not in DERIVED_KEYS)
+    unexpected = sorted(k for k in state if k not in expected)
+    mismatched = [
+        f"{k} (checkpoint {list(state[k].shape)}, model {list(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_listing(mismatched)}")
+    if problems:
+        raise ValueError(
+            f"checkpoint does not fit this model ({model_name}): "
+            + "; ".join(problems)
+            + ". Is config.json the config these weights were trained with?"
+        )

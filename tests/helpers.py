@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sedd.graph import Graph
+from sedd import ops
+from sedd.graph import Absorbing, Graph
 from sedd.model import SEDD
 
 
@@ -115,3 +116,50 @@ def small_model_config(tokens: int, graph: str = "absorb", **model_overrides) ->
     for tests on CPU; ``model_overrides`` change the model section."""
     return SEDD.config_for("cpu", tokens=tokens, graph=graph,
                            **{"hidden_size": 64, "cond_dim": 32, "n_blocks": 2, **model_overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# Score-entropy cases (the kernel tests on CPU and on CUDA)
+
+SIGMAS = [1e-5, 0.3, 0.7, 5.0, 20.0]  # one row per σ: from nearly clean to nearly all noise
+
+
+def score_entropy_case(graph, L=4, dtype=torch.float32, masked=0.5, sigmas=SIGMAS, raw=True, garbage=True, seed=0):
+    """Inputs with one row per σ; absorbing: a fraction ``masked`` of positions at MASK; uniform:
+    half the positions moved to a random token. ``garbage`` puts NaN at every x_t column (ignored)."""
+    gen = torch.Generator().manual_seed(seed)
+    B, V = len(sigmas), graph.dim
+    z = (2 * torch.randn(B, L, V, generator=gen)).to(dtype)
+    x0 = torch.randint(0, graph.N, (B, L), generator=gen)
+    x_t = x0.clone()
+    move = torch.rand(B, L, generator=gen) < masked
+    if graph.absorbing:
+        x_t[move] = graph.mask_id
+    else:
+        x_t[move] = torch.randint(0, graph.N, (B, L), generator=gen)[move]
+    if garbage:
+        z.scatter_(-1, x_t.unsqueeze(-1), float("nan"))
+    sigma = torch.tensor(sigmas)
+    shift = torch.randn(B, generator=gen) if raw else None
+    weight = torch.rand(B, generator=gen) + 0.5 if raw else None
+    return z, sigma, x_t, x0, shift, weight
+
+
+def compiled_score_entropy_matches_eager(device, backend: str, inplace: bool) -> None:
+    """torch.compile(fullgraph) of ops.score_entropy (bf16 scores, raw output) gives the eager loss and gradient."""
+    graph = Absorbing(36)
+    z, sigma, x_t, x0, shift, weight = (
+        t.to(device) if t is not None else None for t in score_entropy_case(graph, dtype=torch.bfloat16, garbage=False)
+    )
+
+    def step(w):
+        return ops.score_entropy(w * 1, sigma, x_t, x0, graph, shift=shift, weight=weight,
+                                 reduction="batchmean", inplace_backward=inplace)  # fmt: skip
+
+    a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+    want = step(a)
+    want.backward()
+    got = torch.compile(step, fullgraph=True, backend=backend)(b)
+    got.backward()  # the backward graph AOTAutograd compiled with the forward
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(b.grad, a.grad)

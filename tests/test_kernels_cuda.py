@@ -19,7 +19,7 @@ import torch
 
 from sedd import ops, reference
 from sedd.graph import Absorbing, get_graph
-from tests.helpers import chi2_pvalue
+from tests.helpers import chi2_pvalue, compiled_score_entropy_matches_eager
 
 pytestmark = [
     pytest.mark.gpu,
@@ -154,9 +154,7 @@ def test_absorbing_step_keeps_unmasked_positions_at_scale():
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_torch_compile_fullgraph_inductor(monkeypatch, inplace):
-    from tests.test_kernels_score_entropy import _compiled_matches_eager
-
     monkeypatch.setenv("SEDD_CHECK_VALUES", "0")
     torch._dynamo.reset()
-    _compiled_matches_eager("cuda", "inductor", inplace)
+    compiled_score_entropy_matches_eager("cuda", "inductor", inplace)
 

@@ -56,11 +56,9 @@ class _Recorder:
 def _recorded(module, name, launch) -> list[tuple[tuple, dict]]:
     kernel = getattr(module, name)
     recorder = _Recorder(kernel)
-    setattr(module, name, recorder)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, name, recorder)
         launch()
-    finally:
-        setattr(module, name, kernel)
     assert recorder.calls, f"{module.__name__}: the launcher made no launch"
     return [(recorder.fn, args, kw) for args, kw in recorder.calls]
 

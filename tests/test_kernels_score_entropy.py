@@ -15,9 +15,8 @@ import torch
 
 from sedd import ops, reference
 from sedd.graph import Absorbing, Uniform
-from tests.helpers import small_model_config
+from tests.helpers import SIGMAS, compiled_score_entropy_matches_eager, score_entropy_case, small_model_config
 
-SIGMAS = [1e-5, 0.3, 0.7, 5.0, 20.0]
 GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 
@@ -26,27 +25,6 @@ def _triton(monkeypatch):
     monkeypatch.setattr(ops, "_BLOCK_V_FOR_TESTS", 0)
     with ops.use_backend("triton"):
         yield
-
-
-def _case(graph, L=4, dtype=torch.float32, masked=0.5, sigmas=SIGMAS, raw=True, garbage=True, seed=0):
-    """Inputs with one row per σ; absorbing: a fraction ``masked`` of positions at MASK; uniform:
-    half the positions moved to a random token. ``garbage`` puts NaN at every x_t column (ignored)."""
-    gen = torch.Generator().manual_seed(seed)
-    B, V = len(sigmas), graph.dim
-    z = (2 * torch.randn(B, L, V, generator=gen)).to(dtype)
-    x0 = torch.randint(0, graph.N, (B, L), generator=gen)
-    x_t = x0.clone()
-    move = torch.rand(B, L, generator=gen) < masked
-    if graph.absorbing:
-        x_t[move] = graph.mask_id
-    else:
-        x_t[move] = torch.randint(0, graph.N, (B, L), generator=gen)[move]
-    if garbage:
-        z.scatter_(-1, x_t.unsqueeze(-1), float("nan"))
-    sigma = torch.tensor(sigmas)
-    shift = torch.randn(B, generator=gen) if raw else None
-    weight = torch.rand(B, generator=gen) + 0.5 if raw else None
-    return z, sigma, x_t, x0, shift, weight
 
 
 def _oracle(z, sigma, x_t, x0, graph, shift, weight, reduction, grad_output=None):
@@ -103,7 +81,7 @@ def _assert_grad(got, want):
 @pytest.mark.parametrize("raw", [True, False], ids=["raw+shift+weight", "post-processed"])
 def test_matches_reference_odd_width_multiple_tiles(monkeypatch, graph, dtype, reduction, raw):
     monkeypatch.setattr(ops, "_BLOCK_V_FOR_TESTS", 16)  # V = 37: three tiles, the last partial
-    args = _case(graph, dtype=dtype, raw=raw)
+    args = score_entropy_case(graph, dtype=dtype, raw=raw)
     go = torch.rand(len(SIGMAS), 4) if reduction == "none" else torch.tensor(0.75)
     loss, grad, _ = _run(*args[:4], graph, *args[4:], reduction, grad_output=go)
     want_loss, want_grad = _oracle(*args[:4], graph, *args[4:], reduction, grad_output=go)
@@ -119,7 +97,7 @@ def test_matches_reference_odd_width_multiple_tiles(monkeypatch, graph, dtype, r
 @pytest.mark.parametrize("graph", [Absorbing(1), Uniform(2)], ids=repr)
 @pytest.mark.parametrize("reduction", ["none", "batchmean"])
 def test_width_two(graph, reduction):
-    args = _case(graph, L=6, garbage=False)
+    args = score_entropy_case(graph, L=6, garbage=False)
     loss, grad, _ = _run(*args[:4], graph, *args[4:], reduction)
     want_loss, want_grad = _oracle(*args[:4], graph, *args[4:], reduction)
     _assert_loss(loss, want_loss)
@@ -128,7 +106,7 @@ def test_width_two(graph, reduction):
 
 @pytest.mark.parametrize("graph", [Absorbing(50257), Uniform(50258)], ids=repr)
 def test_gpt2_width_few_rows(graph):
-    args = _case(graph, L=2, sigmas=[1e-5, 0.7], masked=0.75, seed=1)
+    args = score_entropy_case(graph, L=2, sigmas=[1e-5, 0.7], masked=0.75, seed=1)
     loss, grad, _ = _run(*args[:4], graph, *args[4:], "sum")
     want_loss, want_grad = _oracle(*args[:4], graph, *args[4:], "sum")
     _assert_loss(loss, want_loss)
@@ -137,7 +115,7 @@ def test_gpt2_width_few_rows(graph):
 
 def test_block_size_does_not_change_the_result(monkeypatch):
     graph = Uniform(37)
-    args = _case(graph)
+    args = score_entropy_case(graph)
     loss_default, grad_default, _ = _run(*args[:4], graph, *args[4:], "none")
     monkeypatch.setattr(ops, "_BLOCK_V_FOR_TESTS", 8)
     loss_small, grad_small, _ = _run(*args[:4], graph, *args[4:], "none")
@@ -156,7 +134,7 @@ def test_misaligned_scores(monkeypatch, graph, dtype, reduction, inplace, offset
     kernel falls back to unaligned windows. Rows of V = 37 are misaligned by a different amount
     each; tiles of 16 give a head window, a whole window and a tail."""
     monkeypatch.setattr(ops, "_BLOCK_V_FOR_TESTS", 16)
-    z, sigma, x_t, x0, shift, weight = _case(graph, dtype=dtype)
+    z, sigma, x_t, x0, shift, weight = score_entropy_case(graph, dtype=dtype)
     leaf = z.clone().requires_grad_()
     zin = torch.cat([torch.zeros(offset, dtype=dtype), leaf.reshape(-1)])[offset:].view(z.shape)
     assert zin.data_ptr() % 16 != 0
@@ -172,7 +150,7 @@ def test_misaligned_scores(monkeypatch, graph, dtype, reduction, inplace, offset
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8], ids=str)
 def test_token_dtypes(dtype):
     graph = Uniform(37)
-    z, sigma, x_t, x0, shift, weight = _case(graph)
+    z, sigma, x_t, x0, shift, weight = score_entropy_case(graph)
     want_loss, want_grad = _oracle(z, sigma, x_t, x0, graph, shift, weight, "sum")
     loss, grad, _ = _run(z, sigma, x_t.to(dtype), x0.to(dtype), graph, shift, weight, "sum")
     _assert_loss(loss, want_loss)
@@ -183,7 +161,7 @@ def test_token_dtypes(dtype):
 def test_absorbing_all_masked_and_none_masked(reduction):
     graph = Absorbing(20)
     for masked in (1.0, 0.0):
-        args = _case(graph, masked=masked)
+        args = score_entropy_case(graph, masked=masked)
         loss, grad, _ = _run(*args[:4], graph, *args[4:], reduction)
         want_loss, want_grad = _oracle(*args[:4], graph, *args[4:], reduction)
         _assert_loss(loss, want_loss)
@@ -197,7 +175,7 @@ def test_absorbing_all_masked_and_none_masked(reduction):
 @pytest.mark.parametrize("graph", [Absorbing(20), Uniform(21)], ids=repr)
 def test_uniform_stay_and_move_rows(graph):
     for masked in (0.0, 1.0):  # uniform: every token kept / every token redrawn
-        args = _case(graph, masked=masked, seed=3)
+        args = score_entropy_case(graph, masked=masked, seed=3)
         loss, grad, _ = _run(*args[:4], graph, *args[4:], "none")
         want_loss, want_grad = _oracle(*args[:4], graph, *args[4:], "none")
         _assert_loss(loss, want_loss)
@@ -206,7 +184,7 @@ def test_uniform_stay_and_move_rows(graph):
 
 def test_no_grad_and_non_differentiable_inputs_give_the_loss_only():
     graph = Absorbing(36)
-    z, sigma, x_t, x0, shift, weight = _case(graph)
+    z, sigma, x_t, x0, shift, weight = score_entropy_case(graph)
     want, _ = _oracle(z, sigma, x_t, x0, graph, shift, weight, "batchmean")
     before = z.clone()
     with torch.no_grad():
@@ -227,7 +205,7 @@ def test_no_grad_and_non_differentiable_inputs_give_the_loss_only():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("graph", [Absorbing(36), Uniform(37)], ids=repr)
 def test_inplace_backward_reuses_the_buffer_and_gives_the_same_gradient(graph, dtype, reduction):
-    args = _case(graph, dtype=dtype)
+    args = score_entropy_case(graph, dtype=dtype)
     go = torch.rand(len(SIGMAS), 4) if reduction == "none" else torch.tensor(2.0)
     loss, grad, _ = _run(*args[:4], graph, *args[4:], reduction, grad_output=go)
     loss_ip, grad_ip, zin = _run(*args[:4], graph, *args[4:], reduction, inplace=True, grad_output=go)
@@ -238,7 +216,7 @@ def test_inplace_backward_reuses_the_buffer_and_gives_the_same_gradient(graph, d
 
 def test_fused_backward_runs_once():
     graph = Absorbing(10)
-    z, sigma, x_t, x0, shift, weight = _case(graph, garbage=False)
+    z, sigma, x_t, x0, shift, weight = score_entropy_case(graph, garbage=False)
     zin = z.clone().requires_grad_()
     loss = ops.score_entropy(zin, sigma, x_t, x0, graph, reduction="sum")
     loss.backward(retain_graph=True)
@@ -259,7 +237,7 @@ def test_bad_input_raises_before_launch(monkeypatch):
 
     monkeypatch.setattr(kernels.score_entropy, "score_entropy", boom)
     graph = Absorbing(10)
-    z, sigma, x_t, x0, _, _ = _case(graph, garbage=False)
+    z, sigma, x_t, x0, _, _ = score_entropy_case(graph, garbage=False)
     with pytest.raises(TypeError, match="log_score"):
         ops.score_entropy(z.double(), sigma, x_t, x0, graph)
     bad = x_t.clone()
@@ -300,7 +278,7 @@ def test_custom_ops_are_registered_with_fake_impls():
 
 def test_opcheck_score_entropy_ops():
     graph = Uniform(13)
-    z, sigma, x_t, x0, shift, weight = _case(graph, L=2, sigmas=[0.3, 2.0], garbage=False)
+    z, sigma, x_t, x0, shift, weight = score_entropy_case(graph, L=2, sigmas=[0.3, 2.0], garbage=False)
     base = (sigma, x_t, x0, shift, weight, False)
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.sedd.score_entropy_fwd, (z, *base, 0), test_utils=tests)
@@ -310,32 +288,13 @@ def test_opcheck_score_entropy_ops():
     torch.library.opcheck(torch.ops.sedd.score_entropy_bwd_, (torch.rand(2, 2), z.clone(), *base, 0), test_utils=tests)
 
 
-def _compiled_matches_eager(device, backend, inplace):
-    graph = Absorbing(36)
-    z, sigma, x_t, x0, shift, weight = (
-        t.to(device) if t is not None else None for t in _case(graph, dtype=torch.bfloat16, garbage=False)
-    )
-
-    def step(w):
-        return ops.score_entropy(w * 1, sigma, x_t, x0, graph, shift=shift, weight=weight,
-                                 reduction="batchmean", inplace_backward=inplace)  # fmt: skip
-
-    a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
-    want = step(a)
-    want.backward()
-    got = torch.compile(step, fullgraph=True, backend=backend)(b)
-    got.backward()  # the backward graph AOTAutograd compiled with the forward
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(b.grad, a.grad)
-
-
 @pytest.mark.parametrize("inplace", [False, True])
 def test_torch_compile_fullgraph_cpu(monkeypatch, inplace):
     """The ops trace as opaque nodes through their fake impls (the interpreter never sees a fake
     tensor); backend aot_eager keeps this CPU test free of a C++ toolchain."""
     monkeypatch.setenv("SEDD_CHECK_VALUES", "0")  # the value checks need data (a graph break)
     torch._dynamo.reset()
-    _compiled_matches_eager("cpu", "aot_eager", inplace)
+    compiled_score_entropy_matches_eager("cpu", "aot_eager", inplace)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -248,4 +248,4 @@ def test_sampler_and_loss_make_no_value_checks_after_their_inputs(monkeypatch):
     checked.clear()
     score_entropy_loss(model, torch.randint(0, 6, (2, 8)), graph, noise)
     # sample_transition checks x0 and σ (two syncs); score_entropy checks nothing again
-    assert checked == [True, True, False, False, False, False]
+    assert checked.count(True) == 2 and checked.count(False) == 4

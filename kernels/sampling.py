@@ -299,9 +299,6 @@ def reverse_step_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-_DEFAULT_BLOCK_V: int | None = None  # force a tile width for every launch (tests: several tiles per row)
-
-
 def _row_constants(kind: int, scalar: torch.Tensor, absorbing: bool, N: int) -> torch.Tensor:
     """[B, 4] fp32 per-row constants, computed in fp64 (expm1 without cancellation).
 
@@ -364,8 +361,6 @@ def reverse_step(
         return out
     consts = _row_constants(KINDS[kind], scalar.reshape(B), absorbing, N)
     shift_arg = shift.reshape(B).float().contiguous() if shift is not None else consts
-    if block_v is None:
-        block_v = _DEFAULT_BLOCK_V
     if block_v is None:
         block_v = min(256, triton.next_power_of_2(V)) if interpreted() else min(4096, triton.next_power_of_2(V))
     block_v = max(2, int(block_v))

@@ -3,11 +3,12 @@
 Every function here validates its arguments (raising ``TypeError``/``ValueError`` that name the
 argument, before any kernel launches), then dispatches to a backend:
 
-* ``"triton"``: the fused kernels of the ``kernels`` package. On CPU tensors this needs Triton's
-  interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported); anything else is an
-  error, never a silent fallback.
-* ``"torch"``: the eager reference of :mod:`sedd.reference`.
-* ``"auto"`` (default): Triton for CUDA tensors, eager for CPU tensors.
+* ``"triton"``: the fused kernels of the ``kernels`` package, launched as ``torch.library`` custom
+  ops (:mod:`sedd.ops_triton`). On CPU tensors this needs Triton's interpreter
+  (``TRITON_INTERPRET=1`` set before the kernels are imported); anything else is an error, never a
+  silent fallback. A graph whose ``kernel`` tag is None has no kernel: "triton" is then an error.
+* ``"torch"``: the eager reference of :mod:`sedd.reference` (the graph's own math).
+* ``"auto"`` (default): Triton for CUDA tensors of a graph with a kernel, eager otherwise.
 
 The backend is chosen by the environment variable ``SEDD_BACKEND`` or, taking precedence, the
 context manager :func:`use_backend`; :func:`last_backend` says which one ran the latest call in
@@ -31,7 +32,7 @@ import threading
 
 import torch
 
-from sedd import reference
+from sedd import ops_triton, reference
 from sedd.graph import Graph, graph_for_width
 
 BACKENDS = ("auto", "torch", "triton")
@@ -258,6 +259,7 @@ def score_entropy(
     weight: torch.Tensor | None = None,
     reduction: str = "none",
     inplace_backward: bool = False,
+    block_v: int | None = None,
 ) -> torch.Tensor:
     """Per-token score entropy ℓ(ŝ, σ, x_t, x0), differentiable in ``log_score``.
 
@@ -274,6 +276,8 @@ def score_entropy(
         inplace_backward: let the Triton backend write the gradient into ``log_score``'s storage
             (saves a [B, L, V] buffer in training; ``log_score`` must not be read after this call:
             for "sum"/"batchmean" it holds the gradient as soon as the forward returns).
+        block_v: the Triton kernel's column tile (a power of two; None: the launcher's choice).
+            Changes no result beyond rounding; the eager backend ignores it.
 
     Returns:
         float32 loss ([B, L] or a scalar; float64 for float64 input on the eager backend).
@@ -292,7 +296,11 @@ def score_entropy(
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
     if _dispatch(device, g) == "triton":
-        return _triton_score_entropy(log_score, sigma, x_t, x0, g, shift, weight, reduction, inplace_backward)
+        _check_triton_dtype(log_score)
+        spec = ops_triton.ScoreEntropySpec(
+            sigma, x_t.contiguous(), x0.contiguous(), shift, weight, _absorb(g), _block(block_v)
+        )
+        return ops_triton.score_entropy(log_score, spec, reduction, inplace_backward)
 
     loss = reference.score_entropy(log_score, sigma, x_t, x0, g, shift)
     if weight is not None:
@@ -363,257 +371,18 @@ def _philox_seed(device: torch.device, generator: torch.Generator | None) -> tor
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator)
 
 
+def _block(block_v: int | None) -> int:
+    """A forced tile width as the ops take it (0: the launcher chooses)."""
+    if block_v is None:
+        return 0
+    if isinstance(block_v, bool) or not isinstance(block_v, int) or block_v < 2 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be None or a power of two >= 2, got {block_v!r}")
+    return block_v
+
+
 def _sample_transition_triton(x0, sigma, graph, generator):
     seed = _philox_seed(x0.device, generator)
     return torch.ops.sedd.sample_transition(x0.contiguous(), sigma, seed, _absorb(graph), graph.N, 0)
-
-
-# =============================================================================================
-# Triton backend: score entropy and forward noising
-# =============================================================================================
-#
-# The kernels (``kernels/score_entropy.py``, ``kernels/transitions.py``) are imported lazily inside
-# the op bodies, so importing ``sedd`` never needs Triton. Each kernel launch is a
-# ``torch.library.custom_op`` with a fake (meta) implementation, so ``torch.compile`` traces the
-# calls as opaque nodes without graph breaks; autograd is an ``autograd.Function`` over them.
-#
-# Score entropy, with g = weight · (1/B for "batchmean") the per-row gradient scale:
-#   * no gradient needed: ``sedd::score_entropy_fwd`` (one read of the row, loss only);
-#   * "sum"/"batchmean" with a gradient: ``sedd::score_entropy_fwd_grad`` computes the loss and
-#     writes ∂loss/∂log_score in the same single pass (into a new buffer, or, with
-#     ``inplace_backward``, ``sedd::score_entropy_fwd_grad_`` into log_score's own storage);
-#     backward only multiplies by the incoming scalar (skipped when it is 1, the usual case);
-#   * "none" with a gradient: the forward computes the loss only and the backward
-#     (``sedd::score_entropy_bwd`` / ``sedd::score_entropy_bwd_`` in place) makes one pass reading
-#     log_score and writing the gradient scaled by the per-token incoming gradient.
-# With ``inplace_backward=True`` log_score's storage holds the gradient after the forward
-# ("sum"/"batchmean") or after the backward ("none"): the caller must not read log_score
-# afterwards. The fused reductions' backward may run once (retain_graph then a second backward
-# raises). A non-contiguous log_score is copied first (the storage reuse then is the copy's).
-# Gradients w.r.t. sigma, shift and weight are not computed (None): they depend on σ, not on
-# trained parameters.
-
-_BLOCK_V_FOR_TESTS: int = 0  # > 0 forces the column tile of the score-entropy kernel (tests)
-
-
-def _se_kernel(log_score, sigma, x_t, x0, shift, weight, absorbing, block_v, **kw):
-    from kernels.score_entropy import score_entropy as launch
-
-    return launch(
-        log_score, sigma, x_t, x0, absorbing=absorbing, shift=shift, weight=weight, block_v=block_v or None, **kw
-    )
-
-
-@torch.library.custom_op("sedd::score_entropy_fwd", mutates_args=())
-def _se_fwd_op(
-    log_score: torch.Tensor,
-    sigma: torch.Tensor,
-    x_t: torch.Tensor,
-    x0: torch.Tensor,
-    shift: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    absorbing: bool,
-    block_v: int,
-) -> torch.Tensor:
-    """Weighted per-token loss [B, L] fp32, no gradient."""
-    return _se_kernel(log_score, sigma, x_t, x0, shift, weight, absorbing, block_v)
-
-
-@torch.library.custom_op("sedd::score_entropy_fwd_grad", mutates_args=())
-def _se_fwd_grad_op(
-    log_score: torch.Tensor,
-    sigma: torch.Tensor,
-    x_t: torch.Tensor,
-    x0: torch.Tensor,
-    shift: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    absorbing: bool,
-    grad_scale: float,
-    block_v: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss [B, L] fp32, grad_scale · ∂Σloss/∂log_score [B, L, V] in log_score's dtype), one pass."""
-    grad = torch.empty_like(log_score)
-    loss = _se_kernel(log_score, sigma, x_t, x0, shift, weight, absorbing, block_v, grad=grad, grad_scale=grad_scale)
-    return loss, grad
-
-
-@torch.library.custom_op("sedd::score_entropy_fwd_grad_", mutates_args=("log_score",))
-def _se_fwd_grad_inplace_op(
-    log_score: torch.Tensor,
-    sigma: torch.Tensor,
-    x_t: torch.Tensor,
-    x0: torch.Tensor,
-    shift: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    absorbing: bool,
-    grad_scale: float,
-    block_v: int,
-) -> torch.Tensor:
-    """As ``score_entropy_fwd_grad`` with the gradient written over log_score; returns the loss."""
-    return _se_kernel(
-        log_score, sigma, x_t, x0, shift, weight, absorbing, block_v, grad=log_score, grad_scale=grad_scale
-    )
-
-
-@torch.library.custom_op("sedd::score_entropy_bwd", mutates_args=())
-def _se_bwd_op(
-    grad_loss: torch.Tensor,
-    log_score: torch.Tensor,
-    sigma: torch.Tensor,
-    x_t: torch.Tensor,
-    x0: torch.Tensor,
-    shift: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    absorbing: bool,
-    block_v: int,
-) -> torch.Tensor:
-    """∂/∂log_score of Σ grad_loss·loss for a per-token grad_loss [B, L]; a new [B, L, V] buffer."""
-    grad = torch.empty_like(log_score)
-    _se_kernel(
-        log_score, sigma, x_t, x0, shift, weight, absorbing, block_v,
-        grad=grad, grad_output=grad_loss.float().contiguous(), compute_loss=False,
-    )  # fmt: skip
-    return grad
-
-
-@torch.library.custom_op("sedd::score_entropy_bwd_", mutates_args=("log_score",))
-def _se_bwd_inplace_op(
-    grad_loss: torch.Tensor,
-    log_score: torch.Tensor,
-    sigma: torch.Tensor,
-    x_t: torch.Tensor,
-    x0: torch.Tensor,
-    shift: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    absorbing: bool,
-    block_v: int,
-) -> None:
-    """As ``score_entropy_bwd`` with the gradient written over log_score."""
-    _se_kernel(
-        log_score, sigma, x_t, x0, shift, weight, absorbing, block_v,
-        grad=log_score, grad_output=grad_loss.float().contiguous(), compute_loss=False,
-    )  # fmt: skip
-
-
-@torch.library.custom_op("sedd::scale_grad_", mutates_args=("grad",))
-def _scale_grad_op(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
-    """grad *= grad_output (a scalar), skipped when it is exactly 1 (the usual ``loss.backward()``)."""
-    if not bool(grad_output == 1):
-        grad.mul_(grad_output.to(grad.dtype))
-
-
-@torch.library.custom_op("sedd::sample_transition", mutates_args=())
-def _sample_transition_op(
-    x0: torch.Tensor, sigma: torch.Tensor, seed: torch.Tensor, absorbing: bool, N: int, block: int
-) -> torch.Tensor:
-    """x_t [B, L] (x0's dtype) ~ p_{t|0}(· | x0); Philox keyed by ``seed`` [1] int64 and the element index."""
-    from kernels.transitions import sample_transition as launch
-
-    return launch(x0, sigma, seed, absorbing=absorbing, N=N, block=block or None)
-
-
-@_se_fwd_op.register_fake
-def _(log_score, sigma, x_t, x0, shift, weight, absorbing, block_v):
-    return log_score.new_empty(log_score.shape[:2], dtype=torch.float32)
-
-
-@_se_fwd_grad_op.register_fake
-def _(log_score, sigma, x_t, x0, shift, weight, absorbing, grad_scale, block_v):
-    return log_score.new_empty(log_score.shape[:2], dtype=torch.float32), torch.empty_like(log_score)
-
-
-@_se_fwd_grad_inplace_op.register_fake
-def _(log_score, sigma, x_t, x0, shift, weight, absorbing, grad_scale, block_v):
-    return log_score.new_empty(log_score.shape[:2], dtype=torch.float32)
-
-
-@_se_bwd_op.register_fake
-def _(grad_loss, log_score, sigma, x_t, x0, shift, weight, absorbing, block_v):
-    return torch.empty_like(log_score)
-
-
-@_se_bwd_inplace_op.register_fake
-def _(grad_loss, log_score, sigma, x_t, x0, shift, weight, absorbing, block_v):
-    return None
-
-
-@_scale_grad_op.register_fake
-def _(grad, grad_output):
-    return None
-
-
-@_sample_transition_op.register_fake
-def _(x0, sigma, seed, absorbing, N, block):
-    return torch.empty_like(x0)
-
-
-class _ScoreEntropyTriton(torch.autograd.Function):
-    """Autograd over the score-entropy ops; only ``log_score`` receives a gradient."""
-
-    @staticmethod
-    def forward(ctx, log_score, sigma, x_t, x0, shift, weight, absorbing, reduction, inplace, block_v):
-        B = log_score.shape[0]
-        ctx.reduction, ctx.absorbing, ctx.inplace, ctx.block_v = reduction, absorbing, inplace, block_v
-        ctx.backward_ran = False
-        if reduction == "none":
-            loss = torch.ops.sedd.score_entropy_fwd(log_score, sigma, x_t, x0, shift, weight, absorbing, block_v)
-            ctx.save_for_backward(log_score, sigma, x_t, x0, shift, weight)
-            return loss
-        scale = 1.0 / B if reduction == "batchmean" else 1.0
-        if inplace:
-            loss = torch.ops.sedd.score_entropy_fwd_grad_(
-                log_score, sigma, x_t, x0, shift, weight, absorbing, scale, block_v
-            )
-            grad = log_score
-        else:
-            loss, grad = torch.ops.sedd.score_entropy_fwd_grad(
-                log_score, sigma, x_t, x0, shift, weight, absorbing, scale, block_v
-            )
-        ctx.save_for_backward(grad)
-        return loss.sum() / B if reduction == "batchmean" else loss.sum()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.backward_ran and ctx.reduction != "none":
-            raise RuntimeError(
-                "sedd.ops.score_entropy (triton, reduction 'sum'/'batchmean'): the gradient was computed in "
-                "the forward pass and its backward can run only once"
-            )
-        ctx.backward_ran = True
-        nones = (None,) * 9
-        if ctx.reduction != "none":
-            (grad,) = ctx.saved_tensors
-            torch.ops.sedd.scale_grad_(grad, grad_output)
-            return (grad, *nones)
-        log_score, sigma, x_t, x0, shift, weight = ctx.saved_tensors
-        if ctx.inplace:
-            torch.ops.sedd.score_entropy_bwd_(
-                grad_output, log_score, sigma, x_t, x0, shift, weight, ctx.absorbing, ctx.block_v
-            )
-            return (log_score, *nones)
-        grad = torch.ops.sedd.score_entropy_bwd(
-            grad_output, log_score, sigma, x_t, x0, shift, weight, ctx.absorbing, ctx.block_v
-        )
-        return (grad, *nones)
-
-
-def _triton_score_entropy(log_score, sigma, x_t, x0, graph, shift, weight, reduction, inplace_backward):
-    """Validated arguments (sigma/shift/weight fp32 [B]) -> the loss, through the custom ops."""
-    _check_triton_dtype(log_score)
-    log_score = log_score.contiguous()
-    x_t, x0 = x_t.contiguous(), x0.contiguous()
-    B = log_score.shape[0]
-    block_v = _BLOCK_V_FOR_TESTS
-    if log_score.requires_grad and torch.is_grad_enabled():
-        return _ScoreEntropyTriton.apply(
-            log_score, sigma, x_t, x0, shift, weight, _absorb(graph), reduction, bool(inplace_backward), block_v
-        )
-    loss = torch.ops.sedd.score_entropy_fwd(log_score, sigma, x_t, x0, shift, weight, _absorb(graph), block_v)
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "batchmean":
-        return loss.sum() / B
-    return loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,6 +399,7 @@ def euler_step(
     generator: torch.Generator | None = None,
     *,
     shift: torch.Tensor | None = None,
+    block_v: int | None = None,
 ) -> torch.Tensor:
     """One Euler (τ-leaping) reverse step; returns the next tokens [B, L] (x_t's dtype).
 
@@ -639,6 +409,7 @@ def euler_step(
         dsigma: [B] or [B, 1] noise rate σ̄'(t) > 0.
         dt: step size Δt > 0 (a number or [B]).
         graph, generator, shift: as in :func:`score_entropy` / :func:`sample_transition`.
+        block_v: the Triton kernel's column tile (a power of two; None: the launcher's choice).
 
     Candidate y ≠ x_t has weight Δt·dσ·Q(x_t, y)·e^{ŝ_y}; staying has weight 1 − Σ (never chosen
     when negative). For absorbing only MASK positions move.
@@ -648,7 +419,7 @@ def euler_step(
     dt = _check_per_row("dt", dt, B, log_score.device)
     _check_generator(generator, log_score.device)
     if _dispatch(log_score.device, g) == "triton":
-        return _step_triton("euler", log_score, x_t, dsigma * dt, g, shift, generator)
+        return _step_triton("euler", log_score, x_t, dsigma * dt, g, shift, generator, block_v)
     return reference.euler_step(log_score, x_t, dsigma, dt, g, shift, generator)
 
 
@@ -660,6 +431,7 @@ def analytic_step(
     generator: torch.Generator | None = None,
     *,
     shift: torch.Tensor | None = None,
+    block_v: int | None = None,
 ) -> torch.Tensor:
     """One analytic (Tweedie τ-leaping) reverse step; returns the next tokens [B, L].
 
@@ -670,7 +442,7 @@ def analytic_step(
     dsigma = _check_per_row("dsigma", dsigma, B, log_score.device)
     _check_generator(generator, log_score.device)
     if _dispatch(log_score.device, g) == "triton":
-        return _step_triton("analytic", log_score, x_t, dsigma, g, shift, generator)
+        return _step_triton("analytic", log_score, x_t, dsigma, g, shift, generator, block_v)
     return reference.analytic_step(log_score, x_t, dsigma, g, shift, generator)
 
 
@@ -682,28 +454,23 @@ def denoise_step(
     generator: torch.Generator | None = None,
     *,
     shift: torch.Tensor | None = None,
+    block_v: int | None = None,
 ) -> torch.Tensor:
     """The final denoising step from total noise ``sigma`` [B] to σ = 0; never returns MASK."""
     B, g, shift = _check_step_args(log_score, x_t, graph, shift)
     sigma = _check_per_row("sigma", sigma, B, log_score.device)
     _check_generator(generator, log_score.device)
     if _dispatch(log_score.device, g) == "triton":
-        return _step_triton("denoise", log_score, x_t, sigma, g, shift, generator)
+        return _step_triton("denoise", log_score, x_t, sigma, g, shift, generator, block_v)
     return reference.denoise_step(log_score, x_t, sigma, g, shift, generator)
 
 
-def _step_triton(kind, log_score, x_t, scalar, graph, shift, generator):
+def _step_triton(kind, log_score, x_t, scalar, graph, shift, generator, block_v):
     _check_triton_dtype(log_score)
-    from kernels.sampling import reverse_step
-
     seed = _philox_seed(log_score.device, generator)
-    return reverse_step(kind, log_score, x_t, scalar, _absorb(graph), graph.N, shift=shift, seed=seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Triton backend: reverse steps
-# ---------------------------------------------------------------------------------------------
-
+    return torch.ops.sedd.reverse_step(
+        kind, log_score, x_t, scalar, shift, seed, _absorb(graph), graph.N, _block(block_v)
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,13 +44,13 @@ def _batch(graph, V, n=DRAWS, B=4, spread=2.0, seed=0, dtype=torch.float32):
     return log_score, x_t
 
 
-def _step(kind, log_score, x_t, scalar, graph, generator=None, shift=None, dt=None):
+def _step(kind, log_score, x_t, scalar, graph, generator=None, shift=None, dt=None, block_v=None):
     B = log_score.shape[0]
     scalar = torch.full((B,), float(scalar))
     if kind == "euler":
-        return ops.euler_step(log_score, x_t, scalar, dt, graph, generator, shift=shift)
+        return ops.euler_step(log_score, x_t, scalar, dt, graph, generator, shift=shift, block_v=block_v)
     fn = ops.analytic_step if kind == "analytic" else ops.denoise_step
-    return fn(log_score, x_t, scalar, graph, generator, shift=shift)
+    return fn(log_score, x_t, scalar, graph, generator, shift=shift, block_v=block_v)
 
 
 def _probs(kind, log_score, x_t, scalar, graph, shift=None, dt=None):
@@ -96,14 +96,13 @@ def _offset_to_target(log_score, x_t, graph, kind, scalar, dt, target):
 
 @pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_draws_match_reference_probabilities(graph_name, case, monkeypatch):
+def test_draws_match_reference_probabilities(graph_name, case):
     kind, scalar, dt, target = CASES[case]
     graph = _graph(graph_name, V_ODD)
     log_score, x_t = _batch(graph, V_ODD, spread=1.5, seed=case)
     log_score = _offset_to_target(log_score, x_t, graph, kind, scalar, dt, target)
-    monkeypatch.setattr(ks, "_DEFAULT_BLOCK_V", 16)  # several tiles per row
-    with ops.use_backend("triton"):
-        draws = _step(kind, log_score, x_t, scalar, graph, torch.Generator().manual_seed(7), dt=dt)
+    with ops.use_backend("triton"):  # tiles of 16: several per row
+        draws = _step(kind, log_score, x_t, scalar, graph, torch.Generator().manual_seed(7), dt=dt, block_v=16)
         assert ops.last_backend() == "triton"
     probs = _probs(kind, log_score, x_t, scalar, graph, dt=dt)
     if kind == "denoise" and graph.absorbing:

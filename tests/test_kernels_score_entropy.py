@@ -21,8 +21,7 @@ GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 
 @pytest.fixture(autouse=True)
-def _triton(monkeypatch):
-    monkeypatch.setattr(ops, "_BLOCK_V_FOR_TESTS", 0)
+def _triton():
     with ops.use_backend("triton"):
         yield
 
@@ -44,11 +43,12 @@ def _oracle(z, sigma, x_t, x0, graph, shift, weight, reduction, grad_output=None
     return loss.detach(), grad.to(z.dtype)
 
 
-def _run(z, sigma, x_t, x0, graph, shift, weight, reduction, inplace=False, grad_output=None):
+def _run(z, sigma, x_t, x0, graph, shift, weight, reduction, inplace=False, grad_output=None, block_v=None):
     leaf = z.clone().requires_grad_()
     zin = leaf * 1  # a non-leaf, as a model output is
     loss = ops.score_entropy(
-        zin, sigma, x_t, x0, graph, shift=shift, weight=weight, reduction=reduction, inplace_backward=inplace
+        zin, sigma, x_t, x0, graph, shift=shift, weight=weight, reduction=reduction, inplace_backward=inplace,
+        block_v=block_v,
     )
     assert ops.last_backend() == "triton"
     go = torch.ones_like(loss) if grad_output is None else grad_output
@@ -79,11 +79,11 @@ def _assert_grad(got, want):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("graph", [Absorbing(36), Uniform(37)], ids=repr)
 @pytest.mark.parametrize("raw", [True, False], ids=["raw+shift+weight", "post-processed"])
-def test_matches_reference_odd_width_multiple_tiles(monkeypatch, graph, dtype, reduction, raw):
-    monkeypatch.setattr(ops, "_BLOCK_V_FOR_TESTS", 16)  # V = 37: three tiles, the last partial
+def test_matches_reference_odd_width_multiple_tiles(graph, dtype, reduction, raw):
     args = score_entropy_case(graph, dtype=dtype, raw=raw)
     go = torch.rand(len(SIGMAS), 4) if reduction == "none" else torch.tensor(0.75)
-    loss, grad, _ = _run(*args[:4], graph, *args[4:], reduction, grad_output=go)
+    # V = 37 in tiles of 16: three tiles, the last partial
+    loss, grad, _ = _run(*args[:4], graph, *args[4:], reduction, grad_output=go, block_v=16)
     want_loss, want_grad = _oracle(*args[:4], graph, *args[4:], reduction, grad_output=go)
     _assert_loss(loss, want_loss)
     _assert_grad(grad, want_grad)
@@ -113,12 +113,11 @@ def test_gpt2_width_few_rows(graph):
     _assert_grad(grad, want_grad)
 
 
-def test_block_size_does_not_change_the_result(monkeypatch):
+def test_block_size_does_not_change_the_result():
     graph = Uniform(37)
     args = score_entropy_case(graph)
     loss_default, grad_default, _ = _run(*args[:4], graph, *args[4:], "none")
-    monkeypatch.setattr(ops, "_BLOCK_V_FOR_TESTS", 8)
-    loss_small, grad_small, _ = _run(*args[:4], graph, *args[4:], "none")
+    loss_small, grad_small, _ = _run(*args[:4], graph, *args[4:], "none", block_v=8)
     torch.testing.assert_close(loss_small, loss_default, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(grad_small, grad_default, rtol=0, atol=0)
 
@@ -128,18 +127,17 @@ def test_block_size_does_not_change_the_result(monkeypatch):
 @pytest.mark.parametrize("reduction", ["none", "batchmean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("graph", [Absorbing(36), Uniform(37)], ids=str)
-def test_misaligned_scores(monkeypatch, graph, dtype, reduction, inplace, offset):
+def test_misaligned_scores(graph, dtype, reduction, inplace, offset):
     """Scores that start ``offset`` elements past a 16-byte boundary (a view into a larger buffer):
     the 16-byte windows shift with them, or (a fresh gradient buffer aligned differently) the
     kernel falls back to unaligned windows. Rows of V = 37 are misaligned by a different amount
     each; tiles of 16 give a head window, a whole window and a tail."""
-    monkeypatch.setattr(ops, "_BLOCK_V_FOR_TESTS", 16)
     z, sigma, x_t, x0, shift, weight = score_entropy_case(graph, dtype=dtype)
     leaf = z.clone().requires_grad_()
     zin = torch.cat([torch.zeros(offset, dtype=dtype), leaf.reshape(-1)])[offset:].view(z.shape)
     assert zin.data_ptr() % 16 != 0
     loss = ops.score_entropy(zin, sigma, x_t, x0, graph, shift=shift, weight=weight, reduction=reduction,
-                             inplace_backward=inplace)
+                             inplace_backward=inplace, block_v=16)
     go = torch.rand(loss.shape) if reduction == "none" else torch.tensor(1.0)
     loss.backward(go)
     want_loss, want_grad = _oracle(z, sigma, x_t, x0, graph, shift, weight, reduction, grad_output=go)
@@ -261,7 +259,7 @@ def test_custom_ops_are_registered_with_fake_impls():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     for name in ("score_entropy_fwd", "score_entropy_fwd_grad", "score_entropy_fwd_grad_",
-                 "score_entropy_bwd", "score_entropy_bwd_", "scale_grad_", "sample_transition"):  # fmt: skip
+                 "score_entropy_bwd", "score_entropy_bwd_", "scale_grad_", "sample_transition", "reverse_step"):  # fmt: skip
         assert hasattr(torch.ops.sedd, name), name
     with FakeTensorMode():
         z = torch.empty(3, 5, 11, dtype=torch.bfloat16)
@@ -274,6 +272,8 @@ def test_custom_ops_are_registered_with_fake_impls():
         assert grad.shape == z.shape and grad.dtype == z.dtype
         xt = torch.ops.sedd.sample_transition(x.int(), sigma, torch.zeros(1, dtype=torch.long), True, 10, 0)
         assert xt.shape == (3, 5) and xt.dtype == torch.int32
+        nxt = torch.ops.sedd.reverse_step("analytic", z, x.int(), sigma, None, torch.zeros(1, dtype=torch.long), True, 10, 0)
+        assert nxt.shape == (3, 5) and nxt.dtype == torch.int32
 
 
 def test_opcheck_score_entropy_ops():

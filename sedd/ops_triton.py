@@ -1,0 +1,294 @@
+"""The Triton backend of :mod:`sedd.ops`: every kernel launch as a ``torch.library`` custom op.
+
+The kernels (``kernels/score_entropy.py``, ``kernels/transitions.py``, ``kernels/sampling.py``) are
+imported lazily inside the op bodies, so importing ``sedd`` never needs Triton. Each launch is a
+``torch.library.custom_op`` with its fake (meta) implementation right under it, so ``torch.compile``
+traces the training loss and a sampler step as opaque nodes without graph breaks; autograd is an
+``autograd.Function`` over the score-entropy ops. :mod:`sedd.ops` validates every argument first.
+
+Score entropy, with g = weight · (1/B for "batchmean") the per-row gradient scale:
+  * no gradient needed: ``sedd::score_entropy_fwd`` (one read of the row, loss only);
+  * "sum"/"batchmean" with a gradient: ``sedd::score_entropy_fwd_grad`` computes the loss and
+    writes ∂loss/∂log_score in the same single pass (into a new buffer, or, with
+    ``inplace_backward``, ``sedd::score_entropy_fwd_grad_`` into log_score's own storage);
+    backward only multiplies by the incoming scalar (skipped when it is 1, the usual case);
+  * "none" with a gradient: the forward computes the loss only and the backward
+    (``sedd::score_entropy_bwd`` / ``sedd::score_entropy_bwd_`` in place) makes one pass reading
+    log_score and writing the gradient scaled by the per-token incoming gradient.
+With ``inplace_backward=True`` log_score's storage holds the gradient after the forward
+("sum"/"batchmean") or after the backward ("none"): the caller must not read log_score
+afterwards. The fused reductions' backward may run once (retain_graph then a second backward
+raises). A non-contiguous log_score is copied first (the storage reuse then is the copy's).
+Gradients w.r.t. sigma, shift and weight are not computed (None): they depend on σ, not on
+trained parameters.
+
+The arguments fixed for one loss call (σ, the tokens, shift, weight, the graph's kernel tag, the
+tile width) travel as one :class:`ScoreEntropySpec` from :func:`score_entropy` to the launcher;
+only the op boundary spells them out, because a custom op's schema needs each one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ScoreEntropySpec:
+    """What every score-entropy launch of one loss call shares, besides the scores themselves."""
+
+    sigma: torch.Tensor  # [B] fp32, σ̄(t) > 0
+    x_t: torch.Tensor  # [B, L] int, contiguous
+    x0: torch.Tensor  # [B, L] int, contiguous
+    shift: torch.Tensor | None  # [B] fp32: ŝ = log_score + shift
+    weight: torch.Tensor | None  # [B] fp32 per-sequence loss weight
+    absorbing: bool  # the graph's kernel tag is "absorb" (else "uniform")
+    block_v: int = 0  # the column tile of the kernel; 0 lets the launcher choose
+
+    def tensors(self) -> tuple:
+        return (self.sigma, self.x_t, self.x0, self.shift, self.weight)
+
+    def flat(self) -> tuple:
+        """The fields in order, as the ops (and ``ScoreEntropySpec(*flat)``) take them."""
+        return (*self.tensors(), self.absorbing, self.block_v)
+
+    def launch(self, log_score: torch.Tensor, **outputs) -> torch.Tensor:
+        """Run the kernel on ``log_score`` [B, L, V]; ``outputs`` say what it writes (see the launcher)."""
+        from kernels.score_entropy import score_entropy as launch
+
+        return launch(
+            log_score, self.sigma, self.x_t, self.x0, absorbing=self.absorbing, shift=self.shift,
+            weight=self.weight, block_v=self.block_v or None, **outputs,
+        )  # fmt: skip
+
+
+def _loss_like(log_score: torch.Tensor) -> torch.Tensor:
+    return log_score.new_empty(log_score.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("sedd::score_entropy_fwd", mutates_args=())
+def _se_fwd_op(
+    log_score: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    shift: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    absorbing: bool,
+    block_v: int,
+) -> torch.Tensor:
+    """Weighted per-token loss [B, L] fp32, no gradient."""
+    return ScoreEntropySpec(sigma, x_t, x0, shift, weight, absorbing, block_v).launch(log_score)
+
+
+@_se_fwd_op.register_fake
+def _(log_score, *spec):
+    return _loss_like(log_score)
+
+
+@torch.library.custom_op("sedd::score_entropy_fwd_grad", mutates_args=())
+def _se_fwd_grad_op(
+    log_score: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    shift: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    absorbing: bool,
+    grad_scale: float,
+    block_v: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss [B, L] fp32, grad_scale · ∂Σloss/∂log_score [B, L, V] in log_score's dtype), one pass."""
+    grad = torch.empty_like(log_score)
+    spec = ScoreEntropySpec(sigma, x_t, x0, shift, weight, absorbing, block_v)
+    return spec.launch(log_score, grad=grad, grad_scale=grad_scale), grad
+
+
+@_se_fwd_grad_op.register_fake
+def _(log_score, *spec_and_scale):
+    return _loss_like(log_score), torch.empty_like(log_score)
+
+
+@torch.library.custom_op("sedd::score_entropy_fwd_grad_", mutates_args=("log_score",))
+def _se_fwd_grad_inplace_op(
+    log_score: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    shift: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    absorbing: bool,
+    grad_scale: float,
+    block_v: int,
+) -> torch.Tensor:
+    """As ``score_entropy_fwd_grad`` with the gradient written over log_score; returns the loss."""
+    spec = ScoreEntropySpec(sigma, x_t, x0, shift, weight, absorbing, block_v)
+    return spec.launch(log_score, grad=log_score, grad_scale=grad_scale)
+
+
+@_se_fwd_grad_inplace_op.register_fake
+def _(log_score, *spec_and_scale):
+    return _loss_like(log_score)
+
+
+@torch.library.custom_op("sedd::score_entropy_bwd", mutates_args=())
+def _se_bwd_op(
+    grad_loss: torch.Tensor,
+    log_score: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    shift: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    absorbing: bool,
+    block_v: int,
+) -> torch.Tensor:
+    """∂/∂log_score of Σ grad_loss·loss for a per-token grad_loss [B, L]; a new [B, L, V] buffer."""
+    grad = torch.empty_like(log_score)
+    spec = ScoreEntropySpec(sigma, x_t, x0, shift, weight, absorbing, block_v)
+    spec.launch(log_score, grad=grad, grad_output=grad_loss.float().contiguous(), compute_loss=False)
+    return grad
+
+
+@_se_bwd_op.register_fake
+def _(grad_loss, log_score, *spec):
+    return torch.empty_like(log_score)
+
+
+@torch.library.custom_op("sedd::score_entropy_bwd_", mutates_args=("log_score",))
+def _se_bwd_inplace_op(
+    grad_loss: torch.Tensor,
+    log_score: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    shift: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    absorbing: bool,
+    block_v: int,
+) -> None:
+    """As ``score_entropy_bwd`` with the gradient written over log_score."""
+    spec = ScoreEntropySpec(sigma, x_t, x0, shift, weight, absorbing, block_v)
+    spec.launch(log_score, grad=log_score, grad_output=grad_loss.float().contiguous(), compute_loss=False)
+
+
+@_se_bwd_inplace_op.register_fake
+def _(grad_loss, log_score, *spec):
+    return None
+
+
+@torch.library.custom_op("sedd::scale_grad_", mutates_args=("grad",))
+def _scale_grad_op(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """grad *= grad_output (a scalar), skipped when it is exactly 1 (the usual ``loss.backward()``)."""
+    if not bool(grad_output == 1):
+        grad.mul_(grad_output.to(grad.dtype))
+
+
+@_scale_grad_op.register_fake
+def _(grad, grad_output):
+    return None
+
+
+class _ScoreEntropy(torch.autograd.Function):
+    """Autograd over the score-entropy ops; only ``log_score`` receives a gradient."""
+
+    @staticmethod
+    def forward(ctx, log_score, reduction: str, inplace: bool, *fixed):
+        # the spec arrives flat: autograd (and dynamo's tracing of it) sees each tensor argument
+        spec = ScoreEntropySpec(*fixed)
+        B = log_score.shape[0]
+        ctx.reduction, ctx.inplace = reduction, inplace
+        ctx.backward_ran = False
+        if reduction == "none":
+            loss = _fwd(log_score, spec)
+            ctx.save_for_backward(log_score, *spec.tensors())
+            ctx.absorbing, ctx.block_v = spec.absorbing, spec.block_v
+            return loss
+        scale = 1.0 / B if reduction == "batchmean" else 1.0
+        fwd_grad = torch.ops.sedd.score_entropy_fwd_grad_ if inplace else torch.ops.sedd.score_entropy_fwd_grad
+        out = fwd_grad(log_score, *spec.tensors(), spec.absorbing, scale, spec.block_v)
+        loss, grad = (out, log_score) if inplace else out
+        ctx.save_for_backward(grad)
+        return loss.sum() / B if reduction == "batchmean" else loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.backward_ran and ctx.reduction != "none":
+            raise RuntimeError(
+                "sedd.ops.score_entropy (triton, reduction 'sum'/'batchmean'): the gradient was computed in "
+                "the forward pass and its backward can run only once"
+            )
+        ctx.backward_ran = True
+        nones = (None,) * 9  # reduction, inplace and the seven fields of the spec
+        if ctx.reduction != "none":
+            (grad,) = ctx.saved_tensors
+            torch.ops.sedd.scale_grad_(grad, grad_output)
+            return (grad, *nones)
+        log_score, *tensors = ctx.saved_tensors
+        fixed = ScoreEntropySpec(*tensors, ctx.absorbing, ctx.block_v).flat()
+        if ctx.inplace:
+            torch.ops.sedd.score_entropy_bwd_(grad_output, log_score, *fixed)
+            return (log_score, *nones)
+        return (torch.ops.sedd.score_entropy_bwd(grad_output, log_score, *fixed), *nones)
+
+
+def _fwd(log_score: torch.Tensor, spec: ScoreEntropySpec) -> torch.Tensor:
+    return torch.ops.sedd.score_entropy_fwd(log_score, *spec.flat())
+
+
+def score_entropy(log_score: torch.Tensor, spec: ScoreEntropySpec, reduction: str, inplace_backward: bool):
+    """Validated arguments -> the loss ([B, L] fp32, or a scalar for "sum"/"batchmean")."""
+    log_score = log_score.contiguous()
+    if log_score.requires_grad and torch.is_grad_enabled():
+        return _ScoreEntropy.apply(log_score, reduction, bool(inplace_backward), *spec.flat())
+    loss = _fwd(log_score, spec)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "batchmean":
+        return loss.sum() / log_score.shape[0]
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward noising and the reverse steps: no gradient, one launch each
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sedd::sample_transition", mutates_args=())
+def _sample_transition_op(
+    x0: torch.Tensor, sigma: torch.Tensor, seed: torch.Tensor, absorbing: bool, N: int, block: int
+) -> torch.Tensor:
+    """x_t [B, L] (x0's dtype) ~ p_{t|0}(· | x0); Philox keyed by ``seed`` [1] int64 and the element index."""
+    from kernels.transitions import sample_transition as launch
+
+    return launch(x0, sigma, seed, absorbing=absorbing, N=N, block=block or None)
+
+
+@_sample_transition_op.register_fake
+def _(x0, sigma, seed, absorbing, N, block):
+    return torch.empty_like(x0)
+
+
+@torch.library.custom_op("sedd::reverse_step", mutates_args=())
+def _reverse_step_op(
+    kind: str,
+    log_score: torch.Tensor,
+    x_t: torch.Tensor,
+    scalar: torch.Tensor,
+    shift: torch.Tensor | None,
+    seed: torch.Tensor,
+    absorbing: bool,
+    N: int,
+    block_v: int,
+) -> torch.Tensor:
+    """The next tokens [B, L] (x_t's dtype) of one reverse step ``kind`` ("euler": scalar = dσ·Δt,
+    "analytic": Δσ, "denoise": σ; [B] fp32), drawn in-kernel with Philox keyed by ``seed`` [1]."""
+    from kernels.sampling import reverse_step as launch
+
+    return launch(kind, log_score, x_t, scalar, absorbing, N, shift=shift, seed=seed, block_v=block_v or None)
+
+
+@_reverse_step_op.register_fake
+def _(kind, log_score, x_t, scalar, shift, seed, absorbing, N, block_v):
+    return torch.empty_like(x_t)

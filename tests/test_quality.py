@@ -216,6 +216,9 @@ def test_offline_hub_id_fails_fast_naming_a_local_judge(ckpt, monkeypatch, capsy
     argv = [str(ckpt), "--judge", "no-such-org/no-such-judge", "--steps", "2", "--num-samples", "2"]
     assert quality.main(argv) == 2
     assert "--judge DIR" in capsys.readouterr().err
+    # checked before the checkpoint loads (that could take a while): the judge is what is reported
+    assert quality.main(["no/such/checkpoint", *argv[1:]]) == 2
+    assert "--judge DIR" in capsys.readouterr().err
     # not flagged offline, but the Hub does not answer (a closed local port): the probe says so
     monkeypatch.delenv("HF_HUB_OFFLINE")
     for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):

@@ -71,7 +71,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sedd.data.offline import hub_offline_reason
+from sedd.data.offline import cache_may_hold, hub_offline_reason
 from sedd.sampling import PREDICTORS, sample
 from train.cli import InputError, check_positive, load_checkpoint, main_with_exit_codes
 
@@ -227,42 +227,52 @@ def windows(ids: list[int], context: int) -> list[tuple[list[int], int]]:
     return out
 
 
+def judge_source(spec: str) -> tuple[str, str | None]:
+    """Where the judge loads from and, for a Hub id, why only the local cache may be used (None:
+    the Hub is reachable). Fails at once, before any model is loaded, when the Hub cannot be used
+    and the local cache has no copy."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"--judge {spec!r} is a file; expected a model directory (config.json, weights, "
+                             "tokenizer) or a Hub id")
+        return str(path), None
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not re.fullmatch(r"[\w.\-/]+", spec):
+        raise InputError(f"--judge {spec!r}: no such directory (and not a Hub id)")
+    offline = hub_offline_reason()
+    if offline is None and os.environ.get("TRANSFORMERS_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        offline = "TRANSFORMERS_OFFLINE is set"
+    if offline is not None and not cache_may_hold(spec):
+        raise _offline_error(spec, offline)
+    return spec, offline
+
+
+def _offline_error(spec: str, reason: str) -> InputError:
+    return InputError(
+        f"--judge {spec!r}: the Hugging Face Hub cannot be used ({reason}) and the judge is not in the local "
+        f"Hub cache. Use a local judge: --judge DIR, a directory written by save_pretrained "
+        f"(python train/train_judge.py --out DIR trains a small one offline)"
+    )
+
+
 def load_judge(spec: str, device: torch.device, *, first_token: str = "bos", context: int | None = None,
                progress: bool = False) -> Judge:
     """Load the judge (bf16 on CUDA, fp32 on CPU). InputError when it cannot be found, with the
     offline alternative named."""
+    source, offline = judge_source(spec)
+    local_only = offline is not None
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if not progress:
         hf_logging.disable_progress_bar()
-
-    path = Path(spec).expanduser()
-    local_only = False
-    if path.exists():
-        if not path.is_dir():
-            raise InputError(f"--judge {spec!r} is a file; expected a model directory (config.json, weights, "
-                             "tokenizer) or a Hub id")
-        source = str(path)
-    else:
-        if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not re.fullmatch(r"[\w.\-/]+", spec):
-            raise InputError(f"--judge {spec!r}: no such directory (and not a Hub id)")
-        source = spec
-        offline = hub_offline_reason()
-        if offline is None and os.environ.get("TRANSFORMERS_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-            offline = "TRANSFORMERS_OFFLINE is set"
-        local_only = offline is not None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as err:
         if local_only:
-            raise InputError(
-                f"--judge {spec!r}: the Hugging Face Hub cannot be used ({offline}) and the judge is not in the "
-                f"local Hub cache. Use a local judge: --judge DIR, a directory written by save_pretrained "
-                f"(python train/train_judge.py --out DIR trains a small one offline)"
-            ) from err
+            raise _offline_error(spec, offline) from err
         raise InputError(f"--judge {spec!r}: cannot load it with transformers: {str(err).splitlines()[0]}") from err
     model = model.to(device=device, dtype=dtype).eval()
     limit = next((getattr(model.config, k) for k in ("n_positions", "max_position_embeddings", "n_ctx")
@@ -430,6 +440,7 @@ def run(args) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.threads:
         torch.set_num_threads(args.threads)
+    judge_source(args.judge)  # an unusable judge fails here, in seconds, before anything loads
     pre = load_checkpoint(args)
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device

@@ -370,8 +370,9 @@ def generate_samples(
             raise ValueError(f"row {i}: {err}" if rows > 1 else str(err)) from None
         spans += [row] * num_samples
 
-    device = next(net.parameters()).device if device is None or isinstance(model, (str, os.PathLike)) \
-        else torch.device(device)
+    # Sampling runs where the model is (``device`` only says where a checkpoint name is loaded).
+    param = next(net.parameters(), None)
+    device = param.device if param is not None else torch.device(device or "cpu")
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     fixed_tokens = fixed_mask = None

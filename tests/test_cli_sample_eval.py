@@ -59,13 +59,8 @@ def _offline_cache(cache_dir, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # The shapes here are tiny: intra-op threads only add synchronisation (10-100x slower on a
-    # busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    pass
 
 
 @pytest.fixture(scope="module")

@@ -47,11 +47,8 @@ def _model(length: int = 16) -> SEDD:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    pass
 
 
 def test_generate_is_exported_lazily():

@@ -42,13 +42,9 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _env(cache_dir, monkeypatch):
+def _env(cache_dir, monkeypatch, one_thread):
     monkeypatch.setenv("SEDD_CACHE", str(cache_dir))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: more threads only add synchronisation on a busy machine
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

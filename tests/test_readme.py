@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -19,18 +18,13 @@ def test_readme_has_python_snippets():
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON)))
-def test_readme_python_snippet_runs(index, tmp_path, monkeypatch):
+def test_readme_python_snippet_runs(index, tmp_path, monkeypatch, one_thread):
     # A fresh namespace each, as a user pasting one block; files it writes land in tmp_path, and
     # the token cache (the BPE that one block trains) too.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SEDD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may download
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        exec(compile(PYTHON[index], f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
-    finally:
-        torch.set_num_threads(threads)
+    exec(compile(PYTHON[index], f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
 
 
 def test_readme_two_commands():

@@ -5,9 +5,13 @@ Time grid t_k = linspace(1, ε, steps + 1), Δt = (1 − ε)/steps. Every step c
 and hands its raw output with the per-row σ shift to :mod:`sedd.ops`, which on CUDA samples the
 next tokens in a fused kernel: no [B, L, V] tensor is allocated besides the model's output.
 
-Conditioning: ratios conditioned on fixed positions equal the joint ratios, so clamping the fixed
-positions to their tokens before every step and at the end samples the conditional exactly. Any
-positions may be fixed: a prefix (prompting), a suffix, middle spans (infilling).
+Conditioning: the fixed positions are clamped to their tokens before every step and at the end.
+Any positions may be fixed: a prefix (prompting), a suffix, middle spans (infilling). On the
+absorbing graph this samples the conditional exactly (a visible token is certainly clean, so the
+joint ratios equal the conditional ones). On the uniform graph it is biased: the model reads a
+clamped token as a noisy one that may have come from another clean token (with the exact score of
+a two-token toy, P = 0.80 where the conditional is 0.90, not shrinking with more steps); the
+sampler warns once per process.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from sedd.noise import Noise
 from sedd.predictors import DENOISERS, PREDICTORS, Predictor, get_predictor, register_predictor
 
 __all__ = ["DENOISERS", "PREDICTORS", "Predictor", "conditioning", "register_predictor", "sample"]
+
+_warned_uniform_conditioning = False
 
 
 def conditioning(length: int, spans: dict[int, list[int]] | None = None, *, device=None):
@@ -74,6 +80,7 @@ def sample(
             by ``denoiser`` (a name in :data:`DENOISERS` or an instance).
         fixed_tokens, fixed_mask: [L] or [B, L]; positions where the mask is True are held at
             ``fixed_tokens`` throughout (prompt, suffix, infilling). See :func:`conditioning`.
+            Exact for the absorbing graph; biased for the uniform graph (warns once).
         generator: a torch.Generator on ``device`` for reproducible samples.
         progress: show a progress bar over the steps.
 
@@ -113,11 +120,26 @@ def sample(
         return x
 
 
+def _warn_uniform_conditioning() -> None:
+    global _warned_uniform_conditioning
+    if not _warned_uniform_conditioning:
+        _warned_uniform_conditioning = True
+        warnings.warn(
+            "conditioning on the uniform graph is not exact: the fixed tokens are clamped, but the model "
+            "reads them as noisy tokens, so the samples are biased away from the true conditional "
+            "(absorbing-graph models condition exactly)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _projector(fixed_tokens, fixed_mask, B: int, L: int, graph: Graph, device):
     if fixed_tokens is None and fixed_mask is None:
         return lambda x: x
     if fixed_tokens is None or fixed_mask is None:
         raise ValueError("fixed_tokens and fixed_mask must be given together")
+    if not graph.absorbing:
+        _warn_uniform_conditioning()
     tokens = torch.as_tensor(fixed_tokens, device=device).long()
     mask = torch.as_tensor(fixed_mask, device=device).bool()
     if tokens.shape != mask.shape or tokens.shape[-1] != L or tokens.dim() not in (1, 2):

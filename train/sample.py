@@ -12,9 +12,10 @@ CKPT is a checkpoint directory written by train/run.py or ``SEDD.save_pretrained
 model.safetensors, usually tokenizer.json), a public SEDD checkpoint directory, or a Hub id such
 as louaaron/sedd-small (needs the Hub). See ``sedd/pretrained.py`` for how the tokenizer is found.
 
-Conditioning is exact: the given tokens are held fixed at their positions before every reverse
-step and at the end (sedd-math.md, "Conditioning"), so any set of positions may be fixed and the
-rest is generated. Every text is tokenized on its own and placed token by token:
+Conditioning: the given tokens are held fixed at their positions before every reverse step and
+at the end (sedd-math.md, "Conditioning"), so any set of positions may be fixed and the rest is
+generated. This is exact for absorbing-graph checkpoints; for uniform-graph ones it is biased
+(the model reads the fixed tokens as noisy), and the sampler warns. Every text is tokenized on its own and placed token by token:
 
 * ``--prefix TEXT`` starts at position 0; ``--suffix TEXT`` ends at the last position;
 * ``--infill POS:TEXT`` starts at token position POS (0-based; negative counts from the end, so
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sample.py",
         description="Sample text from a SEDD checkpoint, unconditionally or with fixed spans "
         "(prefix, suffix, infilling at any token positions, templates). Each fixed text is tokenized "
-        "on its own and its tokens are held at their positions (exact conditioning); every other "
+        "on its own and its tokens are held at their positions (exact conditioning for absorbing-graph "
+        "checkpoints, biased for uniform ones); every other "
         "position is generated. Trailing spaces of a fixed text that generated tokens follow are "
         "dropped (byte-level BPEs attach the space to the next word). Prints every decoded sample "
         "under a header; --json gives the token ids too.",

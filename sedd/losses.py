@@ -71,12 +71,14 @@ def score_entropy_loss(
     x_t = ops.sample_transition(x0, sigma, graph, generator)
     if attention_mask is not None:
         model_kwargs["attention_mask"] = attention_mask
+    # x0 and σ were checked by the noising above and x_t was made by it: neither the model nor the
+    # loss repeats a value check, so a CUDA step makes no host sync after the noising (none at all
+    # with the checks off).
     if fused and accepts_head(unwrap(model)):
-        return _fused_loss(model, x_t, sigma, x0, graph, weight, attention_mask, reduction, model_kwargs)
-    log_score, shift = model_scores(model, x_t, sigma, **model_kwargs)
-    # x0 and σ were checked by the noising above and x_t was made by it: the loss repeats no value
-    # check, so a CUDA step does not wait for the forward pass to finish before the backward.
+        with ops.value_checks(False):
+            return _fused_loss(model, x_t, sigma, x0, graph, weight, attention_mask, reduction, model_kwargs)
     with ops.value_checks(False):
+        log_score, shift = model_scores(model, x_t, sigma, **model_kwargs)
         if attention_mask is None and reduction == "mean":
             # A raw output (shift given) is a fresh tensor only the loss reads: the fused kernel may
             # write the gradient over it (the Triton backend; the eager one ignores the flag). An

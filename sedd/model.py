@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sedd import ops
 from sedd.attention import ATTN_BACKENDS, FLASH_ATTN_AVAILABLE, check_backend, plan_attention, resolve_backend
 from sedd.checkpoint import (
     check_state_fits,
@@ -100,7 +101,8 @@ class SEDD(nn.Module):
     Attributes: ``vocab_size`` (V), ``tokens`` (N), ``graph_type``, ``absorb``, ``mask_id``
     (V − 1, or None for uniform), ``scale_by_sigma``, ``length`` (training length; rotary has no
     length limit), ``validate_inputs`` (set False to skip the checks that synchronise with the
-    device; they are also skipped under ``torch.compile``).
+    device; they also follow :func:`sedd.ops.value_checks` / ``SEDD_CHECK_VALUES``, so they are
+    skipped inside the sampler and the training loss and under ``torch.compile``).
 
     ``scale_by_sigma`` only applies to the absorbing graph (the public code never used it with
     uniform); a uniform model's shift is always 0.
@@ -211,7 +213,9 @@ class SEDD(nn.Module):
     # -- input checks ---------------------------------------------------------------------------
 
     def _checking(self) -> bool:
-        return self.validate_inputs and not torch.compiler.is_compiling()
+        # the same switch as the ops' value checks, so the sampler and the training loss (which
+        # turn those off for tensors they made) run the model without a device sync
+        return self.validate_inputs and ops.checking_values()
 
     def _check_sigma(self, sigma: Any, batch: int | None, device: torch.device | None) -> torch.Tensor:
         if not isinstance(sigma, torch.Tensor):

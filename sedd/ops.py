@@ -21,6 +21,10 @@ Shapes: B batch, L length, V score width (N + 1 for the absorbing graph, N for u
 fp32. Optional ``shift`` [B]: ``log_score`` is then the raw network output z and the scores are
 ŝ = z + shift (the σ-dependent post-processing of the model, folded in so no extra [B, L, V]
 pass runs). In every case the entry at the current token is read as ŝ[x_t] = 0.
+
+Token ids (``x_t``, ``x0``) may be int64, int32, int16 or uint8 on both backends, provided the
+dtype holds every id the op reads or writes ([0, V) for x_t, [0, N) for x0); a narrower dtype is
+a ``TypeError`` up front. The steps return x_t's dtype.
 """
 
 from __future__ import annotations
@@ -138,6 +142,9 @@ def _triton_available() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 _SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Token ids may come in any of these on both backends, provided the dtype holds every id the op
+# reads or writes (checked from the dtype alone, no device sync); steps return x_t's dtype.
+TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 _value_checks: contextvars.ContextVar[bool | None] = contextvars.ContextVar("sedd_value_checks", default=None)
@@ -147,8 +154,12 @@ _value_checks: contextvars.ContextVar[bool | None] = contextvars.ContextVar("sed
 def value_checks(enabled: bool):
     """Turn the value checks that need a device sync (ids in range, σ finite and positive) on or
     off inside the block, whatever ``SEDD_CHECK_VALUES`` says. The sampler and the training loss
-    turn them off for tensors they made themselves, so a CUDA step does not wait on the GPU.
-    Inside a ``torch.compile``d function only ``SEDD_CHECK_VALUES`` counts."""
+    turn them off for tensors they made themselves, so a CUDA step does not wait on the GPU; the
+    model's input checks (:class:`sedd.model.SEDD`) follow the same switch.
+    Inside a ``torch.compile``d function only ``SEDD_CHECK_VALUES`` counts (see :func:`checking_values`)."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.set; see checking_values
+        yield
+        return
     token = _value_checks.set(bool(enabled))
     try:
         yield
@@ -156,13 +167,22 @@ def value_checks(enabled: bool):
         _value_checks.reset(token)
 
 
-def _check_values() -> bool:
+def checking_values() -> bool:
+    """Whether the value checks that need a device sync run now: the innermost
+    :func:`value_checks`, else ``SEDD_CHECK_VALUES`` (default on). Inside a ``torch.compile``d
+    function they are off unless ``SEDD_CHECK_VALUES=1`` is set explicitly: reading a value is a
+    data-dependent branch that would break the graph (and ``fullgraph=True``)."""
     # dynamo cannot trace ContextVar.get: under torch.compile only the environment variable counts
-    if not torch.compiler.is_compiling():
-        enabled = _value_checks.get()
-        if enabled is not None:
-            return enabled
+    if torch.compiler.is_compiling():
+        return os.environ.get("SEDD_CHECK_VALUES") == "1"
+    enabled = _value_checks.get()
+    if enabled is not None:
+        return enabled
     return os.environ.get("SEDD_CHECK_VALUES", "1") != "0"
+
+
+def _check_values() -> bool:
+    return checking_values()
 
 
 def _check_log_score(log_score) -> tuple[int, int, int]:
@@ -190,14 +210,20 @@ def _check_graph(graph, V: int) -> Graph:
 def _check_tokens(name: str, x, shape: tuple[int, int], device: torch.device, high: int, what: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"{name} must hold integer token ids, got {x.dtype}")
+    if x.dtype not in TOKEN_DTYPES:
+        raise TypeError(f"{name} must hold integer token ids (int64, int32, int16 or uint8), got {x.dtype}")
+    if torch.iinfo(x.dtype).max < high - 1:
+        # the steps write ids up to V − 1 in the tokens' own dtype: a narrower one would wrap
+        raise TypeError(
+            f"{name} has dtype {x.dtype}, which cannot hold every id in [0, {high}) ({what}); use int32 or int64"
+        )
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device}, expected {device}")
-    if _check_values() and x.numel() and bool(((x < 0) | (x >= high)).any()):  # one device sync
-        bad = x[(x < 0) | (x >= high)][0].item()
+    # high − 1 fits x's dtype (checked above), so the compare cannot wrap as `x >= high` would
+    if _check_values() and x.numel() and bool(((x < 0) | (x > high - 1)).any()):  # one device sync
+        bad = x[(x < 0) | (x > high - 1)][0].item()
         raise ValueError(f"{name} holds id {bad} outside [0, {high}) ({what})")
 
 
@@ -275,7 +301,10 @@ def score_entropy(
             Σ / B (nats per sequence, the SEDD training loss).
         inplace_backward: let the Triton backend write the gradient into ``log_score``'s storage
             (saves a [B, L, V] buffer in training; ``log_score`` must not be read after this call:
-            for "sum"/"batchmean" it holds the gradient as soon as the forward returns).
+            for "sum"/"batchmean" it holds the gradient as soon as the forward returns). Refused
+            (``ValueError``) for a leaf that requires grad, on both backends.
+            The Triton backend does not support ``create_graph=True`` (a clear ``RuntimeError``);
+            the eager one does.
         block_v: the Triton kernel's column tile (a power of two; None: the launcher's choice).
             Changes no result beyond rounding; the eager backend ignores it.
 
@@ -294,6 +323,12 @@ def score_entropy(
         weight = _check_per_row("weight", weight, B, device, positive=False)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if inplace_backward and log_score.requires_grad and log_score.is_leaf:
+        raise ValueError(
+            "inplace_backward=True would overwrite log_score with its gradient, but log_score is a leaf "
+            "tensor that requires grad: pass a non-leaf tensor (e.g. the model output; a view of a scratch "
+            "leaf counts as one) or inplace_backward=False"
+        )
 
     if _dispatch(device, g) == "triton":
         _check_triton_dtype(log_score)
@@ -302,7 +337,7 @@ def score_entropy(
         )
         return ops_triton.score_entropy(log_score, spec, reduction, inplace_backward)
 
-    loss = reference.score_entropy(log_score, sigma, x_t, x0, g, shift)
+    loss = reference.score_entropy(log_score, sigma, _index(x_t), _index(x0), g, shift)
     if weight is not None:
         loss = loss * weight.to(loss.dtype).unsqueeze(-1)
     if reduction == "sum":
@@ -310,6 +345,11 @@ def score_entropy(
     if reduction == "batchmean":
         return loss.sum() / B
     return loss
+
+
+def _index(x: torch.Tensor) -> torch.Tensor:
+    """Token ids as the eager backend's gather/scatter/one_hot need them (int64)."""
+    return x if x.dtype == torch.int64 else x.long()
 
 
 def _check_triton_dtype(log_score: torch.Tensor) -> None:
@@ -420,7 +460,7 @@ def euler_step(
     _check_generator(generator, log_score.device)
     if _dispatch(log_score.device, g) == "triton":
         return _step_triton("euler", log_score, x_t, dsigma * dt, g, shift, generator, block_v)
-    return reference.euler_step(log_score, x_t, dsigma, dt, g, shift, generator)
+    return reference.euler_step(log_score, _index(x_t), dsigma, dt, g, shift, generator).to(x_t.dtype)
 
 
 def analytic_step(
@@ -443,7 +483,7 @@ def analytic_step(
     _check_generator(generator, log_score.device)
     if _dispatch(log_score.device, g) == "triton":
         return _step_triton("analytic", log_score, x_t, dsigma, g, shift, generator, block_v)
-    return reference.analytic_step(log_score, x_t, dsigma, g, shift, generator)
+    return reference.analytic_step(log_score, _index(x_t), dsigma, g, shift, generator).to(x_t.dtype)
 
 
 def denoise_step(
@@ -462,7 +502,7 @@ def denoise_step(
     _check_generator(generator, log_score.device)
     if _dispatch(log_score.device, g) == "triton":
         return _step_triton("denoise", log_score, x_t, sigma, g, shift, generator, block_v)
-    return reference.denoise_step(log_score, x_t, sigma, g, shift, generator)
+    return reference.denoise_step(log_score, _index(x_t), sigma, g, shift, generator).to(x_t.dtype)
 
 
 def _step_triton(kind, log_score, x_t, scalar, graph, shift, generator, block_v):

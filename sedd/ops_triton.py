@@ -180,9 +180,11 @@ def _(grad_loss, log_score, *spec):
 
 @torch.library.custom_op("sedd::scale_grad_", mutates_args=("grad",))
 def _scale_grad_op(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
-    """grad *= grad_output (a scalar), skipped when it is exactly 1 (the usual ``loss.backward()``)."""
-    if not bool(grad_output == 1):
-        grad.mul_(grad_output.to(grad.dtype))
+    """grad *= grad_output (a scalar), skipped on the device when it is exactly 1 (the usual
+    ``loss.backward()``): no host sync, so a backward never waits on the GPU."""
+    from kernels.scale import scale_unless_one_
+
+    scale_unless_one_(grad, grad_output.detach().float())
 
 
 @_scale_grad_op.register_fake
@@ -218,6 +220,13 @@ class _ScoreEntropy(torch.autograd.Function):
             raise RuntimeError(
                 "sedd.ops.score_entropy (triton, reduction 'sum'/'batchmean'): the gradient was computed in "
                 "the forward pass and its backward can run only once"
+            )
+        if torch.is_grad_enabled():
+            # the gradient is made by a kernel with no derivative of its own: a graph through it
+            # would silently be missing, so a gradient penalty would drop out
+            raise RuntimeError(
+                "sedd.ops.score_entropy (triton backend) does not support create_graph=True (double "
+                "backward); use the eager backend (sedd.ops.use_backend('torch')) for higher-order gradients"
             )
         ctx.backward_ran = True
         nones = (None,) * 9  # reduction, inplace and the seven fields of the spec

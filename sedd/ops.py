@@ -36,7 +36,7 @@ import threading
 
 import torch
 
-from sedd import ops_triton, reference
+from sedd import eager, ops_triton, reference
 from sedd.graph import Graph, graph_for_width
 
 BACKENDS = ("auto", "torch", "triton")
@@ -460,6 +460,8 @@ def euler_step(
     _check_generator(generator, log_score.device)
     if _dispatch(log_score.device, g) == "triton":
         return _step_triton("euler", log_score, x_t, dsigma * dt, g, shift, generator, block_v)
+    if g.kernel is not None:
+        return _step_eager("euler", log_score, x_t, dsigma * dt, g, shift, generator)
     return reference.euler_step(log_score, _index(x_t), dsigma, dt, g, shift, generator).to(x_t.dtype)
 
 
@@ -483,6 +485,8 @@ def analytic_step(
     _check_generator(generator, log_score.device)
     if _dispatch(log_score.device, g) == "triton":
         return _step_triton("analytic", log_score, x_t, dsigma, g, shift, generator, block_v)
+    if g.kernel is not None:
+        return _step_eager("analytic", log_score, x_t, dsigma, g, shift, generator)
     return reference.analytic_step(log_score, _index(x_t), dsigma, g, shift, generator).to(x_t.dtype)
 
 
@@ -502,7 +506,14 @@ def denoise_step(
     _check_generator(generator, log_score.device)
     if _dispatch(log_score.device, g) == "triton":
         return _step_triton("denoise", log_score, x_t, sigma, g, shift, generator, block_v)
+    if g.kernel is not None:
+        return _step_eager("denoise", log_score, x_t, sigma, g, shift, generator)
     return reference.denoise_step(log_score, _index(x_t), sigma, g, shift, generator).to(x_t.dtype)
+
+
+def _step_eager(kind, log_score, x_t, scalar, graph, shift, generator):
+    """The built-in graphs' eager steps: log space, chunked, a two-level fp64 race (sedd/eager.py)."""
+    return eager.reverse_step(kind, log_score, _index(x_t), scalar, graph, shift, generator).to(x_t.dtype)
 
 
 def _step_triton(kind, log_score, x_t, scalar, graph, shift, generator, block_v):

@@ -269,9 +269,10 @@ def _chunks(rows: _Rows, weight, bias, graph, rows_per_chunk: int, row_weight, *
                     losses.append(ops.score_entropy(z.view(c, 1, -1), *args, **kwargs).reshape(c))
                 continue
             with torch.enable_grad():
-                leaf = z.view(c, 1, -1).detach().requires_grad_()
+                leaf = z.detach().requires_grad_()
                 # on the Triton backend the fused pass writes the gradient over the chunk's logits
-                loss = ops.score_entropy(leaf, *args, **kwargs, reduction="sum", inplace_backward=True)
+                # (through a view: ops refuses inplace_backward on a leaf that requires grad)
+                loss = ops.score_entropy(leaf.view(c, 1, -1), *args, **kwargs, reduction="sum", inplace_backward=True)
                 if ops.last_backend() == "triton":
                     g = z
                 else:

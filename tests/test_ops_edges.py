@@ -115,8 +115,6 @@ def test_inplace_backward_refuses_a_leaf_that_requires_grad(backend, reduction):
     with ops.use_backend(backend):
         with pytest.raises(ValueError, match="leaf tensor that requires grad"):
             ops.score_entropy(leaf, sigma, x_t, x0, "absorb", reduction=reduction, inplace_backward=True)
-        with pytest.raises(ValueError, match="leaf tensor that requires grad"):
-            ops.score_entropy(leaf[:, :2], sigma, x_t[:, :2], x0[:, :2], "absorb", inplace_backward=True)
         assert torch.equal(leaf.detach(), z)  # untouched
         # a non-leaf (a model output) is fine, and so is a leaf that needs no gradient
         loss = ops.score_entropy(leaf * 1, sigma, x_t, x0, "absorb", reduction=reduction, inplace_backward=True)

@@ -50,7 +50,7 @@ from sedd.sampling import sample  # noqa: E402
 TOKENS = 50257  # GPT-2: V = 50258 absorbing, 50257 uniform
 B, L = 4, 128
 STEPS = 32
-CASES = ("train_step", "model_fwd_bwd", "sampling", "step", "loss_absorb_bf16", "loss_uniform_fp32", "loss_uniform_bf16")
+CASES = ("step", "sampling", "loss_absorb_bf16", "loss_uniform_fp32", "loss_uniform_bf16", "train_step", "model_fwd_bwd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def public_scores(model, x, sigma):
 def public_loss_absorb(score, sigma, x, x0):
     mask_id = score.shape[-1] - 1
     rel = x == mask_id
-    esigm1 = _esigm1(sigma)
+    esigm1 = _esigm1(sigma[:, None])
     ratio = 1 / esigm1.expand_as(x)[rel]
     other = x0[rel]
     rows = score[rel]
@@ -87,7 +87,7 @@ def public_loss_absorb(score, sigma, x, x0):
 
 def public_loss_uniform(score, sigma, x, x0):
     N = score.shape[-1]
-    esigm1 = _esigm1(sigma)
+    esigm1 = _esigm1(sigma[:, None])
     ratio = 1 - N / (esigm1 + N)
     s_x = torch.gather(score, -1, x[..., None]).squeeze(-1)
     pos = score.exp().mean(-1) - s_x.exp() / N

@@ -128,3 +128,153 @@ def _race(log_weights: torch.Tensor, generator) -> torch.Tensor:
     noise = torch.empty(log_weights.shape, dtype=torch.float64, device=log_weights.device)
     noise.exponential_(generator=generator)
     return (log_weights.double() - noise.log_()).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Score entropy: chunked forward, gradient recomputed chunk by chunk in the backward
+# ---------------------------------------------------------------------------------------------
+#
+# Autograd through sedd.reference keeps several [B, L, V] fp32 tensors alive until the backward
+# (the fp32 copy of a bf16 input, e^ŝ, masks). Here the forward keeps nothing but its inputs and
+# the backward writes ∂ℓ/∂log_score straight into one buffer of the input's dtype, working on
+# chunks of rows in fp32 (fp64 for fp64 input); the row sums of the uniform loss accumulate in
+# fp64. Only log_score gets a gradient (σ, shift and weight depend on the noise, not on trained
+# parameters), as on the Triton backend. Higher-order gradients (create_graph=True) recompute the
+# loss through the differentiable reference formulas.
+
+
+def score_entropy(log_score, sigma, x_t, x0, graph: Graph, shift=None, weight=None, reduction="none"):
+    """ℓ [B, L] (reduction "none"), or its sum / sum over B; weighted by ``weight`` [B] when given.
+    fp32 (fp64 for fp64 input); ``sigma``/``shift``/``weight``: fp32 [B]; ids int64."""
+    return _ScoreEntropy.apply(log_score, sigma, x_t, x0, graph, shift, weight, reduction)
+
+
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _row_chunks(n_rows: int, V: int):
+    rows = max(1, _CHUNK_ELEMENTS // V)
+    for r0 in range(0, n_rows, rows):
+        yield r0, min(n_rows, r0 + rows)
+
+
+def _scores(z, x, shift, dtype):
+    """ŝ for a chunk of rows [n, V] in ``dtype``: z + shift with ŝ[x_t] = 0 (a fresh buffer)."""
+    s = torch.empty(z.shape, dtype=dtype, device=z.device)
+    if shift is not None:
+        torch.add(z, shift.unsqueeze(1), out=s)
+    else:
+        s.copy_(z)
+    return s.scatter_(1, x.unsqueeze(1), 0.0)
+
+
+def _constants(graph, sigma, x, x0, dtype):
+    """Per-row constants of the loss, in fp64: absorbing r = 1/E; uniform E, ρ and the constant term."""
+    sig = sigma.double()
+    E = torch.where(sig < 0.5, torch.expm1(sig), torch.exp(sig) - 1)
+    if graph.kernel == "absorb":
+        r = 1.0 / E
+        return {"r": r, "const": r * (torch.log(r) - 1)}
+    N = graph.N
+    rho = E / (E + N)
+    stay = x == x0
+    const = torch.where(stay, (N - 1) / N * rho * (torch.log(rho) - 1), ((-torch.log(rho) - 1) / rho - (N - 2)) / N)
+    return {"E": E, "rho": rho, "stay": stay, "const": const}
+
+
+def _loss_rows(graph, s, x, x0, k):
+    """Per-row ℓ [n] (fp64) of a chunk of scores s (consumed: exponentiated in place)."""
+    s_x0 = s.gather(1, x0.unsqueeze(1)).squeeze(1).double()
+    if graph.kernel == "absorb":
+        M = graph.mask_id
+        pos = s[:, :M].exp_().sum(-1, dtype=torch.float64)
+        loss = pos - k["r"] * s_x0 + k["const"]
+        return torch.where(x == M, loss, torch.zeros_like(loss))
+    N = graph.N
+    neg0 = s.sum(-1, dtype=torch.float64) / N  # ŝ[x_t] = 0: the sum over y ≠ x_t
+    e = s.exp_().scatter_(1, x.unsqueeze(1), 0.0)
+    pos = e.sum(-1, dtype=torch.float64) / N
+    neg = torch.where(k["stay"], k["rho"] * neg0, neg0 + s_x0 / k["E"])
+    return pos - neg + k["const"]
+
+
+def _grad_rows(graph, s, x, x0, k, scale):
+    """∂(Σ scale·ℓ)/∂ŝ for a chunk [n, V], in s's dtype, written over s."""
+    scale = scale.to(s.dtype).unsqueeze(1)
+    if graph.kernel == "absorb":
+        M = graph.mask_id
+        e = s.exp_()
+        e[:, M] = 0
+        # e^{ŝ_{x0}} − r from the fp32 value itself (the two nearly cancel at the optimum)
+        e.scatter_add_(1, x0.unsqueeze(1), (-k["r"]).to(s.dtype).unsqueeze(1))
+        # rows that are not MASK have no loss: exactly 0 there, even where e^ŝ overflowed
+        return e.mul_(scale).masked_fill_((x != M).unsqueeze(1), 0.0)
+    N = graph.N
+    c = torch.where(k["stay"], k["rho"], torch.ones_like(k["rho"])).to(s.dtype)
+    e = s.exp_().sub_(c.unsqueeze(1)).div_(N)
+    moved = torch.where(k["stay"], torch.zeros_like(k["E"]), -1.0 / k["E"]).to(s.dtype)
+    e.scatter_add_(1, x0.unsqueeze(1), moved.unsqueeze(1))
+    e.scatter_(1, x.unsqueeze(1), 0.0)
+    return e.mul_(scale)
+
+
+class _ScoreEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, log_score, sigma, x_t, x0, graph, shift, weight, reduction):
+        B, L, V = log_score.shape
+        dtype = _compute_dtype(log_score)
+        z, x, y = log_score.reshape(B * L, V), x_t.reshape(-1), x0.reshape(-1)
+        sig = sigma.repeat_interleave(L)
+        sh = shift.repeat_interleave(L) if shift is not None else None
+        k = _constants(graph, sig, x, y, dtype)
+        loss = torch.empty(B * L, dtype=torch.float64, device=log_score.device)
+        for r0, r1 in _row_chunks(B * L, V):
+            kc = {name: v[r0:r1] for name, v in k.items()}
+            s = _scores(z[r0:r1], x[r0:r1], None if sh is None else sh[r0:r1], dtype)
+            loss[r0:r1] = _loss_rows(graph, s, x[r0:r1], y[r0:r1], kc)
+        loss = loss.reshape(B, L)
+        if weight is not None:
+            loss = loss * weight.double().unsqueeze(1)
+        ctx.graph, ctx.reduction = graph, reduction
+        ctx.save_for_backward(log_score, sigma, x_t, x0, shift, weight)
+        loss = loss.to(dtype)
+        if reduction == "sum":
+            return loss.sum()
+        if reduction == "batchmean":
+            return loss.sum() / B
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        log_score, sigma, x_t, x0, shift, weight = ctx.saved_tensors
+        graph, reduction = ctx.graph, ctx.reduction
+        B, L, V = log_score.shape
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference formulas
+            from sedd import reference
+
+            loss = reference.score_entropy(log_score, sigma, x_t, x0, graph, shift)
+            if weight is not None:
+                loss = loss * weight.to(loss.dtype).unsqueeze(-1)
+            loss = loss.sum() if reduction == "sum" else loss.sum() / B if reduction == "batchmean" else loss
+            (grad,) = torch.autograd.grad(loss, log_score, grad_output, create_graph=True)
+            return grad, None, None, None, None, None, None, None
+        dtype = _compute_dtype(log_score)
+        if reduction == "none":
+            per_token = grad_output.reshape(B * L).to(torch.float64)
+        else:
+            g = grad_output.to(torch.float64) / (B if reduction == "batchmean" else 1)
+            per_token = g.expand(B * L)
+        if weight is not None:
+            per_token = per_token * weight.double().repeat_interleave(L)
+        z, x, y = log_score.reshape(B * L, V), x_t.reshape(-1), x0.reshape(-1)
+        sig = sigma.repeat_interleave(L)
+        sh = shift.repeat_interleave(L) if shift is not None else None
+        k = _constants(graph, sig, x, y, dtype)
+        grad = torch.empty_like(log_score, memory_format=torch.contiguous_format)
+        flat = grad.view(B * L, V)
+        for r0, r1 in _row_chunks(B * L, V):
+            kc = {name: v[r0:r1] for name, v in k.items()}
+            s = _scores(z[r0:r1], x[r0:r1], None if sh is None else sh[r0:r1], dtype)
+            flat[r0:r1] = _grad_rows(graph, s, x[r0:r1], y[r0:r1], kc, per_token[r0:r1])
+        return grad, None, None, None, None, None, None, None

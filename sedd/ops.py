@@ -337,6 +337,8 @@ def score_entropy(
         )
         return ops_triton.score_entropy(log_score, spec, reduction, inplace_backward)
 
+    if g.kernel is not None:  # the built-in graphs: chunked, one gradient buffer (sedd/eager.py)
+        return eager.score_entropy(log_score, sigma, _index(x_t), _index(x0), g, shift, weight, reduction)
     loss = reference.score_entropy(log_score, sigma, _index(x_t), _index(x0), g, shift)
     if weight is not None:
         loss = loss * weight.to(loss.dtype).unsqueeze(-1)

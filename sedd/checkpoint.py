@@ -134,11 +134,15 @@ def checkpoint_dir(
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """The parsed ``config.json`` of a checkpoint directory (not yet normalised)."""
+    """The parsed ``config.json`` of a checkpoint directory (not yet normalised). Raises
+    FileNotFoundError when there is none, ValueError when it is not JSON."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {str(folder)!r}")
-    return json.loads(config_file.read_text())
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON: {err}") from err
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -26,7 +26,6 @@ produce must be a real token of the model), otherwise ``ValueError``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from sedd.checkpoint import read_config
 from sedd.data import Tokenizer, get_tokenizer
 from sedd.graph import Graph, graph_from_config
 from sedd.model import SEDD
@@ -84,13 +84,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def _local_config(checkpoint: str) -> dict[str, Any] | None:
     """config.json of a local checkpoint directory, or None (a Hub id, or no such file yet)."""
-    path = Path(os.path.expanduser(checkpoint)) / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
+    folder = Path(os.path.expanduser(checkpoint))
+    return read_config(folder) if (folder / "config.json").is_file() else None
 
 
 def _config_tokens(config: dict[str, Any]) -> int | None:

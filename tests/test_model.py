@@ -390,6 +390,16 @@ def test_attention_backend_selection(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_invalid_config_json_is_a_value_error_naming_the_file(tmp_path):
+    from sedd.pretrained import load_pretrained
+
+    make_model().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    for load in (SEDD.from_pretrained, load_pretrained):
+        with pytest.raises(ValueError, match="config.json.*is not valid JSON"):
+            load(str(tmp_path))
+
+
 def test_save_pretrained_round_trip(tmp_path):
     model = make_model()
     x, sigma = inputs(model)

@@ -139,6 +139,42 @@ def _row_log_noise(seed, rows, counter, STREAM: tl.constexpr, N_ROUNDS: tl.const
     return log_exp1_from_bits(w0, w1)
 
 
+@triton.jit
+def _pass_a_tile(row_ptr, start, lanes, active, n_cand, x, shift, log_q0, t_ratio,
+                 ABSORB: tl.constexpr, TWO_PASS: tl.constexpr, WHOLE: tl.constexpr):
+    """Pass A on one tile (columns start … start + BLOCK_V − 1): (tile max, Σ e^{· − max}) of the
+    candidates' log-weights, per row (see the kernel). ``WHOLE``: every column is < n_cand."""
+    # lanes (int32) against per-row scalars: the load mask is the bound check only (constant
+    # along columns otherwise), the current token is dropped after the load
+    tile_ptr = row_ptr + start
+    if WHOLE:
+        ld = active[:, None]
+    else:
+        ld = active[:, None] & (lanes < n_cand - start)[None, :]
+    zt = tl.load(tile_ptr[:, None] + lanes[None, :], mask=ld).to(tl.float32)
+    if TWO_PASS:
+        # w_y ∝ T'_y·(e^{ŝ_y} − C), candidates ŝ_y > log C (s'_y > 0), T' = t_ratio at x_t, else 1
+        is_cur = lanes[None, :] == (x - start)[:, None]
+        sh = tl.where(is_cur, 0.0, zt + shift[:, None])
+        cand = ld & (sh > log_q0[:, None])
+        shc = tl.where(cand, sh, float("-inf"))
+        tile_m = tl.maximum(tl.max(shc, axis=1), _NEG_BIG)
+        c_t = tl.exp(tl.minimum(log_q0 - tile_m, 0.0))  # log C ≥ tile max: empty tile anyway
+        d = tl.maximum(_exp2(shc * LOG2E - (tile_m * LOG2E)[:, None]) - c_t[:, None], 0.0)
+        tile_s = tl.sum(tl.where(is_cur, d * t_ratio[:, None], d), axis=1)
+    else:
+        # candidates y ≠ x_t: log w_y = log(coef) + z_y + shift; per element only the raw z
+        # (max, one exp2, add); the shift and the row constant are added per tile / per row
+        if ABSORB:
+            zc = tl.where(ld, zt, float("-inf"))
+        else:
+            zc = tl.where(ld & (lanes[None, :] != (x - start)[:, None]), zt, float("-inf"))
+        tile_mz = tl.maximum(tl.max(zc, axis=1), _NEG_BIG)
+        tile_s = tl.sum(_exp2(zc * LOG2E - (tile_mz * LOG2E)[:, None]), axis=1)
+        tile_m = tile_mz + shift
+    return tile_m, tile_s
+
+
 # ---------------------------------------------------------------------------------------------
 # The kernel
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +201,7 @@ def reverse_step_kernel(
     BLOCK_V: tl.constexpr,  # columns per tile (even)
     N_ROUNDS: tl.constexpr,  # Philox rounds
     N_TILES: tl.constexpr,  # ≥ cdiv(V, BLOCK_V), a power of two: the per-row tile arrays
+    B_SPLIT: tl.constexpr,  # chunks of pass B's tile
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -193,6 +230,7 @@ def reverse_step_kernel(
 
     # ---- stats pass (uniform analytic / denoise only): log S, S = Σ_k e^{ŝ_k} over the whole row
     log_q0 = k1
+    t_ratio = k2  # (two-pass steps only)
     if TWO_PASS:
         m1 = tl.full([BLOCK_R], _NEG_BIG, dtype=tl.float32)
         s1 = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -220,32 +258,18 @@ def reverse_step_kernel(
     lam_m = tl.full([BLOCK_R, N_TILES], _NEG_BIG, dtype=tl.float32)
     lam_s = tl.zeros([BLOCK_R, N_TILES], dtype=tl.float32)
     n_cand = V - 1 if ABSORB else V
-    for start in range(0, n_cols, BLOCK_V):
-        # lanes (int32) against per-row scalars: the load mask is the bound check only (constant
-        # along columns otherwise), the current token is dropped after the load
-        tile_ptr = row_ptr + start
-        ld = active[:, None] & (lanes < n_cand - start)[None, :]
-        zt = tl.load(tile_ptr[:, None] + lanes[None, :], mask=ld).to(tl.float32)
-        if TWO_PASS:
-            # w_y ∝ T'_y·(e^{ŝ_y} − C), candidates ŝ_y > log C (s'_y > 0), T' = t_ratio at x_t, else 1
-            is_cur = lanes[None, :] == (x - start)[:, None]
-            sh = tl.where(is_cur, 0.0, zt + shift[:, None])
-            cand = ld & (sh > log_q0[:, None])
-            shc = tl.where(cand, sh, float("-inf"))
-            tile_m = tl.maximum(tl.max(shc, axis=1), _NEG_BIG)
-            c_t = tl.exp(tl.minimum(log_q0 - tile_m, 0.0))  # log C ≥ tile max: empty tile anyway
-            d = tl.maximum(_exp2(shc * LOG2E - (tile_m * LOG2E)[:, None]) - c_t[:, None], 0.0)
-            tile_s = tl.sum(tl.where(is_cur, d * t_ratio[:, None], d), axis=1)
-        else:
-            # candidates y ≠ x_t: log w_y = log(coef) + z_y + shift; per element only the raw z
-            # (max, one exp2, add); the shift and the row constant are added per tile / per row
-            if ABSORB:
-                zc = tl.where(ld, zt, float("-inf"))
-            else:
-                zc = tl.where(ld & (lanes[None, :] != (x - start)[:, None]), zt, float("-inf"))
-            tile_mz = tl.maximum(tl.max(zc, axis=1), _NEG_BIG)
-            tile_s = tl.sum(_exp2(zc * LOG2E - (tile_mz * LOG2E)[:, None]), axis=1)
-            tile_m = tile_mz + shift
+    # Tiles wholly inside the candidate columns need only the per-row mask (one predicate for all
+    # of a thread's loads); the last tile checks the bound per element.
+    n_whole = tl.where(n_cols > 0, (n_cand // BLOCK_V) * BLOCK_V, 0)
+    for start in range(0, n_whole, BLOCK_V):
+        tile_m, tile_s = _pass_a_tile(row_ptr, start, lanes, active, n_cand, x, shift, log_q0, t_ratio,
+                                      ABSORB, TWO_PASS, True)
+        this = tiles[None, :] == start // BLOCK_V
+        lam_m = tl.where(this, tile_m[:, None], lam_m)
+        lam_s = tl.where(this, tile_s[:, None], lam_s)
+    for start in range(n_whole, n_cols, BLOCK_V):
+        tile_m, tile_s = _pass_a_tile(row_ptr, start, lanes, active, n_cand, x, shift, log_q0, t_ratio,
+                                      ABSORB, TWO_PASS, False)
         this = tiles[None, :] == start // BLOCK_V
         lam_m = tl.where(this, tile_m[:, None], lam_m)
         lam_s = tl.where(this, tile_s[:, None], lam_s)
@@ -270,26 +294,40 @@ def reverse_step_kernel(
 
     # ---- pass B: re-read only the winning tile of each row that still draws, and race its columns
     # with per-element 64-bit noise (stream 0) on the same log w_y. P(y) = (W_τ/W)·(w_y/W_τ).
+    # Pass B runs over the winning tile in chunks of BLOCK_V / B_SPLIT columns with a running
+    # (best key, column): the per-element Philox and logs of a whole tile at once kept ~150 values
+    # live per thread under ptxas 12.8 (Triton 3.6). Each column's noise is keyed by its column,
+    # not by the chunk, so the draw is the same token for the same seed whatever B_SPLIT is;
+    # ties go to the lower column, as one argmax over the tile would.
     choice = x
     n_b = tl.max(draw.to(tl.int32), axis=0)  # 0 or 1: skip when no row of the block draws
+    chunk = tl.arange(0, BLOCK_V // B_SPLIT)
     for _ in range(0, n_b):
         base = best_tile * BLOCK_V
-        cols = base[:, None] + lanes[None, :]
-        ld = draw[:, None] & (cols < n_cand)
-        zt = tl.load(row_ptr[:, None] + cols, mask=ld, other=0.0).to(tl.float32)
-        is_cur = cols == x[:, None]
-        sh = tl.where(is_cur, 0.0, zt + shift[:, None])
-        if TWO_PASS:
-            # log w_y = ŝ_y + log(1 − q_y) + log T(x_t, y) (+ Δσ, common); non-positive s'_y never chosen
-            q = tl.exp(log_q0[:, None] - sh)
-            log_w = sh + tl.log(1.0 - q) + tl.where(is_cur, k3[:, None], k2[:, None])
-            cand = ld & (sh > log_q0[:, None]) & (q < 1.0)
-        else:
-            log_w = sh
-            cand = ld & (~is_cur)
-        key_b = tl.where(cand, log_w - _tile_log_noise(seed, rows, base, BLOCK_R, BLOCK_V, N_ROUNDS), float("-inf"))
-        arg = tl.argmax(key_b, axis=1).to(tl.int32)
-        choice = tl.where(draw, base + arg, x)
+        best_b = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        arg_b = base
+        for part in tl.static_range(B_SPLIT):
+            first = base + part * (BLOCK_V // B_SPLIT)
+            cols = first[:, None] + chunk[None, :]
+            ld = draw[:, None] & (cols < n_cand)
+            zt = tl.load(row_ptr[:, None] + cols, mask=ld, other=0.0).to(tl.float32)
+            is_cur = cols == x[:, None]
+            sh = tl.where(is_cur, 0.0, zt + shift[:, None])
+            if TWO_PASS:
+                # log w_y = ŝ_y + log(1 − q_y) + log T(x_t, y) (+ Δσ, common); non-positive s'_y never chosen
+                q = tl.exp(log_q0[:, None] - sh)
+                log_w = sh + tl.log(1.0 - q) + tl.where(is_cur, k3[:, None], k2[:, None])
+                cand = ld & (sh > log_q0[:, None]) & (q < 1.0)
+            else:
+                log_w = sh
+                cand = ld & (~is_cur)
+            noise = _tile_log_noise(seed, rows, first, BLOCK_R, BLOCK_V // B_SPLIT, N_ROUNDS)
+            key_b = tl.where(cand, log_w - noise, float("-inf"))
+            part_best, part_arg = tl.max(key_b, axis=1, return_indices=True)
+            better = part_best > best_b
+            arg_b = tl.where(better, first + part_arg.to(tl.int32), arg_b)
+            best_b = tl.where(better, part_best, best_b)
+        choice = tl.where(draw, arg_b, x)
     choice = tl.where(active, choice, x)
     tl.store(out_ptr + rows, choice.to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -297,6 +335,9 @@ def reverse_step_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------
+
+
+B_SPLIT = 4  # chunks of pass B's tile (see the kernel)
 
 
 def _row_constants(kind: int, scalar: torch.Tensor, absorbing: bool, N: int) -> torch.Tensor:
@@ -377,6 +418,6 @@ def reverse_step(
         KIND=KINDS[kind], ABSORB=bool(absorbing), HAS_SHIFT=shift is not None,
         TWO_PASS=(not absorbing) and kind != "euler",
         BLOCK_R=block_r, BLOCK_V=block_v, N_ROUNDS=10, N_TILES=triton.next_power_of_2(triton.cdiv(V, block_v)),
-        num_warps=num_warps,
+        B_SPLIT=min(B_SPLIT, block_v // 2), num_warps=num_warps,
     )
     return out

@@ -108,6 +108,7 @@ def _score_entropy_kernel(
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_V: tl.constexpr,  # columns per tile
     ALIGN: tl.constexpr,  # elements per 16 bytes when z and grad are misaligned alike, else 1
+    MASKED_SPLIT: tl.constexpr,  # sub-windows per masked (first / tail) window
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # 64-bit: rows·V overflows int32
@@ -193,13 +194,20 @@ def _score_entropy_kernel(
     # window w is whole iff w ≥ 1 (so w·BLOCK_V − mis ≥ 0) and (w + 1)·BLOCK_V ≤ V − 1 (so its last
     # column w·BLOCK_V + BLOCK_V − 1 − mis < V − 1 for every mis ≥ 0)
     whole_end = ((V - 1) // BLOCK_V) * BLOCK_V
-    m, acc, ssum = _tile(z_win, g_win, 0, cols0, V, mis, active, row_ok, xt_col, shift, k, c, g, m, acc, ssum,
-                         ABSORB, WRITE_LOSS, WRITE_GRAD, False)
+    # The masked windows (the first and the tail, one to three per row) go in sub-windows of
+    # BLOCK_V / MASKED_SPLIT columns: per-element masks make their loads scalar, and ptxas 12.8
+    # (Triton 3.6) keeps all of a whole window's scalar loads, addresses and predicates live at once,
+    # which set the kernel's register count (90 live in the absorbing tail against 67 in the
+    # vector loop). The few extra reductions cost nothing measurable at 1–3 windows of ~13.
+    sub = tl.arange(0, BLOCK_V // MASKED_SPLIT)
+    for part in tl.static_range(MASKED_SPLIT):
+        m, acc, ssum = _tile(z_win, g_win, part * (BLOCK_V // MASKED_SPLIT), sub, V, mis, active, row_ok, xt_col,
+                             shift, k, c, g, m, acc, ssum, ABSORB, WRITE_LOSS, WRITE_GRAD, False)
     for start in range(BLOCK_V, whole_end, BLOCK_V):
         m, acc, ssum = _tile(z_win, g_win, start, cols0, V, mis, active, row_ok, xt_col, shift, k, c, g, m, acc,
                              ssum, ABSORB, WRITE_LOSS, WRITE_GRAD, True)
-    for start in range(tl.maximum(whole_end, BLOCK_V), V + ALIGN - 1, BLOCK_V):
-        m, acc, ssum = _tile(z_win, g_win, start, cols0, V, mis, active, row_ok, xt_col, shift, k, c, g, m, acc,
+    for start in range(tl.maximum(whole_end, BLOCK_V), V + ALIGN - 1, BLOCK_V // MASKED_SPLIT):
+        m, acc, ssum = _tile(z_win, g_win, start, sub, V, mis, active, row_ok, xt_col, shift, k, c, g, m, acc,
                              ssum, ABSORB, WRITE_LOSS, WRITE_GRAD, False)
 
     if WRITE_GRAD:
@@ -232,6 +240,9 @@ def _score_entropy_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------
+
+
+MASKED_SPLIT = 2  # sub-windows per masked window (see the kernel)
 
 
 def _launch_config(n_rows: int, V: int, element_size: int, block_v: int | None):
@@ -296,6 +307,7 @@ def score_entropy(
     align = 16 // z.element_size()
     if block_v < align or (grad is not None and grad.data_ptr() % 16 != z.data_ptr() % 16):
         align = 1
+    masked_split = min(MASKED_SPLIT, block_v)
     dummy = sigma
     _score_entropy_kernel[(triton.cdiv(n_rows, block_r),)](
         z,
@@ -321,6 +333,7 @@ def score_entropy(
         BLOCK_R=block_r,
         BLOCK_V=block_v,
         ALIGN=align,
+        MASKED_SPLIT=masked_split,
         num_warps=num_warps,
     )
     return loss

@@ -64,7 +64,7 @@ def _recorded(module, name, launch) -> list[tuple[tuple, dict]]:
 
 
 def _compile(fn, args, kw, target):
-    options = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+    options = {k: kw.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kw}
     # The specialisation Triton's launcher makes at run time: pointers (torch allocations) and
     # integers that are multiples of 16 are marked 16-divisible, integers equal to 1 become constants.
     signature, constexprs, attrs = {}, {}, {}

@@ -56,10 +56,14 @@ Layout. One program handles BLOCK_R rows × the whole row width in tiles of BLOC
 GPU BLOCK_R = 1 and BLOCK_V is a few thousand; under the interpreter (~1 ms per program) a program
 takes many rows at once.
 
-Instruction counts (sm_90, Triton 3.9, SASS of each loop body per warp ÷ elements per thread;
-BLOCK_V = 4096, 8 warps, 16 elements per thread): pass A 13.7 per element for the absorbing steps,
-15.8 for uniform Euler (the current-token test), 26.6 for uniform analytic / denoise (plus 18.2
-for their statistics pass); before the two-level draw the single loop was 127–170.
+Instruction counts (sm_90, SASS of each loop body per warp ÷ 16 elements per thread; BLOCK_V =
+4096, 8 warps; Triton 3.9 / 3.6): pass A over whole tiles 12.9 / 12.2 per element for the absorbing
+steps, 15.0 / 14.1 for uniform Euler (the current-token test), 22.1 / 22.1 for uniform analytic /
+denoise (plus 18.2 / 19.4 for their statistics pass); before the two-level draw the single loop
+was 127–170. Registers (``python -m tests.test_kernels_gpu_build sm90 --table``): 92 / 64
+absorbing, 94 / 48 uniform Euler, 124 / 116 uniform analytic / denoise, no stack frame; pass B
+over the whole tile at once had needed 163 registers (uniform analytic) and a 24-byte stack frame
+(absorbing Euler / analytic) under Triton 3.6.
 """
 
 from __future__ import annotations

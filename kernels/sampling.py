@@ -333,6 +333,10 @@ def reverse_step_kernel(
             best_b = tl.where(better, part_best, best_b)
         choice = tl.where(draw, arg_b, x)
     choice = tl.where(active, choice, x)
+    if ABSORB and KIND == 2:
+        # denoise never keeps MASK: a row whose real tokens all have weight 0 (every score −∞)
+        # takes token 0, the lowest id, as the eager backend does (sedd.reference.denoise_step)
+        choice = tl.where(active & (best_tile < 0), 0, choice)
     tl.store(out_ptr + rows, choice.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 

@@ -31,6 +31,8 @@ import triton.language as tl
 
 from kernels._math import LOG2E, exp2, interpreted
 
+M_CAP = tl.constexpr(64.0)  # cap of the running max (e^64 ≈ 6e27, finite in fp32)
+
 
 @triton.jit
 def _esigm1(sigma):
@@ -65,14 +67,19 @@ def _tile(z_win, g_win, start, cols0, V, mis, active, row_ok, xt_col, shift, k, 
     s = tl.load((z_win + start)[:, None] + cols0[None, :], mask=ld, other=0.0).to(tl.float32) + shift[:, None]
     if WRITE_LOSS:
         s_inc = tl.where(inc, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s_inc, axis=1))
+        # the reference point of the running sum: the running max, capped at M_CAP so that the
+        # gradient's e^{m} cannot overflow (Σ e^{ŝ − m} then overflows only for ŝ > M_CAP + 88.7,
+        # where e^{ŝ} itself is long inf)
+        m_new = tl.minimum(tl.maximum(m, tl.max(s_inc, axis=1)), M_CAP)
         e_rel = exp2(s_inc * LOG2E - (m_new * LOG2E)[:, None])  # e^{ŝ − m}: the one exponential per element
         acc = acc * tl.exp(m - m_new) + tl.sum(e_rel, axis=1)
         if not ABSORB:
             ssum += tl.sum(tl.where(inc, s, 0.0), axis=1)
     if WRITE_GRAD:
         if WRITE_LOSS:
-            # e^{ŝ} = e^{ŝ − m}·e^{m}: no second exponential (overflows only where e^{ŝ} does)
+            # e^{ŝ} = e^{ŝ − m}·e^{m}: no second exponential. m is capped (below), so e^{m} stays
+            # finite and the product overflows exactly where e^{ŝ} does (ŝ > 88.7): only those
+            # entries are inf, as in eager.
             es = e_rel * tl.exp(m_new)[:, None]
         else:
             es = exp2(s * LOG2E)
@@ -187,7 +194,7 @@ def _score_entropy_kernel(
     if ALIGN > 1:  # pointer divisibility is in bytes
         z_win = tl.multiple_of(z_win, 16)
         g_win = tl.multiple_of(g_win, 16)
-    m = tl.full([BLOCK_R], -1e30, dtype=tl.float32)  # running max of the included ŝ
+    m = tl.full([BLOCK_R], -1e30, dtype=tl.float32)  # running max of the included ŝ (capped at M_CAP)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)  # Σ e^{ŝ − m}
     ssum = tl.zeros([BLOCK_R], dtype=tl.float32)  # Σ ŝ (uniform)
     cols0 = tl.arange(0, BLOCK_V)

@@ -502,7 +502,10 @@ def denoise_step(
     shift: torch.Tensor | None = None,
     block_v: int | None = None,
 ) -> torch.Tensor:
-    """The final denoising step from total noise ``sigma`` [B] to σ = 0; never returns MASK."""
+    """The final denoising step from total noise ``sigma`` [B] to σ = 0; never returns MASK.
+
+    A position whose real tokens all have weight 0 (every real-token score −∞) gets token 0, the
+    lowest id, on both backends."""
     B, g, shift = _check_step_args(log_score, x_t, graph, shift)
     sigma = _check_per_row("sigma", sigma, B, log_score.device)
     _check_generator(generator, log_score.device)

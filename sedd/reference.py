@@ -124,6 +124,8 @@ def analytic_step(log_score, x_t, dsigma, graph: Graph, shift=None, generator=No
 
 
 def denoise_step(log_score, x_t, sigma, graph: Graph, shift=None, generator=None) -> torch.Tensor:
+    # a row of all-zero weights (every real-token score −∞) draws token 0: the argmax of an
+    # all −∞ key row; the fused kernel returns the same (kernels/sampling.py)
     return sample_categorical(denoise_probs(log_score, x_t, sigma, graph, shift), generator).to(x_t.dtype)
 
 

@@ -389,3 +389,25 @@ def test_strided_scores_and_narrow_token_dtypes():
         b = ops.analytic_step(z.contiguous(), x_t.int(), torch.ones(2), graph, torch.Generator().manual_seed(14))
     assert b.dtype == torch.int32
     assert torch.equal(a, b.long())
+
+
+@pytest.mark.parametrize("block_v", [16, 64])
+def test_denoise_with_no_real_token_of_positive_weight_gives_token_zero_on_both_backends(block_v):
+    # Every real-token score −∞ in some rows: no real token can be drawn, and denoise must still
+    # not return MASK. Both backends define the answer as token 0 (the lowest id).
+    graph = Absorbing(V_ODD - 1)
+    log_score, x_t = _batch(graph, V_ODD, n=64)
+    dead = torch.zeros(x_t.shape, dtype=torch.bool)
+    dead[:, ::3] = True
+    log_score[dead] = -math.inf
+    log_score[..., graph.mask_id] = 5.0  # the MASK column is never a candidate, whatever it holds
+    draws = {}
+    for backend in ("torch", "triton"):
+        with ops.use_backend(backend):
+            # 3 tiles per row, or one (the eager backend has no tiles)
+            draws[backend] = _step("denoise", log_score, x_t, 0.5, graph, torch.Generator().manual_seed(4),
+                                   block_v=block_v if backend == "triton" else None)
+    for backend, out in draws.items():
+        assert (out[dead] == 0).all(), backend
+        assert (out != graph.mask_id).all(), backend
+        assert (out[~dead] < graph.N).all(), backend

@@ -331,3 +331,22 @@ def test_training_loss_with_sedd_model_matches_eager(monkeypatch, graph_name):
     for name in grads_t:
         scale = float(grads_t[name].abs().max())
         torch.testing.assert_close(grads_k[name], grads_t[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "batchmean"])
+@pytest.mark.parametrize("graph", [Absorbing(36), Uniform(37)], ids=repr)
+def test_fused_gradient_overflows_only_where_the_score_does(graph, reduction):
+    # One score of a row above log(fp32 max) ≈ 88.7, in the first of three tiles: e^{ŝ} is inf at
+    # that entry and nowhere else, in eager and in the fused loss+gradient pass alike (the running
+    # max of the row must not spread the overflow to the rest of the row).
+    z, sigma, x_t, x0, shift, weight = score_entropy_case(graph, sigmas=[0.3, 0.7], garbage=False, raw=False, seed=3)
+    x_t[0, 0] = graph.mask_id if graph.absorbing else 9
+    x0[0, 0] = 7
+    z[0, 0, 2] = 95.0
+    _, grad, _ = _run(z, sigma, x_t, x0, graph, shift, weight, reduction, block_v=16)
+    _, want = _oracle(z, sigma, x_t, x0, graph, shift, weight, reduction)
+    assert torch.isinf(want[0, 0, 2]) and torch.isinf(grad[0, 0, 2])
+    finite = torch.ones_like(grad, dtype=torch.bool)
+    finite[0, 0, 2] = False
+    assert torch.isfinite(grad[finite]).all()
+    _assert_grad(torch.where(finite, grad, 0.0), torch.where(finite, want, 0.0))

@@ -153,10 +153,24 @@ def _compute_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _row_chunks(n_rows: int, V: int):
-    rows = max(1, _CHUNK_ELEMENTS // V)
-    for r0 in range(0, n_rows, rows):
-        yield r0, min(n_rows, r0 + rows)
+def _active_rows(graph, x):
+    """Absorbing on CPU: the indices of the MASK rows, the only ones with a loss (others are 0).
+    Elsewhere None (every row): finding them is a host sync on a GPU, and a data-dependent shape
+    under torch.compile."""
+    if graph.kernel == "absorb" and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return (x == graph.mask_id).nonzero().squeeze(1)
+    return None
+
+
+def _index_chunks(rows, n_rows: int, V: int):
+    """Row selectors (slices, or index tensors into ``rows``) of at most _CHUNK_ELEMENTS values."""
+    step = max(1, _CHUNK_ELEMENTS // V)
+    if rows is None:
+        for r0 in range(0, n_rows, step):
+            yield slice(r0, min(n_rows, r0 + step))
+    else:
+        for r0 in range(0, rows.numel(), step):
+            yield rows[r0 : r0 + step]
 
 
 def _scores(z, x, shift, dtype):
@@ -188,13 +202,13 @@ def _loss_rows(graph, s, x, x0, k):
     s_x0 = s.gather(1, x0.unsqueeze(1)).squeeze(1).double()
     if graph.kernel == "absorb":
         M = graph.mask_id
-        pos = s[:, :M].exp_().sum(-1, dtype=torch.float64)
+        pos = s[:, :M].exp_().sum(-1).double()
         loss = pos - k["r"] * s_x0 + k["const"]
         return torch.where(x == M, loss, torch.zeros_like(loss))
     N = graph.N
-    neg0 = s.sum(-1, dtype=torch.float64) / N  # ŝ[x_t] = 0: the sum over y ≠ x_t
+    neg0 = s.sum(-1).double() / N  # ŝ[x_t] = 0: the sum over y ≠ x_t
     e = s.exp_().scatter_(1, x.unsqueeze(1), 0.0)
-    pos = e.sum(-1, dtype=torch.float64) / N
+    pos = e.sum(-1).double() / N
     neg = torch.where(k["stay"], k["rho"] * neg0, neg0 + s_x0 / k["E"])
     return pos - neg + k["const"]
 
@@ -228,11 +242,12 @@ class _ScoreEntropy(torch.autograd.Function):
         sig = sigma.repeat_interleave(L)
         sh = shift.repeat_interleave(L) if shift is not None else None
         k = _constants(graph, sig, x, y, dtype)
-        loss = torch.empty(B * L, dtype=torch.float64, device=log_score.device)
-        for r0, r1 in _row_chunks(B * L, V):
-            kc = {name: v[r0:r1] for name, v in k.items()}
-            s = _scores(z[r0:r1], x[r0:r1], None if sh is None else sh[r0:r1], dtype)
-            loss[r0:r1] = _loss_rows(graph, s, x[r0:r1], y[r0:r1], kc)
+        rows = _active_rows(graph, x)
+        loss = torch.zeros(B * L, dtype=torch.float64, device=log_score.device)
+        for idx in _index_chunks(rows, B * L, V):
+            kc = {name: v[idx] for name, v in k.items()}
+            s = _scores(z[idx], x[idx], None if sh is None else sh[idx], dtype)
+            loss[idx] = _loss_rows(graph, s, x[idx], y[idx], kc)
         loss = loss.reshape(B, L)
         if weight is not None:
             loss = loss * weight.double().unsqueeze(1)
@@ -271,10 +286,12 @@ class _ScoreEntropy(torch.autograd.Function):
         sig = sigma.repeat_interleave(L)
         sh = shift.repeat_interleave(L) if shift is not None else None
         k = _constants(graph, sig, x, y, dtype)
-        grad = torch.empty_like(log_score, memory_format=torch.contiguous_format)
+        rows = _active_rows(graph, x)
+        alloc = torch.empty_like if rows is None else torch.zeros_like
+        grad = alloc(log_score, memory_format=torch.contiguous_format)
         flat = grad.view(B * L, V)
-        for r0, r1 in _row_chunks(B * L, V):
-            kc = {name: v[r0:r1] for name, v in k.items()}
-            s = _scores(z[r0:r1], x[r0:r1], None if sh is None else sh[r0:r1], dtype)
-            flat[r0:r1] = _grad_rows(graph, s, x[r0:r1], y[r0:r1], kc, per_token[r0:r1])
+        for idx in _index_chunks(rows, B * L, V):
+            kc = {name: v[idx] for name, v in k.items()}
+            s = _scores(z[idx], x[idx], None if sh is None else sh[idx], dtype)
+            flat[idx] = _grad_rows(graph, s, x[idx], y[idx], kc, per_token[idx]).to(flat.dtype)
         return grad, None, None, None, None, None, None, None

@@ -8,14 +8,12 @@ sequence. The model's raw output goes straight into the fused loss together with
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from sedd import ops
 from sedd.graph import Graph
 from sedd.noise import Noise
-from sedd.scoring import model_scores, unwrap  # noqa: F401  (also re-exported: their old home)
+from sedd.scoring import accepts_head, model_scores, unwrap  # noqa: F401  (also re-exported: their old home)
 
 
 def sample_times(batch_size: int, sampling_eps: float = 1e-3, *, device=None, generator=None) -> torch.Tensor:
@@ -92,11 +90,6 @@ def score_entropy_loss(
         per_token = per_token * attention_mask
     per_sequence = per_token.sum(-1)
     return per_sequence.mean() if reduction == "mean" else per_sequence
-
-
-def accepts_head(net) -> bool:
-    """Whether the (unwrapped) model takes ``head=`` in its forward, as :class:`sedd.model.SEDD` does."""
-    return hasattr(net, "score_shift") and "head" in inspect.signature(net.forward).parameters
 
 
 def _fused_loss(model, x_t, sigma, x0, graph, weight, attention_mask, reduction, model_kwargs):

@@ -1,6 +1,6 @@
 """Reverse-step predictors: one object per way of moving the tokens from time t to t − Δt.
 
-A predictor calls the model once per step (through :func:`sedd.scoring.model_scores`, so the
+A predictor calls the model once per step (through :func:`sedd.scoring.step_on_scores`, so the
 fused kernels fold the σ shift in) and hands the scores to a :mod:`sedd.ops` step. The sampler
 looks predictors up by name in a registry and makes a fresh instance for every ``sample`` call,
 so a predictor may keep state across the steps of one call (a cache, for instance).
@@ -29,7 +29,7 @@ import torch
 from sedd import ops
 from sedd.graph import Graph
 from sedd.noise import Noise
-from sedd.scoring import model_scores
+from sedd.scoring import step_on_scores
 
 
 class Predictor:
@@ -42,6 +42,8 @@ class Predictor:
 
     name: str = ""
     final: bool = False
+    # absorbing graph: run the model's head only at the MASK rows (``sample(masked_only=...)`` sets it)
+    masked_only: bool = True
 
     def update(
         self,
@@ -126,8 +128,8 @@ class EulerPredictor(Predictor):
 
     def update(self, model, x, t, dt, graph, noise, generator=None):
         sigma, dsigma = (v.float() for v in noise(t))
-        log_score, shift = model_scores(model, x, sigma)
-        return ops.euler_step(log_score, x, dsigma, dt, graph, generator, shift=shift)
+        return step_on_scores(model, x, sigma, graph, lambda s, xt, shift, rows: ops.euler_step(
+            s, xt, dsigma[rows], dt, graph, generator, shift=shift), masked_only=self.masked_only)  # fmt: skip
 
 
 @register_predictor
@@ -139,8 +141,8 @@ class AnalyticPredictor(Predictor):
     def update(self, model, x, t, dt, graph, noise, generator=None):
         sigma = noise.total(t)
         dsigma = (sigma - noise.total(t - dt)).float()  # the difference in t's precision (fp64)
-        log_score, shift = model_scores(model, x, sigma.float())
-        return ops.analytic_step(log_score, x, dsigma, graph, generator, shift=shift)
+        return step_on_scores(model, x, sigma.float(), graph, lambda s, xt, shift, rows: ops.analytic_step(
+            s, xt, dsigma[rows], graph, generator, shift=shift), masked_only=self.masked_only)  # fmt: skip
 
 
 @register_predictor
@@ -152,5 +154,5 @@ class Denoiser(Predictor):
 
     def update(self, model, x, t, dt, graph, noise, generator=None):
         sigma = noise.total(t).float()
-        log_score, shift = model_scores(model, x, sigma)
-        return ops.denoise_step(log_score, x, sigma, graph, generator, shift=shift)
+        return step_on_scores(model, x, sigma, graph, lambda s, xt, shift, rows: ops.denoise_step(
+            s, xt, sigma[rows], graph, generator, shift=shift), masked_only=self.masked_only)  # fmt: skip

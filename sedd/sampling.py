@@ -3,7 +3,9 @@ registered one) over the time grid, a final denoising step, and conditioning on 
 
 Time grid t_k = linspace(1, ε, steps + 1), Δt = (1 − ε)/steps. Every step calls the model once
 and hands its raw output with the per-row σ shift to :mod:`sedd.ops`, which on CUDA samples the
-next tokens in a fused kernel: no [B, L, V] tensor is allocated besides the model's output.
+next tokens in a fused kernel: no [B, L, V] tensor is allocated besides the model's output, and on
+the absorbing graph the output itself is computed only at the MASK rows, in bounded chunks
+(:func:`sedd.scoring.step_on_scores`).
 
 Conditioning: the fixed positions are clamped to their tokens before every step and at the end.
 Any positions may be fixed: a prefix (prompting), a suffix, middle spans (infilling). On the
@@ -67,6 +69,7 @@ def sample(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    masked_only: bool = True,
 ) -> torch.Tensor:
     """Draw ``batch_size`` sequences of ``length`` tokens from the reverse process.
 
@@ -83,12 +86,21 @@ def sample(
             Exact for the absorbing graph; biased for the uniform graph (warns once).
         generator: a torch.Generator on ``device`` for reproducible samples.
         progress: show a progress bar over the steps.
+        masked_only: absorbing graph and a model that takes a ``head`` (like ``SEDD``): run the
+            output layer only at the positions still MASK (fixed positions never are), in chunks of
+            bounded size, and hand only those rows to the steps, so no [B, L, V] tensor is
+            allocated (real tokens never move on the absorbing graph: skipping them changes
+            nothing). False: the full head at every position, as for the uniform graph. Sets the
+            predictors' ``masked_only``.
 
     Returns:
         [B, L] int64 tokens (absorbing: no MASK left when ``denoise``).
     """
     step = get_predictor(predictor)
     final = get_predictor(denoiser, final=True) if denoise else None
+    for p in (step, final):
+        if p is not None:
+            p.masked_only = bool(masked_only)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0 < eps < 1:

@@ -1,9 +1,19 @@
 """How a sampler or a loss reads scores from a model: the raw output plus its σ shift, so the fused
-kernels fold the post-processing in, and the module under training/compile wrappers."""
+kernels fold the post-processing in, and the module under training/compile wrappers.
+
+On the absorbing graph a reverse step moves only the positions that are MASK, so
+:func:`step_on_scores` runs the model's output layer only at those rows (for a model that takes a
+``head``, like :class:`sedd.model.SEDD`), in chunks of at most :data:`HEAD_CHUNK_BYTES` of scores:
+no [B, L, V] tensor is allocated.
+"""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+
+HEAD_CHUNK_BYTES = 256 * 2**20  # bound on one chunk of scores in the masked-rows steps
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -26,3 +36,43 @@ def model_scores(model, x_t: torch.Tensor, sigma: torch.Tensor, **model_kwargs):
     if hasattr(net, "score_shift"):
         return model(x_t, sigma, raw=True, **model_kwargs), net.score_shift(sigma)
     return model(x_t, sigma, **model_kwargs), None
+
+
+def accepts_head(net) -> bool:
+    """Whether the (unwrapped) model takes ``head=`` in its forward, as :class:`sedd.model.SEDD` does."""
+    return hasattr(net, "score_shift") and "head" in inspect.signature(net.forward).parameters
+
+
+def step_on_scores(model, x: torch.Tensor, sigma: torch.Tensor, graph, step, *, masked_only: bool = True):
+    """The next tokens [B, L] from ``step(log_score, x_t, shift, rows)``, a ``sedd.ops`` step on
+    the model's scores at ``x`` (σ ``sigma`` [B]); ``rows`` indexes the per-sequence scalars [B]
+    of the rows handed over.
+
+    Absorbing graph, ``masked_only`` and a model that takes a ``head``: the head runs only at the
+    MASK positions (real tokens never move, so skipping them changes nothing), in row chunks
+    handed to ``step`` as [rows, 1, V], inside the model's forward; a step with no MASK left runs
+    no model. Otherwise the whole output [B, L, V] goes to ``step`` with ``rows`` = all of them.
+    """
+    if not (masked_only and graph.absorbing and accepts_head(unwrap(model))):
+        log_score, shift = model_scores(model, x, sigma)
+        return step(log_score, x, shift, slice(None))
+    B, L = x.shape
+    flat = x.reshape(-1)
+    masked = (flat == graph.mask_id).nonzero().squeeze(1)  # one host sync per step: the row count
+    if masked.numel() == 0:
+        return x
+    shift = unwrap(model).score_shift(sigma)
+
+    def head(hidden, weight, bias):
+        rows_per_chunk = max(1, HEAD_CHUNK_BYTES // (weight.shape[0] * hidden.element_size()))
+        hidden = hidden.reshape(B * L, -1)
+        out = flat.clone()
+        for start in range(0, masked.numel(), rows_per_chunk):
+            idx = masked[start : start + rows_per_chunk]
+            seq = torch.div(idx, L, rounding_mode="floor")
+            z = torch.nn.functional.linear(hidden[idx], weight, bias)[:, None]  # [rows, 1, V]
+            out[idx] = step(z, flat[idx, None], shift[seq], seq).reshape(-1)
+            del z
+        return out.reshape(B, L)
+
+    return model(x, sigma, head=head)

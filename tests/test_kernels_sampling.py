@@ -353,16 +353,30 @@ def test_full_sampler_on_the_triton_backend_respects_conditioning(monkeypatch):
     monkeypatch.setattr(ks, "reverse_step", spy)
     with ops.use_backend("triton"):
         x = sample(net, graph, noise, batch_size=2, length=L, steps=3, fixed_tokens=tokens, fixed_mask=mask,
-                   generator=torch.Generator().manual_seed(0))
+                   generator=torch.Generator().manual_seed(0), masked_only=False)
         y = sample(net, graph, noise, batch_size=2, length=L, steps=3, fixed_tokens=tokens, fixed_mask=mask,
+                   generator=torch.Generator().manual_seed(0), masked_only=False)
+        full_head_calls = seen[:]
+        seen.clear()
+        # the default absorbing sampler: the head and the kernel see only the rows still MASK
+        z = sample(net, graph, noise, batch_size=2, length=L, steps=3, fixed_tokens=tokens, fixed_mask=mask,
                    generator=torch.Generator().manual_seed(0))
     assert torch.equal(x, y)
-    assert torch.equal(x[:, mask], tokens[mask].expand(2, -1))
-    assert (x < graph.N).all()
+    for out in (x, z):
+        assert torch.equal(out[:, mask], tokens[mask].expand(2, -1))
+        assert (out < graph.N).all()
     # every step ran the fused kernel on the raw output with the σ shift folded in
     # two runs of 3 steps: 3 analytic steps and the final denoiser each
-    assert Counter(kind for kind, _, _ in seen) == {"analytic": 6, "denoise": 2}
-    assert all(has_shift and shape == (2, L, 21) for _, shape, has_shift in seen)
+    assert Counter(kind for kind, _, _ in full_head_calls) == {"analytic": 6, "denoise": 2}
+    assert all(has_shift and shape == (2, L, 21) for _, shape, has_shift in full_head_calls)
+    # masked rows only: step 1 sees every free position (all MASK), later calls no more rows than
+    # the step before, at most one call per step (none once no MASK is left)
+    free = 2 * int((~mask).sum())
+    assert seen[0] == ("analytic", (free, 1, 21), True)
+    rows = [shape[0] for _, shape, _ in seen]
+    assert rows == sorted(rows, reverse=True) and all(h and s[1:] == (1, 21) for _, s, h in seen)
+    counts = Counter(kind for kind, _, _ in seen)
+    assert counts["analytic"] <= 3 and counts["denoise"] <= 1 and set(counts) <= {"analytic", "denoise"}
 
 
 @pytest.mark.parametrize("graph_name", ["absorb", "uniform"])

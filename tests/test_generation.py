@@ -157,7 +157,9 @@ def test_generate_longer_than_the_model_is_blockwise():
         warnings.simplefilter("error")
         out = generate_samples(model, "Hi", tokenizer=TOK, length=20, steps=2, seed=0)
     assert len(out[0].tokens) == 20 and out[0].text.startswith("Hi")
-    assert max(calls) == 8 and len(calls) == 4 * 3  # stride 4: windows end at 8, 12, 16, 20; 2 steps + denoise
+    # stride 4: windows end at 8, 12, 16, 20; each runs the model at most 2 steps + denoise (the
+    # absorbing sampler skips the model once no position is MASK) and at least once
+    assert max(calls) == 8 and 4 <= len(calls) <= 4 * 3
 
 
 def test_sample_warns_past_the_training_length():

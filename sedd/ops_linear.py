@@ -87,7 +87,7 @@ def linear_score_entropy(
         raise ValueError(f"reduction must be one of ('none', 'sum', 'batchmean'), got {reduction!r}")
     if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1):
         raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
-    backend = ops.resolve_backend(device)
+    backend = ops.resolve_backend(device, g)
     if backend == "triton" and hidden.dtype == torch.float64:
         raise TypeError("hidden must be float32, bfloat16 or float16 on the triton backend, got torch.float64")
     if chunk_bytes is None:

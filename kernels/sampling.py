@@ -144,8 +144,8 @@ def _row_log_noise(seed, rows, counter, STREAM: tl.constexpr, N_ROUNDS: tl.const
 
 
 @triton.jit
-def _pass_a_tile(row_ptr, start, lanes, active, n_cand, x, shift, log_q0, t_ratio,
-                 ABSORB: tl.constexpr, TWO_PASS: tl.constexpr, WHOLE: tl.constexpr):
+def _pass_a_tile(row_ptr, start, lanes, active, n_cand, x, shift, log_q0, t_ratio, thr,
+                 ABSORB: tl.constexpr, TWO_PASS: tl.constexpr, WHOLE: tl.constexpr, TRUNCATE: tl.constexpr):
     """Pass A on one tile (columns start … start + BLOCK_V − 1): (tile max, Σ e^{· − max}) of the
     candidates' log-weights, per row (see the kernel). ``WHOLE``: every column is < n_cand."""
     # lanes (int32) against per-row scalars: the load mask is the bound check only (constant
@@ -161,6 +161,8 @@ def _pass_a_tile(row_ptr, start, lanes, active, n_cand, x, shift, log_q0, t_rati
         is_cur = lanes[None, :] == (x - start)[:, None]
         sh = tl.where(is_cur, 0.0, zt + shift[:, None])
         cand = ld & (sh > log_q0[:, None])
+        if TRUNCATE:  # the kept candidates only: ŝ ≥ thr, never the current token
+            cand = cand & (sh >= thr[:, None]) & ~is_cur
         shc = tl.where(cand, sh, float("-inf"))
         tile_m = tl.maximum(tl.max(shc, axis=1), _NEG_BIG)
         c_t = tl.exp(tl.minimum(log_q0 - tile_m, 0.0))  # log C ≥ tile max: empty tile anyway
@@ -170,9 +172,12 @@ def _pass_a_tile(row_ptr, start, lanes, active, n_cand, x, shift, log_q0, t_rati
         # candidates y ≠ x_t: log w_y = log(coef) + z_y + shift; per element only the raw z
         # (max, one exp2, add); the shift and the row constant are added per tile / per row
         if ABSORB:
-            zc = tl.where(ld, zt, float("-inf"))
+            cand = ld
         else:
-            zc = tl.where(ld & (lanes[None, :] != (x - start)[:, None]), zt, float("-inf"))
+            cand = ld & (lanes[None, :] != (x - start)[:, None])
+        if TRUNCATE:
+            cand = cand & (zt + shift[:, None] >= thr[:, None])
+        zc = tl.where(cand, zt, float("-inf"))
         tile_mz = tl.maximum(tl.max(zc, axis=1), _NEG_BIG)
         tile_s = tl.sum(_exp2(zc * LOG2E - (tile_mz * LOG2E)[:, None]), axis=1)
         tile_m = tile_mz + shift
@@ -193,6 +198,7 @@ def reverse_step_kernel(
     x_ptr,  # [B·L] int current tokens x_t (contiguous)
     const_ptr,  # [B, 4] fp32 per-row constants from ``_row_constants``
     seed_ptr,  # [1] int64 Philox seed
+    trunc_ptr,  # [B·L, 2] fp32 (ŝ threshold of the kept candidates, 1 to move / 0 to stay); TRUNCATE
     out_ptr,  # [B·L] int next tokens (x's dtype)
     n_rows,  # B·L
     L,  # positions per sequence
@@ -201,6 +207,7 @@ def reverse_step_kernel(
     ABSORB: tl.constexpr,  # absorbing graph (MASK = V − 1) or uniform
     HAS_SHIFT: tl.constexpr,
     TWO_PASS: tl.constexpr,  # uniform analytic / denoise: row statistics first, then the race
+    TRUNCATE: tl.constexpr,  # top-p / top-k: stay decided by the caller, draw among ŝ ≥ thr
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_V: tl.constexpr,  # columns per tile (even)
     N_ROUNDS: tl.constexpr,  # Philox rounds
@@ -231,6 +238,12 @@ def reverse_step_kernel(
     k1 = tl.load(const_ptr + b * 4 + 1, mask=row_ok, other=0.0)
     k2 = tl.load(const_ptr + b * 4 + 2, mask=row_ok, other=0.0)
     k3 = tl.load(const_ptr + b * 4 + 3, mask=row_ok, other=0.0)
+    if TRUNCATE:
+        thr = tl.load(trunc_ptr + rows * 2, mask=row_ok, other=0.0)
+        move = tl.load(trunc_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
+    else:
+        thr = k0
+        move = k0
 
     # ---- stats pass (uniform analytic / denoise only): log S, S = Σ_k e^{ŝ_k} over the whole row
     log_q0 = k1
@@ -267,13 +280,13 @@ def reverse_step_kernel(
     n_whole = tl.where(n_cols > 0, (n_cand // BLOCK_V) * BLOCK_V, 0)
     for start in range(0, n_whole, BLOCK_V):
         tile_m, tile_s = _pass_a_tile(row_ptr, start, lanes, active, n_cand, x, shift, log_q0, t_ratio,
-                                      ABSORB, TWO_PASS, True)
+                                      thr, ABSORB, TWO_PASS, True, TRUNCATE)
         this = tiles[None, :] == start // BLOCK_V
         lam_m = tl.where(this, tile_m[:, None], lam_m)
         lam_s = tl.where(this, tile_s[:, None], lam_s)
     for start in range(n_whole, n_cols, BLOCK_V):
         tile_m, tile_s = _pass_a_tile(row_ptr, start, lanes, active, n_cand, x, shift, log_q0, t_ratio,
-                                      ABSORB, TWO_PASS, False)
+                                      thr, ABSORB, TWO_PASS, False, TRUNCATE)
         this = tiles[None, :] == start // BLOCK_V
         lam_m = tl.where(this, tile_m[:, None], lam_m)
         lam_s = tl.where(this, tile_s[:, None], lam_s)
@@ -286,7 +299,11 @@ def reverse_step_kernel(
 
     # ---- the stay / MASK option (one-pass steps), with its own noise (stream 1)
     draw = active & (best_tile >= 0)
-    if not TWO_PASS:
+    if TRUNCATE:
+        # the caller drew stay-or-move with the untruncated probabilities; moving rows draw among
+        # the kept candidates (the current token is never one)
+        draw = draw & (move > 0.0)
+    elif not TWO_PASS:
         if KIND != 2:  # denoise never keeps MASK
             # stay weight 1 − coef·Σ e^{ŝ} (Euler stay, absorbing analytic MASK); ≤ 0: impossible
             m = tl.max(lam_m, axis=1)
@@ -322,9 +339,13 @@ def reverse_step_kernel(
                 q = tl.exp(log_q0[:, None] - sh)
                 log_w = sh + tl.log(1.0 - q) + tl.where(is_cur, k3[:, None], k2[:, None])
                 cand = ld & (sh > log_q0[:, None]) & (q < 1.0)
+                if TRUNCATE:
+                    cand = cand & (sh >= thr[:, None]) & ~is_cur
             else:
                 log_w = sh
                 cand = ld & (~is_cur)
+                if TRUNCATE:
+                    cand = cand & (sh >= thr[:, None])
             noise = _tile_log_noise(seed, rows, first, BLOCK_R, BLOCK_V // B_SPLIT, N_ROUNDS)
             key_b = tl.where(cand, log_w - noise, float("-inf"))
             part_best, part_arg = tl.max(key_b, axis=1, return_indices=True)
@@ -381,6 +402,7 @@ def reverse_step(
     *,
     shift: torch.Tensor | None = None,
     seed: torch.Tensor,
+    truncation: torch.Tensor | None = None,
     block_v: int | None = None,
     block_r: int | None = None,
 ) -> torch.Tensor:
@@ -394,6 +416,10 @@ def reverse_step(
         absorbing: absorbing graph (MASK = V − 1, N = V − 1) or uniform (N = V).
         shift: optional [B] fp32, ŝ = z + shift.
         seed: [1] int64 tensor on z's device, the Philox key.
+        truncation: optional [B, L, 2] fp32 for a top-p / top-k step: per position the ŝ threshold
+            of the kept candidates (y ≠ x_t with ŝ_y ≥ it) and 1.0 to move / 0.0 to stay, decided
+            by the caller with the untruncated stay probability. Moving positions draw among the
+            kept candidates with the step's weights; without it the kernel compiles as before.
         block_v, block_r: force the tile width (even) / rows per program (powers of two).
 
     The caller (``sedd.ops``) validates values; this checks only what the kernel relies on.
@@ -421,10 +447,11 @@ def reverse_step(
     num_warps = 4 if block_v <= 1024 else 8
     grid = (triton.cdiv(n_rows, block_r),)
     reverse_step_kernel[grid](
-        z, z.stride(0), z.stride(1), shift_arg, x, consts, seed, out,
+        z, z.stride(0), z.stride(1), shift_arg, x, consts, seed,
+        truncation.reshape(n_rows, 2).float().contiguous() if truncation is not None else consts, out,
         n_rows, L, V,
         KIND=KINDS[kind], ABSORB=bool(absorbing), HAS_SHIFT=shift is not None,
-        TWO_PASS=(not absorbing) and kind != "euler",
+        TWO_PASS=(not absorbing) and kind != "euler", TRUNCATE=truncation is not None,
         BLOCK_R=block_r, BLOCK_V=block_v, N_ROUNDS=10, N_TILES=triton.next_power_of_2(triton.cdiv(V, block_v)),
         B_SPLIT=min(B_SPLIT, block_v // 2), num_warps=num_warps,
     )

@@ -442,6 +442,8 @@ def euler_step(
     *,
     shift: torch.Tensor | None = None,
     block_v: int | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
 ) -> torch.Tensor:
     """One Euler (τ-leaping) reverse step; returns the next tokens [B, L] (x_t's dtype).
 
@@ -452,6 +454,8 @@ def euler_step(
         dt: step size Δt > 0 (a number or [B]).
         graph, generator, shift: as in :func:`score_entropy` / :func:`sample_transition`.
         block_v: the Triton kernel's column tile (a power of two; None: the launcher's choice).
+        top_p, top_k: nucleus / top-k truncation of where a position jumps to (see
+            :data:`TRUNCATION`); None: the untruncated step.
 
     Candidate y ≠ x_t has weight Δt·dσ·Q(x_t, y)·e^{ŝ_y}; staying has weight 1 − Σ (never chosen
     when negative). For absorbing only MASK positions move.
@@ -460,11 +464,13 @@ def euler_step(
     dsigma = _check_per_row("dsigma", dsigma, B, log_score.device)
     dt = _check_per_row("dt", dt, B, log_score.device)
     _check_generator(generator, log_score.device)
+    _check_truncation(top_p, top_k)
     if _dispatch(log_score.device, g) == "triton":
-        return _step_triton("euler", log_score, x_t, dsigma * dt, g, shift, generator, block_v)
-    if g.kernel is not None:
+        trunc = _truncation("euler", log_score, x_t, (dsigma, dt), g, shift, generator, top_p, top_k)
+        return _step_triton("euler", log_score, x_t, dsigma * dt, g, shift, generator, block_v, trunc)
+    if g.kernel is not None and top_p is None and top_k is None:
         return _step_eager("euler", log_score, x_t, dsigma * dt, g, shift, generator)
-    return reference.euler_step(log_score, _index(x_t), dsigma, dt, g, shift, generator).to(x_t.dtype)
+    return reference.euler_step(log_score, _index(x_t), dsigma, dt, g, shift, generator, top_p, top_k).to(x_t.dtype)
 
 
 def analytic_step(
@@ -476,20 +482,24 @@ def analytic_step(
     *,
     shift: torch.Tensor | None = None,
     block_v: int | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
 ) -> torch.Tensor:
     """One analytic (Tweedie τ-leaping) reverse step; returns the next tokens [B, L].
 
     ``dsigma`` [B] or [B, 1] is the noise removed by the step, σ̄(t) − σ̄(t − Δt) > 0.
-    p_y ∝ (exp(−Δσ Q) s)_y · exp(Δσ Q)(x_t, y).
+    p_y ∝ (exp(−Δσ Q) s)_y · exp(Δσ Q)(x_t, y). ``top_p``, ``top_k``: see :data:`TRUNCATION`.
     """
     B, g, shift = _check_step_args(log_score, x_t, graph, shift)
     dsigma = _check_per_row("dsigma", dsigma, B, log_score.device)
     _check_generator(generator, log_score.device)
+    _check_truncation(top_p, top_k)
     if _dispatch(log_score.device, g) == "triton":
-        return _step_triton("analytic", log_score, x_t, dsigma, g, shift, generator, block_v)
-    if g.kernel is not None:
+        trunc = _truncation("analytic", log_score, x_t, (dsigma,), g, shift, generator, top_p, top_k)
+        return _step_triton("analytic", log_score, x_t, dsigma, g, shift, generator, block_v, trunc)
+    if g.kernel is not None and top_p is None and top_k is None:
         return _step_eager("analytic", log_score, x_t, dsigma, g, shift, generator)
-    return reference.analytic_step(log_score, _index(x_t), dsigma, g, shift, generator).to(x_t.dtype)
+    return reference.analytic_step(log_score, _index(x_t), dsigma, g, shift, generator, top_p, top_k).to(x_t.dtype)
 
 
 def denoise_step(
@@ -501,19 +511,24 @@ def denoise_step(
     *,
     shift: torch.Tensor | None = None,
     block_v: int | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
 ) -> torch.Tensor:
     """The final denoising step from total noise ``sigma`` [B] to σ = 0; never returns MASK.
+    ``top_p``, ``top_k``: see :data:`TRUNCATION`.
 
     A position whose real tokens all have weight 0 (every real-token score −∞) gets token 0, the
     lowest id, on both backends."""
     B, g, shift = _check_step_args(log_score, x_t, graph, shift)
     sigma = _check_per_row("sigma", sigma, B, log_score.device)
     _check_generator(generator, log_score.device)
+    _check_truncation(top_p, top_k)
     if _dispatch(log_score.device, g) == "triton":
-        return _step_triton("denoise", log_score, x_t, sigma, g, shift, generator, block_v)
-    if g.kernel is not None:
+        trunc = _truncation("denoise", log_score, x_t, (sigma,), g, shift, generator, top_p, top_k)
+        return _step_triton("denoise", log_score, x_t, sigma, g, shift, generator, block_v, trunc)
+    if g.kernel is not None and top_p is None and top_k is None:
         return _step_eager("denoise", log_score, x_t, sigma, g, shift, generator)
-    return reference.denoise_step(log_score, _index(x_t), sigma, g, shift, generator).to(x_t.dtype)
+    return reference.denoise_step(log_score, _index(x_t), sigma, g, shift, generator, top_p, top_k).to(x_t.dtype)
 
 
 def _step_eager(kind, log_score, x_t, scalar, graph, shift, generator):
@@ -521,11 +536,50 @@ def _step_eager(kind, log_score, x_t, scalar, graph, shift, generator):
     return eager.reverse_step(kind, log_score, _index(x_t), scalar, graph, shift, generator).to(x_t.dtype)
 
 
-def _step_triton(kind, log_score, x_t, scalar, graph, shift, generator, block_v):
+TRUNCATION = """Nucleus (top-p) and top-k truncation of a reverse step, as MDLM's ``p_nucleus``.
+
+The step's categorical distribution over the next token is split into staying (keeping x_t) and
+jumping to a candidate y ≠ x_t. Staying keeps its probability; the probability of jumping is
+spread over the kept candidates in proportion to their step probability. ``top_k`` keeps the
+candidates whose probability is at least the k-th largest; ``top_p`` (0 < p ≤ 1) then keeps,
+among those, the smallest prefix in decreasing probability whose share of their total reaches p
+(the token crossing it included); ties at either boundary are all kept. Both backends draw from
+exactly this distribution (``sedd.reference.truncate``). The Triton backend finds the kept set
+with torch (one sort of the step's probabilities) and draws with the fused kernel; without
+``top_p``/``top_k`` the kernel launch is the untruncated one, unchanged."""
+
+
+def _check_truncation(top_p, top_k):
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < float(top_p) <= 1.0:
+            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+
+
+def _truncation(kind, log_score, x_t, scalars, graph, shift, generator, top_p, top_k):
+    """[B, L, 2] (ŝ threshold of the kept candidates, move flag) for the kernel, or None."""
+    _check_truncation(top_p, top_k)
+    if top_p is None and top_k is None:
+        return None
+    x_t = _index(x_t)
+    probs = {"euler": reference.euler_probs, "analytic": reference.analytic_probs,
+             "denoise": reference.denoise_probs}[kind](log_score, x_t, *scalars, graph, shift)
+    keep = reference.truncation_keep(probs, x_t, top_p, top_k)
+    # the step's candidate weights increase with ŝ, so the kept set is {y ≠ x_t : ŝ_y ≥ thr}
+    thr = torch.where(keep, reference.log_scores(log_score, x_t, shift), torch.inf).amin(-1)
+    stay = probs.gather(-1, x_t.unsqueeze(-1).long()).squeeze(-1)
+    u = torch.rand(stay.shape, generator=generator, device=stay.device, dtype=torch.float64)
+    move = (u >= stay.double()).float()
+    return torch.stack([thr.float(), move], -1)
+
+
+def _step_triton(kind, log_score, x_t, scalar, graph, shift, generator, block_v, truncation=None):
     _check_triton_dtype(log_score)
     seed = _philox_seed(log_score.device, generator)
     return torch.ops.sedd.reverse_step(
-        kind, log_score, x_t, scalar, shift, seed, _absorb(graph), graph.N, _block(block_v)
+        kind, log_score, x_t, scalar, shift, seed, _absorb(graph), graph.N, _block(block_v), truncation
     )
 
 

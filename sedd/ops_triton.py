@@ -290,14 +290,16 @@ def _reverse_step_op(
     absorbing: bool,
     N: int,
     block_v: int,
+    truncation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The next tokens [B, L] (x_t's dtype) of one reverse step ``kind`` ("euler": scalar = dσ·Δt,
     "analytic": Δσ, "denoise": σ; [B] fp32), drawn in-kernel with Philox keyed by ``seed`` [1]."""
     from kernels.sampling import reverse_step as launch
 
-    return launch(kind, log_score, x_t, scalar, absorbing, N, shift=shift, seed=seed, block_v=block_v or None)
+    return launch(kind, log_score, x_t, scalar, absorbing, N, shift=shift, seed=seed, block_v=block_v or None,
+                  truncation=truncation)
 
 
 @_reverse_step_op.register_fake
-def _(kind, log_score, x_t, scalar, shift, seed, absorbing, N, block_v):
+def _(kind, log_score, x_t, scalar, shift, seed, absorbing, N, block_v, truncation=None):
     return torch.empty_like(x_t)

@@ -126,10 +126,10 @@ class EulerPredictor(Predictor):
 
     name = "euler"
 
-    def update(self, model, x, t, dt, graph, noise, generator=None):
+    def update(self, model, x, t, dt, graph, noise, generator=None, top_p=None, top_k=None):
         sigma, dsigma = (v.float() for v in noise(t))
         return step_on_scores(model, x, sigma, graph, lambda s, xt, shift, rows: ops.euler_step(
-            s, xt, dsigma[rows], dt, graph, generator, shift=shift), masked_only=self.masked_only)  # fmt: skip
+            s, xt, dsigma[rows], dt, graph, generator, shift=shift, top_p=top_p, top_k=top_k), masked_only=self.masked_only)  # fmt: skip
 
 
 @register_predictor
@@ -138,11 +138,11 @@ class AnalyticPredictor(Predictor):
 
     name = "analytic"
 
-    def update(self, model, x, t, dt, graph, noise, generator=None):
+    def update(self, model, x, t, dt, graph, noise, generator=None, top_p=None, top_k=None):
         sigma = noise.total(t)
         dsigma = (sigma - noise.total(t - dt)).float()  # the difference in t's precision (fp64)
         return step_on_scores(model, x, sigma.float(), graph, lambda s, xt, shift, rows: ops.analytic_step(
-            s, xt, dsigma[rows], graph, generator, shift=shift), masked_only=self.masked_only)  # fmt: skip
+            s, xt, dsigma[rows], graph, generator, shift=shift, top_p=top_p, top_k=top_k), masked_only=self.masked_only)  # fmt: skip
 
 
 @register_predictor
@@ -152,7 +152,7 @@ class Denoiser(Predictor):
     name = "denoise"
     final = True
 
-    def update(self, model, x, t, dt, graph, noise, generator=None):
+    def update(self, model, x, t, dt, graph, noise, generator=None, top_p=None, top_k=None):
         sigma = noise.total(t).float()
         return step_on_scores(model, x, sigma, graph, lambda s, xt, shift, rows: ops.denoise_step(
-            s, xt, sigma[rows], graph, generator, shift=shift), masked_only=self.masked_only)  # fmt: skip
+            s, xt, sigma[rows], graph, generator, shift=shift, top_p=top_p, top_k=top_k), masked_only=self.masked_only)  # fmt: skip

@@ -19,6 +19,7 @@ from sedd.graph import Graph
 
 __all__ = [
     "esigm1", "log_scores", "score_entropy", "reverse_rates", "euler_probs", "analytic_probs", "denoise_probs",
+    "truncate", "truncation_keep",
     "sample_categorical", "euler_step", "analytic_step", "denoise_step", "sample_transition",
 ]  # fmt: skip
 
@@ -103,6 +104,51 @@ def denoise_probs(log_score, x_t, sigma, graph: Graph, shift=None) -> torch.Tens
     return _normalise(graph.denoise_weights(s, x_t, sigma))
 
 
+def truncation_keep(probs: torch.Tensor, x_t: torch.Tensor, top_p: float | None = None,
+                    top_k: int | None = None) -> torch.Tensor:
+    """The candidates a truncated step keeps: bool [..., V], never the stay option ``x_t``.
+
+    Over the candidates y ≠ x_t of positive probability: ``top_k`` keeps those with p_y ≥ the
+    k-th largest p; ``top_p`` then keeps, among those, the tokens with p_y ≥ p_(i*), where the
+    kept candidates sorted by decreasing p first reach a share ``top_p`` of their total mass at
+    the i*-th (the token that crosses the threshold is kept). Ties at a boundary are all kept.
+    """
+    V = probs.shape[-1]
+    stay_col = x_t.unsqueeze(-1)
+    cand = probs.scatter(-1, stay_col, 0.0)
+    keep = cand > 0
+    if top_k is not None:
+        kth = cand.topk(min(int(top_k), V), dim=-1).values[..., -1:]
+        keep &= cand >= kth
+    if top_p is not None:
+        kept = torch.where(keep, cand, 0.0)
+        desc = kept.sort(-1, descending=True).values
+        cum = desc.cumsum(-1)
+        first = (cum < top_p * cum[..., -1:]).sum(-1, keepdim=True).clamp_max(V - 1)
+        keep &= cand >= desc.gather(-1, first)
+    return keep
+
+
+def truncate(probs: torch.Tensor, x_t: torch.Tensor, top_p: float | None = None,
+             top_k: int | None = None) -> torch.Tensor:
+    """Nucleus / top-k truncation of a step's distribution ``probs`` [..., V] (rows sum to 1).
+
+    The stay option (keeping x_t) keeps its probability; the probability of moving, 1 − p(x_t), is
+    spread over the candidates :func:`truncation_keep` keeps, in proportion to their p. So the
+    truncation acts on where a position jumps to, not on whether it jumps (as MDLM's p_nucleus
+    acts on the clean-token distribution): an absorbing step keeps its chance to unmask.
+    """
+    if top_p is None and top_k is None:
+        return probs
+    stay_col = x_t.unsqueeze(-1)
+    stay = probs.gather(-1, stay_col)
+    cand = probs.scatter(-1, stay_col, 0.0)
+    kept = torch.where(truncation_keep(probs, x_t, top_p, top_k), cand, 0.0)
+    mass = kept.sum(-1, keepdim=True)
+    scale = torch.where(mass > 0, cand.sum(-1, keepdim=True) / mass, 0.0)
+    return (kept * scale).scatter(-1, stay_col, stay)
+
+
 def sample_categorical(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One draw per row from unnormalised weights [..., V] ≥ 0: argmax_y (log w_y − log E_y), E ~ Exp(1).
 
@@ -115,18 +161,24 @@ def sample_categorical(weights: torch.Tensor, generator: torch.Generator | None 
     return (logw - noise.log()).argmax(-1)
 
 
-def euler_step(log_score, x_t, dsigma, dt, graph: Graph, shift=None, generator=None) -> torch.Tensor:
-    return sample_categorical(euler_probs(log_score, x_t, dsigma, dt, graph, shift), generator).to(x_t.dtype)
+def euler_step(log_score, x_t, dsigma, dt, graph: Graph, shift=None, generator=None, top_p=None,
+               top_k=None) -> torch.Tensor:
+    probs = truncate(euler_probs(log_score, x_t, dsigma, dt, graph, shift), x_t, top_p, top_k)
+    return sample_categorical(probs, generator).to(x_t.dtype)
 
 
-def analytic_step(log_score, x_t, dsigma, graph: Graph, shift=None, generator=None) -> torch.Tensor:
-    return sample_categorical(analytic_probs(log_score, x_t, dsigma, graph, shift), generator).to(x_t.dtype)
+def analytic_step(log_score, x_t, dsigma, graph: Graph, shift=None, generator=None, top_p=None,
+                  top_k=None) -> torch.Tensor:
+    probs = truncate(analytic_probs(log_score, x_t, dsigma, graph, shift), x_t, top_p, top_k)
+    return sample_categorical(probs, generator).to(x_t.dtype)
 
 
-def denoise_step(log_score, x_t, sigma, graph: Graph, shift=None, generator=None) -> torch.Tensor:
+def denoise_step(log_score, x_t, sigma, graph: Graph, shift=None, generator=None, top_p=None,
+                 top_k=None) -> torch.Tensor:
     # a row of all-zero weights (every real-token score −∞) draws token 0: the argmax of an
     # all −∞ key row; the fused kernel returns the same (kernels/sampling.py)
-    return sample_categorical(denoise_probs(log_score, x_t, sigma, graph, shift), generator).to(x_t.dtype)
+    probs = truncate(denoise_probs(log_score, x_t, sigma, graph, shift), x_t, top_p, top_k)
+    return sample_categorical(probs, generator).to(x_t.dtype)
 
 
 def sample_transition(x0, sigma, graph: Graph, generator=None) -> torch.Tensor:

@@ -18,6 +18,8 @@ sampler warns once per process.
 
 from __future__ import annotations
 
+import inspect
+
 import warnings
 
 import torch
@@ -70,6 +72,8 @@ def sample(
     device: torch.device | str | None = None,
     progress: bool = False,
     masked_only: bool = True,
+    top_p: float | None = None,
+    top_k: int | None = None,
 ) -> torch.Tensor:
     """Draw ``batch_size`` sequences of ``length`` tokens from the reverse process.
 
@@ -92,6 +96,8 @@ def sample(
             allocated (real tokens never move on the absorbing graph: skipping them changes
             nothing). False: the full head at every position, as for the uniform graph. Sets the
             predictors' ``masked_only``.
+        top_p, top_k: nucleus / top-k truncation of every step, the final denoising step included
+            (see :data:`sedd.ops.TRUNCATION`: where a position jumps to is truncated, not whether).
 
     Returns:
         [B, L] int64 tokens (absorbing: no MASK left when ``denoise``).
@@ -103,6 +109,11 @@ def sample(
             p.masked_only = bool(masked_only)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    ops._check_truncation(top_p, top_k)
+    trunc = {} if top_p is None and top_k is None else {"top_p": top_p, "top_k": top_k}
+    for p in (step, final):
+        if trunc and p is not None and not {"top_p", "top_k"} <= set(inspect.signature(p.update).parameters):
+            raise ValueError(f"predictor {p.name!r} does not take top_p / top_k")
     if not 0 < eps < 1:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
     if device is None:
@@ -126,9 +137,9 @@ def sample(
     # no value checks, so no device sync per step.
     with ops.value_checks(False):
         for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
-            x = project(step.update(model, x, times[i].expand(B), dt, graph, noise, generator))
+            x = project(step.update(model, x, times[i].expand(B), dt, graph, noise, generator, **trunc))
         if final is not None:
-            x = project(final.update(model, x, times[-1].expand(B), dt, graph, noise, generator))
+            x = project(final.update(model, x, times[-1].expand(B), dt, graph, noise, generator, **trunc))
         return x
 
 

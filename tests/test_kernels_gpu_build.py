@@ -151,6 +151,11 @@ def _launches():
             launches += _recorded(sampling_kernels, "reverse_step_kernel",
                                   lambda: sampling_kernels.reverse_step(kind, scores, x, per_row, absorbing,
                                                                         V_ABSORB - 1, shift=per_row, seed=seed))
+        # a top-p / top-k step (the truncated path of the same kernel)
+        launches += _recorded(sampling_kernels, "reverse_step_kernel",
+                              lambda: sampling_kernels.reverse_step("analytic", scores, x, per_row, absorbing,
+                                                                    V_ABSORB - 1, shift=per_row, seed=seed,
+                                                                    truncation=torch.zeros(B, L, 2)))
     return launches
 
 
@@ -214,7 +219,7 @@ def test_every_gpu_launch_compiles_within_budget(target, which):
     version, records = json.loads(proc.stdout.splitlines()[-1])
     if which == "side":
         assert version != triton.__version__, f"the side Triton is the installed one ({version})"
-    assert len(records) == 2 * (4 + 1 + 3)
+    assert len(records) == 2 * (4 + 1 + 3 + 1)
     assert {r["kernel"] for r in records} == {"_score_entropy_kernel", "_sample_transition_kernel",
                                               "reverse_step_kernel"}
     if target == "sm90":  # the GPUs the benchmarks target; sm_80 spills 8 bytes in one per-row epilogue
@@ -234,7 +239,8 @@ def _table(version: str, records: list[dict]) -> str:
             spec = ("absorbing" if c["ABSORB"] else "uniform") + (" loss" if c["WRITE_LOSS"] else "") + \
                 (" +grad" if c["WRITE_GRAD"] else "") + ("" if c["ALIGN"] > 1 else " unaligned")
         elif r["kernel"] == "reverse_step_kernel":
-            spec = ("absorbing " if c["ABSORB"] else "uniform ") + ("euler", "analytic", "denoise")[c["KIND"]]
+            spec = ("absorbing " if c["ABSORB"] else "uniform ") + ("euler", "analytic", "denoise")[c["KIND"]] + \
+                (" top-p/top-k" if c["TRUNCATE"] else "")
         else:
             spec = "absorbing" if c["ABSORB"] else "uniform"
         u = _usage(r)

@@ -1,0 +1,112 @@
+"""Nucleus (top-p) and top-k truncation of the reverse steps, both backends.
+
+The truncated distribution is defined once (``sedd.reference.truncate``: the stay option keeps its
+probability, the jump probability goes to the kept candidates in proportion); it is checked here
+on hand-made rows, and both backends' draws are tested against it by χ² goodness of fit at a tiny
+width under the interpreter (several tiles per row on the Triton side).
+"""
+
+import math
+
+import pytest
+import torch
+
+from sedd import ops, reference
+from sedd.graph import Absorbing, Uniform
+from tests.helpers import chi2_pvalue
+
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning")
+
+V = 21
+DRAWS = 3000
+
+
+def test_truncate_keeps_the_stay_probability_and_the_defined_candidates():
+    # x_t = 0 (stay 0.4); candidates 0.2, 0.15, 0.15, 0.05, 0.05 (mass 0.6)
+    p = torch.tensor([[0.4, 0.2, 0.15, 0.15, 0.05, 0.05]])
+    x = torch.tensor([0])
+    keep = reference.truncation_keep(p, x, top_k=2)  # the 2nd largest is 0.15: the tie is kept
+    assert keep.tolist() == [[False, True, True, True, False, False]]
+    # top-p 0.5 of 0.6 = 0.3: 0.2 < 0.3, 0.2 + 0.15 ≥ 0.3 at a 0.15, so both 0.15 are kept
+    assert reference.truncation_keep(p, x, top_p=0.5).tolist() == [[False, True, True, True, False, False]]
+    assert reference.truncation_keep(p, x, top_p=0.3).tolist() == [[False, True, False, False, False, False]]
+    # top-k first, then top-p on what it kept: 0.55 · 0.5 = 0.275 is crossed at the first 0.15
+    assert reference.truncation_keep(p, x, top_k=2, top_p=0.55).tolist() == [[False, True, True, True, False, False]]
+    q = reference.truncate(p, x, top_p=0.3)
+    torch.testing.assert_close(q, torch.tensor([[0.4, 0.6, 0, 0, 0, 0]]))
+    q = reference.truncate(p, x, top_k=2)
+    torch.testing.assert_close(q, torch.tensor([[0.4, 0.6 * 0.2 / 0.5, 0.6 * 0.15 / 0.5, 0.6 * 0.15 / 0.5, 0, 0]]))
+    assert reference.truncate(p, x) is p
+    # a row that cannot move (absorbing, not MASK) is left alone
+    fixed = torch.tensor([[0.0, 1.0, 0.0]])
+    assert torch.equal(reference.truncate(fixed, torch.tensor([1]), top_p=0.1, top_k=1), fixed)
+
+
+def _graph(name):
+    return Absorbing(V - 1) if name == "absorb" else Uniform(V)
+
+
+def _batch(graph, seed):
+    g = torch.Generator().manual_seed(seed)
+    row = torch.randn(V, generator=g) * 1.5
+    log_score = row.expand(4, DRAWS // 4, V).contiguous()
+    x_t = torch.full((4, DRAWS // 4), graph.mask_id if graph.absorbing else 3)
+    return log_score, x_t
+
+
+def _step(kind, log_score, x_t, graph, seed, block_v=None, **trunc):
+    B = log_score.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "euler":  # the candidates' total weight ≈ 0.6: the stay option matters
+        row = log_score[0, 0].clone()
+        row[x_t[0, 0]] = -math.inf
+        coef = 0.6 / (math.exp(torch.logsumexp(row, 0).item()) / (1 if graph.absorbing else graph.N))
+        return ops.euler_step(log_score, x_t, torch.full((B,), coef), 1.0, graph, gen, block_v=block_v, **trunc)
+    fn = ops.analytic_step if kind == "analytic" else ops.denoise_step
+    return fn(log_score, x_t, torch.full((B,), 0.7), graph, gen, block_v=block_v, **trunc)
+
+
+def _truncated_probs(kind, log_score, x_t, graph, **trunc):
+    one, x1 = log_score[:1, :1], x_t[:1, :1]
+    B = 1
+    if kind == "euler":
+        row = one[0, 0].clone()
+        row[x1[0, 0]] = -math.inf
+        coef = 0.6 / (math.exp(torch.logsumexp(row, 0).item()) / (1 if graph.absorbing else graph.N))
+        probs = reference.euler_probs(one, x1, torch.full((B,), coef), torch.ones(B), graph)
+    elif kind == "analytic":
+        probs = reference.analytic_probs(one, x1, torch.full((B,), 0.7), graph)
+    else:
+        probs = reference.denoise_probs(one, x1, torch.full((B,), 0.7), graph)
+    return reference.truncate(probs, x1, **trunc)[0, 0]
+
+
+TRUNCS = [dict(top_p=0.6), dict(top_k=3), dict(top_k=6, top_p=0.8)]
+
+
+@pytest.mark.parametrize("trunc", range(len(TRUNCS)))
+@pytest.mark.parametrize("kind", ["euler", "analytic", "denoise"])
+@pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_truncated_draws_fit_the_truncated_distribution(backend, graph_name, kind, trunc):
+    trunc = TRUNCS[trunc]
+    graph = _graph(graph_name)
+    log_score, x_t = _batch(graph, seed=len(kind))
+    with ops.use_backend(backend):  # three tiles per row on the Triton side
+        draws = _step(kind, log_score, x_t, graph, 5, block_v=8 if backend == "triton" else None, **trunc)
+        assert ops.last_backend() == backend
+    probs = _truncated_probs(kind, log_score, x_t, graph, **trunc)
+    assert (probs > 0).sum() < (_truncated_probs(kind, log_score, x_t, graph) > 0).sum()  # it truncates
+    assert chi2_pvalue(draws, probs) > 1e-3  # cells of probability 0 must never be drawn
+    if kind == "denoise" and graph.absorbing:
+        assert (draws != graph.mask_id).all()
+
+
+def test_bad_truncation_arguments_raise():
+    graph = _graph("absorb")
+    log_score, x_t = _batch(graph, 0)
+    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(top_p=True), dict(top_k=0), dict(top_k=2.0)):
+        for backend in ("torch", "triton"):
+            with ops.use_backend(backend), pytest.raises(ValueError, match="top_[pk]"):
+                _step("analytic", log_score[:1, :2], x_t[:1, :2], graph, 0, **bad)

@@ -110,3 +110,23 @@ def test_bad_truncation_arguments_raise():
         for backend in ("torch", "triton"):
             with ops.use_backend(backend), pytest.raises(ValueError, match="top_[pk]"):
                 _step("analytic", log_score[:1, :2], x_t[:1, :2], graph, 0, **bad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sampler_takes_top_p_and_top_k(backend):
+    from sedd.noise import LogLinear
+    from sedd.sampling import sample
+    from tests.helpers import FactorizedScore
+
+    graph = Absorbing(V - 1)
+    pi = torch.softmax(torch.randn(V - 1, generator=torch.Generator().manual_seed(1)) * 2, 0)
+    model = FactorizedScore(pi, graph)
+    with ops.use_backend(backend):
+        x = sample(model, graph, LogLinear(), batch_size=2, length=8, steps=4, top_p=0.5, top_k=3,
+                   generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 8) and (x < graph.N).all()
+    keep = reference.truncation_keep(torch.cat([pi, torch.zeros(1)])[None], torch.tensor([graph.mask_id]), 0.5, 3)[0]
+    # the final denoising step of a factorised score draws from π truncated: only kept tokens appear
+    assert keep[x].all()
+    with pytest.raises(ValueError, match="top_p"):
+        sample(model, graph, LogLinear(), batch_size=1, length=2, steps=1, top_p=2.0)

@@ -199,6 +199,8 @@ def sample_blockwise(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    top_p: float | None = None,
+    top_k: int | None = None,
 ) -> torch.Tensor:
     """Semi-autoregressive sampling of sequences longer than the model's window.
 
@@ -228,7 +230,8 @@ def sample_blockwise(
         param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
-    common = dict(steps=steps, predictor=predictor, eps=eps, generator=generator, device=device)
+    common = dict(steps=steps, predictor=predictor, eps=eps, generator=generator, device=device, top_p=top_p,
+                  top_k=top_k)
     if length <= window:
         return sample(model, graph, noise, batch_size=batch_size, length=length, fixed_tokens=fixed_tokens,
                       fixed_mask=fixed_mask, progress=progress, **common)
@@ -328,6 +331,8 @@ def generate_samples(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    top_p: float | None = None,
+    top_k: int | None = None,
 ) -> list[Sample]:
     """Like :func:`generate`, returning :class:`Sample` objects (text, token ids, fixed spans);
     ``infills`` adds per-row lists of (position, text) spans (see :func:`fixed_spans`)."""
@@ -381,7 +386,7 @@ def generate_samples(
     x = sample_blockwise(
         net, graph, noise, batch_size=len(spans), length=length, window=window, stride=stride, steps=steps,
         predictor=predictor, eps=eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
-        device=device, progress=progress,
+        device=device, progress=progress, top_p=top_p, top_k=top_k,
     )
     ids = x.cpu().tolist()
     return [Sample(tok.decode(row), row, list(fixed)) for row, fixed in zip(ids, spans)]

@@ -125,6 +125,24 @@ def test_sample_script_unconditional(bpe_ckpt, cache_dir, tmp_path):
     assert out.read_text() == proc.stdout
 
 
+def test_sample_top_p_top_k_reach_every_window(bpe_ckpt, capsys, monkeypatch):
+    import sedd.generation
+
+    seen = []
+    real = sedd.generation.sample
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("top_p"), kwargs.get("top_k")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sedd.generation, "sample", spy)
+    # 96 tokens with the model's 64-token window: semi-autoregressive, two windows
+    out = _sample_json(capsys, bpe_ckpt, "--length", 96, "--steps", 3, "--seed", 0, "--top-p", 0.8, "--top-k", 7)
+    assert seen == [(0.8, 7), (0.8, 7)]
+    assert out["top_p"] == 0.8 and out["top_k"] == 7
+    assert all(0 <= t < 512 for t in out["samples"][0]["tokens"])
+
+
 def test_sample_help_documents_the_syntax():
     text = sample_cli.build_parser().format_help()
     for word in ("--prefix", "--suffix", "--infill", "POS:TEXT", "[MASK:5]", "--sampler", "--steps"):
@@ -277,6 +295,9 @@ def test_sample_longer_than_the_model_is_semi_autoregressive(bpe_ckpt, bpe, caps
         (["--steps", 0], "--steps must be >= 1"),
         (["--window", 0], "--window must be >= 1"),
         (["--length", 100, "--stride", 64], "--stride must be smaller than the window (64)"),
+        (["--top-p", 0], "--top-p must be in (0, 1]"),
+        (["--top-p", 1.5], "--top-p must be in (0, 1]"),
+        (["--top-k", 0], "--top-k must be >= 1"),
     ],
 )
 def test_sample_bad_input(bpe_ckpt, capsys, args, message):

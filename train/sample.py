@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         "fewer is faster, e.g. 128, at some cost in quality, more so for euler)",
     )
     s.add_argument("--sampler", choices=PREDICTORS, default="analytic", help="predictor (default: analytic)")
+    s.add_argument("--top-p", type=float, metavar="P",
+                   help="nucleus sampling: each step jumps only to the smallest set of candidate tokens holding "
+                        "at least P of the jump probability (0 < P <= 1; default: off)")
+    s.add_argument("--top-k", type=int, metavar="K",
+                   help="each step jumps only to the K most likely candidate tokens (default: off)")
     s.add_argument("--batch-size", type=int, default=1, help="number of samples (default: 1)")
     s.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed with the output)")
     s.add_argument("--eps", type=float, default=1e-5, help="final time of the grid (default: 1e-5)")
@@ -221,7 +226,9 @@ def read_requests(path: str) -> list[dict]:
 
 
 def _check_args(args) -> None:
-    check_positive(args, ("length", "steps", "batch_size", "window", "stride", "threads"))
+    check_positive(args, ("length", "steps", "batch_size", "window", "stride", "threads", "top_k"))
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not 0 < args.eps < 1:
         raise InputError(f"--eps must be in (0, 1), got {args.eps}")
 
@@ -281,7 +288,7 @@ def run(args) -> int:
     x = sample_blockwise(
         model, pre.graph, pre.noise, batch_size=len(per_sample), length=length, window=window, stride=stride,
         steps=steps, predictor=args.sampler, eps=args.eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask,
-        generator=generator, device=device, progress=progress,
+        generator=generator, device=device, progress=progress, top_p=args.top_p, top_k=args.top_k,
     )
     elapsed = time.perf_counter() - start
     ids = x.cpu().tolist()
@@ -302,6 +309,8 @@ def run(args) -> int:
         "stride": stride if length > window else None,
         "steps": steps,
         "sampler": args.sampler,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
         "eps": args.eps,
         "batch_size": args.batch_size,
         "seed": seed,

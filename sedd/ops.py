@@ -185,6 +185,40 @@ def _check_values() -> bool:
     return checking_values()
 
 
+_sync_free: contextvars.ContextVar[bool | None] = contextvars.ContextVar("sedd_sync_free", default=None)
+
+
+@contextlib.contextmanager
+def sync_free(enabled: bool = True):
+    """Inside the block the library takes its sync-free paths: the fused head of the training loss
+    runs on every row instead of gathering the MASK rows, and the absorbing sampler runs the full
+    head instead of the MASK rows only. Both gather steps read a row count on the host (one device
+    sync per step); the sync-free paths compute the same loss and draw from the same distribution,
+    at the cost of the head on rows that carry no loss. On while a CUDA graph is being captured or
+    a ``torch.compile``d function traces, and with ``SEDD_SYNC_FREE=1``. Pair it with
+    ``value_checks(False)`` (or ``SEDD_CHECK_VALUES=0``) for a step that never waits on the GPU."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.set; compiling is sync-free anyway
+        yield
+        return
+    token = _sync_free.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _sync_free.reset(token)
+
+
+def host_sync_allowed(device: torch.device) -> bool:
+    """Whether a step on ``device`` may read a data-dependent count on the host now (see :func:`sync_free`)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    enabled = _sync_free.get()
+    if enabled is None:
+        enabled = os.environ.get("SEDD_SYNC_FREE") == "1"
+    return not enabled
+
+
 def _check_log_score(log_score) -> tuple[int, int, int]:
     if not isinstance(log_score, torch.Tensor):
         raise TypeError(f"log_score must be a torch.Tensor, got {type(log_score).__name__}")

@@ -179,8 +179,10 @@ class _Rows:
         B, L, D = hidden.shape
         self.hidden = hidden.reshape(B * L, D)
         xt, x0 = x_t.reshape(-1), x0.reshape(-1)
-        if graph.absorbing:
-            self.index = (xt == graph.mask_id).nonzero().squeeze(1)  # the one host sync: the row count
+        # rows that are not MASK carry no loss and get a zero gradient from the loss itself, so
+        # skipping them is only a saving; reading their count is a host sync
+        if graph.absorbing and ops.host_sync_allowed(hidden.device):
+            self.index = (xt == graph.mask_id).nonzero().squeeze(1)
             self.n = self.index.numel()
             batch = torch.div(self.index, L, rounding_mode="floor")
             xt, x0 = xt[self.index], x0[self.index]

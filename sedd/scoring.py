@@ -13,6 +13,8 @@ import inspect
 
 import torch
 
+from sedd import ops
+
 HEAD_CHUNK_BYTES = 256 * 2**20  # bound on one chunk of scores in the masked-rows steps
 
 
@@ -53,7 +55,7 @@ def step_on_scores(model, x: torch.Tensor, sigma: torch.Tensor, graph, step, *, 
     handed to ``step`` as [rows, 1, V], inside the model's forward; a step with no MASK left runs
     no model. Otherwise the whole output [B, L, V] goes to ``step`` with ``rows`` = all of them.
     """
-    if not (masked_only and graph.absorbing and accepts_head(unwrap(model))):
+    if not (masked_only and graph.absorbing and accepts_head(unwrap(model)) and ops.host_sync_allowed(x.device)):
         log_score, shift = model_scores(model, x, sigma)
         return step(log_score, x, shift, slice(None))
     B, L = x.shape

@@ -91,6 +91,31 @@ def test_sampling_makes_no_host_read_after_its_inputs(monkeypatch, backend, pred
     assert x.shape == (2, 8)
 
 
+@pytest.mark.parametrize("predictor", ["euler", "analytic"])
+def test_sync_free_steps_find_no_rows_by_value(monkeypatch, predictor):
+    """Gathering the MASK rows (the fused head's saving, the sampler's masked-rows head) reads a row
+    count on the host. Under ops.sync_free() neither the training step nor the sampling step does;
+    the Triton backend here, because the eager CPU loss gathers rows itself (free on a CPU)."""
+    model, graph, noise = _model("absorb")
+    x0 = torch.randint(0, 11, (2, 8))
+    t = torch.tensor([0.3, 0.8])
+
+    def refuse(*args, **kwargs):
+        raise HostRead("nonzero: a data-dependent row count")
+
+    monkeypatch.setenv("SEDD_CHECK_VALUES", "0")
+    with ops.use_backend("triton"), monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "nonzero", refuse)
+        with pytest.raises(HostRead):  # the default steps gather
+            score_entropy_loss(model, x0, graph, noise, t=t)
+        with ops.sync_free(), no_host_reads(monkeypatch):
+            score_entropy_loss(model, x0, graph, noise, t=t).backward()
+            model.eval()
+            x = sample(model, graph, noise, batch_size=2, length=8, steps=3, predictor=predictor,
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert x.shape == (2, 8) and int(x.max()) < graph.mask_id  # no MASK left
+
+
 def test_model_checks_still_run_outside_the_loss_and_sampler():
     model, _, _ = _model("absorb")
     with pytest.raises(ValueError, match="outside"):
@@ -130,8 +155,9 @@ def test_cuda_training_and_sampling_steps_do_not_sync(monkeypatch):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        score_entropy_loss(model, x0, graph, noise, t=t).backward()
-        model.eval()
-        sample(model, graph, noise, batch_size=2, length=8, steps=2, device="cuda")
+        with ops.sync_free():  # the default fused head and sampler read a MASK row count per step
+            score_entropy_loss(model, x0, graph, noise, t=t).backward()
+            model.eval()
+            sample(model, graph, noise, batch_size=2, length=8, steps=2, device="cuda")
     finally:
         torch.cuda.set_sync_debug_mode(0)

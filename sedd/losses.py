@@ -29,6 +29,7 @@ def score_entropy_loss(
     noise: Noise,
     *,
     t: torch.Tensor | None = None,
+    x_t: torch.Tensor | None = None,
     sampling_eps: float = 1e-3,
     generator: torch.Generator | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -44,6 +45,9 @@ def score_entropy_loss(
         x0: [B, L] int clean tokens.
         graph, noise: the forward process and its schedule.
         t: optional [B] times; drawn from U[sampling_eps, 1] when None.
+        x_t: optional [B, L] noisy tokens, a draw of p_{t|0}(·|x0) at ``t`` (which must then be
+            given too), e.g. from :func:`sedd.ops.sample_transition` with a generator per sequence;
+            drawn here when None.
         generator: optional generator for t and the forward noise (reproducible losses).
         attention_mask: optional [B, L] bool, True on real tokens; padding adds no loss and is
             passed to the model so it is not attended to.
@@ -62,11 +66,17 @@ def score_entropy_loss(
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     B = x0.shape[0]
+    if x_t is not None and t is None:
+        raise ValueError("x_t was drawn at some time t: pass that t too")
     if t is None:
         t = sample_times(B, sampling_eps, device=x0.device, generator=generator)
     sigma, dsigma = noise(t)
     weight = dsigma * scale if scale != 1.0 else dsigma
-    x_t = ops.sample_transition(x0, sigma, graph, generator)
+    if x_t is None:
+        x_t = ops.sample_transition(x0, sigma, graph, generator)
+    elif ops.checking_values():  # what the noising would have checked
+        ops._check_tokens("x0", x0, tuple(x0.shape), x0.device, graph.N, "clean tokens are real tokens")
+        ops._check_tokens("x_t", x_t, tuple(x0.shape), x0.device, graph.dim, "the noisy tokens")
     if attention_mask is not None:
         model_kwargs["attention_mask"] = attention_mask
     # x0 and σ were checked by the noising above and x_t was made by it: neither the model nor the

@@ -135,3 +135,24 @@ def test_scale_is_folded_into_the_loss_and_its_gradient(monkeypatch, backend):
     torch.testing.assert_close(quarter_grad, full_grad * 0.25)
     if backend == "triton":
         assert not [s for s in scaled_passes if len(s) == 3], "the backward rescaled a [B, L, V] gradient"
+
+
+def test_given_x_t_is_the_draw_the_loss_would_make():
+    """x_t= (with its t) replaces the loss's own forward noising: per-sequence generators can then
+    make each sequence's draw independent of the batch it sits in (the validation loss does)."""
+    V = 9
+    graph, noise = Absorbing(V - 1), LogLinear()
+    model = TableModel(V)
+    x0 = torch.randint(0, V - 1, (3, 10))
+    t = torch.tensor([0.2, 0.5, 0.9])
+    drawn = score_entropy_loss(model, x0, graph, noise, t=t, generator=torch.Generator().manual_seed(4),
+                               reduction="none")  # fmt: skip
+    from sedd import ops
+
+    x_t = ops.sample_transition(x0, noise(t)[0], graph, torch.Generator().manual_seed(4))
+    given = score_entropy_loss(model, x0, graph, noise, t=t, x_t=x_t, reduction="none")
+    torch.testing.assert_close(given, drawn)
+    with pytest.raises(ValueError, match="pass that t"):
+        score_entropy_loss(model, x0, graph, noise, x_t=x_t)
+    with pytest.raises(ValueError, match="x_t"):
+        score_entropy_loss(model, x0, graph, noise, t=t, x_t=torch.full_like(x0, V))

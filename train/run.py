@@ -63,7 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so a plain check
 from sedd import data as sdata  # noqa: E402
 from sedd.graph import graph_from_config  # noqa: E402
 from sedd.io import atomic_write  # noqa: E402
-from sedd.losses import score_entropy_loss  # noqa: E402
+from sedd import ops  # noqa: E402
+from sedd.losses import sample_times, score_entropy_loss  # noqa: E402
 from sedd.model import SEDD  # noqa: E402
 from sedd.noise import noise_from_config  # noqa: E402
 from sedd.sampling import sample  # noqa: E402
@@ -135,13 +136,22 @@ def validation_loss(net, ema, val_blocks, index, graph, noise, cfg, eos_id, devi
     seeded by the block's index, so successive values measure the model and not the draws, and the
     number is the same for any number of processes (up to float rounding)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
+    index = [int(i) for i in index]
     with ema_weights(net, ema):
-        for i in index:  # one block per call: its noise must not depend on the blocks beside it
-            x0 = val_blocks.get_batch([int(i)]).to(device)
-            g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 1, 0, int(i)))
-            loss = score_entropy_loss(net, x0, graph, noise, generator=g, sampling_eps=cfg["sampling_eps"],
+        for start in range(0, len(index), cfg["batch_size"]):
+            chunk = index[start : start + cfg["batch_size"]]
+            x0 = val_blocks.get_batch(chunk).to(device)
+            # each block's t and x_t from its own generator, so they do not depend on the blocks beside it
+            ts, xts = [], []
+            for row, i in enumerate(chunk):
+                g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 1, 0, i))
+                t = sample_times(1, cfg["sampling_eps"], device=device, generator=g)
+                ts.append(t)
+                xts.append(ops.sample_transition(x0[row : row + 1], noise(t)[0], graph, g))
+            loss = score_entropy_loss(net, x0, graph, noise, t=torch.cat(ts), x_t=torch.cat(xts),
                                       reduction="none", **doc_mask_kwargs(x0, cfg, eos_id))
-            total += torch.stack([loss.double().sum(), torch.ones((), dtype=torch.float64, device=device)])
+            total += torch.stack([loss.double().sum(), torch.tensor(float(len(chunk)), dtype=torch.float64,
+                                                                    device=device)])
     if dist.is_initialized():
         dist.all_reduce(total)
     return (total[0] / total[1]).item()

@@ -348,14 +348,7 @@ def euler_step(
     B, g, shift = _check_step_args(log_score, x_t, graph, shift)
     dsigma = _check_per_row("dsigma", dsigma, B, log_score.device)
     dt = _check_per_row("dt", dt, B, log_score.device)
-    _check_generator(generator, log_score.device)
-    _check_truncation(top_p, top_k)
-    if _dispatch(log_score.device, g) == "triton":
-        trunc = _truncation("euler", log_score, x_t, (dsigma, dt), g, shift, generator, top_p, top_k)
-        return _step_triton("euler", log_score, x_t, dsigma * dt, g, shift, generator, block_v, trunc)
-    if g.kernel is not None and top_p is None and top_k is None:
-        return _step_eager("euler", log_score, x_t, dsigma * dt, g, shift, generator)
-    return reference.euler_step(log_score, _index(x_t), dsigma, dt, g, shift, generator, top_p, top_k).to(x_t.dtype)
+    return _reverse_step("euler", log_score, x_t, (dsigma, dt), g, shift, generator, block_v, top_p, top_k)
 
 
 def analytic_step(
@@ -377,14 +370,7 @@ def analytic_step(
     """
     B, g, shift = _check_step_args(log_score, x_t, graph, shift)
     dsigma = _check_per_row("dsigma", dsigma, B, log_score.device)
-    _check_generator(generator, log_score.device)
-    _check_truncation(top_p, top_k)
-    if _dispatch(log_score.device, g) == "triton":
-        trunc = _truncation("analytic", log_score, x_t, (dsigma,), g, shift, generator, top_p, top_k)
-        return _step_triton("analytic", log_score, x_t, dsigma, g, shift, generator, block_v, trunc)
-    if g.kernel is not None and top_p is None and top_k is None:
-        return _step_eager("analytic", log_score, x_t, dsigma, g, shift, generator)
-    return reference.analytic_step(log_score, _index(x_t), dsigma, g, shift, generator, top_p, top_k).to(x_t.dtype)
+    return _reverse_step("analytic", log_score, x_t, (dsigma,), g, shift, generator, block_v, top_p, top_k)
 
 
 def denoise_step(
@@ -406,19 +392,30 @@ def denoise_step(
     lowest id, on both backends."""
     B, g, shift = _check_step_args(log_score, x_t, graph, shift)
     sigma = _check_per_row("sigma", sigma, B, log_score.device)
+    return _reverse_step("denoise", log_score, x_t, (sigma,), g, shift, generator, block_v, top_p, top_k)
+
+
+_REFERENCE_STEPS = {"euler": reference.euler_step, "analytic": reference.analytic_step,
+                    "denoise": reference.denoise_step}
+_STEP_PROBS = {"euler": reference.euler_probs, "analytic": reference.analytic_probs,
+               "denoise": reference.denoise_probs}
+
+
+def _reverse_step(kind, log_score, x_t, scalars, graph, shift, generator, block_v, top_p, top_k):
+    """The dispatch every reverse step shares. ``scalars``: the per-row arguments of the reference
+    step (checked); the kernels and the eager path take their product (Δt·dσ for Euler)."""
     _check_generator(generator, log_score.device)
     _check_truncation(top_p, top_k)
-    if _dispatch(log_score.device, g) == "triton":
-        trunc = _truncation("denoise", log_score, x_t, (sigma,), g, shift, generator, top_p, top_k)
-        return _step_triton("denoise", log_score, x_t, sigma, g, shift, generator, block_v, trunc)
-    if g.kernel is not None and top_p is None and top_k is None:
-        return _step_eager("denoise", log_score, x_t, sigma, g, shift, generator)
-    return reference.denoise_step(log_score, _index(x_t), sigma, g, shift, generator, top_p, top_k).to(x_t.dtype)
-
-
-def _step_eager(kind, log_score, x_t, scalar, graph, shift, generator):
-    """The built-in graphs' eager steps: log space, chunked, a two-level fp64 race (sedd/eager.py)."""
-    return eager.reverse_step(kind, log_score, _index(x_t), scalar, graph, shift, generator).to(x_t.dtype)
+    scalar = scalars[0] if len(scalars) == 1 else scalars[0] * scalars[1]
+    truncated = top_p is not None or top_k is not None
+    if _dispatch(log_score.device, graph) == "triton":
+        trunc = _truncation(kind, log_score, x_t, scalars, graph, shift, generator, top_p, top_k) if truncated else None
+        return _step_triton(kind, log_score, x_t, scalar, graph, shift, generator, block_v, trunc)
+    if graph.kernel is not None and not truncated:
+        # the built-in graphs' eager steps: log space, chunked, a two-level fp64 race (sedd/eager.py)
+        return eager.reverse_step(kind, log_score, _index(x_t), scalar, graph, shift, generator).to(x_t.dtype)
+    step = _REFERENCE_STEPS[kind]
+    return step(log_score, _index(x_t), *scalars, graph, shift, generator, top_p, top_k).to(x_t.dtype)
 
 
 TRUNCATION = """Nucleus (top-p) and top-k truncation of a reverse step, as MDLM's ``p_nucleus``.
@@ -444,13 +441,9 @@ def _check_truncation(top_p, top_k):
 
 
 def _truncation(kind, log_score, x_t, scalars, graph, shift, generator, top_p, top_k):
-    """[B, L, 2] (ŝ threshold of the kept candidates, move flag) for the kernel, or None."""
-    _check_truncation(top_p, top_k)
-    if top_p is None and top_k is None:
-        return None
+    """[B, L, 2] (ŝ threshold of the kept candidates, move flag) for the kernel."""
     x_t = _index(x_t)
-    probs = {"euler": reference.euler_probs, "analytic": reference.analytic_probs,
-             "denoise": reference.denoise_probs}[kind](log_score, x_t, *scalars, graph, shift)
+    probs = _STEP_PROBS[kind](log_score, x_t, *scalars, graph, shift)
     keep = reference.truncation_keep(probs, x_t, top_p, top_k)
     # the step's candidate weights increase with ŝ, so the kept set is {y ≠ x_t : ŝ_y ≥ thr}
     thr = torch.where(keep, reference.log_scores(log_score, x_t, shift), torch.inf).amin(-1)

@@ -163,3 +163,14 @@ def compiled_score_entropy_matches_eager(device, backend: str, inplace: bool) ->
     got.backward()  # the backward graph AOTAutograd compiled with the forward
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(b.grad, a.grad)
+
+
+def reverse_step(kind, log_score, x_t, graph, gen):
+    """One ``sedd.ops`` reverse step of ``kind`` with fixed moderate scalars (Δσ = 0.3; Euler:
+    dσ = 0.5, Δt = 0.01), for tests about what a step does with unusual scores or tokens."""
+    B = log_score.shape[0]
+    if kind == "euler":
+        return ops.euler_step(log_score, x_t, torch.full((B,), 0.5), 0.01, graph, gen)
+    if kind == "analytic":
+        return ops.analytic_step(log_score, x_t, torch.full((B,), 0.3), graph, gen)
+    return ops.denoise_step(log_score, x_t, torch.full((B,), 0.3), graph, gen)

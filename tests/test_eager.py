@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sedd import ops
+from tests.helpers import reverse_step
 
 BACKENDS = ["torch", "triton"]
 
@@ -12,15 +13,6 @@ BACKENDS = ["torch", "triton"]
 # ---------------------------------------------------------------------------------------------
 # Reverse steps with log-scores beyond fp32's exp range (e^88.7 overflows)
 # ---------------------------------------------------------------------------------------------
-
-
-def _step(kind, log_score, x_t, graph, gen):
-    B = log_score.shape[0]
-    if kind == "euler":
-        return ops.euler_step(log_score, x_t, torch.full((B,), 0.5), 0.01, graph, gen)
-    if kind == "analytic":
-        return ops.analytic_step(log_score, x_t, torch.full((B,), 0.3), graph, gen)
-    return ops.denoise_step(log_score, x_t, torch.full((B,), 0.3), graph, gen)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -36,7 +28,7 @@ def test_steps_follow_a_dominant_log_score_above_the_exp_range(backend, graph, k
     log_score[:, :, target] = 100.0 + 20 * torch.rand(B, L)
     x_t = torch.full((B, L), V - 1 if graph == "absorb" else 1)
     with ops.use_backend(backend):
-        out = _step(kind, log_score, x_t, graph, torch.Generator().manual_seed(0))
+        out = reverse_step(kind, log_score, x_t, graph, torch.Generator().manual_seed(0))
     assert torch.equal(out, torch.full_like(x_t, target)), out
 
 

@@ -6,17 +6,9 @@ import pytest
 import torch
 
 from sedd import ops
+from tests.helpers import reverse_step
 
 BACKENDS = ["torch", "triton"]
-
-
-def _step(kind, log_score, x_t, graph, gen):
-    B = log_score.shape[0]
-    if kind == "euler":
-        return ops.euler_step(log_score, x_t, torch.full((B,), 0.5), 0.01, graph, gen)
-    if kind == "analytic":
-        return ops.analytic_step(log_score, x_t, torch.full((B,), 0.3), graph, gen)
-    return ops.denoise_step(log_score, x_t, torch.full((B,), 0.3), graph, gen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,9 +30,9 @@ def test_every_token_dtype_that_holds_the_ids_works_on_both_backends(backend, dt
         want = ops.score_entropy(log_score, sigma, x_t.long(), x0.long(), "absorb")
         torch.testing.assert_close(loss, want)
         for kind in ("euler", "analytic", "denoise"):
-            out = _step(kind, log_score, x_t, "absorb", torch.Generator().manual_seed(2))
+            out = reverse_step(kind, log_score, x_t, "absorb", torch.Generator().manual_seed(2))
             assert out.dtype == dtype
-            ref = _step(kind, log_score, x_t.long(), "absorb", torch.Generator().manual_seed(2))
+            ref = reverse_step(kind, log_score, x_t.long(), "absorb", torch.Generator().manual_seed(2))
             assert torch.equal(out.long(), ref)
         noisy = ops.sample_transition(x0, sigma, "absorb", dim=V)
         assert noisy.dtype == dtype

@@ -59,6 +59,8 @@ def score_entropy_loss(
             with :func:`sedd.ops.linear_score_entropy` inside the model's output layer: no
             [B, L, V] logits, and on the absorbing graph only the MASK rows are multiplied. False:
             the logits, then :func:`sedd.ops.score_entropy` (the same loss up to float rounding).
+            Inside a ``torch.compile``d function the loss is always the unfused one, so
+            ``fullgraph=True`` works with the defaults.
 
     Returns:
         fp32 scalar, or [B] for reduction="none".
@@ -82,7 +84,9 @@ def score_entropy_loss(
     # x0 and σ were checked by the noising above and x_t was made by it: neither the model nor the
     # loss repeats a value check, so a CUDA step makes no host sync after the noising (none at all
     # with the checks off).
-    if fused and accepts_head(unwrap(model)):
+    # under torch.compile the unfused path is traced: the fused head loops over chunks and runs a
+    # backward inside its forward, which dynamo cannot trace (fullgraph=True would fail)
+    if fused and accepts_head(unwrap(model)) and not torch.compiler.is_compiling():
         with ops.value_checks(False):
             return _fused_loss(model, x_t, sigma, x0, graph, weight, attention_mask, reduction, model_kwargs)
     with ops.value_checks(False):

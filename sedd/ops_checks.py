@@ -47,14 +47,21 @@ def checking_values() -> bool:
     """Whether the value checks that need a device sync run now: the innermost
     :func:`value_checks`, else ``SEDD_CHECK_VALUES`` (default on). Inside a ``torch.compile``d
     function they are off unless ``SEDD_CHECK_VALUES=1`` is set explicitly: reading a value is a
-    data-dependent branch that would break the graph (and ``fullgraph=True``)."""
+    data-dependent branch that would break the graph (and ``fullgraph=True``). While a CUDA graph
+    is being captured they are always off: a host read is not allowed during capture."""
     # dynamo cannot trace ContextVar.get: under torch.compile only the environment variable counts
     if torch.compiler.is_compiling():
         return os.environ.get("SEDD_CHECK_VALUES") == "1"
+    if _capturing_cuda_graph():
+        return False
     enabled = _value_checks.get()
     if enabled is not None:
         return enabled
     return os.environ.get("SEDD_CHECK_VALUES", "1") != "0"
+
+
+def _capturing_cuda_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_values() -> bool:
@@ -87,7 +94,7 @@ def host_sync_allowed(device: torch.device) -> bool:
     """Whether a step on ``device`` may read a data-dependent count on the host now (see :func:`sync_free`)."""
     if torch.compiler.is_compiling():
         return False
-    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if torch.device(device).type == "cuda" and _capturing_cuda_graph():
         return False
     enabled = _sync_free.get()
     if enabled is None:

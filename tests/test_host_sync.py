@@ -126,22 +126,47 @@ def test_model_checks_still_run_outside_the_loss_and_sampler():
         model(torch.full((1, 8), 3), torch.tensor([-1.0]))
 
 
-def test_compiled_loss_fullgraph_with_default_settings(monkeypatch):
-    """torch.compile(fullgraph=True) of the loss needs no SEDD_CHECK_VALUES=0: under compile the
-    value checks (data-dependent branches) are off unless SEDD_CHECK_VALUES=1 is set."""
+@pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
+def test_compiled_loss_fullgraph_with_default_settings(monkeypatch, graph_name):
+    """torch.compile(fullgraph=True) of the training loss with every default (fused head, value
+    checks on): under compile the value checks (data-dependent branches) are off unless
+    SEDD_CHECK_VALUES=1 is set, and the loss is the unfused one, which dynamo can trace. Same
+    loss and gradient as the eager (fused) call."""
     monkeypatch.delenv("SEDD_CHECK_VALUES", raising=False)
     torch._dynamo.reset()
-    model, graph, noise = _model("absorb")
-    x0 = torch.randint(0, 11, (2, 8))
+    torch.manual_seed(0)
+    model, graph, noise = _model(graph_name)
+    with torch.no_grad():  # the output layer starts at zero: give the scores some spread
+        model.output_layer.linear.weight.normal_(0, 0.5)
+    x0 = torch.randint(0, 10, (2, 8))
     t = torch.tensor([0.3, 0.8])
+    x_t = graph.sample_transition(x0, noise(t)[0], generator=torch.Generator().manual_seed(1))
 
-    def step(x0, t):
-        # the unfused loss: the fused head path (ops_linear) is torch.compiler.disable'd by design
-        return score_entropy_loss(model, x0, graph, noise, t=t, generator=None, fused=False)
+    def step(x0, x_t, t):
+        return score_entropy_loss(model, x0, graph, noise, t=t, x_t=x_t)
 
     with ops.use_backend("torch"):
-        got = torch.compile(step, fullgraph=True, backend="aot_eager")(x0, t)
-    assert torch.isfinite(got)
+        want = step(x0, x_t, t)
+        (want_grad,) = torch.autograd.grad(want, model.output_layer.linear.weight)
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(x0, x_t, t)
+        (got_grad,) = torch.autograd.grad(got, model.output_layer.linear.weight)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_value_checks_are_off_while_a_cuda_graph_is_captured(monkeypatch):
+    """A host read is not allowed during CUDA graph capture (torch.compile mode="reduce-overhead"
+    captures the step): the default value checks step aside there, as the sync-free paths do."""
+    monkeypatch.delenv("SEDD_CHECK_VALUES", raising=False)
+    assert ops.checking_values()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not ops.checking_values()
+    assert not ops.host_sync_allowed(torch.device("cuda"))
+    with ops.value_checks(True):
+        assert not ops.checking_values()
+    with no_host_reads(monkeypatch):  # the noising's id and σ checks read nothing now
+        ops.sample_transition(torch.randint(0, 10, (2, 8)), torch.ones(2), get_graph("absorb", 10))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

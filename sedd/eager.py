@@ -173,14 +173,17 @@ def _index_chunks(rows, n_rows: int, V: int):
             yield rows[r0 : r0 + step]
 
 
+def _shifted(z, shift, dtype, out=None):
+    """z + shift for a chunk of rows [n, V] in ``dtype``, in ``out`` or a fresh buffer."""
+    s = torch.empty(z.shape, dtype=dtype, device=z.device) if out is None else out
+    if shift is not None:
+        return torch.add(z, shift.unsqueeze(1), out=s)
+    return s.copy_(z)
+
+
 def _scores(z, x, shift, dtype):
     """ŝ for a chunk of rows [n, V] in ``dtype``: z + shift with ŝ[x_t] = 0 (a fresh buffer)."""
-    s = torch.empty(z.shape, dtype=dtype, device=z.device)
-    if shift is not None:
-        torch.add(z, shift.unsqueeze(1), out=s)
-    else:
-        s.copy_(z)
-    return s.scatter_(1, x.unsqueeze(1), 0.0)
+    return _shifted(z, shift, dtype).scatter_(1, x.unsqueeze(1), 0.0)
 
 
 def _constants(graph, sigma, x, x0, dtype):
@@ -214,23 +217,25 @@ def _loss_rows(graph, s, x, x0, k):
 
 
 def _grad_rows(graph, s, x, x0, k, scale):
-    """∂(Σ scale·ℓ)/∂ŝ for a chunk [n, V], in s's dtype, written over s."""
+    """∂(Σ scale·ℓ)/∂ŝ for a chunk, written over s = z + shift [n, V] (ŝ[x_t] need not be 0 yet)."""
     scale = scale.to(s.dtype).unsqueeze(1)
+    e = s.exp_()
     if graph.kernel == "absorb":
         M = graph.mask_id
-        e = s.exp_()
         e[:, M] = 0
         # e^{ŝ_{x0}} − r from the fp32 value itself (the two nearly cancel at the optimum)
+        # (x_t = M on the rows with a loss, so ŝ[x_t] = 0 plays no part)
         e.scatter_add_(1, x0.unsqueeze(1), (-k["r"]).to(s.dtype).unsqueeze(1))
+        e.mul_(scale)
         # rows that are not MASK have no loss: exactly 0 there, even where e^ŝ overflowed
-        return e.mul_(scale).masked_fill_((x != M).unsqueeze(1), 0.0)
+        return e if k["all_mask"] else e.masked_fill_((x != M).unsqueeze(1), 0.0)
     N = graph.N
-    c = torch.where(k["stay"], k["rho"], torch.ones_like(k["rho"])).to(s.dtype)
-    e = s.exp_().sub_(c.unsqueeze(1)).div_(N)
-    moved = torch.where(k["stay"], torch.zeros_like(k["E"]), -1.0 / k["E"]).to(s.dtype)
-    e.scatter_add_(1, x0.unsqueeze(1), moved.unsqueeze(1))
-    e.scatter_(1, x.unsqueeze(1), 0.0)
-    return e.mul_(scale)
+    c = torch.where(k["stay"], k["rho"], torch.ones_like(k["rho"])).to(s.dtype).unsqueeze(1)
+    # (e^ŝ − c)·scale/N in one pass
+    torch.addcmul(-(c * scale / N), e, scale / N, out=e)
+    moved = torch.where(k["stay"], torch.zeros_like(k["E"]), -1.0 / k["E"]).to(s.dtype).unsqueeze(1)
+    e.scatter_add_(1, x0.unsqueeze(1), moved * scale)
+    return e.scatter_(1, x.unsqueeze(1), 0.0)
 
 
 class _ScoreEntropy(torch.autograd.Function):
@@ -292,6 +297,11 @@ class _ScoreEntropy(torch.autograd.Function):
         flat = grad.view(B * L, V)
         for idx in _index_chunks(rows, B * L, V):
             kc = {name: v[idx] for name, v in k.items()}
-            s = _scores(z[idx], x[idx], None if sh is None else sh[idx], dtype)
-            flat[idx] = _grad_rows(graph, s, x[idx], y[idx], kc, per_token[idx]).to(flat.dtype)
+            kc["all_mask"] = rows is not None  # the chunk holds MASK rows only
+            # the gradient is computed straight in its buffer where the rows are a slice of it
+            direct = isinstance(idx, slice) and flat.dtype == dtype
+            s = _shifted(z[idx], None if sh is None else sh[idx], dtype, out=flat[idx] if direct else None)
+            g = _grad_rows(graph, s, x[idx], y[idx], kc, per_token[idx])
+            if not direct:
+                flat[idx] = g.to(flat.dtype)
         return grad, None, None, None, None, None, None, None

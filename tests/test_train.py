@@ -289,3 +289,17 @@ def test_existing_checkpoint_is_never_silently_replaced(env, trained, tmp_path):
     assert "config.json, samples.txt" in refused.stderr and "--overwrite" in refused.stderr
     assert (notes / "config.json").read_text() == '{"mine": true}' and sorted(p.name for p in notes.iterdir()) == [
         "config.json", "ideas.md", "samples.txt"]
+
+
+def test_ema_decay_ramps_up_like_the_public_code():
+    from train.run import ema_decay
+
+    assert ema_decay(0, 0.9999) == pytest.approx(2 / 11)  # the first update keeps 2/11 of the init
+    assert ema_decay(99, 0.9999) == pytest.approx(101 / 110)
+    assert ema_decay(10**6, 0.9999) == 0.9999
+    assert ema_decay(5, 0.0) == 0.0  # --ema 0: no averaging
+    # after 10k steps the initial weights weigh ∏ decay_k: ~1e-3 (ramped) instead of 0.9999^10k ≈ 0.37
+    init_weight = 1.0
+    for k in range(10_000):
+        init_weight *= ema_decay(k, 0.9999)
+    assert init_weight < 2e-3

@@ -60,7 +60,7 @@ HELP = {
     "max_steps": "optimizer steps to train for", "lr": "AdamW peak learning rate",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "weight_decay": "AdamW weight decay",
     "warmup_steps": "linear warmup steps, then a constant learning rate",
-    "grad_clip": "clip the gradient norm to this (0: no clipping)", "ema": "EMA decay of the weights",
+    "grad_clip": "clip the gradient norm to this (0: no clipping)", "ema": "EMA decay of the weights (ramped up as (1+n)/(10+n) over the first n steps)",
     "sampling_eps": "t is drawn from U[sampling_eps, 1]", "bf16": "bf16 autocast on CUDA (no effect on CPU)",
     "seed": "seed of the initialisation, the data order and every step's noise",
     # evaluation, logging, checkpoints

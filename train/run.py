@@ -111,6 +111,14 @@ def doc_mask_kwargs(x0: torch.Tensor, cfg: dict, eos_id: int) -> dict:
     return {"segment_ids": sdata.segment_ids(x0, eos_id)} if cfg["doc_mask"] else {}
 
 
+def ema_decay(step: int, decay: float) -> float:
+    """The EMA decay of update ``step + 1``: ``decay``, ramped up as (1 + n)/(10 + n) over the
+    first n updates (as the public SEDD code does), so a short run's EMA is not dominated by the
+    initial weights (at a constant 0.9999 they would still weigh 37% after 10k steps)."""
+    n = step + 1
+    return min(decay, (1 + n) / (10 + n))
+
+
 @contextmanager
 def ema_weights(net: torch.nn.Module, ema: dict):
     """Evaluate and sample with the EMA weights, then put the training weights back."""
@@ -362,7 +370,7 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            torch._foreach_lerp_(list(ema.values()), [p.detach() for p in params.values()], 1 - cfg["ema"])
+            torch._foreach_lerp_(list(ema.values()), [p.detach() for p in params.values()], 1 - ema_decay(step, cfg["ema"]))
         step += 1
         window["loss"] += loss_value
         window["steps"] += 1

@@ -199,13 +199,14 @@ def score_entropy(
     B, L, V = _check_log_score(log_score)
     g = _check_graph(graph, V)
     device = log_score.device
-    sigma = _check_per_row("sigma", sigma, B, device)
+    fp64 = log_score.dtype == torch.float64  # the fp64 loss keeps fp64 σ, shift and weight
+    sigma = _check_per_row("sigma", sigma, B, device, keep_fp64=fp64)
     _check_tokens("x_t", x_t, (B, L), device, V, "the noisy tokens")
     _check_tokens("x0", x0, (B, L), device, g.N, "clean tokens are real tokens, never MASK")
     if shift is not None:
-        shift = _check_per_row("shift", shift, B, device, positive=False)
+        shift = _check_per_row("shift", shift, B, device, positive=False, keep_fp64=fp64)
     if weight is not None:
-        weight = _check_per_row("weight", weight, B, device, positive=False)
+        weight = _check_per_row("weight", weight, B, device, positive=False, keep_fp64=fp64)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if inplace_backward and log_score.requires_grad and log_score.is_leaf:

@@ -144,8 +144,9 @@ def _check_tokens(name: str, x, shape: tuple[int, int], device: torch.device, hi
         raise ValueError(f"{name} holds id {bad} outside [0, {high}) ({what})")
 
 
-def _check_per_row(name: str, v, B: int, device: torch.device, positive: bool = True) -> torch.Tensor:
-    """σ-like per-row scalars: a number, [B] or [B, 1] -> contiguous fp32 [B]."""
+def _check_per_row(name: str, v, B: int, device: torch.device, positive: bool = True, keep_fp64: bool = False) -> torch.Tensor:
+    """σ-like per-row scalars: a number, [B] or [B, 1] -> contiguous fp32 [B] (fp64 stays fp64
+    with ``keep_fp64``: the fp64 loss)."""
     if isinstance(v, (int, float)):
         v = torch.full((B,), float(v), device=device)
     if not isinstance(v, torch.Tensor):
@@ -158,7 +159,7 @@ def _check_per_row(name: str, v, B: int, device: torch.device, positive: bool = 
         raise ValueError(f"{name} must have shape [B] or [B, 1] with B = {B}, got {list(v.shape)}")
     if v.device != device:
         raise ValueError(f"{name} is on {v.device}, expected {device}")
-    v = v.reshape(B).float().contiguous()
+    v = v.reshape(B).to(torch.float64 if keep_fp64 and v.dtype == torch.float64 else torch.float32).contiguous()
     if _check_values() and not bool((torch.isfinite(v) & (v > 0 if positive else True)).all()):  # one sync
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"{name} must be finite, got {v.tolist() if B <= 8 else 'non-finite entries'}")

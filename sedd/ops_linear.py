@@ -76,13 +76,14 @@ def linear_score_entropy(
     if g.dim != V:
         raise ValueError(f"graph {g} has rows of width {g.dim}, but weight has V = {V} rows")
     device = hidden.device
-    sigma = ops._check_per_row("sigma", sigma, B, device)
+    fp64 = hidden.dtype == torch.float64  # the fp64 loss keeps fp64 σ, shift and weight
+    sigma = ops._check_per_row("sigma", sigma, B, device, keep_fp64=fp64)
     ops._check_tokens("x_t", x_t, (B, L), device, V, "the noisy tokens")
     ops._check_tokens("x0", x0, (B, L), device, g.N, "clean tokens are real tokens, never MASK")
     if shift is not None:
-        shift = ops._check_per_row("shift", shift, B, device, positive=False)
+        shift = ops._check_per_row("shift", shift, B, device, positive=False, keep_fp64=fp64)
     if loss_weight is not None:
-        loss_weight = ops._check_per_row("loss_weight", loss_weight, B, device, positive=False)
+        loss_weight = ops._check_per_row("loss_weight", loss_weight, B, device, positive=False, keep_fp64=fp64)
     if reduction not in ("none", "sum", "batchmean"):
         raise ValueError(f"reduction must be one of ('none', 'sum', 'batchmean'), got {reduction!r}")
     if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1):

@@ -84,6 +84,26 @@ def test_gradcheck_float64(graph, with_shift):
         assert torch.autograd.gradcheck(fn, (log_score,))
 
 
+@pytest.mark.parametrize("graph", [Absorbing(6), Uniform(7)], ids=repr)
+def test_float64_loss_keeps_float64_sigma_shift_and_weight(graph):
+    """fp64 input gives the fp64 loss: σ, shift and weight are not rounded to fp32 on the way
+    (at σ = 1e-3 that rounding alone moved the absorbing ℓ ≈ 7e3 by ~4e-4)."""
+    B, L, V = 2, 5, graph.dim
+    log_score = torch.randn(B, L, V, dtype=torch.float64)
+    x0 = torch.randint(0, graph.N, (B, L))
+    x_t = graph.sample_transition(x0, torch.tensor([2.0, 2.0]), generator=torch.Generator().manual_seed(0))
+    if graph.absorbing:
+        x_t[:, 0] = graph.mask_id
+    sigma = torch.tensor([1e-3 + 1e-12, 0.3 + 1e-10], dtype=torch.float64)  # not fp32-representable
+    shift = torch.tensor([-0.1 + 1e-11, 0.2], dtype=torch.float64)
+    weight = torch.tensor([1.0 / 3, 2.0 / 7], dtype=torch.float64)
+    want = reference.score_entropy(log_score, sigma, x_t, x0, graph, shift) * weight[:, None]
+    with ops.use_backend("torch"):
+        got = ops.score_entropy(log_score, sigma, x_t, x0, graph, shift=shift, weight=weight)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_absorbing_gradient_formula():
     graph = Absorbing(6)
     log_score = torch.randn(1, 3, 7, requires_grad=True)

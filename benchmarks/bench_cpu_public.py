@@ -18,8 +18,17 @@ allocator returns large blocks to the OS, so transient [B, L, V] buffers show up
     python benchmarks/bench_cpu_public.py                 # every case, prints a table
     python benchmarks/bench_cpu_public.py --case step --repeats 5
     python benchmarks/bench_cpu_public.py --json out.json
+    python benchmarks/bench_cpu_public.py --keep-freed-memory   # glibc keeps freed memory (see below)
 
 Ratios are library / public: below 1 is faster (time) or leaner (memory).
+
+Where the time of a fresh [B, L, V] buffer goes depends on the machine: glibc hands a large
+allocation to the kernel (mmap) and takes it back on free, so every temporary pays page faults
+when it is first written, and on some virtual machines a fault costs several times the write
+itself. That penalises the public sequence, which allocates many such temporaries. With
+``--keep-freed-memory`` the benchmark re-runs itself with glibc told to keep freed memory in the
+heap (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``), so a temporary costs only its
+arithmetic and memory traffic: the library's least favourable setting. Report both.
 """
 
 from __future__ import annotations
@@ -261,6 +270,10 @@ def build(case: str):
 # ---------------------------------------------------------------------------------------------
 
 
+# glibc: serve every allocation from the heap and never give freed memory back to the kernel
+_KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34), "MALLOC_TOP_PAD_": str(2**30)}
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -303,14 +316,20 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the per-case memory subprocesses")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="re-run with glibc keeping freed memory (no page faults for reused buffers)")
     p.add_argument("--peak-child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.keep_freed_memory and os.environ.get("MALLOC_MMAP_THRESHOLD_") != _KEEP_FREED["MALLOC_MMAP_THRESHOLD_"]:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **_KEEP_FREED})
     torch.set_num_threads(args.threads)
     if args.peak_child:
         peak_child(*args.peak_child)
         return
     rows = []
-    print(f"CPU, {args.threads} threads, torch {torch.__version__}, median of {args.repeats}")
+    regime = "glibc keeps freed memory" if args.keep_freed_memory else "default allocator"
+    print(f"CPU, {args.threads} threads, torch {torch.__version__}, median of {args.repeats}, {regime}")
     print(f"{'case':<20} {'library s':>10} {'public s':>10} {'time ratio':>10} {'lib MB':>8} {'pub MB':>8} {'mem ratio':>9}")
     for case in args.case or CASES:
         t = measure_time(case, args.repeats)
@@ -324,7 +343,8 @@ def main(argv=None) -> None:
                if not args.no_memory else "")  # fmt: skip
         print(f"{case:<20} {row['library_s']:>10.4f} {row['public_s']:>10.4f} {row['time_ratio']:>10.2f} {mem}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "allocator": regime,
+                                         "torch": torch.__version__, "rows": rows}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

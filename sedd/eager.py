@@ -216,8 +216,10 @@ def _loss_rows(graph, s, x, x0, k):
     return pos - neg + k["const"]
 
 
-def _grad_rows(graph, s, x, x0, k, scale):
-    """∂(Σ scale·ℓ)/∂ŝ for a chunk, written over s = z + shift [n, V] (ŝ[x_t] need not be 0 yet)."""
+def _grad_rows(graph, s, x, x0, k, scale, out=None):
+    """∂(Σ scale·ℓ)/∂ŝ for a chunk from s = z + shift [n, V] (consumed; ŝ[x_t] need not be 0 yet).
+    Uniform writes it into ``out`` when given (any float dtype, cast in the last pass); returns
+    the tensor that holds it."""
     scale = scale.to(s.dtype).unsqueeze(1)
     e = s.exp_()
     if graph.kernel == "absorb":
@@ -231,11 +233,12 @@ def _grad_rows(graph, s, x, x0, k, scale):
         return e if k["all_mask"] else e.masked_fill_((x != M).unsqueeze(1), 0.0)
     N = graph.N
     c = torch.where(k["stay"], k["rho"], torch.ones_like(k["rho"])).to(s.dtype).unsqueeze(1)
-    # (e^ŝ − c)·scale/N in one pass
-    torch.addcmul(-(c * scale / N), e, scale / N, out=e)
-    moved = torch.where(k["stay"], torch.zeros_like(k["E"]), -1.0 / k["E"]).to(s.dtype).unsqueeze(1)
-    e.scatter_add_(1, x0.unsqueeze(1), moved * scale)
-    return e.scatter_(1, x.unsqueeze(1), 0.0)
+    # a moved token's extra −1/E at x0, on the e^ŝ scale (× N) so one pass below does the rest
+    moved = torch.where(k["stay"], torch.zeros_like(k["E"]), -N / k["E"]).to(s.dtype).unsqueeze(1)
+    e.scatter_add_(1, x0.unsqueeze(1), moved)
+    dest = e if out is None else out
+    torch.addcmul(-(c * scale / N), e, scale / N, out=dest)  # (e^ŝ − c)·scale/N, cast to dest's dtype
+    return dest.scatter_(1, x.unsqueeze(1), 0.0)
 
 
 class _ScoreEntropy(torch.autograd.Function):
@@ -298,10 +301,12 @@ class _ScoreEntropy(torch.autograd.Function):
         for idx in _index_chunks(rows, B * L, V):
             kc = {name: v[idx] for name, v in k.items()}
             kc["all_mask"] = rows is not None  # the chunk holds MASK rows only
-            # the gradient is computed straight in its buffer where the rows are a slice of it
-            direct = isinstance(idx, slice) and flat.dtype == dtype
-            s = _shifted(z[idx], None if sh is None else sh[idx], dtype, out=flat[idx] if direct else None)
-            g = _grad_rows(graph, s, x[idx], y[idx], kc, per_token[idx])
-            if not direct:
+            # where the rows are a slice of the gradient, it is written there directly: computed in
+            # place (same dtype), or by the last pass (uniform, bf16/fp16)
+            in_place = isinstance(idx, slice) and flat.dtype == dtype
+            last_pass = isinstance(idx, slice) and not in_place and graph.kernel == "uniform"
+            s = _shifted(z[idx], None if sh is None else sh[idx], dtype, out=flat[idx] if in_place else None)
+            g = _grad_rows(graph, s, x[idx], y[idx], kc, per_token[idx], out=flat[idx] if last_pass else None)
+            if not (in_place or last_pass):
                 flat[idx] = g.to(flat.dtype)
         return grad, None, None, None, None, None, None, None

@@ -95,6 +95,9 @@ class SEDD(nn.Module):
             :meth:`save_pretrained` writes it back.
         attn_backend: "auto" (flash-attn for CUDA fp16/bf16 when installed, else SDPA), "sdpa"
             or "flash" (an error where flash-attn cannot run). Settable later as an attribute.
+            With a padding mask or document ids, flash-attn reads the document lengths on the
+            host (a device sync): "auto" then takes SDPA under :func:`sedd.ops.sync_free`, CUDA
+            graph capture and ``torch.compile``; "flash" keeps flash-attn and its sync.
         autocast_dtype: dtype of the CUDA autocast around the blocks and output layer
             (bf16, as the checkpoints were trained), or None to run in the parameter dtype.
 
@@ -309,7 +312,12 @@ class SEDD(nn.Module):
         # features feed every block's scale and gate.
         c = F.silu(self.sigma_map(sigma))  # [B, C]
         cos, sin = self.rotary_emb(L, x.device)
-        plan = plan_attention(self.resolved_attn_backend(x.device), B, L, x.device, attention_mask, segment_ids)
+        backend = self.resolved_attn_backend(x.device)
+        if (backend == "flash" and self.attn_backend == "auto" and (attention_mask is not None or segment_ids is not None)
+                and not ops.host_sync_allowed(x.device)):  # fmt: skip
+            # flash-attn's varlen call needs the document lengths on the host; a masked SDPA does not
+            backend = "sdpa"
+        plan = plan_attention(backend, B, L, x.device, attention_mask, segment_ids)
 
         if x.device.type == "cuda" and self.autocast_dtype is not None:
             amp = torch.autocast("cuda", dtype=self.autocast_dtype)

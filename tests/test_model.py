@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import sedd.attention as attention
+from sedd import ops
 from sedd.model import SEDD, apply_rotary, sigma_embedding
 
 N_TOKENS, D, C, H, BLOCKS = 11, 32, 16, 4, 2
@@ -366,6 +367,31 @@ def test_flash_plumbing_with_a_fake_kernel(monkeypatch):
     torch.testing.assert_close(flash[0], sdpa[0], atol=1e-5, rtol=1e-5)
     for a, b in zip(flash[1:], sdpa[1:]):
         torch.testing.assert_close(a[mask], b[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_backend_takes_sdpa_for_masks_where_no_host_sync_is_allowed(monkeypatch):
+    """flash-attn's varlen call needs the document lengths on the host: under ops.sync_free (and
+    CUDA graph capture, torch.compile) "auto" runs a masked forward on SDPA; unmasked ones stay on flash."""
+    calls = []
+
+    def counting_flash(*args, **kwargs):
+        calls.append(1)
+        return _fake_flash_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "flash_attn_varlen_qkvpacked_func", counting_flash)
+    model = make_model()
+    seqs, sigma, x, mask = _padded_batch(model)
+    want = model(x, sigma, attention_mask=mask)
+    monkeypatch.setattr(model, "resolved_attn_backend", lambda device: "flash")
+    model(x, sigma, attention_mask=mask)
+    assert calls, "outside sync_free the masked forward runs on flash"
+    calls.clear()
+    with ops.sync_free():
+        got = model(x, sigma, attention_mask=mask)
+        assert not calls
+        model(x, sigma)  # no mask: flash needs no host read
+        assert calls
+    torch.testing.assert_close(got, want)
 
 
 def test_attention_backend_selection(monkeypatch):

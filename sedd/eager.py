@@ -216,10 +216,10 @@ def _loss_rows(graph, s, x, x0, k):
     return pos - neg + k["const"]
 
 
-def _grad_rows(graph, s, x, x0, k, scale, out=None):
+def _grad_rows(graph, s, x, x0, k, scale, out=None, mask_rows_only=False):
     """∂(Σ scale·ℓ)/∂ŝ for a chunk from s = z + shift [n, V] (consumed; ŝ[x_t] need not be 0 yet).
     Uniform writes it into ``out`` when given (any float dtype, cast in the last pass); returns
-    the tensor that holds it."""
+    the tensor that holds it. ``mask_rows_only``: absorbing, every row of the chunk is MASK."""
     scale = scale.to(s.dtype).unsqueeze(1)
     e = s.exp_()
     if graph.kernel == "absorb":
@@ -230,7 +230,7 @@ def _grad_rows(graph, s, x, x0, k, scale, out=None):
         e.scatter_add_(1, x0.unsqueeze(1), (-k["r"]).to(s.dtype).unsqueeze(1))
         e.mul_(scale)
         # rows that are not MASK have no loss: exactly 0 there, even where e^ŝ overflowed
-        return e if k["all_mask"] else e.masked_fill_((x != M).unsqueeze(1), 0.0)
+        return e if mask_rows_only else e.masked_fill_((x != M).unsqueeze(1), 0.0)
     N = graph.N
     c = torch.where(k["stay"], k["rho"], torch.ones_like(k["rho"])).to(s.dtype).unsqueeze(1)
     # a moved token's extra −1/E at x0, on the e^ŝ scale (× N) so one pass below does the rest
@@ -300,13 +300,13 @@ class _ScoreEntropy(torch.autograd.Function):
         flat = grad.view(B * L, V)
         for idx in _index_chunks(rows, B * L, V):
             kc = {name: v[idx] for name, v in k.items()}
-            kc["all_mask"] = rows is not None  # the chunk holds MASK rows only
             # where the rows are a slice of the gradient, it is written there directly: computed in
             # place (same dtype), or by the last pass (uniform, bf16/fp16)
             in_place = isinstance(idx, slice) and flat.dtype == dtype
             last_pass = isinstance(idx, slice) and not in_place and graph.kernel == "uniform"
             s = _shifted(z[idx], None if sh is None else sh[idx], dtype, out=flat[idx] if in_place else None)
-            g = _grad_rows(graph, s, x[idx], y[idx], kc, per_token[idx], out=flat[idx] if last_pass else None)
+            g = _grad_rows(graph, s, x[idx], y[idx], kc, per_token[idx], out=flat[idx] if last_pass else None,
+                           mask_rows_only=rows is not None)  # fmt: skip
             if not (in_place or last_pass):
                 flat[idx] = g.to(flat.dtype)
         return grad, None, None, None, None, None, None, None

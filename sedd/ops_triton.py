@@ -1,6 +1,6 @@
 """The Triton backend of :mod:`sedd.ops`: every kernel launch as a ``torch.library`` custom op.
 
-The kernels (``kernels/score_entropy.py``, ``kernels/transitions.py``, ``kernels/sampling.py``) are
+The kernels (``sedd/kernels/score_entropy.py``, ``sedd/kernels/transitions.py``, ``sedd/kernels/sampling.py``) are
 imported lazily inside the op bodies, so importing ``sedd`` never needs Triton. Each launch is a
 ``torch.library.custom_op`` with its fake (meta) implementation right under it, so ``torch.compile``
 traces the training loss and a sampler step as opaque nodes without graph breaks; autograd is an
@@ -55,7 +55,7 @@ class ScoreEntropySpec:
 
     def launch(self, log_score: torch.Tensor, **outputs) -> torch.Tensor:
         """Run the kernel on ``log_score`` [B, L, V]; ``outputs`` say what it writes (see the launcher)."""
-        from kernels.score_entropy import score_entropy as launch
+        from sedd.kernels.score_entropy import score_entropy as launch
 
         return launch(
             log_score, self.sigma, self.x_t, self.x0, absorbing=self.absorbing, shift=self.shift,
@@ -182,7 +182,7 @@ def _(grad_loss, log_score, *spec):
 def _scale_grad_op(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     """grad *= grad_output (a scalar), skipped on the device when it is exactly 1 (the usual
     ``loss.backward()``): no host sync, so a backward never waits on the GPU."""
-    from kernels.scale import scale_unless_one_
+    from sedd.kernels.scale import scale_unless_one_
 
     scale_unless_one_(grad, grad_output.detach().float())
 
@@ -269,7 +269,7 @@ def _sample_transition_op(
     x0: torch.Tensor, sigma: torch.Tensor, seed: torch.Tensor, absorbing: bool, N: int, block: int
 ) -> torch.Tensor:
     """x_t [B, L] (x0's dtype) ~ p_{t|0}(· | x0); Philox keyed by ``seed`` [1] int64 and the element index."""
-    from kernels.transitions import sample_transition as launch
+    from sedd.kernels.transitions import sample_transition as launch
 
     return launch(x0, sigma, seed, absorbing=absorbing, N=N, block=block or None)
 
@@ -294,7 +294,7 @@ def _reverse_step_op(
 ) -> torch.Tensor:
     """The next tokens [B, L] (x_t's dtype) of one reverse step ``kind`` ("euler": scalar = dσ·Δt,
     "analytic": Δσ, "denoise": σ; [B] fp32), drawn in-kernel with Philox keyed by ``seed`` [1]."""
-    from kernels.sampling import reverse_step as launch
+    from sedd.kernels.sampling import reverse_step as launch
 
     return launch(kind, log_score, x_t, scalar, absorbing, N, shift=shift, seed=seed, block_v=block_v or None,
                   truncation=truncation)

@@ -176,7 +176,7 @@ def analytic_step(log_score, x_t, dsigma, graph: Graph, shift=None, generator=No
 def denoise_step(log_score, x_t, sigma, graph: Graph, shift=None, generator=None, top_p=None,
                  top_k=None) -> torch.Tensor:
     # a row of all-zero weights (every real-token score −∞) draws token 0: the argmax of an
-    # all −∞ key row; the fused kernel returns the same (kernels/sampling.py)
+    # all −∞ key row; the fused kernel returns the same (sedd/kernels/sampling.py)
     probs = truncate(denoise_probs(log_score, x_t, sigma, graph, shift), x_t, top_p, top_k)
     return sample_categorical(probs, generator).to(x_t.dtype)
 

@@ -37,9 +37,9 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import kernels.sampling as sampling_kernels  # noqa: E402
-import kernels.score_entropy as score_entropy_kernels  # noqa: E402
-import kernels.transitions as transition_kernels  # noqa: E402
+import sedd.kernels.sampling as sampling_kernels  # noqa: E402
+import sedd.kernels.score_entropy as score_entropy_kernels  # noqa: E402
+import sedd.kernels.transitions as transition_kernels  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 pytestmark = pytest.mark.skipif(not (BIN / "ptxas").is_file(), reason="this Triton has no bundled ptxas")

@@ -1,4 +1,4 @@
-"""The fused reverse-step kernels (kernels/sampling.py) under Triton's interpreter.
+"""The fused reverse-step kernels (sedd/kernels/sampling.py) under Triton's interpreter.
 
 Samplers are tested by distribution: one small row is replicated into a [B, L, V] batch so a
 single launch gives thousands of independent draws, which must fit the reference ``*_probs``
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels.sampling as ks
+import sedd.kernels.sampling as ks
 from sedd import ops, reference
 from sedd.graph import Absorbing, Uniform
 from sedd.noise import Geometric, LogLinear

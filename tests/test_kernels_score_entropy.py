@@ -1,4 +1,4 @@
-"""The fused score-entropy kernel (``kernels/score_entropy.py`` through ``sedd.ops`` on the
+"""The fused score-entropy kernel (``sedd/kernels/score_entropy.py`` through ``sedd.ops`` on the
 "triton" backend, run by Triton's interpreter on CPU) against the eager reference in fp64.
 
 Tolerances: the kernel computes in fp32 (per-row constants in fp64); the oracle is
@@ -228,12 +228,12 @@ def test_fused_backward_runs_once():
 
 
 def test_bad_input_raises_before_launch(monkeypatch):
-    import kernels.score_entropy
+    import sedd.kernels.score_entropy
 
     def boom(*a, **k):
         raise AssertionError("kernel launched")
 
-    monkeypatch.setattr(kernels.score_entropy, "score_entropy", boom)
+    monkeypatch.setattr(sedd.kernels.score_entropy, "score_entropy", boom)
     graph = Absorbing(10)
     z, sigma, x_t, x0, _, _ = score_entropy_case(graph, garbage=False)
     with pytest.raises(TypeError, match="log_score"):

@@ -1,4 +1,4 @@
-"""Forward noising on the "triton" backend (``kernels/transitions.py``, interpreted on CPU): its law
+"""Forward noising on the "triton" backend (``sedd/kernels/transitions.py``, interpreted on CPU): its law
 against p_{t|0}(· | x0) by exact tests with fixed seeds, reproducibility from the generator, and
 independence from the block size."""
 
@@ -110,12 +110,12 @@ def test_non_contiguous_input():
 
 
 def test_bad_input_raises_before_launch(monkeypatch):
-    import kernels.transitions
+    import sedd.kernels.transitions
 
     def boom(*a, **k):
         raise AssertionError("kernel launched")
 
-    monkeypatch.setattr(kernels.transitions, "sample_transition", boom)
+    monkeypatch.setattr(sedd.kernels.transitions, "sample_transition", boom)
     graph = Absorbing(10)
     x0 = torch.randint(0, 10, (2, 5))
     with pytest.raises(ValueError, match="x0 holds id 10"):

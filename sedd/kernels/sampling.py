@@ -74,8 +74,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._math import LOG2E, interpreted
-from kernels._math import exp2 as _exp2
+from ._math import LOG2E, interpreted
+from ._math import exp2 as _exp2
 
 EULER, ANALYTIC, DENOISE = 0, 1, 2
 KINDS = {"euler": EULER, "analytic": ANALYTIC, "denoise": DENOISE}

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._math import LOG2E, exp2, interpreted
+from ._math import LOG2E, exp2, interpreted
 
 M_CAP = tl.constexpr(64.0)  # cap of the running max (e^64 ≈ 6e27, finite in fp32)
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._math import interpreted
+from ._math import interpreted
 
 
 @triton.jit

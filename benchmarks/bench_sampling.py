@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from benchmarks import common, public_sedd
-from sedd import ops, reference
+from sedd import ops
+from sedd.ops import reference
 from sedd.graph import get_graph
 
 CUDA, DEVICE = common.CUDA, common.DEVICE

@@ -6,7 +6,7 @@ Cases: {absorb, uniform} × {fwd, fwd_bwd} × rows {16384 (16 × 1024), 65536 (6
 paper's per-GPU batch; its offsets pass 2^31 elements)} × impl:
 - ``triton``, ``triton_inplace`` (``inplace_backward=True``, fwd_bwd only): the fused kernel;
 - ``public``: the public code's op sequence on the same bf16 input (``public_sedd.py``);
-- ``eager``: ``sedd/reference.py`` (fp32 math; 16384 rows only: at 65536 rows its fp32
+- ``eager``: ``sedd/ops/reference.py`` (fp32 math; 16384 rows only: at 65536 rows its fp32
   temporaries alone are several 13 GB buffers);
 - ``compiled``: ``torch.compile(reference)`` (the device check runs these last).
 On CUDA V = 50258 (absorbing, GPT-2 + MASK) / 50257 (uniform). On CPU a tiny shape, public and
@@ -29,7 +29,8 @@ import pytest
 import torch
 
 from benchmarks import common, public_sedd
-from sedd import ops, reference
+from sedd import ops
+from sedd.ops import reference
 from sedd.graph import get_graph
 
 CUDA, DEVICE = common.CUDA, common.DEVICE

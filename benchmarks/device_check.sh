@@ -13,7 +13,7 @@
 # budget ($DEVICE_CHECK_BUDGET_S, default 330 s; a stage gets what is left when it starts;
 # DEVICE_CHECK_STAGES="smoke tests" runs only the stages named, e.g. to rerun what failed):
 #   1 device   device name, copy bandwidth, bf16 matmul peak       benchmarks/device_peaks.py
-#   2 smoke    every kernel against sedd/reference.py, V = 50258   benchmarks/gpu_smoke.py
+#   2 smoke    every kernel against sedd/ops/reference.py, V = 50258   benchmarks/gpu_smoke.py
 #   3 kernels  kernel benchmarks, no torch.compile baselines       bench_score_entropy.py, bench_sampling.py
 #   4 tests    the compiled-kernel tests                            tests/test_kernels_cuda.py
 #   5 e2e      training step (MFU) and sampling                     bench_end_to_end.py

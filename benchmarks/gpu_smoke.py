@@ -1,4 +1,4 @@
-"""Device check, stage 2: every kernel against ``sedd/reference.py`` at the width it runs at.
+"""Device check, stage 2: every kernel against ``sedd/ops/reference.py`` at the width it runs at.
 
     PYTHONPATH=. python3 -m benchmarks.gpu_smoke --out benchmarks/results/smoke.json
 
@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
-from sedd import ops, reference
+from sedd import ops
+from sedd.ops import reference
 from sedd.graph import get_graph
 
 if common.CUDA:
@@ -133,7 +134,7 @@ def fused_head_check(graph_name):
     """``ops_linear.linear_score_entropy`` (the training loss's default head: the output matmul
     fused with the loss, chunked over rows) against the logits path in fp64 on the same bf16
     values. Tolerances allow for the bf16 logits the fused path works from."""
-    from sedd.ops_linear import linear_score_entropy
+    from sedd.ops.linear import linear_score_entropy
 
     graph = get_graph(graph_name, N)
     D = 768 if common.CUDA else 32

@@ -1,7 +1,7 @@
 """The public-code baseline: the op sequence the public SEDD code runs today, on bf16 input.
 
 What users of the public code pay per training step and per reverse step, so that "× public"
-is a speed-up over something people run (``sedd/reference.py`` is this library's fp32 oracle,
+is a speed-up over something people run (``sedd/ops/reference.py`` is this library's fp32 oracle,
 which is already leaner in places). Written here from the math (docs: sedd-math.md) following the
 public code's structure, not copied from it:
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from sedd.graph import Graph
-from sedd.reference import esigm1
+from sedd.ops.reference import esigm1
 
 
 def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -137,7 +137,7 @@ def summarize_results(results: Path, mode: str | None = None) -> str:
         status.rstrip("\n"),
         "```",
         "",
-        "## Correctness smoke (kernels against sedd/reference.py)",
+        "## Correctness smoke (kernels against sedd/ops/reference.py)",
         "",
     ]
     if smoke is None:

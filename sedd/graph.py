@@ -19,7 +19,7 @@ or None (no kernel: :mod:`sedd.ops` runs the graph's eager methods, and refuses 
 
 Conventions: ``sigma`` (and ``dsigma``, ``step``) are per-sequence scalars, [B], [B, 1] or a
 number, reshaped to broadcast against the tokens. ``log_score`` is a row of post-processed
-log-scores ŝ [..., V] with ŝ[x_t] = 0 (see :func:`sedd.reference.log_scores`), in the dtype the
+log-scores ŝ [..., V] with ŝ[x_t] = 0 (see :func:`sedd.ops.reference.log_scores`), in the dtype the
 result is computed in (fp32, or fp64).
 """
 

@@ -13,7 +13,7 @@ import torch
 from sedd import ops
 from sedd.graph import Graph
 from sedd.noise import Noise
-from sedd.scoring import accepts_head, model_scores, unwrap  # noqa: F401  (also re-exported: their old home)
+from sedd.model.scoring import accepts_head, model_scores, unwrap  # noqa: F401  (also re-exported: their old home)
 
 
 def sample_times(batch_size: int, sampling_eps: float = 1e-3, *, device=None, generator=None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Reverse-step predictors: one object per way of moving the tokens from time t to t − Δt.
 
-A predictor calls the model once per step (through :func:`sedd.scoring.step_on_scores`, so the
+A predictor calls the model once per step (through :func:`sedd.model.scoring.step_on_scores`, so the
 fused kernels fold the σ shift in) and hands the scores to a :mod:`sedd.ops` step. The sampler
 looks predictors up by name in a registry and makes a fresh instance for every ``sample`` call,
 so a predictor may keep state across the steps of one call (a cache, for instance).
@@ -29,7 +29,7 @@ import torch
 from sedd import ops
 from sedd.graph import Graph
 from sedd.noise import Noise
-from sedd.scoring import step_on_scores
+from sedd.model.scoring import step_on_scores
 
 
 class Predictor:

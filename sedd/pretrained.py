@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from sedd.checkpoint import read_config
+from sedd.model.checkpoint import read_config
 from sedd.data import Tokenizer, get_tokenizer
 from sedd.graph import Graph, graph_from_config
 from sedd.model import SEDD

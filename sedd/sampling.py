@@ -5,7 +5,7 @@ Time grid t_k = linspace(1, ε, steps + 1), Δt = (1 − ε)/steps. Every step c
 and hands its raw output with the per-row σ shift to :mod:`sedd.ops`, which on CUDA samples the
 next tokens in a fused kernel: no [B, L, V] tensor is allocated besides the model's output, and on
 the absorbing graph the output itself is computed only at the MASK rows, in bounded chunks
-(:func:`sedd.scoring.step_on_scores`).
+(:func:`sedd.model.scoring.step_on_scores`).
 
 Conditioning: the fixed positions are clamped to their tokens before every step and at the end.
 Any positions may be fixed: a prefix (prompting), a suffix, middle spans (infilling). On the

@@ -96,7 +96,7 @@ def test_public_sequence_computes_what_the_reference_does(graph_name):
     import torch
 
     from benchmarks import public_sedd
-    from sedd import reference
+    from sedd.ops import reference
     from sedd.graph import get_graph
 
     graph = get_graph(graph_name, 11)

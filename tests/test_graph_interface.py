@@ -9,7 +9,7 @@ from sedd.graph import Absorbing, Graph, Uniform
 from sedd.losses import score_entropy_loss
 from sedd.model import SEDD
 from sedd.noise import Geometric
-from sedd.reference import log_scores
+from sedd.ops.reference import log_scores
 from sedd.sampling import sample
 
 
@@ -61,7 +61,7 @@ def test_a_graph_without_a_kernel_trains_and_samples_eagerly(monkeypatch):
     assert not torch.equal(model.output_layer.linear.weight, before)
 
     model.eval()
-    # the built-in graphs draw through sedd/eager.py (a different use of the random stream); with
+    # the built-in graphs draw through sedd/ops/eager.py (a different use of the random stream); with
     # Uniform's kernel tag cleared both run the reference steps, so the draws must be identical
     monkeypatch.setattr(Uniform, "kernel", None)
     for predictor in ("euler", "analytic"):

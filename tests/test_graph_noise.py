@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sedd import reference
+from sedd.ops import reference
 from sedd.graph import Absorbing, Uniform, get_graph
 from sedd.noise import Geometric, LogLinear, get_noise
 from tests.helpers import chi2_pvalue, expm, full_Q

@@ -17,7 +17,8 @@ import os
 import pytest
 import torch
 
-from sedd import ops, reference
+from sedd import ops
+from sedd.ops import reference
 from sedd.graph import Absorbing, get_graph
 from tests.helpers import chi2_pvalue, compiled_score_entropy_matches_eager
 

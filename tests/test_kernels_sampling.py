@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 import sedd.kernels.sampling as ks
-from sedd import ops, reference
+from sedd import ops
+from sedd.ops import reference
 from sedd.graph import Absorbing, Uniform
 from sedd.noise import Geometric, LogLinear
 from sedd.sampling import conditioning, sample

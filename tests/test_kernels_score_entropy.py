@@ -13,7 +13,8 @@ identically on both sides at σ = 1e-5, where r = 1/E(σ) ≈ 1e5).
 import pytest
 import torch
 
-from sedd import ops, reference
+from sedd import ops
+from sedd.ops import reference
 from sedd.graph import Absorbing, Uniform
 from tests.helpers import SIGMAS, compiled_score_entropy_matches_eager, score_entropy_case, small_model_config
 

@@ -1,6 +1,6 @@
 """Nucleus (top-p) and top-k truncation of the reverse steps, both backends.
 
-The truncated distribution is defined once (``sedd.reference.truncate``: the stay option keeps its
+The truncated distribution is defined once (``sedd.ops.reference.truncate``: the stay option keeps its
 probability, the jump probability goes to the kept candidates in proportion); it is checked here
 on hand-made rows, and both backends' draws are tested against it by χ² goodness of fit at a tiny
 width under the interpreter (several tiles per row on the Triton side).
@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from sedd import ops, reference
+from sedd import ops
+from sedd.ops import reference
 from sedd.graph import Absorbing, Uniform
 from tests.helpers import chi2_pvalue
 

@@ -192,7 +192,7 @@ def test_graph_width_must_match_weight():
 def test_sync_free_absorbing_runs_every_row_with_the_same_result(monkeypatch, backend, reduction):
     """Under ops.sync_free() the MASK rows are not gathered (no row count read on the host): every
     row goes through the head, and the non-MASK rows contribute exactly nothing."""
-    import sedd.ops_linear as ops_linear
+    import sedd.ops.linear as ops_linear
 
     gathered_rows = []
     real_init = ops_linear._Rows.__init__

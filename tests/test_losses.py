@@ -8,7 +8,7 @@ import torch
 from sedd.graph import Absorbing, Uniform
 from sedd.losses import model_scores, score_entropy_loss, unwrap
 from sedd.noise import Geometric, LogLinear
-from sedd.reference import esigm1
+from sedd.ops.reference import esigm1
 
 
 class TableModel(torch.nn.Module):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sedd.attention as attention
+import sedd.model.attention as attention
 from sedd import ops
 from sedd.model import SEDD, apply_rotary, sigma_embedding
 

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from sedd import ops, reference
+from sedd import ops
+from sedd.ops import reference
 from sedd.graph import Absorbing, Uniform
 from tests.helpers import chi2_pvalue
 
@@ -240,7 +241,7 @@ def test_sampler_and_loss_make_no_value_checks_after_their_inputs(monkeypatch):
         return (table[x] - torch.log(torch.expm1(s))[:, None, None]).scatter(-1, x.unsqueeze(-1), 0.0)
 
     checked = []
-    from sedd import ops_checks
+    from sedd.ops import checks as ops_checks
 
     real = ops_checks._check_values
     monkeypatch.setattr(ops_checks, "_check_values", lambda: checked.append(real()) or checked[-1])

@@ -6,7 +6,7 @@ import torch
 from scipy import stats
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import sedd.scoring
+import sedd.model.scoring
 from sedd.graph import get_graph
 from sedd.model import SEDD
 from sedd.noise import noise_from_config
@@ -70,7 +70,7 @@ def test_no_full_score_tensor_during_sampling(monkeypatch):
     model = _model(tokens=9)
     graph, noise = get_graph("absorb", 9), noise_from_config(model.config)
     B, L, V = 4, 6, 10
-    monkeypatch.setattr(sedd.scoring, "HEAD_CHUNK_BYTES", 5 * V * 4)  # 5 rows of fp32 scores
+    monkeypatch.setattr(sedd.model.scoring, "HEAD_CHUNK_BYTES", 5 * V * 4)  # 5 rows of fp32 scores
     for masked_only, expected in ((True, 5 * V), (False, B * L * V)):
         with _LargestScores(V, model) as spy:
             sample(model, graph, noise, batch_size=B, length=L, steps=2, masked_only=masked_only,

@@ -4,7 +4,8 @@ gradients, and the public ``sedd.ops.score_entropy`` on the eager backend."""
 import pytest
 import torch
 
-from sedd import ops, reference
+from sedd import ops
+from sedd.ops import reference
 from sedd.graph import Absorbing, Uniform
 from tests.helpers import expm, full_Q
 

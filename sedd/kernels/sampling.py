@@ -1,6 +1,6 @@
 """Fused reverse steps of SEDD: Euler, analytic (Tweedie) and denoise, absorbing and uniform.
 
-Why fuse. The eager step (``sedd/reference.py``) reads the [B, L, V] scores and then builds the
+Why fuse. The eager step (``sedd/ops/reference.py``) reads the [B, L, V] scores and then builds the
 weights, the rates, the transition row, their product, the normalised probabilities, fp64
 exponential noise and its log: about ten [B, L, V] tensors written and read again, i.e. ~20 bytes
 of traffic per score byte for bf16 input, plus as many allocations. A step needs none of it: the
@@ -356,7 +356,7 @@ def reverse_step_kernel(
     choice = tl.where(active, choice, x)
     if ABSORB and KIND == 2:
         # denoise never keeps MASK: a row whose real tokens all have weight 0 (every score −∞)
-        # takes token 0, the lowest id, as the eager backend does (sedd.reference.denoise_step)
+        # takes token 0, the lowest id, as the eager backend does (sedd.ops.reference.denoise_step)
         choice = tl.where(active & (best_tile < 0), 0, choice)
     tl.store(out_ptr + rows, choice.to(out_ptr.dtype.element_ty), mask=row_ok)
 

@@ -1,6 +1,6 @@
 """Fused score entropy: the per-token SEDD loss and its gradient in one streaming pass.
 
-Why fuse. The eager loss (``sedd/reference.py``) on a [B, L, V] row block reads the raw output,
+Why fuse. The eager loss (``sedd/ops/reference.py``) on a [B, L, V] row block reads the raw output,
 writes ŝ = z + shift in fp32, scatters the zero at x_t (another copy), takes exp (another), sums,
 gathers; autograd then replays most of that backwards. At V = 50258 that is ~10 passes over
 [B, L, V] fp32 temporaries. The kernel below reads each row of z once and, when a gradient is

@@ -4,10 +4,10 @@ Every function here validates its arguments (raising ``TypeError``/``ValueError`
 argument, before any kernel launches), then dispatches to a backend:
 
 * ``"triton"``: the fused kernels of the ``kernels`` package, launched as ``torch.library`` custom
-  ops (:mod:`sedd.ops_triton`). On CPU tensors this needs Triton's interpreter
+  ops (:mod:`sedd.ops.custom_ops`). On CPU tensors this needs Triton's interpreter
   (``TRITON_INTERPRET=1`` set before the kernels are imported); anything else is an error, never a
   silent fallback. A graph whose ``kernel`` tag is None has no kernel: "triton" is then an error.
-* ``"torch"``: the eager reference of :mod:`sedd.reference` (the graph's own math).
+* ``"torch"``: the eager reference of :mod:`sedd.ops.reference` (the graph's own math).
 * ``"auto"`` (default): Triton for CUDA tensors of a graph with a kernel, eager otherwise.
 
 The backend is chosen by the environment variable ``SEDD_BACKEND`` or, taking precedence, the
@@ -36,9 +36,9 @@ import threading
 
 import torch
 
-from sedd import eager, ops_triton, reference
+from sedd.ops import custom_ops as ops_triton, eager, reference
 from sedd.graph import Graph, graph_for_width
-from sedd.ops_checks import (  # noqa: F401 - re-exported: value_checks, sync_free, the checks
+from sedd.ops.checks import (  # noqa: F401 - re-exported: value_checks, sync_free, the checks
     value_checks,
     checking_values,
     _check_values,
@@ -223,7 +223,7 @@ def score_entropy(
         )
         return ops_triton.score_entropy(log_score, spec, reduction, inplace_backward)
 
-    if g.kernel is not None:  # the built-in graphs: chunked, one gradient buffer (sedd/eager.py)
+    if g.kernel is not None:  # the built-in graphs: chunked, one gradient buffer (sedd/ops/eager.py)
         return eager.score_entropy(log_score, sigma, _index(x_t), _index(x0), g, shift, weight, reduction)
     loss = reference.score_entropy(log_score, sigma, _index(x_t), _index(x0), g, shift)
     if weight is not None:
@@ -413,7 +413,7 @@ def _reverse_step(kind, log_score, x_t, scalars, graph, shift, generator, block_
         trunc = _truncation(kind, log_score, x_t, scalars, graph, shift, generator, top_p, top_k) if truncated else None
         return _step_triton(kind, log_score, x_t, scalar, graph, shift, generator, block_v, trunc)
     if graph.kernel is not None and not truncated:
-        # the built-in graphs' eager steps: log space, chunked, a two-level fp64 race (sedd/eager.py)
+        # the built-in graphs' eager steps: log space, chunked, a two-level fp64 race (sedd/ops/eager.py)
         return eager.reverse_step(kind, log_score, _index(x_t), scalar, graph, shift, generator).to(x_t.dtype)
     step = _REFERENCE_STEPS[kind]
     return step(log_score, _index(x_t), *scalars, graph, shift, generator, top_p, top_k).to(x_t.dtype)
@@ -427,7 +427,7 @@ spread over the kept candidates in proportion to their step probability. ``top_k
 candidates whose probability is at least the k-th largest; ``top_p`` (0 < p ≤ 1) then keeps,
 among those, the smallest prefix in decreasing probability whose share of their total reaches p
 (the token crossing it included); ties at either boundary are all kept. Both backends draw from
-exactly this distribution (``sedd.reference.truncate``). The Triton backend finds the kept set
+exactly this distribution (``sedd.ops.reference.truncate``). The Triton backend finds the kept set
 with torch (one sort of the step's probabilities) and draws with the fused kernel; without
 ``top_p``/``top_k`` the kernel launch is the untruncated one, unchanged."""
 
@@ -466,4 +466,4 @@ def _step_triton(kind, log_score, x_t, scalar, graph, shift, generator, block_v,
 # The output head fused with the score entropy (its own module; re-exported here)
 # ---------------------------------------------------------------------------------------------
 
-from sedd.ops_linear import linear_score_entropy  # noqa: E402
+from sedd.ops.linear import linear_score_entropy  # noqa: E402

@@ -1,6 +1,6 @@
 """The fast eager (torch) reverse steps for the two built-in graphs: the CPU path behind sedd.ops.
 
-:mod:`sedd.reference` spells the math out (weights over [B, L, V], normalised, then an fp64
+:mod:`sedd.ops.reference` spells the math out (weights over [B, L, V], normalised, then an fp64
 exponential race over every column) and stays the oracle. This module draws from the same
 distributions with less work and memory:
 
@@ -274,7 +274,7 @@ class _ScoreEntropy(torch.autograd.Function):
         graph, reduction = ctx.graph, ctx.reduction
         B, L, V = log_score.shape
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference formulas
-            from sedd import reference
+            from sedd.ops import reference
 
             loss = reference.score_entropy(log_score, sigma, x_t, x0, graph, shift)
             if weight is not None:

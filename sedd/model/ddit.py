@@ -18,8 +18,8 @@ Attention runs on flash-attn's varlen kernel (CUDA, fp16/bf16) or on
 ``torch.nn.functional.scaled_dot_product_attention`` (everywhere else); padded batches
 (``attention_mask``) and packed documents (``segment_ids``) never attend across a boundary.
 
-Files: the blocks are in :mod:`sedd.layers`, the attention backends and the padded / packed plan
-in :mod:`sedd.attention`, config normalisation and the checkpoint files in :mod:`sedd.checkpoint`.
+Files: the blocks are in :mod:`sedd.model.layers`, the attention backends and the padded / packed plan
+in :mod:`sedd.model.attention`, config normalisation and the checkpoint files in :mod:`sedd.model.checkpoint`.
 
 Precision: the residual stream and the σ conditioning stay in the parameter dtype (fp32 for the
 checkpoints); on CUDA the blocks and the output layer run under bf16 autocast, as the checkpoints
@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sedd import ops
-from sedd.attention import ATTN_BACKENDS, FLASH_ATTN_AVAILABLE, check_backend, plan_attention, resolve_backend
-from sedd.checkpoint import (
+from sedd.model.attention import ATTN_BACKENDS, FLASH_ATTN_AVAILABLE, check_backend, plan_attention, resolve_backend
+from sedd.model.checkpoint import (
     check_state_fits,
     checkpoint_dir,
     normalise_config,
@@ -50,7 +50,7 @@ from sedd.checkpoint import (
     write_checkpoint,
 )
 from sedd.graph import get_graph
-from sedd.layers import (  # re-exported: sedd.model was their home
+from sedd.model.layers import (  # re-exported: sedd.model was their home
     SIGMA_EMBED_DIM,
     DDiTBlock,
     DDiTFinalLayer,

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from sedd.attention import AttentionPlan, attention
+from sedd.model.attention import AttentionPlan, attention
 
 SIGMA_EMBED_DIM = 256  # fixed by the checkpoints: sigma_map.mlp.0.weight is [C, 256]
 ROTARY_BASE = 10_000.0

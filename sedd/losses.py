@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from sedd import ops
+from sedd.ops.checks import check_tokens
 from sedd.graph import Graph
 from sedd.noise import Noise
 from sedd.model.scoring import accepts_head, model_scores, unwrap  # noqa: F401  (also re-exported: their old home)
@@ -77,8 +78,8 @@ def score_entropy_loss(
     if x_t is None:
         x_t = ops.sample_transition(x0, sigma, graph, generator)
     elif ops.checking_values():  # what the noising would have checked
-        ops._check_tokens("x0", x0, tuple(x0.shape), x0.device, graph.N, "clean tokens are real tokens")
-        ops._check_tokens("x_t", x_t, tuple(x0.shape), x0.device, graph.dim, "the noisy tokens")
+        check_tokens("x0", x0, tuple(x0.shape), x0.device, graph.N, "clean tokens are real tokens")
+        check_tokens("x_t", x_t, tuple(x0.shape), x0.device, graph.dim, "the noisy tokens")
     if attention_mask is not None:
         model_kwargs["attention_mask"] = attention_mask
     # x0 and σ were checked by the noising above and x_t was made by it: neither the model nor the

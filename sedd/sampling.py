@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sedd import ops
+from sedd.ops.checks import check_truncation
 from sedd.graph import Graph
 from sedd.noise import Noise
 from sedd.predictors import DENOISERS, PREDICTORS, Predictor, get_predictor, register_predictor
@@ -109,7 +110,7 @@ def sample(
             p.masked_only = bool(masked_only)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    ops._check_truncation(top_p, top_k)
+    check_truncation(top_p, top_k)
     trunc = {} if top_p is None and top_k is None else {"top_p": top_p, "top_k": top_k}
     for p in (step, final):
         if trunc and p is not None and not {"top_p", "top_k"} <= set(inspect.signature(p.update).parameters):

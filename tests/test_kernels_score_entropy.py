@@ -267,7 +267,7 @@ def test_custom_ops_are_registered_with_fake_impls():
         sigma, x = torch.empty(3), torch.zeros(3, 5, dtype=torch.long)
         loss = torch.ops.sedd.score_entropy_fwd(z, sigma, x, x, None, sigma, True, 0)
         assert loss.shape == (3, 5) and loss.dtype == torch.float32
-        loss, grad = torch.ops.sedd.score_entropy_fwd_grad(z, sigma, x, x, sigma, None, False, 1.0, 0)
+        loss, grad = torch.ops.sedd.score_entropy_fwd_grad(z, sigma, x, x, sigma, None, False, 0, 1.0)
         assert grad.shape == z.shape and grad.dtype == z.dtype and loss.shape == (3, 5)
         grad = torch.ops.sedd.score_entropy_bwd(torch.empty(3, 5), z, sigma, x, x, None, None, True, 0)
         assert grad.shape == z.shape and grad.dtype == z.dtype
@@ -283,8 +283,8 @@ def test_opcheck_score_entropy_ops():
     base = (sigma, x_t, x0, shift, weight, False)
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.sedd.score_entropy_fwd, (z, *base, 0), test_utils=tests)
-    torch.library.opcheck(torch.ops.sedd.score_entropy_fwd_grad, (z, *base, 0.5, 0), test_utils=tests)
-    torch.library.opcheck(torch.ops.sedd.score_entropy_fwd_grad_, (z.clone(), *base, 0.5, 0), test_utils=tests)
+    torch.library.opcheck(torch.ops.sedd.score_entropy_fwd_grad, (z, *base, 0, 0.5), test_utils=tests)
+    torch.library.opcheck(torch.ops.sedd.score_entropy_fwd_grad_, (z.clone(), *base, 0, 0.5), test_utils=tests)
     torch.library.opcheck(torch.ops.sedd.score_entropy_bwd, (torch.rand(2, 2), z, *base, 0), test_utils=tests)
     torch.library.opcheck(torch.ops.sedd.score_entropy_bwd_, (torch.rand(2, 2), z.clone(), *base, 0), test_utils=tests)
 

@@ -241,10 +241,10 @@ def test_sampler_and_loss_make_no_value_checks_after_their_inputs(monkeypatch):
         return (table[x] - torch.log(torch.expm1(s))[:, None, None]).scatter(-1, x.unsqueeze(-1), 0.0)
 
     checked = []
-    from sedd.ops import checks as ops_checks
+    from sedd.ops import checks
 
-    real = ops_checks._check_values
-    monkeypatch.setattr(ops_checks, "_check_values", lambda: checked.append(real()) or checked[-1])
+    real = checks.checking_values
+    monkeypatch.setattr(checks, "checking_values", lambda: checked.append(real()) or checked[-1])
     tokens, mask = conditioning(8, {0: [1, 2]})
     sample(model, graph, noise, batch_size=2, length=8, steps=5, fixed_tokens=tokens, fixed_mask=mask)
     assert checked and not any(checked)

@@ -2,8 +2,8 @@
 
 Shape, dtype and device checks always run; value checks (ids in range, σ finite and positive)
 read tensors on the host, so they follow :func:`value_checks` / ``SEDD_CHECK_VALUES``;
-:func:`sync_free` picks the paths that read no row count. Everything here is re-exported by
-:mod:`sedd.ops`.
+:func:`sync_free` picks the paths that read no row count. The model, the losses and the samplers
+import these checks from here; :mod:`sedd.ops` re-exports the switches.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from sedd.graph import Graph, graph_for_width
 
 
-_SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Token ids may come in any of these on both backends, provided the dtype holds every id the op
 # reads or writes (checked from the dtype alone, no device sync); steps return x_t's dtype.
 TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -64,10 +64,6 @@ def _capturing_cuda_graph() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _check_values() -> bool:
-    return checking_values()
-
-
 _sync_free: contextvars.ContextVar[bool | None] = contextvars.ContextVar("sedd_sync_free", default=None)
 
 
@@ -102,10 +98,10 @@ def host_sync_allowed(device: torch.device) -> bool:
     return not enabled
 
 
-def _check_log_score(log_score) -> tuple[int, int, int]:
+def check_log_score(log_score) -> tuple[int, int, int]:
     if not isinstance(log_score, torch.Tensor):
         raise TypeError(f"log_score must be a torch.Tensor, got {type(log_score).__name__}")
-    if log_score.dtype not in _SCORE_DTYPES:
+    if log_score.dtype not in SCORE_DTYPES:
         raise TypeError(f"log_score must be float32, bfloat16, float16 or float64, got {log_score.dtype}")
     if log_score.dim() != 3:
         raise ValueError(f"log_score must have shape [B, L, V], got {tuple(log_score.shape)}")
@@ -115,16 +111,17 @@ def _check_log_score(log_score) -> tuple[int, int, int]:
     return B, L, V
 
 
-def _check_graph(graph, V: int) -> Graph:
+def check_graph(graph, V: int, source: str = "log_score") -> Graph:
+    """The Graph of a name or object, checked to have rows of width V (read off ``source``)."""
     if not isinstance(graph, (str, Graph)):
         raise TypeError(f"graph must be 'absorb', 'uniform' or a Graph, got {type(graph).__name__}")
     g = graph_for_width(graph, V)
     if g.dim != V:
-        raise ValueError(f"graph {g} has rows of width {g.dim}, but log_score has V = {V}")
+        raise ValueError(f"graph {g} has rows of width {g.dim}, but {source} has V = {V}")
     return g
 
 
-def _check_tokens(name: str, x, shape: tuple[int, int], device: torch.device, high: int, what: str) -> None:
+def check_tokens(name: str, x, shape: tuple[int, int], device: torch.device, high: int, what: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in TOKEN_DTYPES:
@@ -139,12 +136,12 @@ def _check_tokens(name: str, x, shape: tuple[int, int], device: torch.device, hi
     if x.device != device:
         raise ValueError(f"{name} is on {x.device}, expected {device}")
     # high − 1 fits x's dtype (checked above), so the compare cannot wrap as `x >= high` would
-    if _check_values() and x.numel() and bool(((x < 0) | (x > high - 1)).any()):  # one device sync
+    if checking_values() and x.numel() and bool(((x < 0) | (x > high - 1)).any()):  # one device sync
         bad = x[(x < 0) | (x > high - 1)][0].item()
         raise ValueError(f"{name} holds id {bad} outside [0, {high}) ({what})")
 
 
-def _check_per_row(name: str, v, B: int, device: torch.device, positive: bool = True, keep_fp64: bool = False) -> torch.Tensor:
+def check_per_row(name: str, v, B: int, device: torch.device, positive: bool = True, keep_fp64: bool = False) -> torch.Tensor:
     """σ-like per-row scalars: a number, [B] or [B, 1] -> contiguous fp32 [B] (fp64 stays fp64
     with ``keep_fp64``: the fp64 loss)."""
     if isinstance(v, (int, float)):
@@ -160,14 +157,14 @@ def _check_per_row(name: str, v, B: int, device: torch.device, positive: bool = 
     if v.device != device:
         raise ValueError(f"{name} is on {v.device}, expected {device}")
     v = v.reshape(B).to(torch.float64 if keep_fp64 and v.dtype == torch.float64 else torch.float32).contiguous()
-    if _check_values() and not bool((torch.isfinite(v) & (v > 0 if positive else True)).all()):  # one sync
+    if checking_values() and not bool((torch.isfinite(v) & (v > 0 if positive else True)).all()):  # one sync
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"{name} must be finite, got {v.tolist() if B <= 8 else 'non-finite entries'}")
         raise ValueError(f"{name} must be > 0, got min {v.min().item()}")
     return v
 
 
-def _check_generator(generator, device: torch.device) -> None:
+def check_generator(generator, device: torch.device) -> None:
     if generator is None:
         return
     if not isinstance(generator, torch.Generator):
@@ -176,10 +173,54 @@ def _check_generator(generator, device: torch.device) -> None:
         raise ValueError(f"generator is on {generator.device}, but the tensors are on {device}")
 
 
-def _check_step_args(log_score, x_t, graph, shift):
-    B, L, V = _check_log_score(log_score)
-    g = _check_graph(graph, V)
-    _check_tokens("x_t", x_t, (B, L), log_score.device, V, "the current tokens")
+def check_step_args(log_score, x_t, graph, shift):
+    B, L, V = check_log_score(log_score)
+    g = check_graph(graph, V)
+    check_tokens("x_t", x_t, (B, L), log_score.device, V, "the current tokens")
     if shift is not None:
-        shift = _check_per_row("shift", shift, B, log_score.device, positive=False)
+        shift = check_per_row("shift", shift, B, log_score.device, positive=False)
     return B, g, shift
+
+
+REDUCTIONS = ("none", "sum", "batchmean")
+
+
+def check_loss_args(B: int, L: int, V: int, g: Graph, device, sigma, x_t, x0, shift, weight, reduction: str,
+                    fp64: bool, weight_name: str = "weight"):
+    """The arguments a score-entropy loss shares (the plain and the fused-head one): returns σ,
+    shift and weight as [B] rows (fp64 kept for the fp64 loss)."""
+    sigma = check_per_row("sigma", sigma, B, device, keep_fp64=fp64)
+    check_tokens("x_t", x_t, (B, L), device, V, "the noisy tokens")
+    check_tokens("x0", x0, (B, L), device, g.N, "clean tokens are real tokens, never MASK")
+    if shift is not None:
+        shift = check_per_row("shift", shift, B, device, positive=False, keep_fp64=fp64)
+    if weight is not None:
+        weight = check_per_row(weight_name, weight, B, device, positive=False, keep_fp64=fp64)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return sigma, shift, weight
+
+
+def check_truncation(top_p, top_k) -> None:
+    """``top_p`` in (0, 1] and ``top_k`` ≥ 1, each or both None (see :data:`sedd.ops.TRUNCATION`)."""
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < float(top_p) <= 1.0:
+            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+
+
+def check_block_v(block_v: int | None) -> int:
+    """A forced tile width as the kernels take it (0: the launcher chooses)."""
+    if block_v is None:
+        return 0
+    if isinstance(block_v, bool) or not isinstance(block_v, int) or block_v < 2 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be None or a power of two >= 2, got {block_v!r}")
+    return block_v
+
+
+def check_triton_dtype(name: str, t: torch.Tensor) -> None:
+    """The kernels read fp32, bf16 and fp16; fp64 runs on the eager backend only."""
+    if t.dtype == torch.float64:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16 on the triton backend, got torch.float64")

@@ -29,9 +29,12 @@ only the op boundary spells them out, because a custom op's schema needs each on
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
+
+from sedd.graph import Graph
 
 
 @dataclass(frozen=True)
@@ -67,129 +70,69 @@ def _loss_like(log_score: torch.Tensor) -> torch.Tensor:
     return log_score.new_empty(log_score.shape[:2], dtype=torch.float32)
 
 
-@torch.library.custom_op("sedd::score_entropy_fwd", mutates_args=())
-def _se_fwd_op(
-    log_score: torch.Tensor,
-    sigma: torch.Tensor,
-    x_t: torch.Tensor,
-    x0: torch.Tensor,
-    shift: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    absorbing: bool,
-    block_v: int,
-) -> torch.Tensor:
+# The arguments of one score-entropy call after the scores (ScoreEntropySpec.flat()), as a schema.
+_SPEC = "Tensor sigma, Tensor x_t, Tensor x0, Tensor? shift, Tensor? weight, bool absorbing, int block_v"
+
+
+def _op(name: str, schema: str, fake):
+    """Register the decorated function as the custom op ``sedd::name`` with ``schema`` (the
+    arguments it writes marked ``Tensor(a!)``) and ``fake``, its shape-only (meta) implementation."""
+    mutates = tuple(re.findall(r"Tensor\(\w!\) (\w+)", schema))
+
+    def register(fn):
+        op = torch.library.custom_op(f"sedd::{name}", fn, mutates_args=mutates, schema=schema)
+        op.register_fake(fake)
+        return op
+
+    return register
+
+
+@_op("score_entropy_fwd", f"(Tensor log_score, {_SPEC}) -> Tensor", fake=lambda log_score, *_: _loss_like(log_score))
+def _se_fwd(log_score, *spec):
     """Weighted per-token loss [B, L] fp32, no gradient."""
-    return ScoreEntropySpec(sigma, x_t, x0, shift, weight, absorbing, block_v).launch(log_score)
+    return ScoreEntropySpec(*spec).launch(log_score)
 
 
-@_se_fwd_op.register_fake
-def _(log_score, *spec):
-    return _loss_like(log_score)
-
-
-@torch.library.custom_op("sedd::score_entropy_fwd_grad", mutates_args=())
-def _se_fwd_grad_op(
-    log_score: torch.Tensor,
-    sigma: torch.Tensor,
-    x_t: torch.Tensor,
-    x0: torch.Tensor,
-    shift: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    absorbing: bool,
-    grad_scale: float,
-    block_v: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@_op("score_entropy_fwd_grad", f"(Tensor log_score, {_SPEC}, float grad_scale) -> (Tensor, Tensor)",
+     fake=lambda log_score, *_: (_loss_like(log_score), torch.empty_like(log_score)))
+def _se_fwd_grad(log_score, *spec_and_scale):
     """(loss [B, L] fp32, grad_scale · ∂Σloss/∂log_score [B, L, V] in log_score's dtype), one pass."""
+    *spec, grad_scale = spec_and_scale
     grad = torch.empty_like(log_score)
-    spec = ScoreEntropySpec(sigma, x_t, x0, shift, weight, absorbing, block_v)
-    return spec.launch(log_score, grad=grad, grad_scale=grad_scale), grad
+    return ScoreEntropySpec(*spec).launch(log_score, grad=grad, grad_scale=grad_scale), grad
 
 
-@_se_fwd_grad_op.register_fake
-def _(log_score, *spec_and_scale):
-    return _loss_like(log_score), torch.empty_like(log_score)
-
-
-@torch.library.custom_op("sedd::score_entropy_fwd_grad_", mutates_args=("log_score",))
-def _se_fwd_grad_inplace_op(
-    log_score: torch.Tensor,
-    sigma: torch.Tensor,
-    x_t: torch.Tensor,
-    x0: torch.Tensor,
-    shift: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    absorbing: bool,
-    grad_scale: float,
-    block_v: int,
-) -> torch.Tensor:
+@_op("score_entropy_fwd_grad_", f"(Tensor(a!) log_score, {_SPEC}, float grad_scale) -> Tensor",
+     fake=lambda log_score, *_: _loss_like(log_score))
+def _se_fwd_grad_inplace(log_score, *spec_and_scale):
     """As ``score_entropy_fwd_grad`` with the gradient written over log_score; returns the loss."""
-    spec = ScoreEntropySpec(sigma, x_t, x0, shift, weight, absorbing, block_v)
-    return spec.launch(log_score, grad=log_score, grad_scale=grad_scale)
+    *spec, grad_scale = spec_and_scale
+    return ScoreEntropySpec(*spec).launch(log_score, grad=log_score, grad_scale=grad_scale)
 
 
-@_se_fwd_grad_inplace_op.register_fake
-def _(log_score, *spec_and_scale):
-    return _loss_like(log_score)
-
-
-@torch.library.custom_op("sedd::score_entropy_bwd", mutates_args=())
-def _se_bwd_op(
-    grad_loss: torch.Tensor,
-    log_score: torch.Tensor,
-    sigma: torch.Tensor,
-    x_t: torch.Tensor,
-    x0: torch.Tensor,
-    shift: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    absorbing: bool,
-    block_v: int,
-) -> torch.Tensor:
+@_op("score_entropy_bwd", f"(Tensor grad_loss, Tensor log_score, {_SPEC}) -> Tensor",
+     fake=lambda grad_loss, log_score, *_: torch.empty_like(log_score))
+def _se_bwd(grad_loss, log_score, *spec):
     """∂/∂log_score of Σ grad_loss·loss for a per-token grad_loss [B, L]; a new [B, L, V] buffer."""
     grad = torch.empty_like(log_score)
-    spec = ScoreEntropySpec(sigma, x_t, x0, shift, weight, absorbing, block_v)
-    spec.launch(log_score, grad=grad, grad_output=grad_loss.float().contiguous(), compute_loss=False)
+    ScoreEntropySpec(*spec).launch(log_score, grad=grad, grad_output=grad_loss.float().contiguous(), compute_loss=False)
     return grad
 
 
-@_se_bwd_op.register_fake
-def _(grad_loss, log_score, *spec):
-    return torch.empty_like(log_score)
-
-
-@torch.library.custom_op("sedd::score_entropy_bwd_", mutates_args=("log_score",))
-def _se_bwd_inplace_op(
-    grad_loss: torch.Tensor,
-    log_score: torch.Tensor,
-    sigma: torch.Tensor,
-    x_t: torch.Tensor,
-    x0: torch.Tensor,
-    shift: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    absorbing: bool,
-    block_v: int,
-) -> None:
+@_op("score_entropy_bwd_", f"(Tensor grad_loss, Tensor(a!) log_score, {_SPEC}) -> ()", fake=lambda *_: None)
+def _se_bwd_inplace(grad_loss, log_score, *spec):
     """As ``score_entropy_bwd`` with the gradient written over log_score."""
-    spec = ScoreEntropySpec(sigma, x_t, x0, shift, weight, absorbing, block_v)
+    spec = ScoreEntropySpec(*spec)
     spec.launch(log_score, grad=log_score, grad_output=grad_loss.float().contiguous(), compute_loss=False)
 
 
-@_se_bwd_inplace_op.register_fake
-def _(grad_loss, log_score, *spec):
-    return None
-
-
-@torch.library.custom_op("sedd::scale_grad_", mutates_args=("grad",))
-def _scale_grad_op(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+@_op("scale_grad_", "(Tensor(a!) grad, Tensor grad_output) -> ()", fake=lambda *_: None)
+def _scale_grad(grad, grad_output):
     """grad *= grad_output (a scalar), skipped on the device when it is exactly 1 (the usual
     ``loss.backward()``): no host sync, so a backward never waits on the GPU."""
     from sedd.kernels.scale import scale_unless_one_
 
     scale_unless_one_(grad, grad_output.detach().float())
-
-
-@_scale_grad_op.register_fake
-def _(grad, grad_output):
-    return None
 
 
 class _ScoreEntropy(torch.autograd.Function):
@@ -209,7 +152,7 @@ class _ScoreEntropy(torch.autograd.Function):
             return loss
         scale = 1.0 / B if reduction == "batchmean" else 1.0
         fwd_grad = torch.ops.sedd.score_entropy_fwd_grad_ if inplace else torch.ops.sedd.score_entropy_fwd_grad
-        out = fwd_grad(log_score, *spec.tensors(), spec.absorbing, scale, spec.block_v)
+        out = fwd_grad(log_score, *spec.flat(), scale)
         loss, grad = (out, log_score) if inplace else out
         ctx.save_for_backward(grad)
         return loss.sum() / B if reduction == "batchmean" else loss.sum()
@@ -264,34 +207,18 @@ def score_entropy(log_score: torch.Tensor, spec: ScoreEntropySpec, reduction: st
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("sedd::sample_transition", mutates_args=())
-def _sample_transition_op(
-    x0: torch.Tensor, sigma: torch.Tensor, seed: torch.Tensor, absorbing: bool, N: int, block: int
-) -> torch.Tensor:
+@_op("sample_transition", "(Tensor x0, Tensor sigma, Tensor seed, bool absorbing, int N, int block) -> Tensor",
+     fake=lambda x0, *_: torch.empty_like(x0))
+def _sample_transition(x0, sigma, seed, absorbing, N, block):
     """x_t [B, L] (x0's dtype) ~ p_{t|0}(· | x0); Philox keyed by ``seed`` [1] int64 and the element index."""
     from sedd.kernels.transitions import sample_transition as launch
 
     return launch(x0, sigma, seed, absorbing=absorbing, N=N, block=block or None)
 
 
-@_sample_transition_op.register_fake
-def _(x0, sigma, seed, absorbing, N, block):
-    return torch.empty_like(x0)
-
-
-@torch.library.custom_op("sedd::reverse_step", mutates_args=())
-def _reverse_step_op(
-    kind: str,
-    log_score: torch.Tensor,
-    x_t: torch.Tensor,
-    scalar: torch.Tensor,
-    shift: torch.Tensor | None,
-    seed: torch.Tensor,
-    absorbing: bool,
-    N: int,
-    block_v: int,
-    truncation: torch.Tensor | None = None,
-) -> torch.Tensor:
+@_op("reverse_step", "(str kind, Tensor log_score, Tensor x_t, Tensor scalar, Tensor? shift, Tensor seed, "
+     "bool absorbing, int N, int block_v, Tensor? truncation=None) -> Tensor", fake=lambda kind, log_score, x_t, *_: torch.empty_like(x_t))
+def _reverse_step(kind, log_score, x_t, scalar, shift, seed, absorbing, N, block_v, truncation=None):
     """The next tokens [B, L] (x_t's dtype) of one reverse step ``kind`` ("euler": scalar = dσ·Δt,
     "analytic": Δσ, "denoise": σ; [B] fp32), drawn in-kernel with Philox keyed by ``seed`` [1]."""
     from sedd.kernels.sampling import reverse_step as launch
@@ -300,6 +227,28 @@ def _reverse_step_op(
                   truncation=truncation)
 
 
-@_reverse_step_op.register_fake
-def _(kind, log_score, x_t, scalar, shift, seed, absorbing, N, block_v, truncation=None):
-    return torch.empty_like(x_t)
+def absorbing_tag(graph: Graph) -> bool:
+    """The kernels' graph switch, from the graph's kernel tag (dispatch has checked it is set)."""
+    if graph.kernel not in ("absorb", "uniform"):
+        raise ValueError(f"graph {graph!r} has kernel tag {graph.kernel!r}; the Triton kernels know 'absorb' and 'uniform'")
+    return graph.kernel == "absorb"
+
+
+def philox_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """A [1] int64 Philox key drawn from ``generator`` (or the device's default generator), left
+    on the device so the kernel reads it without a host sync; same generator state, same draws."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator)
+
+
+def sample_transition(x0: torch.Tensor, sigma: torch.Tensor, graph: Graph, generator) -> torch.Tensor:
+    """Validated arguments -> x_t [B, L] from the noising kernel."""
+    seed = philox_seed(x0.device, generator)
+    return torch.ops.sedd.sample_transition(x0.contiguous(), sigma, seed, absorbing_tag(graph), graph.N, 0)
+
+
+def reverse_step(kind: str, log_score, x_t, scalar, graph: Graph, shift, generator, block_v: int, truncation=None):
+    """Validated arguments -> the next tokens [B, L] from the reverse-step kernel."""
+    seed = philox_seed(log_score.device, generator)
+    return torch.ops.sedd.reverse_step(
+        kind, log_score, x_t, scalar, shift, seed, absorbing_tag(graph), graph.N, block_v, truncation
+    )

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from sedd import ops
-from sedd.graph import Graph, graph_for_width
+from sedd.graph import Graph
+from sedd.ops.backend import last_backend, resolve_backend
+from sedd.ops.checks import check_graph, check_loss_args, host_sync_allowed, value_checks
+from sedd.ops.loss import score_entropy
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # The eager per-chunk loss holds several fp32 temporaries the size of the chunk (ŝ, e^ŝ, the
@@ -50,7 +52,7 @@ def linear_score_entropy(
     reduction: str = "batchmean",
     chunk_bytes: int | None = None,
 ) -> torch.Tensor:
-    """Score entropy of the head's output, ``ops.score_entropy(hidden @ weightᵀ + bias, …)``,
+    """Score entropy of the head's output, ``score_entropy(hidden @ weightᵀ + bias, …)``,
     differentiable in ``hidden``, ``weight`` and ``bias``, without the [B·L, V] logits.
 
     Args:
@@ -70,25 +72,14 @@ def linear_score_entropy(
         float32 loss, a scalar or [B, L] (float64 for float64 input on the torch backend).
     """
     B, L, D, V = _check_head(hidden, weight, bias)
-    if not isinstance(graph, (str, Graph)):
-        raise TypeError(f"graph must be 'absorb', 'uniform' or a Graph, got {type(graph).__name__}")
-    g = graph_for_width(graph, V)
-    if g.dim != V:
-        raise ValueError(f"graph {g} has rows of width {g.dim}, but weight has V = {V} rows")
+    g = check_graph(graph, V, source="weight")
     device = hidden.device
     fp64 = hidden.dtype == torch.float64  # the fp64 loss keeps fp64 σ, shift and weight
-    sigma = ops._check_per_row("sigma", sigma, B, device, keep_fp64=fp64)
-    ops._check_tokens("x_t", x_t, (B, L), device, V, "the noisy tokens")
-    ops._check_tokens("x0", x0, (B, L), device, g.N, "clean tokens are real tokens, never MASK")
-    if shift is not None:
-        shift = ops._check_per_row("shift", shift, B, device, positive=False, keep_fp64=fp64)
-    if loss_weight is not None:
-        loss_weight = ops._check_per_row("loss_weight", loss_weight, B, device, positive=False, keep_fp64=fp64)
-    if reduction not in ("none", "sum", "batchmean"):
-        raise ValueError(f"reduction must be one of ('none', 'sum', 'batchmean'), got {reduction!r}")
+    sigma, shift, loss_weight = check_loss_args(B, L, V, g, device, sigma, x_t, x0, shift, loss_weight, reduction,
+                                                fp64, weight_name="loss_weight")
     if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1):
         raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
-    backend = ops.resolve_backend(device, g)
+    backend = resolve_backend(device, g)
     if backend == "triton" and hidden.dtype == torch.float64:
         raise TypeError("hidden must be float32, bfloat16 or float16 on the triton backend, got torch.float64")
     if chunk_bytes is None:
@@ -182,7 +173,7 @@ class _Rows:
         xt, x0 = x_t.reshape(-1), x0.reshape(-1)
         # rows that are not MASK carry no loss and get a zero gradient from the loss itself, so
         # skipping them is only a saving; reading their count is a host sync
-        if graph.absorbing and ops.host_sync_allowed(hidden.device):
+        if graph.absorbing and host_sync_allowed(hidden.device):
             self.index = (xt == graph.mask_id).nonzero().squeeze(1)
             self.n = self.index.numel()
             batch = torch.div(self.index, L, rounding_mode="floor")
@@ -255,7 +246,7 @@ def _chunks(rows: _Rows, weight, bias, graph, rows_per_chunk: int, row_weight, *
     the gradients (of Σ row_weight·ℓ) accumulated into it."""
     losses = []
     # the arguments were checked once on the whole batch; each chunk needs no device sync
-    with ops.value_checks(False), torch.autocast(rows.hidden.device.type, enabled=False):
+    with value_checks(False), torch.autocast(rows.hidden.device.type, enabled=False):
         for start in range(0, rows.n, rows_per_chunk):
             stop = min(start + rows_per_chunk, rows.n)
             c = stop - start
@@ -269,14 +260,14 @@ def _chunks(rows: _Rows, weight, bias, graph, rows_per_chunk: int, row_weight, *
             )
             if grads is None:
                 with torch.no_grad():
-                    losses.append(ops.score_entropy(z.view(c, 1, -1), *args, **kwargs).reshape(c))
+                    losses.append(score_entropy(z.view(c, 1, -1), *args, **kwargs).reshape(c))
                 continue
             with torch.enable_grad():
                 leaf = z.detach().requires_grad_()
                 # on the Triton backend the fused pass writes the gradient over the chunk's logits
                 # (through a view: ops refuses inplace_backward on a leaf that requires grad)
-                loss = ops.score_entropy(leaf.view(c, 1, -1), *args, **kwargs, reduction="sum", inplace_backward=True)
-                if ops.last_backend() == "triton":
+                loss = score_entropy(leaf.view(c, 1, -1), *args, **kwargs, reduction="sum", inplace_backward=True)
+                if last_backend() == "triton":
                     g = z
                 else:
                     (g,) = torch.autograd.grad(loss, leaf)

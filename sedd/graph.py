@@ -29,9 +29,21 @@ import math
 
 import torch
 
-from sedd._math import esigm1, per_row
-
 KERNEL_TAGS = ("absorb", "uniform", None)
+
+
+def esigm1(sigma: torch.Tensor) -> torch.Tensor:
+    """E(σ) = e^σ − 1, through expm1 where σ is small enough for e^σ − 1 to cancel."""
+    return torch.where(sigma < 0.5, torch.expm1(sigma), torch.exp(sigma) - 1)
+
+
+def per_row(v: torch.Tensor | float, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-sequence scalars ([B], [B, 1] or a scalar) shaped [B, 1, …, 1] to broadcast against
+    ``like`` [B, ...], on like's device (and in ``dtype`` when given; a scalar stays 0-d)."""
+    v = torch.as_tensor(v, device=like.device, dtype=dtype)
+    if v.dim() == 0:
+        return v
+    return v.reshape(v.shape[0], *([1] * (like.dim() - 1)))
 
 
 def expand_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +61,13 @@ class Graph:
     name: str = ""
     kernel: str | None = None
     absorbing: bool = False  # the forward process has an absorbing MASK state (descriptive only)
+    mask_id: int | None = None  # the MASK token's id, for a graph that has one
+    default_noise: str = "loglinear"  # the schedule the paper pairs with this graph (sedd.noise names)
+
+    @classmethod
+    def from_width(cls, V: int) -> "Graph":
+        """The graph whose score rows have width V."""
+        return cls(V)
 
     def __init__(self, N: int):
         if int(N) != N or N < 1:
@@ -149,6 +168,11 @@ class Graph:
 
 class Absorbing(Graph):
     name = "absorb"
+    default_noise = "loglinear"
+
+    @classmethod
+    def from_width(cls, V: int) -> "Absorbing":
+        return cls(V - 1)  # the MASK column is the last of the V
     kernel = "absorb"
     absorbing = True
 
@@ -237,6 +261,7 @@ class Uniform(Graph):
     name = "uniform"
     kernel = "uniform"
     absorbing = False
+    default_noise = "geometric"
 
     @property
     def dim(self) -> int:
@@ -305,25 +330,35 @@ class Uniform(Graph):
         return pos - neg + const
 
 
+# The graphs by name: every place that takes a graph name (configs, the command line, the ops)
+# reads this table, so a new graph is one class and one entry here.
+GRAPHS: dict[str, type[Graph]] = {"absorb": Absorbing, "uniform": Uniform}
+GRAPH_ALIASES = {"absorbing": "absorb"}
+
+
+def graph_class(name: str) -> type[Graph]:
+    """The registered graph class of ``name`` (or one of its aliases); ValueError naming the choices."""
+    cls = GRAPHS.get(GRAPH_ALIASES.get(name, name)) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown graph {name!r}; expected one of {tuple(GRAPHS)}")
+    return cls
+
+
 def get_graph(graph: str | Graph, N: int | None = None) -> Graph:
-    """A graph object from ``"absorb"`` / ``"uniform"`` and the number of real tokens N."""
+    """A graph object from a name in :data:`GRAPHS` and the number of real tokens N."""
     if isinstance(graph, Graph):
         return graph
-    graphs = {"absorb": Absorbing, "absorbing": Absorbing, "uniform": Uniform}
-    if graph not in graphs:
-        raise ValueError(f"unknown graph {graph!r}; expected 'absorb' or 'uniform'")
+    cls = graph_class(graph)
     if N is None:
         raise ValueError("N (the number of real tokens) is needed to build a graph from its name")
-    return graphs[graph](N)
+    return cls(N)
 
 
 def graph_for_width(graph: str | Graph, V: int) -> Graph:
     """The graph whose score rows have width V (N = V − 1 for absorbing, N = V for uniform)."""
     if isinstance(graph, Graph):
         return graph
-    if graph in ("absorb", "absorbing"):
-        return Absorbing(V - 1)
-    return get_graph(graph, V)
+    return graph_class(graph).from_width(V)
 
 
 def graph_from_config(config: dict) -> Graph:

@@ -72,14 +72,17 @@ class Geometric(Noise):
         return f"Geometric(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
 
 
+# The schedules by name (the names of the public SEDD configs); a new one is a class and an entry.
+NOISES: dict[str, type[Noise]] = {"loglinear": LogLinear, "geometric": Geometric}
+
+
 def get_noise(name: str | Noise, **kwargs) -> Noise:
     """``"loglinear"`` or ``"geometric"`` (the names of the public SEDD config), or a Noise object."""
     if isinstance(name, Noise):
         return name
-    schedules = {"loglinear": LogLinear, "geometric": Geometric}
-    if name not in schedules:
-        raise ValueError(f"unknown noise schedule {name!r}; expected one of {sorted(schedules)}")
-    return schedules[name](**kwargs)
+    if name not in NOISES:
+        raise ValueError(f"unknown noise schedule {name!r}; expected one of {sorted(NOISES)}")
+    return NOISES[name](**kwargs)
 
 
 def _as_float(t) -> torch.Tensor:

@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 
 from sedd import data as sdata
+from sedd.graph import GRAPHS
 from sedd.model import PRESETS as MODEL_PRESETS
 from sedd.model import SEDD
+from sedd.noise import NOISES
 
 PAPER = dict(  # the GPT-2-scale runs of the paper and the public code (configs/config.yaml)
     data="openwebtext", tokenizer="gpt2", doc_mask=False,
@@ -78,7 +80,7 @@ GROUPS = {
     "evaluation, logging, checkpoints": ["log_every", "eval_every", "val_blocks", "ckpt_every", "num_samples",
                                          "sample_length", "sample_steps"],
 }
-CHOICES = {"graph": ["absorb", "uniform"], "noise": ["auto", "loglinear", "geometric"]}
+CHOICES = {"graph": list(GRAPHS), "noise": ["auto", *NOISES]}
 # What a run trains: --resume refuses to change these (the checkpoint would no longer fit, or
 # the data order and noise would silently differ from the run being continued).
 FROZEN = ["data", "tokenizer", "doc_mask", "graph", "noise", "noise_eps", "sigma_min", "sigma_max", "hidden_size",
@@ -187,7 +189,7 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
     else:
         cfg = dict(PRESETS[preset or "cpu"], **overrides, preset=preset or "cpu")
     if cfg["noise"] == "auto":
-        cfg["noise"] = "loglinear" if cfg["graph"] == "absorb" else "geometric"
+        cfg["noise"] = GRAPHS[cfg["graph"]].default_noise
     if cfg["global_batch"] % (cfg["batch_size"] * world):
         derivable = saved is None and "batch_size" not in overrides and cfg["global_batch"] % world == 0
         if not derivable:

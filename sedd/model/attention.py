@@ -65,6 +65,17 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
     return "flash" if flash_ok else "sdpa"
 
 
+def backend_for_layout(resolved: str, requested: str, *, varlen: bool, host_sync: bool) -> str:
+    """The backend a forward runs on, given the :func:`resolve_backend` answer ``resolved`` for
+    the model's ``requested`` backend: flash-attn's varlen call (``varlen``: a padded or packed
+    batch) reads the document lengths on the host, so where no host sync is allowed (under
+    :func:`sedd.ops.sync_free`, CUDA graph capture, ``torch.compile``) "auto" takes SDPA, whose
+    masks stay on the device. An explicit "flash" keeps flash, and its sync."""
+    if resolved == "flash" and requested == "auto" and varlen and not host_sync:
+        return "sdpa"
+    return resolved
+
+
 def document_ids(segment_ids: torch.Tensor) -> torch.Tensor:
     """[B, L] segment ids -> [B, L] int64 ids of maximal runs of equal ids (0, 1, 2, ... per row).
 

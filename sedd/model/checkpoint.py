@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sedd.graph import GRAPHS
 from sedd.io import atomic_write
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -66,8 +67,8 @@ def normalise_config(config: Any) -> dict[str, Any]:
         raise ValueError("config has no 'tokens' key (the number of real tokens, e.g. 50257 for GPT-2)")
     graph = cfg.get("graph")
     graph_type = graph.get("type") if isinstance(graph, dict) else graph
-    if graph_type not in ("absorb", "uniform"):
-        raise ValueError(f"config graph.type must be 'absorb' or 'uniform', got {graph_type!r}")
+    if graph_type not in GRAPHS:
+        raise ValueError(f"config graph.type must be one of {tuple(GRAPHS)}, got {graph_type!r}")
     model = cfg.get("model")
     if not isinstance(model, dict):
         raise ValueError("config has no 'model' section with hidden_size, cond_dim, n_blocks, n_heads")

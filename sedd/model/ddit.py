@@ -39,7 +39,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sedd import ops
-from sedd.model.attention import ATTN_BACKENDS, FLASH_ATTN_AVAILABLE, check_backend, plan_attention, resolve_backend
+from sedd.model.attention import (
+    ATTN_BACKENDS,
+    FLASH_ATTN_AVAILABLE,
+    backend_for_layout,
+    check_backend,
+    plan_attention,
+    resolve_backend,
+)
 from sedd.model.checkpoint import (
     check_state_fits,
     checkpoint_dir,
@@ -49,7 +56,7 @@ from sedd.model.checkpoint import (
     strip_wrapper_prefix,
     write_checkpoint,
 )
-from sedd.graph import get_graph
+from sedd.graph import GRAPHS, get_graph
 from sedd.model.layers import (  # re-exported: sedd.model was their home
     SIGMA_EMBED_DIM,
     DDiTBlock,
@@ -123,13 +130,14 @@ class SEDD(nn.Module):
         cfg, m = self.config, self.config["model"]
         graph = cfg["graph"]
         self.graph_type: str = graph["type"] if isinstance(graph, dict) else graph
-        self.absorb = self.graph_type == "absorb"
         self.tokens = int(cfg["tokens"])
-        if self.tokens < (1 if self.absorb else 2):
-            raise ValueError(f"config tokens must be >= {1 if self.absorb else 2} for graph {self.graph_type!r}, got {self.tokens}")
-        self.vocab_size = self.tokens + (1 if self.absorb else 0)
-        self.mask_id = self.vocab_size - 1 if self.absorb else None
-        self.graph = get_graph(self.graph_type, self.tokens)  # the forward process; supplies the score shift
+        # the forward process: the vocabulary facts (score width, MASK id) and the score shift
+        self.graph = get_graph(self.graph_type, self.tokens)
+        self.absorb = self.graph.absorbing
+        self.vocab_size, self.mask_id = self.graph.dim, self.graph.mask_id
+        if self.vocab_size < 2:
+            raise ValueError(f"config tokens = {self.tokens} gives graph {self.graph_type!r} score rows of width "
+                             f"{self.vocab_size}; at least 2 are needed")
 
         hidden, n_heads = int(m["hidden_size"]), int(m["n_heads"])
         if hidden % n_heads:
@@ -175,11 +183,13 @@ class SEDD(nn.Module):
         preset = PRESET_ALIASES.get(preset, preset)
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        if graph not in ("absorb", "uniform"):
-            raise ValueError(f"graph must be 'absorb' or 'uniform', got {graph!r}")
+        if graph not in GRAPHS:
+            raise ValueError(f"graph must be one of {tuple(GRAPHS)}, got {graph!r}")
+        cls = GRAPHS[graph]
         if noise is None:
-            noise = "loglinear" if graph == "absorb" else "geometric"
-        model = {"name": preset, "type": "ddit", "scale_by_sigma": graph == "absorb", **PRESETS[preset]}
+            noise = cls.default_noise
+        # the public code scales the output by σ for the absorbing graph only
+        model = {"name": preset, "type": "ddit", "scale_by_sigma": cls.absorbing, **PRESETS[preset]}
         model.update(model_overrides)
         return {
             "tokens": int(tokens),
@@ -312,11 +322,9 @@ class SEDD(nn.Module):
         # features feed every block's scale and gate.
         c = F.silu(self.sigma_map(sigma))  # [B, C]
         cos, sin = self.rotary_emb(L, x.device)
-        backend = self.resolved_attn_backend(x.device)
-        if (backend == "flash" and self.attn_backend == "auto" and (attention_mask is not None or segment_ids is not None)
-                and not ops.host_sync_allowed(x.device)):  # fmt: skip
-            # flash-attn's varlen call needs the document lengths on the host; a masked SDPA does not
-            backend = "sdpa"
+        backend = backend_for_layout(self.resolved_attn_backend(x.device), self.attn_backend,
+                                     varlen=attention_mask is not None or segment_ids is not None,
+                                     host_sync=ops.host_sync_allowed(x.device))
         plan = plan_attention(backend, B, L, x.device, attention_mask, segment_ids)
 
         if x.device.type == "cuda" and self.autocast_dtype is not None:

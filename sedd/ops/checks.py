@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from sedd.graph import Graph, graph_for_width
+from sedd.graph import GRAPHS, Graph, graph_for_width
 
 
 SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -114,7 +114,7 @@ def check_log_score(log_score) -> tuple[int, int, int]:
 def check_graph(graph, V: int, source: str = "log_score") -> Graph:
     """The Graph of a name or object, checked to have rows of width V (read off ``source``)."""
     if not isinstance(graph, (str, Graph)):
-        raise TypeError(f"graph must be 'absorb', 'uniform' or a Graph, got {type(graph).__name__}")
+        raise TypeError(f"graph must be a name in {tuple(GRAPHS)} or a Graph, got {type(graph).__name__}")
     g = graph_for_width(graph, V)
     if g.dim != V:
         raise ValueError(f"graph {g} has rows of width {g.dim}, but {source} has V = {V}")

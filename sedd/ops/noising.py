@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sedd.graph import Graph, graph_for_width
+from sedd.graph import GRAPHS, Graph, graph_for_width
 from sedd.ops import custom_ops, reference
 from sedd.ops.backend import dispatch
 from sedd.ops.checks import check_generator, check_per_row, check_tokens
@@ -36,7 +36,7 @@ def sample_transition(
             raise ValueError("graph given by name: pass dim=V (the score width) or a Graph object")
         graph = graph_for_width(graph, dim)
     elif not isinstance(graph, Graph):
-        raise TypeError(f"graph must be 'absorb', 'uniform' or a Graph, got {type(graph).__name__}")
+        raise TypeError(f"graph must be a name in {tuple(GRAPHS)} or a Graph, got {type(graph).__name__}")
     if not isinstance(x0, torch.Tensor) or x0.dim() != 2:
         raise ValueError(f"x0 must be a [B, L] tensor of token ids, got {getattr(x0, 'shape', type(x0))}")
     check_tokens("x0", x0, tuple(x0.shape), x0.device, graph.N, "clean tokens are real tokens")

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from sedd._math import esigm1, per_row
-from sedd.graph import Graph
+from sedd.graph import Graph, esigm1, per_row
 
 __all__ = [
     "esigm1", "log_scores", "score_entropy", "reverse_rates", "euler_probs", "analytic_probs", "denoise_probs",

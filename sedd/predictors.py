@@ -22,6 +22,7 @@ Adding one::
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -33,17 +34,24 @@ from sedd.model.scoring import step_on_scores
 
 
 class Predictor:
-    """The interface: ``update(model, x, t, dt, graph, noise, generator) -> next tokens``.
+    """The interface: ``update(model, x, t, dt, graph, noise, generator, top_p, top_k) -> next tokens``.
 
     Arguments of ``update``: ``x`` [B, L] int64 current tokens; ``t`` [B] float64 current times;
     ``dt`` the step Δt > 0 (a float; the final step gets the same Δt and may ignore it); ``graph``
-    and ``noise`` the forward process and schedule; ``generator`` for reproducible draws.
+    and ``noise`` the forward process and schedule; ``generator`` for reproducible draws;
+    ``top_p``/``top_k`` the truncation of the step (:data:`sedd.ops.TRUNCATION`). The sampler passes
+    ``top_p``/``top_k`` only when the caller truncates, so a predictor without truncation may
+    leave them out of its ``update``.
+
+    ``masked_only`` (absorbing graph): run the model's head only at the MASK rows
+    (``sample(masked_only=...)`` chooses it for the predictors it makes).
     """
 
     name: str = ""
     final: bool = False
-    # absorbing graph: run the model's head only at the MASK rows (``sample(masked_only=...)`` sets it)
-    masked_only: bool = True
+
+    def __init__(self, *, masked_only: bool = True):
+        self.masked_only = bool(masked_only)
 
     def update(
         self,
@@ -54,6 +62,8 @@ class Predictor:
         graph: Graph,
         noise: Noise,
         generator: torch.Generator | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -78,17 +88,21 @@ def register_predictor(cls: type[Predictor], *, name: str | None = None, replace
     return cls
 
 
-def get_predictor(predictor: str | Predictor, *, final: bool = False) -> Predictor:
-    """A fresh instance of the registered predictor ``predictor`` (or the given instance), checked
-    to be a per-step predictor (``final=False``) or a denoiser (``final=True``)."""
+def get_predictor(predictor: str | Predictor, *, final: bool = False, masked_only: bool = True) -> Predictor:
+    """A fresh instance of the registered predictor ``predictor`` with ``masked_only``, or the
+    given instance (a shallow copy of it when its ``masked_only`` differs: the caller's object is
+    never changed), checked to be a per-step predictor (``final=False``) or a denoiser (``final=True``)."""
     kind = "denoiser" if final else "predictor"
     if isinstance(predictor, Predictor):
         instance = predictor
+        if getattr(instance, "masked_only", None) != bool(masked_only):
+            instance = copy.copy(instance)
+            instance.masked_only = bool(masked_only)
     elif isinstance(predictor, str):
         if predictor not in REGISTRY:
             names = tuple(n for n, c in REGISTRY.items() if c.final == final)
             raise ValueError(f"{kind} must be one of {names}, got {predictor!r}")
-        instance = REGISTRY[predictor]()
+        instance = REGISTRY[predictor](masked_only=masked_only)
     else:
         raise TypeError(f"{kind} must be a name or a Predictor, got {type(predictor).__name__}")
     if instance.final != final:

@@ -18,8 +18,6 @@ sampler warns once per process.
 
 from __future__ import annotations
 
-import inspect
-
 import warnings
 
 import torch
@@ -95,26 +93,21 @@ def sample(
             output layer only at the positions still MASK (fixed positions never are), in chunks of
             bounded size, and hand only those rows to the steps, so no [B, L, V] tensor is
             allocated (real tokens never move on the absorbing graph: skipping them changes
-            nothing). False: the full head at every position, as for the uniform graph. Sets the
-            predictors' ``masked_only``.
+            nothing). False: the full head at every position, as for the uniform graph. The
+            predictors are made with it (a :class:`Predictor` passed in is copied, never changed).
         top_p, top_k: nucleus / top-k truncation of every step, the final denoising step included
             (see :data:`sedd.ops.TRUNCATION`: where a position jumps to is truncated, not whether).
 
     Returns:
         [B, L] int64 tokens (absorbing: no MASK left when ``denoise``).
     """
-    step = get_predictor(predictor)
-    final = get_predictor(denoiser, final=True) if denoise else None
-    for p in (step, final):
-        if p is not None:
-            p.masked_only = bool(masked_only)
+    step = get_predictor(predictor, masked_only=masked_only)
+    final = get_predictor(denoiser, final=True, masked_only=masked_only) if denoise else None
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     check_truncation(top_p, top_k)
+    # a predictor without truncation may leave top_p / top_k out of its update (see Predictor)
     trunc = {} if top_p is None and top_k is None else {"top_p": top_p, "top_k": top_k}
-    for p in (step, final):
-        if trunc and p is not None and not {"top_p", "top_k"} <= set(inspect.signature(p.update).parameters):
-            raise ValueError(f"predictor {p.name!r} does not take top_p / top_k")
     if not 0 < eps < 1:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
     if device is None:

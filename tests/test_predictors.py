@@ -76,3 +76,23 @@ def test_registry_errors(registry):
     with pytest.raises(TypeError, match="Predictor subclass"):
         register_predictor(lambda: None)
     assert tuple(PREDICTORS) == ("euler", "analytic") and tuple(DENOISERS) == ("denoise",)
+
+
+def test_the_sampler_never_changes_a_predictor_it_is_given():
+    graph, noise = Absorbing(5), LogLinear()
+    model = FactorizedScore(PI, graph)
+    mine = AnalyticPredictor(masked_only=True)
+    kw = dict(batch_size=3, length=8, steps=3)
+    x = sample(model, graph, noise, predictor=mine, masked_only=False, generator=torch.Generator().manual_seed(1), **kw)
+    assert mine.masked_only is True
+    want = sample(model, graph, noise, predictor="analytic", masked_only=False,
+                  generator=torch.Generator().manual_seed(1), **kw)  # fmt: skip
+    assert torch.equal(x, want)
+
+
+def test_the_interface_declares_truncation():
+    import inspect
+
+    assert {"top_p", "top_k"} <= set(inspect.signature(Predictor.update).parameters)
+    for name in (*PREDICTORS, *DENOISERS):
+        assert {"top_p", "top_k"} <= set(inspect.signature(predictors.REGISTRY[name].update).parameters), name

@@ -166,7 +166,7 @@ def public_sample(model, graph, noise, steps, eps=1e-5):
 def _model(graph_name="absorb"):
     torch.manual_seed(0)
     cfg = SEDD.config_for("tiny", graph=graph_name, tokens=TOKENS, hidden_size=128, cond_dim=64, n_blocks=2,
-                          n_heads=4, length=L, dropout=0.0)  # fmt: skip
+                          n_heads=4, length=L, dropout=0.0)
     model = SEDD(cfg)
     with torch.no_grad():  # the output layer is zero-initialised: give it values
         for name, p in model.named_parameters():
@@ -216,7 +216,7 @@ def build(case: str):
         graph, noise = Absorbing(TOKENS), LogLinear()
         return {
             "library": lambda: sample(model, graph, noise, batch_size=B, length=L, steps=STEPS,
-                                      generator=torch.Generator().manual_seed(3)),  # fmt: skip
+                                      generator=torch.Generator().manual_seed(3)),
             "public": lambda: public_sample(model, graph, noise, STEPS),
         }
 
@@ -239,7 +239,7 @@ def build(case: str):
 
     # the loss alone, forward + backward, on a score tensor as the model would hand it over
     graph_name, dtype = {"loss_absorb_bf16": ("absorb", torch.bfloat16), "loss_uniform_fp32": ("uniform", torch.float32),
-                         "loss_uniform_bf16": ("uniform", torch.bfloat16)}[case]  # fmt: skip
+                         "loss_uniform_bf16": ("uniform", torch.bfloat16)}[case]
     graph = Absorbing(TOKENS) if graph_name == "absorb" else Uniform(TOKENS)
     noise = LogLinear() if graph_name == "absorb" else Geometric()
     t = torch.rand(B, generator=g) * 0.9 + 0.05
@@ -292,7 +292,7 @@ def peak_child(case: str, impl: str) -> None:
 def measure_peak(case: str, impl: str, threads: int) -> float:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     out = subprocess.run([sys.executable, __file__, "--peak-child", case, impl, "--threads", str(threads)],
-                         capture_output=True, text=True, env=env, check=True)  # fmt: skip
+                         capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
@@ -340,11 +340,11 @@ def main(argv=None) -> None:
             row["memory_ratio"] = row["library_peak_mb"] / max(row["public_peak_mb"], 1e-9)
         rows.append(row)
         mem = (f"{row['library_peak_mb']:>8.0f} {row['public_peak_mb']:>8.0f} {row['memory_ratio']:>9.2f}"
-               if not args.no_memory else "")  # fmt: skip
+               if not args.no_memory else "")
         print(f"{case:<20} {row['library_s']:>10.4f} {row['public_s']:>10.4f} {row['time_ratio']:>10.2f} {mem}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "allocator": regime,
-                                         "torch": torch.__version__, "rows": rows}, indent=2))  # fmt: skip
+                                         "torch": torch.__version__, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ import torch
 
 from benchmarks import common, public_sedd
 from sedd import ops
-from sedd.ops import reference
 from sedd.graph import get_graph
+from sedd.ops import reference
 
 CUDA, DEVICE = common.CUDA, common.DEVICE
 if CUDA:
@@ -59,7 +59,7 @@ def _inputs(graph, B, L):
             x_t[torch.rand(B, L, device=DEVICE, generator=g) < 0.5] = graph.mask_id
         sigma = torch.full((B,), 2.0, device=DEVICE)
         _cached[key] = dict(z=z, x_t=x_t, sigma=sigma, dsigma=torch.full((B,), 0.05, device=DEVICE),
-                            shift=graph.score_shift(sigma))  # fmt: skip
+                            shift=graph.score_shift(sigma))
     return _cached[key]
 
 
@@ -74,7 +74,7 @@ def _make_step(kind, impl, graph, inp):
     scalar = inp["sigma"] if kind == "denoise" else inp["dsigma"]
     if impl in ("eager", "compiled"):
         eager = {"analytic": reference.analytic_step, "euler": reference.euler_step,
-                 "denoise": reference.denoise_step}[kind]  # fmt: skip
+                 "denoise": reference.denoise_step}[kind]
         fn = torch.compile(eager) if impl == "compiled" else eager
         if kind == "euler":
             return lambda: fn(z, x_t, scalar, DT, graph, shift)

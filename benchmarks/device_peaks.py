@@ -30,7 +30,7 @@ def measure() -> dict:
     if common.CUDA:
         props = torch.cuda.get_device_properties(0)
         info.update(capability=f"sm_{props.major}{props.minor}", sms=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2**30, 1))  # fmt: skip
+                    memory_gib=round(props.total_memory / 2**30, 1))
     info["copy_gb_per_s"] = common.copy_bandwidth() / 1e9
     info["bf16_matmul_tflop_per_s"] = common.matmul_peak(torch.bfloat16) / 1e12
     return info

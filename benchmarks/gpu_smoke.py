@@ -34,8 +34,8 @@ import torch
 
 from benchmarks import common
 from sedd import ops
-from sedd.ops import reference
 from sedd.graph import get_graph
+from sedd.ops import reference
 
 if common.CUDA:
     N, B, L, DRAWS = 50257, 4, 1024, 1 << 14
@@ -89,7 +89,7 @@ def _loss_and_grad(backend, graph, inputs, reduction, inplace=False, grad_out=No
     with ops.use_backend(backend):
         scores = w * 1 if backend == "triton" else w.double()  # a non-leaf, as a model's output is
         loss = ops.score_entropy(scores, sigma, x_t, x0, graph, shift=shift, weight=weight,
-                                 reduction=reduction, inplace_backward=inplace)  # fmt: skip
+                                 reduction=reduction, inplace_backward=inplace)
         used = ops.last_backend()
     if used != backend:
         raise AssertionError(f"ran on backend {used!r}, not {backend!r}")
@@ -114,7 +114,7 @@ def score_entropy_checks(graph_name):
         def check():
             loss, grad = _loss_and_grad("triton", graph, inputs, "batchmean", inplace)
             return "; ".join([_close("loss", loss, want_loss, 1e-4, 1e-5),
-                              _close("gradient", grad, want_grad, 1.6e-2, 1.6e-2)])  # fmt: skip
+                              _close("gradient", grad, want_grad, 1.6e-2, 1.6e-2)])
 
         return check
 
@@ -220,7 +220,7 @@ def reverse_step_checks(graph_name):
             with ops.use_backend("triton"):
                 out = _step(kind, z, x_t, scalar, graph, g)
             probs_fn = {"euler": reference.euler_probs, "analytic": reference.analytic_probs,
-                        "denoise": reference.denoise_probs}[kind]  # fmt: skip
+                        "denoise": reference.denoise_probs}[kind]
             args = (scalar, 0.5) if kind == "euler" else (scalar,)
             probs = probs_fn(z[:, :1], x_t[:, :1], *args, graph).reshape(V)
             p = chi2_pvalue(out, probs)
@@ -280,7 +280,7 @@ def large_offset_checks():
         want = reference.score_entropy(zs, sigma[-1:], x_t[-1:, rows], x0[-1:, rows], graph, shift[-1:]) * weight[-1]
         (want / Bb).sum().backward()
         return "; ".join([_close("loss (last rows)", per_token.detach()[-1:, rows].double(), want.detach(), 1e-4, 1e-5),
-                          _close("gradient (last rows)", grad[-1:, rows].double(), zs.grad, 1.6e-2, 1.6e-2)])  # fmt: skip
+                          _close("gradient (last rows)", grad[-1:, rows].double(), zs.grad, 1.6e-2, 1.6e-2)])
 
     def steps():
         g = _gen(8)
@@ -323,7 +323,7 @@ def run(out: Path) -> bool:
                 detail = check()
                 common.sync()  # a kernel fault surfaces here, inside its own check
                 passed = True
-            except Exception as err:  # noqa: BLE001  (every failure is recorded, then the next check runs)
+            except Exception as err:
                 detail, passed = f"{type(err).__name__}: {err}"[-2000:], False
                 traceback.print_exc()
             seconds = time.perf_counter() - start

@@ -75,7 +75,7 @@ def benchmark_table(records: list[dict]) -> list[str]:
     ]
     for r in sorted(records, key=lambda r: (_bench_kind(r), str(r["extra_info"].get("graph")),
                                              str(r["extra_info"].get("mode")), str(r["extra_info"].get("shape")),
-                                             str(r["extra_info"].get("impl")))):  # fmt: skip
+                                             str(r["extra_info"].get("impl")))):
         info, median, kind = r.get("extra_info", {}), r.get("median_s"), _bench_kind(r)
         key = (kind, info.get("graph"), info.get("mode"), str(info.get("shape")))
         speedup = {}
@@ -90,7 +90,7 @@ def benchmark_table(records: list[dict]) -> list[str]:
             _fmt(info.get("tokens_per_s"), ".4g"), _fmt(info.get("mfu"), ".1%"),
             _fmt(peak and peak / 2**20, ".0f"), _fmt(info.get("peak_over_buffer"), ".3f"),
             _fmt(speedup["eager"], ".2f"), _fmt(speedup["compiled"], ".2f"), _fmt(speedup["public"], ".2f"),
-        ]  # fmt: skip
+        ]
         for _, rows, source, threshold, sense in TARGETS:
             if not _applies(rows, kind, info):
                 cells.append("")
@@ -159,9 +159,9 @@ def summarize_pytest_json(data: dict) -> tuple[str, str]:
     date = data.get("datetime", "unknown date")
     sha = machine.get("commit") or commit.get("id") or "unknown"
     records = [{"name": b.get("fullname", b.get("name", "?")), "median_s": b.get("stats", {}).get("median"),
-                "extra_info": b.get("extra_info", {})} for b in data.get("benchmarks", [])]  # fmt: skip
+                "extra_info": b.get("extra_info", {})} for b in data.get("benchmarks", [])]
     lines = [f"# Benchmarks: {device}", "", f"- date: {date}", f"- commit: {sha}",
-             f"- torch {machine.get('torch', '?')}, triton {machine.get('triton', '?')}", ""]  # fmt: skip
+             f"- torch {machine.get('torch', '?')}, triton {machine.get('triton', '?')}", ""]
     lines += benchmark_table(records)
     stem = "-".join([re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower(), date[:10], sha[:8]])
     return "\n".join(lines) + "\n", stem
@@ -173,7 +173,7 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, help="a device-check results directory")
     parser.add_argument("--mode", help="how the device check ran (recorded in the file)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default: RESULTS/device-check.md, or OUT_DIR/<device>-<date>-<commit>.md")  # fmt: skip
+                        help="default: RESULTS/device-check.md, or OUT_DIR/<device>-<date>-<commit>.md")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     if (args.json is None) == (args.results is None):

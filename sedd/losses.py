@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from sedd import ops
-from sedd.ops.checks import check_tokens
 from sedd.graph import Graph
+from sedd.model.scoring import accepts_head, model_scores, unwrap
 from sedd.noise import Noise
-from sedd.model.scoring import accepts_head, model_scores, unwrap  # noqa: F401  (also re-exported: their old home)
+from sedd.ops.checks import check_tokens
 
 
 def sample_times(batch_size: int, sampling_eps: float = 1e-3, *, device=None, generator=None) -> torch.Tensor:
@@ -99,7 +99,7 @@ def score_entropy_loss(
             return ops.score_entropy(
                 log_score, sigma, x_t, x0, graph, shift=shift, weight=weight, reduction="batchmean",
                 inplace_backward=shift is not None,
-            )  # fmt: skip
+            )
         per_token = ops.score_entropy(log_score, sigma, x_t, x0, graph, shift=shift, weight=weight)
     if attention_mask is not None:
         per_token = per_token * attention_mask
@@ -115,7 +115,7 @@ def _fused_loss(model, x_t, sigma, x0, graph, weight, attention_mask, reduction,
         return ops.linear_score_entropy(
             hidden, head_weight, head_bias, sigma, x_t, x0, graph, shift=shift, loss_weight=weight,
             reduction="none" if per_token else "batchmean",
-        )  # fmt: skip
+        )
 
     # the loss runs inside the model's forward (see SEDD.forward's ``head``): under FSDP2 the head's
     # parameters are gathered only there. No value checks: x0 and σ were checked by the noising.

@@ -29,8 +29,8 @@ import torch
 
 from sedd import ops
 from sedd.graph import Graph
-from sedd.noise import Noise
 from sedd.model.scoring import step_on_scores
+from sedd.noise import Noise
 
 
 class Predictor:
@@ -143,7 +143,7 @@ class EulerPredictor(Predictor):
     def update(self, model, x, t, dt, graph, noise, generator=None, top_p=None, top_k=None):
         sigma, dsigma = (v.float() for v in noise(t))
         return step_on_scores(model, x, sigma, graph, lambda s, xt, shift, rows: ops.euler_step(
-            s, xt, dsigma[rows], dt, graph, generator, shift=shift, top_p=top_p, top_k=top_k), masked_only=self.masked_only)  # fmt: skip
+            s, xt, dsigma[rows], dt, graph, generator, shift=shift, top_p=top_p, top_k=top_k), masked_only=self.masked_only)
 
 
 @register_predictor
@@ -156,7 +156,7 @@ class AnalyticPredictor(Predictor):
         sigma = noise.total(t)
         dsigma = (sigma - noise.total(t - dt)).float()  # the difference in t's precision (fp64)
         return step_on_scores(model, x, sigma.float(), graph, lambda s, xt, shift, rows: ops.analytic_step(
-            s, xt, dsigma[rows], graph, generator, shift=shift, top_p=top_p, top_k=top_k), masked_only=self.masked_only)  # fmt: skip
+            s, xt, dsigma[rows], graph, generator, shift=shift, top_p=top_p, top_k=top_k), masked_only=self.masked_only)
 
 
 @register_predictor
@@ -169,4 +169,4 @@ class Denoiser(Predictor):
     def update(self, model, x, t, dt, graph, noise, generator=None, top_p=None, top_k=None):
         sigma = noise.total(t).float()
         return step_on_scores(model, x, sigma, graph, lambda s, xt, shift, rows: ops.denoise_step(
-            s, xt, sigma[rows], graph, generator, shift=shift, top_p=top_p, top_k=top_k), masked_only=self.masked_only)  # fmt: skip
+            s, xt, sigma[rows], graph, generator, shift=shift, top_p=top_p, top_k=top_k), masked_only=self.masked_only)

@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from sedd.model.checkpoint import read_config
 from sedd.data import Tokenizer, get_tokenizer
 from sedd.graph import Graph, graph_from_config
 from sedd.model import SEDD
+from sedd.model.checkpoint import read_config
 from sedd.noise import Noise, noise_from_config
 
 __all__ = ["Pretrained", "load_pretrained", "resolve_tokenizer", "check_tokenizer_fits", "resolve_device"]

@@ -24,9 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from sedd import ops
-from sedd.ops.checks import check_truncation
 from sedd.graph import Graph
 from sedd.noise import Noise
+from sedd.ops.checks import check_truncation
 from sedd.predictors import DENOISERS, PREDICTORS, Predictor, get_predictor, register_predictor
 
 __all__ = ["DENOISERS", "PREDICTORS", "Predictor", "conditioning", "register_predictor", "sample"]

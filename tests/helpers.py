@@ -154,7 +154,7 @@ def compiled_score_entropy_matches_eager(device, backend: str, inplace: bool) ->
 
     def step(w):
         return ops.score_entropy(w * 1, sigma, x_t, x0, graph, shift=shift, weight=weight,
-                                 reduction="batchmean", inplace_backward=inplace)  # fmt: skip
+                                 reduction="batchmean", inplace_backward=inplace)
 
     a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
     want = step(a)

@@ -292,7 +292,7 @@ def test_hub_offline_errors_in_subprocess(tmp_path):
                HF_HUB_CACHE=str(tmp_path / "hub"))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=120, cwd=Path(__file__).resolve().parents[1])
-    lines = [l for l in out.stdout.splitlines() if l.startswith(("ConnectionError", "no error"))]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("ConnectionError", "no error"))]
     assert len(lines) == 2, out.stdout + out.stderr
     assert "cannot reach the Hugging Face hub" in lines[0]
     assert "vocab.json and merges.txt" in lines[0]
@@ -371,7 +371,9 @@ def test_packed_blocks(tmp_path):
 
 def test_batch_iterator_deterministic_and_resumable():
     blocks = D.PackedBlocks(_stream(), 10)  # 100 blocks
-    run = lambda it, n: [next(it) for _ in range(n)]
+    def run(it, n):
+        return [next(it) for _ in range(n)]
+
     a = run(D.BatchIterator(blocks, 8, seed=1), 30)  # 12 batches per epoch: crosses 2 epochs
     b = run(D.BatchIterator(blocks, 8, seed=1), 30)
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and a[0].shape == (8, 10)

@@ -19,7 +19,7 @@ STAGES = ["device", "smoke", "kernels", "tests", "e2e", "compiled"]
 def _run(results: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     environ = {**os.environ, "PYTHON": sys.executable, "RESULTS": str(results), "SEDD_COMMIT": "test-commit", **env}
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=environ, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+                          timeout=600)
 
 
 def _stage_lines(results: Path) -> dict[str, str]:
@@ -56,7 +56,7 @@ def test_dry_run_writes_the_figures_and_the_table(dry_run):
     names = " ".join(c["check"] for c in checks)
     for part in ("absorb loss + gradient", "absorb loss + in-place gradient", "uniform per token",
                  "forward noising uniform", "uniform euler", "absorb denoise: draws", "fused head (linear score entropy) absorb",
-                 "score entropy absorb at 64 rows"):  # fmt: skip
+                 "score entropy absorb at 64 rows"):
         assert part in names
     assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
     records = [json.loads(line) for line in (results / "bench.jsonl").read_text().splitlines()]
@@ -96,8 +96,8 @@ def test_public_sequence_computes_what_the_reference_does(graph_name):
     import torch
 
     from benchmarks import public_sedd
-    from sedd.ops import reference
     from sedd.graph import get_graph
+    from sedd.ops import reference
 
     graph = get_graph(graph_name, 11)
     B, L, V = 3, 6, graph.dim

@@ -50,8 +50,8 @@ def test_analytic_uniform_step_with_huge_scores_everywhere_stays_finite(backend)
 def test_tiled_race_draws_from_the_reference_probabilities(monkeypatch, graph, kind):
     """The two-level race (tiles, then inside the winning tile) against reference.*_probs, with
     tiles of 4 columns over V = 11 (the last tile padded) so every part of it runs."""
-    from sedd.ops import eager, reference
     from sedd.graph import graph_for_width
+    from sedd.ops import eager, reference
     from tests.helpers import chi2_pvalue
 
     monkeypatch.setattr(eager, "_SINGLE_TILE", 2)
@@ -82,8 +82,8 @@ def test_tiled_race_draws_from_the_reference_probabilities(monkeypatch, graph, k
 def test_eager_loss_saves_only_its_inputs_for_backward(monkeypatch, graph, dtype):
     """Autograd through the reference kept fp32 copies and e^ŝ ([B, L, V] each) alive until the
     backward; the eager loss saves its inputs only and recomputes the gradient in row chunks."""
-    from sedd.ops import eager, reference
     from sedd.graph import graph_for_width
+    from sedd.ops import eager, reference
 
     monkeypatch.setattr(eager, "_CHUNK_ELEMENTS", 40)  # several chunks of rows
     B, L, V = 2, 6, 9

@@ -94,7 +94,7 @@ def test_sampler_with_the_exact_score_reproduces_p_data(graph_name, predictor, N
     p = _p_data(N, L, seed=N * 10 + L)
     model = JointExactScore(p, graph)
     x = sample(model, graph, noise, batch_size=6000, length=L, steps=steps, predictor=predictor,
-               generator=torch.Generator().manual_seed(1))  # fmt: skip
+               generator=torch.Generator().manual_seed(1))
     assert int(x.max()) < N  # no MASK left
     assert chi2_pvalue(_codes(x, N), p.flatten()) > 1e-3
 
@@ -107,7 +107,7 @@ def test_the_check_has_power_against_the_product_of_marginals():
     p = _p_data(N, L, seed=N * 10 + L)
     product = p.sum(1)[:, None] * p.sum(0)[None, :]
     x = sample(JointExactScore(product, graph), graph, noise, batch_size=6000, length=L, steps=16,
-               generator=torch.Generator().manual_seed(1))  # fmt: skip
+               generator=torch.Generator().manual_seed(1))
     assert chi2_pvalue(_codes(x, N), p.flatten()) < 1e-6
 
 
@@ -119,14 +119,14 @@ def test_absorbing_conditioning_samples_the_true_conditional(predictor):
     p = torch.tensor([[0.45, 0.05], [0.05, 0.45]], dtype=torch.float64)
     x = sample(JointExactScore(p, graph), graph, noise, batch_size=6000, length=2, steps=16, predictor=predictor,
                fixed_tokens=torch.tensor([0, 0]), fixed_mask=torch.tensor([True, False]),
-               generator=torch.Generator().manual_seed(2))  # fmt: skip
+               generator=torch.Generator().manual_seed(2))
     assert bool((x[:, 0] == 0).all())
     assert chi2_pvalue(x[:, 1], p[0] / p[0].sum()) > 1e-3
 
     p3 = _p_data(2, 3, seed=7)
     x = sample(JointExactScore(p3, graph), graph, noise, batch_size=6000, length=3, steps=32, predictor=predictor,
                fixed_tokens=torch.tensor([0, 1, 0]), fixed_mask=torch.tensor([False, True, False]),
-               generator=torch.Generator().manual_seed(3))  # fmt: skip
+               generator=torch.Generator().manual_seed(3))
     assert bool((x[:, 1] == 1).all())
     conditional = p3[:, 1, :].flatten() / p3[:, 1, :].sum()
     assert chi2_pvalue(x[:, 0] * 2 + x[:, 2], conditional) > 1e-3
@@ -141,7 +141,7 @@ def test_uniform_conditioning_is_biased_and_warns_once():
     p = torch.tensor([[0.45, 0.05], [0.05, 0.45]], dtype=torch.float64)
     model = JointExactScore(p, graph)
     kwargs = dict(batch_size=4000, length=2, steps=32, fixed_tokens=torch.tensor([0, 0]),
-                  fixed_mask=torch.tensor([True, False]))  # fmt: skip
+                  fixed_mask=torch.tensor([True, False]))
     sampling._warned_uniform_conditioning = False
     with pytest.warns(UserWarning, match="uniform graph is not exact"):
         x = sample(model, graph, noise, generator=torch.Generator().manual_seed(4), **kwargs)

@@ -66,9 +66,9 @@ def test_a_graph_without_a_kernel_trains_and_samples_eagerly(monkeypatch):
     monkeypatch.setattr(Uniform, "kernel", None)
     for predictor in ("euler", "analytic"):
         x = sample(model, graph, noise, batch_size=2, length=16, steps=3, predictor=predictor,
-                   generator=torch.Generator().manual_seed(3))  # fmt: skip
+                   generator=torch.Generator().manual_seed(3))
         same = sample(model, Uniform(N), noise, batch_size=2, length=16, steps=3, predictor=predictor,
-                      generator=torch.Generator().manual_seed(3))  # fmt: skip
+                      generator=torch.Generator().manual_seed(3))
         assert x.shape == (2, 16) and 0 <= int(x.min()) and int(x.max()) < N
         assert torch.equal(x, same)  # the eager reverse weights are the graph's, shared with Uniform
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from sedd.ops import reference
 from sedd.graph import Absorbing, Uniform, get_graph
 from sedd.noise import Geometric, LogLinear, get_noise
+from sedd.ops import reference
 from tests.helpers import chi2_pvalue, expm, full_Q
 
 GRAPHS = [Absorbing(5), Uniform(6), Absorbing(1), Uniform(2)]

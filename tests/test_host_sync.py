@@ -37,7 +37,7 @@ def no_host_reads(monkeypatch):
 
 def _model(graph):
     config = SEDD.config_for("tiny", graph=graph, tokens=11, hidden_size=32, cond_dim=16, n_heads=4, n_blocks=1,
-                             length=8, dropout=0.0)  # fmt: skip
+                             length=8, dropout=0.0)
     return SEDD(config), get_graph(graph, 11), get_noise(config["noise"]["type"])
 
 
@@ -45,7 +45,7 @@ def test_the_patch_catches_every_kind_of_read(monkeypatch):
     x = torch.ones(2)
     with no_host_reads(monkeypatch):
         for read in (lambda: x.sum().item(), lambda: bool(x.all()), lambda: int(x[0]), lambda: x.tolist(),
-                     lambda: float(x[0]), lambda: [0, 1][x.long()[0]]):  # fmt: skip
+                     lambda: float(x[0]), lambda: [0, 1][x.long()[0]]):
             with pytest.raises(HostRead):
                 read()
     assert x.sum().item() == 2.0
@@ -87,7 +87,7 @@ def test_sampling_makes_no_host_read_after_its_inputs(monkeypatch, backend, pred
     model.eval()
     with ops.use_backend(backend), no_host_reads(monkeypatch):
         x = sample(model, graph, noise, batch_size=2, length=8, steps=3, predictor=predictor,
-                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+                   generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 8)
 
 
@@ -112,7 +112,7 @@ def test_sync_free_steps_find_no_rows_by_value(monkeypatch, predictor):
             score_entropy_loss(model, x0, graph, noise, t=t).backward()
             model.eval()
             x = sample(model, graph, noise, batch_size=2, length=8, steps=3, predictor=predictor,
-                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+                       generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 8) and int(x.max()) < graph.mask_id  # no MASK left
 
 

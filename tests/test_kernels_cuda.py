@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from sedd import ops
-from sedd.ops import reference
 from sedd.graph import Absorbing, get_graph
+from sedd.ops import reference
 from tests.helpers import chi2_pvalue, compiled_score_entropy_matches_eager
 
 pytestmark = [

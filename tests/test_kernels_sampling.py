@@ -18,9 +18,9 @@ import triton.language as tl
 
 import sedd.kernels.sampling as ks
 from sedd import ops
-from sedd.ops import reference
 from sedd.graph import Absorbing, Uniform
 from sedd.noise import Geometric, LogLinear
+from sedd.ops import reference
 from sedd.sampling import conditioning, sample
 from tests.helpers import FactorizedScore, chi2_pvalue, small_model_config
 
@@ -277,13 +277,13 @@ def test_exponential_noise_is_accurate_in_both_tails():
     lo = torch.tensor([np.int32(np.uint32(p[1])) for p in pairs], dtype=torch.int32)
     out = torch.empty(len(pairs))
     _noise_probe[(1,)](hi, lo, out, len(pairs), BLOCK=16)
-    for (h, l), got in zip(pairs, out.tolist()):
-        k = h * 2**32 + l
+    for (hi_word, lo_word), got in zip(pairs, out.tolist()):
+        k = hi_word * 2**32 + lo_word
         if k < 2**63:  # −log1p(−v), v = (k + ½)/2^64, exact in fp64 here
             exact = math.log(-math.log1p(-(k + 0.5) / 2**64))
         else:  # −log(u), u = (2^64 − k − ½)/2^64
             exact = math.log(-math.log((2**64 - k - 0.5) / 2**64))
-        assert abs(got - exact) < 2e-6 * max(1.0, abs(exact)), (h, l, got, exact)
+        assert abs(got - exact) < 2e-6 * max(1.0, abs(exact)), (hi_word, lo_word, got, exact)
     assert out[0] < -44  # E ≈ 2.7e-20: the lower tail reaches 2^-65
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from sedd import ops
-from sedd.ops import reference
 from sedd.graph import Absorbing, Uniform
+from sedd.ops import reference
 from tests.helpers import SIGMAS, compiled_score_entropy_matches_eager, score_entropy_case, small_model_config
 
 GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
@@ -190,7 +190,7 @@ def test_no_grad_and_non_differentiable_inputs_give_the_loss_only():
         got = ops.score_entropy(z, sigma, x_t, x0, graph, shift=shift, weight=weight, reduction="batchmean")
     _assert_loss(got, want)
     got = ops.score_entropy(z, sigma, x_t, x0, graph, shift=shift, weight=weight, reduction="batchmean",
-                            inplace_backward=True)  # fmt: skip
+                            inplace_backward=True)
     _assert_loss(got, want)
     assert torch.equal(z.nan_to_num(), before.nan_to_num())  # no gradient wanted: nothing overwritten
 
@@ -260,7 +260,7 @@ def test_custom_ops_are_registered_with_fake_impls():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     for name in ("score_entropy_fwd", "score_entropy_fwd_grad", "score_entropy_fwd_grad_",
-                 "score_entropy_bwd", "score_entropy_bwd_", "scale_grad_", "sample_transition", "reverse_step"):  # fmt: skip
+                 "score_entropy_bwd", "score_entropy_bwd_", "scale_grad_", "sample_transition", "reverse_step"):
         assert hasattr(torch.ops.sedd, name), name
     with FakeTensorMode():
         z = torch.empty(3, 5, 11, dtype=torch.bfloat16)

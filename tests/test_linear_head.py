@@ -149,7 +149,7 @@ def _distributed_worker(rank, world, port, errors):
                 head = name.startswith("output_layer.linear")
                 assert not head or gf.numel() == 0 or gf.abs().max() > 0, f"{wrap}: {name} got no gradient"
                 _assert_same(gf, gu)
-    except BaseException as e:  # noqa: BLE001 (reported to the parent, which fails the test)
+    except BaseException as e:
         errors.put(f"rank {rank}: {type(e).__name__}: {e}")
         raise
     finally:

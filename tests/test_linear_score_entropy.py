@@ -39,7 +39,7 @@ def _both(graph, *args, reduction="batchmean", chunk_rows=4, grad_output=None, b
         fused = ops.linear_score_entropy(
             hidden, weight, bias, sigma, x_t, x0, graph, shift=shift, loss_weight=loss_weight,
             reduction=reduction, chunk_bytes=chunk_rows * V * hidden.element_size(), **kw,
-        )  # fmt: skip
+        )
         assert ops.last_backend() == backend
     logits = hidden @ weight.t() + bias
     unfused = ops.score_entropy(logits, sigma, x_t, x0, graph, shift=shift, weight=loss_weight, reduction=reduction)
@@ -70,7 +70,7 @@ def test_matches_unfused_triton_interpreted(graph):
 
 def test_triton_reduction_none_interpreted():
     fused, unfused, gf, gu = _both("uniform", *_problem("uniform", B=2, L=2, D=3, V=5), reduction="none",
-                                   chunk_rows=3, backend="triton")  # fmt: skip
+                                   chunk_rows=3, backend="triton")
     _close(fused, unfused, 1e-5)
     for a, b in zip(gf, gu):
         _close(a, b, 1e-5)
@@ -126,7 +126,7 @@ def test_without_bias_and_without_gradients():
     hidden, weight, _, sigma, x_t, x0, shift, lw = _problem("uniform")
     fused = ops.linear_score_entropy(hidden, weight, None, sigma, x_t, x0, "uniform", shift=shift, loss_weight=lw)
     unfused = ops.score_entropy(hidden @ weight.t(), sigma, x_t, x0, "uniform", shift=shift, weight=lw,
-                                reduction="batchmean")  # fmt: skip
+                                reduction="batchmean")
     assert not fused.requires_grad
     _close(fused, unfused, 1e-5)
 

@@ -146,7 +146,7 @@ def test_given_x_t_is_the_draw_the_loss_would_make():
     x0 = torch.randint(0, V - 1, (3, 10))
     t = torch.tensor([0.2, 0.5, 0.9])
     drawn = score_entropy_loss(model, x0, graph, noise, t=t, generator=torch.Generator().manual_seed(4),
-                               reduction="none")  # fmt: skip
+                               reduction="none")
     from sedd import ops
 
     x_t = ops.sample_transition(x0, noise(t)[0], graph, torch.Generator().manual_seed(4))

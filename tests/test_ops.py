@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sedd import ops
-from sedd.ops import reference
 from sedd.graph import Absorbing, Uniform
+from sedd.ops import reference
 from tests.helpers import chi2_pvalue
 
 

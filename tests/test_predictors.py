@@ -60,7 +60,7 @@ def test_a_new_predictor_and_denoiser_from_scratch(registry):
 
     graph = Absorbing(5)
     x = sample(FactorizedScore(PI, graph), graph, LogLinear(), batch_size=2, length=8, steps=2,
-               predictor="stay", denoiser="zero-fill")  # fmt: skip
+               predictor="stay", denoiser="zero-fill")
     assert torch.equal(x, torch.zeros(2, 8, dtype=torch.long))  # all-MASK start, kept, then filled
 
 
@@ -86,7 +86,7 @@ def test_the_sampler_never_changes_a_predictor_it_is_given():
     x = sample(model, graph, noise, predictor=mine, masked_only=False, generator=torch.Generator().manual_seed(1), **kw)
     assert mine.masked_only is True
     want = sample(model, graph, noise, predictor="analytic", masked_only=False,
-                  generator=torch.Generator().manual_seed(1), **kw)  # fmt: skip
+                  generator=torch.Generator().manual_seed(1), **kw)
     assert torch.equal(x, want)
 
 

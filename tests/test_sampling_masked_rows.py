@@ -25,7 +25,7 @@ def _model(seed=0, tokens=3, graph="absorb"):
 def _joint(model, masked_only, predictor, seed, n=1500, tokens=3):
     graph, noise = get_graph("absorb", tokens), noise_from_config(model.config)
     x = sample(model, graph, noise, batch_size=n, length=2, steps=3, predictor=predictor,
-               generator=torch.Generator().manual_seed(seed), masked_only=masked_only)  # fmt: skip
+               generator=torch.Generator().manual_seed(seed), masked_only=masked_only)
     assert x.max() < tokens  # denoised: no MASK left
     return torch.bincount(x[:, 0] * tokens + x[:, 1], minlength=tokens * tokens)
 
@@ -74,7 +74,7 @@ def test_no_full_score_tensor_during_sampling(monkeypatch):
     for masked_only, expected in ((True, 5 * V), (False, B * L * V)):
         with _LargestScores(V, model) as spy:
             sample(model, graph, noise, batch_size=B, length=L, steps=2, masked_only=masked_only,
-                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+                   generator=torch.Generator().manual_seed(0))
         assert spy.largest == expected, (masked_only, spy.largest)
 
 
@@ -83,7 +83,7 @@ def test_masked_rows_sampler_keeps_fixed_positions():
     graph, noise = get_graph("absorb", 9), noise_from_config(model.config)
     tokens, mask = conditioning(8, {0: [1, 2], 6: [3, 4]})
     x = sample(model, graph, noise, batch_size=3, length=8, steps=3, fixed_tokens=tokens, fixed_mask=mask,
-               generator=torch.Generator().manual_seed(0))  # fmt: skip
+               generator=torch.Generator().manual_seed(0))
     assert (x[:, mask] == tokens[mask]).all() and x.max() < 9
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from sedd import ops
-from sedd.ops import reference
 from sedd.graph import Absorbing, Uniform
+from sedd.ops import reference
 from tests.helpers import expm, full_Q
 
 SIGMAS = [1e-5, 0.3, 0.7, 5.0, 20.0]

@@ -60,20 +60,24 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so a plain checkout runs without `pip install -e .`
-from sedd import data as sdata  # noqa: E402
-from sedd.graph import graph_from_config  # noqa: E402
-from sedd.io import atomic_write  # noqa: E402
-from sedd import ops  # noqa: E402
-from sedd.losses import sample_times, score_entropy_loss  # noqa: E402
-from sedd.model import SEDD  # noqa: E402
-from sedd.noise import noise_from_config  # noqa: E402
-from sedd.sampling import sample  # noqa: E402
-from train.checkpoint import (  # noqa: E402
-    MetricsLog, ReplicaMismatch, like, read_training_state, save_checkpoint, set_rng_state,
+from sedd import data as sdata
+from sedd import ops
+from sedd.graph import graph_from_config
+from sedd.io import atomic_write
+from sedd.losses import sample_times, score_entropy_loss
+from sedd.model import SEDD
+from sedd.noise import noise_from_config
+from sedd.sampling import sample
+from train.checkpoint import (
+    MetricsLog,
+    ReplicaMismatch,
+    like,
+    read_training_state,
+    save_checkpoint,
+    set_rng_state,
 )
-from train.cli import die  # noqa: E402
-from train.config import UsageError, model_config, parse_args, resolve_config  # noqa: E402
-
+from train.cli import die
+from train.config import UsageError, model_config, parse_args, resolve_config
 
 # Every file a run writes into --out (besides its temporary files and tensorboard/).
 RUN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "training_state.pt", "metrics.jsonl",

@@ -24,7 +24,6 @@ would leave with an absolute error ~0.1. Everything of size V is fp32.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -16,7 +16,6 @@ moves, the other two (combined to 64 bits, so the modulo bias is ~N/2^64) give t
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

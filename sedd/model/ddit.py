@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sedd import ops
+from sedd.graph import GRAPHS, get_graph
 from sedd.model.attention import (
     ATTN_BACKENDS,
     FLASH_ATTN_AVAILABLE,
@@ -56,13 +57,10 @@ from sedd.model.checkpoint import (
     strip_wrapper_prefix,
     write_checkpoint,
 )
-from sedd.graph import GRAPHS, get_graph
-from sedd.model.layers import (  # re-exported: sedd.model was their home
-    SIGMA_EMBED_DIM,
+from sedd.model.layers import (
     DDiTBlock,
     DDiTFinalLayer,
     EmbeddingLayer,
-    LayerNorm,
     Rotary,
     SigmaEmbedder,
     apply_rotary,

@@ -51,4 +51,4 @@ __all__ = [
     "score_entropy", "linear_score_entropy", "sample_transition", "euler_step", "analytic_step", "denoise_step",
     "get_backend", "use_backend", "resolve_backend", "last_backend",
     "value_checks", "checking_values", "sync_free", "host_sync_allowed",
-]  # fmt: skip
+]

@@ -16,7 +16,6 @@ import torch
 
 from sedd.graph import GRAPHS, Graph, graph_for_width
 
-
 SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Token ids may come in any of these on both backends, provided the dtype holds every id the op
 # reads or writes (checked from the dtype alone, no device sync); steps return x_t's dtype.

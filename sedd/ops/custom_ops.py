@@ -63,7 +63,7 @@ class ScoreEntropySpec:
         return launch(
             log_score, self.sigma, self.x_t, self.x0, absorbing=self.absorbing, shift=self.shift,
             weight=self.weight, block_v=self.block_v or None, **outputs,
-        )  # fmt: skip
+        )
 
 
 def _loss_like(log_score: torch.Tensor) -> torch.Tensor:

@@ -306,7 +306,7 @@ class _ScoreEntropy(torch.autograd.Function):
             last_pass = isinstance(idx, slice) and not in_place and graph.kernel == "uniform"
             s = _shifted(z[idx], None if sh is None else sh[idx], dtype, out=flat[idx] if in_place else None)
             g = _grad_rows(graph, s, x[idx], y[idx], kc, per_token[idx], out=flat[idx] if last_pass else None,
-                           mask_rows_only=rows is not None)  # fmt: skip
+                           mask_rows_only=rows is not None)
             if not (in_place or last_pass):
                 flat[idx] = g.to(flat.dtype)
         return grad, None, None, None, None, None, None, None

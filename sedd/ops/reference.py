@@ -20,7 +20,7 @@ __all__ = [
     "esigm1", "log_scores", "score_entropy", "reverse_rates", "euler_probs", "analytic_probs", "denoise_probs",
     "truncate", "truncation_keep",
     "sample_categorical", "euler_step", "analytic_step", "denoise_step", "sample_transition",
-]  # fmt: skip
+]
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:

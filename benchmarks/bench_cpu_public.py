@@ -1,6 +1,6 @@
 """CPU side by side: the library's eager path against the op sequences of the public SEDD code.
 
-The "public" sequences below are written from /work/shared/docs/sedd-math.md in the way the
+The "public" sequences below are written from docs/math.md in the way the
 public code computes them (post-process the model output into ŝ, exponentiate the whole
 [B, L, V] tensor, build the staggered score and the transition rows as [B, L, V] tensors, draw
 with fp32 Gumbel noise over every column; the loss on the boolean-selected MASK rows in the
@@ -63,7 +63,7 @@ CASES = ("step", "sampling", "loss_absorb_bf16", "loss_uniform_fp32", "loss_unif
 
 
 # ---------------------------------------------------------------------------------------------
-# The public op sequences (from the math doc)
+# The public op sequences (from docs/math.md)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 What users of the public code pay per training step and per reverse step, so that "× public"
 is a speed-up over something people run (``sedd/ops/reference.py`` is this library's fp32 oracle,
-which is already leaner in places). Written here from the math (docs: sedd-math.md) following the
+which is already leaner in places). Written here from the math (docs/math.md) following the
 public code's structure, not copied from it:
 
 - the model's output post-processing runs in the output's dtype (bf16 under autocast): add the
@@ -74,7 +74,7 @@ def _one_hot(x_t: torch.Tensor, V: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _staggered(ratios: torch.Tensor, dsigma: torch.Tensor, graph: Graph) -> torch.Tensor:
-    """exp(−Δσ Q) s (sedd-math.md, analytic step)."""
+    """exp(−Δσ Q) s (docs/math.md, "Reverse steps")."""
     e = _rows(dsigma.exp(), ratios)
     if graph.absorbing:
         out = ratios * e

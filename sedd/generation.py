@@ -10,7 +10,7 @@
 Every row of a batch has its own fixed positions ([B, L] masks), so prompts of different lengths,
 suffixes and templates mix in one batch. Each fixed text is tokenized on its own and placed token
 by token; the sampler holds those tokens at their positions and generates the rest (exact
-conditioning, sedd-math.md "Conditioning").
+conditioning, docs/math.md, "Conditioning").
 
 Byte-level BPE tokenizers (GPT-2's) attach a space to the word after it, so trailing spaces of a
 fixed text that generated tokens follow are left to the generated token: the prompt "The " is

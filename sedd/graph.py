@@ -21,6 +21,8 @@ Conventions: ``sigma`` (and ``dsigma``, ``step``) are per-sequence scalars, [B],
 number, reshaped to broadcast against the tokens. ``log_score`` is a row of post-processed
 log-scores ŝ [..., V] with ŝ[x_t] = 0 (see :func:`sedd.ops.reference.log_scores`), in the dtype the
 result is computed in (fp32, or fp64).
+
+The math: docs/math.md, "Graphs", "Score entropy", "Reverse steps".
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ Prior term, per token (closed form, reported separately):
     uniformly random clean token (MASK with probability 1 − e^{−σ̄(1)}, each real token with
     e^{−σ̄(1)}/N), for which the KL is exactly e^{−σ̄(1)}·log N per token: 0.0108 nats for GPT-2
     with the log-linear ε = 1e-3.
+
+The math: docs/math.md, "Likelihood bound".
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Per sequence: t ~ U[ε_s, 1], (σ, dσ) = noise(t), x_t ~ p_{t|0}(· | x0), ŝ =
 loss = Σ_positions dσ·ℓ(ŝ, σ, x_t, x0). The batch loss is the mean over sequences, in nats per
 sequence. The model's raw output goes straight into the fused loss together with its per-row
 σ shift, so no post-processing pass over [B, L, V] runs between the output layer and the loss.
+
+The math: docs/math.md, "Training loss".
 """
 
 from __future__ import annotations

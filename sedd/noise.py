@@ -2,6 +2,8 @@
 
 Both schedules are closed-form and elementwise, so they take a tensor of times of any shape
 and return two tensors of that shape (in the dtype of ``t``, float32 for integer input).
+
+The math: docs/math.md, "Noise schedules".
 """
 
 from __future__ import annotations

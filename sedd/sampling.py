@@ -14,6 +14,8 @@ joint ratios equal the conditional ones). On the uniform graph it is biased: the
 clamped token as a noisy one that may have come from another clean token (with the exact score of
 a two-token toy, P = 0.80 where the conditional is 0.90, not shrinking with more steps); the
 sampler warns once per process.
+
+The math: docs/math.md, "Reverse steps", "Conditioning".
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def inputs(model: SEDD, B: int = 3, L: int = 9):
 
 
 # ---------------------------------------------------------------------------------------------
-# Independent float64 reference of the whole network, written from the math doc
+# Independent float64 reference of the whole network, written from docs/math.md, "Network and checkpoint"
 # ---------------------------------------------------------------------------------------------
 
 

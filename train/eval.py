@@ -6,7 +6,7 @@
                               [--detokenizer auto|none|wikitext|ptb|lm1b|lambada] [--tokenizer SPEC]
                               [--protocol packed|sedd] [--threads N]
 
-What it computes (sedd-math.md, "Likelihood bound and perplexity"): for every block x0,
+What it computes (docs/math.md, "Likelihood bound"): for every block x0,
 −log p(x0) ≤ ∫_0^1 E[Σ_positions σ̄'(t)·ℓ] dt + prior KL, with the integral estimated from K draws
 of t per block (:func:`sedd.likelihood.sequence_bounds`); the report is the total bound over the
 total number of tokens, in nats and bits per token, and the perplexity bound exp(nats/token), each

@@ -13,7 +13,7 @@ model.safetensors, usually tokenizer.json), a public SEDD checkpoint directory, 
 as louaaron/sedd-small (needs the Hub). See ``sedd/pretrained.py`` for how the tokenizer is found.
 
 Conditioning: the given tokens are held fixed at their positions before every reverse step and
-at the end (sedd-math.md, "Conditioning"), so any set of positions may be fixed and the rest is
+at the end (docs/math.md, "Conditioning"), so any set of positions may be fixed and the rest is
 generated. This is exact for absorbing-graph checkpoints; for uniform-graph ones it is biased
 (the model reads the fixed tokens as noisy), and the sampler warns. Every text is tokenized on its own and placed token by token:
 

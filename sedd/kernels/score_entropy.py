@@ -7,7 +7,7 @@ gathers; autograd then replays most of that backwards. At V = 50258 that is ~10 
 wanted, writes the gradient row once (possibly into z's own storage): the minimum traffic.
 
 The gradient does not depend on the row sum. For both graphs ∂ℓ/∂ŝ_y is elementwise given
-per-row scalars (see docs/sedd-math.md):
+per-row scalars (docs/math.md, "Score entropy"):
 
     absorbing (x_t = MASK):  ∂ℓ/∂ŝ_j = e^{ŝ_j} − r·[j = x0]                  (j ≠ MASK),  r = 1/E(σ)
     uniform:                 ∂ℓ/∂ŝ_y = (e^{ŝ_y} − c)/N − [x_t ≠ x0][y = x0]/E  (y ≠ x_t)
@@ -283,6 +283,7 @@ def score_entropy(
     grad_output: torch.Tensor | None = None,
     compute_loss: bool = True,
     block_v: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor | None:
     """Launch the fused score entropy.
 
@@ -297,6 +298,7 @@ def score_entropy(
         grad_output: optional [B, L] fp32 per-token incoming gradient.
         compute_loss: return the weighted loss [B, L] fp32 (else None: a backward-only pass).
         block_v: force the column tile (a power of two); for tests.
+        num_warps: force the warps per program (``benchmarks/sweep_launch.py`` times the choices).
     """
     B, L, V = z.shape
     assert z.is_contiguous() and z.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -309,7 +311,8 @@ def score_entropy(
         return None
     if n_rows == 0:
         return loss
-    block_r, block_v, num_warps = _launch_config(n_rows, V, z.element_size(), block_v)
+    block_r, block_v, default_warps = _launch_config(n_rows, V, z.element_size(), block_v)
+    num_warps = num_warps or default_warps
     # 16-byte windows need z and the gradient buffer to be misaligned alike (both fresh
     # allocations, or the gradient written over z) and tiles of at least 16 bytes
     align = 16 // z.element_size()

@@ -12,6 +12,8 @@ number of programs.
 
 The four 32-bit words of one Philox call are independent: the first decides whether the token
 moves, the other two (combined to 64 bits, so the modulo bias is ~N/2^64) give the uniform draw.
+
+The math: docs/math.md, "Graphs".
 """
 
 from __future__ import annotations

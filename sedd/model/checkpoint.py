@@ -4,6 +4,8 @@ A checkpoint directory holds ``config.json`` (the whole training config in the p
 ``tokens``, ``graph``, ``noise``, ``model``, ...) and ``model.safetensors`` (or, in older public
 checkpoints, ``pytorch_model.bin``). :meth:`sedd.model.SEDD.from_pretrained` and
 :meth:`~sedd.model.SEDD.save_pretrained` are built from the functions here.
+
+The math: docs/math.md, "Network and checkpoint".
 """
 
 from __future__ import annotations

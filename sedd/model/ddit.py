@@ -24,6 +24,8 @@ in :mod:`sedd.model.attention`, config normalisation and the checkpoint files in
 Precision: the residual stream and the σ conditioning stay in the parameter dtype (fp32 for the
 checkpoints); on CUDA the blocks and the output layer run under bf16 autocast, as the checkpoints
 were trained; LayerNorm and rotary always compute in fp32. The post-processed scores are fp32.
+
+The math: docs/math.md, "Network and checkpoint", "Model output".
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ backward with the per-token incoming gradient folded into the per-row weight.
 
 The torch backend runs the same chunked algorithm with the eager per-chunk loss and its autograd
 gradient, so CPU users get the memory and compute savings too.
+
+The math: docs/math.md, "Training loss".
 """
 
 from __future__ import annotations

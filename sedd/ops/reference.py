@@ -1,4 +1,4 @@
-"""Eager PyTorch reference for every per-token formula of SEDD (see docs: sedd-math.md).
+"""Eager PyTorch reference for every per-token formula of SEDD (docs/math.md, section by section).
 
 This is the readable math, the oracle the kernels are tested against, the baseline they are
 benchmarked against, and the CPU fallback behind :mod:`sedd.ops`. It materialises [B, L, V]

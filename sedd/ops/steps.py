@@ -3,7 +3,10 @@
 graphs) or the reference (:mod:`sedd.ops.reference`: any other graph, and truncated eager steps).
 
 Each step reads the scores at x_t and writes one token id per position; on the Triton backend no
-[B, L, V] tensor is allocated besides the caller's scores."""
+[B, L, V] tensor is allocated besides the caller's scores.
+
+The math: docs/math.md, "Reverse steps", "Truncation".
+"""
 
 from __future__ import annotations
 

@@ -111,13 +111,7 @@ def _read_json(path: Path):
 def summarize_results(results: Path, mode: str | None = None) -> str:
     device = _read_json(results / "device.json") or {}
     smoke = _read_json(results / "smoke.json")
-    records = []
-    if (results / "bench.jsonl").is_file():
-        for line in (results / "bench.jsonl").read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut short by a killed stage
+    records = _read_jsonl(results / "bench.jsonl")
     status = (results / "status.txt").read_text() if (results / "status.txt").is_file() else "(no status.txt)\n"
     lines = [
         f"# Device check: {device.get('device', 'device unknown (stage 1 did not finish)')}",
@@ -149,7 +143,45 @@ def summarize_results(results: Path, mode: str | None = None) -> str:
             lines.append(f"| {c['check']} | {c.get('shape')} | {'ok' if c['ok'] else 'FAIL'} | {detail} | {c.get('seconds')} |")
     lines += ["", "## Benchmarks (median of the rounds, CUDA events; targets recorded, not asserted)", ""]
     lines += benchmark_table(records)
+    sweep = _read_jsonl(results / "sweep.jsonl")
+    if sweep:
+        lines += ["", "## Launch sweep (benchmarks/sweep_launch.py: BLOCK_V × warps, median ms, fraction of copy BW)", ""]
+        lines += sweep_table(sweep)
     return "\n".join(lines) + "\n"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by a killed stage
+    return rows
+
+
+def sweep_table(rows: list[dict]) -> list[str]:
+    """One line per kernel: every (BLOCK_V, warps) pair's fraction of the copy bandwidth, the
+    launcher's default marked with *, the best pair named."""
+    pairs = sorted({(r["block_v"], r["num_warps"]) for r in rows})
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    lines = ["| kernel | " + " | ".join(f"{bv}×{nw}" for bv, nw in pairs) + " | best |",
+             "| --- | " + " | ".join("---:" for _ in pairs) + " | --- |"]
+    for k in kernels:
+        mine = {(r["block_v"], r["num_warps"]): r for r in rows if r["kernel"] == k}
+        cells = []
+        for pair in pairs:
+            r = mine.get(pair)
+            if r is None or "fraction_of_copy" not in r:
+                cells.append("–" if r is None else "error")
+                continue
+            cells.append(f"{'*' if r.get('default') else ''}{r['median_s'] * 1e3:.3f} ms, {r['fraction_of_copy']:.0%}")
+        timed = [r for r in mine.values() if "median_s" in r]
+        best = min(timed, key=lambda r: r["median_s"], default=None)
+        cells.append(f"{best['block_v']}×{best['num_warps']}" if best else "–")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def summarize_pytest_json(data: dict) -> tuple[str, str]:

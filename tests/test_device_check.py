@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "device_check.sh"
-STAGES = ["device", "smoke", "kernels", "tests", "e2e", "compiled"]
+STAGES = ["device", "smoke", "kernels", "tests", "e2e", "sweep", "profile", "compiled"]
 
 
 def _run(results: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -43,7 +43,7 @@ def test_dry_run_runs_or_skips_every_stage_with_a_reason(dry_run):
     assert "skipped" in stages["compiled"] and "skipped" in stages["tests"]
     # at most 8 files come back from a borrowed machine
     assert sorted(p.name for p in results.iterdir()) == sorted(
-        ["status.txt", "device-check.md", "device-check.log", "device.json", "smoke.json", "bench.jsonl"]
+        ["status.txt", "device-check.md", "device-check.log", "device.json", "smoke.json", "bench.jsonl", "sweep.jsonl"]
     )
 
 
@@ -65,6 +65,10 @@ def test_dry_run_writes_the_figures_and_the_table(dry_run):
     assert all(r["median_s"] > 0 for r in records)
     table = (results / "device-check.md").read_text()
     assert "| case | impl | median ms |" in table and "[smoke] ok" in table and "test-commit" in table
+    sweep = [json.loads(line) for line in (results / "sweep.jsonl").read_text().splitlines()]
+    assert {r["kernel"] for r in sweep} >= {"score_entropy absorb fwd+grad", "reverse_step uniform analytic"}
+    assert all(r["median_s"] > 0 and "error" not in r for r in sweep)
+    assert "## Launch sweep" in table and "reverse_step uniform analytic" in table
 
 
 def test_stage_failures_and_an_empty_budget_are_reported(tmp_path):

@@ -64,6 +64,8 @@ was 127–170. Registers (``python -m tests.test_kernels_gpu_build sm90 --table`
 absorbing, 94 / 48 uniform Euler, 124 / 116 uniform analytic / denoise, no stack frame; pass B
 over the whole tile at once had needed 163 registers (uniform analytic) and a 24-byte stack frame
 (absorbing Euler / analytic) under Triton 3.6.
+
+The math: docs/math.md, "Reverse steps", "Categorical draws", "Truncation".
 """
 
 from __future__ import annotations
@@ -405,6 +407,7 @@ def reverse_step(
     truncation: torch.Tensor | None = None,
     block_v: int | None = None,
     block_r: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """One fused reverse step; returns the next tokens [B, L] in x_t's dtype.
 
@@ -421,6 +424,7 @@ def reverse_step(
             by the caller with the untruncated stay probability. Moving positions draw among the
             kept candidates with the step's weights; without it the kernel compiles as before.
         block_v, block_r: force the tile width (even) / rows per program (powers of two).
+        num_warps: force the warps per program (``benchmarks/sweep_launch.py`` times the choices).
 
     The caller (``sedd.ops``) validates values; this checks only what the kernel relies on.
     """
@@ -444,7 +448,8 @@ def reverse_step(
     if block_r is None:
         # interpreter: wide programs (~1 ms each); GPU: one row per program
         block_r = max(1, min(triton.next_power_of_2(n_rows), 4096 // block_v, 256)) if interpreted() else 1
-    num_warps = 4 if block_v <= 1024 else 8
+    if num_warps is None:
+        num_warps = 4 if block_v <= 1024 else 8
     grid = (triton.cdiv(n_rows, block_r),)
     reverse_step_kernel[grid](
         z, z.stride(0), z.stride(1), shift_arg, x, consts, seed,

@@ -14,7 +14,7 @@ distributions with less work and memory:
 * Rows in chunks. A bf16/fp16 input is converted to fp32 one chunk of rows at a time, so the
   temporaries are bounded (about ``_CHUNK_ELEMENTS`` fp32 values), never [B, L, V].
 
-Weights (ŝ = z + shift, ŝ[x_t] = 0; see sedd-math.md, "Samplers"):
+Weights (ŝ = z + shift, ŝ[x_t] = 0; docs/math.md, "Reverse steps"):
   exp family (absorbing euler/analytic/denoise, uniform euler): candidate y has log-weight
   log c + ŝ_y; the stay/MASK option 1 − c·Σ_y e^{ŝ_y}, never chosen when ≤ 0.
   uniform analytic/denoise: candidate y ≠ x_t has weight ((e^{Δσ} − 1)/N)·(s_y − c₂S), c₂ = (1 − e^{−Δσ})/N,
@@ -29,7 +29,14 @@ import torch
 
 from sedd.graph import Graph
 
-_CHUNK_ELEMENTS = 1 << 21  # fp32 values in one chunk of rows (8 MiB), per temporary
+_CHUNK_ELEMENTS = 1 << 21  # fp32 values in one chunk of rows (8 MiB), per temporary: cache-sized for a CPU
+# On a GPU a chunk that small is a few dozen rows at V = 50257: hundreds of chunks per step of ~30
+# small launches each, so launch overhead dominates; 128 MiB per temporary keeps them few.
+_CUDA_CHUNK_ELEMENTS = 1 << 25
+
+
+def _chunk_elements(device: torch.device) -> int:
+    return _CHUNK_ELEMENTS if device.type == "cpu" else _CUDA_CHUNK_ELEMENTS
 _TILE = 256  # columns per tile of the race; rows of at most _SINGLE_TILE columns are one tile
 _SINGLE_TILE = 1024
 
@@ -47,7 +54,7 @@ def reverse_step(kind: str, log_score, x_t, scalar, graph: Graph, shift=None, ge
     tile = V if V <= _SINGLE_TILE else _TILE
     n_tiles = -(-V // tile)
     width = n_tiles * tile
-    rows = max(1, _CHUNK_ELEMENTS // width)
+    rows = max(1, _chunk_elements(z.device) // width)
     out = torch.empty_like(x)
     for r0 in range(0, B * L, rows):
         r1 = min(B * L, r0 + rows)
@@ -162,9 +169,9 @@ def _active_rows(graph, x):
     return None
 
 
-def _index_chunks(rows, n_rows: int, V: int):
-    """Row selectors (slices, or index tensors into ``rows``) of at most _CHUNK_ELEMENTS values."""
-    step = max(1, _CHUNK_ELEMENTS // V)
+def _index_chunks(rows, n_rows: int, V: int, device: torch.device):
+    """Row selectors (slices, or index tensors into ``rows``) of at most :func:`_chunk_elements` values."""
+    step = max(1, _chunk_elements(device) // V)
     if rows is None:
         for r0 in range(0, n_rows, step):
             yield slice(r0, min(n_rows, r0 + step))
@@ -252,7 +259,7 @@ class _ScoreEntropy(torch.autograd.Function):
         k = _constants(graph, sig, x, y, dtype)
         rows = _active_rows(graph, x)
         loss = torch.zeros(B * L, dtype=torch.float64, device=log_score.device)
-        for idx in _index_chunks(rows, B * L, V):
+        for idx in _index_chunks(rows, B * L, V, log_score.device):
             kc = {name: v[idx] for name, v in k.items()}
             s = _scores(z[idx], x[idx], None if sh is None else sh[idx], dtype)
             loss[idx] = _loss_rows(graph, s, x[idx], y[idx], kc)
@@ -298,7 +305,7 @@ class _ScoreEntropy(torch.autograd.Function):
         alloc = torch.empty_like if rows is None else torch.zeros_like
         grad = alloc(log_score, memory_format=torch.contiguous_format)
         flat = grad.view(B * L, V)
-        for idx in _index_chunks(rows, B * L, V):
+        for idx in _index_chunks(rows, B * L, V, log_score.device):
             kc = {name: v[idx] for name, v in k.items()}
             # where the rows are a slice of the gradient, it is written there directly: computed in
             # place (same dtype), or by the last pass (uniform, bf16/fp16)

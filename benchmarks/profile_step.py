@@ -20,7 +20,7 @@ from sedd.graph import Absorbing
 from sedd.losses import score_entropy_loss
 from sedd.model import SEDD
 from sedd.noise import LogLinear
-from sedd.predictors import AnalyticPredictor
+from sedd.sampling.predictors import AnalyticPredictor
 
 CUDA, DEVICE = common.CUDA, common.DEVICE
 if CUDA:

@@ -43,6 +43,6 @@ def test_no_file_cites_a_document_outside_the_repository():
     bad = [
         str(path.relative_to(ROOT))
         for path in _tracked("*.py", "*.md", "*.sh", "*.toml")
-        if "results" not in path.parts and re.search(r"sedd-math\.md|shared/docs", path.read_text(encoding="utf-8"))
+        if "results" not in path.parts and path.name != Path(__file__).name and re.search(r"sedd-math\.md|shared/docs", path.read_text(encoding="utf-8"))
     ]
     assert not bad, bad

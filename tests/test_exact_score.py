@@ -135,7 +135,7 @@ def test_absorbing_conditioning_samples_the_true_conditional(predictor):
 def test_uniform_conditioning_is_biased_and_warns_once():
     """Clamping on the uniform graph is not exact (the model reads a clamped token as noisy):
     the same toy gives P(x[1] = 0 | x[0] = 0) well below 0.9. The sampler says so, once."""
-    import sedd.sampling as sampling
+    import sedd.sampling.sampler as sampling
 
     graph, noise = _setup("uniform", 2)
     p = torch.tensor([[0.45, 0.05], [0.05, 0.45]], dtype=torch.float64)

@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from sedd import predictors
 from sedd.graph import Absorbing
 from sedd.noise import LogLinear
-from sedd.predictors import AnalyticPredictor, Predictor, register_predictor
-from sedd.sampling import DENOISERS, PREDICTORS, sample
+from sedd.sampling import DENOISERS, PREDICTORS, predictors, sample
+from sedd.sampling.predictors import AnalyticPredictor, Predictor, register_predictor
 from tests.helpers import FactorizedScore
 
 PI = torch.tensor([0.05, 0.3, 0.1, 0.35, 0.2])

@@ -1,4 +1,4 @@
-"""Reverse-time samplers: a predictor (:mod:`sedd.predictors`: Euler, analytic (Tweedie), or any
+"""Reverse-time samplers: a predictor (:mod:`sedd.sampling.predictors`: Euler, analytic (Tweedie), or any
 registered one) over the time grid, a final denoising step, and conditioning on fixed positions.
 
 Time grid t_k = linspace(1, ε, steps + 1), Δt = (1 − ε)/steps. Every step calls the model once
@@ -29,7 +29,7 @@ from sedd import ops
 from sedd.graph import Graph
 from sedd.noise import Noise
 from sedd.ops.checks import check_truncation
-from sedd.predictors import DENOISERS, PREDICTORS, Predictor, get_predictor, register_predictor
+from sedd.sampling.predictors import DENOISERS, PREDICTORS, Predictor, get_predictor, register_predictor
 
 __all__ = ["DENOISERS", "PREDICTORS", "Predictor", "conditioning", "register_predictor", "sample"]
 
@@ -83,7 +83,7 @@ def sample(
         graph, noise: the forward process and schedule the model was trained with.
         steps: number of predictor steps (≥ 1).
         predictor: "euler", "analytic" (Tweedie τ-leaping), another name in :data:`PREDICTORS`
-            (see :func:`register_predictor`), or a :class:`~sedd.predictors.Predictor` instance.
+            (see :func:`register_predictor`), or a :class:`~sedd.sampling.predictors.Predictor` instance.
         eps: the final time ε of the grid; ``denoise`` adds the last step from σ̄(ε) to 0, made
             by ``denoiser`` (a name in :data:`DENOISERS` or an instance).
         fixed_tokens, fixed_mask: [L] or [B, L]; positions where the mask is True are held at

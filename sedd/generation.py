@@ -291,8 +291,12 @@ def _resolve(model, tokenizer, device):
     if isinstance(model, (str, os.PathLike)):
         model = load_pretrained(model, tokenizer=tokenizer, device="auto" if device is None else device)
         tokenizer = None
+    if isinstance(tokenizer, str):
+        from sedd.data import get_tokenizer
+
+        tokenizer = get_tokenizer(tokenizer)
     if isinstance(model, Pretrained):
-        tok = model.tokenizer if tokenizer is None else tokenizer
+        tok = model.tokenizer
         net, graph, noise = model.model, model.graph, model.noise
     elif isinstance(model, torch.nn.Module) and isinstance(getattr(model, "config", None), dict):
         from sedd.graph import graph_from_config
@@ -300,15 +304,18 @@ def _resolve(model, tokenizer, device):
 
         if tokenizer is None:
             raise ValueError("a bare model needs tokenizer=... (or pass load_pretrained(...) instead)")
-        tok, net = tokenizer, model
+        tok, net = None, model
         graph, noise = graph_from_config(model.config), noise_from_config(model.config)
     else:
         raise TypeError("model must be a Pretrained (sedd.load_pretrained), a checkpoint directory or Hub id, "
                         f"or a SEDD model, got {type(model).__name__}")
-    if isinstance(tok, str):
-        from sedd.data import get_tokenizer
+    if tokenizer is not None:
+        from sedd.pretrained import check_tokenizer_fits, check_tokenizer_matches
 
-        tok = get_tokenizer(tok)
+        check_tokenizer_fits(tokenizer, net.config)
+        if tok is not None:  # a loaded checkpoint's own tokenizer is what the override must match
+            check_tokenizer_matches(tokenizer, net.config, own=tok, own_source=model.tokenizer_source)
+        tok = tokenizer
     return net, graph, noise, tok
 
 

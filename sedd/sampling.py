@@ -19,7 +19,7 @@ sampler warns once per process.
 from __future__ import annotations
 
 import inspect
-
+import numbers
 import warnings
 
 import torch
@@ -30,7 +30,7 @@ from sedd.graph import Graph
 from sedd.noise import Noise
 from sedd.predictors import DENOISERS, PREDICTORS, Predictor, get_predictor, register_predictor
 
-__all__ = ["DENOISERS", "PREDICTORS", "Predictor", "conditioning", "register_predictor", "sample"]
+__all__ = ["DENOISERS", "PREDICTORS", "Predictor", "check_eps", "conditioning", "register_predictor", "sample"]
 
 _warned_uniform_conditioning = False
 
@@ -107,15 +107,14 @@ def sample(
     for p in (step, final):
         if p is not None:
             p.masked_only = bool(masked_only)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     ops._check_truncation(top_p, top_k)
     trunc = {} if top_p is None and top_k is None else {"top_p": top_p, "top_k": top_k}
     for p in (step, final):
         if trunc and p is not None and not {"top_p", "top_k"} <= set(inspect.signature(p.update).parameters):
             raise ValueError(f"predictor {p.name!r} does not take top_p / top_k")
-    if not 0 < eps < 1:
-        raise ValueError(f"eps must be in (0, 1), got {eps}")
+    check_eps(noise, eps)
     if device is None:
         param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = param.device if param is not None else "cpu"
@@ -141,6 +140,19 @@ def sample(
         if final is not None:
             x = project(final.update(model, x, times[-1].expand(B), dt, graph, noise, generator, **trunc))
         return x
+
+
+def check_eps(noise: Noise, eps: float) -> None:
+    """ValueError unless ``eps`` is a usable final time for ``noise``: in (0, 1), with σ̄(ε) a
+    normal float32 number. The steps read σ in float32, where a smaller σ̄(ε) rounds to 0 (or
+    loses its precision), and the final step then fills every masked position as if from no noise
+    at all (with token id 0)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+        raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+    sigma = float(noise.total(torch.tensor([float(eps)], dtype=torch.float64))[0])
+    if not sigma >= torch.finfo(torch.float32).tiny:
+        raise ValueError(f"eps {eps} is too small for {noise!r}: sigma(eps) = {sigma:.3g} is below float32's smallest "
+                         f"normal number {torch.finfo(torch.float32).tiny:.3g}, which the steps compute in")
 
 
 def _warn_uniform_conditioning() -> None:

@@ -435,6 +435,19 @@ def test_sample_outputs_are_checked_before_any_work(bpe_ckpt, tmp_path, capsys, 
     assert {p.name: p.read_bytes() for p in bpe_ckpt.iterdir()} == before
 
 
+def test_sample_and_quality_define_the_sampler_options_once():
+    from train import quality
+
+    def options(parser):
+        shared = ("predictor", "top_p", "top_k", "eps", "length", "window", "stride")
+        return {a.dest: (tuple(a.option_strings), a.default, a.type, a.choices, a.help)
+                for a in parser._actions if a.dest in shared}
+
+    ours = options(sample_cli.build_parser())
+    assert len(ours) == 7 and ours == options(quality.build_parser())
+    assert "--sampler" in ours["predictor"][0] and "--predictor" in ours["predictor"][0]
+
+
 # ----------------------------------------------------------------------------------------------
 # train/eval.py
 # ----------------------------------------------------------------------------------------------

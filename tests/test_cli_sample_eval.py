@@ -586,3 +586,58 @@ def test_eval_dataset_name_offline(bpe_ckpt, cache_dir):
     assert proc.returncode == 2
     assert "eval.py: error:" in proc.stderr and "wikitext-103" in proc.stderr and "--data PATH" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_eval_auto_detokenizer_reads_only_the_datasets_own_name(bpe_ckpt, tmp_path, capsys):
+    from sedd.data import auto_detokenizer
+
+    text = PTB.read_text()
+    for name in ("penny/notes.txt", "wikitext-notes/a.txt", "ptb.test.txt", "notes/ptb/test.txt",
+                 "wikitext-103/wiki.test.raw", "data/wikitext-2-raw/valid.txt", "data/test.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    expected = {"penny/notes.txt": None, "wikitext-notes/a.txt": None, "ptb.test.txt": "ptb",
+                "notes/ptb/test.txt": "ptb", "wikitext-103/wiki.test.raw": "wikitext",
+                "data/wikitext-2-raw/valid.txt": "wikitext", "data/test.txt": None, "wikitext-notes": None,
+                "notes/ptb": "ptb"}
+    # the folders above the data never count, however they are named
+    assert {name: auto_detokenizer(tmp_path / name)[0] for name in expected} == expected
+    assert auto_detokenizer("wikitext-103") == ("wikitext", "the dataset wikitext-103's own")
+
+    assert eval_cli.main([str(bpe_ckpt), "--data", str(tmp_path / "penny" / "notes.txt"), "--max-blocks", "1",
+                          "-K", "2", "--block-size", "16", "--json", "-", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    rep = json.loads(captured.out)
+    assert rep["detokenizer"] is None  # was "ptb": "penny" starts like "penn"
+    assert rep["detokenizer_reason"] == "auto: the file name 'notes.txt' names no dataset with a detokenizer"
+    assert "eval.py: detokenizer none (auto: the file name 'notes.txt' names no dataset" in captured.err
+
+
+def test_eval_sedd_protocol_reads_a_directory_as_its_split_file(bpe_ckpt, capsys):
+    reports = []
+    for data in (PTB.parent, PTB):
+        assert eval_cli.main([str(bpe_ckpt), "--data", str(data), "--protocol", "sedd", "--max-blocks", "2",
+                              "-K", "2", "--block-size", "32", "--json", "-", "--no-progress"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    folder, file = reports
+    assert folder["split"] == "test" and folder["detokenizer"] == file["detokenizer"] == "ptb"
+    assert folder["tokens"] == file["tokens"] == 64 and folder["nats_per_token"] == file["nats_per_token"]
+
+
+def test_eval_outputs_and_values_are_checked_before_any_work(bpe_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(eval_cli, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
+    data = tmp_path / "data.txt"
+    data.write_text(PTB.read_text())
+    for args, message in [
+        (["--data", data, "--json", tmp_path / "missing" / "r.json"], "does not exist"),
+        (["--data", data, "--json", tmp_path], "that is a directory"),
+        (["--data", data, "--json", data], "is a file of --data"),
+        (["--data", PTB.parent, "--json", PTB], "is a file of --data"),
+        (["--data", data, "--json", bpe_ckpt / "model.safetensors"], "is a file of the checkpoint"),
+        (["--data", data, "--seed", 10**23], "--seed must be in [0, 2**64)"),
+        (["--data", data, "--threads", 100000], "--threads must be at most the"),
+    ]:
+        assert eval_cli.main([str(bpe_ckpt), *map(str, args), "-K", "2", "--no-progress"]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("eval.py: error:") and message in err and len(err.strip().splitlines()) == 1, err
+    assert data.read_text() == PTB.read_text()

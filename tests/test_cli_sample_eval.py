@@ -405,6 +405,8 @@ def test_input_of_the_wrong_type_is_one_line_naming_the_line(bpe_ckpt, tmp_path,
     (["--threads", 100000], "--threads must be at most the"),
     (["--eps", 1e-300], "--eps 1e-300 is too small"),
     (["--max-batch-rows", 0], "--max-batch-rows must be >= 1"),
+    (["--sampler", "foo"], "sample.py: error: argument --sampler/--predictor: invalid choice: 'foo'"),
+    (["--length", "x"], "argument --length: invalid int value: 'x' (--help lists the options)"),
 ])
 def test_sample_edge_values_are_refused(bpe_ckpt, capsys, args, message):
     assert sample_cli.main([str(bpe_ckpt), *map(str, args), "--no-progress"]) == 2

@@ -304,6 +304,7 @@ def test_bad_arguments(env, tmp_path, args, message):
     result = train(env, *args, "--out", tmp_path / "out", timeout=60)
     assert result.returncode == 2
     assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # argparse's usage block too
     assert not (tmp_path / "out").exists()
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 __all__ = [
-    "InputError", "SamplingPlan", "add_sampler_options", "check_outputs", "check_positive", "check_sampler_options",
+    "ArgumentParser", "InputError", "SamplingPlan", "add_sampler_options", "check_outputs", "check_positive", "check_sampler_options",
     "check_seed", "check_threads", "checkpoint_inputs", "die", "files_of", "load_checkpoint", "main_with_exit_codes",
     "parse_steps", "plan_sampling",
 ]
@@ -26,6 +26,14 @@ SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below it; larger o
 
 class InputError(Exception):
     """Bad command-line input: reported as one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line (``prog: error: ...``, exit status 2)
+    like every other bad input, instead of the usage block followed by the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def die(message: str, code: int = 1, *, prog: str | None = None) -> NoReturn:
@@ -41,8 +49,12 @@ def main_with_exit_codes(
     argv: Sequence[str] | None = None,
 ) -> int:
     """Parse ``argv`` and call ``run(args)``; an :class:`InputError` becomes its one-line message
-    (``prog: error: ...``) and exit status 2. Returns the exit status."""
-    args = parser.parse_args(argv)
+    (``prog: error: ...``) and exit status 2, as argparse's own errors with :class:`ArgumentParser`.
+    Returns the exit status (--help's too)."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return run(args)
     except InputError as err:

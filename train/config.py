@@ -14,6 +14,7 @@ from pathlib import Path
 from sedd import data as sdata
 from sedd.model import PRESETS as MODEL_PRESETS
 from sedd.model import SEDD
+from train.cli import ArgumentParser
 
 PAPER = dict(  # the GPT-2-scale runs of the paper and the public code (configs/config.yaml)
     data="openwebtext", tokenizer="gpt2", doc_mask=False,
@@ -98,7 +99,7 @@ def parse_args(argv=None, *, epilog: str = ""):
             return f" (default: {values['cpu']})"
         return " (" + ", ".join(f"{name}: {v}" for name, v in values.items()) + ")"
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train a SEDD model. Fields default to the chosen --preset; any flag overrides it.",
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,

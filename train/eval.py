@@ -78,7 +78,7 @@ from sedd.data.public import public_blocks, public_rows
 from sedd.likelihood import TIME_SAMPLERS, sequence_bounds, summarize
 from sedd.losses import score_entropy_loss
 from train.cli import (
-    InputError, check_outputs, check_positive, check_seed, check_threads, checkpoint_inputs, files_of, load_checkpoint,
+    ArgumentParser, InputError, check_outputs, check_positive, check_seed, check_threads, checkpoint_inputs, files_of, load_checkpoint,
     main_with_exit_codes,
 )
 
@@ -97,7 +97,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="eval.py",
         description="Monte-Carlo estimate of the SEDD likelihood bound (nats/token, bits/token, "
         "perplexity bound, with standard errors) of a checkpoint on a text corpus.",

@@ -77,7 +77,7 @@ from tqdm.auto import tqdm
 from sedd.data.offline import cache_may_hold, hub_offline_reason
 from sedd.generation import sample_blockwise
 from train.cli import (
-    InputError, add_sampler_options, check_outputs, check_positive, check_sampler_options, check_seed, check_threads,
+    ArgumentParser, InputError, add_sampler_options, check_outputs, check_positive, check_sampler_options, check_seed, check_threads,
     checkpoint_inputs, files_of, load_checkpoint, main_with_exit_codes, parse_steps, plan_sampling,
 )
 
@@ -96,7 +96,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="quality.py",
         description="Generative perplexity (under an autoregressive judge, with a 95% confidence "
         "interval), unigram entropy, degeneracy and speed of a SEDD checkpoint's samples, for "

@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 
 from sedd.generation import Span, fixed_spans, sample_blockwise, spans_to_mask
 from train.cli import (
-    InputError, add_sampler_options, check_outputs, check_positive, check_sampler_options, check_seed, check_threads,
+    ArgumentParser, InputError, add_sampler_options, check_outputs, check_positive, check_sampler_options, check_seed, check_threads,
     checkpoint_inputs, load_checkpoint, main_with_exit_codes, plan_sampling,
 )
 
@@ -100,7 +100,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="sample.py",
         description="Sample text from a SEDD checkpoint, unconditionally or with fixed spans "
         "(prefix, suffix, infilling at any token positions, templates). Each fixed text is tokenized "

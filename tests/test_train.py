@@ -299,6 +299,8 @@ def test_help_lists_the_flags():
     (["--sample-length", "0", "--batch-size", "-2"], "must be positive"),
     (["--num-samples", "-1"], "--num-samples must be >= 0"),
     (["--batch-size", "3", "--global-batch", "8"], "pass --global-batch as a multiple of 3"),
+    (["--threads", "100000"], "--threads must be at most the"),  # was a SIGSEGV
+    (["--seed", "-1"], "--seed must be in [0, 2**64), got -1"),
 ])
 def test_bad_arguments(env, tmp_path, args, message):
     result = train(env, *args, "--out", tmp_path / "out", timeout=60)

@@ -14,7 +14,7 @@ from pathlib import Path
 from sedd import data as sdata
 from sedd.model import PRESETS as MODEL_PRESETS
 from sedd.model import SEDD
-from train.cli import ArgumentParser
+from train.cli import SEED_LIMIT, ArgumentParser
 
 PAPER = dict(  # the GPT-2-scale runs of the paper and the public code (configs/config.yaml)
     data="openwebtext", tokenizer="gpt2", doc_mask=False,
@@ -153,6 +153,10 @@ def parse_args(argv=None, *, epilog: str = ""):
         parser.error(f"--dropout must be in [0, 1), got {overrides['dropout']}")
     if args.threads < 0:
         parser.error(f"--threads must be >= 0 (0: cores / processes), got {args.threads}")
+    if args.threads > (os.cpu_count() or 1):  # PyTorch crashes (SIGSEGV) on tens of thousands
+        parser.error(f"--threads must be at most the {os.cpu_count()} CPUs of this machine, got {args.threads}")
+    if "seed" in overrides and not 0 <= overrides["seed"] < SEED_LIMIT:
+        parser.error(f"--seed must be in [0, 2**64), got {overrides['seed']}")
     return args, overrides
 
 

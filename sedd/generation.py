@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sedd.sampling import sample
+from sedd.sampling import check_eps, sample
 
 __all__ = [
     "Span", "Sample", "fixed_spans", "template_spans", "spaces_join_next_word", "spans_to_mask", "sample_blockwise",
@@ -448,6 +448,7 @@ def generate_samples(
     if length is None:
         raise ValueError("length is needed for a model without a training length")
     steps = min(length, window) if steps is None else steps
+    check_eps(noise, eps)
 
     def pick(name, i):
         rows_ = lists.get(name)

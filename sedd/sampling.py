@@ -84,7 +84,8 @@ def sample(
         predictor: "euler", "analytic" (Tweedie τ-leaping), another name in :data:`PREDICTORS`
             (see :func:`register_predictor`), or a :class:`~sedd.predictors.Predictor` instance.
         eps: the final time ε of the grid; ``denoise`` adds the last step from σ̄(ε) to 0, made
-            by ``denoiser`` (a name in :data:`DENOISERS` or an instance).
+            by ``denoiser`` (a name in :data:`DENOISERS` or an instance). :func:`check_eps` says
+            whether the schedule can use it (σ̄(ε) must not round to 0 in float32).
         fixed_tokens, fixed_mask: [L] or [B, L]; positions where the mask is True are held at
             ``fixed_tokens`` throughout (prompt, suffix, infilling). See :func:`conditioning`.
             Exact for the absorbing graph; biased for the uniform graph (warns once).
@@ -114,7 +115,10 @@ def sample(
     for p in (step, final):
         if trunc and p is not None and not {"top_p", "top_k"} <= set(inspect.signature(p.update).parameters):
             raise ValueError(f"predictor {p.name!r} does not take top_p / top_k")
-    check_eps(noise, eps)
+    # check_eps (the schedule at eps) reads a tensor on the host, which the sampler itself never
+    # does after its inputs; the text API and the command lines call it before sampling.
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+        raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
     if device is None:
         param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = param.device if param is not None else "cpu"

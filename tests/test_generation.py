@@ -265,10 +265,10 @@ def test_generate_samples_in_eval_mode_and_gives_the_mode_back():
     assert model.training and all(m.training for m in model.modules())
 
 
-def test_sample_refuses_an_eps_whose_noise_rounds_to_zero():
+def test_generate_refuses_an_eps_whose_noise_rounds_to_zero():
     model = _model()
     graph, noise = Absorbing(TOK.vocab_size), LogLinear()
     with pytest.raises(ValueError, match="eps 1e-300 is too small"):
-        sample(model, graph, noise, batch_size=1, length=8, steps=2, eps=1e-300)
+        generate(model, "ab", tokenizer=TOK, length=8, steps=2, eps=1e-300)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         sample(model, graph, noise, batch_size=1, length=8, steps=2.5)

@@ -12,9 +12,10 @@ suffixes and templates mix in one batch. Each fixed text is tokenized on its own
 by token; the sampler holds those tokens at their positions and generates the rest (exact
 conditioning, docs/math.md, "Conditioning").
 
-Byte-level BPE tokenizers (GPT-2's) attach a space to the word after it, so trailing spaces of a
-fixed text that generated tokens follow are left to the generated token: the prompt "The " is
-placed as "The" and the model writes " cat".
+Byte-level BPE tokenizers (GPT-2's, the trained ``bpe:N``) attach a space to the word after it, so
+with them the trailing spaces of a fixed text that generated tokens follow are left to the generated
+token: the prompt "The " is placed as "The" and the model writes " cat". Tokenizers that keep
+spaces as tokens of their own (``bytes``, character-level ones) place every text verbatim.
 
 Longer than the training length (``length > window``, the window defaulting to the model's
 ``length``): generation runs block by block, semi-autoregressively as in MDLM. The first window
@@ -26,6 +27,7 @@ earlier windows.
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,10 +36,10 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sedd.sampling import sample
+from sedd.sampling import check_eps, sample
 
 __all__ = [
-    "Span", "Sample", "fixed_spans", "template_spans", "spans_to_mask", "sample_blockwise",
+    "Span", "Sample", "fixed_spans", "template_spans", "spaces_join_next_word", "spans_to_mask", "sample_blockwise",
     "generate", "generate_samples",
 ]
 
@@ -72,12 +74,72 @@ class Sample:
     fixed: list[Span] = field(default_factory=list)
 
 
-def _encode(tokenizer, text: str, *, followed_by_hole: bool) -> list[int]:
-    # A byte-level BPE glues a space to the next word: "The " would end in a lone " " token that
-    # the model rarely saw before a word. Leave the space to the generated token.
-    if followed_by_hole:
-        text = text.rstrip(" ")
-    return tokenizer.encode(text) if text else []
+def spaces_join_next_word(tokenizer) -> bool:
+    """Whether ``tokenizer`` glues a space to the word after it (" the" is one token), as byte-level
+    BPEs (GPT-2's, the trained ``bpe:N``) and SentencePiece do; the ``bytes`` tokenizer and
+    character-level ones do not. Such a tokenizer makes "The " end in a lone " " token that the
+    model rarely saw before a word, so fixed text that generated tokens follow leaves its trailing
+    spaces to them."""
+    try:
+        return any(len(tokenizer.encode(" " + word)) == 1 for word in ("the", "a", "of", "and", "to", "in"))
+    except (KeyError, ValueError, TypeError):  # a tokenizer that cannot encode these words joins nothing
+        return False
+
+
+def _encode(tokenizer, text: str, *, followed_by_hole: bool, join: bool, source: str) -> list[int]:
+    if not isinstance(text, str):
+        raise ValueError(f"{source}: the text must be a string, got {text!r}")
+    kept = text.rstrip(" ") if followed_by_hole and join else text
+    if text and not kept:
+        raise ValueError(f"{source} {text!r} is only spaces, which this tokenizer attaches to the word after "
+                         "them: nothing would be held fixed (give some text, or leave it out)")
+    return tokenizer.encode(kept) if kept else []
+
+
+# Anything that looks like a hole ("[mask:3]", "[MASK: 3]", "[MASK:3 ]", an unclosed "[MASK:3")
+# must be one exactly, or the template would silently fix it as literal text.
+_HOLE_LIKE = re.compile(r"\[\s*mask(?![a-z])[^\[\]]*\]?", re.IGNORECASE)
+
+
+@dataclass
+class _Layout:
+    spans: list[Span]
+    holes: list[tuple[int, int, str]]  # (start, size, as written)
+    end: int  # positions the template lays out, holes included
+
+
+def _template_layout(template: str, tokenizer, join: bool) -> _Layout:
+    if not isinstance(template, str):
+        raise TypeError(f"template must be a string, got {type(template).__name__}")
+    pieces: list[tuple[str, int, str]] = []  # (literal text, hole size after it, the hole as written)
+    last = 0
+    for m in _HOLE_LIKE.finditer(template):
+        hole = TEMPLATE_HOLE.fullmatch(m.group(0))
+        if hole is None:
+            raise ValueError(f"template: {m.group(0)!r} is not a hole; write [MASK:n] for n generated tokens "
+                             "or [MASK] for one (capitals, no spaces)")
+        n = int(hole.group(1)) if hole.group(1) is not None else 1
+        if n < 1:
+            raise ValueError(f"template: a hole needs at least one token, got {m.group(0)!r}")
+        pieces.append((template[last : m.start()], n, m.group(0)))
+        last = m.end()
+    pieces.append((template[last:], 0, ""))
+    if len(pieces) == 1:
+        raise ValueError(f"template {template!r} has no hole: mark the spans to generate with [MASK:n] (or [MASK])")
+    spans, holes, pos = [], [], 0
+    for i, (text, size, written) in enumerate(pieces):
+        source = f"template piece {i + 1} {text!r}"
+        if join and not text.strip(" "):
+            ids = []  # spaces between holes: left to the generated token after them, as trailing spaces are
+        else:  # free positions may follow the last piece too, so every piece counts as followed by a hole
+            ids = _encode(tokenizer, text, followed_by_hole=True, join=join, source=source)
+        if ids:
+            spans.append(Span(source, pos, ids, text))
+        pos += len(ids)
+        if size:
+            holes.append((pos, size, written))
+        pos += size
+    return _Layout(spans, holes, pos)
 
 
 def template_spans(template: str, tokenizer) -> list[Span]:
@@ -85,28 +147,17 @@ def template_spans(template: str, tokenizer) -> list[Span]:
     ``[MASK:n]`` is a hole of n generated tokens (``[MASK]`` = one).
 
     Raises:
-        ValueError: no hole, or a hole of 0 tokens.
+        ValueError: no hole, a hole of 0 tokens, or something that looks like a hole but is not
+            written exactly as one ("[mask:3]", "[MASK: 3]").
     """
-    if not isinstance(template, str):
-        raise TypeError(f"template must be a string, got {type(template).__name__}")
-    pieces: list[tuple[str, int]] = []  # (literal text, hole size after it)
-    last = 0
-    for m in TEMPLATE_HOLE.finditer(template):
-        n = int(m.group(1)) if m.group(1) is not None else 1
-        if n < 1:
-            raise ValueError(f"template: a hole needs at least one token, got {m.group(0)!r}")
-        pieces.append((template[last : m.start()], n))
-        last = m.end()
-    pieces.append((template[last:], 0))
-    if len(pieces) == 1:
-        raise ValueError(f"template {template!r} has no hole: mark the spans to generate with [MASK:n] (or [MASK])")
-    spans, pos = [], 0
-    for i, (text, hole) in enumerate(pieces):
-        ids = _encode(tokenizer, text, followed_by_hole=True)  # free positions may follow the last piece too
-        if ids:
-            spans.append(Span(f"template piece {i + 1} {text!r}", pos, ids, text))
-        pos += len(ids) + hole
-    return spans
+    return _template_layout(template, tokenizer, spaces_join_next_word(tokenizer)).spans
+
+
+def _position(pos) -> int:
+    # 5.7 or True would silently become 5 or 1
+    if isinstance(pos, bool) or not isinstance(pos, numbers.Integral):
+        raise ValueError(f"an infill position must be an integer token position, got {pos!r}")
+    return int(pos)
 
 
 def fixed_spans(
@@ -123,25 +174,46 @@ def fixed_spans(
     Args:
         prefix: text starting at position 0 (a prompt).
         suffix: text ending at the last position.
-        infill: (position, text) pairs; the text's first token sits at the position (negative
-            positions count from the end: -10 starts 10 tokens before the end).
-        template: see :func:`template_spans`.
+        infill: (position, text) pairs; the text's first token sits at the position (an integer;
+            negative positions count from the end: -10 starts 10 tokens before the end).
+        template: see :func:`template_spans`; it must fit in ``length`` holes included, and no
+            other span may fall in one of its holes.
+
+    Text is placed token for token as the tokenizer encodes it, except that a tokenizer which
+    glues a space to the next word (:func:`spaces_join_next_word`) leaves the trailing spaces of a
+    text that generated tokens follow (prefix, infill, template pieces) to them. "" is no text;
+    text of spaces only that would so become nothing is an error.
+
     Raises:
-        ValueError: a span that does not fit in ``length`` or overlaps another, an infill without
-            text, or spans that leave nothing to generate.
+        ValueError: a span that does not fit in ``length`` or overlaps another or a template hole,
+            an infill without text or with a position that is not an integer, spaces only, or
+            spans that leave nothing to generate.
     """
+    for name, value in (("prefix", prefix), ("suffix", suffix)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    join = spaces_join_next_word(tokenizer)
     spans: list[Span] = []
+    holes: list[tuple[int, int, str]] = []
     if template is not None:
-        spans += template_spans(template, tokenizer)
+        layout = _template_layout(template, tokenizer, join)
+        if layout.end > length:
+            raise ValueError(
+                f"template {template!r} lays out {layout.end} tokens, holes included, which does not fit in a "
+                f"{length}-token sequence; raise the length or make the holes smaller"
+            )
+        spans += layout.spans
+        holes = layout.holes
     if prefix:
-        spans.append(Span("prefix", 0, _encode(tokenizer, prefix, followed_by_hole=True), prefix))
+        spans.append(Span("prefix", 0, _encode(tokenizer, prefix, followed_by_hole=True, join=join,
+                                               source="prefix"), prefix))
     for item in infill:
         try:
             pos, text = item
-            pos = int(pos)
         except (TypeError, ValueError):
             raise ValueError(f"infill items are (position, text) pairs, got {item!r}") from None
-        ids = _encode(tokenizer, text, followed_by_hole=True)
+        pos = _position(pos)
+        ids = _encode(tokenizer, text, followed_by_hole=True, join=join, source=f"infill at position {pos}")
         if not ids:
             raise ValueError(f"infill at position {pos} has no text to place")
         start = pos + length if pos < 0 else pos
@@ -149,7 +221,7 @@ def fixed_spans(
             raise ValueError(f"infill {pos}:{text!r}: position {pos} is before the start of a {length}-token sequence")
         spans.append(Span(f"infill {pos}:{text!r}", start, ids, text))
     if suffix:
-        ids = _encode(tokenizer, suffix, followed_by_hole=False)
+        ids = _encode(tokenizer, suffix, followed_by_hole=False, join=join, source="suffix")
         spans.append(Span("suffix", length - len(ids), ids, suffix))
 
     spans = [s for s in spans if s.ids]
@@ -159,6 +231,13 @@ def fixed_spans(
                 f"{s.source} is {len(s.ids)} tokens, which does not fit at position {max(s.start, 0)} "
                 f"of a {length}-token sequence; raise the length or shorten the text"
             )
+    for s in spans:
+        for start, size, written in holes:
+            if s.start < start + size and start < s.end:
+                raise ValueError(
+                    f"{s.source} (tokens {s.start}..{s.end - 1}) falls in the template's hole {written} "
+                    f"(tokens {start}..{start + size - 1}), which is to be generated"
+                )
     ordered = sorted(spans, key=lambda s: s.start)
     for a, b in zip(ordered, ordered[1:]):
         if b.start < a.end:
@@ -291,8 +370,12 @@ def _resolve(model, tokenizer, device):
     if isinstance(model, (str, os.PathLike)):
         model = load_pretrained(model, tokenizer=tokenizer, device="auto" if device is None else device)
         tokenizer = None
+    if isinstance(tokenizer, str):
+        from sedd.data import get_tokenizer
+
+        tokenizer = get_tokenizer(tokenizer)
     if isinstance(model, Pretrained):
-        tok = model.tokenizer if tokenizer is None else tokenizer
+        tok = model.tokenizer
         net, graph, noise = model.model, model.graph, model.noise
     elif isinstance(model, torch.nn.Module) and isinstance(getattr(model, "config", None), dict):
         from sedd.graph import graph_from_config
@@ -300,15 +383,18 @@ def _resolve(model, tokenizer, device):
 
         if tokenizer is None:
             raise ValueError("a bare model needs tokenizer=... (or pass load_pretrained(...) instead)")
-        tok, net = tokenizer, model
+        tok, net = None, model
         graph, noise = graph_from_config(model.config), noise_from_config(model.config)
     else:
         raise TypeError("model must be a Pretrained (sedd.load_pretrained), a checkpoint directory or Hub id, "
                         f"or a SEDD model, got {type(model).__name__}")
-    if isinstance(tok, str):
-        from sedd.data import get_tokenizer
+    if tokenizer is not None:
+        from sedd.pretrained import check_tokenizer_fits, check_tokenizer_matches
 
-        tok = get_tokenizer(tok)
+        check_tokenizer_fits(tokenizer, net.config)
+        if tok is not None:  # a loaded checkpoint's own tokenizer is what the override must match
+            check_tokenizer_matches(tokenizer, net.config, own=tok, own_source=model.tokenizer_source)
+        tok = tokenizer
     return net, graph, noise, tok
 
 
@@ -352,15 +438,17 @@ def generate_samples(
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
 
+    for name, value in (("length", length), ("window", window), ("steps", steps)):
+        # None is the default; 0 is not, and would silently have meant it
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     model_length = getattr(net, "length", None)
-    window = window or model_length or length
-    length = length or window
+    window = window if window is not None else model_length if model_length is not None else length
+    length = length if length is not None else window
     if length is None:
         raise ValueError("length is needed for a model without a training length")
-    for name, value in (("length", length), ("window", window)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     steps = min(length, window) if steps is None else steps
+    check_eps(noise, eps)
 
     def pick(name, i):
         rows_ = lists.get(name)
@@ -383,11 +471,16 @@ def generate_samples(
     fixed_tokens = fixed_mask = None
     if any(spans):
         fixed_tokens, fixed_mask = spans_to_mask(spans, length, device=device)
-    x = sample_blockwise(
-        net, graph, noise, batch_size=len(spans), length=length, window=window, stride=stride, steps=steps,
-        predictor=predictor, eps=eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
-        device=device, progress=progress, top_p=top_p, top_k=top_k,
-    )
+    was_training = net.training
+    net.eval()  # no dropout while sampling, whatever mode the caller left the model in
+    try:
+        x = sample_blockwise(
+            net, graph, noise, batch_size=len(spans), length=length, window=window, stride=stride, steps=steps,
+            predictor=predictor, eps=eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
+            device=device, progress=progress, top_p=top_p, top_k=top_k,
+        )
+    finally:
+        net.train(was_training)
     ids = x.cpu().tolist()
     return [Sample(tok.decode(row), row, list(fixed)) for row, fixed in zip(ids, spans)]
 

@@ -21,7 +21,11 @@ Tokenizer resolution, first match wins:
    ``vocab.json`` and ``merges.txt``.
 
 The tokenizer must fit the model: ``tokenizer.vocab_size <= config["tokens"]`` (every id it can
-produce must be a real token of the model), otherwise ``ValueError``.
+produce must be a real token of the model), otherwise ``ValueError``. A tokenizer given explicitly
+must moreover be the one the checkpoint records, where it records one: the same vocabulary as its
+``tokenizer.json``, and as many ids as the model has tokens when the config names a tokenizer spec
+(the trainer writes both); another vocabulary would decode every sample wrongly without a sign, so
+it is a ``ValueError`` (:func:`check_tokenizer_matches`).
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ import torch
 from sedd.data import Tokenizer, get_tokenizer
 from sedd.graph import Graph, graph_from_config
 from sedd.model import SEDD
-from sedd.model.checkpoint import read_config
+from sedd.model.checkpoint import normalise_config, read_config
 from sedd.noise import Noise, noise_from_config
 
-__all__ = ["Pretrained", "load_pretrained", "resolve_tokenizer", "check_tokenizer_fits", "resolve_device"]
+__all__ = [
+    "Pretrained", "load_pretrained", "resolve_tokenizer", "check_tokenizer_fits", "check_tokenizer_matches",
+    "resolve_device",
+]
 
 
 @dataclass
@@ -83,9 +90,16 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def _local_config(checkpoint: str) -> dict[str, Any] | None:
-    """config.json of a local checkpoint directory, or None (a Hub id, or no such file yet)."""
+    """config.json of a local checkpoint directory, checked (:func:`sedd.model.checkpoint.normalise_config`),
+    or None (a Hub id, or no such file yet). ValueError naming the file and the field."""
     folder = Path(os.path.expanduser(checkpoint))
-    return read_config(folder) if (folder / "config.json").is_file() else None
+    if not (folder / "config.json").is_file():
+        return None
+    config = read_config(folder)
+    try:
+        return normalise_config(config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{str(folder / 'config.json')!r}: {err}") from None
 
 
 def _config_tokens(config: dict[str, Any]) -> int | None:
@@ -146,6 +160,47 @@ def check_tokenizer_fits(tokenizer: Tokenizer, config: dict[str, Any], *, source
         )
 
 
+def _same_vocabulary(a, b) -> bool:
+    if a.name.rsplit("-", 1)[-1] == b.name.rsplit("-", 1)[-1]:  # names end with a hash of the definition
+        return True
+    vocab = [getattr(getattr(t, "_tok", None), "get_vocab", None) for t in (a, b)]
+    # Two files of one BPE (vocab.json + merges.txt, or a tokenizer.json) differ in their text but
+    # map every id to the same token.
+    return all(vocab) and vocab[0](with_added_tokens=True) == vocab[1](with_added_tokens=True)
+
+
+def check_tokenizer_matches(
+    tokenizer, config: dict[str, Any], *, own: Tokenizer | None = None, own_source: str = "", source: str = "",
+) -> None:
+    """ValueError unless ``tokenizer`` (given explicitly, from ``source``) is the tokenizer the
+    checkpoint records: the same vocabulary as ``own`` (its ``tokenizer.json``, found at
+    ``own_source``) when there is one, and as many ids as the model's tokens when the config names
+    a tokenizer spec (``config["tokenizer"]``). A checkpoint that records neither (the public
+    ones: GPT-2 by convention) only needs the tokenizer to fit (:func:`check_tokenizer_fits`)."""
+    src = f" (from {source})" if source else ""
+    if own is not None and not _same_vocabulary(tokenizer, own):
+        raise ValueError(
+            f"tokenizer {tokenizer.name}{src} is not this checkpoint's tokenizer {own.name} ({own_source}): "
+            "another vocabulary decodes every sample into the wrong text. Drop the tokenizer argument "
+            "(--tokenizer) to use the checkpoint's own"
+        )
+    recorded, tokens = config.get("tokenizer"), _config_tokens(config)
+    if recorded is not None and tokens is not None and tokenizer.vocab_size != tokens:
+        raise ValueError(
+            f"tokenizer {tokenizer.name}{src} has {tokenizer.vocab_size} ids, but the checkpoint was trained "
+            f"with tokenizer {recorded!r} and {tokens} tokens: another vocabulary decodes every sample into the "
+            "wrong text. Pass the tokenizer the checkpoint was trained with (--tokenizer)"
+        )
+
+
+def _check_tokenizer(tok: Tokenizer, source: str, config: dict[str, Any], checkpoint: str, *, explicit: bool) -> None:
+    check_tokenizer_fits(tok, config, source=source)
+    if explicit:
+        own_file = Path(os.path.expanduser(checkpoint)) / "tokenizer.json"
+        own = get_tokenizer(str(own_file)) if own_file.is_file() else None
+        check_tokenizer_matches(tok, config, own=own, own_source=str(own_file), source=source)
+
+
 def load_pretrained(
     checkpoint: str | os.PathLike,
     *,
@@ -171,14 +226,13 @@ def load_pretrained(
     device = resolve_device(device)
     # A local config lets a tokenizer problem surface before the (possibly large) weights load.
     config = _local_config(name)
-    tok = source = None
     if config is not None:
         tok, source = resolve_tokenizer(name, tokenizer, config=config)
-        check_tokenizer_fits(tok, config, source=source)
+        _check_tokenizer(tok, source, config, name, explicit=tokenizer is not None)
     model = SEDD.from_pretrained(name, map_location=device, **from_pretrained_kwargs)
-    if tok is None:
+    if config is None:
         tok, source = resolve_tokenizer(name, tokenizer, config=model.config)
-    check_tokenizer_fits(tok, model.config, source=source)
+        _check_tokenizer(tok, source, model.config, name, explicit=tokenizer is not None)
     return Pretrained(
         model=model,
         graph=graph_from_config(model.config),

@@ -321,6 +321,136 @@ def test_sample_missing_checkpoint_and_tokenizer(tmp_path, gpt2_ckpt, bpe_ckpt, 
 
 
 # ----------------------------------------------------------------------------------------------
+# train/sample.py: --input in bounded, streamed calls; every bad input one line before any work
+# ----------------------------------------------------------------------------------------------
+
+
+def test_input_is_sampled_in_bounded_calls_and_streamed(bpe_ckpt, tmp_path, capsys, monkeypatch):
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "out.jsonl"
+    requests.write_text("".join(json.dumps(f"prompt {i}") + "\n" for i in range(600)))
+    calls, lines_written = [], []
+
+    def fake(model, graph, noise, *, batch_size, length, generator, **kwargs):
+        calls.append(batch_size)
+        lines_written.append(len(out.read_text().splitlines()))  # what earlier calls already wrote
+        return torch.randint(0, 512, (batch_size, length), generator=generator)
+
+    monkeypatch.setattr(sample_cli, "sample_blockwise", fake)
+    assert sample_cli.main([str(bpe_ckpt), "--input", str(requests), "--batch-size", "2", "--length", "16",
+                            "--steps", "1", "--seed", "0", "--jsonl", str(out), "--progress"]) == 0
+    # was: one sampler call of 1200 rows, written when all were done
+    assert calls == [2] * 600
+    assert lines_written == list(range(0, 1200, 2))
+    assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [i // 2 + 1 for i in range(1200)]
+    assert re.search(r"requests: +100%.*600/600", capsys.readouterr().err)
+
+    # one prompt with many samples: at most --max-batch-rows rows per call
+    calls.clear()
+    assert sample_cli.main([str(bpe_ckpt), "--batch-size", "5", "--max-batch-rows", "2", "--length", "16",
+                            "--steps", "1", "--json", "-", "--no-progress"]) == 0
+    assert calls == [2, 2, 1] and len(json.loads(capsys.readouterr().out)["samples"]) == 5
+
+
+def _jsonl(capsys, *args) -> list[dict]:
+    assert sample_cli.main([*map(str, args), "--no-progress"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.split("\n") if line]  # not splitlines: U+2028
+
+
+def test_input_samples_do_not_depend_on_the_other_requests_or_the_grouping(bpe_ckpt, tmp_path, capsys):
+    requests, alone = tmp_path / "requests.jsonl", tmp_path / "alone.jsonl"
+    requests.write_text("\n".join(json.dumps(p) for p in ["ROMEO:", "JULIET:", {"suffix": " Farewell."}]) + "\n")
+    alone.write_text("\n" + json.dumps("JULIET:") + "\n")  # the same request on the same line, alone
+    common = [bpe_ckpt, "--batch-size", 2, "--length", 24, "--steps", 2, "--seed", 5]
+    a = _jsonl(capsys, *common, "--input", requests, "--max-batch-rows", 2)
+    b = _jsonl(capsys, *common, "--input", requests, "--max-batch-rows", 6)
+    c = _jsonl(capsys, *common, "--input", alone)
+    assert [s["tokens"] for s in a] == [s["tokens"] for s in b]
+    assert [s["tokens"] for s in c] == [s["tokens"] for s in a[2:4]]
+    assert a[0]["tokens"] != a[1]["tokens"] and a[0]["seed"] != a[2]["seed"]
+    # a request's seed reproduces it from the command line
+    single = _sample_json(capsys, *common[:-2], "--seed", a[2]["seed"], "--prefix", "JULIET:")
+    assert [s["tokens"] for s in single["samples"]] == [s["tokens"] for s in a[2:4]]
+
+
+def test_input_lines_end_at_newlines_only(bpe_ckpt, bpe, tmp_path, capsys):
+    prompt = "O\u2028Rome\u2029and\x85"  # raw in a JSON string: valid, and what our own JSONL writes
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps(prompt, ensure_ascii=False) + "\n", encoding="utf-8")
+    lines = _jsonl(capsys, bpe_ckpt, "--input", requests, "--length", 32, "--steps", 1, "--seed", 0)
+    assert len(lines) == 1 and lines[0]["fixed"][0]["text"] == prompt
+    assert lines[0]["tokens"][: len(bpe.encode(prompt))] == bpe.encode(prompt)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('"ok"\n{"prefix": 5}\n', "line 2: prefix must be a string, got 5"),
+    ('{"suffix": ["a"]}\n', 'line 1: suffix must be a string, got ["a"]'),
+    ('{"template": 3}\n', "line 1: template must be a string, got 3"),
+    ('{"infill": [[5.9, "abc"]]}\n', "line 1: infill expects [pos, text] pairs with an integer token position"),
+    ('{"infill": [[true, "abc"]]}\n', "line 1: infill expects [pos, text] pairs"),
+    (b'"ok"\n"caf\xe9"\n', "line 2: not UTF-8 text (byte 0xe9)"),
+])
+def test_input_of_the_wrong_type_is_one_line_naming_the_line(bpe_ckpt, tmp_path, capsys, content, message):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert sample_cli.main([str(bpe_ckpt), "--input", str(requests), "--length", "32", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sample.py: error: --input {requests} ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--window", 1, "--length", 10], "--window 1 cannot generate --length 10 window by window"),
+    (["--seed", 10**23], "--seed must be in [0, 2**64)"),
+    (["--seed", -1], "--seed must be in [0, 2**64)"),
+    (["--threads", 100000], "--threads must be at most the"),
+    (["--eps", 1e-300], "--eps 1e-300 is too small"),
+    (["--max-batch-rows", 0], "--max-batch-rows must be >= 1"),
+    (["--sampler", "foo"], "sample.py: error: argument --sampler/--predictor: invalid choice: 'foo'"),
+    (["--length", "x"], "argument --length: invalid int value: 'x' (--help lists the options)"),
+])
+def test_sample_edge_values_are_refused(bpe_ckpt, capsys, args, message):
+    assert sample_cli.main([str(bpe_ckpt), *map(str, args), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sample.py: error:") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_sample_outputs_are_checked_before_any_work(bpe_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample_cli, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('"ROMEO:"\n')
+    before = {p.name: p.read_bytes() for p in bpe_ckpt.iterdir()}
+    for args, message in [
+        (["--out", tmp_path / "missing" / "dir" / "f.txt"], "the directory"),
+        (["--json", tmp_path / "missing" / "f.json"], "does not exist"),
+        (["--jsonl", tmp_path], "that is a directory"),
+        (["--json", tmp_path], "that is a directory"),
+        (["--input", requests, "--jsonl", requests], "is the --input file"),
+        (["--out", bpe_ckpt / "config.json"], "is a file of the checkpoint"),
+        (["--json", bpe_ckpt / "tokenizer.json"], "is a file of the checkpoint"),
+        (["--json", tmp_path / "a.json", "--out", tmp_path / "a.json"], "--json writes the same file"),
+        (["--json", "-", "--jsonl", "-"], "writes to stdout too"),
+    ]:
+        assert sample_cli.main([str(bpe_ckpt), *map(str, args), "--no-progress"]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("sample.py: error:") and message in err and len(err.strip().splitlines()) == 1, err
+    assert requests.read_text() == '"ROMEO:"\n'
+    assert {p.name: p.read_bytes() for p in bpe_ckpt.iterdir()} == before
+
+
+def test_sample_and_quality_define_the_sampler_options_once():
+    from train import quality
+
+    def options(parser):
+        shared = ("predictor", "top_p", "top_k", "eps", "length", "window", "stride")
+        return {a.dest: (tuple(a.option_strings), a.default, a.type, a.choices, a.help)
+                for a in parser._actions if a.dest in shared}
+
+    ours = options(sample_cli.build_parser())
+    assert len(ours) == 7 and ours == options(quality.build_parser())
+    assert "--sampler" in ours["predictor"][0] and "--predictor" in ours["predictor"][0]
+
+
+# ----------------------------------------------------------------------------------------------
 # train/eval.py
 # ----------------------------------------------------------------------------------------------
 
@@ -458,3 +588,58 @@ def test_eval_dataset_name_offline(bpe_ckpt, cache_dir):
     assert proc.returncode == 2
     assert "eval.py: error:" in proc.stderr and "wikitext-103" in proc.stderr and "--data PATH" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_eval_auto_detokenizer_reads_only_the_datasets_own_name(bpe_ckpt, tmp_path, capsys):
+    from sedd.data import auto_detokenizer
+
+    text = PTB.read_text()
+    for name in ("penny/notes.txt", "wikitext-notes/a.txt", "ptb.test.txt", "notes/ptb/test.txt",
+                 "wikitext-103/wiki.test.raw", "data/wikitext-2-raw/valid.txt", "data/test.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    expected = {"penny/notes.txt": None, "wikitext-notes/a.txt": None, "ptb.test.txt": "ptb",
+                "notes/ptb/test.txt": "ptb", "wikitext-103/wiki.test.raw": "wikitext",
+                "data/wikitext-2-raw/valid.txt": "wikitext", "data/test.txt": None, "wikitext-notes": None,
+                "notes/ptb": "ptb"}
+    # the folders above the data never count, however they are named
+    assert {name: auto_detokenizer(tmp_path / name)[0] for name in expected} == expected
+    assert auto_detokenizer("wikitext-103") == ("wikitext", "the dataset wikitext-103's own")
+
+    assert eval_cli.main([str(bpe_ckpt), "--data", str(tmp_path / "penny" / "notes.txt"), "--max-blocks", "1",
+                          "-K", "2", "--block-size", "16", "--json", "-", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    rep = json.loads(captured.out)
+    assert rep["detokenizer"] is None  # was "ptb": "penny" starts like "penn"
+    assert rep["detokenizer_reason"] == "auto: the file name 'notes.txt' names no dataset with a detokenizer"
+    assert "eval.py: detokenizer none (auto: the file name 'notes.txt' names no dataset" in captured.err
+
+
+def test_eval_sedd_protocol_reads_a_directory_as_its_split_file(bpe_ckpt, capsys):
+    reports = []
+    for data in (PTB.parent, PTB):
+        assert eval_cli.main([str(bpe_ckpt), "--data", str(data), "--protocol", "sedd", "--max-blocks", "2",
+                              "-K", "2", "--block-size", "32", "--json", "-", "--no-progress"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    folder, file = reports
+    assert folder["split"] == "test" and folder["detokenizer"] == file["detokenizer"] == "ptb"
+    assert folder["tokens"] == file["tokens"] == 64 and folder["nats_per_token"] == file["nats_per_token"]
+
+
+def test_eval_outputs_and_values_are_checked_before_any_work(bpe_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(eval_cli, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
+    data = tmp_path / "data.txt"
+    data.write_text(PTB.read_text())
+    for args, message in [
+        (["--data", data, "--json", tmp_path / "missing" / "r.json"], "does not exist"),
+        (["--data", data, "--json", tmp_path], "that is a directory"),
+        (["--data", data, "--json", data], "is a file of --data"),
+        (["--data", PTB.parent, "--json", PTB], "is a file of --data"),
+        (["--data", data, "--json", bpe_ckpt / "model.safetensors"], "is a file of the checkpoint"),
+        (["--data", data, "--seed", 10**23], "--seed must be in [0, 2**64)"),
+        (["--data", data, "--threads", 100000], "--threads must be at most the"),
+    ]:
+        assert eval_cli.main([str(bpe_ckpt), *map(str, args), "-K", "2", "--no-progress"]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("eval.py: error:") and message in err and len(err.strip().splitlines()) == 1, err
+    assert data.read_text() == PTB.read_text()

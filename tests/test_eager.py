@@ -1,5 +1,5 @@
 """The fast eager path (sedd/ops/eager.py): reverse steps in log space with the two-level race, and
-the chunked score entropy; against sedd.reference and, where the contract is shared, Triton."""
+the chunked score entropy; against sedd.ops.reference and, where the contract is shared, Triton."""
 
 import pytest
 import torch

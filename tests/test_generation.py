@@ -78,7 +78,8 @@ def test_suffixes_templates_and_infills_per_row():
     )
     a, b, c = (s.text for s in samples)
     assert a.startswith("Hi") and a.endswith(" end.")
-    assert b.startswith("The") and b[6:10] == " sat" and b[12] == "."  # "The" + 3 holes, " sat" + 2 holes, "."
+    # one id per character: spaces are tokens of their own, so the pieces are placed verbatim
+    assert b.startswith("The ") and b[7:12] == " sat " and b[14] == "."  # "The " + 3 holes, " sat " + 2 holes, "."
     assert c[4:7] == "mid" and c[13:15] == "zz"
     assert [s.source for s in samples[0].fixed] == ["prefix", "suffix"]
     assert all(s.tokens == TOK.encode(s.text) for s in samples)
@@ -185,3 +186,89 @@ def test_byte_tokenizer_round_trips_any_text():
     from sedd.data.tokenizers import byte_symbols
 
     assert set(byte_symbols()) == set(pre_tokenizers.ByteLevel.alphabet())
+
+
+# ----------------------------------------------------------------------------------------------
+# Clear answers for every input
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """A byte-level BPE, which glues a space to the word after it."""
+    import sysconfig
+    from pathlib import Path
+
+    from sedd.data import get_corpus, train_bpe
+
+    text = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
+    return train_bpe(get_corpus(text, "all"), 300, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def test_trailing_spaces_are_dropped_only_where_the_tokenizer_glues_them_to_the_next_word(bpe):
+    from sedd.generation import spaces_join_next_word
+
+    tok = get_tokenizer("bytes")
+    assert spaces_join_next_word(bpe) and not spaces_join_next_word(tok) and not spaces_join_next_word(TOK)
+    # one id per byte: a space is a token of its own, and the prompt is kept as given
+    assert fixed_spans(tok, 16, prefix="The  ")[0].ids == tok.encode("The  ")
+    assert fixed_spans(TOK, 16, infill=[(3, "ab ")])[0].ids == TOK.encode("ab ")
+    assert fixed_spans(bpe, 16, prefix="The  ")[0].ids == bpe.encode("The")
+    # spaces only: verbatim where spaces are tokens; where they would vanish, an error, not nothing
+    assert fixed_spans(tok, 16, prefix="   ")[0].ids == tok.encode("   ")
+    with pytest.raises(ValueError, match="prefix '   ' is only spaces"):
+        fixed_spans(bpe, 16, prefix="   ")
+    with pytest.raises(ValueError, match="only spaces"):
+        fixed_spans(bpe, 16, infill=[(2, "  ")])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"length": 0}, "length must be a positive integer, got 0"),
+    ({"window": 0}, "window must be a positive integer, got 0"),
+    ({"steps": 2.5}, "steps must be a positive integer, got 2.5"),
+    ({"infills": [[(5.7, "ab")]]}, "infill position must be an integer token position, got 5.7"),
+    ({"infills": [[(True, "ab")]]}, "infill position must be an integer token position, got True"),
+    ({"infills": [[(3, None)]]}, "the text must be a string, got None"),
+    ({"templates": "ab [MASK: 3]"}, r"'\[MASK: 3\]' is not a hole"),
+    ({"templates": "ab [mask:3]"}, r"'\[mask:3\]' is not a hole"),
+    ({"templates": "ab [MASK:3 ]"}, r"'\[MASK:3 \]' is not a hole"),
+    ({"templates": "ab [MASK:3"}, r"'\[MASK:3' is not a hole"),
+    ({"templates": "abc [MASK:100]"}, "lays out 104 tokens, holes included, which does not fit in a 16-token"),
+    ({"templates": "ab[MASK:5]cd", "infills": [[(4, "z")]]},
+     r"infill 4:'z' \(tokens 4..4\) falls in the template's hole"),
+])
+def test_bad_sizes_positions_and_templates_are_value_errors(kwargs, message):
+    model = _model()
+    with pytest.raises(ValueError, match=message):
+        generate_samples(model, tokenizer=TOK, **{"length": 16, "steps": 2, **kwargs})
+
+
+def test_integer_positions_of_any_integer_type_and_templates_that_fit():
+    import numpy as np
+
+    out = generate_samples(_model(), tokenizer=TOK, infills=[[(np.int64(3), "ab")]], length=16, steps=2, seed=0)
+    assert out[0].text[3:5] == "ab"
+    out = generate_samples(_model(), tokenizer=TOK, templates="abc [MASK:12]", length=16, steps=2, seed=0)
+    assert out[0].text.startswith("abc ") and len(out[0].tokens) == 16
+
+
+def test_generate_samples_in_eval_mode_and_gives_the_mode_back():
+    model = _model()
+    for block in model.blocks:
+        block.dropout = 0.9  # that dropout is on would show in every sample
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    expected = generate(model, "ab", tokenizer=TOK, length=16, steps=2, seed=0)
+    model.train()
+    assert generate(model, "ab", tokenizer=TOK, length=16, steps=2, seed=0) == expected
+    assert seen and not any(seen)
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_generate_refuses_an_eps_whose_noise_rounds_to_zero():
+    model = _model()
+    graph, noise = Absorbing(TOK.vocab_size), LogLinear()
+    with pytest.raises(ValueError, match="eps 1e-300 is too small"):
+        generate(model, "ab", tokenizer=TOK, length=8, steps=2, eps=1e-300)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        sample(model, graph, noise, batch_size=1, length=8, steps=2.5)

@@ -230,3 +230,43 @@ def test_bad_input_is_one_line(ckpt, judge_dir, capsys):
         assert quality.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("quality.py: error:") and "\n" not in err
+
+
+def test_longer_than_the_model_is_sampled_window_by_window_with_truncation(ckpt, judge_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    import sedd.generation
+
+    seen = []
+    real = sedd.generation.sample
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["length"], kwargs.get("top_p"), kwargs.get("top_k")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sedd.generation, "sample", spy)
+    path = tmp_path / "q.json"
+    # the model's length is 32: 48 tokens are two windows, ending at 32 and 48 (stride 16)
+    assert quality.main([str(ckpt), "--judge", str(judge_dir), "--steps", "2", "--num-samples", "2", "--length", "48",
+                         "--top-p", "0.9", "--top-k", "5", "--json", str(path), "--no-progress"]) == 0
+    assert "longer than the 32-token window" in capsys.readouterr().err
+    assert seen == [(32, 0.9, 5), (32, 0.9, 5)]  # was: one call of 48 positions, no truncation
+    report = json.loads(path.read_text())
+    assert report["records"][0]["length"] == 48 and report["window"] == 32 and report["stride"] == 16
+    assert report["top_p"] == 0.9 and report["top_k"] == 5
+
+
+def test_outputs_and_values_are_checked_before_any_work(ckpt, judge_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(quality, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
+    for extra, message in [
+        (["--plot", str(tmp_path / "missing" / "q.png")], "does not exist"),
+        (["--json", str(tmp_path)], "that is a directory"),
+        (["--json", str(ckpt / "config.json")], "is a file of the checkpoint"),
+        (["--plot", str(judge_dir / "config.json")], "is a file of --judge"),
+        (["--json", str(tmp_path / "q"), "--plot", str(tmp_path / "q")], "--json writes the same file"),
+        (["--seed", str(10**23)], "--seed must be in [0, 2**64)"),
+        (["--threads", "100000"], "--threads must be at most the"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    ]:
+        assert quality.main([str(ckpt), "--judge", str(judge_dir), "--num-samples", "2", *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("quality.py: error:") and message in err and "\n" not in err, err

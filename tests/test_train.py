@@ -207,10 +207,76 @@ def test_torchrun_two_processes(env, tmp_path):
     training = json.loads((out / "config.json").read_text())["training"]
     assert training["world_size"] == 1 and training["grad_accum"] == 2
 
+    # ... then with a micro-batch of the whole global batch (--batch-size may change on resume) ...
+    resumed = train(env, *args, "--max-steps", 9, "--resume", "--batch-size", 8)
+    assert resumed.returncode == 0, resumed.stderr
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["world_size"] == 1 and training["batch_size"] == 8 and training["grad_accum"] == 1
+
+    # ... and upward again, on 2 processes: the micro-batch of 8 is derived down to 4 (was refused:
+    # "pass --global-batch as a multiple of 16", and --global-batch is frozen)
+    resumed = train(env, *args, "--max-steps", 10, "--resume",
+                    launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"))
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    assert f"resumed from {out} at step 9" in resumed.stdout
+    assert [m["step"] for m in read_metrics(out)] == list(range(11))
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["world_size"] == 2 and training["batch_size"] == 4 and training["grad_accum"] == 1
+
     # Validation draws are seeded by block: one process sees the same number at step 0.
     single = train(env, *args[:-1], tmp_path / "single", "--max-steps", 1, "--num-samples", 0)
     assert single.returncode == 0, single.stderr
     assert read_metrics(tmp_path / "single")[0]["val_loss"] == pytest.approx(ddp_val0, rel=1e-5)
+
+
+def test_resume_derives_the_micro_batch_for_any_number_of_processes():
+    from train.config import UsageError, resolve_config
+
+    one = resolve_config({"batch_size": 8, "global_batch": 8}, None, None, 1)  # a 1-process run
+    assert (one["batch_size"], one["grad_accum"]) == (8, 1)
+    for world, flags, batch, accum in [(2, {}, 4, 1), (8, {}, 1, 1), (2, {"batch_size": 2}, 2, 2),
+                                       (1, {"batch_size": 2}, 2, 4), (4, {"global_batch": 8}, 2, 1)]:
+        cfg = resolve_config(flags, None, one, world)
+        assert (cfg["batch_size"], cfg["grad_accum"], cfg["global_batch"]) == (batch, accum, 8), (world, flags)
+    # the checkpoint's micro-batch is the largest it may become: 4 processes of a 2-process run
+    # (micro-batch 2, global 16) accumulate 2 micro-batches of 2, not 1 of 4
+    two = resolve_config({"batch_size": 2, "global_batch": 16}, None, None, 2)
+    assert (two["batch_size"], two["grad_accum"]) == (2, 4)
+    assert (resolve_config({}, None, two, 4)["batch_size"], resolve_config({}, None, two, 4)["grad_accum"]) == (2, 2)
+
+    # what cannot run says what can, and that works
+    with pytest.raises(UsageError, match=r"does not divide over 3 processes; resume on a number of processes "
+                                         r"that divides it \(1, 2, 4, 8\)"):
+        resolve_config({}, None, one, 3)
+    with pytest.raises(UsageError, match=r"--batch-size 3 does not divide .* pass a --batch-size that divides 4 "
+                                         r"\(1, 2, 4\), or none"):
+        resolve_config({"batch_size": 3}, None, one, 2)
+    with pytest.raises(UsageError, match="cannot change global_batch"):
+        resolve_config({"global_batch": 16}, None, one, 2)
+    with pytest.raises(UsageError, match="--global-batch 8 does not divide over 3 processes: pass a --global-batch "
+                                         "that is a multiple of 3"):
+        resolve_config({"global_batch": 8}, None, None, 3)
+
+
+def test_an_error_is_printed_by_rank_0_only(env, trained, tmp_path):
+    """Every rank meets the same bad input; under torchrun (simulated here by its variables) only
+    rank 0 says so, before the processes connect."""
+    out = tmp_path / "out"
+    shutil.copytree(trained[0], out)
+    results = {}
+    for rank in (0, 1, 2):
+        ranked = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="3", LOCAL_WORLD_SIZE="3")
+        results[rank] = (train(ranked, *TINY, "--max-steps", 20, "--out", out, "--resume", timeout=60),
+                         train(ranked, *TINY, "--preset", "huge", "--out", out, timeout=60))
+    for rank, (resumed, bad_flag) in results.items():
+        assert resumed.returncode == bad_flag.returncode == 2, resumed.stderr
+        if rank == 0:
+            assert resumed.stderr.strip().splitlines() == [
+                "error: --resume: the checkpoint's global batch of 4 blocks does not divide over 3 processes; "
+                "resume on a number of processes that divides it (1, 2, 4)"]
+            assert "invalid choice: 'huge'" in bad_flag.stderr
+        else:
+            assert resumed.stderr == bad_flag.stderr == "" and resumed.stdout == bad_flag.stdout == ""
 
 
 def test_help_lists_the_flags():
@@ -233,11 +299,14 @@ def test_help_lists_the_flags():
     (["--sample-length", "0", "--batch-size", "-2"], "must be positive"),
     (["--num-samples", "-1"], "--num-samples must be >= 0"),
     (["--batch-size", "3", "--global-batch", "8"], "pass --global-batch as a multiple of 3"),
+    (["--threads", "100000"], "--threads must be at most the"),  # was a SIGSEGV
+    (["--seed", "-1"], "--seed must be in [0, 2**64), got -1"),
 ])
 def test_bad_arguments(env, tmp_path, args, message):
     result = train(env, *args, "--out", tmp_path / "out", timeout=60)
     assert result.returncode == 2
     assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # argparse's usage block too
     assert not (tmp_path / "out").exists()
 
 

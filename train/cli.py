@@ -1,4 +1,6 @@
-"""What the command-line entry points share: how bad input and failures end a run.
+"""What the command-line entry points share: how bad input and failures end a run, the checks of
+values and output paths that run before any work, and the sampler options of train/sample.py and
+train/quality.py (defined and checked here once).
 
 Exit status 0 on success, 2 on bad input (a one-line message), 1 on other failures.
 """
@@ -6,14 +8,32 @@ Exit status 0 on success, 2 on bad input (a one-line message), 1 on other failur
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-__all__ = ["InputError", "check_positive", "die", "load_checkpoint", "main_with_exit_codes"]
+__all__ = [
+    "ArgumentParser", "InputError", "SamplingPlan", "add_sampler_options", "check_outputs", "check_positive", "check_sampler_options",
+    "check_seed", "check_threads", "checkpoint_inputs", "die", "files_of", "load_checkpoint", "main_with_exit_codes",
+    "parse_steps", "plan_sampling",
+]
+
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below it; larger ones overflow
 
 
 class InputError(Exception):
     """Bad command-line input: reported as one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line (``prog: error: ...``, exit status 2)
+    like every other bad input, instead of the usage block followed by the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def die(message: str, code: int = 1, *, prog: str | None = None) -> NoReturn:
@@ -29,8 +49,12 @@ def main_with_exit_codes(
     argv: Sequence[str] | None = None,
 ) -> int:
     """Parse ``argv`` and call ``run(args)``; an :class:`InputError` becomes its one-line message
-    (``prog: error: ...``) and exit status 2. Returns the exit status."""
-    args = parser.parse_args(argv)
+    (``prog: error: ...``) and exit status 2, as argparse's own errors with :class:`ArgumentParser`.
+    Returns the exit status (--help's too)."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return run(args)
     except InputError as err:
@@ -38,12 +62,219 @@ def main_with_exit_codes(
         return 2
 
 
+# ----------------------------------------------------------------------------------------------
+# Values
+# ----------------------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
 def check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:
     """Raise :class:`InputError` for any of the options ``names`` (dest names) given below 1."""
     for name in names:
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise InputError(f"{_flag(name)} must be >= 1, got {value}")
+
+
+def check_seed(value: int | None, flag: str = "--seed") -> None:
+    """Seeds are non-negative and below 2**64, what a torch generator takes (a larger one would
+    fail after the checkpoint loads, a negative one would alias a large one)."""
+    if value is not None and not 0 <= value < SEED_LIMIT:
+        raise InputError(f"{flag} must be in [0, 2**64), got {value}")
+
+
+def check_threads(value: int | None, *, zero: str | None = None) -> None:
+    """``--threads`` between 1 (0 too where ``zero`` says what it means) and the number of CPUs:
+    PyTorch crashes (SIGSEGV) when asked for tens of thousands of threads."""
+    if value is None or (value == 0 and zero is not None):
+        return
+    if value < 1:
+        raise InputError(f"--threads must be >= {0 if zero is not None else 1}, got {value}")
+    cpus = os.cpu_count() or 1
+    if value > cpus:
+        raise InputError(f"--threads must be at most the {cpus} CPUs of this machine, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Output paths: checked before the work, so that a typo does not cost the run
+# ----------------------------------------------------------------------------------------------
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def checkpoint_inputs(checkpoint: str, tokenizer: str | None = None) -> list[tuple[str, Path]]:
+    """(description, path) of every local file a checkpoint (and an explicit tokenizer) is read
+    from: no output may replace one of them."""
+    names = ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.json", "merges.txt")
+    found = []
+    for what, spec in (("a file of the checkpoint", checkpoint), ("a file of the tokenizer", tokenizer)):
+        if spec is None:
+            continue
+        path = Path(spec).expanduser()
+        if path.is_file():
+            found.append((f"{what} {spec}", path))
+        elif path.is_dir():
+            found += [(f"{what} {spec}", path / name) for name in names if (path / name).is_file()]
+    return found
+
+
+def files_of(description: str, spec: str | None) -> list[tuple[str, Path]]:
+    """(description, path) of the local input ``spec``: the file, or the files directly in the
+    directory (a data directory's splits, a judge's weights)."""
+    path = Path(spec).expanduser() if spec is not None else None
+    if path is None or not path.exists():
+        return []
+    return [(description, f) for f in ([path] if path.is_file() else sorted(path.iterdir())) if f.is_file()]
+
+
+def check_outputs(outputs: Sequence[tuple[str, str | None]],
+                  inputs: Sequence[tuple[str, str | os.PathLike]] = ()) -> None:
+    """:class:`InputError` for an output (``(flag, path)``; None: not asked for, "-": stdout) that
+    cannot be written (no such directory, a directory, no permission), that is one of the
+    ``inputs`` (``(description, path)``), or that another output writes too."""
+    seen: list[tuple[str, Path | str]] = []
+    for flag, spec in outputs:
+        if spec is None:
+            continue
+        where = f"{flag} {spec}"
+        for other_flag, other in seen:
+            if spec == "-" and other == "-":
+                raise InputError(f"{where}: {other_flag} writes to stdout too; send one of them to a file")
+            if spec != "-" and other != "-" and _same_file(Path(spec).expanduser(), other):
+                raise InputError(f"{where}: {other_flag} writes the same file; choose two files")
+        if spec == "-":
+            seen.append((flag, "-"))
+            continue
+        path = Path(spec).expanduser()
+        parent = path.parent
+        if path.is_dir():
+            raise InputError(f"{where}: that is a directory; give the name of a file to write")
+        if not parent.is_dir():
+            reason = "is not a directory" if parent.exists() else "does not exist"
+            raise InputError(f"{where}: the directory {str(parent)!r} {reason}")
+        if not os.access(path if path.exists() else parent, os.W_OK):
+            raise InputError(f"{where}: permission denied")
+        for what, source in inputs:
+            if _same_file(path, Path(source).expanduser()):
+                raise InputError(f"{where} is {what}: writing it would destroy the input; choose another file")
+        seen.append((flag, path))
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler options of train/sample.py and train/quality.py
+# ----------------------------------------------------------------------------------------------
+
+
+def add_sampler_options(group, *, steps_list: bool = False) -> None:
+    """Add the options that choose how samples are drawn: --steps (one count, or with
+    ``steps_list`` a comma-separated list), --sampler/--predictor, --top-p, --top-k, --eps,
+    --length, --window and --stride. :func:`check_sampler_options` checks them."""
+    from sedd.sampling import PREDICTORS
+
+    if steps_list:
+        group.add_argument("--steps", default="16,32,64", metavar="LIST",
+                           help="comma-separated step counts (default: 16,32,64)")
+    else:
+        group.add_argument(
+            "--steps", type=int,
+            help="reverse-process steps, one model call each (default: --length, as in the paper; "
+            "fewer is faster, e.g. 128, at some cost in quality, more so for euler)",
+        )
+    group.add_argument("--sampler", "--predictor", dest="predictor", choices=PREDICTORS, default="analytic",
+                       help="predictor of every step (default: analytic)")
+    group.add_argument("--top-p", type=float, metavar="P",
+                       help="nucleus sampling: each step jumps only to the smallest set of candidate tokens holding "
+                            "at least P of the jump probability (0 < P <= 1; default: off)")
+    group.add_argument("--top-k", type=int, metavar="K",
+                       help="each step jumps only to the K most likely candidate tokens (default: off)")
+    group.add_argument("--eps", type=float, default=1e-5, help="final time of the grid, in (0, 1) (default: 1e-5)")
+    group.add_argument("--length", type=int, help="tokens per sample (default: the model's training length); "
+                       "longer than the model's length is generated window by window (--window, --stride)")
+    group.add_argument("--window", type=int, help="semi-autoregressive window: tokens the model sees at once "
+                       "(default: the model's training length)")
+    group.add_argument("--stride", type=int, help="new tokens per window after the first, the rest of the window "
+                       "holding the tokens before them (default: half the window)")
+
+
+def parse_steps(text: str) -> list[int]:
+    """The step counts of a comma-separated ``--steps`` list, sorted, without repeats."""
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"--steps expects comma-separated integers such as 16,32,64, got {text!r}") from None
+    if not steps or min(steps) < 1:
+        raise InputError(f"--steps needs step counts >= 1, got {text!r}")
+    return sorted(set(steps))
+
+
+def check_sampler_options(args: argparse.Namespace) -> None:
+    """:class:`InputError` for a value of :func:`add_sampler_options` out of its range, before
+    anything loads (those that depend on the model: :func:`plan_sampling`)."""
+    if isinstance(args.steps, str):
+        parse_steps(args.steps)
+    check_positive(args, [name for name in ("steps", "top_k", "length", "window", "stride")
+                          if not isinstance(getattr(args, name), str)])
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not (math.isfinite(args.eps) and 0 < args.eps < 1):
+        raise InputError(f"--eps must be in (0, 1), got {args.eps}")
+
+
+@dataclass
+class SamplingPlan:
+    """Tokens per sample, the window the model sees at once, and the new tokens per later window
+    (None when one window holds the whole sample)."""
+
+    length: int
+    window: int
+    stride: int | None
+
+    @property
+    def windows(self) -> int:
+        if self.stride is None:
+            return 1
+        return 1 + -(-(self.length - self.window) // self.stride)
+
+
+def plan_sampling(args: argparse.Namespace, model, noise, prog: str) -> SamplingPlan:
+    """The windows of --length / --window / --stride for ``model`` (its training length is the
+    default of both), with a note on stderr when they are semi-autoregressive, and --eps checked
+    against the schedule ``noise``. :class:`InputError` for what cannot run."""
+    from sedd.sampling import check_eps
+
+    try:
+        check_eps(noise, args.eps)
+    except ValueError as err:
+        raise InputError(f"--{err}") from None
+    length = args.length if args.length is not None else model.length
+    window = args.window if args.window is not None else model.length
+    if window > model.length:
+        print(f"{prog}: warning: --window {window} is longer than the model's training length "
+              f"{model.length}; quality drops past it", file=sys.stderr)
+    if length <= window:
+        return SamplingPlan(length, window, None)
+    if window < 2:
+        raise InputError(f"--window {window} cannot generate --length {length} window by window: every later window "
+                         "holds context and at least one new token, so it needs at least 2 positions")
+    if args.stride is not None and args.stride >= window:
+        raise InputError(f"--stride must be smaller than the window ({window}), got {args.stride}")
+    plan = SamplingPlan(length, window, args.stride or window // 2)
+    print(f"{prog}: {length} tokens is longer than the {window}-token window: generating semi-autoregressively "
+          f"in {plan.windows} windows, each holding the {window - plan.stride} tokens before its {plan.stride} new "
+          "ones fixed (--window, --stride)", file=sys.stderr)
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
 
 
 def load_checkpoint(args: argparse.Namespace):

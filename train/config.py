@@ -16,6 +16,7 @@ from sedd.graph import GRAPHS
 from sedd.model import PRESETS as MODEL_PRESETS
 from sedd.model import SEDD
 from sedd.noise import NOISES
+from train.cli import SEED_LIMIT, ArgumentParser
 
 PAPER = dict(  # the GPT-2-scale runs of the paper and the public code (configs/config.yaml)
     data="openwebtext", tokenizer="gpt2", doc_mask=False,
@@ -82,9 +83,11 @@ GROUPS = {
 }
 CHOICES = {"graph": list(GRAPHS), "noise": ["auto", *NOISES]}
 # What a run trains: --resume refuses to change these (the checkpoint would no longer fit, or
-# the data order and noise would silently differ from the run being continued).
+# the data order and noise would silently differ from the run being continued). The micro-batch
+# (batch_size) is not among them: it only says how each process makes up its share of the global
+# batch, and is derived again for another number of processes.
 FROZEN = ["data", "tokenizer", "doc_mask", "graph", "noise", "noise_eps", "sigma_min", "sigma_max", "hidden_size",
-          "cond_dim", "n_blocks", "n_heads", "length", "batch_size", "global_batch", "seed"]
+          "cond_dim", "n_blocks", "n_heads", "length", "global_batch", "seed"]
 MODEL_KEYS = ["hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "dropout"]
 NOT_TRAINING = ["data", "tokenizer", "graph", "noise", "noise_eps", "sigma_min", "sigma_max", *MODEL_KEYS]  # own keys in config.json
 
@@ -98,7 +101,7 @@ def parse_args(argv=None, *, epilog: str = ""):
             return f" (default: {values['cpu']})"
         return " (" + ", ".join(f"{name}: {v}" for name, v in values.items()) + ")"
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train a SEDD model. Fields default to the chosen --preset; any flag overrides it.",
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,
@@ -152,6 +155,10 @@ def parse_args(argv=None, *, epilog: str = ""):
         parser.error(f"--dropout must be in [0, 1), got {overrides['dropout']}")
     if args.threads < 0:
         parser.error(f"--threads must be >= 0 (0: cores / processes), got {args.threads}")
+    if args.threads > (os.cpu_count() or 1):  # PyTorch crashes (SIGSEGV) on tens of thousands
+        parser.error(f"--threads must be at most the {os.cpu_count()} CPUs of this machine, got {args.threads}")
+    if "seed" in overrides and not 0 <= overrides["seed"] < SEED_LIMIT:
+        parser.error(f"--seed must be in [0, 2**64), got {overrides['seed']}")
     return args, overrides
 
 
@@ -190,21 +197,37 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
         cfg = dict(PRESETS[preset or "cpu"], **overrides, preset=preset or "cpu")
     if cfg["noise"] == "auto":
         cfg["noise"] = GRAPHS[cfg["graph"]].default_noise
-    if cfg["global_batch"] % (cfg["batch_size"] * world):
-        derivable = saved is None and "batch_size" not in overrides and cfg["global_batch"] % world == 0
-        if not derivable:
-            given = "the checkpoint's" if saved is not None and "batch_size" not in overrides else "--batch-size"
+    global_batch, batch_size = cfg["global_batch"], cfg["batch_size"]
+    if global_batch % (batch_size * world):
+        if global_batch % world:
+            if saved is not None:  # the global batch is frozen: only the number of processes can change
+                raise UsageError(
+                    f"--resume: the checkpoint's global batch of {global_batch} blocks does not divide over "
+                    f"{world} processes; resume on a number of processes that divides it "
+                    f"({', '.join(map(str, _divisors(global_batch)))})")
+            raise UsageError(f"--global-batch {global_batch} does not divide over {world} processes: pass a "
+                             f"--global-batch that is a multiple of {world}")
+        per_process = global_batch // world
+        if "batch_size" in overrides and saved is not None:
             raise UsageError(
-                f"--global-batch {cfg['global_batch']} is not a multiple of batch_size x world_size = "
-                f"{cfg['batch_size']} x {world} ({given} batch size, {world} process(es)): pass "
-                f"--global-batch as a multiple of {cfg['batch_size'] * world}"
-                + ("" if saved is not None else f", or a --batch-size that divides {cfg['global_batch']} / {world}"))
-        # The preset's micro-batch does not divide over these processes: the largest that does
-        # and is no larger (the optimizer step keeps its global batch).
-        per_process = cfg["global_batch"] // world
-        cfg["batch_size"] = max(b for b in range(1, cfg["batch_size"] + 1) if per_process % b == 0)
-    cfg["grad_accum"] = cfg["global_batch"] // (cfg["batch_size"] * world)
+                f"--batch-size {batch_size} does not divide the {per_process} blocks each of {world} process(es) "
+                f"takes per step of the checkpoint's global batch of {global_batch}: pass a --batch-size that divides "
+                f"{per_process} ({', '.join(map(str, _divisors(per_process)))}), or none to have one derived")
+        if "batch_size" in overrides:
+            raise UsageError(
+                f"--global-batch {global_batch} is not a multiple of batch_size x world_size = {batch_size} x "
+                f"{world} (--batch-size, {world} process(es)): pass --global-batch as a multiple of "
+                f"{batch_size * world}, or a --batch-size that divides {global_batch} / {world} = {per_process}")
+        # The micro-batch (the preset's, or the checkpoint's when another number of processes
+        # resumes it) does not divide over these processes: the largest that does and is no
+        # larger (the optimizer step keeps its global batch).
+        cfg["batch_size"] = max(b for b in _divisors(per_process) if b <= batch_size)
+    cfg["grad_accum"] = global_batch // (cfg["batch_size"] * world)
     return cfg
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def model_config(cfg: dict, vocab_size: int, world: int) -> dict:

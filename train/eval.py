@@ -26,7 +26,11 @@ Data sources (sedd.data.get_corpus): a text file (split "all"), a directory (its
 its valid.txt, else everything), or a Hugging Face dataset name (wikitext-2, wikitext-103, ptb,
 lambada, lm1b, text8, openwebtext; split "test" by default; needs the Hub or its local cache).
 ``--detokenizer auto`` uses the dataset's own detokenizer for dataset names and, for local paths,
-the one named by a path component (wikitext, ptb, lambada, lm1b), else none.
+the one the data's own name names, matched whole (sedd.data.auto_detokenizer): a directory's
+name (``wikitext-2/``, ``ptb/``), a file's name (``ptb.test.txt``, ``wiki.test.raw``), or for a
+split file (``test.txt``, ``valid.txt``) the name of its directory; no other folder of the path
+counts. It says on stderr, in the table and in the JSON report which one it chose and why.
+``--protocol sedd`` reads a directory as the default protocol does: its split file.
 
 Conventions of the numbers (also in the JSON report):
 
@@ -57,7 +61,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -69,11 +72,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sedd.data import DETOKENIZERS, DOC_SPLITS, HF_DATASETS, evaluation_split, get_corpus, tokenize
+from sedd.data import DETOKENIZERS, DOC_SPLITS, HF_DATASETS, auto_detokenizer, evaluation_split, get_corpus, tokenize
 from sedd.data.public import public_blocks, public_rows
 from sedd.likelihood import TIME_SAMPLERS, sequence_bounds, summarize
 from sedd.losses import score_entropy_loss
-from train.cli import InputError, check_positive, load_checkpoint, main_with_exit_codes
+from train.cli import (
+    ArgumentParser,
+    InputError,
+    check_outputs,
+    check_positive,
+    check_seed,
+    check_threads,
+    checkpoint_inputs,
+    files_of,
+    load_checkpoint,
+    main_with_exit_codes,
+)
 
 EXAMPLES = """\
 examples:
@@ -90,7 +104,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="eval.py",
         description="Monte-Carlo estimate of the SEDD likelihood bound (nats/token, bits/token, "
         "perplexity bound, with standard errors) of a checkpoint on a text corpus.",
@@ -146,21 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_detokenizer(choice: str, data: str) -> str | None:
-    """The detokenizer name for get_corpus: "auto" stays "auto" for dataset names (their own);
-    for paths, the first component naming a known convention (wikitext-2/, ptb/, ...), else None."""
+def resolve_detokenizer(choice: str, data: str) -> tuple[str | None, str]:
+    """The detokenizer (a key of DETOKENIZERS, or None) and why: as chosen, or for "auto" what
+    the dataset name or the data's own name says (sedd.data.auto_detokenizer)."""
     if choice == "none":
-        return None
+        return None, "--detokenizer none"
     if choice != "auto":
-        return choice
-    if data in HF_DATASETS:
-        return "auto"
-    hints = (("wikitext", "wikitext"), ("ptb", "ptb"), ("penn", "ptb"), ("lambada", "lambada"), ("lm1b", "lm1b"))
-    for part in reversed(Path(data).expanduser().resolve().parts):
-        for word, name in hints:
-            if re.search(rf"(^|[^a-z]){word}", part.lower()):
-                return name
-    return None
+        return choice, f"--detokenizer {choice}"
+    name, why = auto_detokenizer(data)
+    return name, f"auto: {why}"
 
 
 def make_blocks(tokens: np.ndarray, block_size: int, last_block: str, max_blocks: int | None, pad_id: int):
@@ -183,7 +191,9 @@ def make_blocks(tokens: np.ndarray, block_size: int, last_block: str, max_blocks
 
 
 def _check_args(args) -> None:
-    check_positive(args, ("block_size", "batch_size", "max_blocks", "num_samples", "threads"))
+    check_positive(args, ("block_size", "batch_size", "max_blocks", "num_samples"))
+    check_threads(args.threads)
+    check_seed(args.seed)
     if args.time_sampler == "antithetic" and args.num_samples % 2:
         raise InputError(f"--time-sampler antithetic pairs t with 1 − t: --num-samples must be even, got {args.num_samples}")
     if args.num_samples < 2:
@@ -235,6 +245,8 @@ def _print_cost(args, model, pre, blocks: torch.Tensor, device) -> None:
 
 def run(args) -> int:
     _check_args(args)
+    inputs = checkpoint_inputs(args.checkpoint, args.tokenizer) + files_of(f"a file of --data {args.data}", args.data)
+    check_outputs([("--json", args.json)], inputs)
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
@@ -248,7 +260,8 @@ def run(args) -> int:
               f"{model.length}", file=sys.stderr)
 
     split = args.split or evaluation_split(args.data)
-    detok = resolve_detokenizer(args.detokenizer, args.data)
+    detok, detok_reason = resolve_detokenizer(args.detokenizer, args.data)
+    print(f"eval.py: detokenizer {detok or 'none'} ({detok_reason})", file=sys.stderr)
     last_block = args.last_block or "pad"
     try:
         if args.protocol == "sedd":
@@ -293,7 +306,8 @@ def run(args) -> int:
         "checkpoint": args.checkpoint,
         "data": args.data,
         "split": split,
-        "detokenizer": detok if detok != "auto" else f"auto ({args.data})",
+        "detokenizer": detok,
+        "detokenizer_reason": detok_reason,
         "doc_split": args.doc_split,
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
         "graph": pre.graph.name,
@@ -314,7 +328,7 @@ def run(args) -> int:
     result["perplexity_ci95"] = list(result["perplexity_ci95"])
     table = "\n".join([
         f"checkpoint  {args.checkpoint}",
-        f"data        {args.data} [{split}], detokenizer {result['detokenizer']}",
+        f"data        {args.data} [{split}], detokenizer {detok or 'none'} ({detok_reason})",
         f"tokenizer   {tokenizer.name} ({pre.tokenizer_source})",
         f"blocks      {len(blocks)} x {block_size} tokens (protocol {args.protocol}, last block: {last_block})",
         "",

@@ -1,13 +1,16 @@
 """Generation quality of a SEDD checkpoint against the number of sampling steps.
 
     python train/quality.py CKPT --judge DIR_OR_HUB_ID [--steps 16,32,64] [--num-samples N]
-                            [--predictor analytic|euler] [--length L] [--batch-size B]
+                            [--predictor analytic|euler] [--top-p P] [--top-k K] [--length L]
+                            [--window W] [--stride S] [--batch-size B]
                             [--reference-data PATH_OR_NAME] [--json out.json] [--plot out.png]
                             [--first-token bos|skip] [--judge-batch-size B] [--judge-context C]
                             [--seed S] [--threads T] [--device auto|cpu|cuda] [--tokenizer SPEC]
 
-For every step count, N sequences are sampled (``sedd.sampling.sample``, the chosen predictor,
-then the final denoising step) and reported as:
+For every step count, N sequences are sampled (``sedd.generation.sample_blockwise``: the chosen
+predictor, with --top-p/--top-k truncation if asked for, then the final denoising step; a --length
+above the model's training length window by window, as train/sample.py samples it; the sampler
+options are train/sample.py's, ``train.cli.add_sampler_options``) and reported as:
 
 * **generative perplexity**: exp of the judge's mean negative log-likelihood per judge token,
   over all tokens of all N sequences (exp(Σ_i nll_i / Σ_i n_i)), with a 95% confidence interval
@@ -72,8 +75,23 @@ import torch
 from tqdm.auto import tqdm
 
 from sedd.data.offline import cache_may_hold, hub_offline_reason
-from sedd.sampling import PREDICTORS, sample
-from train.cli import InputError, check_positive, load_checkpoint, main_with_exit_codes
+from sedd.generation import sample_blockwise
+from train.cli import (
+    ArgumentParser,
+    InputError,
+    add_sampler_options,
+    check_outputs,
+    check_positive,
+    check_sampler_options,
+    check_seed,
+    check_threads,
+    checkpoint_inputs,
+    files_of,
+    load_checkpoint,
+    main_with_exit_codes,
+    parse_steps,
+    plan_sampling,
+)
 
 Z_95 = 1.959963984540054
 
@@ -90,7 +108,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="quality.py",
         description="Generative perplexity (under an autoregressive judge, with a 95% confidence "
         "interval), unigram entropy, degeneracy and speed of a SEDD checkpoint's samples, for "
@@ -100,15 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors) or Hub id")
     s = p.add_argument_group("sampling")
-    s.add_argument("--steps", default="16,32,64", metavar="LIST",
-                   help="comma-separated step counts (default: 16,32,64)")
+    add_sampler_options(s, steps_list=True)
     s.add_argument("--num-samples", "-n", type=int, default=32, help="sequences per step count (default: 32)")
-    s.add_argument("--predictor", choices=PREDICTORS, default="analytic", help="predictor (default: analytic)")
-    s.add_argument("--length", type=int, help="tokens per sequence (default: the model's training length)")
     s.add_argument("--batch-size", type=int, default=16, help="sequences per sampler call (default: 16)")
-    s.add_argument("--eps", type=float, default=1e-5, help="final time of the grid (default: 1e-5)")
     s.add_argument("--seed", type=int, default=0,
-                   help="seed of the sampler, the same for every step count (default: 0)")
+                   help="seed of the sampler in [0, 2**64), the same for every step count (default: 0)")
     j = p.add_argument_group("judge")
     j.add_argument("--judge", required=True, metavar="DIR_OR_HUB_ID",
                    help="causal LM for transformers: a local directory (offline) or a Hub id (e.g. gpt2-large)")
@@ -138,16 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars on stderr (default: when stderr is a terminal)")
     return p
-
-
-def parse_steps(text: str) -> list[int]:
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise InputError(f"--steps expects comma-separated integers such as 16,32,64, got {text!r}") from None
-    if not steps or min(steps) < 1:
-        raise InputError(f"--steps needs step counts >= 1, got {text!r}")
-    return sorted(set(steps))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,15 +427,18 @@ def plot(records: list[dict], reference: dict | None, path: str, title: str) -> 
 
 
 def _check_args(args) -> None:
-    check_positive(args, ("num_samples", "batch_size", "judge_batch_size", "length"))
+    check_sampler_options(args)
+    check_positive(args, ("num_samples", "batch_size", "judge_batch_size"))
     if args.num_samples < 2:
         raise InputError("--num-samples must be >= 2: the confidence interval comes from the spread over sequences")
-    if not 0 < args.eps < 1:
-        raise InputError(f"--eps must be in (0, 1), got {args.eps}")
     if not 0 < args.degenerate_share <= 1:
         raise InputError(f"--degenerate-share must be in (0, 1], got {args.degenerate_share}")
-    if args.threads < 0:
-        raise InputError(f"--threads must be >= 0, got {args.threads}")
+    check_threads(args.threads, zero="torch's choice")
+    check_seed(args.seed)
+    inputs = [*checkpoint_inputs(args.checkpoint, args.tokenizer),
+              *files_of(f"a file of --judge {args.judge}", args.judge),
+              *files_of(f"a file of --reference-data {args.reference_data}", args.reference_data)]
+    check_outputs([("--json", args.json), ("--plot", args.plot)], inputs)
 
 
 def run(args) -> int:
@@ -446,7 +453,8 @@ def run(args) -> int:
     device = next(model.parameters()).device
     judge = load_judge(args.judge, device, first_token=args.first_token, context=args.judge_context,
                        progress=progress)
-    length = args.length or model.length
+    plan = plan_sampling(args, model, pre.noise, "quality.py")
+    length = plan.length
     print(f"quality.py: {args.num_samples} samples of {length} tokens per step count {steps_list}, "
           f"{args.predictor} predictor, judge {args.judge} (context {judge.context}, first token "
           f"{args.first_token}) on {device}", file=sys.stderr)
@@ -458,9 +466,11 @@ def run(args) -> int:
         for start in range(0, args.num_samples, args.batch_size):
             b = min(args.batch_size, args.num_samples - start)
             began = time.perf_counter()
-            parts.append(sample(model, pre.graph, pre.noise, batch_size=b, length=length, steps=steps,
-                                predictor=args.predictor, eps=args.eps, generator=generator, device=device,
-                                progress=progress).cpu())
+            parts.append(sample_blockwise(
+                model, pre.graph, pre.noise, batch_size=b, length=length, window=plan.window, stride=plan.stride,
+                steps=steps, predictor=args.predictor, eps=args.eps, generator=generator, device=device,
+                progress=progress, top_p=args.top_p, top_k=args.top_k,
+            ).cpu())
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             wall += time.perf_counter() - began
@@ -494,7 +504,11 @@ def run(args) -> int:
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
         "graph": pre.graph.name,
         "predictor": args.predictor,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
         "length": length,
+        "window": plan.window,
+        "stride": plan.stride,
         "num_samples": args.num_samples,
         "eps": args.eps,
         "seed": args.seed,

@@ -32,10 +32,13 @@ run (exit code 1) before the optimizer step, so the last good checkpoint is neve
 
 Resuming: `--resume` continues from OUT/training_state.pt with the configuration saved there.
 Flags given with it may change how the run continues (--max-steps, --lr, --eval-every, ...) but
-not what it trains: the data, tokenizer, model shape, diffusion, batch sizes and seed must stay
+not what it trains: the data, tokenizer, model shape, diffusion, global batch and seed must stay
 (asking to change them is an error). Every step draws its randomness (t, forward noise, dropout)
 from generators seeded by (seed, step, micro-batch, rank), and the data iterator's position is
-saved, so with the same number of processes an interrupted run continues bit-identically.
+saved, so with the same number of processes an interrupted run continues bit-identically. On
+another number of processes (more or fewer) the micro-batch and the accumulation are derived again
+(the checkpoint's micro-batch, or the largest below it that divides the new share of the global
+batch; --batch-size picks one), so any number of processes that divides the global batch resumes it.
 
 Multi-GPU / multi-node: launch with torchrun (DDP; nccl on CUDA, gloo on CPU). --fsdp shards
 parameters, gradients and optimizer state with FSDP2 instead (meant for CUDA). The data is
@@ -45,7 +48,9 @@ Exit codes: 0 done, 1 a run-time failure (corrupt checkpoint, NaN loss, offline)
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import math
 import os
 import sys
@@ -170,21 +175,68 @@ def validation_loss(net, ema, val_blocks, index, graph, noise, cfg, eos_id, devi
 
 
 def main(argv=None):
-    args, overrides = parse_args(argv, epilog=__doc__.split("\n\n", 2)[2])
+    # -------------------------------------------------------------------------------------------
+    # Processes. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK. Every rank reads the same command
+    # line and the same files, so every rank meets the same bad input: rank 0 alone reports it.
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    distributed, master = world > 1, rank == 0
+
+    def stop(message: str, code: int = 1, *, every_rank: bool = False):
+        """Exit with ``code``, the message printed by rank 0 (or, for a failure that may be one
+        rank's own, by every rank that meets it, naming itself)."""
+        if master or every_rank:
+            die(f"rank {rank}: {message}" if every_rank and distributed else message, code)
+        sys.exit(code)
+
+    with contextlib.ExitStack() as quiet:
+        if not master:  # argparse's usage errors and --help: once, from rank 0
+            quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+            quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        args, overrides = parse_args(argv, epilog=__doc__.split("\n\n", 2)[2])
     if args.tensorboard:
         try:
             importlib.import_module("torch.utils.tensorboard")  # fail now, not at the first log line
         except ImportError:
-            die("--tensorboard needs the tensorboard package: pip install tensorboard", 2)
+            stop("--tensorboard needs the tensorboard package: pip install tensorboard", 2)
+    if args.fsdp and not distributed:
+        stop("--fsdp needs several processes: launch with torchrun", 2)
 
     # -------------------------------------------------------------------------------------------
-    # Processes and device. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK.
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    master = rank == 0
+    # Configuration: the preset plus the flags, or, with --resume, the saved run plus the flags
+    # that do not change what it trains. Settled before the processes connect, so that bad input
+    # ends every rank at once.
+    preset = getattr(args, "preset", None)
+    out = Path(args.out or f"out/{preset or 'cpu'}")
+    state = None
+    if args.resume:
+        try:
+            state = read_training_state(out)
+        except FileNotFoundError:
+            stop(f"--resume: no training_state.pt in {out} (nothing to resume; drop --resume to start a run)", 2)
+        except ValueError as e:
+            stop(f"cannot resume: {e}. The files in {out} were left untouched.")
+    elif (out / "training_state.pt").exists() and not args.overwrite:
+        stop(f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to "
+             "start afresh (or choose another --out)", 2)
+    elif out.exists() and not out.is_dir():
+        stop(f"--out {out} is a file, not a directory", 2)
+    elif not args.overwrite:
+        # Not a checkpoint of this script: files the run would write must not replace a user's.
+        clash = sorted(name for name in RUN_FILES if (out / name).exists())
+        if clash:
+            stop(f"{out} is not a checkpoint of this script (no training_state.pt) but holds "
+                 f"{', '.join(clash)}, which this run would overwrite; choose another --out, or pass "
+                 "--overwrite to replace them", 2)
+    try:
+        cfg = resolve_config(overrides, preset, state["cfg"] if state else None, world, source=str(out))
+    except UsageError as e:
+        stop(str(e), 2)
+
+    # -------------------------------------------------------------------------------------------
+    # Device, then the process group.
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        die("--device cuda, but CUDA is not available", 2)
+        stop("--device cuda, but CUDA is not available", 2)
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -197,39 +249,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads or max(1, cores // local_world))
     if distributed:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    if args.fsdp and not distributed:
-        die("--fsdp needs several processes: launch with torchrun", 2)
     log = tqdm.write if master else (lambda message: None)
-
-    # -------------------------------------------------------------------------------------------
-    # Configuration: the preset plus the flags, or, with --resume, the saved run plus the flags
-    # that do not change what it trains.
-    preset = getattr(args, "preset", None)
-    out = Path(args.out or f"out/{preset or 'cpu'}")
-    state = None
-    if args.resume:
-        try:
-            state = read_training_state(out)
-        except FileNotFoundError:
-            die(f"--resume: no training_state.pt in {out} (nothing to resume; drop --resume to start a run)", 2)
-        except ValueError as e:
-            die(f"cannot resume: {e}. The files in {out} were left untouched.")
-    elif (out / "training_state.pt").exists() and not args.overwrite:
-        die(f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to "
-            "start afresh (or choose another --out)", 2)
-    elif out.exists() and not out.is_dir():
-        die(f"--out {out} is a file, not a directory", 2)
-    elif not args.overwrite:
-        # Not a checkpoint of this script: files the run would write must not replace a user's.
-        clash = sorted(name for name in RUN_FILES if (out / name).exists())
-        if clash:
-            die(f"{out} is not a checkpoint of this script (no training_state.pt) but holds "
-                f"{', '.join(clash)}, which this run would overwrite; choose another --out, or pass "
-                "--overwrite to replace them", 2)
-    try:
-        cfg = resolve_config(overrides, preset, state["cfg"] if state else None, world, source=str(out))
-    except UsageError as e:
-        die(str(e), 2)
     grad_accum, L = cfg["grad_accum"], cfg["length"]
 
     # -------------------------------------------------------------------------------------------
@@ -240,7 +260,7 @@ def main(argv=None):
     try:
         tok, train_tokens, val_tokens = load_data(cfg, out, state is not None, master, log)
     except (ValueError, FileNotFoundError, PermissionError, ConnectionError, RuntimeError, OSError) as e:
-        die(f"cannot load data {cfg['data']!r} with tokenizer {cfg['tokenizer']!r}: {e}")
+        stop(f"cannot load data {cfg['data']!r} with tokenizer {cfg['tokenizer']!r}: {e}", every_rank=True)
     if distributed and master:
         dist.barrier()
     train_blocks = sdata.PackedBlocks(train_tokens, L)
@@ -249,7 +269,7 @@ def main(argv=None):
         if state is not None:
             batches.load_state_dict(state["data"])
     except ValueError as e:
-        die(f"training data {cfg['data']!r}: {e}")
+        stop(f"training data {cfg['data']!r}: {e}")
     val_blocks = sdata.PackedBlocks(val_tokens, L)
     n_val = min(cfg["val_blocks"] or len(val_blocks), len(val_blocks))
     # A fixed validation set spread over the whole split, sharded across ranks.
@@ -269,12 +289,12 @@ def main(argv=None):
     try:
         net = SEDD(config, autocast_dtype=torch.bfloat16 if cfg["bf16"] else None)
     except ValueError as e:
-        die(f"bad model configuration: {e}", 2)
+        stop(f"bad model configuration: {e}", 2)
     if state is not None:
         try:
             net.load_checkpoint_state(state["model"])
         except (ValueError, KeyError) as e:
-            die(f"cannot resume from {out}: {e}")
+            stop(f"cannot resume from {out}: {e}")
     net.to(device)
     log(f"model: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, graph {cfg['graph']}, "
         f"noise {cfg['noise']}; batch {cfg['global_batch']} = {cfg['batch_size']} x {grad_accum} accumulation "
@@ -313,7 +333,7 @@ def main(argv=None):
                                      options=StateDictOptions(full_state_dict=True))
             ema = {name: like(p, state["ema"][name]) for name, p in params.items()}
         except (ValueError, KeyError, RuntimeError) as e:
-            die(f"cannot resume from {out}: the optimizer or EMA state does not fit the model ({e})")
+            stop(f"cannot resume from {out}: the optimizer or EMA state does not fit the model ({e})")
         step, metrics, window = state["step"], state["metrics"], state["log_window"]
         saved_step = step
         set_rng_state(state["rng"])
@@ -366,8 +386,8 @@ def main(argv=None):
             # Stop before the update: the weights stay finite and no checkpoint is written from them.
             bar.close()
             kept = f"{out} keeps its checkpoint of step {saved_step}" if saved_step else "no checkpoint was written"
-            die(f"non-finite loss {loss_value} (gradient norm {grad_norm_value}) at step {step + 1}; stopped "
-                f"without saving ({kept}). Try a lower --lr or check the data.")
+            stop(f"non-finite loss {loss_value} (gradient norm {grad_norm_value}) at step {step + 1}; stopped "
+                 f"without saving ({kept}). Try a lower --lr or check the data.")
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -403,7 +423,7 @@ def main(argv=None):
                     batches=batches, metrics=metrics, log_window=window, master=master,
                     ddp_world=world if distributed and not args.fsdp else 1)
             except ReplicaMismatch as e:
-                die(f"at step {step}: {e}")
+                stop(f"at step {step}: {e}")
             if checksum is not None:
                 log(f"step {step}: weights identical on all {world} ranks (checksum {checksum:.6f})")
             saved_step = step

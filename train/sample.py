@@ -5,8 +5,8 @@
                                 [--length N] [--steps N] [--sampler analytic|euler]
                                 [--batch-size B] [--seed S] [--device auto|cpu|cuda]
                                 [--tokenizer SPEC] [--json PATH|-] [--out FILE]
-                                [--input REQUESTS.jsonl|-] [--jsonl PATH|-] [--window N] [--stride N]
-                                [--threads N]
+                                [--input REQUESTS.jsonl|-] [--jsonl PATH|-] [--max-batch-rows N]
+                                [--window N] [--stride N] [--top-p P] [--top-k K] [--threads N]
 
 CKPT is a checkpoint directory written by train/run.py or ``SEDD.save_pretrained`` (config.json,
 model.safetensors, usually tokenizer.json), a public SEDD checkpoint directory, or a Hub id such
@@ -23,23 +23,33 @@ generated. This is exact for absorbing-graph checkpoints; for uniform-graph ones
 * ``--template`` lays out the sequence from position 0: literal text is fixed, ``[MASK:n]`` is a
   hole of n generated tokens (``[MASK]`` = one). Positions after the template are generated too.
 
-Byte-level BPE tokenizers (GPT-2's) attach a space to the word after it, so trailing spaces of a
-fixed text (prefix, infill, template piece) are left to the generated token that follows: "The "
-is placed as "The" and the model writes " cat". Spans may not overlap or run past --length.
+Byte-level BPE tokenizers (GPT-2's, the trained bpe:N) attach a space to the word after it, so with
+them trailing spaces of a fixed text (prefix, infill, template piece) are left to the generated
+token that follows: "The " is placed as "The" and the model writes " cat"; the bytes tokenizer
+keeps every text verbatim. Spans may not overlap, fall in a template's hole or run past --length.
 
-``--input FILE.jsonl`` reads one request per line instead: a JSON string (a prompt) or an object
-with any of "prefix", "suffix", "template" and "infill" (a list of [pos, text] pairs); each request
-gets --batch-size samples, all in one batch (every row with its own fixed positions), and the
-output is JSONL, one object per sample with its text, token ids, fixed spans, input line and the
-settings (--jsonl PATH|- chooses where; it works without --input too).
+``--input FILE.jsonl`` reads one request per line instead (UTF-8; lines end at newlines only): a JSON
+string (a prompt) or an object with any of "prefix", "suffix", "template" (strings) and "infill" (a
+list of [pos, text] pairs or "POS:TEXT" strings). Each request gets --batch-size samples and is
+sampled on its own generator, seeded from --seed and its line number (the "seed" of its output
+lines: the same request given on the command line with that --seed gives the same samples), so
+its samples do not depend on the other requests or on how many are sampled at once. The requests
+run one after the other, at most --max-batch-rows rows per sampler call (a request with more
+samples than that is sampled in calls of that many rows, in order, on its generator: only then do
+its samples depend on --max-batch-rows), with a progress bar over the requests; each request's
+output is written as soon as it is done. The output is JSONL, one object per sample with its text,
+token ids, fixed spans, input line, seed, the seconds its request took and the settings (--jsonl
+PATH|- chooses where; it works without --input too).
 
 A --length above the model's training length is generated semi-autoregressively: window by
 window (--window, default the model's length), each later window holding the tokens before its
 --stride new ones fixed (sedd.generation.sample_blockwise).
 
 The output is every decoded sample under a header (to stdout and to --out), or JSON with the
-token ids of every sample and of every fixed span (--json); exit status 0 on success, 2 on bad
-input (with a one-line message), 1 on other failures.
+token ids of every sample and of every fixed span (--json). Every value and every output path
+(--out, --json, --jsonl: its directory exists, it is not a directory, nor one of the inputs) is
+checked before anything loads. Exit status 0 on success, 2 on bad input (with a one-line message),
+1 on other failures.
 """
 
 from __future__ import annotations
@@ -54,11 +64,29 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python train/sample.py`: the package of this checkout, installed or not
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from sedd.generation import Span, fixed_spans, sample_blockwise, spans_to_mask
-from sedd.sampling import PREDICTORS
-from train.cli import InputError, check_positive, load_checkpoint, main_with_exit_codes
+from train.cli import (
+    ArgumentParser,
+    InputError,
+    add_sampler_options,
+    check_outputs,
+    check_positive,
+    check_sampler_options,
+    check_seed,
+    check_threads,
+    checkpoint_inputs,
+    load_checkpoint,
+    main_with_exit_codes,
+    plan_sampling,
+)
+
+# Rows per sampler call when --max-batch-rows is not given: what a CPU gets through in reasonable
+# time per call, and what a GPU holds for the public checkpoints' 1024 positions.
+DEFAULT_MAX_BATCH_ROWS = {"cuda": 128, "cpu": 16}
 
 EXAMPLES = """\
 examples:
@@ -82,14 +110,14 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="sample.py",
         description="Sample text from a SEDD checkpoint, unconditionally or with fixed spans "
         "(prefix, suffix, infilling at any token positions, templates). Each fixed text is tokenized "
         "on its own and its tokens are held at their positions (exact conditioning for absorbing-graph "
         "checkpoints, biased for uniform ones); every other "
         "position is generated. Trailing spaces of a fixed text that generated tokens follow are "
-        "dropped (byte-level BPEs attach the space to the next word). Prints every decoded sample "
+        "left to them with byte-level BPEs (which attach the space to the next word). Prints every decoded sample "
         "under a header; --json gives the token ids too.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -108,43 +136,31 @@ def build_parser() -> argparse.ArgumentParser:
         "the literal text between holes is fixed",
     )
     s = p.add_argument_group("sampling")
-    s.add_argument("--length", type=int, help="tokens per sample (default: the model's training length); "
-                   "longer than the model's length is generated window by window (--window, --stride)")
-    s.add_argument("--window", type=int, help="semi-autoregressive window: tokens the model sees at once "
-                   "(default: the model's training length)")
-    s.add_argument("--stride", type=int, help="new tokens per window after the first, the rest of the window "
-                   "holding the tokens before them (default: half the window)")
-    s.add_argument(
-        "--steps", type=int,
-        help="reverse-process steps, one model call each (default: --length, as in the paper; "
-        "fewer is faster, e.g. 128, at some cost in quality, more so for euler)",
-    )
-    s.add_argument("--sampler", choices=PREDICTORS, default="analytic", help="predictor (default: analytic)")
-    s.add_argument("--top-p", type=float, metavar="P",
-                   help="nucleus sampling: each step jumps only to the smallest set of candidate tokens holding "
-                        "at least P of the jump probability (0 < P <= 1; default: off)")
-    s.add_argument("--top-k", type=int, metavar="K",
-                   help="each step jumps only to the K most likely candidate tokens (default: off)")
-    s.add_argument("--batch-size", type=int, default=1, help="number of samples (default: 1)")
-    s.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed with the output)")
-    s.add_argument("--eps", type=float, default=1e-5, help="final time of the grid (default: 1e-5)")
+    add_sampler_options(s)
+    s.add_argument("--batch-size", type=int, default=1, help="number of samples (of each --input request; default: 1)")
+    s.add_argument("--max-batch-rows", type=int, metavar="N",
+                   help="at most N rows (samples) per sampler call (default: "
+                   + ", ".join(f"{n} on {d}" for d, n in DEFAULT_MAX_BATCH_ROWS.items()) + ")")
+    s.add_argument("--seed", type=int, help="random seed in [0, 2**64) (default: a fresh one, printed with the output)")
     r = p.add_argument_group("model, tokenizer, output")
     r.add_argument(
         "--tokenizer", metavar="SPEC",
         help="tokenizer spec or path (default: CKPT/tokenizer.json if present, else GPT-2 from the "
-        "Hub; offline: --tokenizer DIR, a directory holding GPT-2's vocab.json and merges.txt)",
+        "Hub; offline: --tokenizer DIR, a directory holding GPT-2's vocab.json and merges.txt); it must "
+        "be the tokenizer the checkpoint records, where it records one",
     )
     r.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ... (default: auto)")
     r.add_argument("--json", metavar="PATH", help="write samples, token ids and settings as JSON (- for stdout, "
                    "replacing the text output)")
     r.add_argument("--input", metavar="PATH", help="JSONL requests, one per line (- for stdin): a JSON string "
                    "(a prompt) or an object with any of prefix, suffix, template and infill ([[pos, text], ...]); "
-                   "--batch-size samples of each, all in one batch; writes JSONL (--jsonl -) unless told otherwise")
+                   "--batch-size samples of each, each request on its own generator; writes JSONL (--jsonl -) "
+                   "unless told otherwise, each request's lines as soon as it is done")
     r.add_argument("--jsonl", metavar="PATH", help="write one JSON object per sample (text, token ids, fixed "
                    "spans, input line, settings) per line (- for stdout, replacing the text output)")
     r.add_argument("--out", metavar="FILE", help="also write the text output to FILE")
-    r.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's, one per core; "
-                   "on a busy shared machine 1 or 2 is often much faster)")
+    r.add_argument("--threads", type=int, help="CPU threads for PyTorch, at most the number of CPUs (default: "
+                   "PyTorch's, one per core; on a busy shared machine 1 or 2 is often much faster)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     return p
@@ -156,17 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_infill(item) -> tuple[int, str]:
-    """(position, text) of an ``--infill POS:TEXT`` value (or a JSONL ``[pos, text]`` pair)."""
-    if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], str):
-        pos_text, text = item
-        sep = True
-    else:
-        pos_text, sep, text = str(item).partition(":")
+    """(position, text) of an ``--infill POS:TEXT`` value (or a JSONL ``[pos, text]`` pair or
+    ``"POS:TEXT"`` string). The position must be an integer as written: 5.9 is not 5."""
+    if isinstance(item, (list, tuple)):
+        if len(item) != 2 or not isinstance(item[1], str) or isinstance(item[0], bool) or not isinstance(item[0], int):
+            raise InputError(f"infill expects [pos, text] pairs with an integer token position and a string, "
+                             f"got {json.dumps(item, ensure_ascii=False)}")
+        return item[0], item[1]
+    pos_text, sep, text = item.partition(":") if isinstance(item, str) else ("", "", "")
     try:
         pos = int(pos_text)
-    except (TypeError, ValueError):
+    except ValueError:
         pos = None
-    if not sep or pos is None or isinstance(pos_text, bool):
+    if not sep or pos is None:
         raise InputError(f"--infill expects POS:TEXT with an integer token position, got {item!r}")
     return pos, text
 
@@ -177,9 +195,9 @@ def build_spans(tokenizer, length: int, *, prefix=None, suffix=None, infill=(), 
     ``length`` and each other. ``where`` ("--input x.jsonl line 3: ") starts the messages; the
     spans of command-line options are named after them (--prefix, --infill 40:'text', ...)."""
     try:
-        spans = fixed_spans(tokenizer, length, prefix=prefix, suffix=suffix,
-                            infill=[parse_infill(item) for item in infill], template=template)
-    except ValueError as err:
+        infill = [parse_infill(item) for item in infill]
+        spans = fixed_spans(tokenizer, length, prefix=prefix, suffix=suffix, infill=infill, template=template)
+    except (InputError, ValueError) as err:
         raise InputError(f"{where}{err}") from None
     if not where:
         for span in spans:
@@ -190,29 +208,49 @@ def build_spans(tokenizer, length: int, *, prefix=None, suffix=None, infill=(), 
 _SPEC_KEYS = {"prefix", "suffix", "infill", "template"}
 
 
+def _read_lines(path: str) -> list[str]:
+    """The lines of ``--input``, split at newlines (LF) only: str.splitlines would also split at U+2028,
+    U+2029 and U+0085, which may stand raw inside a JSON string (our own JSONL writes them so)."""
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as err:
+        raise InputError(f"--input {path}: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise InputError(f"--input {path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
+                         "save the file as UTF-8") from None
+    return text.split("\n")
+
+
 def read_requests(path: str) -> list[dict]:
     """The JSONL requests of ``--input``: per line a JSON string (a prompt) or an object with any
     of prefix, suffix, template (strings) and infill (a list of [pos, text] pairs, or of
     "POS:TEXT" strings); blank lines are skipped."""
-    try:
-        lines = (sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")).splitlines()
-    except OSError as err:
-        raise InputError(f"--input {path}: {err.strerror or err}") from None
     requests = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(_read_lines(path), 1):
         if not line.strip():
             continue
+        where = f"--input {path} line {n}"
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
-            raise InputError(f"--input {path} line {n}: not JSON ({err.msg})") from None
+            raise InputError(f"{where}: not JSON ({err.msg})") from None
         if isinstance(item, str):
             item = {"prefix": item}
         if not isinstance(item, dict) or not item.keys() <= _SPEC_KEYS:
-            raise InputError(f"--input {path} line {n}: expected a string (a prompt) or an object with keys "
+            raise InputError(f"{where}: expected a string (a prompt) or an object with keys "
                              f"{sorted(_SPEC_KEYS)}, got {line.strip()[:80]!r}")
+        for key in ("prefix", "suffix", "template"):
+            if item.get(key) is not None and not isinstance(item[key], str):
+                raise InputError(f"{where}: {key} must be a string, got {json.dumps(item[key], ensure_ascii=False)}")
         if not isinstance(item.get("infill", []), list):
-            raise InputError(f"--input {path} line {n}: infill must be a list of [pos, text] pairs")
+            raise InputError(f"{where}: infill must be a list of [pos, text] pairs")
+        try:
+            item["infill"] = [parse_infill(pair) for pair in item.get("infill", [])]
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
         item["line"] = n
         requests.append(item)
     if not requests:
@@ -225,12 +263,29 @@ def read_requests(path: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
+def request_seed(seed: int, line: int) -> int:
+    """The seed of the generator of the request on ``line``: a function of the two numbers only,
+    so a request's samples do not depend on the requests around it."""
+    return int(np.random.SeedSequence([seed, line]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def _check_args(args) -> None:
-    check_positive(args, ("length", "steps", "batch_size", "window", "stride", "threads", "top_k"))
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not 0 < args.eps < 1:
-        raise InputError(f"--eps must be in (0, 1), got {args.eps}")
+    check_sampler_options(args)
+    check_positive(args, ("batch_size", "max_batch_rows"))
+    check_seed(args.seed)
+    check_threads(args.threads)
+    if args.input is not None and (args.prefix or args.suffix or args.infill or args.template):
+        raise InputError("--input gives the prefix, suffix, infill and template of every sample: "
+                         "drop --prefix / --suffix / --infill / --template")
+
+
+def _outputs(args) -> tuple[str | None, list[tuple[str, str | None]]]:
+    """Where the JSONL goes (None: nowhere), and every (flag, path) output."""
+    jsonl = args.jsonl if args.jsonl is not None or args.input is None or args.json is not None else "-"
+    outputs = [("--json", args.json), ("--jsonl", jsonl), ("--out", args.out)]
+    if "-" not in (args.json, jsonl):
+        outputs.append(("the text output", "-"))
+    return jsonl, outputs
 
 
 def _format_text(samples: list[dict], header: str) -> str:
@@ -241,102 +296,118 @@ def _format_text(samples: list[dict], header: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _described(spans: list[Span]) -> list[dict]:
+    return [{"source": s.source, "start": s.start, "end": s.end, "text": s.text, "tokens": s.ids} for s in spans]
+
+
 def run(args) -> int:
     _check_args(args)
+    jsonl, outputs = _outputs(args)
+    inputs = checkpoint_inputs(args.checkpoint, args.tokenizer)
+    if args.input not in (None, "-"):
+        inputs.append((f"the --input file {args.input}", Path(args.input)))
+    check_outputs(outputs, inputs)
+    requests = read_requests(args.input) if args.input is not None else []
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     pre = load_checkpoint(args)
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
-    length = args.length or model.length
-    window = args.window or model.length
-    if window > model.length:
-        print(f"sample.py: warning: --window {window} is longer than the model's training length "
-              f"{model.length}; quality drops past it", file=sys.stderr)
-    if args.stride is not None and args.stride >= window:
-        raise InputError(f"--stride must be smaller than the window ({window}), got {args.stride}")
-    stride = args.stride or window // 2
-    if length > window:
-        blocks = 1 + -(-(length - window) // stride)
-        print(f"sample.py: {length} tokens is longer than the {window}-token window: generating "
-              f"semi-autoregressively in {blocks} windows, each holding the {window - stride} tokens before "
-              f"its {stride} new ones fixed (--window, --stride)", file=sys.stderr)
-    steps = args.steps or min(length, window)
-    if args.input is not None:
-        if args.prefix or args.suffix or args.infill or args.template:
-            raise InputError("--input gives the prefix, suffix, infill and template of every sample: "
-                             "drop --prefix / --suffix / --infill / --template")
-        requests = read_requests(args.input)
-        rows = [build_spans(tokenizer, length, prefix=r.get("prefix"), suffix=r.get("suffix"),
-                            infill=r.get("infill", []), template=r.get("template"),
-                            where=f"--input {args.input} line {r['line']}: ") for r in requests]
-    else:
-        requests = []
-        rows = [build_spans(tokenizer, length, prefix=args.prefix, suffix=args.suffix, infill=args.infill,
-                            template=args.template)]
-    jsonl = args.jsonl if args.jsonl is not None or args.input is None or args.json is not None else "-"
+    plan = plan_sampling(args, model, pre.noise, "sample.py")
+    length = plan.length
+    steps = args.steps or min(length, plan.window)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
+    max_rows = args.max_batch_rows or DEFAULT_MAX_BATCH_ROWS.get(device.type, DEFAULT_MAX_BATCH_ROWS["cpu"])
 
-    # One batch: every request's samples, each row with its own fixed positions.
-    per_sample = [spans for spans in rows for _ in range(args.batch_size)]
-    fixed_tokens = fixed_mask = None
-    if any(per_sample):
-        fixed_tokens, fixed_mask = spans_to_mask(per_sample, length, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    start = time.perf_counter()
-    x = sample_blockwise(
-        model, pre.graph, pre.noise, batch_size=len(per_sample), length=length, window=window, stride=stride,
-        steps=steps, predictor=args.sampler, eps=args.eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask,
-        generator=generator, device=device, progress=progress, top_p=args.top_p, top_k=args.top_k,
-    )
-    elapsed = time.perf_counter() - start
-    ids = x.cpu().tolist()
-
-    def described(spans):
-        return [{"source": s.source, "start": s.start, "end": s.end, "text": s.text, "tokens": s.ids} for s in spans]
-
-    samples = [{"index": i, "text": tokenizer.decode(row), "tokens": row} for i, row in enumerate(ids)]
+    # Every request's spans are checked before the first sample is drawn.
     if requests:
-        for i, sample_ in enumerate(samples):
-            sample_.update(line=requests[i // args.batch_size]["line"], fixed=described(per_sample[i]))
+        jobs = [(r["line"], request_seed(seed, r["line"]),
+                 build_spans(tokenizer, length, prefix=r.get("prefix"), suffix=r.get("suffix"),
+                             infill=r["infill"], template=r.get("template"),
+                             where=f"--input {args.input} line {r['line']}: "))
+                for r in requests]
+    else:
+        jobs = [(None, seed, build_spans(tokenizer, length, prefix=args.prefix, suffix=args.suffix,
+                                         infill=args.infill, template=args.template))]
     settings = {
         "checkpoint": args.checkpoint,
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
         "graph": pre.graph.name,
         "length": length,
-        "window": window,
-        "stride": stride if length > window else None,
+        "window": plan.window,
+        "stride": plan.stride,
         "steps": steps,
-        "sampler": args.sampler,
+        "sampler": args.predictor,
         "top_p": args.top_p,
         "top_k": args.top_k,
         "eps": args.eps,
         "batch_size": args.batch_size,
+        "max_batch_rows": max_rows,
         "seed": seed,
         "device": str(device),
-        "elapsed_s": round(elapsed, 3),
     }
+
+    stream = None
+    if jsonl is not None:
+        stream = sys.stdout if jsonl == "-" else open(jsonl, "w", encoding="utf-8")
+    samples: list[dict] = []
+    start = time.perf_counter()
+    bar = tqdm(total=len(jobs) if requests else args.batch_size, unit="request" if requests else "sample",
+               desc="requests" if requests else "samples", dynamic_ncols=True,
+               disable=not progress or (not requests and args.batch_size <= max_rows))
+    try:
+        for line, job_seed, spans in jobs:
+            generator = torch.Generator(device=device).manual_seed(job_seed)
+            began = time.perf_counter()
+            done = []
+            for first in range(0, args.batch_size, max_rows):
+                rows = min(max_rows, args.batch_size - first)
+                fixed_tokens = fixed_mask = None
+                if spans:
+                    fixed_tokens, fixed_mask = spans_to_mask([spans] * rows, length, device=device)
+                x = sample_blockwise(
+                    model, pre.graph, pre.noise, batch_size=rows, length=length, window=plan.window,
+                    stride=plan.stride, steps=steps, predictor=args.predictor, eps=args.eps,
+                    fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator, device=device,
+                    progress=progress, top_p=args.top_p, top_k=args.top_k,
+                )
+                done += x.cpu().tolist()
+                if not requests:
+                    bar.update(rows)
+            elapsed = round(time.perf_counter() - began, 3)
+            for row in done:
+                sample_ = {"index": len(samples), "text": tokenizer.decode(row), "tokens": row}
+                if requests:
+                    sample_.update(line=line, seed=job_seed, fixed=_described(spans), elapsed_s=elapsed)
+                samples.append(sample_)
+                if stream is not None:
+                    stream.write(json.dumps({**sample_, "settings": settings}, ensure_ascii=False) + "\n")
+            if stream is not None:
+                stream.flush()
+            if requests:
+                bar.update(1)
+    finally:
+        bar.close()
+        if stream is not None and stream is not sys.stdout:
+            stream.close()
+    elapsed = time.perf_counter() - start
+    settings["elapsed_s"] = round(elapsed, 3)
     if not requests:
-        settings["fixed"] = described(rows[0])
+        settings["fixed"] = _described(jobs[0][2])
     header = (
-        f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {args.sampler} sampler, "
+        f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {args.predictor} sampler, "
         f"{steps} steps, seed {seed}, "
-        + (f"{len(requests)} request(s) from {args.input}" if requests else f"{len(rows[0])} fixed span(s)")
+        + (f"{len(requests)} request(s) from {args.input}" if requests else f"{len(jobs[0][2])} fixed span(s)")
         + f", {elapsed:.1f}s on {device}"
     )
     text = _format_text(samples, header)
-    outputs = []  # (destination, payload)
     if args.json is not None:
-        outputs.append((args.json, json.dumps({**settings, "samples": samples}, ensure_ascii=False) + "\n"))
-    if jsonl is not None:
-        outputs.append((jsonl, "".join(json.dumps({**s, "settings": settings}, ensure_ascii=False) + "\n"
-                                       for s in samples)))
-    for dest, payload in outputs:
-        if dest == "-":
+        payload = json.dumps({**settings, "samples": samples}, ensure_ascii=False) + "\n"
+        if args.json == "-":
             sys.stdout.write(payload)
         else:
-            Path(dest).write_text(payload, encoding="utf-8")
+            Path(args.json).write_text(payload, encoding="utf-8")
     if "-" not in (args.json, jsonl):
         sys.stdout.write(text)
     if args.out:

@@ -21,6 +21,9 @@ Public API (details in each docstring)::
                detokenizer="auto") -> Corpus
         "default" (stdlib), a local text file or directory, or a Hugging Face dataset name
         (see HF_DATASETS). A Corpus iterates over document strings.
+    auto_detokenizer(spec) -> (name | None, why)
+        what an evaluation's "auto" detokenizer is for a source: a dataset's own, or the one a
+        local source's own name (not any folder above it) names.
 
     tokenize(corpus, tokenizer, *, cache_dir=None) -> np.memmap [N] uint16 | uint32
         Flat token stream, EOS after every document, cached on disk (written atomically).
@@ -67,6 +70,7 @@ from sedd.data.corpora import (
     LARGE_FILE_BYTES,
     Corpus,
     HFDataset,
+    auto_detokenizer,
     evaluation_split,
     get_corpus,
     predefined_splits,
@@ -103,4 +107,5 @@ __all__ = [
     "split_documents",
     "get_cache_dir",
     "DETOKENIZERS",
+    "auto_detokenizer",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from sedd.data.cache import FORMAT_VERSION, content_key
-from sedd.data.detokenizers import resolve_detokenizer
+from sedd.data.detokenizers import detokenizer_for_file, detokenizer_for_name, resolve_detokenizer
 from sedd.data.offline import cache_may_hold, go_offline, hub_offline_reason
 
 DEFAULT_VALID_FRACTION = 0.02
@@ -112,6 +112,31 @@ def evaluation_split(spec: str | os.PathLike) -> str:
         if split in splits:
             return split
     return "all"
+
+
+def auto_detokenizer(spec: str | os.PathLike) -> tuple[str | None, str]:
+    """What ``detokenizer="auto"`` means for a source, and why: (a key of DETOKENIZERS or None,
+    the reason in words). A dataset name uses its own; a local source only the name of the
+    dataset it is: a directory's own name, a file's own name (``ptb.test.txt``) or, for a split
+    file (``test.txt``, ``valid.txt``, ...), the name of the directory that holds the splits. No
+    other folder of the path counts (``notes/penny/x.txt`` is not PTB)."""
+    name = os.fspath(spec)
+    if name in HF_DATASETS:
+        detok = HF_DATASETS[name].detokenizer
+        return detok, f"the dataset {name}'s own" if detok else f"the dataset {name} has none"
+    path = Path(name).expanduser()
+    split_files = {n for names in _SPLIT_FILES.values() for n in names}
+    if path.is_file() and path.name.lower() in split_files:
+        named = path.resolve().parent.name
+        where, detok = f"the directory {named!r} of the split file {path.name}", detokenizer_for_name(named)
+    elif path.is_file():
+        where, detok = f"the file name {path.name!r}", detokenizer_for_file(path.name)
+    else:
+        named = path.resolve().name
+        where, detok = f"the directory name {named!r}", detokenizer_for_name(named)
+    if detok is None:
+        return None, f"{where} names no dataset with a detokenizer"
+    return detok, f"{where} names the {detok} dataset"
 
 
 class Corpus:

@@ -63,6 +63,40 @@ DETOKENIZERS: dict[str, Callable[[str], str]] = {
 }
 
 
+# The names each dataset goes by as a directory or file name, matched whole (case aside): a name
+# that merely contains one ("penny", "wikitext-notes") says nothing about the text's conventions.
+DATASET_NAMES: dict[str, str] = {
+    "wikitext": r"wikitext(-?(2|103))?(-raw)?(-v1)?",
+    "ptb": r"ptb(_text_only)?|penn[-_]?treebank",
+    "lambada": r"lambada(_openai)?",
+    "lm1b": r"lm1b",
+}
+# WikiText's own distribution names its files wiki.{train,valid,test}.{tokens,raw}.
+_WIKITEXT_FILE = re.compile(r"wiki\.(train|valid|test)\.(tokens|raw)")
+_SPLIT_SUFFIX = re.compile(r"[-_.](train|valid|validation|val|dev|test)$")
+
+
+def detokenizer_for_name(name: str) -> str | None:
+    """The detokenizer of the dataset a directory or file name (without its extensions) is
+    the name of, or None."""
+    name = name.lower()
+    for detok, pattern in DATASET_NAMES.items():
+        if re.fullmatch(pattern, name):
+            return detok
+    return None
+
+
+def detokenizer_for_file(filename: str) -> str | None:
+    """The detokenizer a text file's own name names: ``ptb.test.txt``, ``wikitext-2-test.txt``,
+    ``wiki.test.raw``, ``lambada_test_plain_text.txt`` is not one (only the name up to its first
+    dot, less a split word at its end, is compared with :data:`DATASET_NAMES`)."""
+    filename = filename.lower()
+    if _WIKITEXT_FILE.fullmatch(filename):
+        return "wikitext"
+    stem = filename.split(".", 1)[0]
+    return detokenizer_for_name(_SPLIT_SUFFIX.sub("", stem))
+
+
 def resolve_detokenizer(detokenizer, default: str | None):
     if detokenizer == "auto":
         detokenizer = default

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from sedd.data.corpora import HF_DATASETS, _read_text, load_hf_split
+from sedd.data.corpora import _SPLIT_ALIASES, _SPLIT_FILES, HF_DATASETS, _read_text, _split_files, load_hf_split
 from sedd.data.detokenizers import resolve_detokenizer
 
 NUM_PROC = 8  # the public get_dataset's num_proc
@@ -37,11 +37,12 @@ __all__ = ["NUM_PROC", "BATCH_ROWS", "public_rows", "public_blocks"]
 
 def public_rows(spec: str | os.PathLike, split: str = "test",
                 detokenizer: str | Callable[[str], str] | None = "auto") -> list[str]:
-    """Every row of ``spec`` (a name in :data:`HF_DATASETS` or a local text file), detokenized,
-    empty rows included (rule 1 of the module docstring).
+    """Every row of ``spec`` (a name in :data:`HF_DATASETS`, a local text file, or a directory of
+    split files: test.txt, valid.txt, ...), detokenized, empty rows included (rule 1 of the module
+    docstring).
 
     Args:
-        split: for dataset names; a local file is all one split.
+        split: for dataset names and directories (its split file); a local file is all one split.
         detokenizer: "auto" (the dataset's own for names, none for files), None, a key of
             :data:`sedd.data.DETOKENIZERS` or a callable. Applied to every row, empty ones too, as
             the public code does.
@@ -53,14 +54,30 @@ def public_rows(spec: str | os.PathLike, split: str = "test",
         detok = resolve_detokenizer(detokenizer, HF_DATASETS[name].detokenizer)
     else:
         path = Path(name).expanduser()
+        if path.is_dir():
+            path = _split_file(path, split)
         if not path.is_file():
-            raise FileNotFoundError(f"the public pipeline reads a dataset name or a text file; {name!r} is neither")
+            raise FileNotFoundError(f"the public pipeline reads a dataset name, a text file or a directory of "
+                                    f"split files; {name!r} is none of them")
         text = _read_text(path)
         if text is None:
             raise ValueError(f"{path} is not UTF-8 text")
         rows = [line if line.strip() else "" for line in text.splitlines(keepends=True)]
         detok = resolve_detokenizer(detokenizer, None)
     return [detok(r) for r in rows] if detok else rows
+
+
+def _split_file(directory: Path, split: str) -> Path:
+    """The file of ``split`` in a directory of split files (test.txt, valid.txt, ...), as the
+    library's own pipeline reads such a directory."""
+    files = _split_files(directory)
+    if not files:
+        names = sorted(n for names in _SPLIT_FILES.values() for n in names)
+        raise ValueError(f"{str(directory)!r} holds none of the split files {names}: give the text file itself")
+    split = _SPLIT_ALIASES.get(split, split)
+    if split not in files:
+        raise ValueError(f"{str(directory)!r} has no {split!r} split file (it has {sorted(files)})")
+    return files[split]
 
 
 def _shards(n_rows: int, num_proc: int) -> list[tuple[int, int]]:

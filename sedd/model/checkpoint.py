@@ -71,13 +71,59 @@ def normalise_config(config: Any) -> dict[str, Any]:
     graph_type = graph.get("type") if isinstance(graph, dict) else graph
     if graph_type not in GRAPHS:
         raise ValueError(f"config graph.type must be one of {tuple(GRAPHS)}, got {graph_type!r}")
+    if isinstance(graph, str):  # the short form the model always took; the loaders read graph.type
+        cfg = {**cfg, "graph": {"type": graph}}
     model = cfg.get("model")
     if not isinstance(model, dict):
         raise ValueError("config has no 'model' section with hidden_size, cond_dim, n_blocks, n_heads")
     missing = [k for k in REQUIRED_MODEL_KEYS if k not in model]
     if missing:
         raise ValueError(f"config.model is missing {missing}")
+    _check_field_types(cfg)
     return cfg
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_field_types(cfg: dict[str, Any]) -> None:
+    """ValueError naming the first field of ``cfg`` whose value the model or the loaders would
+    misread (257.9 tokens read as 257, the string "false" as True) or fail on deep inside."""
+
+    def bad(field: str, want: str, value: Any) -> ValueError:
+        try:
+            shown = json.dumps(value)  # as the file spells it: null, "false"
+        except (TypeError, ValueError):
+            shown = repr(value)
+        return ValueError(f"config {field} must be {want}, got {shown}")
+
+    if not _is_int(cfg["tokens"]) or cfg["tokens"] < 1:
+        raise bad("tokens", "a positive integer (the number of real tokens)", cfg["tokens"])
+    model = cfg["model"]
+    for key in (*REQUIRED_MODEL_KEYS, "length", "mlp_ratio"):
+        if key in model and (not _is_int(model[key]) or model[key] < 1):
+            raise bad(f"model.{key}", "a positive integer", model[key])
+    if "dropout" in model and not (_is_number(model["dropout"]) and 0 <= model["dropout"] < 1):
+        raise bad("model.dropout", "a number in [0, 1)", model["dropout"])
+    if "scale_by_sigma" in model and not isinstance(model["scale_by_sigma"], bool):
+        raise bad("model.scale_by_sigma", "true or false", model["scale_by_sigma"])
+    if "noise" not in cfg:
+        return  # the loaders' default schedule
+    noise = cfg["noise"]
+    if not isinstance(noise, dict):
+        raise bad("noise", "an object such as {\"type\": \"loglinear\"}", noise)
+    if "type" in noise and not isinstance(noise["type"], str):
+        raise bad("noise.type", "a schedule name such as \"loglinear\"", noise["type"])
+    if "eps" in noise and not (_is_number(noise["eps"]) and 0 <= noise["eps"] < 1):
+        raise bad("noise.eps", "a number in [0, 1)", noise["eps"])
+    for key in ("sigma_min", "sigma_max"):
+        if key in noise and not (_is_number(noise[key]) and noise[key] > 0):
+            raise bad(f"noise.{key}", "a positive number", noise[key])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,9 +189,13 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {str(folder)!r}")
     try:
-        return json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{str(config_file)!r} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(config_file)!r} holds a JSON {type(config).__name__}, not an object with "
+                         "'tokens', 'graph', 'noise' and 'model'")
+    return config
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -141,7 +141,7 @@ def _race(log_weights: torch.Tensor, generator) -> torch.Tensor:
 # Score entropy: chunked forward, gradient recomputed chunk by chunk in the backward
 # ---------------------------------------------------------------------------------------------
 #
-# Autograd through sedd.reference keeps several [B, L, V] fp32 tensors alive until the backward
+# Autograd through sedd.ops.reference keeps several [B, L, V] fp32 tensors alive until the backward
 # (the fp32 copy of a bf16 input, e^ŝ, masks). Here the forward keeps nothing but its inputs and
 # the backward writes ∂ℓ/∂log_score straight into one buffer of the input's dtype, working on
 # chunks of rows in fp32 (fp64 for fp64 input); the row sums of the uniform loss accumulate in

@@ -11,9 +11,9 @@ from sedd.sampling.predictors import (
     get_predictor,
     register_predictor,
 )
-from sedd.sampling.sampler import conditioning, sample
+from sedd.sampling.sampler import check_eps, conditioning, sample
 
 __all__ = [
     "DENOISERS", "PREDICTORS", "Predictor", "AnalyticPredictor", "EulerPredictor", "Denoiser",
-    "conditioning", "get_predictor", "register_predictor", "sample",
+    "check_eps", "conditioning", "get_predictor", "register_predictor", "sample",
 ]

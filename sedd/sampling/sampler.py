@@ -20,6 +20,7 @@ The math: docs/math.md, "Reverse steps", "Conditioning".
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -31,7 +32,7 @@ from sedd.noise import Noise
 from sedd.ops.checks import check_truncation
 from sedd.sampling.predictors import DENOISERS, PREDICTORS, Predictor, get_predictor, register_predictor
 
-__all__ = ["DENOISERS", "PREDICTORS", "Predictor", "conditioning", "register_predictor", "sample"]
+__all__ = ["DENOISERS", "PREDICTORS", "Predictor", "check_eps", "conditioning", "register_predictor", "sample"]
 
 _warned_uniform_conditioning = False
 
@@ -85,7 +86,8 @@ def sample(
         predictor: "euler", "analytic" (Tweedie τ-leaping), another name in :data:`PREDICTORS`
             (see :func:`register_predictor`), or a :class:`~sedd.sampling.predictors.Predictor` instance.
         eps: the final time ε of the grid; ``denoise`` adds the last step from σ̄(ε) to 0, made
-            by ``denoiser`` (a name in :data:`DENOISERS` or an instance).
+            by ``denoiser`` (a name in :data:`DENOISERS` or an instance). :func:`check_eps` says
+            whether the schedule can use it (σ̄(ε) must not round to 0 in float32).
         fixed_tokens, fixed_mask: [L] or [B, L]; positions where the mask is True are held at
             ``fixed_tokens`` throughout (prompt, suffix, infilling). See :func:`conditioning`.
             Exact for the absorbing graph; biased for the uniform graph (warns once).
@@ -105,13 +107,15 @@ def sample(
     """
     step = get_predictor(predictor, masked_only=masked_only)
     final = get_predictor(denoiser, final=True, masked_only=masked_only) if denoise else None
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     check_truncation(top_p, top_k)
     # a predictor without truncation may leave top_p / top_k out of its update (see Predictor)
     trunc = {} if top_p is None and top_k is None else {"top_p": top_p, "top_k": top_k}
-    if not 0 < eps < 1:
-        raise ValueError(f"eps must be in (0, 1), got {eps}")
+    # check_eps (the schedule at eps) reads a tensor on the host, which the sampler itself never
+    # does after its inputs; the text API and the command lines call it before sampling.
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+        raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
     if device is None:
         param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = param.device if param is not None else "cpu"
@@ -137,6 +141,19 @@ def sample(
         if final is not None:
             x = project(final.update(model, x, times[-1].expand(B), dt, graph, noise, generator, **trunc))
         return x
+
+
+def check_eps(noise: Noise, eps: float) -> None:
+    """ValueError unless ``eps`` is a usable final time for ``noise``: in (0, 1), with σ̄(ε) a
+    normal float32 number. The steps read σ in float32, where a smaller σ̄(ε) rounds to 0 (or
+    loses its precision), and the final step then fills every masked position as if from no noise
+    at all (with token id 0)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+        raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+    sigma = float(noise.total(torch.tensor([float(eps)], dtype=torch.float64))[0])
+    if not sigma >= torch.finfo(torch.float32).tiny:
+        raise ValueError(f"eps {eps} is too small for {noise!r}: sigma(eps) = {sigma:.3g} is below float32's smallest "
+                         f"normal number {torch.finfo(torch.float32).tiny:.3g}, which the steps compute in")
 
 
 def _warn_uniform_conditioning() -> None:

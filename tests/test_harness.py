@@ -297,6 +297,22 @@ def test_entry_point_adds_defaults_and_reports_model_errors_in_one_line(ckpt, ca
     assert "--batch_size" not in seen["argv"] and seen["argv"].count("--device") == 1
 
 
+def test_lm_eval_usage_errors_are_one_line_other_errors_are_not_hidden(ckpt, capsys, monkeypatch):
+    argv = ["--model", "sedd", "--model_args", f"pretrained={ckpt}", "--tasks", "t", "--log_samples"]
+    assert harness_cli.main(argv) == 2  # lm_eval's own check: --log_samples needs --output_path
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("harness.py: error: ") and "--output_path" in err, err
+
+    import lm_eval.__main__
+
+    def broken():
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        harness_cli.main(argv[:-1])
+
+
 def test_entry_point_without_lm_eval_names_the_extra(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails
     assert harness_cli.main(["--model", "sedd", "--tasks", "t"]) == 1

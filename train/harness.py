@@ -11,7 +11,9 @@ top_p, top_k, dtype, estimates (``sedd.harness.MODEL_ARGS`` says what each does)
 What this adds to lm_eval's own command line, for ``--model sedd`` only:
 
 * the model_args are checked before lm_eval indexes its tasks (which takes a while): a bad key or
-  value is one line and exit status 2, as is a checkpoint that cannot be loaded;
+  value is one line and exit status 2, as is a local checkpoint directory that is missing, a
+  checkpoint that cannot be loaded, a request the model cannot answer, and what lm_eval's own
+  checks of its options reject (an unknown task name, options that do not go together);
 * without ``--device``, the model runs on CUDA when available, else on the CPU (lm_eval's own
   default, cuda:0, fails on a machine without one); without ``--batch_size``, rows per model
   call default to sedd.harness's (32) instead of lm_eval's 1. model_args ``device=`` and
@@ -143,9 +145,23 @@ def main(argv: list[str] | None = None) -> int:
         cli_evaluate()
     except HarnessError as err:
         return _error(str(err), 2)
+    except (ValueError, FileNotFoundError) as err:
+        if not _from_lm_eval_checks(err):
+            raise
+        return _error(" ".join(str(err).split()), 2)
     finally:
         sys.argv = saved
     return 0
+
+
+def _from_lm_eval_checks(err: BaseException) -> bool:
+    """Whether lm_eval raised ``err`` while checking its command line (an unknown task, options
+    that do not go together): bad input, not a failure, so one line rather than a traceback."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return module.startswith(("lm_eval.config", "lm_eval._cli", "lm_eval.__main__"))
 
 
 if __name__ == "__main__":

@@ -229,13 +229,15 @@ class SEDDLM(LM):
     Args:
         pretrained: a checkpoint directory or Hub id (loaded with :func:`sedd.load_pretrained`),
             or an already loaded :class:`sedd.Pretrained` (``model`` any ``model(x_t, sigma)``
-            with a ``length``; ``tokenizer`` with ``encode``, ``decode``, ``eos_id``, ``name``).
+            with a ``length``; ``tokenizer`` with ``encode``, ``decode``, ``eos_id``, ``name``),
+            which stays on its device (``device`` and ``dtype`` apply to loading only).
         other keyword arguments: the model_args of :data:`MODEL_ARGS`.
 
     Attributes:
         estimates: one dict per loglikelihood / loglikelihood_rolling request answered, in order:
-            ``request``, ``value`` (what lm_eval received), ``stderr`` (its Monte Carlo standard
-            error, nats), ``tokens`` (tokens scored), ``mc_samples``, and ``is_greedy``.
+            ``task``, ``doc_id``, ``idx`` (which lm_eval request), ``request`` (its type), ``value``
+            (what lm_eval received), ``stderr`` (its Monte Carlo standard error, nats), ``tokens``
+            (tokens scored), ``mc_samples`` and ``is_greedy`` (None for rolling requests).
     Raises:
         HarnessError: bad arguments, or a checkpoint that cannot be loaded.
     """

@@ -341,6 +341,14 @@ def test_lm_eval_usage_errors_are_one_line_other_errors_are_not_hidden(ckpt, cap
         harness_cli.main(argv[:-1])
 
 
+def test_help_names_the_model_args(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        harness_cli.main(["run", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model sedd" in out and "mc_samples" in out and "time_sampler" in out and "--model_args" in out
+
+
 def test_entry_point_without_lm_eval_names_the_extra(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails
     assert harness_cli.main(["--model", "sedd", "--tasks", "t"]) == 1

@@ -133,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         return _error('lm-evaluation-harness is not installed: pip install -e ".[eval]" (the eval extra, '
                       'lm-eval>=0.4)', 1)
-    from sedd.harness import HarnessError  # registers the model "sedd"
+    from sedd.harness import MODEL_ARGS, HarnessError  # registers the model "sedd"
 
+    if "-h" in argv or "--help" in argv:  # lm_eval's help follows; it cannot know sedd's model_args
+        width = max(map(len, MODEL_ARGS))
+        print("--model sedd: --model_args KEY=VALUE,... with these keys (sedd.harness):\n"
+              + "\n".join(f"  {k:<{width}}  {v}" for k, v in MODEL_ARGS.items()) + "\n")
     try:
         argv = prepare(argv)
     except (HarnessError, ValueError) as err:

@@ -9,6 +9,12 @@ estimator reuses :func:`sedd.losses.score_entropy_loss`. Times are drawn per seq
 1 − t) or "iid". The variance of the K-draw mean is estimated from the spread of the draws
 (conservative for stratified draws), giving a standard error for every sequence and the total.
 
+Conditional bounds (``maskable``): positions outside the mask are held clean, never noised, so
+the estimator bounds −log p(x0[maskable] | x0[~maskable]) (absorbing graph only: there a visible
+token is certainly clean and the model's ratios given the held tokens are the conditional ones,
+sedd-math.md "Conditioning"). The integrand is the same training loss at the same draws of t; the
+prior term counts the maskable tokens only.
+
 Prior term, per token (closed form, reported separately):
   * uniform: KL(p_{1|0}(·|x0) ‖ Uniform(N)), the sampler's true starting distribution.
   * absorbing: the sampler starts from all-MASK, against which the KL is infinite while
@@ -25,9 +31,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sedd import ops
 from sedd.graph import Graph
 from sedd.losses import score_entropy_loss
 from sedd.noise import Noise
@@ -72,18 +80,30 @@ def sequence_bounds(
     generator: torch.Generator | None = None,
     progress: bool = False,
     on_draws=None,
+    maskable: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-sequence bound terms for clean sequences ``x0`` [B, L].
 
     Returns a dict of [B] float64 tensors: ``integral`` (the K-draw estimate of the time
     integral, nats), ``variance`` (the estimated variance of that estimate), ``prior`` (the
-    prior term, nats) and ``tokens`` (the number of real tokens).
+    prior term, nats) and ``tokens`` (the number of real tokens, or of maskable ones).
     ``batch_size`` caps the number of sequences per model call (draws are batched together).
     ``on_draws(n)`` is called after every model call with the n draws it evaluated (for a
     caller's own progress bar over many calls of this function).
+    ``maskable``: optional [B, L] bool, True where the forward process may mask; the other
+    positions stay clean in every draw and are visible to the model (the context of a
+    conditional bound, module docstring). Absorbing graph only (ValueError otherwise). All True
+    gives exactly the numbers of ``maskable=None`` (same draws from ``generator``).
     """
     B, L = x0.shape
     device = x0.device
+    if maskable is not None:
+        if not graph.absorbing:
+            raise ValueError("maskable positions (a conditional bound) need the absorbing graph: on the "
+                             f"{graph.name} graph the model cannot tell a clean context token from a noisy one")
+        if maskable.shape != x0.shape or maskable.dtype != torch.bool:
+            raise ValueError(f"maskable must be a bool tensor of shape {tuple(x0.shape)}, got "
+                             f"{maskable.dtype} {tuple(maskable.shape)}")
     times = draw_times(B, num_samples, time_sampler, generator=generator, device=device)
     rows_per_call = min(B, batch_size or B)
     draws_per_call = max(1, (batch_size or B) // B)  # a large batch_size packs several draws per call
@@ -98,15 +118,25 @@ def sequence_bounds(
             t = times[rows, ks].T.reshape(-1)  # draw-major: [m * n]
             x = x0[rows].repeat(m, 1)
             mask = attention_mask[rows].repeat(m, 1) if attention_mask is not None else None
+            x_t = None
+            if maskable is not None:
+                # the same draw score_entropy_loss would make, then the context put back: on the
+                # absorbing graph a clean position adds no loss, so nothing else changes
+                x_t = ops.sample_transition(x, noise(t.float())[0], graph, generator)
+                x_t = torch.where(maskable[rows].repeat(m, 1), x_t, x)
             loss = score_entropy_loss(
-                model, x, graph, noise, t=t.float(), generator=generator, attention_mask=mask, reduction="none"
+                model, x, graph, noise, t=t.float(), x_t=x_t, generator=generator, attention_mask=mask,
+                reduction="none",
             )
             values[rows, ks] = loss.double().reshape(m, n).T
             bar.update(n * m)
             if on_draws is not None:
                 on_draws(n * m)
     bar.close()
-    tokens = (attention_mask.sum(-1) if attention_mask is not None else torch.full((B,), L, device=device)).double()
+    scored = attention_mask if attention_mask is not None else None
+    if maskable is not None:
+        scored = maskable if scored is None else scored & maskable
+    tokens = (scored.sum(-1) if scored is not None else torch.full((B,), L, device=device)).double()
     K = num_samples
     variance = values.var(dim=1, unbiased=True) / K if K > 1 else torch.full((B,), float("nan"), device=device)
     return {
@@ -115,6 +145,55 @@ def sequence_bounds(
         "prior": tokens * prior_kl(graph, noise),
         "tokens": tokens,
     }
+
+
+def make_blocks(tokens, block_size: int, last_block: str = "pad", max_blocks: int | None = None, pad_id: int = 0):
+    """A token stream [N] (array-like of ints) cut into [n, block_size] int64 blocks and their
+    [n, block_size] bool mask (False on padding). ``last_block``: "pad" keeps the final partial
+    block, padded with ``pad_id`` under the mask; "drop" drops it. ``max_blocks`` keeps the first
+    blocks only. The blocks of ``train/eval.py`` and of the harness's rolling likelihood."""
+    tokens = np.asarray(tokens)
+    n_full, rest = divmod(len(tokens), block_size)
+    n = n_full + (1 if rest and last_block == "pad" else 0)
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    blocks = np.full((n, block_size), pad_id, dtype=np.int64)
+    mask = np.zeros((n, block_size), dtype=bool)
+    used = min(len(tokens), n * block_size)
+    blocks.reshape(-1)[:used] = tokens[:used]
+    mask.reshape(-1)[:used] = True
+    return torch.from_numpy(blocks), torch.from_numpy(mask)
+
+
+def block_bounds(
+    model,
+    blocks: torch.Tensor,
+    mask: torch.Tensor,
+    graph: Graph,
+    noise: Noise,
+    *,
+    num_samples: int,
+    time_sampler: str = "stratified",
+    batch_size: int = 8,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    on_draws=None,
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`sequence_bounds` of every block [n, L] (from :func:`make_blocks`, with its [n, L]
+    mask), ``batch_size`` blocks per call, in order, from one ``generator``: the per-batch terms
+    for :func:`summarize`. A batch without padding runs without an attention mask. Each batch is
+    moved to ``device`` (the model's; default: where the blocks are)."""
+    device = blocks.device if device is None else device
+    parts = []
+    for start in range(0, len(blocks), batch_size):
+        x0 = blocks[start : start + batch_size].to(device)
+        m = mask[start : start + batch_size].to(device)
+        parts.append(sequence_bounds(
+            model, x0, graph, noise, num_samples=num_samples, time_sampler=time_sampler,
+            attention_mask=None if bool(m.all()) else m, batch_size=batch_size, generator=generator,
+            on_draws=on_draws,
+        ))
+    return parts
 
 
 @dataclass

@@ -68,13 +68,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python train/eval.py`: the package of this checkout, installed or not
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from sedd.data import DETOKENIZERS, DOC_SPLITS, HF_DATASETS, auto_detokenizer, evaluation_split, get_corpus, tokenize
 from sedd.data.public import public_blocks, public_rows
-from sedd.likelihood import TIME_SAMPLERS, sequence_bounds, summarize
+from sedd.likelihood import TIME_SAMPLERS, block_bounds, make_blocks, summarize
 from sedd.losses import score_entropy_loss
 from train.cli import (
     ArgumentParser,
@@ -169,20 +168,6 @@ def resolve_detokenizer(choice: str, data: str) -> tuple[str | None, str]:
         return choice, f"--detokenizer {choice}"
     name, why = auto_detokenizer(data)
     return name, f"auto: {why}"
-
-
-def make_blocks(tokens: np.ndarray, block_size: int, last_block: str, max_blocks: int | None, pad_id: int):
-    """[n, L] int64 blocks of the stream and their [n, L] bool mask (False on padding)."""
-    n_full, rest = divmod(len(tokens), block_size)
-    n = n_full + (1 if rest and last_block == "pad" else 0)
-    if max_blocks is not None:
-        n = min(n, max_blocks)
-    blocks = np.full((n, block_size), pad_id, dtype=np.int64)
-    mask = np.zeros((n, block_size), dtype=bool)
-    used = min(len(tokens), n * block_size)
-    blocks.reshape(-1)[:used] = tokens[:used]
-    mask.reshape(-1)[:used] = True
-    return torch.from_numpy(blocks), torch.from_numpy(mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,17 +272,11 @@ def run(args) -> int:
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     _print_cost(args, model, pre, blocks, device)
-    parts = []
     total_draws = len(blocks) * args.num_samples
     bar = tqdm(total=total_draws, desc="draws", unit="draw", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(blocks), args.batch_size):
-        x0 = blocks[start : start + args.batch_size].to(device)
-        m = mask[start : start + args.batch_size].to(device)
-        parts.append(sequence_bounds(
-            model, x0, pre.graph, pre.noise, num_samples=args.num_samples, time_sampler=args.time_sampler,
-            attention_mask=None if bool(m.all()) else m, batch_size=args.batch_size, generator=generator,
-            on_draws=bar.update,
-        ))
+    parts = block_bounds(model, blocks, mask, pre.graph, pre.noise, num_samples=args.num_samples,
+                         time_sampler=args.time_sampler, batch_size=args.batch_size, generator=generator,
+                         device=device, on_draws=bar.update)
     bar.close()
     report = summarize(parts, args.num_samples, args.time_sampler)
     elapsed = time.perf_counter() - started

@@ -16,39 +16,13 @@ standard errors are logged after every batch of requests, kept in :attr:`SEDDLM.
 with ``estimates=PATH``, appended to a JSON-lines file (lm_eval's sample files hold only what its
 metrics read, so they cannot carry them).
 
-The three request types:
-
-* ``loglikelihood(context, continuation)`` returns (−B, is_greedy) where B is the bound on
-  −log p(continuation | context): the context tokens are held clean and visible, only the
-  continuation positions are masked by the forward process (:func:`sedd.likelihood.sequence_bounds`
-  with ``maskable``), and B includes the prior term of the continuation's tokens
-  (e^{−σ̄(1)}·log N each, sedd.likelihood's convention). Tokenization follows lm_eval's causal
-  models: trailing whitespace of the context moves to the continuation, the continuation's tokens
-  are those of ``context + continuation`` after the context's own, and an empty context is the
-  EOS token. A context that does not fit in front of the continuation is cut from the left (the
-  model sees ``length`` tokens); a continuation of ``length`` tokens or more is scored in chunks
-  of ``length // 2`` by the chain rule, each chunk after the tokens before it. Needs the
-  absorbing graph (:class:`HarnessError` otherwise): on the uniform graph a clean context token
-  looks like a noisy one to the model, so the conditional would not be exact.
-  ``is_greedy`` rule: with every continuation position masked (the context clean), and σ set to
-  the noise level at which that fraction of the sequence is masked on average
-  (σ = −log(1 − masked/length), at most σ̄(1)), the model's most likely real token at each
-  continuation position is the continuation's token there: all of them, in one forward pass per
-  chunk.
-* ``loglikelihood_rolling(text)`` returns −B for B the bound on −log p(text + EOS), computed as
-  ``train/eval.py`` does on a file holding only ``text``: the tokens and the EOS that ends the
-  document are cut into blocks of the model's length, the last one padded under an attention
-  mask, every token counted once, the prior term included (:func:`sedd.likelihood.make_blocks`,
-  :func:`sedd.likelihood.block_bounds`). Works on both graphs.
-* ``generate_until(context, gen_kwargs)`` samples ``max_gen_toks`` tokens (default 256) after the
-  context with the context held fixed (exact conditioning on the absorbing graph), window by window
-  past the model's length as :func:`sedd.generate` does, then returns the generated text only, cut
-  at the first EOS and at the first stop string of ``until``. Greedy (the default, and with
-  ``do_sample=False`` or ``temperature=0``) means top_k = 1 in every reverse step: each position
-  that unmasks takes its most likely token (when positions unmask is still drawn, from the
-  request's seed); ``do_sample=True`` (or a temperature > 0 without ``do_sample``) samples, with
-  ``top_p``/``top_k`` if given. SEDD's samplers have no temperature: a value other than 0 or 1 is
-  ignored with a warning. ``steps`` and ``predictor`` may be set per task in ``gen_kwargs`` too.
+The three request types (the conventions in full: docs/math.md, "Likelihood bound"):
+``loglikelihood(context, continuation)`` returns (−B, is_greedy), B the conditional bound on
+−log p(continuation | context) with the context held clean (absorbing graph only:
+:class:`HarnessError` otherwise); ``loglikelihood_rolling(text)`` returns −B for the bound on
+−log p(text + EOS), as ``train/eval.py`` computes it on a file holding only ``text``;
+``generate_until(context, gen_kwargs)`` samples after the fixed context, window by window, and
+cuts the text at EOS and the first stop string (greedy: top_k = 1 in every step).
 
 Seeds: every request draws from its own generator, seeded from ``seed`` and the request's text
 (for loglikelihood, its context only, so the choices of one question share their draws of t:

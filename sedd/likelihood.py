@@ -12,7 +12,7 @@ estimator reuses :func:`sedd.losses.score_entropy_loss`. Times are drawn per seq
 Conditional bounds (``maskable``): positions outside the mask are held clean, never noised, so
 the estimator bounds −log p(x0[maskable] | x0[~maskable]) (absorbing graph only: there a visible
 token is certainly clean and the model's ratios given the held tokens are the conditional ones,
-sedd-math.md "Conditioning"). The integrand is the same training loss at the same draws of t; the
+docs/math.md, "Conditioning"). The integrand is the same training loss at the same draws of t; the
 prior term counts the maskable tokens only.
 
 Prior term, per token (closed form, reported separately):

@@ -74,6 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_device
 from ._math import LOG2E, interpreted
 from ._math import exp2 as _exp2
 
@@ -446,13 +447,14 @@ def reverse_step(
         block_r = max(1, min(triton.next_power_of_2(n_rows), 4096 // block_v, 256)) if interpreted() else 1
     num_warps = 4 if block_v <= 1024 else 8
     grid = (triton.cdiv(n_rows, block_r),)
-    reverse_step_kernel[grid](
-        z, z.stride(0), z.stride(1), shift_arg, x, consts, seed,
-        truncation.reshape(n_rows, 2).float().contiguous() if truncation is not None else consts, out,
-        n_rows, L, V,
-        KIND=KINDS[kind], ABSORB=bool(absorbing), HAS_SHIFT=shift is not None,
-        TWO_PASS=(not absorbing) and kind != "euler", TRUNCATE=truncation is not None,
-        BLOCK_R=block_r, BLOCK_V=block_v, N_ROUNDS=10, N_TILES=triton.next_power_of_2(triton.cdiv(V, block_v)),
-        B_SPLIT=min(B_SPLIT, block_v // 2), num_warps=num_warps,
-    )
+    trunc_arg = truncation.reshape(n_rows, 2).float().contiguous() if truncation is not None else consts
+    with on_device(z):
+        reverse_step_kernel[grid](
+            z, z.stride(0), z.stride(1), shift_arg, x, consts, seed, trunc_arg, out,
+            n_rows, L, V,
+            KIND=KINDS[kind], ABSORB=bool(absorbing), HAS_SHIFT=shift is not None,
+            TWO_PASS=(not absorbing) and kind != "euler", TRUNCATE=truncation is not None,
+            BLOCK_R=block_r, BLOCK_V=block_v, N_ROUNDS=10, N_TILES=triton.next_power_of_2(triton.cdiv(V, block_v)),
+            B_SPLIT=min(B_SPLIT, block_v // 2), num_warps=num_warps,
+        )
     return out

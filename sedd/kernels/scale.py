@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_device
 from ._math import interpreted
 
 
@@ -32,4 +33,5 @@ def scale_unless_one_(grad: torch.Tensor, g: torch.Tensor) -> None:
     if n == 0:
         return
     block = 1 << 16 if interpreted() else 4096  # the interpreter is fastest with few wide programs
-    _scale_unless_one_kernel[(triton.cdiv(n, block),)](grad, g.reshape(1), n, BLOCK=block)
+    with on_device(grad):
+        _scale_unless_one_kernel[(triton.cdiv(n, block),)](grad, g.reshape(1), n, BLOCK=block)

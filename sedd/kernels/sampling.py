@@ -322,9 +322,6 @@ def reverse_step_kernel(
     # not by the chunk, so the draw is the same token for the same seed whatever B_SPLIT is;
     # ties go to the lower column, as one argmax over the tile would.
     choice = x
-    # rows left without a token: no candidate in pass A, or none in pass B's winning tile (pass A's
-    # FMA and pass B's exp can disagree by an ulp on a borderline candidate); they keep x
-    lost = best_tile < 0
     n_b = tl.max(draw.to(tl.int32), axis=0)  # 0 or 1: skip when no row of the block draws
     chunk = tl.arange(0, BLOCK_V // B_SPLIT)
     for _ in range(0, n_b):
@@ -356,14 +353,21 @@ def reverse_step_kernel(
             better = part_best > best_b
             arg_b = tl.where(better, first + part_arg.to(tl.int32), arg_b)
             best_b = tl.where(better, part_best, best_b)
+        # a row whose winning tile holds no pass-B candidate (pass A's FMA and pass B's exp can
+        # disagree by an ulp on a borderline one) keeps x, never the tile's first column: a real
+        # token possibly of weight 0; absorbing denoise, which never keeps MASK, takes token 0 as
+        # for a row with no candidate at all (below)
         found = best_b > float("-inf")
-        choice = tl.where(draw & found, arg_b, x)
-        lost = lost | (draw & ~found)
+        if ABSORB and KIND == 2:
+            fallback = x * 0
+        else:
+            fallback = x
+        choice = tl.where(draw, tl.where(found, arg_b, fallback), x)
     choice = tl.where(active, choice, x)
     if ABSORB and KIND == 2:
         # denoise never keeps MASK: a row whose real tokens all have weight 0 (every score −∞)
         # takes token 0, the lowest id, as the eager backend does (sedd.ops.reference.denoise_step)
-        choice = tl.where(active & lost, 0, choice)
+        choice = tl.where(active & (best_tile < 0), 0, choice)
     tl.store(out_ptr + rows, choice.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 

@@ -454,7 +454,9 @@ def reverse_step(
     if block_r is None:
         # interpreter: wide programs (~1 ms each); GPU: one row per program
         block_r = max(1, min(triton.next_power_of_2(n_rows), 4096 // block_v, 256)) if interpreted() else 1
-    num_warps = 4 if block_v <= 1024 else 8
+    # 8 or more columns per thread: a narrow tile spread over 4 warps replicated its values (V = 64: 167
+    # registers under Triton 3.6)
+    num_warps = min(8, max(1, block_v // 256))
     grid = (triton.cdiv(n_rows, block_r),)
     trunc_arg = truncation.reshape(n_rows, 2).float().contiguous() if truncation is not None else consts
     with on_device(z):

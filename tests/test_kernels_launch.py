@@ -45,7 +45,7 @@ def test_guard_makes_the_tensors_cuda_device_current_and_leaves_cpu_alone(monkey
     assert len(_FakeCudaDevice.log) == 2  # a CPU tensor (the interpreter) switches nothing
 
 
-def _launches_outside_the_guard(path: Path) -> list[str]:
+def _launches_outside_the_guard(path: Path) -> tuple[list[str], int]:
     tree = ast.parse(path.read_text())
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
 

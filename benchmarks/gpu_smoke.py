@@ -8,15 +8,20 @@ at V ≈ 130 through Triton's interpreter, so this file cannot rot.
 
 Checks, each recorded as it finishes (one failing check does not stop the others):
 - score entropy, per graph: the loss (batchmean, fused loss + gradient), the gradient, the
-  in-place gradient, and reduction "none" (its separate backward kernel), against the reference
-  in fp64 through ``ops``' torch backend;
+  in-place gradient, reduction "none" (its separate backward kernel), and ``(loss * 0.37)
+  .backward()`` (the scale kernel's multiply), against the reference in fp64 through ``ops``'
+  torch backend;
 - the fused head (``linear_score_entropy``, the training loss's default): loss and the
-  gradients of hidden, weight and bias against the logits path in fp64;
+  gradients of hidden, weight and bias against the logits path in fp64; absorbing, also the
+  sync-free head (every row, ``ops.sync_free``) against the same;
 - forward noising: the move rate per row within 5 standard deviations;
 - reverse steps (Euler, analytic, denoise) per graph: one peaked row repeated ``draws`` times,
   the draws against the reference probabilities (χ², p > 1e-4; computed here without scipy,
   which the GPU image lacks), and at scale: absorbing steps keep unmasked positions, denoise
   leaves no MASK;
+- truncated steps (all six), ``top_k = 40`` and ``top_p = 0.9``: the draws against the reference
+  truncation of the same probabilities; ``truncation_keep(top_p=1.0)`` (and 0.9) on the device
+  against the CPU, and top_p = 1 keeping every candidate;
 - 65536 rows (64 × 1024, element offsets past 2^31): the last rows of the fused loss + gradient
   against the reference on those rows, and an Euler + denoise step keeping the fixed positions.
 Exit status 1 when any check failed.
@@ -124,10 +129,17 @@ def score_entropy_checks(graph_name):
         loss, grad = _loss_and_grad("triton", graph, inputs, "none", grad_out=grad_out)
         return "; ".join([_close("loss", loss, want[0], 1e-4, 1e-5), _close("gradient", grad, want[1], 1.6e-2, 1.6e-2)])
 
+    def scaled():
+        c = torch.tensor(0.37, device=DEVICE)  # a non-unit incoming gradient: the scale kernel multiplies
+        want = _loss_and_grad("torch", graph, inputs, "batchmean", grad_out=c)
+        loss, grad = _loss_and_grad("triton", graph, inputs, "batchmean", grad_out=c)
+        return "; ".join([_close("loss", loss, want[0], 1e-4, 1e-5), _close("gradient", grad, want[1], 1.6e-2, 1.6e-2)])
+
     shape = [B, L, graph.dim]
     yield f"score entropy {graph_name} loss + gradient (batchmean)", shape, batchmean(False)
     yield f"score entropy {graph_name} loss + in-place gradient (batchmean)", shape, batchmean(True)
     yield f"score entropy {graph_name} per token + backward (none)", shape, per_token
+    yield f"score entropy {graph_name} (loss * 0.37).backward(): scale kernel", shape, scaled
 
 
 def fused_head_check(graph_name):
@@ -149,11 +161,11 @@ def fused_head_check(graph_name):
         x_t = reference.sample_transition(x0, sigma, graph, g)
         shift, dsigma = graph.score_shift(sigma), torch.tensor([2.0, 0.7], device=DEVICE)
 
-        def run(backend):
+        def run(backend, sync_free=False):
             leaves = [t.clone().double() if backend == "torch" else t.clone() for t in (hidden, weight, bias)]
             for t in leaves:
                 t.requires_grad_()
-            with ops.use_backend(backend):
+            with ops.use_backend(backend), ops.sync_free(sync_free):
                 if backend == "torch":  # the unfused logits path
                     logits = leaves[0] @ leaves[1].T + leaves[2]
                     loss = ops.score_entropy(logits, sigma, x_t, x0, graph, shift=shift, weight=dsigma, reduction="batchmean")
@@ -164,10 +176,14 @@ def fused_head_check(graph_name):
             return loss.detach().double(), [t.grad.double() for t in leaves]
 
         want_loss, want_grads = run("torch")
-        loss, grads = run("triton")
-        parts = [_close("loss", loss, want_loss, 2e-2, 1e-6)]
-        for name, got, want in zip(("∂hidden", "∂weight", "∂bias"), grads, want_grads):
-            parts.append(_close(name, got, want, 5e-2, 5e-2))
+        parts = []
+        # absorbing: the MASK rows gathered (a host sync), and every row under sync_free
+        for sync_free in (False, True) if graph.absorbing else (False,):
+            loss, grads = run("triton", sync_free)
+            tag = " (sync-free, every row)" if sync_free else ""
+            parts.append(_close("loss" + tag, loss, want_loss, 2e-2, 1e-6))
+            for name, got, want in zip(("∂hidden", "∂weight", "∂bias"), grads, want_grads):
+                parts.append(_close(name + tag, got, want, 5e-2, 5e-2))
         return "; ".join(parts)
 
     yield f"fused head (linear score entropy) {graph_name}", [2, L, D, graph.dim], check
@@ -196,12 +212,18 @@ def noising_check(graph_name):
     yield f"forward noising {graph_name}", [len(sigma), length], check
 
 
-def _step(kind, z, x_t, scalar, graph, gen):
+def _step(kind, z, x_t, scalar, graph, gen, **trunc):
     if kind == "euler":
-        return ops.euler_step(z, x_t, scalar, 0.5, graph, gen)
+        return ops.euler_step(z, x_t, scalar, 0.5, graph, gen, **trunc)
     if kind == "analytic":
-        return ops.analytic_step(z, x_t, scalar, graph, gen)
-    return ops.denoise_step(z, x_t, scalar, graph, gen)
+        return ops.analytic_step(z, x_t, scalar, graph, gen, **trunc)
+    return ops.denoise_step(z, x_t, scalar, graph, gen, **trunc)
+
+
+def _peaked_row(graph, g):
+    row = torch.randn(graph.dim, device=DEVICE, generator=g) * 3 - 4  # a peaked row with a long tail
+    row[torch.randint(0, N, (40,), device=DEVICE, generator=g)] += 6
+    return row
 
 
 def reverse_step_checks(graph_name):
@@ -211,8 +233,7 @@ def reverse_step_checks(graph_name):
 
         def draws(kind=kind):
             g = _gen(2)
-            row = torch.randn(V, device=DEVICE, generator=g) * 3 - 4  # a peaked row with a long tail
-            row[torch.randint(0, N, (40,), device=DEVICE, generator=g)] += 6
+            row = _peaked_row(graph, g)
             x_cur = graph.mask_id if graph.absorbing else 17
             z = row.expand(1, DRAWS, V).to(torch.bfloat16)
             x_t = torch.full((1, DRAWS), x_cur, device=DEVICE)
@@ -253,6 +274,64 @@ def reverse_step_checks(graph_name):
         return f"{int((~fixed).sum())} of {B * L} positions free to move"
 
     yield f"reverse step {graph_name} analytic + denoise at scale", [B, L, V], at_scale
+
+
+def truncated_step_checks(graph_name):
+    """Each truncated step, top_k = 40 then top_p = 0.9, on one peaked row repeated ``DRAWS``
+    times: the draws against ``reference.truncate`` of the reference probabilities (a token
+    outside the kept set fails outright)."""
+    graph = get_graph(graph_name, N)
+    V = graph.dim
+    for kind in ("euler", "analytic", "denoise"):
+
+        def draws(kind=kind):
+            g = _gen(12)
+            z = _peaked_row(graph, g).expand(1, DRAWS, V).to(torch.bfloat16)
+            x_t = torch.full((1, DRAWS), graph.mask_id if graph.absorbing else 17, device=DEVICE)
+            scalar = torch.tensor([1e-3 if kind == "denoise" else 0.05], device=DEVICE)
+            probs_fn = {"euler": reference.euler_probs, "analytic": reference.analytic_probs,
+                        "denoise": reference.denoise_probs}[kind]
+            args = (scalar, 0.5) if kind == "euler" else (scalar,)
+            probs = probs_fn(z[:, :1], x_t[:, :1], *args, graph)
+            parts = []
+            for trunc in (dict(top_k=40), dict(top_p=0.9)):
+                with ops.use_backend("triton"):
+                    out = _step(kind, z, x_t, scalar, graph, g, **trunc)
+                want = reference.truncate(probs, x_t[:, :1], **trunc).reshape(V)
+                kept = int((want > 0).sum())
+                if kept >= V - 1:
+                    raise AssertionError(f"{trunc} kept every candidate: nothing truncated")
+                p = chi2_pvalue(out, want)
+                if p <= 1e-4:
+                    raise AssertionError(f"{trunc}: χ² p-value {p:.2g} ≤ 1e-4")
+                if kind == "denoise" and graph.absorbing and (out == graph.mask_id).any():
+                    raise AssertionError("denoise returned MASK")
+                parts.append(f"{trunc}: {kept} kept, χ² p = {p:.3g}")
+            return "; ".join(parts) + f" over {DRAWS} draws"
+
+        yield f"truncated step {graph_name} {kind}: top-k / top-p draws vs reference truncation", [DRAWS, V], draws
+
+
+def truncation_keep_check():
+    """The reference kept set on the device against the CPU: top_p = 1 keeps every candidate
+    (an fp32 running sum had dropped the tail), top_p = 0.9 cuts at the same token."""
+    V = N if common.CUDA else 4096  # a GPT-2-wide row; on CPU wide enough that fp32 would drop tail tokens
+
+    def check():
+        p = torch.softmax(3 * torch.randn(2, V, generator=torch.Generator().manual_seed(0)), -1)
+        x = torch.tensor([0, 9])
+        counts = []
+        for top_p in (1.0, 0.9):
+            cpu = reference.truncation_keep(p, x, top_p=top_p)
+            dev = reference.truncation_keep(p.to(DEVICE), x.to(DEVICE), top_p=top_p).cpu()
+            if not torch.equal(dev, cpu):
+                raise AssertionError(f"top_p={top_p}: {int(dev.sum())} kept on {DEVICE}, {int(cpu.sum())} on CPU")
+            counts.append(int(cpu.sum()))
+        if counts[0] != 2 * (V - 1):
+            raise AssertionError(f"top_p=1.0 kept {counts[0]} of {2 * (V - 1)} candidates")
+        return f"top_p 1.0 / 0.9: {counts[0]} / {counts[1]} kept of {2 * (V - 1)}, same on {DEVICE} and CPU"
+
+    yield "truncation_keep top_p = 1.0 and 0.9 on the device vs CPU", [2, V], check
 
 
 def large_offset_checks():
@@ -309,6 +388,9 @@ def all_checks():
         yield from noising_check(graph_name)
     for graph_name in ("absorb", "uniform"):
         yield from reverse_step_checks(graph_name)
+    for graph_name in ("absorb", "uniform"):
+        yield from truncated_step_checks(graph_name)
+    yield from truncation_keep_check()
     yield from large_offset_checks()
 
 

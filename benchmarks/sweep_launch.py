@@ -86,7 +86,7 @@ def _default_pair(name: str) -> tuple[int, int]:
         _, bv, nw = score_entropy._launch_config(B * L, V_ABSORB, 2, None)
         return bv, nw
     bv = 4096 if CUDA else 256
-    return bv, 4 if bv <= 1024 else 8
+    return bv, min(8, max(1, bv // 256))
 
 
 def main(argv=None) -> None:

@@ -7,7 +7,9 @@ default): run them on a GPU machine with the interpreter off,
 
 (``benchmarks/run_gpu.sh`` does). Each check is the CPU suite's, on CUDA tensors through the
 compiled kernels: values and gradients against the eager reference, forward-noising rates,
-reverse-step draws against the reference probabilities (χ²), and ``torch.compile`` with inductor.
+reverse-step draws against the reference probabilities (χ²), truncated (top-k / top-p) steps
+against the reference truncation, and ``torch.compile`` with inductor. With two GPUs, every op on
+cuda:1 while cuda:0 is current against the same calls on cuda:0.
 """
 
 from __future__ import annotations
@@ -137,6 +139,103 @@ def test_reverse_step_draws_match_reference(graph_name, kind):
     assert chi2_pvalue(out, probs) > 1e-4
     if kind == "denoise" and graph.absorbing:
         assert not (out == graph.mask_id).any()
+
+
+def _peaked_row_steps(graph, kind, draws, **trunc):
+    """(draws, probabilities): one peaked bf16 row repeated ``draws`` times through the fused
+    step, and the reference probabilities of that row (truncated by ``trunc`` when given)."""
+    V = graph.dim
+    g = _gen(2)
+    row = torch.randn(V, device=CUDA, generator=g) * 3 - 4  # a few dozen tokens carry most of the mass
+    row[torch.randint(0, N, (40,), device=CUDA, generator=g)] += 6
+    x_cur = graph.mask_id if graph.absorbing else 17
+    z = row.expand(1, draws, V).to(torch.bfloat16)
+    x_t = torch.full((1, draws), x_cur, device=CUDA)
+    scalar = torch.tensor([0.05 if kind != "denoise" else 1e-3], device=CUDA)
+    step = {"euler": lambda: ops.euler_step(z, x_t, scalar, 0.5, graph, g, **trunc),
+            "analytic": lambda: ops.analytic_step(z, x_t, scalar, graph, g, **trunc),
+            "denoise": lambda: ops.denoise_step(z, x_t, scalar, graph, g, **trunc)}[kind]
+    with ops.use_backend("triton"):
+        out = step()
+    one, x1 = z[:, :1], x_t[:, :1]
+    probs = {"euler": lambda: reference.euler_probs(one, x1, scalar, 0.5, graph),
+             "analytic": lambda: reference.analytic_probs(one, x1, scalar, graph),
+             "denoise": lambda: reference.denoise_probs(one, x1, scalar, graph)}[kind]()
+    return out, reference.truncate(probs, x1, **trunc).reshape(V)
+
+
+@pytest.mark.parametrize("trunc", [dict(top_k=40), dict(top_p=0.9)], ids=["top_k=40", "top_p=0.9"])
+@pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
+@pytest.mark.parametrize("kind", ["euler", "analytic", "denoise"])
+def test_truncated_step_draws_match_reference_truncation(kind, graph_name, trunc):
+    graph = get_graph(graph_name, N)
+    out, probs = _peaked_row_steps(graph, kind, 1 << 14, **trunc)
+    assert (probs > 0).sum() < graph.dim - 1  # it truncates
+    assert chi2_pvalue(out, probs) > 1e-4  # and a token outside the kept set fails outright
+    if kind == "denoise" and graph.absorbing:
+        assert not (out == graph.mask_id).any()
+
+
+@pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
+def test_scaled_loss_backward_multiplies_the_fused_gradient(graph_name):
+    """(loss * 0.37).backward() of the fused batchmean loss: the scale kernel's multiply branch."""
+    graph = get_graph(graph_name, N)
+    g = _gen(5)
+    z = (torch.randn(2, 64, graph.dim, device=CUDA, generator=g) * 2).to(torch.bfloat16)
+    sigma = torch.tensor([0.3, 2.0], device=CUDA)
+    x0 = torch.randint(0, N, (2, 64), device=CUDA, generator=g)
+    x_t = reference.sample_transition(x0, sigma, graph, g)
+    grads = {}
+    for backend in ("torch", "triton"):
+        w = z.clone().requires_grad_()
+        with ops.use_backend(backend):
+            loss = ops.score_entropy(w * 1 if backend == "triton" else w.double(), sigma, x_t, x0, graph,
+                                     reduction="batchmean")
+        (loss * 0.37).backward()
+        grads[backend] = w.grad.double()
+    scale = float(grads["torch"].abs().max())
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1.6e-2, atol=1.6e-2 * scale)
+
+
+def test_truncation_keep_top_p_one_is_the_same_on_cuda_and_cpu():
+    p = torch.softmax(3 * torch.randn(2, 50257, generator=torch.Generator().manual_seed(0)), -1)
+    x = torch.tensor([0, 9])
+    for top_p in (1.0, 0.9):
+        cpu = reference.truncation_keep(p, x, top_p=top_p)
+        assert torch.equal(reference.truncation_keep(p.to(CUDA), x.to(CUDA), top_p=top_p).cpu(), cpu), top_p
+    assert int(reference.truncation_keep(p, x, top_p=1.0).sum()) == 2 * 50256
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
+def test_ops_on_the_second_gpu_match_the_first_while_device_0_is_current(graph_name):
+    """Triton launches on the current device: every launch runs under its tensors' device
+    (sedd/kernels/_launch.py), so cuda:1 tensors with cuda:0 current give cuda:0's results."""
+    graph = get_graph(graph_name, N)
+
+    def run(device):
+        g = torch.Generator(device).manual_seed(0)
+        B, L = 2, 64
+        z = (torch.randn(B, L, graph.dim, device=device, generator=g) * 2).to(torch.bfloat16)
+        sigma = torch.tensor([0.3, 2.0], device=device)
+        x0 = torch.randint(0, N, (B, L), device=device, generator=g)
+        w = z.clone().requires_grad_()
+        with ops.use_backend("triton"):
+            x_t = ops.sample_transition(x0, sigma, graph, g)
+            loss = ops.score_entropy(w * 1, sigma, x_t, x0, graph, reduction="batchmean")
+            (loss * 0.37).backward()  # the fused gradient, then the scale kernel
+            per_token = ops.score_entropy(z, sigma, x_t, x0, graph)
+            steps = [ops.euler_step(z, x_t, sigma, 0.5, graph, g), ops.analytic_step(z, x_t, sigma, graph, g),
+                     ops.denoise_step(z, x_t, sigma, graph, g), ops.analytic_step(z, x_t, sigma, graph, g, top_k=40)]
+        torch.cuda.synchronize(device)
+        return [t.detach().cpu() for t in (x_t, loss, w.grad, per_token, *steps)]
+
+    torch.cuda.set_device(0)
+    want = run(torch.device("cuda", 0))
+    got = run(torch.device("cuda", 1))
+    assert torch.cuda.current_device() == 0
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), i
 
 
 def test_absorbing_step_keeps_unmasked_positions_at_scale():

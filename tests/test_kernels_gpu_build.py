@@ -38,6 +38,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import sedd.kernels.sampling as sampling_kernels  # noqa: E402
+import sedd.kernels.scale as scale_kernels  # noqa: E402
 import sedd.kernels.score_entropy as score_entropy_kernels  # noqa: E402
 import sedd.kernels.transitions as transition_kernels  # noqa: E402
 
@@ -156,6 +157,12 @@ def _launches():
                               lambda: sampling_kernels.reverse_step("analytic", scores, x, per_row, absorbing,
                                                                     V_ABSORB - 1, shift=per_row, seed=seed,
                                                                     truncation=torch.zeros(B, L, 2)))
+    # the backward of a scaled sum/batchmean loss (loss * c).backward(): grad *= c in place, for
+    # each gradient dtype; B·L·V is not a multiple of 16, as at the GPT-2 widths
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        grad = torch.zeros(B, L, V_ABSORB, dtype=dtype)
+        launches += _recorded(scale_kernels, "_scale_unless_one_kernel",
+                              lambda: scale_kernels.scale_unless_one_(grad, torch.ones(1)))
     return launches
 
 
@@ -166,7 +173,8 @@ def build(target: str, loops: bool = False) -> list[dict]:
     for fn, args, kw in _launches():
         compiled = _compile(fn, args, dict(kw), TARGETS[target])
         record = {"kernel": fn.__name__, "constexprs": {k: v for k, v in kw.items() if k.isupper()},
-                  "num_warps": kw.get("num_warps"), "usage": _resource_usage(compiled)}
+                  "num_warps": kw.get("num_warps"), "usage": _resource_usage(compiled),
+                  "dtype": _TYPES[args[0].dtype][1:]}
         if loops:
             record["loop_instructions"] = _loop_sizes(compiled)
         records.append(record)
@@ -219,9 +227,9 @@ def test_every_gpu_launch_compiles_within_budget(target, which):
     version, records = json.loads(proc.stdout.splitlines()[-1])
     if which == "side":
         assert version != triton.__version__, f"the side Triton is the installed one ({version})"
-    assert len(records) == 2 * (4 + 1 + 3 + 1)
+    assert len(records) == 2 * (4 + 1 + 3 + 1) + 3
     assert {r["kernel"] for r in records} == {"_score_entropy_kernel", "_sample_transition_kernel",
-                                              "reverse_step_kernel"}
+                                              "reverse_step_kernel", "_scale_unless_one_kernel"}
     if target == "sm90":  # the GPUs the benchmarks target; sm_80 spills 8 bytes in one per-row epilogue
         over = []
         for r in records:
@@ -241,6 +249,8 @@ def _table(version: str, records: list[dict]) -> str:
         elif r["kernel"] == "reverse_step_kernel":
             spec = ("absorbing " if c["ABSORB"] else "uniform ") + ("euler", "analytic", "denoise")[c["KIND"]] + \
                 (" top-p/top-k" if c["TRUNCATE"] else "")
+        elif r["kernel"] == "_scale_unless_one_kernel":
+            spec = r["dtype"]
         else:
             spec = "absorbing" if c["ABSORB"] else "uniform"
         u = _usage(r)

@@ -426,3 +426,29 @@ def test_denoise_with_no_real_token_of_positive_weight_gives_token_zero_on_both_
         assert (out[dead] == 0).all(), backend
         assert (out != graph.mask_id).all(), backend
         assert (out[~dead] < graph.N).all(), backend
+
+
+@triton.jit
+def _no_candidate_noise(seed, rows, start, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, N_ROUNDS: tl.constexpr):
+    # log E = +∞ for every column: pass B's keys are all −∞, as when pass A counted a borderline
+    # candidate that pass B's own arithmetic rejects
+    return tl.full([BLOCK_R, BLOCK_V], float("inf"), dtype=tl.float32)
+
+
+@pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
+@pytest.mark.parametrize("kind", ["euler", "analytic", "denoise"])
+def test_a_winning_tile_without_a_pass_b_candidate_keeps_x(monkeypatch, graph_name, kind):
+    """Pass B finding no candidate in the tile pass A chose must not fall back to the tile's first
+    column (a real token, possibly of weight 0): the row keeps x_t (absorbing denoise, which
+    never keeps MASK: token 0, the rule for a row with no candidate)."""
+    graph = _graph(graph_name, V_ODD)
+    log_score, x_t = _batch(graph, V_ODD, n=64)
+    x_t[:, 1::2] = 5  # absorbing: fixed rows; uniform: a current token inside the first tile
+    monkeypatch.setattr(ks, "_tile_log_noise", _no_candidate_noise)
+    with ops.use_backend("triton"):  # three tiles per row: the first column of the winner is 0, 16 or 32
+        out = _step(kind, log_score, x_t, 50.0 if kind == "euler" else 2.0, graph, torch.Generator().manual_seed(0),
+                    dt=1.0, block_v=16)
+    want = x_t.clone()
+    if graph.absorbing and kind == "denoise":
+        want[x_t == graph.mask_id] = 0
+    assert torch.equal(out, want)

@@ -213,6 +213,24 @@ def test_inplace_backward_reuses_the_buffer_and_gives_the_same_gradient(graph, d
     torch.testing.assert_close(grad_ip, grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scale_kernel_multiplies_whole_and_partial_blocks_and_skips_one(dtype):
+    # (loss * c).backward() of a fused sum/batchmean loss: grad *= c on the device, nothing when c == 1
+    from sedd.kernels.scale import scale_unless_one_
+
+    n = (1 << 16) + 123  # a whole block of the interpreter's launch and a partial one
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(dtype)
+    y = x.clone()
+    scale_unless_one_(y, torch.tensor([0.37]))
+    if dtype == torch.float32:
+        assert torch.equal(y, x * 0.37)
+    else:  # the interpreter's cast to bf16 truncates where a GPU rounds to nearest: one bf16 ulp
+        torch.testing.assert_close(y.float(), x.float() * 0.37, rtol=2**-7, atol=0)
+    y = x.clone()
+    scale_unless_one_(y, torch.tensor([1.0]))
+    assert torch.equal(y, x)
+
+
 def test_fused_backward_runs_once():
     graph = Absorbing(10)
     z, sigma, x_t, x0, shift, weight = score_entropy_case(graph, garbage=False)

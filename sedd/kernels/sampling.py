@@ -76,6 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_device
 from ._math import LOG2E, interpreted
 from ._math import exp2 as _exp2
 
@@ -354,7 +355,16 @@ def reverse_step_kernel(
             better = part_best > best_b
             arg_b = tl.where(better, first + part_arg.to(tl.int32), arg_b)
             best_b = tl.where(better, part_best, best_b)
-        choice = tl.where(draw, arg_b, x)
+        # a row whose winning tile holds no pass-B candidate (pass A's FMA and pass B's exp can
+        # disagree by an ulp on a borderline one) keeps x, never the tile's first column: a real
+        # token possibly of weight 0; absorbing denoise, which never keeps MASK, takes token 0 as
+        # for a row with no candidate at all (below)
+        found = best_b > float("-inf")
+        if ABSORB and KIND == 2:
+            fallback = x * 0
+        else:
+            fallback = x
+        choice = tl.where(draw, tl.where(found, arg_b, fallback), x)
     choice = tl.where(active, choice, x)
     if ABSORB and KIND == 2:
         # denoise never keeps MASK: a row whose real tokens all have weight 0 (every score −∞)
@@ -449,15 +459,18 @@ def reverse_step(
         # interpreter: wide programs (~1 ms each); GPU: one row per program
         block_r = max(1, min(triton.next_power_of_2(n_rows), 4096 // block_v, 256)) if interpreted() else 1
     if num_warps is None:
-        num_warps = 4 if block_v <= 1024 else 8
+        # 8 or more columns per thread: a narrow tile spread over 4 warps replicated its values
+        # (V = 64: 167 registers under Triton 3.6)
+        num_warps = min(8, max(1, block_v // 256))
     grid = (triton.cdiv(n_rows, block_r),)
-    reverse_step_kernel[grid](
-        z, z.stride(0), z.stride(1), shift_arg, x, consts, seed,
-        truncation.reshape(n_rows, 2).float().contiguous() if truncation is not None else consts, out,
-        n_rows, L, V,
-        KIND=KINDS[kind], ABSORB=bool(absorbing), HAS_SHIFT=shift is not None,
-        TWO_PASS=(not absorbing) and kind != "euler", TRUNCATE=truncation is not None,
-        BLOCK_R=block_r, BLOCK_V=block_v, N_ROUNDS=10, N_TILES=triton.next_power_of_2(triton.cdiv(V, block_v)),
-        B_SPLIT=min(B_SPLIT, block_v // 2), num_warps=num_warps,
-    )
+    trunc_arg = truncation.reshape(n_rows, 2).float().contiguous() if truncation is not None else consts
+    with on_device(z):
+        reverse_step_kernel[grid](
+            z, z.stride(0), z.stride(1), shift_arg, x, consts, seed, trunc_arg, out,
+            n_rows, L, V,
+            KIND=KINDS[kind], ABSORB=bool(absorbing), HAS_SHIFT=shift is not None,
+            TWO_PASS=(not absorbing) and kind != "euler", TRUNCATE=truncation is not None,
+            BLOCK_R=block_r, BLOCK_V=block_v, N_ROUNDS=10, N_TILES=triton.next_power_of_2(triton.cdiv(V, block_v)),
+            B_SPLIT=min(B_SPLIT, block_v // 2), num_warps=num_warps,
+        )
     return out

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_device
 from ._math import LOG2E, exp2, interpreted
 
 M_CAP = tl.constexpr(64.0)  # cap of the running max (e^64 ≈ 6e27, finite in fp32)
@@ -320,31 +321,32 @@ def score_entropy(
         align = 1
     masked_split = min(MASKED_SPLIT, block_v)
     dummy = sigma
-    _score_entropy_kernel[(triton.cdiv(n_rows, block_r),)](
-        z,
-        grad if grad is not None else z,
-        loss if loss is not None else dummy,
-        grad_output if grad_output is not None else dummy,
-        sigma,
-        shift if shift is not None else dummy,
-        weight if weight is not None else dummy,
-        x_t,
-        x0,
-        n_rows,
-        L,
-        V,
-        N,
-        float(grad_scale),
-        ABSORB=absorbing,
-        HAS_SHIFT=shift is not None,
-        HAS_WEIGHT=weight is not None,
-        HAS_GOUT=grad_output is not None,
-        WRITE_LOSS=compute_loss,
-        WRITE_GRAD=grad is not None,
-        BLOCK_R=block_r,
-        BLOCK_V=block_v,
-        ALIGN=align,
-        MASKED_SPLIT=masked_split,
-        num_warps=num_warps,
-    )
+    with on_device(z):
+        _score_entropy_kernel[(triton.cdiv(n_rows, block_r),)](
+            z,
+            grad if grad is not None else z,
+            loss if loss is not None else dummy,
+            grad_output if grad_output is not None else dummy,
+            sigma,
+            shift if shift is not None else dummy,
+            weight if weight is not None else dummy,
+            x_t,
+            x0,
+            n_rows,
+            L,
+            V,
+            N,
+            float(grad_scale),
+            ABSORB=absorbing,
+            HAS_SHIFT=shift is not None,
+            HAS_WEIGHT=weight is not None,
+            HAS_GOUT=grad_output is not None,
+            WRITE_LOSS=compute_loss,
+            WRITE_GRAD=grad is not None,
+            BLOCK_R=block_r,
+            BLOCK_V=block_v,
+            ALIGN=align,
+            MASKED_SPLIT=masked_split,
+            num_warps=num_warps,
+        )
     return loss

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_device
 from ._math import interpreted
 
 
@@ -77,7 +78,8 @@ def sample_transition(
     if block is None:
         block = 4096 if interpreted() else 1024
         block = min(block, triton.next_power_of_2(n))
-    _sample_transition_kernel[(triton.cdiv(n, block),)](
-        x0, out, sigma, seed, n, L, N, ABSORB=absorbing, BLOCK=block, num_warps=4
-    )
+    with on_device(x0):
+        _sample_transition_kernel[(triton.cdiv(n, block),)](
+            x0, out, sigma, seed, n, L, N, ABSORB=absorbing, BLOCK=block, num_warps=4
+        )
     return out

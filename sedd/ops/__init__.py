@@ -10,7 +10,7 @@ backend                   built-in graphs (absorb,        a graph without a kern
 ``"triton"``              :mod:`sedd.ops.custom_ops`      ``RuntimeError`` (no kernel)
                           (the kernels of sedd.kernels)
 ``"torch"``               :mod:`sedd.ops.eager`           :mod:`sedd.ops.reference`
-                          (truncated steps: reference)    (the graph's own math)
+                          (truncated steps too)           (the graph's own math)
 ``"auto"`` (default)      Triton for CUDA tensors,        :mod:`sedd.ops.reference`
                           eager otherwise
 ========================  ==============================  ======================================

@@ -13,6 +13,11 @@ distributions with less work and memory:
   (tiles + 1) + tile draws per row are needed instead of V.
 * Rows in chunks. A bf16/fp16 input is converted to fp32 one chunk of rows at a time, so the
   temporaries are bounded (about ``_CHUNK_ELEMENTS`` fp32 values), never [B, L, V].
+* Truncation (top-p / top-k, ``sedd.ops.steps.TRUNCATION``) in log space too: the kept set is a
+  threshold on ŝ (a step's candidate weights increase with ŝ), found per row from the sorted
+  scores with weights relative to the row's maximum (or its log-sum-exp) and the top-p running
+  sum in fp64; the stay option keeps its untruncated probability. :func:`truncation` gives the
+  fused kernel the same threshold and stay-or-move decision, chunk by chunk.
 
 Weights (ŝ = z + shift, ŝ[x_t] = 0; docs/math.md, "Reverse steps"):
   exp family (absorbing euler/analytic/denoise, uniform euler): candidate y has log-weight
@@ -29,21 +34,37 @@ import torch
 
 from sedd.graph import Graph
 
-_CHUNK_ELEMENTS = 1 << 21  # fp32 values in one chunk of rows (8 MiB), per temporary: cache-sized for a CPU
-# On a GPU a chunk that small is a few dozen rows at V = 50257: hundreds of chunks per step of ~30
-# small launches each, so launch overhead dominates; 128 MiB per temporary keeps them few.
+_TILE = 256  # columns per tile of the race; rows of at most _SINGLE_TILE columns are one tile
+_SINGLE_TILE = 1024
+# fp32 values per temporary in one chunk of rows: 8 MiB, cache-sized, on a CPU. On a GPU a chunk
+# that small is a few dozen rows at V = 50257, hundreds of chunks of ~30 small launches per step,
+# so launch overhead dominates: 128 MiB there.
+_CHUNK_ELEMENTS = 1 << 21
 _CUDA_CHUNK_ELEMENTS = 1 << 25
+# A truncated step also sorts each row and keeps fp64 weights and a mask: ~30 bytes per score in
+# all, so its chunks are smaller on CPU (cache-sized) and larger on a GPU (fewer launches).
+_TRUNC_CHUNK_ELEMENTS = {"cpu": 1 << 19}
+_TRUNC_CHUNK_ELEMENTS_DEVICE = 1 << 23
 
 
 def _chunk_elements(device: torch.device) -> int:
     return _CHUNK_ELEMENTS if device.type == "cpu" else _CUDA_CHUNK_ELEMENTS
-_TILE = 256  # columns per tile of the race; rows of at most _SINGLE_TILE columns are one tile
-_SINGLE_TILE = 1024
 
 
-def reverse_step(kind: str, log_score, x_t, scalar, graph: Graph, shift=None, generator=None) -> torch.Tensor:
+def truncating(top_p, top_k) -> bool:
+    """Whether ``top_p``/``top_k`` truncate at all: ``top_p`` ≥ 1 keeps every candidate."""
+    return top_k is not None or (top_p is not None and float(top_p) < 1.0)
+
+
+def _trunc_rows(V: int, device: torch.device) -> int:
+    return max(1, _TRUNC_CHUNK_ELEMENTS.get(device.type, _TRUNC_CHUNK_ELEMENTS_DEVICE) // V)
+
+
+def reverse_step(kind: str, log_score, x_t, scalar, graph: Graph, shift=None, generator=None, top_p=None,
+                 top_k=None) -> torch.Tensor:
     """The next tokens [B, L] (int64) of an ``euler`` (scalar = Δt·dσ), ``analytic`` (Δσ) or
-    ``denoise`` (σ) step. ``scalar``/``shift``: fp32 [B]; ``x_t``: int64 [B, L]."""
+    ``denoise`` (σ) step, truncated by ``top_p``/``top_k`` when given. ``scalar``/``shift``: fp32
+    [B]; ``x_t``: int64 [B, L]."""
     B, L, V = log_score.shape
     absorbing = graph.kernel == "absorb"
     z = log_score.reshape(B * L, V)
@@ -54,16 +75,18 @@ def reverse_step(kind: str, log_score, x_t, scalar, graph: Graph, shift=None, ge
     tile = V if V <= _SINGLE_TILE else _TILE
     n_tiles = -(-V // tile)
     width = n_tiles * tile
-    rows = max(1, _chunk_elements(z.device) // width)
+    trunc = (top_p, top_k) if truncating(top_p, top_k) else None
+    rows = _trunc_rows(width, z.device) if trunc else max(1, _chunk_elements(z.device) // width)
     out = torch.empty_like(x)
     for r0 in range(0, B * L, rows):
         r1 = min(B * L, r0 + rows)
         sh_c = sh[r0:r1] if sh is not None else None
-        out[r0:r1] = _chunk(kind, z[r0:r1], x[r0:r1], c[r0:r1], sh_c, graph, absorbing, tile, n_tiles, generator)
+        out[r0:r1] = _chunk(kind, z[r0:r1], x[r0:r1], c[r0:r1], sh_c, graph, absorbing, tile, n_tiles, generator,
+                            trunc)
     return out.reshape(B, L)
 
 
-def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator):
+def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, trunc=None):
     n, V = z.shape
     buf = torch.full((n, n_tiles * tile), -torch.inf, dtype=torch.float32, device=z.device)
     s = buf[:, :V]
@@ -76,10 +99,15 @@ def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator):
     if absorbing:
         s.scatter_(1, col, 0.0)  # ŝ[x_t] = 0; only MASK rows move, and MASK is never a candidate there
         s[:, graph.mask_id] = -torch.inf
-    elif uniform_tweedie:
-        s.scatter_(1, col, 0.0)  # s_{x_t} = 1 enters S = Σ_k s_k
     else:
-        s.scatter_(1, col, -torch.inf)  # euler: Σ over y ≠ x_t only
+        s.scatter_(1, col, -torch.inf)  # the candidates y ≠ x_t (uniform Tweedie: s_{x_t} = 1 joins S below)
+    keep = None
+    if trunc is not None:
+        # the kept candidates, {ŝ_y ≥ thr}, before the scores are exponentiated in place
+        thr = _threshold(s, kind, c, graph, absorbing, *trunc)
+        keep = buf >= thr.unsqueeze(1)
+    if uniform_tweedie:
+        s.scatter_(1, col, 0.0)  # s_{x_t} = 1 enters S = Σ_k s_k
     tiles = buf.view(n, n_tiles, tile)
     tmax = tiles.amax(-1)
     tmax = torch.where(torch.isfinite(tmax), tmax, 0.0)
@@ -88,29 +116,32 @@ def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator):
     lse = torch.logsumexp(tile_lse, -1)  # log Σ_y s_y over the candidates (uniform tweedie: all y)
 
     if uniform_tweedie:
-        N = graph.N
         dsig = c
-        log_c1 = torch.log(torch.expm1(dsig) / N)
-        c2 = -torch.expm1(-dsig) / N
+        log_c1, c2 = _tweedie_constants(dsig, graph.N)
         # candidate weight ∝ e^{u_y} − c₂ with u = ŝ − lse ≤ 0, clamped at 0, x_t excluded
         scale = torch.exp(tmax.double() - lse.unsqueeze(1)).float()
         tiles.mul_(scale.unsqueeze(-1)).sub_(c2.float()[:, None, None]).clamp_min_(0)
         buf.scatter_(1, col, 0.0)
-        cand = log_c1.unsqueeze(1) + lse.unsqueeze(1) + tiles.sum(-1).double().log()
+        offset = log_c1 + lse
+        cand = offset.unsqueeze(1) + tiles.sum(-1).double().log()
         lc = torch.log(c2) + lse
         stay = dsig + _log1mexp(lc) + torch.log(torch.exp(-dsig) + c2)
     else:
-        if kind == "euler":
-            log_c = torch.log(c) - (0.0 if absorbing else math.log(graph.N))
-        elif kind == "analytic":
-            log_c = torch.log(torch.expm1(c))
-        else:
-            log_c = torch.zeros_like(c)
+        log_c = _log_coef(kind, c, absorbing, graph.N)
         cand = log_c.unsqueeze(1) + tile_lse
         if kind == "denoise":
             stay = torch.full_like(lse, -torch.inf)  # absorbing: every MASK is filled
         else:
             stay = _log1mexp(log_c + lse)
+    if keep is not None:
+        # moving keeps its untruncated probability and goes to the kept candidates only: their
+        # tiles, rescaled to the whole candidate mass, race the stay option
+        total = torch.logsumexp(cand, -1)
+        tiles.masked_fill_(~keep.view(n, n_tiles, tile), 0.0)
+        sums = tiles.sum(-1).double().log()
+        kept = offset.unsqueeze(1) + sums if uniform_tweedie else log_c.unsqueeze(1) + tmax.double() + sums
+        kept_total = torch.logsumexp(kept, -1)
+        cand = kept + torch.where(kept_total > -torch.inf, total - kept_total, 0.0).unsqueeze(1)
 
     options = torch.cat([cand, stay.unsqueeze(1)], dim=1)  # [n, T + 1] fp64 log-weights
     k = _race(options, generator)
@@ -122,6 +153,109 @@ def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator):
     if absorbing:
         token = torch.where(x == graph.mask_id, token, x)
     return token
+
+
+def _log_coef(kind, c, absorbing: bool, N: int) -> torch.Tensor:
+    """log of the candidates' common factor in the exp family (fp64 [n]): Euler Δt·dσ (/N uniform),
+    absorbing analytic e^{Δσ} − 1, absorbing denoise 1."""
+    if kind == "euler":
+        return torch.log(c) - (0.0 if absorbing else math.log(N))
+    if kind == "analytic":
+        return torch.log(torch.expm1(c))
+    return torch.zeros_like(c)
+
+
+def _tweedie_constants(dsig, N: int):
+    """Uniform analytic / denoise, Δσ fp64 [n]: log((e^{Δσ} − 1)/N) and c₂ = (1 − e^{−Δσ})/N."""
+    return torch.log(torch.expm1(dsig) / N), -torch.expm1(-dsig) / N
+
+
+def _threshold(s, kind, c, graph: Graph, absorbing: bool, top_p, top_k) -> torch.Tensor:
+    """The ŝ threshold of the kept candidates per row (fp32 [n]; +∞: none kept) for scores ``s``
+    [n, V] fp32 that are −∞ off the candidates (uniform: x_t too).
+
+    The candidate weights increase with ŝ, so both rules of :data:`sedd.ops.steps.TRUNCATION` cut
+    the row sorted by ŝ: top-k at the k-th score (ties kept), top-p where the running sum of the
+    weights (fp64, relative to the row maximum, or to S for uniform Tweedie; a share, so the scale
+    does not matter) first reaches ``top_p`` of the kept total (the crossing token and its ties
+    kept). Weights are never exponentiated outside [0, 1], whatever the scores.
+    """
+    n, V = s.shape
+    by_p = top_p is not None and float(top_p) < 1.0
+    if top_k is not None and not by_p:
+        vals = s.topk(min(int(top_k), V), dim=-1).values  # top-k alone needs no full sort
+    else:
+        vals = s.sort(-1, descending=True).values
+    if not absorbing and kind != "euler":  # uniform Tweedie: weight ∝ e^{ŝ_y}/S − c₂, S with s_{x_t} = 1
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, 0.0)
+        log_s = torch.logaddexp(m.double() + (s - m).exp().sum(-1, keepdim=True, dtype=torch.float64).log(),
+                                torch.zeros_like(m, dtype=torch.float64))
+        _, c2 = _tweedie_constants(c, graph.N)
+        w = ((vals.double() - log_s).exp_() - c2.unsqueeze(1)).clamp_min_(0)
+    else:
+        top = vals[:, :1].double()
+        w = (vals.double() - torch.where(torch.isfinite(top), top, 0.0)).exp_()
+    pos = w > 0  # a prefix of the sorted row
+    if top_k is not None and by_p:
+        k = min(int(top_k), V)
+        pos &= vals >= vals[:, k - 1 : k]
+        w.masked_fill_(~pos, 0.0)
+    n_pos = pos.sum(-1)
+    if by_p:
+        cum = w.cumsum_(-1)
+        last = (cum < float(top_p) * cum[:, -1:]).sum(-1)  # the token whose weight crosses the share
+    else:
+        last = n_pos - 1
+    thr = vals.gather(1, last.clamp(0, vals.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    return torch.where(n_pos > 0, thr, torch.inf)
+
+
+def truncation(kind: str, log_score, x_t, scalar, graph: Graph, shift, top_p, top_k, generator) -> torch.Tensor:
+    """What the fused kernel needs for a truncated step: [B, L, 2] fp32, per position the ŝ
+    threshold of the kept candidates and 1 to move / 0 to stay, drawn with the untruncated stay
+    probability (a U[0, 1) fp64 per position from ``generator``). Arguments as
+    :func:`reverse_step`; rows in chunks, so the sort and its temporaries stay bounded."""
+    B, L, V = log_score.shape
+    absorbing = graph.kernel == "absorb"
+    z = log_score.reshape(B * L, V)
+    x = x_t.reshape(B * L)
+    c = scalar.double().repeat_interleave(L)
+    sh = shift.repeat_interleave(L) if shift is not None else None
+    u = torch.rand(B * L, generator=generator, device=z.device, dtype=torch.float64)
+    out = torch.empty(B * L, 2, dtype=torch.float32, device=z.device)
+    rows = _trunc_rows(V, z.device)
+    for r0 in range(0, B * L, rows):
+        r1 = min(B * L, r0 + rows)
+        s = _shifted(z[r0:r1], None if sh is None else sh[r0:r1], torch.float32)
+        s.scatter_(1, x[r0:r1].unsqueeze(1), -torch.inf)  # absorbing: x_t is MASK on every row that moves
+        if absorbing:
+            s[:, graph.mask_id] = -torch.inf
+        out[r0:r1, 0] = _threshold(s, kind, c[r0:r1], graph, absorbing, top_p, top_k)
+        log_stay = _stay_share(kind, s, c[r0:r1], graph, absorbing)
+        out[r0:r1, 1] = (u[r0:r1] >= log_stay.exp()).float()
+        del s
+    return out.reshape(B, L, 2)
+
+
+def _stay_share(kind, s, c, graph: Graph, absorbing: bool) -> torch.Tensor:
+    """log P(stay) of the untruncated step (fp64 [n]) from the candidates' scores ``s`` (−∞ off
+    them; consumed), with the eager step's weights: stay vs the candidates' total, in log space."""
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    e = s.sub_(m).exp_()  # in [0, 1]
+    lse = m.squeeze(1).double() + e.sum(-1, dtype=torch.float64).log()  # log Σ_{candidates} e^{ŝ}
+    if not absorbing and kind != "euler":
+        log_c1, c2 = _tweedie_constants(c, graph.N)
+        lse = torch.logaddexp(lse, torch.zeros_like(lse))  # S includes s_{x_t} = 1
+        scale = torch.exp(m.squeeze(1).double() - lse).float()
+        mass = e.mul_(scale.unsqueeze(1)).sub_(c2.float().unsqueeze(1)).clamp_min_(0).sum(-1, dtype=torch.float64)
+        cand = log_c1 + lse + mass.log()
+        stay = c + _log1mexp(torch.log(c2) + lse) + torch.log(torch.exp(-c) + c2)
+    else:
+        cand = _log_coef(kind, c, absorbing, graph.N) + lse
+        stay = torch.full_like(lse, -torch.inf) if kind == "denoise" else _log1mexp(cand)
+    return stay - torch.logaddexp(stay, cand)
 
 
 def _log1mexp(a: torch.Tensor) -> torch.Tensor:

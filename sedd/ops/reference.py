@@ -111,6 +111,8 @@ def truncation_keep(probs: torch.Tensor, x_t: torch.Tensor, top_p: float | None 
     k-th largest p; ``top_p`` then keeps, among those, the tokens with p_y ≥ p_(i*), where the
     kept candidates sorted by decreasing p first reach a share ``top_p`` of their total mass at
     the i*-th (the token that crosses the threshold is kept). Ties at a boundary are all kept.
+    ``top_p`` ≥ 1 keeps every candidate; the running sum is fp64, so tail tokens below fp32's
+    resolution of it are not cut off.
     """
     V = probs.shape[-1]
     stay_col = x_t.unsqueeze(-1)
@@ -119,10 +121,10 @@ def truncation_keep(probs: torch.Tensor, x_t: torch.Tensor, top_p: float | None 
     if top_k is not None:
         kth = cand.topk(min(int(top_k), V), dim=-1).values[..., -1:]
         keep &= cand >= kth
-    if top_p is not None:
+    if top_p is not None and top_p < 1:
         kept = torch.where(keep, cand, 0.0)
         desc = kept.sort(-1, descending=True).values
-        cum = desc.cumsum(-1)
+        cum = desc.double().cumsum(-1)
         first = (cum < top_p * cum[..., -1:]).sum(-1, keepdim=True).clamp_max(V - 1)
         keep &= cand >= desc.gather(-1, first)
     return keep
@@ -137,7 +139,7 @@ def truncate(probs: torch.Tensor, x_t: torch.Tensor, top_p: float | None = None,
     truncation acts on where a position jumps to, not on whether it jumps (as MDLM's p_nucleus
     acts on the clean-token distribution): an absorbing step keeps its chance to unmask.
     """
-    if top_p is None and top_k is None:
+    if top_k is None and (top_p is None or top_p >= 1):
         return probs
     stay_col = x_t.unsqueeze(-1)
     stay = probs.gather(-1, stay_col)

@@ -1,6 +1,6 @@
 """The reverse steps behind one interface: checks, then the fused sampling kernel
 (:mod:`sedd.ops.custom_ops`), the chunked log-space eager steps (:mod:`sedd.ops.eager`, the built-in
-graphs) or the reference (:mod:`sedd.ops.reference`: any other graph, and truncated eager steps).
+graphs, truncated or not) or the reference (:mod:`sedd.ops.reference`: any other graph).
 
 Each step reads the scores at x_t and writes one token id per position; on the Triton backend no
 [B, L, V] tensor is allocated besides the caller's scores.
@@ -32,9 +32,13 @@ spread over the kept candidates in proportion to their step probability. ``top_k
 candidates whose probability is at least the k-th largest; ``top_p`` (0 < p ≤ 1) then keeps,
 among those, the smallest prefix in decreasing probability whose share of their total reaches p
 (the token crossing it included); ties at either boundary are all kept. Both backends draw from
-exactly this distribution (``sedd.ops.reference.truncate``). The Triton backend finds the kept set
-with torch (one sort of the step's probabilities) and draws with the fused kernel; without
-``top_p``/``top_k`` the kernel launch is the untruncated one, unchanged."""
+exactly this distribution (``sedd.ops.reference.truncate``). ``top_p`` = 1 keeps every candidate:
+the untruncated step. The kept set is a threshold on the scores, found in log space (the weights
+relative to each row's maximum, the top-p running sum in fp64), so scores beyond fp32's exp range
+truncate correctly; rows go in chunks, so a truncated step's temporaries stay bounded. The Triton
+backend finds the threshold and the stay-or-move decision with torch (``sedd.ops.eager.truncation``)
+and draws with the fused kernel; without ``top_p``/``top_k`` the kernel launch is the untruncated
+one, unchanged."""
 
 
 def euler_step(log_score: torch.Tensor, x_t: torch.Tensor, dsigma: torch.Tensor, dt: float | torch.Tensor,
@@ -89,8 +93,6 @@ def denoise_step(log_score: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor
 
 _REFERENCE_STEPS = {"euler": reference.euler_step, "analytic": reference.analytic_step,
                     "denoise": reference.denoise_step}
-_STEP_PROBS = {"euler": reference.euler_probs, "analytic": reference.analytic_probs,
-               "denoise": reference.denoise_probs}
 
 
 def _reverse_step(kind, log_score, x_t, scalars, graph, shift, generator, block_v, top_p, top_k):
@@ -100,26 +102,18 @@ def _reverse_step(kind, log_score, x_t, scalars, graph, shift, generator, block_
     check_truncation(top_p, top_k)
     block_v = check_block_v(block_v)
     scalar = scalars[0] if len(scalars) == 1 else scalars[0] * scalars[1]
-    truncated = top_p is not None or top_k is not None
+    if not eager.truncating(top_p, top_k):  # top_p = 1 keeps every candidate: the untruncated step
+        top_p = top_k = None
     if dispatch(log_score.device, graph) == "triton":
         check_triton_dtype("log_score", log_score)
-        trunc = _truncation(kind, log_score, x_t, scalars, graph, shift, generator, top_p, top_k) if truncated else None
+        trunc = None
+        if top_p is not None or top_k is not None:
+            # the kept set and stay-or-move in log space, rows in chunks (sedd/ops/eager.py)
+            trunc = eager.truncation(kind, log_score, x_t.long(), scalar, graph, shift, top_p, top_k, generator)
         return custom_ops.reverse_step(kind, log_score, x_t, scalar, graph, shift, generator, block_v, trunc)
-    if graph.kernel is not None and not truncated:
+    if graph.kernel is not None:
         # the built-in graphs' eager steps: log space, chunked, a two-level fp64 race (sedd/ops/eager.py)
-        return eager.reverse_step(kind, log_score, x_t.long(), scalar, graph, shift, generator).to(x_t.dtype)
+        return eager.reverse_step(kind, log_score, x_t.long(), scalar, graph, shift, generator, top_p,
+                                  top_k).to(x_t.dtype)
     step = _REFERENCE_STEPS[kind]
     return step(log_score, x_t.long(), *scalars, graph, shift, generator, top_p, top_k).to(x_t.dtype)
-
-
-def _truncation(kind, log_score, x_t, scalars, graph, shift, generator, top_p, top_k):
-    """[B, L, 2] (ŝ threshold of the kept candidates, move flag) for the kernel."""
-    x_t = x_t.long()
-    probs = _STEP_PROBS[kind](log_score, x_t, *scalars, graph, shift)
-    keep = reference.truncation_keep(probs, x_t, top_p, top_k)
-    # the step's candidate weights increase with ŝ, so the kept set is {y ≠ x_t : ŝ_y ≥ thr}
-    thr = torch.where(keep, reference.log_scores(log_score, x_t, shift), torch.inf).amin(-1)
-    stay = probs.gather(-1, x_t.unsqueeze(-1)).squeeze(-1)
-    u = torch.rand(stay.shape, generator=generator, device=stay.device, dtype=torch.float64)
-    move = (u >= stay.double()).float()
-    return torch.stack([thr.float(), move], -1)

@@ -450,8 +450,13 @@ def reverse_step(
         return out
     consts = _row_constants(KINDS[kind], scalar.reshape(B), absorbing, N)
     shift_arg = shift.reshape(B).float().contiguous() if shift is not None else consts
+    two_pass = (not absorbing) and kind != "euler"
     if block_v is None:
-        block_v = min(256, triton.next_power_of_2(V)) if interpreted() else min(4096, triton.next_power_of_2(V))
+        # GPU: the fastest tile of the launch sweep on an H200 (benchmarks/results/h200-2026-12-04-21e83ed.md,
+        # 16 x 1024 rows at GPT-2 width): 2048 columns x 4 warps for the one-pass steps (absorbing
+        # 36 % of the copy bandwidth against 23 % at 4096 x 8), 4096 x 16 for the two-pass uniform
+        # analytic / denoise (12 % against 8 %)
+        block_v = min(256 if interpreted() else 4096 if two_pass else 2048, triton.next_power_of_2(V))
     block_v = max(2, int(block_v))
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
@@ -459,9 +464,9 @@ def reverse_step(
         # interpreter: wide programs (~1 ms each); GPU: one row per program
         block_r = max(1, min(triton.next_power_of_2(n_rows), 4096 // block_v, 256)) if interpreted() else 1
     if num_warps is None:
-        # 8 or more columns per thread: a narrow tile spread over 4 warps replicated its values
-        # (V = 64: 167 registers under Triton 3.6)
-        num_warps = min(8, max(1, block_v // 256))
+        # at least 8 columns per thread: a narrow tile spread over 4 warps replicated its values
+        # (V = 64: 167 registers under Triton 3.6); 16 at 2048 x 4
+        num_warps = 16 if two_pass and block_v >= 4096 and not interpreted() else min(4, max(1, block_v // 256))
     grid = (triton.cdiv(n_rows, block_r),)
     trunc_arg = truncation.reshape(n_rows, 2).float().contiguous() if truncation is not None else consts
     with on_device(z):
@@ -469,7 +474,7 @@ def reverse_step(
             z, z.stride(0), z.stride(1), shift_arg, x, consts, seed, trunc_arg, out,
             n_rows, L, V,
             KIND=KINDS[kind], ABSORB=bool(absorbing), HAS_SHIFT=shift is not None,
-            TWO_PASS=(not absorbing) and kind != "euler", TRUNCATE=truncation is not None,
+            TWO_PASS=two_pass, TRUNCATE=truncation is not None,
             BLOCK_R=block_r, BLOCK_V=block_v, N_ROUNDS=10, N_TILES=triton.next_power_of_2(triton.cdiv(V, block_v)),
             B_SPLIT=min(B_SPLIT, block_v // 2), num_warps=num_warps,
         )

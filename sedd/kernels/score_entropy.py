@@ -253,12 +253,13 @@ MASKED_SPLIT = 2  # sub-windows per masked window (see the kernel)
 
 
 def _launch_config(n_rows: int, V: int, element_size: int, block_v: int | None):
-    """(BLOCK_R, BLOCK_V, num_warps). GPU: one row per program, 4096-column windows and 8 warps, so
-    16 elements per thread: the per-window reductions are amortised and, with the masked windows
-    split in two, the kernel needs 39–97 registers under Triton 3.9 and 40–117 under 3.6 (sm_90,
-    no spill; the unsplit masked windows had taken 98 absorbing / 177 uniform registers under 3.6;
-    8192 × 16 warps spills). Interpreter: a small tile and
-    several rows per program, since every program instance costs ~1 ms there."""
+    """(BLOCK_R, BLOCK_V, num_warps). GPU: one row per program, 4096-column windows and 4 warps, so
+    32 elements per thread: of the tile widths and warp counts the launch sweep timed on an H200
+    (benchmarks/results/h200-2026-12-04-21e83ed.md, 16 × 1024 rows at GPT-2 width), 4096 × 4 was
+    the fastest for every case, loss and loss + gradient, absorbing and uniform (62 % / 56 % of the
+    copy bandwidth for loss + gradient, against 55 % / 40 % at 4096 × 8; wider tiles and more warps
+    were slower still). Interpreter: a small tile and several rows per program, since every program
+    instance costs ~1 ms there."""
     if block_v is None:
         cap = 1024 if interpreted() else 4096
         block_v = min(triton.next_power_of_2(V), cap)
@@ -266,8 +267,7 @@ def _launch_config(n_rows: int, V: int, element_size: int, block_v: int | None):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     budget = 1 << 15 if interpreted() else 4096  # elements per [BLOCK_R, BLOCK_V] tile
     block_r = max(1, min(budget // block_v, triton.next_power_of_2(max(n_rows, 1)), 64))
-    num_warps = 8 if block_v * block_r >= 4096 else 4
-    return block_r, block_v, num_warps
+    return block_r, block_v, 4
 
 
 def score_entropy(
@@ -313,13 +313,16 @@ def score_entropy(
     if n_rows == 0:
         return loss
     block_r, block_v, default_warps = _launch_config(n_rows, V, z.element_size(), block_v)
-    num_warps = num_warps or default_warps
     # 16-byte windows need z and the gradient buffer to be misaligned alike (both fresh
     # allocations, or the gradient written over z) and tiles of at least 16 bytes
     align = 16 // z.element_size()
     if block_v < align or (grad is not None and grad.data_ptr() % 16 != z.data_ptr() % 16):
         align = 1
     masked_split = min(MASKED_SPLIT, block_v)
+    if num_warps is None:
+        # the unaligned fallback (per-element masks and 64-bit addresses) at 32 elements per thread
+        # takes 254 registers and a stack frame (uniform, Triton 3.9); at 16 it fits
+        num_warps = default_warps if align > 1 else 8
     dummy = sigma
     with on_device(z):
         _score_entropy_kernel[(triton.cdiv(n_rows, block_r),)](

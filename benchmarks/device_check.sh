@@ -54,10 +54,14 @@ scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 
 if [[ -z "${SEDD_COMMIT:-}" ]]; then  # git where the checkout has .git, so a stale COMMIT file cannot mislabel
+  recorded="$(head -n1 benchmarks/COMMIT 2>/dev/null)"
   if sha="$(git rev-parse HEAD 2>/dev/null)"; then
-    git diff --quiet HEAD -- 2>/dev/null || sha="$sha-dirty"
-    SEDD_COMMIT="$sha"
-  elif [[ -s benchmarks/COMMIT ]]; then SEDD_COMMIT="$(head -n1 benchmarks/COMMIT)"
+    if git diff --quiet HEAD -- 2>/dev/null; then SEDD_COMMIT="$sha"
+    # A copy whose .git is older than its files (a borrowed machine may get the first checkout's
+    # .git with today's tree) reads as dirty at an old HEAD: --write-commit's record is the truth.
+    elif [[ -n "$recorded" && "$recorded" != "$sha"* ]]; then SEDD_COMMIT="$recorded"
+    else SEDD_COMMIT="$sha-dirty"; fi
+  elif [[ -n "$recorded" ]]; then SEDD_COMMIT="$recorded"
   else SEDD_COMMIT=unknown; fi
 fi
 export SEDD_COMMIT SEDD_BENCH_RECORDS="$records"

@@ -125,3 +125,30 @@ def test_public_sequence_computes_what_the_reference_does(graph_name):
         got_w = got_w.clamp_min(0)
         want_p = want_p[..., : got_w.shape[-1]]
         torch.testing.assert_close(got_w / got_w.sum(-1, keepdim=True), want_p)
+
+
+def test_a_copy_with_an_older_git_is_labelled_by_its_recorded_commit(tmp_path):
+    """A borrowed machine may receive today's files with the first checkout's .git: the tree then
+    reads as dirty at an old HEAD, and the commit --write-commit recorded is the one to report."""
+    import shutil
+
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(SCRIPT, tmp_path / "benchmarks" / "device_check.sh")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    (tmp_path / "file.txt").write_text("old\n")
+    for cmd in (["init", "-q"], ["add", "file.txt"], ["commit", "-qm", "old"]):
+        subprocess.run([*git, *cmd], cwd=tmp_path, check=True, capture_output=True)
+    old = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    environ = {k: v for k, v in os.environ.items() if k != "SEDD_COMMIT"}
+    run = dict(cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    def label(results: str) -> str:
+        env = {**environ, "PYTHON": sys.executable, "RESULTS": str(tmp_path / results), "DEVICE_CHECK_BUDGET_S": "0"}
+        subprocess.run(["bash", "benchmarks/device_check.sh", "--dry-run"], env=env, **run)
+        return (tmp_path / results / "status.txt").read_text().splitlines()[0]
+
+    assert f"commit {old}," in label("clean")
+    (tmp_path / "file.txt").write_text("new\n")
+    assert f"commit {old}-dirty," in label("dirty")  # no record: the dirty tree says so
+    (tmp_path / "benchmarks" / "COMMIT").write_text("f00dcafe\n")
+    assert "commit f00dcafe," in label("copied")

@@ -22,12 +22,19 @@ from sedd.graph import GRAPHS
 from sedd.io import atomic_write
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# What a checkpoint was trained for (config key "objective", absent in the public checkpoints):
+# "sedd", the diffusion model (sedd.model.SEDD), or "ar", the autoregressive baseline on the same
+# trunk (sedd.model.ARModel), which has no graph and no noise schedule.
+OBJECTIVES = ("sedd", "ar")
+MODEL_CLASSES = {"sedd": "sedd.model.SEDD", "ar": "sedd.model.ARModel"}
 REQUIRED_MODEL_KEYS = ("hidden_size", "cond_dim", "n_blocks", "n_heads")
 DERIVED_KEYS = ("rotary_emb.inv_freq",)  # recomputed from the config: a checkpoint may omit them
 
 __all__ = [
+    "OBJECTIVES",
     "WEIGHT_FILES",
     "checkpoint_dir",
+    "config_objective",
     "check_state_fits",
     "normalise_config",
     "read_config",
@@ -55,11 +62,23 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
-def normalise_config(config: Any) -> dict[str, Any]:
-    """A plain-dict copy of a model config, checked for what :class:`~sedd.model.SEDD` needs.
+def config_objective(config: Any) -> str:
+    """The objective a config was trained for: its ``objective`` key, "sedd" when absent (the
+    public checkpoints). ValueError for another value."""
+    cfg = config.get("config", config) if isinstance(config, Mapping) and "tokens" not in config else config
+    objective = cfg.get("objective", "sedd") if isinstance(cfg, Mapping) else "sedd"
+    if objective not in OBJECTIVES:
+        raise ValueError(f"config objective must be one of {OBJECTIVES}, got {objective!r}")
+    return objective
+
+
+def normalise_config(config: Any, *, objective: str = "sedd") -> dict[str, Any]:
+    """A plain-dict copy of a model config, checked for what the model of ``objective`` needs
+    (:class:`~sedd.model.SEDD` for "sedd", :class:`~sedd.model.ARModel` for "ar").
 
     Accepts a dict or an OmegaConf DictConfig, and the ``{"config": {...}}`` wrapping that newer
-    PyTorchModelHubMixin versions write. Raises TypeError / ValueError naming what is missing."""
+    PyTorchModelHubMixin versions write. Raises TypeError / ValueError naming what is missing,
+    and ValueError for a config of the other objective (naming the class that loads it)."""
     cfg = _to_plain(config)
     if not isinstance(cfg, dict):
         raise TypeError(f"config must be a dict (or an OmegaConf DictConfig), got {type(config).__name__}")
@@ -67,12 +86,17 @@ def normalise_config(config: Any) -> dict[str, Any]:
         cfg = cfg["config"]
     if "tokens" not in cfg:
         raise ValueError("config has no 'tokens' key (the number of real tokens, e.g. 50257 for GPT-2)")
-    graph = cfg.get("graph")
-    graph_type = graph.get("type") if isinstance(graph, dict) else graph
-    if graph_type not in GRAPHS:
-        raise ValueError(f"config graph.type must be one of {tuple(GRAPHS)}, got {graph_type!r}")
-    if isinstance(graph, str):  # the short form the model always took; the loaders read graph.type
-        cfg = {**cfg, "graph": {"type": graph}}
+    found = config_objective(cfg)
+    if found != objective:
+        raise ValueError(f"this is a config of objective {found!r}, which {MODEL_CLASSES[found]} loads, not "
+                         f"{MODEL_CLASSES[objective]} (sedd.load_pretrained loads either)")
+    if objective == "sedd":
+        graph = cfg.get("graph")
+        graph_type = graph.get("type") if isinstance(graph, dict) else graph
+        if graph_type not in GRAPHS:
+            raise ValueError(f"config graph.type must be one of {tuple(GRAPHS)}, got {graph_type!r}")
+        if isinstance(graph, str):  # the short form the model always took; the loaders read graph.type
+            cfg = {**cfg, "graph": {"type": graph}}
     model = cfg.get("model")
     if not isinstance(model, dict):
         raise ValueError("config has no 'model' section with hidden_size, cond_dim, n_blocks, n_heads")

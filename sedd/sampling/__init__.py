@@ -1,6 +1,8 @@
 """Sampling from the reverse process: the sampler and conditioning (:mod:`sedd.sampling.sampler`)
-over the registered reverse-step predictors (:mod:`sedd.sampling.predictors`)."""
+over the registered reverse-step predictors (:mod:`sedd.sampling.predictors`); ancestral sampling of
+the autoregressive baseline (:mod:`sedd.sampling.ancestral`)."""
 
+from sedd.sampling.ancestral import is_autoregressive, sample_ancestral
 from sedd.sampling.predictors import (
     DENOISERS,
     PREDICTORS,
@@ -15,5 +17,6 @@ from sedd.sampling.sampler import check_eps, conditioning, sample
 
 __all__ = [
     "DENOISERS", "PREDICTORS", "Predictor", "AnalyticPredictor", "EulerPredictor", "Denoiser",
-    "check_eps", "conditioning", "get_predictor", "register_predictor", "sample",
+    "check_eps", "conditioning", "get_predictor", "is_autoregressive", "register_predictor", "sample",
+    "sample_ancestral",
 ]

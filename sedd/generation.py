@@ -23,6 +23,12 @@ is sampled as usual; each later window of the same size keeps its first ``window
 positions fixed to the tokens already generated (the context) and generates the next ``stride``.
 A window sees only fixed text inside it: a suffix or an infill span further on does not steer
 earlier windows.
+
+An autoregressive checkpoint (``load_pretrained`` of a ``train/run.py --objective ar`` run) goes
+through the same functions: each window is sampled ancestrally (:func:`sedd.sampling.sample_ancestral`,
+one network evaluation per generated token; ``temperature`` applies, ``steps`` and ``predictor`` do
+not). A prompt conditions it exactly; fixed text after generated text is placed but does not steer
+what comes before it.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sedd.sampling import check_eps, sample
+from sedd.sampling import check_eps, is_autoregressive, sample, sample_ancestral
 
 __all__ = [
     "Span", "Sample", "fixed_spans", "template_spans", "spaces_join_next_word", "spans_to_mask", "sample_blockwise",
@@ -280,6 +286,7 @@ def sample_blockwise(
     progress: bool = False,
     top_p: float | None = None,
     top_k: int | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Semi-autoregressive sampling of sequences longer than the model's window.
 
@@ -293,7 +300,10 @@ def sample_blockwise(
         window: tokens the model sees at once (its training length).
         stride: new tokens per later window, in [1, window); default ``window // 2``.
         fixed_tokens, fixed_mask: [length] or [B, length], as for :func:`sample`.
-        other arguments: as for :func:`sedd.sampling.sample`.
+        temperature: autoregressive models only (:func:`sedd.sampling.sample_ancestral`); the
+            diffusion samplers have none (another value than 1 is a ValueError for them).
+        other arguments: as for :func:`sedd.sampling.sample` (an autoregressive model reads no
+            ``steps``, ``predictor`` or ``eps``).
     Returns:
         [B, length] int64 tokens.
     """
@@ -309,11 +319,20 @@ def sample_blockwise(
         param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
-    common = dict(steps=steps, predictor=predictor, eps=eps, generator=generator, device=device, top_p=top_p,
-                  top_k=top_k)
+    common = dict(generator=generator, device=device, top_p=top_p, top_k=top_k)
+    if is_autoregressive(model):
+        def run(**kw):
+            return sample_ancestral(model, temperature=temperature, **common, **kw)
+    else:
+        if temperature != 1:
+            raise ValueError(f"temperature applies to autoregressive models; the diffusion samplers have none "
+                             f"(got {temperature!r})")
+
+        def run(**kw):
+            return sample(model, graph, noise, steps=steps, predictor=predictor, eps=eps, **common, **kw)
     if length <= window:
-        return sample(model, graph, noise, batch_size=batch_size, length=length, fixed_tokens=fixed_tokens,
-                      fixed_mask=fixed_mask, progress=progress, **common)
+        return run(batch_size=batch_size, length=length, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask,
+                   progress=progress)
 
     B = batch_size
     if fixed_tokens is None:
@@ -340,8 +359,7 @@ def sample_blockwise(
             continue
         win_mask = mask[:, start:end].clone()
         win_mask[:, : done - start] = True  # the context: tokens already generated or fixed
-        y = sample(model, graph, noise, batch_size=B, length=end - start, fixed_tokens=x[:, start:end],
-                   fixed_mask=win_mask, progress=False, **common)
+        y = run(batch_size=B, length=end - start, fixed_tokens=x[:, start:end], fixed_mask=win_mask, progress=False)
         x[:, new] = y[:, done - start :]
         done = end
     return x
@@ -384,10 +402,12 @@ def _resolve(model, tokenizer, device):
         if tokenizer is None:
             raise ValueError("a bare model needs tokenizer=... (or pass load_pretrained(...) instead)")
         tok, net = None, model
-        graph, noise = graph_from_config(model.config), noise_from_config(model.config)
+        graph = noise = None
+        if not is_autoregressive(model):
+            graph, noise = graph_from_config(model.config), noise_from_config(model.config)
     else:
         raise TypeError("model must be a Pretrained (sedd.load_pretrained), a checkpoint directory or Hub id, "
-                        f"or a SEDD model, got {type(model).__name__}")
+                        f"or a SEDD (or ARModel) model, got {type(model).__name__}")
     if tokenizer is not None:
         from sedd.pretrained import check_tokenizer_fits, check_tokenizer_matches
 
@@ -419,6 +439,7 @@ def generate_samples(
     progress: bool = False,
     top_p: float | None = None,
     top_k: int | None = None,
+    temperature: float = 1.0,
 ) -> list[Sample]:
     """Like :func:`generate`, returning :class:`Sample` objects (text, token ids, fixed spans);
     ``infills`` adds per-row lists of (position, text) spans (see :func:`fixed_spans`)."""
@@ -448,7 +469,8 @@ def generate_samples(
     if length is None:
         raise ValueError("length is needed for a model without a training length")
     steps = min(length, window) if steps is None else steps
-    check_eps(noise, eps)
+    if noise is not None:
+        check_eps(noise, eps)
 
     def pick(name, i):
         rows_ = lists.get(name)
@@ -477,7 +499,7 @@ def generate_samples(
         x = sample_blockwise(
             net, graph, noise, batch_size=len(spans), length=length, window=window, stride=stride, steps=steps,
             predictor=predictor, eps=eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
-            device=device, progress=progress, top_p=top_p, top_k=top_k,
+            device=device, progress=progress, top_p=top_p, top_k=top_k, temperature=temperature,
         )
     finally:
         net.train(was_training)
@@ -517,13 +539,15 @@ def generate(
         length: tokens per sample, fixed text included (default: the model's training length).
             Longer than ``window``: block by block (module docstring).
         steps: reverse steps (one model call each) per window (default: the window length, as in
-            the paper; fewer is faster at some cost in quality).
+            the paper; fewer is faster at some cost in quality). An autoregressive model takes
+            one model call per generated token whatever ``steps`` says.
         predictor: "analytic" or "euler".
         window, stride: the semi-autoregressive windows (default: the model's length, half of it).
         tokenizer: a tokenizer or :func:`sedd.data.get_tokenizer` spec (default: the checkpoint's).
         seed: for reproducible samples (or pass ``generator=``).
         device: for a checkpoint name: where to load it ("auto" by default).
-        kwargs: ``infills``, ``eps``, ``generator``: see :func:`generate_samples`.
+        kwargs: ``infills``, ``eps``, ``generator``, ``top_p``, ``top_k``, ``temperature`` (an
+            autoregressive model's): see :func:`generate_samples` and :func:`sample_blockwise`.
     Returns:
         ``len(rows) * num_samples`` strings, each a whole sequence (its fixed text included),
         row by row: the samples of row 0 first.

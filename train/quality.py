@@ -1,4 +1,5 @@
-"""Generation quality of a SEDD checkpoint against the number of sampling steps.
+"""Generation quality of a SEDD checkpoint against the number of sampling steps (and of an
+autoregressive checkpoint, sampled ancestrally: one record at NFE = L).
 
     python train/quality.py CKPT --judge DIR_OR_HUB_ID [--steps 16,32,64] [--num-samples N]
                             [--predictor analytic|euler] [--top-p P] [--top-k K] [--length L]
@@ -22,7 +23,12 @@ options are train/sample.py's, ``train.cli.add_sampler_options``) and reported a
   perplexity by repeating itself shows up here;
 * **degenerate**: the fraction of sequences in which a single token id fills at least half of the
   positions (``--degenerate-share``);
-* wall time of the sampling alone and generated tokens per second (N * L / wall time).
+* wall time of the sampling alone and generated tokens per second (N * L / wall time);
+* **NFE**: the network evaluations each sequence took, counted (every forward and every
+  cached step embeds its input once): steps + 1 for the diffusion samplers at most (the final
+  denoising step; on the absorbing graph a step with no MASK left runs no network), L for an
+  autoregressive checkpoint (``train/run.py --objective ar``), which takes no --steps and is
+  sampled ancestrally with --temperature / --top-p / --top-k (``sedd.sampling.sample_ancestral``).
 
 The judge is any causal LM ``transformers`` loads (``AutoModelForCausalLM`` + ``AutoTokenizer``):
 a local directory (``save_pretrained`` layout; ``train/train_judge.py`` writes one) or a Hub id
@@ -50,14 +56,15 @@ the Hub does not answer (``sedd.data.offline``: one probe of about 2 s), only th
 is tried; if the judge is not there the command fails at once, naming ``--judge DIR``.
 
 Output: a table on stdout; ``--json PATH`` with one record per step count (steps, gen_ppl,
-gen_ppl_ci, nll, nll_se, judge_tokens, entropy, degenerate, wall_s, tokens_per_s, ...), the
-reference record and every setting; ``--plot PATH`` a PNG of generative perplexity and entropy
-against steps. Exit status 0 on success, 2 on bad input (with a one-line message), 1 otherwise.
+gen_ppl_ci, nll, nll_se, judge_tokens, entropy, degenerate, wall_s, tokens_per_s, nfe, ...; steps
+null for an autoregressive checkpoint), the reference record and every setting; ``--plot PATH`` a
+PNG of generative perplexity and entropy against NFE. Exit status 0 on success, 2 on bad input (with a one-line message), 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -71,10 +78,13 @@ import numpy as np
 import torch
 
 from sedd.generation import sample_blockwise
+from sedd.model.scoring import unwrap
 from train.cli import (
+    DEFAULT_STEPS_LIST,
     ArgumentParser,
     InputError,
     add_sampler_options,
+    check_objective_options,
     check_outputs,
     check_positive,
     check_sampler_options,
@@ -144,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
     r.add_argument("--json", metavar="PATH", help="write the records and settings as JSON (- for stdout)")
     r.add_argument("--keep-samples", action="store_true", help="include every sample's text in the JSON")
-    r.add_argument("--plot", metavar="PATH", help="PNG of generative perplexity and entropy against steps")
+    r.add_argument("--plot", metavar="PATH", help="PNG of generative perplexity and entropy against NFE")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars on stderr (default: when stderr is a terminal)")
     return p
@@ -231,14 +241,28 @@ def reference_blocks(spec: str, split: str | None, tokenizer, n: int, length: in
 # ----------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def counting_evaluations(model):
+    """A one-element list holding the network evaluations made inside the block: every forward of
+    a SEDD or ARModel, and every ARModel.step, embeds its input exactly once."""
+    count = [0]
+    handle = unwrap(model).vocab_embed.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
 def format_table(records: list[dict], reference: dict | None) -> str:
-    head = f"{'steps':>6}  {'gen ppl':>10}  {'95% CI':>21}  {'entropy':>8}  {'degenerate':>10}  {'wall s':>8}  {'tok/s':>9}"
+    head = (f"{'steps':>6}  {'gen ppl':>10}  {'95% CI':>21}  {'entropy':>8}  {'degenerate':>10}  {'wall s':>8}  "
+            f"{'tok/s':>9}  {'nfe':>7}")
     lines = [head, "-" * len(head)]
     for r in records:
         lo, hi = r["gen_ppl_ci"]
         flag = "  <- degenerate samples" if r["degenerate"] > 0 else ""
-        lines.append(f"{r['steps']:>6}  {r['gen_ppl']:>10.2f}  [{lo:>9.2f}, {hi:>9.2f}]  {r['entropy']:>8.3f}  "
-                     f"{r['degenerate']:>10.3f}  {r['wall_s']:>8.1f}  {r['tokens_per_s']:>9.1f}{flag}")
+        steps = "AR" if r["steps"] is None else r["steps"]
+        lines.append(f"{steps:>6}  {r['gen_ppl']:>10.2f}  [{lo:>9.2f}, {hi:>9.2f}]  {r['entropy']:>8.3f}  "
+                     f"{r['degenerate']:>10.3f}  {r['wall_s']:>8.1f}  {r['tokens_per_s']:>9.1f}  {r['nfe']:>7.1f}{flag}")
     if reference is not None:
         lo, hi = reference["gen_ppl_ci"]
         lines.append(f"{'data':>6}  {reference['gen_ppl']:>10.2f}  [{lo:>9.2f}, {hi:>9.2f}]  "
@@ -252,7 +276,7 @@ def plot(records: list[dict], reference: dict | None, path: str, title: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["steps"] for r in records]
+    steps = [r["nfe"] for r in records]
     ppl = np.array([r["gen_ppl"] for r in records])
     ci = np.array([r["gen_ppl_ci"] for r in records])
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
@@ -263,8 +287,8 @@ def plot(records: list[dict], reference: dict | None, path: str, title: str) -> 
         b.axhline(reference["entropy"], color="gray", linestyle="--", label="real text")
     for ax, label in ((a, "generative perplexity (judge)"), (b, "unigram entropy per sequence (nats)")):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(steps, [str(s) for s in steps])
-        ax.set_xlabel("sampling steps")
+        ax.set_xticks(steps, [f"{s:g}" for s in steps])
+        ax.set_xlabel("network evaluations per sequence (NFE)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -296,12 +320,16 @@ def _check_args(args) -> None:
 
 def run(args) -> int:
     _check_args(args)
-    steps_list = parse_steps(args.steps)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.threads:
         torch.set_num_threads(args.threads)
     judge_source(args.judge)  # an unusable judge fails here, in seconds, before anything loads
     pre = load_checkpoint(args)
+    check_objective_options(args, pre.objective)
+    autoregressive = pre.objective == "ar"
+    # an autoregressive checkpoint has one sampler and one cost: one record
+    steps_list = [None] if autoregressive else parse_steps(args.steps or DEFAULT_STEPS_LIST)
+    sampler = "ancestral" if autoregressive else f"{args.predictor} predictor"
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
     judge = load_judge(args.judge, device, first_token=args.first_token, context=args.judge_context,
@@ -309,21 +337,23 @@ def run(args) -> int:
     plan = plan_sampling(args, model, pre.noise, "quality.py")
     length = plan.length
     print(f"quality.py: {args.num_samples} samples of {length} tokens per step count {steps_list}, "
-          f"{args.predictor} predictor, judge {args.judge} (context {judge.context}, first token "
+          f"{sampler}, judge {args.judge} (context {judge.context}, first token "
           f"{args.first_token}) on {device}", file=sys.stderr)
 
     records = []
     for steps in steps_list:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        parts, wall = [], 0.0
+        parts, wall, nfe = [], 0.0, 0
         for start in range(0, args.num_samples, args.batch_size):
             b = min(args.batch_size, args.num_samples - start)
             began = time.perf_counter()
-            parts.append(sample_blockwise(
-                model, pre.graph, pre.noise, batch_size=b, length=length, window=plan.window, stride=plan.stride,
-                steps=steps, predictor=args.predictor, eps=args.eps, generator=generator, device=device,
-                progress=progress, top_p=args.top_p, top_k=args.top_k,
-            ).cpu())
+            with counting_evaluations(model) as calls:
+                parts.append(sample_blockwise(
+                    model, pre.graph, pre.noise, batch_size=b, length=length, window=plan.window, stride=plan.stride,
+                    steps=steps or 1, predictor=args.predictor, eps=args.eps, generator=generator, device=device,
+                    progress=progress, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
+                ).cpu())
+            nfe += calls[0] * b  # every row of the batch takes part in every evaluation
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             wall += time.perf_counter() - began
@@ -333,13 +363,13 @@ def run(args) -> int:
         record = {"steps": steps, **sample_stats(tokens, texts, judge, args, progress)}
         record.update(
             wall_s=wall, tokens_per_s=tokens.numel() / wall, judge_s=time.perf_counter() - began,
-            num_samples=len(tokens), length=length,
+            num_samples=len(tokens), length=length, nfe=nfe / len(tokens),
         )
         if args.keep_samples:
             record["samples"] = texts
         records.append(record)
-        print(f"quality.py: {steps} steps: gen ppl {record['gen_ppl']:.2f}, entropy {record['entropy']:.3f}, "
-              f"{wall:.1f}s sampling", file=sys.stderr)
+        print(f"quality.py: {'ancestral' if steps is None else f'{steps} steps'}: gen ppl {record['gen_ppl']:.2f}, "
+              f"entropy {record['entropy']:.3f}, NFE {record['nfe']:.1f}, {wall:.1f}s sampling", file=sys.stderr)
 
     reference = None
     if args.reference_data is not None:
@@ -355,15 +385,17 @@ def run(args) -> int:
     result = {
         "checkpoint": args.checkpoint,
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
-        "graph": pre.graph.name,
-        "predictor": args.predictor,
+        "objective": pre.objective,
+        "graph": None if autoregressive else pre.graph.name,
+        "predictor": "ancestral" if autoregressive else args.predictor,
         "top_p": args.top_p,
         "top_k": args.top_k,
+        "temperature": args.temperature if autoregressive else None,
         "length": length,
         "window": plan.window,
         "stride": plan.stride,
         "num_samples": args.num_samples,
-        "eps": args.eps,
+        "eps": None if autoregressive else args.eps,
         "seed": args.seed,
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -382,7 +414,7 @@ def run(args) -> int:
             Path(args.json).write_text(payload, encoding="utf-8")
     if args.plot:
         plot(records, reference, args.plot,
-             f"{args.checkpoint}: {args.predictor}, {args.num_samples} x {length} tokens, judge {args.judge}")
+             f"{args.checkpoint}: {sampler}, {args.num_samples} x {length} tokens, judge {args.judge}")
     return 0
 
 

@@ -320,6 +320,30 @@ def test_checkpoint_round_trip_and_the_other_class_refuses_it(tmp_path):
     assert load_pretrained(tmp_path / "sedd", tokenizer="bytes", device="cpu").objective == "sedd"
 
 
+def test_generate_and_the_harness_with_an_autoregressive_checkpoint(tmp_path):
+    from sedd import generate, generate_samples
+    from sedd.data import get_tokenizer
+    from sedd.harness import SEDDLM, HarnessError
+
+    tok = get_tokenizer("bytes")
+    model = ARModel(ARModel.config_for("cpu", tokens=tok.vocab_size, n_blocks=1, length=16))
+    with torch.no_grad():
+        model.output_layer.linear.weight.normal_()
+    model.save_pretrained(tmp_path)
+    tok.save(tmp_path / "tokenizer.json")
+    texts = generate(str(tmp_path), ["def ", "x = "], length=12, seed=0, device="cpu")
+    assert texts[0].startswith("def ") and texts[1].startswith("x = ")
+    assert texts == generate(str(tmp_path), ["def ", "x = "], length=12, seed=0, device="cpu")
+    # past the model's 16 positions: window by window, every window holding the tokens before it
+    (long,) = generate_samples(str(tmp_path), "import ", length=40, seed=1, temperature=0.7, top_k=50)
+    assert len(long.tokens) == 40 and long.text.startswith("import ")
+    with pytest.raises(ValueError, match="temperature applies to autoregressive models"):
+        generate(SEDD(SEDD.config_for("cpu", tokens=tok.vocab_size, n_blocks=1, length=16)), "a", length=8,
+                 tokenizer=tok, temperature=0.5)
+    with pytest.raises(HarnessError, match="autoregressive checkpoint"):
+        SEDDLM(pretrained=str(tmp_path), device="cpu")
+
+
 def test_no_sigma_input_and_the_trunk_of_sedd():
     ar = ARModel(ARModel.config_for("cpu", tokens=N))
     sedd = SEDD(SEDD.config_for("cpu", tokens=N))

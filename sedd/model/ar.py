@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from sedd import ops
-from sedd.model.attention import backend_for_layout, check_backend, plan_attention, resolve_backend
+from sedd.model.attention import backend_for_layout, check_backend, plan_attention
 from sedd.model.checkpoint import (
     check_state_fits,
     checkpoint_dir,
@@ -154,6 +154,7 @@ class ARModel(nn.Module):
         self._attn_backend = check_backend(value)
 
     compute_dtype = SEDD.compute_dtype
+    resolved_attn_backend = SEDD.resolved_attn_backend
 
     def _amp(self, device: torch.device):
         if device.type == "cuda" and self.autocast_dtype is not None:
@@ -217,8 +218,7 @@ class ARModel(nn.Module):
         h = self.vocab_embed(self._inputs(x, attention_mask))  # [B, L, D]
         c = F.silu(self.cond_embed)[None]  # [1, C]: the same conditioning for every row
         cos, sin = self.rotary_emb(L, h.device)
-        resolved = resolve_backend(self.attn_backend, h.device, self.compute_dtype(h.device))
-        backend = backend_for_layout(resolved, self.attn_backend,
+        backend = backend_for_layout(self.resolved_attn_backend(h.device), self.attn_backend,
                                      varlen=attention_mask is not None or segment_ids is not None,
                                      host_sync=ops.host_sync_allowed(h.device))
         plan = plan_attention(backend, B, L, h.device, attention_mask, segment_ids, causal=True)

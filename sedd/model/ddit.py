@@ -128,9 +128,9 @@ class SEDD(nn.Module):
 
     ``time_conditioning: false`` (absorbing with ``scale_by_sigma`` only): the network does not read
     σ; the adaLN conditioning is one learned vector ``cond_embed`` [C] in place of ``sigma_map``, so
-    z depends on x_t alone and σ enters through :meth:`score_shift` only (docs/math.md, "Fewer
-    network evaluations"). ``sample(..., cache=True)`` then reuses z exactly. The loss, the fused
-    head and the samplers are unchanged.
+    z depends on x_t alone and σ enters through :meth:`score_shift` only
+    (docs/math.md, "Fewer network evaluations"). ``sample(..., cache=True)`` then reuses z exactly.
+    The loss, the fused head and the samplers are unchanged.
     """
 
     def __init__(

@@ -137,3 +137,32 @@ def test_stats_of_the_uncached_masked_rows_sampler():
     x, stats = sample(model, graph, noise, batch_size=2, length=L, steps=5, fixed_tokens=fixed, fixed_mask=mask,
                       return_stats=True)
     assert torch.equal(x, fixed.expand(2, L)) and stats.forward_calls == 0 and stats.nfe.tolist() == [0, 0]
+
+
+def test_windows_and_text_generation_cache_and_count(one_thread):
+    """sample_blockwise (several windows, a prompt) draws the same tokens cached and uncached and
+    sums each sequence's rows over the windows; generate_samples reports every sample's NFE, for
+    first hitting exactly its generated positions."""
+    from sedd.data import byte_tokenizer
+    from sedd.generation import generate_samples, sample_blockwise
+
+    model = _model()
+    graph, noise = get_graph("absorb", N), get_noise("loglinear")
+    prompt = torch.zeros(40, dtype=torch.long)
+    prompt_mask = torch.arange(40) < 5
+    kwargs = dict(batch_size=3, length=40, window=L, stride=8, steps=24, fixed_tokens=prompt, fixed_mask=prompt_mask,
+                  return_stats=True)
+    x, plain = sample_blockwise(model, graph, noise, generator=torch.Generator().manual_seed(0), **kwargs)
+    y, cached = sample_blockwise(model, graph, noise, generator=torch.Generator().manual_seed(0), cache=True, **kwargs)
+    assert torch.equal(x, y) and bool((cached.nfe < plain.nfe).all())
+    # uncached, every window's forwards run the whole batch: 4 windows of at most 25 forwards
+    assert plain.nfe.tolist() == [plain.forward_calls] * 3 and 4 <= plain.forward_calls <= 4 * 25
+
+    tok = byte_tokenizer()
+    text_model = SEDD(small_model_config(tok.vocab_size, hidden_size=32, cond_dim=16, n_heads=2, length=L,
+                                         time_conditioning=False)).eval()
+    samples = generate_samples(text_model, ["ab", "abcd"], tokenizer=tok, length=L, predictor="first_hitting",
+                               tokens_per_step=2, seed=0)
+    assert [s.nfe for s in samples] == [(L - 2) // 2, (L - 4) // 2]
+    samples = generate_samples(text_model, "ab", tokenizer=tok, length=L, steps=32, cache=True, seed=0)
+    assert 0 < samples[0].nfe < 33

@@ -9,7 +9,8 @@ import argparse
 import sys
 from typing import Callable, NoReturn, Sequence
 
-__all__ = ["InputError", "check_positive", "die", "load_checkpoint", "main_with_exit_codes"]
+__all__ = ["InputError", "add_nfe_options", "check_positive", "die", "load_checkpoint", "main_with_exit_codes",
+           "nfe_options"]
 
 
 class InputError(Exception):
@@ -56,3 +57,31 @@ def load_checkpoint(args: argparse.Namespace):
         return load_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
     except (OSError, ValueError) as err:
         raise InputError(str(err)) from err
+
+
+CACHE_CHOICES = {"off": False, "on": True, "approximate": "approximate"}
+
+
+def add_nfe_options(group) -> None:
+    """--cache [on|off|approximate] and --tokens-per-step K (the sampler's fewer-evaluation options)."""
+    group.add_argument("--cache", nargs="?", const="on", default="off", choices=list(CACHE_CHOICES),
+                       help="reuse the network output of a sequence the last step left unchanged: on (exact, "
+                            "for a model trained with --time-conditioning off), approximate (any model), off "
+                            "(default: off; --cache alone: on)")
+    group.add_argument("--tokens-per-step", type=int, metavar="K",
+                       help="first_hitting: tokens unmasked per network evaluation (default: 1, exact)")
+
+
+def nfe_options(args: argparse.Namespace, model, predictor: str) -> dict:
+    """The ``sample`` keyword arguments of :func:`add_nfe_options`' flags, checked against the
+    model and the predictor (:class:`InputError` for a combination that cannot run)."""
+    cache = CACHE_CHOICES[args.cache]
+    if cache is True and getattr(model, "time_conditioning", True):
+        raise InputError("--cache on reuses outputs exactly only for a model trained with --time-conditioning off; "
+                         "this one reads sigma: use --cache approximate, or leave the cache off")
+    if args.tokens_per_step is not None:
+        if args.tokens_per_step < 1:
+            raise InputError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
+        if predictor != "first_hitting":
+            raise InputError(f"--tokens-per-step applies to the first_hitting predictor, not {predictor}")
+    return {"cache": cache, "tokens_per_step": args.tokens_per_step}

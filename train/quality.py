@@ -1,7 +1,8 @@
 """Generation quality of a SEDD checkpoint against the number of sampling steps.
 
     python train/quality.py CKPT --judge DIR_OR_HUB_ID [--steps 16,32,64] [--num-samples N]
-                            [--predictor analytic|euler] [--length L] [--batch-size B]
+                            [--predictor analytic|euler|first_hitting] [--cache [on|approximate]]
+                            [--tokens-per-step K] [--length L] [--batch-size B]
                             [--reference-data PATH_OR_NAME] [--json out.json] [--plot out.png]
                             [--first-token bos|skip] [--judge-batch-size B] [--judge-context C]
                             [--seed S] [--threads T] [--device auto|cpu|cuda] [--tokenizer SPEC]
@@ -73,7 +74,7 @@ from tqdm.auto import tqdm
 
 from sedd.data.offline import cache_may_hold, hub_offline_reason
 from sedd.sampling import PREDICTORS, sample
-from train.cli import InputError, check_positive, load_checkpoint, main_with_exit_codes
+from train.cli import InputError, add_nfe_options, check_positive, load_checkpoint, main_with_exit_codes, nfe_options
 
 Z_95 = 1.959963984540054
 
@@ -103,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", default="16,32,64", metavar="LIST",
                    help="comma-separated step counts (default: 16,32,64)")
     s.add_argument("--num-samples", "-n", type=int, default=32, help="sequences per step count (default: 32)")
-    s.add_argument("--predictor", choices=PREDICTORS, default="analytic", help="predictor (default: analytic)")
+    s.add_argument("--predictor", choices=PREDICTORS, default="analytic",
+                   help="predictor (default: analytic; first_hitting reads no --steps: give one value)")
+    add_nfe_options(s)
     s.add_argument("--length", type=int, help="tokens per sequence (default: the model's training length)")
     s.add_argument("--batch-size", type=int, default=16, help="sequences per sampler call (default: 16)")
     s.add_argument("--eps", type=float, default=1e-5, help="final time of the grid (default: 1e-5)")
@@ -375,13 +378,14 @@ def reference_blocks(spec: str, split: str | None, tokenizer, n: int, length: in
 
 
 def format_table(records: list[dict], reference: dict | None) -> str:
-    head = f"{'steps':>6}  {'gen ppl':>10}  {'95% CI':>21}  {'entropy':>8}  {'degenerate':>10}  {'wall s':>8}  {'tok/s':>9}"
+    head = (f"{'steps':>6}  {'gen ppl':>10}  {'95% CI':>21}  {'entropy':>8}  {'degenerate':>10}  {'wall s':>8}  "
+            f"{'tok/s':>9}  {'nfe':>7}")
     lines = [head, "-" * len(head)]
     for r in records:
         lo, hi = r["gen_ppl_ci"]
         flag = "  <- degenerate samples" if r["degenerate"] > 0 else ""
         lines.append(f"{r['steps']:>6}  {r['gen_ppl']:>10.2f}  [{lo:>9.2f}, {hi:>9.2f}]  {r['entropy']:>8.3f}  "
-                     f"{r['degenerate']:>10.3f}  {r['wall_s']:>8.1f}  {r['tokens_per_s']:>9.1f}{flag}")
+                     f"{r['degenerate']:>10.3f}  {r['wall_s']:>8.1f}  {r['tokens_per_s']:>9.1f}  {r['nfe']:>7.1f}{flag}")
     if reference is not None:
         lo, hi = reference["gen_ppl_ci"]
         lines.append(f"{'data':>6}  {reference['gen_ppl']:>10.2f}  [{lo:>9.2f}, {hi:>9.2f}]  "
@@ -443,6 +447,7 @@ def run(args) -> int:
     judge_source(args.judge)  # an unusable judge fails here, in seconds, before anything loads
     pre = load_checkpoint(args)
     model, tokenizer = pre.model, pre.tokenizer
+    nfe_kwargs = nfe_options(args, model, args.predictor)
     device = next(model.parameters()).device
     judge = load_judge(args.judge, device, first_token=args.first_token, context=args.judge_context,
                        progress=progress)
@@ -454,13 +459,15 @@ def run(args) -> int:
     records = []
     for steps in steps_list:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        parts, wall = [], 0.0
+        parts, nfe, wall = [], [], 0.0
         for start in range(0, args.num_samples, args.batch_size):
             b = min(args.batch_size, args.num_samples - start)
             began = time.perf_counter()
-            parts.append(sample(model, pre.graph, pre.noise, batch_size=b, length=length, steps=steps,
-                                predictor=args.predictor, eps=args.eps, generator=generator, device=device,
-                                progress=progress).cpu())
+            x, stats = sample(model, pre.graph, pre.noise, batch_size=b, length=length, steps=steps,
+                              predictor=args.predictor, eps=args.eps, generator=generator, device=device,
+                              progress=progress, return_stats=True, **nfe_kwargs)
+            parts.append(x.cpu())
+            nfe.append(stats.nfe)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             wall += time.perf_counter() - began
@@ -470,7 +477,7 @@ def run(args) -> int:
         record = {"steps": steps, **sample_stats(tokens, texts, judge, args, progress)}
         record.update(
             wall_s=wall, tokens_per_s=tokens.numel() / wall, judge_s=time.perf_counter() - began,
-            num_samples=len(tokens), length=length,
+            num_samples=len(tokens), length=length, nfe=float(torch.cat(nfe).double().mean()),
         )
         if args.keep_samples:
             record["samples"] = texts
@@ -494,6 +501,8 @@ def run(args) -> int:
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
         "graph": pre.graph.name,
         "predictor": args.predictor,
+        "cache": args.cache,
+        "tokens_per_step": args.tokens_per_step,
         "length": length,
         "num_samples": args.num_samples,
         "eps": args.eps,

@@ -2,7 +2,8 @@
 
     python train/sample.py CKPT [--prefix TEXT] [--suffix TEXT] [--infill POS:TEXT ...]
                                 [--template "The [MASK:5] sat on the [MASK:3]."]
-                                [--length N] [--steps N] [--sampler analytic|euler]
+                                [--length N] [--steps N] [--sampler analytic|euler|first_hitting]
+                                [--cache [on|approximate]] [--tokens-per-step K]
                                 [--batch-size B] [--seed S] [--device auto|cpu|cuda]
                                 [--tokenizer SPEC] [--json PATH|-] [--out FILE]
                                 [--input REQUESTS.jsonl|-] [--jsonl PATH|-] [--window N] [--stride N]
@@ -58,7 +59,7 @@ import torch
 
 from sedd.generation import Span, fixed_spans, sample_blockwise, spans_to_mask
 from sedd.sampling import PREDICTORS
-from train.cli import InputError, check_positive, load_checkpoint, main_with_exit_codes
+from train.cli import InputError, add_nfe_options, check_positive, load_checkpoint, main_with_exit_codes, nfe_options
 
 EXAMPLES = """\
 examples:
@@ -119,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="reverse-process steps, one model call each (default: --length, as in the paper; "
         "fewer is faster, e.g. 128, at some cost in quality, more so for euler)",
     )
-    s.add_argument("--sampler", choices=PREDICTORS, default="analytic", help="predictor (default: analytic)")
+    s.add_argument("--sampler", "--predictor", dest="sampler", choices=PREDICTORS, default="analytic",
+                   help="predictor (default: analytic); first_hitting: one network evaluation per generated "
+                        "token (--steps unused)")
+    add_nfe_options(s)
     s.add_argument("--top-p", type=float, metavar="P",
                    help="nucleus sampling: each step jumps only to the smallest set of candidate tokens holding "
                         "at least P of the jump probability (0 < P <= 1; default: off)")
@@ -284,11 +288,13 @@ def run(args) -> int:
     if any(per_sample):
         fixed_tokens, fixed_mask = spans_to_mask(per_sample, length, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
+    nfe_kwargs = nfe_options(args, model, args.sampler)
     start = time.perf_counter()
-    x = sample_blockwise(
+    x, stats = sample_blockwise(
         model, pre.graph, pre.noise, batch_size=len(per_sample), length=length, window=window, stride=stride,
         steps=steps, predictor=args.sampler, eps=args.eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask,
         generator=generator, device=device, progress=progress, top_p=args.top_p, top_k=args.top_k,
+        return_stats=True, **nfe_kwargs,
     )
     elapsed = time.perf_counter() - start
     ids = x.cpu().tolist()
@@ -296,7 +302,8 @@ def run(args) -> int:
     def described(spans):
         return [{"source": s.source, "start": s.start, "end": s.end, "text": s.text, "tokens": s.ids} for s in spans]
 
-    samples = [{"index": i, "text": tokenizer.decode(row), "tokens": row} for i, row in enumerate(ids)]
+    samples = [{"index": i, "text": tokenizer.decode(row), "tokens": row, "nfe": int(n)}
+               for i, (row, n) in enumerate(zip(ids, stats.nfe))]
     if requests:
         for i, sample_ in enumerate(samples):
             sample_.update(line=requests[i // args.batch_size]["line"], fixed=described(per_sample[i]))
@@ -309,6 +316,9 @@ def run(args) -> int:
         "stride": stride if length > window else None,
         "steps": steps,
         "sampler": args.sampler,
+        "cache": args.cache,
+        "tokens_per_step": args.tokens_per_step,
+        "nfe_mean": stats.mean_nfe,
         "top_p": args.top_p,
         "top_k": args.top_k,
         "eps": args.eps,
@@ -321,7 +331,7 @@ def run(args) -> int:
         settings["fixed"] = described(rows[0])
     header = (
         f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {args.sampler} sampler, "
-        f"{steps} steps, seed {seed}, "
+        f"{steps} steps, {stats.mean_nfe:.1f} network evaluations per sample, seed {seed}, "
         + (f"{len(requests)} request(s) from {args.input}" if requests else f"{len(rows[0])} fixed span(s)")
         + f", {elapsed:.1f}s on {device}"
     )

@@ -107,3 +107,17 @@ def test_quality_records_nfe(capsys, free_ckpt, judge_dir):
     assert quality.main([*common, "--steps", "40", "--cache"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["cache"] == "on" and result["records"][0]["nfe"] < 41
+
+
+def test_eval_loads_a_model_without_time_conditioning(capsys, free_ckpt, tmp_path):
+    """The flag travels in config.json: eval.py builds the σ-free network (a σ-conditioned one would
+    refuse the weights: no sigma_map) and bounds the data with it."""
+    from train import eval as eval_cli
+
+    text = tmp_path / "small.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 3)
+    args = [str(free_ckpt), "--data", str(text), "--tokenizer", "bytes", "--device", "cpu", "--num-samples", "2",
+            "--block-size", str(L), "--max-blocks", "2", "--json", "-", "--no-progress"]
+    assert eval_cli.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 < report["nats_per_token"] < float("inf")

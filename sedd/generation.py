@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sedd.sampling import check_eps, sample
+from sedd.sampling import SamplingStats, check_eps, sample
 
 __all__ = [
     "Span", "Sample", "fixed_spans", "template_spans", "spaces_join_next_word", "spans_to_mask", "sample_blockwise",
@@ -67,11 +67,13 @@ class Span:
 
 @dataclass
 class Sample:
-    """One generated sequence: its text, its token ids and the spans that were held fixed."""
+    """One generated sequence: its text, its token ids, the spans that were held fixed and its
+    NFE (forward rows computed for it, over all windows)."""
 
     text: str
     tokens: list[int]
     fixed: list[Span] = field(default_factory=list)
+    nfe: int | None = None
 
 
 def spaces_join_next_word(tokenizer) -> bool:
@@ -280,7 +282,10 @@ def sample_blockwise(
     progress: bool = False,
     top_p: float | None = None,
     top_k: int | None = None,
-) -> torch.Tensor:
+    cache: bool | str = False,
+    tokens_per_step: int | None = None,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
     """Semi-autoregressive sampling of sequences longer than the model's window.
 
     The first ``window`` positions are sampled as by :func:`sedd.sampling.sample`; then each
@@ -293,9 +298,11 @@ def sample_blockwise(
         window: tokens the model sees at once (its training length).
         stride: new tokens per later window, in [1, window); default ``window // 2``.
         fixed_tokens, fixed_mask: [length] or [B, length], as for :func:`sample`.
-        other arguments: as for :func:`sedd.sampling.sample`.
+        other arguments: as for :func:`sedd.sampling.sample` (``cache`` and ``tokens_per_step``
+            apply within each window).
     Returns:
-        [B, length] int64 tokens.
+        [B, length] int64 tokens; with ``return_stats`` also the network calls of all windows
+        (:class:`~sedd.sampling.SamplingStats`, ``nfe`` per sequence summed over the windows).
     """
     for name, value in (("batch_size", batch_size), ("length", length), ("window", window)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -310,10 +317,11 @@ def sample_blockwise(
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
     common = dict(steps=steps, predictor=predictor, eps=eps, generator=generator, device=device, top_p=top_p,
-                  top_k=top_k)
+                  top_k=top_k, cache=cache, tokens_per_step=tokens_per_step, return_stats=True)
     if length <= window:
-        return sample(model, graph, noise, batch_size=batch_size, length=length, fixed_tokens=fixed_tokens,
-                      fixed_mask=fixed_mask, progress=progress, **common)
+        x, stats = sample(model, graph, noise, batch_size=batch_size, length=length, fixed_tokens=fixed_tokens,
+                          fixed_mask=fixed_mask, progress=progress, **common)
+        return (x, stats) if return_stats else x
 
     B = batch_size
     if fixed_tokens is None:
@@ -331,6 +339,7 @@ def sample_blockwise(
     ends = [window, *range(window + stride, length, stride), length]
     ends = sorted(set(ends))
     x = tokens.clone()
+    stats = SamplingStats(nfe=torch.zeros(B, dtype=torch.long))
     done = 0
     for end in tqdm(ends, desc="blocks", disable=not progress, leave=False):
         start = max(end - window, 0)
@@ -340,11 +349,12 @@ def sample_blockwise(
             continue
         win_mask = mask[:, start:end].clone()
         win_mask[:, : done - start] = True  # the context: tokens already generated or fixed
-        y = sample(model, graph, noise, batch_size=B, length=end - start, fixed_tokens=x[:, start:end],
-                   fixed_mask=win_mask, progress=False, **common)
+        y, window_stats = sample(model, graph, noise, batch_size=B, length=end - start, fixed_tokens=x[:, start:end],
+                                 fixed_mask=win_mask, progress=False, **common)
+        stats.add(window_stats)
         x[:, new] = y[:, done - start :]
         done = end
-    return x
+    return (x, stats) if return_stats else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,9 +429,11 @@ def generate_samples(
     progress: bool = False,
     top_p: float | None = None,
     top_k: int | None = None,
+    cache: bool | str = False,
+    tokens_per_step: int | None = None,
 ) -> list[Sample]:
-    """Like :func:`generate`, returning :class:`Sample` objects (text, token ids, fixed spans);
-    ``infills`` adds per-row lists of (position, text) spans (see :func:`fixed_spans`)."""
+    """Like :func:`generate`, returning :class:`Sample` objects (text, token ids, fixed spans,
+    NFE); ``infills`` adds per-row lists of (position, text) spans (see :func:`fixed_spans`)."""
     net, graph, noise, tok = _resolve(model, tokenizer, device)
     lists = {name: _as_rows(name, value) for name, value in
              (("prompts", prompts), ("suffixes", suffixes), ("templates", templates))}
@@ -474,15 +486,16 @@ def generate_samples(
     was_training = net.training
     net.eval()  # no dropout while sampling, whatever mode the caller left the model in
     try:
-        x = sample_blockwise(
+        x, stats = sample_blockwise(
             net, graph, noise, batch_size=len(spans), length=length, window=window, stride=stride, steps=steps,
             predictor=predictor, eps=eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
-            device=device, progress=progress, top_p=top_p, top_k=top_k,
+            device=device, progress=progress, top_p=top_p, top_k=top_k, cache=cache, tokens_per_step=tokens_per_step,
+            return_stats=True,
         )
     finally:
         net.train(was_training)
     ids = x.cpu().tolist()
-    return [Sample(tok.decode(row), row, list(fixed)) for row, fixed in zip(ids, spans)]
+    return [Sample(tok.decode(row), row, list(fixed), int(n)) for row, fixed, n in zip(ids, spans, stats.nfe)]
 
 
 def generate(
@@ -518,12 +531,15 @@ def generate(
             Longer than ``window``: block by block (module docstring).
         steps: reverse steps (one model call each) per window (default: the window length, as in
             the paper; fewer is faster at some cost in quality).
-        predictor: "analytic" or "euler".
+        predictor: "analytic", "euler" or "first_hitting" (one evaluation per unmasked token,
+            ``tokens_per_step`` per evaluation; ``steps`` unused).
         window, stride: the semi-autoregressive windows (default: the model's length, half of it).
         tokenizer: a tokenizer or :func:`sedd.data.get_tokenizer` spec (default: the checkpoint's).
         seed: for reproducible samples (or pass ``generator=``).
         device: for a checkpoint name: where to load it ("auto" by default).
-        kwargs: ``infills``, ``eps``, ``generator``: see :func:`generate_samples`.
+        kwargs: ``infills``, ``eps``, ``generator``, ``top_p``, ``top_k``, ``cache`` (True: reuse
+            the outputs of unchanged rows, exact for a model without time conditioning; see
+            :func:`sedd.sampling.sample`), ``tokens_per_step``: see :func:`generate_samples`.
     Returns:
         ``len(rows) * num_samples`` strings, each a whole sequence (its fixed text included),
         row by row: the samples of row 0 first.

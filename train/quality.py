@@ -1,7 +1,8 @@
 """Generation quality of a SEDD checkpoint against the number of sampling steps.
 
     python train/quality.py CKPT --judge DIR_OR_HUB_ID [--steps 16,32,64] [--num-samples N]
-                            [--predictor analytic|euler] [--top-p P] [--top-k K] [--length L]
+                            [--predictor analytic|euler|first_hitting] [--cache [on|approximate]]
+                            [--tokens-per-step K] [--top-p P] [--top-k K] [--length L]
                             [--window W] [--stride S] [--batch-size B]
                             [--reference-data PATH_OR_NAME] [--json out.json] [--plot out.png]
                             [--first-token bos|skip] [--judge-batch-size B] [--judge-context C]
@@ -89,6 +90,7 @@ from train.cli import (
     files_of,
     load_checkpoint,
     main_with_exit_codes,
+    nfe_options,
     parse_steps,
     plan_sampling,
 )
@@ -379,13 +381,14 @@ def reference_blocks(spec: str, split: str | None, tokenizer, n: int, length: in
 
 
 def format_table(records: list[dict], reference: dict | None) -> str:
-    head = f"{'steps':>6}  {'gen ppl':>10}  {'95% CI':>21}  {'entropy':>8}  {'degenerate':>10}  {'wall s':>8}  {'tok/s':>9}"
+    head = (f"{'steps':>6}  {'gen ppl':>10}  {'95% CI':>21}  {'entropy':>8}  {'degenerate':>10}  {'wall s':>8}  "
+            f"{'tok/s':>9}  {'nfe':>7}")
     lines = [head, "-" * len(head)]
     for r in records:
         lo, hi = r["gen_ppl_ci"]
         flag = "  <- degenerate samples" if r["degenerate"] > 0 else ""
         lines.append(f"{r['steps']:>6}  {r['gen_ppl']:>10.2f}  [{lo:>9.2f}, {hi:>9.2f}]  {r['entropy']:>8.3f}  "
-                     f"{r['degenerate']:>10.3f}  {r['wall_s']:>8.1f}  {r['tokens_per_s']:>9.1f}{flag}")
+                     f"{r['degenerate']:>10.3f}  {r['wall_s']:>8.1f}  {r['tokens_per_s']:>9.1f}  {r['nfe']:>7.1f}{flag}")
     if reference is not None:
         lo, hi = reference["gen_ppl_ci"]
         lines.append(f"{'data':>6}  {reference['gen_ppl']:>10.2f}  [{lo:>9.2f}, {hi:>9.2f}]  "
@@ -455,6 +458,7 @@ def run(args) -> int:
                        progress=progress)
     plan = plan_sampling(args, model, pre.noise, "quality.py")
     length = plan.length
+    nfe_kwargs = nfe_options(args, model)
     print(f"quality.py: {args.num_samples} samples of {length} tokens per step count {steps_list}, "
           f"{args.predictor} predictor, judge {args.judge} (context {judge.context}, first token "
           f"{args.first_token}) on {device}", file=sys.stderr)
@@ -462,15 +466,17 @@ def run(args) -> int:
     records = []
     for steps in steps_list:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        parts, wall = [], 0.0
+        parts, nfe, wall = [], [], 0.0
         for start in range(0, args.num_samples, args.batch_size):
             b = min(args.batch_size, args.num_samples - start)
             began = time.perf_counter()
-            parts.append(sample_blockwise(
+            x, stats = sample_blockwise(
                 model, pre.graph, pre.noise, batch_size=b, length=length, window=plan.window, stride=plan.stride,
                 steps=steps, predictor=args.predictor, eps=args.eps, generator=generator, device=device,
-                progress=progress, top_p=args.top_p, top_k=args.top_k,
-            ).cpu())
+                progress=progress, top_p=args.top_p, top_k=args.top_k, return_stats=True, **nfe_kwargs,
+            )
+            parts.append(x.cpu())
+            nfe.append(stats.nfe)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             wall += time.perf_counter() - began
@@ -480,7 +486,7 @@ def run(args) -> int:
         record = {"steps": steps, **sample_stats(tokens, texts, judge, args, progress)}
         record.update(
             wall_s=wall, tokens_per_s=tokens.numel() / wall, judge_s=time.perf_counter() - began,
-            num_samples=len(tokens), length=length,
+            num_samples=len(tokens), length=length, nfe=float(torch.cat(nfe).double().mean()),
         )
         if args.keep_samples:
             record["samples"] = texts
@@ -504,6 +510,8 @@ def run(args) -> int:
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
         "graph": pre.graph.name,
         "predictor": args.predictor,
+        "cache": args.cache,
+        "tokens_per_step": args.tokens_per_step,
         "top_p": args.top_p,
         "top_k": args.top_k,
         "length": length,

@@ -81,6 +81,7 @@ from train.cli import (
     checkpoint_inputs,
     load_checkpoint,
     main_with_exit_codes,
+    nfe_options,
     plan_sampling,
 )
 
@@ -319,6 +320,7 @@ def run(args) -> int:
     steps = args.steps or min(length, plan.window)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     max_rows = args.max_batch_rows or DEFAULT_MAX_BATCH_ROWS.get(device.type, DEFAULT_MAX_BATCH_ROWS["cpu"])
+    nfe_kwargs = nfe_options(args, model)
 
     # Every request's spans are checked before the first sample is drawn.
     if requests:
@@ -339,6 +341,8 @@ def run(args) -> int:
         "stride": plan.stride,
         "steps": steps,
         "sampler": args.predictor,
+        "cache": args.cache,
+        "tokens_per_step": args.tokens_per_step,
         "top_p": args.top_p,
         "top_k": args.top_k,
         "eps": args.eps,
@@ -366,18 +370,18 @@ def run(args) -> int:
                 fixed_tokens = fixed_mask = None
                 if spans:
                     fixed_tokens, fixed_mask = spans_to_mask([spans] * rows, length, device=device)
-                x = sample_blockwise(
+                x, stats = sample_blockwise(
                     model, pre.graph, pre.noise, batch_size=rows, length=length, window=plan.window,
                     stride=plan.stride, steps=steps, predictor=args.predictor, eps=args.eps,
                     fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator, device=device,
-                    progress=progress, top_p=args.top_p, top_k=args.top_k,
+                    progress=progress, top_p=args.top_p, top_k=args.top_k, return_stats=True, **nfe_kwargs,
                 )
-                done += x.cpu().tolist()
+                done += zip(x.cpu().tolist(), stats.nfe)
                 if not requests:
                     bar.update(rows)
             elapsed = round(time.perf_counter() - began, 3)
-            for row in done:
-                sample_ = {"index": len(samples), "text": tokenizer.decode(row), "tokens": row}
+            for row, nfe in done:
+                sample_ = {"index": len(samples), "text": tokenizer.decode(row), "tokens": row, "nfe": int(nfe)}
                 if requests:
                     sample_.update(line=line, seed=job_seed, fixed=_described(spans), elapsed_s=elapsed)
                 samples.append(sample_)
@@ -393,11 +397,14 @@ def run(args) -> int:
             stream.close()
     elapsed = time.perf_counter() - start
     settings["elapsed_s"] = round(elapsed, 3)
+    mean_nfe = sum(s["nfe"] for s in samples) / max(1, len(samples))
+    settings["nfe_mean"] = mean_nfe
     if not requests:
         settings["fixed"] = _described(jobs[0][2])
     header = (
         f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {args.predictor} sampler, "
-        f"{steps} steps, seed {seed}, "
+        + (f"{steps} steps, " if args.predictor != "first_hitting" else "")
+        + f"{mean_nfe:.1f} network evaluations per sample, seed {seed}, "
         + (f"{len(requests)} request(s) from {args.input}" if requests else f"{len(jobs[0][2])} fixed span(s)")
         + f", {elapsed:.1f}s on {device}"
     )

@@ -1,6 +1,10 @@
 """Sampling from the reverse process: the sampler and conditioning (:mod:`sedd.sampling.sampler`)
-over the registered reverse-step predictors (:mod:`sedd.sampling.predictors`)."""
+over the registered reverse-step predictors (:mod:`sedd.sampling.predictors`, and the first-hitting
+sampler, :mod:`sedd.sampling.first_hitting`), the network calls and their cache
+(:mod:`sedd.sampling.cache`)."""
 
+from sedd.sampling.cache import SamplingStats
+from sedd.sampling.first_hitting import FirstHittingPredictor
 from sedd.sampling.predictors import (
     DENOISERS,
     PREDICTORS,
@@ -15,5 +19,6 @@ from sedd.sampling.sampler import check_eps, conditioning, sample
 
 __all__ = [
     "DENOISERS", "PREDICTORS", "Predictor", "AnalyticPredictor", "EulerPredictor", "Denoiser",
-    "check_eps", "conditioning", "get_predictor", "register_predictor", "sample",
+    "FirstHittingPredictor", "SamplingStats", "check_eps", "conditioning", "get_predictor", "register_predictor",
+    "sample",
 ]

@@ -68,7 +68,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sedd.generation import Span, fixed_spans, sample_blockwise, spans_to_mask
+from sedd.generation import sample_blockwise
+from sedd.sampling.spans import Span, fixed_spans, spans_to_mask
 from train.cli import (
     ArgumentParser,
     InputError,
@@ -192,7 +193,7 @@ def parse_infill(item) -> tuple[int, str]:
 
 def build_spans(tokenizer, length: int, *, prefix=None, suffix=None, infill=(), template=None,
                 where: str = "") -> list[Span]:
-    """Every fixed span one sample asks for (sedd.generation.fixed_spans), checked against
+    """Every fixed span one sample asks for (sedd.sampling.spans.fixed_spans), checked against
     ``length`` and each other. ``where`` ("--input x.jsonl line 3: ") starts the messages; the
     spans of command-line options are named after them (--prefix, --infill 40:'text', ...)."""
     try:

@@ -179,3 +179,41 @@ def test_sampling(benchmark, request, measure_peak, backend, steps, sampler, bat
         tokens_per_s=_per_second(benchmark, batch * LENGTH),
         peak_memory_bytes=peak,
     )
+
+
+@pytest.mark.parametrize("mc_samples", [8, 32])
+def test_conditional_bound(benchmark, model, mc_samples):
+    """What an lm-evaluation-harness ``loglikelihood`` request costs (``sedd.harness``; lm_eval
+    itself is not needed here): the conditional bound of a short continuation after a context
+    that fills the model's window, K draws of t, one request per call as the harness makes them
+    (``batch_size`` 32 rows per model call)."""
+    from sedd.likelihood import sequence_bounds
+
+    graph, noise = Absorbing(CONFIG["tokens"]), LogLinear()
+    model.eval()
+    requests, continuation = (100, 16) if CUDA else (2, 4)
+    x0 = torch.randint(0, graph.N, (requests, LENGTH), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    maskable = torch.zeros(1, LENGTH, dtype=torch.bool, device=DEVICE)
+    maskable[:, -continuation:] = True
+
+    def run():
+        with torch.no_grad():
+            for i in range(requests):
+                sequence_bounds(model, x0[i : i + 1], graph, noise, num_samples=mc_samples, batch_size=32,
+                                maskable=maskable, generator=torch.Generator(DEVICE).manual_seed(i))
+        common.sync()
+
+    run()  # warm-up
+    benchmark.pedantic(run, rounds=1, warmup_rounds=0)
+    stats = getattr(benchmark, "stats", None)
+    benchmark.extra_info.update(
+        bench="conditional_bound",
+        device=common.device_name(),
+        shape=[requests, LENGTH, graph.dim],
+        graph="absorb",
+        mode=f"harness loglikelihood K={mc_samples}",
+        impl="default",
+        continuation_tokens=continuation,
+        requests=requests,
+        seconds_per_100_requests=stats.stats.median * 100 / requests if stats is not None else None,
+    )

@@ -101,6 +101,23 @@ def benchmark_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def nfe_table(records: list[dict]) -> list[str]:
+    """The sampling cases that report their network evaluations (bench_end_to_end.py)."""
+    rows = [r for r in records if r.get("extra_info", {}).get("nfe_mean") is not None]
+    if not rows:
+        return []
+    lines = ["", "## Network evaluations of the sampling cases (same tokens: cached against uncached, same seed)", "",
+             "| case | impl | median ms | NFE per sequence | forward rows | reused rows | same tokens |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        info, median = r["extra_info"], r.get("median_s")
+        same = info.get("same_tokens")
+        lines.append(f"| {info.get('mode')} {info.get('shape')} | {info.get('impl')} | {_fmt(median and median * 1e3, '.1f')} "
+                     f"| {info['nfe_mean']:.1f} | {info.get('forward_rows')} | {info.get('reused_rows')} "
+                     f"| {'–' if same is None else ('yes' if same else 'NO')} |")
+    return lines
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -143,6 +160,7 @@ def summarize_results(results: Path, mode: str | None = None) -> str:
             lines.append(f"| {c['check']} | {c.get('shape')} | {'ok' if c['ok'] else 'FAIL'} | {detail} | {c.get('seconds')} |")
     lines += ["", "## Benchmarks (median of the rounds, CUDA events; targets recorded, not asserted)", ""]
     lines += benchmark_table(records)
+    lines += nfe_table(records)
     sweep = _read_jsonl(results / "sweep.jsonl")
     if sweep:
         lines += ["", "## Launch sweep (benchmarks/sweep_launch.py: BLOCK_V × warps, median ms, fraction of copy BW)", ""]

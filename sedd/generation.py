@@ -9,13 +9,8 @@
 
 Every row of a batch has its own fixed positions ([B, L] masks), so prompts of different lengths,
 suffixes and templates mix in one batch. Each fixed text is tokenized on its own and placed token
-by token; the sampler holds those tokens at their positions and generates the rest (exact
-conditioning, docs/math.md, "Conditioning").
-
-Byte-level BPE tokenizers (GPT-2's, the trained ``bpe:N``) attach a space to the word after it, so
-with them the trailing spaces of a fixed text that generated tokens follow are left to the generated
-token: the prompt "The " is placed as "The" and the model writes " cat". Tokenizers that keep
-spaces as tokens of their own (``bytes``, character-level ones) place every text verbatim.
+by token (:mod:`sedd.sampling.spans`); the sampler holds those tokens at their positions and
+generates the rest (exact conditioning, docs/math.md, "Conditioning").
 
 Longer than the training length (``length > window``, the window defaulting to the model's
 ``length``): generation runs block by block, semi-autoregressively as in MDLM. The first window
@@ -33,237 +28,28 @@ what comes before it.
 
 from __future__ import annotations
 
-import numbers
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from sedd.sampling import check_eps, is_autoregressive, sample, sample_ancestral
+from sedd.sampling import SamplingStats, check_eps, is_autoregressive, sample, sample_ancestral
+from sedd.sampling.spans import Span, fixed_spans, spans_to_mask
 
-__all__ = [
-    "Span", "Sample", "fixed_spans", "template_spans", "spaces_join_next_word", "spans_to_mask", "sample_blockwise",
-    "generate", "generate_samples",
-]
-
-TEMPLATE_HOLE = re.compile(r"\[MASK(?::(\d+))?\]")
-
-
-@dataclass
-class Span:
-    """Fixed tokens ``ids`` at positions [start, start + len(ids)).
-
-    Attributes:
-        source: what asked for it ("prefix", "suffix", "infill 40", "template piece 2"), for messages.
-        text: the text as given (its tokens may have dropped trailing spaces).
-    """
-
-    source: str
-    start: int
-    ids: list[int]
-    text: str
-
-    @property
-    def end(self) -> int:
-        return self.start + len(self.ids)
+__all__ = ["Sample", "sample_blockwise", "generate", "generate_samples"]
 
 
 @dataclass
 class Sample:
-    """One generated sequence: its text, its token ids and the spans that were held fixed."""
+    """One generated sequence: its text, its token ids, the spans that were held fixed and its
+    NFE (forward rows computed for it, over all windows)."""
 
     text: str
     tokens: list[int]
     fixed: list[Span] = field(default_factory=list)
-
-
-def spaces_join_next_word(tokenizer) -> bool:
-    """Whether ``tokenizer`` glues a space to the word after it (" the" is one token), as byte-level
-    BPEs (GPT-2's, the trained ``bpe:N``) and SentencePiece do; the ``bytes`` tokenizer and
-    character-level ones do not. Such a tokenizer makes "The " end in a lone " " token that the
-    model rarely saw before a word, so fixed text that generated tokens follow leaves its trailing
-    spaces to them."""
-    try:
-        return any(len(tokenizer.encode(" " + word)) == 1 for word in ("the", "a", "of", "and", "to", "in"))
-    except (KeyError, ValueError, TypeError):  # a tokenizer that cannot encode these words joins nothing
-        return False
-
-
-def _encode(tokenizer, text: str, *, followed_by_hole: bool, join: bool, source: str) -> list[int]:
-    if not isinstance(text, str):
-        raise ValueError(f"{source}: the text must be a string, got {text!r}")
-    kept = text.rstrip(" ") if followed_by_hole and join else text
-    if text and not kept:
-        raise ValueError(f"{source} {text!r} is only spaces, which this tokenizer attaches to the word after "
-                         "them: nothing would be held fixed (give some text, or leave it out)")
-    return tokenizer.encode(kept) if kept else []
-
-
-# Anything that looks like a hole ("[mask:3]", "[MASK: 3]", "[MASK:3 ]", an unclosed "[MASK:3")
-# must be one exactly, or the template would silently fix it as literal text.
-_HOLE_LIKE = re.compile(r"\[\s*mask(?![a-z])[^\[\]]*\]?", re.IGNORECASE)
-
-
-@dataclass
-class _Layout:
-    spans: list[Span]
-    holes: list[tuple[int, int, str]]  # (start, size, as written)
-    end: int  # positions the template lays out, holes included
-
-
-def _template_layout(template: str, tokenizer, join: bool) -> _Layout:
-    if not isinstance(template, str):
-        raise TypeError(f"template must be a string, got {type(template).__name__}")
-    pieces: list[tuple[str, int, str]] = []  # (literal text, hole size after it, the hole as written)
-    last = 0
-    for m in _HOLE_LIKE.finditer(template):
-        hole = TEMPLATE_HOLE.fullmatch(m.group(0))
-        if hole is None:
-            raise ValueError(f"template: {m.group(0)!r} is not a hole; write [MASK:n] for n generated tokens "
-                             "or [MASK] for one (capitals, no spaces)")
-        n = int(hole.group(1)) if hole.group(1) is not None else 1
-        if n < 1:
-            raise ValueError(f"template: a hole needs at least one token, got {m.group(0)!r}")
-        pieces.append((template[last : m.start()], n, m.group(0)))
-        last = m.end()
-    pieces.append((template[last:], 0, ""))
-    if len(pieces) == 1:
-        raise ValueError(f"template {template!r} has no hole: mark the spans to generate with [MASK:n] (or [MASK])")
-    spans, holes, pos = [], [], 0
-    for i, (text, size, written) in enumerate(pieces):
-        source = f"template piece {i + 1} {text!r}"
-        if join and not text.strip(" "):
-            ids = []  # spaces between holes: left to the generated token after them, as trailing spaces are
-        else:  # free positions may follow the last piece too, so every piece counts as followed by a hole
-            ids = _encode(tokenizer, text, followed_by_hole=True, join=join, source=source)
-        if ids:
-            spans.append(Span(source, pos, ids, text))
-        pos += len(ids)
-        if size:
-            holes.append((pos, size, written))
-        pos += size
-    return _Layout(spans, holes, pos)
-
-
-def template_spans(template: str, tokenizer) -> list[Span]:
-    """The fixed spans of a template laid out from position 0: literal text is fixed,
-    ``[MASK:n]`` is a hole of n generated tokens (``[MASK]`` = one).
-
-    Raises:
-        ValueError: no hole, a hole of 0 tokens, or something that looks like a hole but is not
-            written exactly as one ("[mask:3]", "[MASK: 3]").
-    """
-    return _template_layout(template, tokenizer, spaces_join_next_word(tokenizer)).spans
-
-
-def _position(pos) -> int:
-    # 5.7 or True would silently become 5 or 1
-    if isinstance(pos, bool) or not isinstance(pos, numbers.Integral):
-        raise ValueError(f"an infill position must be an integer token position, got {pos!r}")
-    return int(pos)
-
-
-def fixed_spans(
-    tokenizer,
-    length: int,
-    *,
-    prefix: str | None = None,
-    suffix: str | None = None,
-    infill: Sequence[tuple[int, str]] = (),
-    template: str | None = None,
-) -> list[Span]:
-    """Every fixed span of one sequence of ``length`` tokens, sorted by position.
-
-    Args:
-        prefix: text starting at position 0 (a prompt).
-        suffix: text ending at the last position.
-        infill: (position, text) pairs; the text's first token sits at the position (an integer;
-            negative positions count from the end: -10 starts 10 tokens before the end).
-        template: see :func:`template_spans`; it must fit in ``length`` holes included, and no
-            other span may fall in one of its holes.
-
-    Text is placed token for token as the tokenizer encodes it, except that a tokenizer which
-    glues a space to the next word (:func:`spaces_join_next_word`) leaves the trailing spaces of a
-    text that generated tokens follow (prefix, infill, template pieces) to them. "" is no text;
-    text of spaces only that would so become nothing is an error.
-
-    Raises:
-        ValueError: a span that does not fit in ``length`` or overlaps another or a template hole,
-            an infill without text or with a position that is not an integer, spaces only, or
-            spans that leave nothing to generate.
-    """
-    for name, value in (("prefix", prefix), ("suffix", suffix)):
-        if value is not None and not isinstance(value, str):
-            raise TypeError(f"{name} must be a string, got {type(value).__name__}")
-    join = spaces_join_next_word(tokenizer)
-    spans: list[Span] = []
-    holes: list[tuple[int, int, str]] = []
-    if template is not None:
-        layout = _template_layout(template, tokenizer, join)
-        if layout.end > length:
-            raise ValueError(
-                f"template {template!r} lays out {layout.end} tokens, holes included, which does not fit in a "
-                f"{length}-token sequence; raise the length or make the holes smaller"
-            )
-        spans += layout.spans
-        holes = layout.holes
-    if prefix:
-        spans.append(Span("prefix", 0, _encode(tokenizer, prefix, followed_by_hole=True, join=join,
-                                               source="prefix"), prefix))
-    for item in infill:
-        try:
-            pos, text = item
-        except (TypeError, ValueError):
-            raise ValueError(f"infill items are (position, text) pairs, got {item!r}") from None
-        pos = _position(pos)
-        ids = _encode(tokenizer, text, followed_by_hole=True, join=join, source=f"infill at position {pos}")
-        if not ids:
-            raise ValueError(f"infill at position {pos} has no text to place")
-        start = pos + length if pos < 0 else pos
-        if start < 0:
-            raise ValueError(f"infill {pos}:{text!r}: position {pos} is before the start of a {length}-token sequence")
-        spans.append(Span(f"infill {pos}:{text!r}", start, ids, text))
-    if suffix:
-        ids = _encode(tokenizer, suffix, followed_by_hole=False, join=join, source="suffix")
-        spans.append(Span("suffix", length - len(ids), ids, suffix))
-
-    spans = [s for s in spans if s.ids]
-    for s in spans:
-        if s.start < 0 or s.end > length:
-            raise ValueError(
-                f"{s.source} is {len(s.ids)} tokens, which does not fit at position {max(s.start, 0)} "
-                f"of a {length}-token sequence; raise the length or shorten the text"
-            )
-    for s in spans:
-        for start, size, written in holes:
-            if s.start < start + size and start < s.end:
-                raise ValueError(
-                    f"{s.source} (tokens {s.start}..{s.end - 1}) falls in the template's hole {written} "
-                    f"(tokens {start}..{start + size - 1}), which is to be generated"
-                )
-    ordered = sorted(spans, key=lambda s: s.start)
-    for a, b in zip(ordered, ordered[1:]):
-        if b.start < a.end:
-            raise ValueError(
-                f"{a.source} (tokens {a.start}..{a.end - 1}) overlaps {b.source} (tokens {b.start}..{b.end - 1})"
-            )
-    if sum(len(s.ids) for s in spans) == length:
-        raise ValueError(f"the fixed spans cover all {length} positions: nothing is left to generate")
-    return ordered
-
-
-def spans_to_mask(rows: Sequence[Sequence[Span]], length: int, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed tokens and mask, both [len(rows), length], from each row's spans."""
-    tokens = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.bool)
-    for b, spans in enumerate(rows):
-        for s in spans:
-            tokens[b, s.start : s.end] = torch.tensor(s.ids, dtype=torch.long)
-            mask[b, s.start : s.end] = True
-    return tokens.to(device), mask.to(device)
+    nfe: int | None = None
 
 
 @torch.no_grad()
@@ -287,7 +73,10 @@ def sample_blockwise(
     top_p: float | None = None,
     top_k: int | None = None,
     temperature: float = 1.0,
-) -> torch.Tensor:
+    cache: bool | str = False,
+    tokens_per_step: int | None = None,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
     """Semi-autoregressive sampling of sequences longer than the model's window.
 
     The first ``window`` positions are sampled as by :func:`sedd.sampling.sample`; then each
@@ -302,10 +91,12 @@ def sample_blockwise(
         fixed_tokens, fixed_mask: [length] or [B, length], as for :func:`sample`.
         temperature: autoregressive models only (:func:`sedd.sampling.sample_ancestral`); the
             diffusion samplers have none (another value than 1 is a ValueError for them).
-        other arguments: as for :func:`sedd.sampling.sample` (an autoregressive model reads no
-            ``steps``, ``predictor`` or ``eps``).
+        other arguments: as for :func:`sedd.sampling.sample` (``cache`` and ``tokens_per_step``
+            apply within each window; an autoregressive model reads no ``steps``, ``predictor``,
+            ``eps``, ``cache`` or ``tokens_per_step``).
     Returns:
-        [B, length] int64 tokens.
+        [B, length] int64 tokens; with ``return_stats`` also the network calls of all windows
+        (:class:`~sedd.sampling.SamplingStats`, ``nfe`` per sequence summed over the windows).
     """
     for name, value in (("batch_size", batch_size), ("length", length), ("window", window)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -319,8 +110,12 @@ def sample_blockwise(
         param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
-    common = dict(generator=generator, device=device, top_p=top_p, top_k=top_k)
+    common = dict(generator=generator, device=device, top_p=top_p, top_k=top_k, return_stats=True)
     if is_autoregressive(model):
+        if cache or tokens_per_step is not None:
+            raise ValueError("cache and tokens_per_step apply to the diffusion samplers; an autoregressive model "
+                             "is sampled one token per network evaluation")
+
         def run(**kw):
             return sample_ancestral(model, temperature=temperature, **common, **kw)
     else:
@@ -329,10 +124,12 @@ def sample_blockwise(
                              f"(got {temperature!r})")
 
         def run(**kw):
-            return sample(model, graph, noise, steps=steps, predictor=predictor, eps=eps, **common, **kw)
+            return sample(model, graph, noise, steps=steps, predictor=predictor, eps=eps, cache=cache,
+                          tokens_per_step=tokens_per_step, **common, **kw)
     if length <= window:
-        return run(batch_size=batch_size, length=length, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask,
-                   progress=progress)
+        x, stats = run(batch_size=batch_size, length=length, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask,
+                       progress=progress)
+        return (x, stats) if return_stats else x
 
     B = batch_size
     if fixed_tokens is None:
@@ -350,6 +147,7 @@ def sample_blockwise(
     ends = [window, *range(window + stride, length, stride), length]
     ends = sorted(set(ends))
     x = tokens.clone()
+    stats = SamplingStats(nfe=torch.zeros(B, dtype=torch.long))
     done = 0
     for end in tqdm(ends, desc="blocks", disable=not progress, leave=False):
         start = max(end - window, 0)
@@ -359,10 +157,12 @@ def sample_blockwise(
             continue
         win_mask = mask[:, start:end].clone()
         win_mask[:, : done - start] = True  # the context: tokens already generated or fixed
-        y = run(batch_size=B, length=end - start, fixed_tokens=x[:, start:end], fixed_mask=win_mask, progress=False)
+        y, window_stats = run(batch_size=B, length=end - start, fixed_tokens=x[:, start:end], fixed_mask=win_mask,
+                              progress=False)
+        stats.add(window_stats)
         x[:, new] = y[:, done - start :]
         done = end
-    return x
+    return (x, stats) if return_stats else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,9 +240,11 @@ def generate_samples(
     top_p: float | None = None,
     top_k: int | None = None,
     temperature: float = 1.0,
+    cache: bool | str = False,
+    tokens_per_step: int | None = None,
 ) -> list[Sample]:
-    """Like :func:`generate`, returning :class:`Sample` objects (text, token ids, fixed spans);
-    ``infills`` adds per-row lists of (position, text) spans (see :func:`fixed_spans`)."""
+    """Like :func:`generate`, returning :class:`Sample` objects (text, token ids, fixed spans,
+    NFE); ``infills`` adds per-row lists of (position, text) spans (see :func:`fixed_spans`)."""
     net, graph, noise, tok = _resolve(model, tokenizer, device)
     lists = {name: _as_rows(name, value) for name, value in
              (("prompts", prompts), ("suffixes", suffixes), ("templates", templates))}
@@ -496,15 +298,16 @@ def generate_samples(
     was_training = net.training
     net.eval()  # no dropout while sampling, whatever mode the caller left the model in
     try:
-        x = sample_blockwise(
+        x, stats = sample_blockwise(
             net, graph, noise, batch_size=len(spans), length=length, window=window, stride=stride, steps=steps,
             predictor=predictor, eps=eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
-            device=device, progress=progress, top_p=top_p, top_k=top_k, temperature=temperature,
+            device=device, progress=progress, top_p=top_p, top_k=top_k, temperature=temperature, cache=cache,
+            tokens_per_step=tokens_per_step, return_stats=True,
         )
     finally:
         net.train(was_training)
     ids = x.cpu().tolist()
-    return [Sample(tok.decode(row), row, list(fixed)) for row, fixed in zip(ids, spans)]
+    return [Sample(tok.decode(row), row, list(fixed), int(n)) for row, fixed, n in zip(ids, spans, stats.nfe)]
 
 
 def generate(
@@ -541,13 +344,16 @@ def generate(
         steps: reverse steps (one model call each) per window (default: the window length, as in
             the paper; fewer is faster at some cost in quality). An autoregressive model takes
             one model call per generated token whatever ``steps`` says.
-        predictor: "analytic" or "euler".
+        predictor: "analytic", "euler" or "first_hitting" (one evaluation per unmasked token,
+            ``tokens_per_step`` per evaluation; ``steps`` unused).
         window, stride: the semi-autoregressive windows (default: the model's length, half of it).
         tokenizer: a tokenizer or :func:`sedd.data.get_tokenizer` spec (default: the checkpoint's).
         seed: for reproducible samples (or pass ``generator=``).
         device: for a checkpoint name: where to load it ("auto" by default).
         kwargs: ``infills``, ``eps``, ``generator``, ``top_p``, ``top_k``, ``temperature`` (an
-            autoregressive model's): see :func:`generate_samples` and :func:`sample_blockwise`.
+            autoregressive model's), ``cache`` (True: reuse the outputs of unchanged rows, exact
+            for a model without time conditioning; see :func:`sedd.sampling.sample`),
+            ``tokens_per_step``: see :func:`generate_samples` and :func:`sample_blockwise`.
     Returns:
         ``len(rows) * num_samples`` strings, each a whole sequence (its fixed text included),
         row by row: the samples of row 0 first.

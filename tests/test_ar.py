@@ -238,17 +238,18 @@ def test_ancestral_sampling_is_reproducible_and_keeps_the_prompt():
 
     def draw(**kw):
         return sample_ancestral(model, batch_size=2, length=L, fixed_tokens=fixed, fixed_mask=mask,
-                                generator=torch.Generator().manual_seed(9), return_nfe=True, **kw)
+                                generator=torch.Generator().manual_seed(9), return_stats=True, **kw)
 
-    (a, nfe), (b, _), (c, nfe_plain) = draw(), draw(), draw(kv_cache=False)
+    (a, stats), (b, _), (c, stats_plain) = draw(), draw(), draw(kv_cache=False)
     assert torch.equal(a, b) and torch.equal(a, c)
-    assert nfe == nfe_plain == L - 2  # the 2 positions fixed in every row are read at once
+    # the 2 positions fixed in every row are read at once
+    assert stats.nfe.tolist() == stats_plain.nfe.tolist() == [L - 2, L - 2] and stats.forward_calls == L - 2
     assert a[0, :3].tolist() == prompt.tolist() and a[1, :2].tolist() == prompt[:2].tolist()
     assert not torch.equal(a, draw(top_k=2)[0]) or not torch.equal(a, draw(temperature=0.5)[0])
     other = sample_ancestral(model, batch_size=2, length=L, generator=torch.Generator().manual_seed(10))
     assert not torch.equal(a[:, 3:], other[:, 3:])
-    unconditional, nfe = sample_ancestral(model, batch_size=2, length=L, return_nfe=True)
-    assert nfe == L and unconditional.shape == (2, L)
+    unconditional, stats = sample_ancestral(model, batch_size=2, length=L, return_stats=True)
+    assert stats.nfe.tolist() == [L, L] and stats.forward_rows == 2 * L and unconditional.shape == (2, L)
 
 
 def test_ancestral_draws_follow_the_model():

@@ -331,9 +331,12 @@ def test_input_is_sampled_in_bounded_calls_and_streamed(bpe_ckpt, tmp_path, caps
     calls, lines_written = [], []
 
     def fake(model, graph, noise, *, batch_size, length, generator, **kwargs):
+        from sedd.sampling import SamplingStats
+
         calls.append(batch_size)
         lines_written.append(len(out.read_text().splitlines()))  # what earlier calls already wrote
-        return torch.randint(0, 512, (batch_size, length), generator=generator)
+        tokens = torch.randint(0, 512, (batch_size, length), generator=generator)
+        return tokens, SamplingStats(nfe=torch.ones(batch_size, dtype=torch.int64))
 
     monkeypatch.setattr(sample_cli, "sample_blockwise", fake)
     assert sample_cli.main([str(bpe_ckpt), "--input", str(requests), "--batch-size", "2", "--length", "16",

@@ -111,7 +111,26 @@ def test_the_check_has_power_against_the_product_of_marginals():
     assert chi2_pvalue(_codes(x, N), p.flatten()) < 1e-6
 
 
-@pytest.mark.parametrize("predictor", ["analytic", "euler"])
+def test_first_hitting_is_exact_in_n_evaluations_where_analytic_is_biased():
+    """The first-hitting sampler with the exact score (σ enters it through one factor per row, as
+    for a model without time conditioning) draws p_data itself in exactly L evaluations per
+    sequence. The analytic sampler at the same budget (L − 1 steps and the denoiser) shows its
+    discretisation bias in the same check; given far more steps it would pass."""
+    N, L = 3, 3
+    graph, noise = _setup("absorb", N)
+    p = _p_data(N, L, seed=5)
+    model = JointExactScore(p, graph)
+    kwargs = dict(batch_size=6000, length=L, generator=torch.Generator().manual_seed(1), return_stats=True)
+    x, stats = sample(model, graph, noise, predictor="first_hitting", **kwargs)
+    assert int(x.max()) < N
+    assert stats.nfe.tolist() == [L] * 6000
+    assert chi2_pvalue(_codes(x, N), p.flatten()) > 1e-3
+    y, analytic = sample(model, graph, noise, predictor="analytic", steps=L - 1, **kwargs)
+    assert analytic.nfe.tolist() == [L] * 6000
+    assert chi2_pvalue(_codes(y, N), p.flatten()) < 1e-6
+
+
+@pytest.mark.parametrize("predictor", ["analytic", "euler", "first_hitting"])
 def test_absorbing_conditioning_samples_the_true_conditional(predictor):
     """The issue's toy: two positions over {0, 1} with P(equal) = 0.9; fixing x[0] = 0 must give
     P(x[1] = 0) = 0.9. Also a middle position of L = 3 fixed (infilling-like)."""

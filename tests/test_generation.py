@@ -10,12 +10,13 @@ import torch
 
 import sedd
 from sedd.data import byte_tokenizer, get_tokenizer
-from sedd.generation import fixed_spans, generate, generate_samples, sample_blockwise
+from sedd.generation import generate, generate_samples, sample_blockwise
 from sedd.graph import Absorbing
 from sedd.model import SEDD
 from sedd.noise import LogLinear
 from sedd.pretrained import load_pretrained
 from sedd.sampling import sample
+from sedd.sampling.spans import fixed_spans
 
 
 class CharTokenizer:
@@ -206,7 +207,7 @@ def bpe(tmp_path_factory):
 
 
 def test_trailing_spaces_are_dropped_only_where_the_tokenizer_glues_them_to_the_next_word(bpe):
-    from sedd.generation import spaces_join_next_word
+    from sedd.sampling.spans import spaces_join_next_word
 
     tok = get_tokenizer("bytes")
     assert spaces_join_next_word(bpe) and not spaces_join_next_word(tok) and not spaces_join_next_word(TOK)

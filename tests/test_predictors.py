@@ -74,7 +74,7 @@ def test_registry_errors(registry):
         register_predictor(AnalyticPredictor)
     with pytest.raises(TypeError, match="Predictor subclass"):
         register_predictor(lambda: None)
-    assert tuple(PREDICTORS) == ("euler", "analytic") and tuple(DENOISERS) == ("denoise",)
+    assert tuple(PREDICTORS) == ("euler", "analytic", "first_hitting") and tuple(DENOISERS) == ("denoise",)
 
 
 def test_the_sampler_never_changes_a_predictor_it_is_given():

@@ -301,6 +301,8 @@ def test_help_lists_the_flags():
     (["--batch-size", "3", "--global-batch", "8"], "pass --global-batch as a multiple of 3"),
     (["--threads", "100000"], "--threads must be at most the"),  # was a SIGSEGV
     (["--seed", "-1"], "--seed must be in [0, 2**64), got -1"),
+    (["--graph", "uniform", "--time-conditioning", "off"], "--time-conditioning off needs --graph absorb"),
+    (["--time-conditioning", "no"], "invalid choice: 'no'"),
 ])
 def test_bad_arguments(env, tmp_path, args, message):
     result = train(env, *args, "--out", tmp_path / "out", timeout=60)
@@ -358,6 +360,24 @@ def test_existing_checkpoint_is_never_silently_replaced(env, trained, tmp_path):
     assert "config.json, samples.txt" in refused.stderr and "--overwrite" in refused.stderr
     assert (notes / "config.json").read_text() == '{"mine": true}' and sorted(p.name for p in notes.iterdir()) == [
         "config.json", "ideas.md", "samples.txt"]
+
+
+def test_time_conditioning_off_is_saved_and_frozen(env, tmp_path):
+    out = tmp_path / "out"
+    first = train(env, *TINY, "--max-steps", 2, "--ckpt-every", 2, "--num-samples", 0, "--time-conditioning", "off",
+                  "--out", out)
+    assert first.returncode == 0, first.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["time_conditioning"] is False
+    from sedd.model import SEDD
+
+    assert SEDD.from_pretrained(out).time_conditioning is False
+    changed = train(env, *TINY, "--max-steps", 4, "--out", out, "--resume", "--time-conditioning", "on")
+    assert changed.returncode == 2 and "cannot change time_conditioning" in changed.stderr
+    resumed = train(env, *TINY, "--max-steps", 4, "--ckpt-every", 2, "--num-samples", 0, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "config.json").read_text())["model"]["time_conditioning"] is False
+    assert "cond_embed" in torch.load(out / "training_state.pt", weights_only=False)["model"]
 
 
 def test_ema_decay_ramps_up_like_the_public_code():

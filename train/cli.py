@@ -19,7 +19,7 @@ __all__ = [
     "ArgumentParser", "InputError", "SamplingPlan", "add_sampler_options", "check_objective_options", "check_outputs",
     "check_positive", "check_sampler_options",
     "check_seed", "check_threads", "checkpoint_inputs", "die", "files_of", "load_checkpoint", "main_with_exit_codes",
-    "parse_steps", "plan_sampling",
+    "nfe_options", "parse_steps", "plan_sampling",
 ]
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below it; larger ones overflow
@@ -178,9 +178,10 @@ DEFAULT_STEPS_LIST = "16,32,64"
 
 def add_sampler_options(group, *, steps_list: bool = False) -> None:
     """Add the options that choose how samples are drawn: --steps (one count, or with
-    ``steps_list`` a comma-separated list), --sampler/--predictor, --top-p, --top-k,
-    --temperature, --eps, --length, --window and --stride. :func:`check_sampler_options` checks
-    them; :func:`check_objective_options` which apply to the checkpoint loaded."""
+    ``steps_list`` a comma-separated list), --sampler/--predictor, --cache, --tokens-per-step,
+    --top-p, --top-k, --temperature, --eps, --length, --window and --stride.
+    :func:`check_sampler_options` checks them; :func:`check_objective_options` which apply to the
+    checkpoint loaded; :func:`nfe_options` turns --cache and --tokens-per-step into ``sample`` arguments."""
     from sedd.sampling import PREDICTORS
 
     if steps_list:
@@ -194,7 +195,14 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
             "fewer is faster, e.g. 128, at some cost in quality, more so for euler)",
         )
     group.add_argument("--sampler", "--predictor", dest="predictor", choices=PREDICTORS, default="analytic",
-                       help="predictor of every step (default: analytic)")
+                       help="predictor of every step (default: analytic); first_hitting: one network evaluation "
+                            "per generated token, or per --tokens-per-step tokens (--steps unused)")
+    group.add_argument("--cache", nargs="?", const="on", default="off", choices=list(CACHE_CHOICES),
+                       help="reuse the network output of a sequence the last step left unchanged: on (exact, "
+                            "for a model trained with --time-conditioning off), approximate (any model), off "
+                            "(default: off; --cache alone: on)")
+    group.add_argument("--tokens-per-step", type=int, metavar="K",
+                       help="first_hitting: tokens unmasked per network evaluation (default: 1, exact)")
     group.add_argument("--top-p", type=float, metavar="P",
                        help="nucleus sampling: each step jumps only to the smallest set of candidate tokens holding "
                             "at least P of the jump probability (0 < P <= 1; default: off)")
@@ -236,15 +244,23 @@ def check_sampler_options(args: argparse.Namespace) -> None:
         raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not (math.isfinite(args.eps) and 0 < args.eps < 1):
         raise InputError(f"--eps must be in (0, 1), got {args.eps}")
+    if args.tokens_per_step is not None:
+        if args.tokens_per_step < 1:
+            raise InputError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
+        if args.predictor != "first_hitting":
+            raise InputError(f"--tokens-per-step applies to the first_hitting predictor, not {args.predictor}")
 
 
 def check_objective_options(args: argparse.Namespace, objective: str) -> None:
     """:class:`InputError` for a sampler option the checkpoint's objective does not read: an
     autoregressive checkpoint ("ar") samples one token per network evaluation (no --steps, no
-    --sampler but the default, no --eps); the diffusion samplers ("sedd") have no --temperature."""
+    --sampler but the default, no --eps, no --cache, no --tokens-per-step); the diffusion samplers
+    ("sedd") have no --temperature."""
     if objective == "ar":
         given = [flag for flag, used in (("--steps", args.steps is not None),
                                          ("--sampler", args.predictor != "analytic"),
+                                         ("--cache", args.cache != "off"),
+                                         ("--tokens-per-step", args.tokens_per_step is not None),
                                          ("--eps", args.eps != 1e-5)) if used]
         if given:
             raise InputError(f"{', '.join(given)} applies to diffusion checkpoints; this one is autoregressive "
@@ -315,3 +331,16 @@ def load_checkpoint(args: argparse.Namespace):
         return load_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
     except (OSError, ValueError) as err:
         raise InputError(str(err)) from err
+
+
+CACHE_CHOICES = {"off": False, "on": True, "approximate": "approximate"}
+
+
+def nfe_options(args: argparse.Namespace, model) -> dict:
+    """The ``sample`` keyword arguments of --cache and --tokens-per-step, --cache checked against
+    the model (:class:`InputError`: an exact cache needs a model that does not read σ)."""
+    cache = CACHE_CHOICES[args.cache]
+    if cache is True and getattr(model, "time_conditioning", True):
+        raise InputError("--cache on reuses outputs exactly only for a model trained with --time-conditioning off; "
+                         "this one reads sigma: use --cache approximate, or leave the cache off")
+    return {"cache": cache, "tokens_per_step": args.tokens_per_step}

@@ -20,7 +20,7 @@ from train.cli import SEED_LIMIT, ArgumentParser
 
 PAPER = dict(  # the GPT-2-scale runs of the paper and the public code (configs/config.yaml)
     data="openwebtext", tokenizer="gpt2", doc_mask=False, objective="sedd",
-    graph="absorb", noise="auto", noise_eps=1e-3, sigma_min=1e-4, sigma_max=20.0,
+    graph="absorb", noise="auto", noise_eps=1e-3, sigma_min=1e-4, sigma_max=20.0, time_conditioning="on",
     global_batch=512, max_steps=1_300_000, lr=3e-4, beta1=0.9, beta2=0.999, weight_decay=0.0,
     warmup_steps=2500, grad_clip=1.0, ema=0.9999, sampling_eps=1e-3, bf16=True,
     log_every=50, eval_every=2500, val_blocks=512, ckpt_every=10_000,
@@ -54,6 +54,8 @@ HELP = {
     "noise": "noise schedule: loglinear, geometric, or auto (loglinear for absorb, geometric for uniform)",
     "noise_eps": "epsilon of the log-linear schedule", "sigma_min": "geometric schedule sigma_min",
     "sigma_max": "geometric schedule sigma_max",
+    "time_conditioning": "on: the network reads sigma (SEDD); off: it does not (absorbing only; sigma enters "
+                         "through the score shift alone), so sampling with --cache reuses its outputs exactly",
     "hidden_size": "transformer width", "cond_dim": "width of the sigma conditioning",
     "n_blocks": "transformer blocks", "n_heads": "attention heads",
     "length": "tokens per training block (documents are packed into blocks with EOS between them)",
@@ -76,25 +78,27 @@ HELP = {
 }
 GROUPS = {
     "data": ["data", "tokenizer", "doc_mask"],
-    "model and diffusion": ["objective", "graph", "noise", "noise_eps", "sigma_min", "sigma_max", "hidden_size", "cond_dim",
-                            "n_blocks", "n_heads", "length", "dropout"],
+    "model and diffusion": ["objective", "graph", "noise", "noise_eps", "sigma_min", "sigma_max", "time_conditioning",
+                            "hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "dropout"],
     "optimisation": ["batch_size", "global_batch", "max_steps", "lr", "beta1", "beta2", "weight_decay",
                      "warmup_steps", "grad_clip", "ema", "sampling_eps", "bf16", "seed"],
     "evaluation, logging, checkpoints": ["log_every", "eval_every", "val_blocks", "ckpt_every", "num_samples",
                                          "sample_length", "sample_steps"],
 }
-CHOICES = {"objective": ["sedd", "ar"], "graph": list(GRAPHS), "noise": ["auto", *NOISES]}
+CHOICES = {"objective": ["sedd", "ar"], "graph": list(GRAPHS), "noise": ["auto", *NOISES], "time_conditioning": ["on", "off"]}
 # What only the diffusion objective reads: an autoregressive run refuses them (it has no forward
 # process, no time and no reverse steps) and keeps none of them in its configuration.
-DIFFUSION_ONLY = ["graph", "noise", "noise_eps", "sigma_min", "sigma_max", "sampling_eps", "sample_steps"]
+DIFFUSION_ONLY = ["graph", "noise", "noise_eps", "sigma_min", "sigma_max", "time_conditioning", "sampling_eps",
+                  "sample_steps"]
 # What a run trains: --resume refuses to change these (the checkpoint would no longer fit, or
 # the data order and noise would silently differ from the run being continued). The micro-batch
 # (batch_size) is not among them: it only says how each process makes up its share of the global
 # batch, and is derived again for another number of processes.
-FROZEN = ["data", "tokenizer", "doc_mask", "objective", "graph", "noise", "noise_eps", "sigma_min", "sigma_max", "hidden_size",
-          "cond_dim", "n_blocks", "n_heads", "length", "global_batch", "seed"]
+FROZEN = ["data", "tokenizer", "doc_mask", "objective", "graph", "noise", "noise_eps", "sigma_min", "sigma_max",
+          "time_conditioning", "hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "global_batch", "seed"]
 MODEL_KEYS = ["hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "dropout"]
-NOT_TRAINING = ["data", "tokenizer", "objective", "graph", "noise", "noise_eps", "sigma_min", "sigma_max", *MODEL_KEYS]  # own keys in config.json
+NOT_TRAINING = ["data", "tokenizer", "objective", "graph", "noise", "noise_eps", "sigma_min", "sigma_max",
+                "time_conditioning", *MODEL_KEYS]  # own keys in config.json
 
 
 def parse_args(argv=None, *, epilog: str = ""):
@@ -190,7 +194,9 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
     Raises :class:`UsageError` for a combination that cannot run."""
     if saved is not None:
         cfg = dict(saved)
-        cfg.setdefault("objective", "sedd")  # a run saved before the flag existed
+        cfg.setdefault("objective", "sedd")  # a run saved before these flags existed
+        if cfg["objective"] == "sedd":
+            cfg.setdefault("time_conditioning", "on")
         if preset is not None and preset != cfg["preset"]:
             raise UsageError(f"--resume: {source} is a '{cfg['preset']}' run, not '{preset}'")
         if "objective" in overrides and overrides["objective"] != cfg["objective"]:
@@ -212,6 +218,9 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
                 del cfg[key]
     if cfg["objective"] == "sedd" and cfg["noise"] == "auto":
         cfg["noise"] = GRAPHS[cfg["graph"]].default_noise
+    if cfg["objective"] == "sedd" and cfg["time_conditioning"] == "off" and not GRAPHS[cfg["graph"]].absorbing:
+        raise UsageError(f"--time-conditioning off needs --graph absorb (got {cfg['graph']}): only the absorbing "
+                         "score carries its whole sigma-dependence in the shift")
     global_batch, batch_size = cfg["global_batch"], cfg["batch_size"]
     if global_batch % (batch_size * world):
         if global_batch % world:
@@ -266,7 +275,7 @@ def model_config(cfg: dict, vocab_size: int, world: int) -> dict:
         config = SEDD.config_for(cfg["preset"], graph=cfg["graph"], tokens=vocab_size,
                                  noise={"type": cfg["noise"], "sigma_min": cfg["sigma_min"],
                                         "sigma_max": cfg["sigma_max"], "eps": cfg["noise_eps"]},
-                                 **{k: cfg[k] for k in MODEL_KEYS})
+                                 time_conditioning=cfg["time_conditioning"] == "on", **{k: cfg[k] for k in MODEL_KEYS})
     config["objective"] = cfg["objective"]
     config["tokenizer"], config["data"] = cfg["tokenizer"], cfg["data"]
     config["training"] = {**{k: v for k, v in cfg.items() if k not in NOT_TRAINING}, "world_size": world}

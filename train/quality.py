@@ -2,7 +2,8 @@
 autoregressive checkpoint, sampled ancestrally: one record at NFE = L).
 
     python train/quality.py CKPT --judge DIR_OR_HUB_ID [--steps 16,32,64] [--num-samples N]
-                            [--predictor analytic|euler] [--top-p P] [--top-k K] [--length L]
+                            [--predictor analytic|euler|first_hitting] [--cache [on|approximate]]
+                            [--tokens-per-step K] [--top-p P] [--top-k K] [--length L]
                             [--window W] [--stride S] [--batch-size B]
                             [--reference-data PATH_OR_NAME] [--json out.json] [--plot out.png]
                             [--first-token bos|skip] [--judge-batch-size B] [--judge-context C]
@@ -64,7 +65,6 @@ PNG of generative perplexity and entropy against NFE. Exit status 0 on success, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -78,7 +78,6 @@ import numpy as np
 import torch
 
 from sedd.generation import sample_blockwise
-from sedd.model.scoring import unwrap
 from train.cli import (
     DEFAULT_STEPS_LIST,
     ArgumentParser,
@@ -94,6 +93,7 @@ from train.cli import (
     files_of,
     load_checkpoint,
     main_with_exit_codes,
+    nfe_options,
     parse_steps,
     plan_sampling,
 )
@@ -241,18 +241,6 @@ def reference_blocks(spec: str, split: str | None, tokenizer, n: int, length: in
 # ----------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def counting_evaluations(model):
-    """A one-element list holding the network evaluations made inside the block: every forward of
-    a SEDD or ARModel, and every ARModel.step, embeds its input exactly once."""
-    count = [0]
-    handle = unwrap(model).vocab_embed.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
-    try:
-        yield count
-    finally:
-        handle.remove()
-
-
 def format_table(records: list[dict], reference: dict | None) -> str:
     head = (f"{'steps':>6}  {'gen ppl':>10}  {'95% CI':>21}  {'entropy':>8}  {'degenerate':>10}  {'wall s':>8}  "
             f"{'tok/s':>9}  {'nfe':>7}")
@@ -336,6 +324,7 @@ def run(args) -> int:
                        progress=progress)
     plan = plan_sampling(args, model, pre.noise, "quality.py")
     length = plan.length
+    nfe_kwargs = nfe_options(args, model)
     print(f"quality.py: {args.num_samples} samples of {length} tokens per step count {steps_list}, "
           f"{sampler}, judge {args.judge} (context {judge.context}, first token "
           f"{args.first_token}) on {device}", file=sys.stderr)
@@ -343,17 +332,18 @@ def run(args) -> int:
     records = []
     for steps in steps_list:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        parts, wall, nfe = [], 0.0, 0
+        parts, nfe, wall = [], [], 0.0
         for start in range(0, args.num_samples, args.batch_size):
             b = min(args.batch_size, args.num_samples - start)
             began = time.perf_counter()
-            with counting_evaluations(model) as calls:
-                parts.append(sample_blockwise(
-                    model, pre.graph, pre.noise, batch_size=b, length=length, window=plan.window, stride=plan.stride,
-                    steps=steps or 1, predictor=args.predictor, eps=args.eps, generator=generator, device=device,
-                    progress=progress, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
-                ).cpu())
-            nfe += calls[0] * b  # every row of the batch takes part in every evaluation
+            x, stats = sample_blockwise(
+                model, pre.graph, pre.noise, batch_size=b, length=length, window=plan.window, stride=plan.stride,
+                steps=steps, predictor=args.predictor, eps=args.eps, generator=generator, device=device,
+                progress=progress, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
+                return_stats=True, **nfe_kwargs,
+            )
+            parts.append(x.cpu())
+            nfe.append(stats.nfe)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             wall += time.perf_counter() - began
@@ -363,7 +353,7 @@ def run(args) -> int:
         record = {"steps": steps, **sample_stats(tokens, texts, judge, args, progress)}
         record.update(
             wall_s=wall, tokens_per_s=tokens.numel() / wall, judge_s=time.perf_counter() - began,
-            num_samples=len(tokens), length=length, nfe=nfe / len(tokens),
+            num_samples=len(tokens), length=length, nfe=float(torch.cat(nfe).double().mean()),
         )
         if args.keep_samples:
             record["samples"] = texts
@@ -388,6 +378,8 @@ def run(args) -> int:
         "objective": pre.objective,
         "graph": None if autoregressive else pre.graph.name,
         "predictor": "ancestral" if autoregressive else args.predictor,
+        "cache": None if autoregressive else args.cache,
+        "tokens_per_step": args.tokens_per_step,
         "top_p": args.top_p,
         "top_k": args.top_k,
         "temperature": args.temperature if autoregressive else None,

@@ -73,7 +73,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sedd.generation import Span, fixed_spans, sample_blockwise, spans_to_mask
+from sedd.generation import sample_blockwise
+from sedd.sampling.spans import Span, fixed_spans, spans_to_mask
 from train.cli import (
     ArgumentParser,
     InputError,
@@ -87,6 +88,7 @@ from train.cli import (
     checkpoint_inputs,
     load_checkpoint,
     main_with_exit_codes,
+    nfe_options,
     plan_sampling,
 )
 
@@ -197,7 +199,7 @@ def parse_infill(item) -> tuple[int, str]:
 
 def build_spans(tokenizer, length: int, *, prefix=None, suffix=None, infill=(), template=None,
                 where: str = "") -> list[Span]:
-    """Every fixed span one sample asks for (sedd.generation.fixed_spans), checked against
+    """Every fixed span one sample asks for (sedd.sampling.spans.fixed_spans), checked against
     ``length`` and each other. ``where`` ("--input x.jsonl line 3: ") starts the messages; the
     spans of command-line options are named after them (--prefix, --infill 40:'text', ...)."""
     try:
@@ -328,6 +330,7 @@ def run(args) -> int:
     steps = plan.window if autoregressive else args.steps or min(length, plan.window)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     max_rows = args.max_batch_rows or DEFAULT_MAX_BATCH_ROWS.get(device.type, DEFAULT_MAX_BATCH_ROWS["cpu"])
+    nfe_kwargs = nfe_options(args, model)
 
     # Every request's spans are checked before the first sample is drawn.
     if requests:
@@ -349,6 +352,8 @@ def run(args) -> int:
         "stride": plan.stride,
         "steps": None if autoregressive else steps,
         "sampler": "ancestral" if autoregressive else args.predictor,
+        "cache": None if autoregressive else args.cache,
+        "tokens_per_step": args.tokens_per_step,
         "top_p": args.top_p,
         "top_k": args.top_k,
         "temperature": args.temperature if autoregressive else None,
@@ -377,18 +382,19 @@ def run(args) -> int:
                 fixed_tokens = fixed_mask = None
                 if spans:
                     fixed_tokens, fixed_mask = spans_to_mask([spans] * rows, length, device=device)
-                x = sample_blockwise(
+                x, stats = sample_blockwise(
                     model, pre.graph, pre.noise, batch_size=rows, length=length, window=plan.window,
                     stride=plan.stride, steps=steps, predictor=args.predictor, eps=args.eps,
                     fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator, device=device,
                     progress=progress, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
+                    return_stats=True, **nfe_kwargs,
                 )
-                done += x.cpu().tolist()
+                done += zip(x.cpu().tolist(), stats.nfe)
                 if not requests:
                     bar.update(rows)
             elapsed = round(time.perf_counter() - began, 3)
-            for row in done:
-                sample_ = {"index": len(samples), "text": tokenizer.decode(row), "tokens": row}
+            for row, nfe in done:
+                sample_ = {"index": len(samples), "text": tokenizer.decode(row), "tokens": row, "nfe": int(nfe)}
                 if requests:
                     sample_.update(line=line, seed=job_seed, fixed=_described(spans), elapsed_s=elapsed)
                 samples.append(sample_)
@@ -404,12 +410,15 @@ def run(args) -> int:
             stream.close()
     elapsed = time.perf_counter() - start
     settings["elapsed_s"] = round(elapsed, 3)
+    mean_nfe = sum(s["nfe"] for s in samples) / max(1, len(samples))
+    settings["nfe_mean"] = mean_nfe
     if not requests:
         settings["fixed"] = _described(jobs[0][2])
     how = ("ancestral sampler, one network evaluation per token" if autoregressive
-           else f"{args.predictor} sampler, {steps} steps")
+           else f"{args.predictor} sampler" + (f", {steps} steps" if args.predictor != "first_hitting" else ""))
     header = (
-        f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {how}, seed {seed}, "
+        f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {how}, "
+        + f"{mean_nfe:.1f} network evaluations per sample, seed {seed}, "
         + (f"{len(requests)} request(s) from {args.input}" if requests else f"{len(jobs[0][2])} fixed span(s)")
         + f", {elapsed:.1f}s on {device}"
     )

@@ -6,10 +6,12 @@ Shapes: B batch, L length, V score width (``tokens + 1`` for the absorbing graph
 V − 1; ``tokens`` for uniform), D hidden size, C cond_dim, H heads, d = D / H head size.
 
     z      = network(x_t, σ)                                  [B, L, V]   (``raw=True``)
+    z      = network(x_t)              with ``model.time_conditioning: false`` (absorbing only)
     ŝ      = z + score_shift(σ)[:, None, None];  ŝ[..., x_t] = 0          (default)
     shift  = −log E(σ) − log(V − 1)  for absorbing with ``scale_by_sigma``, 0 otherwise
 
-The block, with c = SiLU(sigma_map(σ)) and (shift, scale, gate) from ``adaLN_modulation(c)``:
+The block, with c = SiLU(sigma_map(σ)) (or SiLU(cond_embed), one learned constant, for a model without
+time conditioning) and (shift, scale, gate) from ``adaLN_modulation(c)``:
 
     x += gate₁ · Drop(W_o · Attn(rotary(W_qkv · (LN₁(x)(1 + scale₁) + shift₁))))
     x += gate₂ · Drop(MLP(LN₂(x)(1 + scale₂) + shift₂))
@@ -90,6 +92,12 @@ PRESET_ALIASES = {"tiny": "cpu"}  # the name config_for used before it matched t
 
 
 
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 class SEDD(nn.Module):
     """The DDiT score network of SEDD.
 
@@ -97,7 +105,8 @@ class SEDD(nn.Module):
         config: the whole training config as a nested dict (or OmegaConf DictConfig), as in the
             public ``config.json``: ``tokens``, ``graph.type`` ("absorb" | "uniform"),
             ``model.{hidden_size, cond_dim, n_blocks, n_heads}`` and optionally
-            ``model.{length, scale_by_sigma (default True), dropout (default 0.1), mlp_ratio (default 4)}``.
+            ``model.{length, scale_by_sigma (default True), dropout (default 0.1), mlp_ratio (default 4),
+            time_conditioning (default True)}``.
             Extra keys are kept: ``self.config`` is a plain-dict copy of all of it, and
             :meth:`save_pretrained` writes it back.
         attn_backend: "auto" (flash-attn for CUDA fp16/bf16 when installed, else SDPA), "sdpa"
@@ -116,6 +125,12 @@ class SEDD(nn.Module):
 
     ``scale_by_sigma`` only applies to the absorbing graph (the public code never used it with
     uniform); a uniform model's shift is always 0.
+
+    ``time_conditioning: false`` (absorbing with ``scale_by_sigma`` only): the network does not read
+    σ; the adaLN conditioning is one learned vector ``cond_embed`` [C] in place of ``sigma_map``, so
+    z depends on x_t alone and σ enters through :meth:`score_shift` only
+    (docs/math.md, "Fewer network evaluations"). ``sample(..., cache=True)`` then reuses z exactly.
+    The loss, the fused head and the samplers are unchanged.
     """
 
     def __init__(
@@ -147,9 +162,20 @@ class SEDD(nn.Module):
         self.hidden_size, self.n_heads, self.head_dim = hidden, n_heads, hidden // n_heads
         self.length = int(m.get("length", 1024))
         self.scale_by_sigma = bool(m.get("scale_by_sigma", True))
+        self.time_conditioning = _flag(m.get("time_conditioning", True), "model.time_conditioning")
+        if not self.time_conditioning and not (self.absorb and self.scale_by_sigma):
+            # Only the absorbing shift −log E(σ) carries the whole σ-dependence of the exact score;
+            # a uniform (or unscaled) model without σ could not represent it.
+            raise ValueError("model.time_conditioning: false needs the absorbing graph with scale_by_sigma "
+                             f"(got graph {self.graph_type!r}, scale_by_sigma={self.scale_by_sigma})")
 
         self.vocab_embed = EmbeddingLayer(hidden, self.vocab_size)
-        self.sigma_map = SigmaEmbedder(cond_dim)
+        if self.time_conditioning:
+            self.sigma_map = SigmaEmbedder(cond_dim)
+        else:
+            # random, at the spread sigma_map's output starts with (std ≈ 0.12): a zero vector would
+            # leave the adaLN weights without a gradient, a larger one would speed their updates up
+            self.cond_embed = nn.Parameter(0.125 * torch.randn(cond_dim))
         self.rotary_emb = Rotary(self.head_dim)
         self.blocks = nn.ModuleList(
             DDiTBlock(hidden, n_heads, cond_dim, mlp_ratio=mlp_ratio, dropout=dropout) for _ in range(n_blocks)
@@ -320,7 +346,12 @@ class SEDD(nn.Module):
         x = self.vocab_embed(x_t if x_t.dtype in (torch.int32, torch.int64) else x_t.long())  # [B, L, D]
         # The conditioning stays outside autocast, as in training: σ spans 1e-4 .. 20 and its
         # features feed every block's scale and gate.
-        c = F.silu(self.sigma_map(sigma))  # [B, C]
+        if self.time_conditioning:
+            c = F.silu(self.sigma_map(sigma))  # [B, C]
+        else:
+            # one row for the whole batch (broadcast): a row's output then does not depend on which
+            # rows share its batch, which the sampler's cache relies on for identical tokens
+            c = F.silu(self.cond_embed)[None]  # [1, C]
         cos, sin = self.rotary_emb(L, x.device)
         backend = backend_for_layout(self.resolved_attn_backend(x.device), self.attn_backend,
                                      varlen=attention_mask is not None or segment_ids is not None,

@@ -16,6 +16,11 @@ import torch
 from sedd import ops
 
 HEAD_CHUNK_BYTES = 256 * 2**20  # bound on one chunk of scores in the masked-rows steps
+# BLAS libraries send GEMMs of very few rows to other kernels that round differently (MKL: fewer
+# than 12 rows, except 4 and 8), so a row's scores would depend on how many rows share its chunk.
+# Padding a small chunk keeps them independent of it: the sampler's cache reuses a row's scores
+# computed in another chunk and must draw the same tokens.
+HEAD_MIN_ROWS = 16
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -45,6 +50,28 @@ def accepts_head(net) -> bool:
     return hasattr(net, "score_shift") and "head" in inspect.signature(net.forward).parameters
 
 
+def head_chunk_rows(width: int, element_size: int) -> int:
+    """Rows per chunk of the masked-rows head: at most :data:`HEAD_CHUNK_BYTES` of scores."""
+    return max(1, HEAD_CHUNK_BYTES // (width * element_size))
+
+
+def head_at_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The output linear at gathered rows, hidden [R, D] -> [R, V], R ≤ ``chunk`` (the chunk size);
+    small R padded to :data:`HEAD_MIN_ROWS` (or to the chunk size, the memory bound, if smaller), so
+    a row's result does not depend on R."""
+    rows, least = hidden.shape[0], min(HEAD_MIN_ROWS, chunk)
+    if rows >= least:
+        return torch.nn.functional.linear(hidden, weight, bias)
+    padded = hidden.new_zeros(least, hidden.shape[1])
+    padded[:rows] = hidden
+    return torch.nn.functional.linear(padded, weight, bias)[:rows]
+
+
+def uses_masked_rows(model, x: torch.Tensor, graph, masked_only: bool) -> bool:
+    """Whether :func:`step_on_scores` takes the masked-rows head for this model and step."""
+    return masked_only and graph.absorbing and accepts_head(unwrap(model)) and ops.host_sync_allowed(x.device)
+
+
 def step_on_scores(model, x: torch.Tensor, sigma: torch.Tensor, graph, step, *, masked_only: bool = True):
     """The next tokens [B, L] from ``step(log_score, x_t, shift, rows)``, a ``sedd.ops`` step on
     the model's scores at ``x`` (σ ``sigma`` [B]); ``rows`` indexes the per-sequence scalars [B]
@@ -54,8 +81,14 @@ def step_on_scores(model, x: torch.Tensor, sigma: torch.Tensor, graph, step, *, 
     MASK positions (real tokens never move, so skipping them changes nothing), in row chunks
     handed to ``step`` as [rows, 1, V], inside the model's forward; a step with no MASK left runs
     no model. Otherwise the whole output [B, L, V] goes to ``step`` with ``rows`` = all of them.
+
+    A model wrapper with a ``cached_step`` method (the sampler's cache, :mod:`sedd.sampling.cache`)
+    takes the call over: the same steps on the same row chunks, the network run only where needed.
     """
-    if not (masked_only and graph.absorbing and accepts_head(unwrap(model)) and ops.host_sync_allowed(x.device)):
+    cached_step = getattr(model, "cached_step", None)
+    if cached_step is not None:
+        return cached_step(x, sigma, graph, step, masked_only=masked_only)
+    if not uses_masked_rows(model, x, graph, masked_only):
         log_score, shift = model_scores(model, x, sigma)
         return step(log_score, x, shift, slice(None))
     B, L = x.shape
@@ -66,13 +99,13 @@ def step_on_scores(model, x: torch.Tensor, sigma: torch.Tensor, graph, step, *, 
     shift = unwrap(model).score_shift(sigma)
 
     def head(hidden, weight, bias):
-        rows_per_chunk = max(1, HEAD_CHUNK_BYTES // (weight.shape[0] * hidden.element_size()))
+        rows_per_chunk = head_chunk_rows(weight.shape[0], hidden.element_size())
         hidden = hidden.reshape(B * L, -1)
         out = flat.clone()
         for start in range(0, masked.numel(), rows_per_chunk):
             idx = masked[start : start + rows_per_chunk]
             seq = torch.div(idx, L, rounding_mode="floor")
-            z = torch.nn.functional.linear(hidden[idx], weight, bias)[:, None]  # [rows, 1, V]
+            z = head_at_rows(hidden[idx], weight, bias, rows_per_chunk)[:, None]  # [rows, 1, V]
             out[idx] = step(z, flat[idx, None], shift[seq], seq).reshape(-1)
             del z
         return out.reshape(B, L)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from sedd.model.scoring import unwrap
 from sedd.ops.checks import check_truncation
+from sedd.sampling.cache import SamplingStats
 
 __all__ = ["is_autoregressive", "sample_ancestral", "truncate_probs"]
 
@@ -115,8 +116,8 @@ def sample_ancestral(
     top_p: float | None = None,
     top_k: int | None = None,
     kv_cache: bool = True,
-    return_nfe: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, int]:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
     """Draw ``batch_size`` sequences of ``length`` tokens from an autoregressive model.
 
     Args:
@@ -126,10 +127,11 @@ def sample_ancestral(
         generator: a torch.Generator on ``device`` for reproducible samples.
         temperature: ≥ 0; 0 is greedy.  top_p, top_k: truncation of every draw.
         kv_cache: read one new position per evaluation (True) or re-run the prefix (False).
-        return_nfe: also return the number of network evaluations (L − p, p the positions every
-            row holds fixed from the start; all rows share every evaluation).
+        return_stats: also return the network calls (:class:`~sedd.sampling.SamplingStats`):
+            ``nfe`` is L − p for every row, p the positions every row holds fixed from the start
+            (all rows share every evaluation).
     Returns:
-        [B, L] int64 tokens (and the NFE).
+        [B, L] int64 tokens (and the stats).
     """
     for name, value in (("batch_size", batch_size), ("length", length)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -152,8 +154,11 @@ def sample_ancestral(
     free = ~mask
     # the leading positions every row holds fixed: read by the first evaluation at once
     prefix = int(free.any(0).int().argmax()) if bool(free.any()) else L
+    evaluations = L - prefix
+    stats = SamplingStats(nfe=torch.full((B,), evaluations, dtype=torch.long), forward_rows=B * evaluations,
+                          forward_calls=evaluations)
     if prefix == L:
-        return (x, 0) if return_nfe else x
+        return (x, stats) if return_stats else x
     if bool((mask[:, prefix:] & free.cumsum(1)[:, prefix:].bool()).any()):
         _warn_infill()
     bos = torch.full((B, 1), net.bos_id, dtype=torch.long, device=device)
@@ -166,4 +171,4 @@ def sample_ancestral(
         else:
             logits = model(x[:, : i + 1])[:, i]
         x[:, i] = torch.where(mask[:, i], x[:, i], _draw(logits, temperature, top_p, top_k, generator))
-    return (x, L - prefix) if return_nfe else x
+    return (x, stats) if return_stats else x

@@ -18,6 +18,17 @@ Adding one::
 
 ``final = True`` marks a denoiser: the last step, from σ̄(t) at the end of the grid to σ = 0
 (``"denoise"``), chosen with ``sample(..., denoiser=...)`` and not offered as a per-step predictor.
+
+``owns_grid = True`` marks a predictor that keeps its own time grid (``"first_hitting"``,
+:mod:`sedd.sampling.first_hitting`): the sampler calls its ``run(model, x, graph=, noise=, eps=,
+generator=, project=, progress=, top_p=, top_k=)`` once instead of the step loop and the denoiser.
+``options`` names the keyword arguments of its constructor that ``sample`` passes on (e.g.
+``tokens_per_step``).
+
+The sampler hands ``update`` the model wrapped in a :class:`sedd.sampling.cache.NetworkCalls`,
+which counts the forward rows per sequence and, with ``sample(..., cache=...)``, serves
+:func:`sedd.model.scoring.step_on_scores` from its cache: a predictor that reads its scores there is
+cached for free.
 """
 
 from __future__ import annotations
@@ -49,6 +60,8 @@ class Predictor:
 
     name: str = ""
     final: bool = False
+    owns_grid: bool = False
+    options: tuple[str, ...] = ()
 
     def __init__(self, *, masked_only: bool = True):
         self.masked_only = bool(masked_only)
@@ -88,21 +101,31 @@ def register_predictor(cls: type[Predictor], *, name: str | None = None, replace
     return cls
 
 
-def get_predictor(predictor: str | Predictor, *, final: bool = False, masked_only: bool = True) -> Predictor:
-    """A fresh instance of the registered predictor ``predictor`` with ``masked_only``, or the
-    given instance (a shallow copy of it when its ``masked_only`` differs: the caller's object is
-    never changed), checked to be a per-step predictor (``final=False``) or a denoiser (``final=True``)."""
+def get_predictor(predictor: str | Predictor, *, final: bool = False, masked_only: bool = True,
+                  **options) -> Predictor:
+    """A fresh instance of the registered predictor ``predictor`` with ``masked_only`` and
+    ``options`` (names in its ``options``), or the given instance (a shallow copy of it when its
+    ``masked_only`` differs or options are given: the caller's object is never changed), checked
+    to be a per-step predictor (``final=False``) or a denoiser (``final=True``)."""
     kind = "denoiser" if final else "predictor"
+    if isinstance(predictor, str) and predictor not in REGISTRY:
+        names = tuple(n for n, c in REGISTRY.items() if c.final == final)
+        raise ValueError(f"{kind} must be one of {names}, got {predictor!r}")
+    cls = REGISTRY[predictor] if isinstance(predictor, str) else type(predictor)
+    unknown = [name for name in options if name not in getattr(cls, "options", ())]
+    if unknown:
+        takers = tuple(n for n, c in REGISTRY.items() if set(unknown) <= set(c.options))
+        raise ValueError(f"{kind} {getattr(cls, 'name', cls.__name__)!r} takes no {', '.join(unknown)}"
+                         + (f" (predictors that do: {takers})" if takers else ""))
     if isinstance(predictor, Predictor):
         instance = predictor
-        if getattr(instance, "masked_only", None) != bool(masked_only):
+        if getattr(instance, "masked_only", None) != bool(masked_only) or options:
             instance = copy.copy(instance)
             instance.masked_only = bool(masked_only)
+            for name, value in options.items():
+                setattr(instance, name, value)
     elif isinstance(predictor, str):
-        if predictor not in REGISTRY:
-            names = tuple(n for n, c in REGISTRY.items() if c.final == final)
-            raise ValueError(f"{kind} must be one of {names}, got {predictor!r}")
-        instance = REGISTRY[predictor](masked_only=masked_only)
+        instance = cls(masked_only=masked_only, **options)
     else:
         raise TypeError(f"{kind} must be a name or a Predictor, got {type(predictor).__name__}")
     if instance.final != final:

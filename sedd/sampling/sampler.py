@@ -15,7 +15,12 @@ clamped token as a noisy one that may have come from another clean token (with t
 a two-token toy, P = 0.80 where the conditional is 0.90, not shrinking with more steps); the
 sampler warns once per process.
 
-The math: docs/math.md, "Reverse steps", "Conditioning".
+Fewer network evaluations: ``cache=True`` reuses the output of a row that the last step left
+unchanged (exact for a model without time conditioning, :mod:`sedd.sampling.cache`);
+``predictor="first_hitting"`` unmasks one position per evaluation at the exact event times
+(:mod:`sedd.sampling.first_hitting`). ``return_stats=True`` reports the forward rows per sequence.
+
+The math: docs/math.md, "Reverse steps", "Conditioning", "Fewer network evaluations".
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ from sedd import ops
 from sedd.graph import Graph
 from sedd.noise import Noise
 from sedd.ops.checks import check_truncation
+from sedd.sampling import first_hitting  # noqa: F401  (registers "first_hitting")
+from sedd.sampling.cache import NetworkCalls, SamplingStats, cache_mode
 from sedd.sampling.predictors import DENOISERS, PREDICTORS, Predictor, get_predictor, register_predictor
 
-__all__ = ["DENOISERS", "PREDICTORS", "Predictor", "check_eps", "conditioning", "register_predictor", "sample"]
+__all__ = ["DENOISERS", "PREDICTORS", "Predictor", "SamplingStats", "check_eps", "conditioning", "register_predictor",
+           "sample"]
 
 _warned_uniform_conditioning = False
 
@@ -76,15 +84,21 @@ def sample(
     masked_only: bool = True,
     top_p: float | None = None,
     top_k: int | None = None,
-) -> torch.Tensor:
+    cache: bool | str = False,
+    tokens_per_step: int | None = None,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
     """Draw ``batch_size`` sequences of ``length`` tokens from the reverse process.
 
     Args:
         model: ``SEDD`` (or any ``model(x_t, sigma) -> log_score``), in eval mode.
         graph, noise: the forward process and schedule the model was trained with.
-        steps: number of predictor steps (≥ 1).
-        predictor: "euler", "analytic" (Tweedie τ-leaping), another name in :data:`PREDICTORS`
-            (see :func:`register_predictor`), or a :class:`~sedd.sampling.predictors.Predictor` instance.
+        steps: number of predictor steps (≥ 1); not read by a predictor with its own grid
+            ("first_hitting": ⌈n/k⌉ evaluations for n masked free positions).
+        predictor: "euler", "analytic" (Tweedie τ-leaping), "first_hitting" (absorbing only: one
+            unmasking event per evaluation, exact for a model without time conditioning), another
+            name in :data:`PREDICTORS` (see :func:`register_predictor`), or a
+            :class:`~sedd.sampling.predictors.Predictor` instance.
         eps: the final time ε of the grid; ``denoise`` adds the last step from σ̄(ε) to 0, made
             by ``denoiser`` (a name in :data:`DENOISERS` or an instance). :func:`check_eps` says
             whether the schedule can use it (σ̄(ε) must not round to 0 in float32).
@@ -101,12 +115,23 @@ def sample(
             predictors are made with it (a :class:`Predictor` passed in is copied, never changed).
         top_p, top_k: nucleus / top-k truncation of every step, the final denoising step included
             (see :data:`sedd.ops.TRUNCATION`: where a position jumps to is truncated, not whether).
+        cache: True: a row that the last step left unchanged reuses its network output (only the σ
+            shift is recomputed), the changed rows run as one sub-batch; the same tokens as
+            ``cache=False`` with the same generator, fewer forward rows. Needs a model without time
+            conditioning (``model.time_conditioning: false``); a ValueError otherwise.
+            "approximate": the same reuse for a σ-conditioned model (warns once). Off under
+            :func:`sedd.ops.sync_free` (finding the changed rows reads a count on the host).
+        tokens_per_step: for "first_hitting": unmasking events per evaluation (default 1).
+        return_stats: also return a :class:`~sedd.sampling.cache.SamplingStats` (forward rows per
+            sequence: ``stats.nfe``).
 
     Returns:
-        [B, L] int64 tokens (absorbing: no MASK left when ``denoise``).
+        [B, L] int64 tokens (absorbing: no MASK left when ``denoise``), and the stats with
+        ``return_stats``.
     """
-    step = get_predictor(predictor, masked_only=masked_only)
-    final = get_predictor(denoiser, final=True, masked_only=masked_only) if denoise else None
+    options = {} if tokens_per_step is None else {"tokens_per_step": tokens_per_step}
+    step = get_predictor(predictor, masked_only=masked_only, **options)
+    final = get_predictor(denoiser, final=True, masked_only=masked_only) if denoise and not step.owns_grid else None
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     check_truncation(top_p, top_k)
@@ -128,19 +153,24 @@ def sample(
             "drops past it; sedd.generation.sample_blockwise (sedd.generate) samples longer sequences "
             "window by window", UserWarning, stacklevel=3)
 
+    calls = NetworkCalls(model, B, cache_mode(cache, model, device))
     project = _projector(fixed_tokens, fixed_mask, B, length, graph, device)
     x = project(graph.sample_limit((B, length), device=device, generator=generator))
-    times = torch.linspace(1, eps, steps + 1, device=device, dtype=torch.float64)
-    dt = (1 - eps) / steps
 
     # Every tensor the steps see from here on is made here (the fixed tokens were checked above):
     # no value checks, so no device sync per step.
     with ops.value_checks(False):
-        for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
-            x = project(step.update(model, x, times[i].expand(B), dt, graph, noise, generator, **trunc))
-        if final is not None:
-            x = project(final.update(model, x, times[-1].expand(B), dt, graph, noise, generator, **trunc))
-        return x
+        if step.owns_grid:
+            x = project(step.run(calls, x, graph=graph, noise=noise, eps=eps, generator=generator, project=project,
+                                 progress=progress, **trunc))
+        else:
+            times = torch.linspace(1, eps, steps + 1, device=device, dtype=torch.float64)
+            dt = (1 - eps) / steps
+            for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+                x = project(step.update(calls, x, times[i].expand(B), dt, graph, noise, generator, **trunc))
+            if final is not None:
+                x = project(final.update(calls, x, times[-1].expand(B), dt, graph, noise, generator, **trunc))
+    return (x, calls.stats) if return_stats else x
 
 
 def check_eps(noise: Noise, eps: float) -> None:

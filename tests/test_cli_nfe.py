@@ -1,0 +1,121 @@
+"""The fewer-evaluation options of the sampling entry points: train/sample.py and train/quality.py
+take --predictor first_hitting, --cache and --tokens-per-step and report each sample's NFE.
+
+Two untrained checkpoints with the byte tokenizer (so nothing is trained or downloaded), one
+without time conditioning and one with; the judge of quality.py is a tiny random GPT-2."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from sedd.data import get_corpus, get_tokenizer, train_bpe
+from sedd.model import SEDD
+from tests.helpers import small_model_config
+from train import quality
+from train import sample as sample_cli
+from train.train_judge import hf_tokenizer
+
+L = 16
+TEXT = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path_factory, monkeypatch, one_thread):
+    monkeypatch.setenv("SEDD_CACHE", str(tmp_path_factory.getbasetemp() / "sedd_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _checkpoint(folder: Path, time_conditioning: bool) -> Path:
+    torch.manual_seed(0)
+    model = SEDD(small_model_config(get_tokenizer("bytes").vocab_size, length=L, n_blocks=1, hidden_size=32,
+                                    cond_dim=16, n_heads=2, time_conditioning=time_conditioning))
+    with torch.no_grad():
+        model.output_layer.linear.weight.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def free_ckpt(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory.mktemp("free"), time_conditioning=False)
+
+
+@pytest.fixture(scope="module")
+def conditioned_ckpt(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory.mktemp("conditioned"), time_conditioning=True)
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("judge")
+    tok = train_bpe(get_corpus(TEXT, "all"), 300, progress=False)
+    hf_tokenizer(tok, folder)
+    torch.manual_seed(1)
+    GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=128, n_embd=16, n_layer=1, n_head=2,
+                               bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)).save_pretrained(folder)
+    return folder
+
+
+def _sample(capsys, ckpt, *args) -> dict:
+    argv = [str(ckpt), "--tokenizer", "bytes", "--device", "cpu", "--length", str(L), "--batch-size", "3",
+            "--seed", "4", "--no-progress", "--json", "-", *map(str, args)]
+    assert sample_cli.main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_sample_first_hitting_reports_its_evaluations(capsys, free_ckpt):
+    out = _sample(capsys, free_ckpt, "--predictor", "first_hitting", "--tokens-per-step", 3, "--prefix", "ab")
+    assert [s["nfe"] for s in out["samples"]] == [-(-(L - 2) // 3)] * 3
+    assert out["sampler"] == "first_hitting" and out["tokens_per_step"] == 3
+
+
+def test_sample_cache_draws_the_same_tokens_with_fewer_evaluations(capsys, free_ckpt):
+    plain = _sample(capsys, free_ckpt, "--steps", 40)
+    cached = _sample(capsys, free_ckpt, "--steps", 40, "--cache")
+    assert [s["tokens"] for s in cached["samples"]] == [s["tokens"] for s in plain["samples"]]
+    assert cached["cache"] == "on" and cached["nfe_mean"] < plain["nfe_mean"] <= 41
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cache"], "--time-conditioning off"),
+    (["--tokens-per-step", "0", "--predictor", "first_hitting"], "--tokens-per-step must be >= 1"),
+    (["--tokens-per-step", "2"], "applies to the first_hitting predictor"),
+    (["--cache", "sometimes"], "invalid choice"),
+])
+def test_sample_bad_options(capsys, conditioned_ckpt, args, message):
+    code = sample_cli.main([str(conditioned_ckpt), "--tokenizer", "bytes", "--device", "cpu", *args])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len([line for line in err.splitlines() if "error" in line]) == 1
+
+
+def test_quality_records_nfe(capsys, free_ckpt, judge_dir):
+    common = [str(free_ckpt), "--judge", str(judge_dir), "--tokenizer", "bytes", "--device", "cpu",
+              "--num-samples", "3", "--batch-size", "2", "--no-progress", "--json", "-"]
+    assert quality.main([*common, "--predictor", "first_hitting", "--steps", "1", "--tokens-per-step", "4"]) == 0
+    record = json.loads(capsys.readouterr().out)["records"][0]
+    assert record["nfe"] == L / 4
+    assert quality.main([*common, "--steps", "40", "--cache"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["cache"] == "on" and result["records"][0]["nfe"] < 41
+
+
+def test_eval_loads_a_model_without_time_conditioning(capsys, free_ckpt, tmp_path):
+    """The flag travels in config.json: eval.py builds the σ-free network (a σ-conditioned one would
+    refuse the weights: no sigma_map) and bounds the data with it."""
+    from train import eval as eval_cli
+
+    text = tmp_path / "small.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 3)
+    args = [str(free_ckpt), "--data", str(text), "--tokenizer", "bytes", "--device", "cpu", "--num-samples", "2",
+            "--block-size", str(L), "--max-blocks", "2", "--json", "-", "--no-progress"]
+    assert eval_cli.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 < report["nats_per_token"] < float("inf")

@@ -89,6 +89,7 @@ def test_resume_is_exact_and_keeps_the_objective(env, trained, tmp_path):
     (["--graph", "uniform"], "--objective ar: --graph applies to the diffusion objective only"),
     (["--noise", "geometric", "--sampling-eps", "0.01"], "--noise, --sampling-eps apply to the diffusion"),
     (["--sample-steps", "4"], "--sample-steps applies to the diffusion objective only"),
+    (["--time-conditioning", "off"], "--time-conditioning applies to the diffusion objective only"),
     (["--objective", "gpt"], "invalid choice: 'gpt'"),
 ])
 def test_bad_combinations_are_one_line_and_exit_2(env, tmp_path, args, message):
@@ -151,6 +152,8 @@ def test_sample_is_reproducible_and_keeps_the_prompt(trained, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--steps", "8"], "--steps applies to diffusion checkpoints"),
     (["--sampler", "euler"], "--sampler applies to diffusion checkpoints"),
+    (["--cache"], "--cache applies to diffusion checkpoints"),
+    (["--sampler", "first_hitting", "--tokens-per-step", "4"], "--sampler, --tokens-per-step apply to diffusion"),
     (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
 ])
 def test_sample_refuses_what_an_autoregressive_checkpoint_does_not_read(trained, capsys, args, message):

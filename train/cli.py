@@ -263,7 +263,8 @@ def check_objective_options(args: argparse.Namespace, objective: str) -> None:
                                          ("--tokens-per-step", args.tokens_per_step is not None),
                                          ("--eps", args.eps != 1e-5)) if used]
         if given:
-            raise InputError(f"{', '.join(given)} applies to diffusion checkpoints; this one is autoregressive "
+            verb = "applies" if len(given) == 1 else "apply"
+            raise InputError(f"{', '.join(given)} {verb} to diffusion checkpoints; this one is autoregressive "
                              "(sampled ancestrally, one network evaluation per token): drop it")
     elif args.temperature != 1:
         raise InputError("--temperature applies to autoregressive checkpoints; the diffusion samplers have none "

@@ -1,11 +1,12 @@
 """Training throughput of the objectives at one preset, measured side by side: SEDD absorbing,
-SEDD uniform and the autoregressive baseline (``train/run.py --objective ar``), each a full
+SEDD uniform, the time-independent absorbing SEDD (``--time-conditioning off``, key
+``sedd-absorb-free``) and the autoregressive baseline (``train/run.py --objective ar``), each a full
 training step (forward, fused loss, backward, AdamW) on the same real blocks.
 
     python benchmarks/objectives_cpu.py [--preset cpu] [--tokens 4096] [--batch 16] [--steps 10]
                                         [--rounds 5] [--threads 1] [--json OUT]
 
-The objectives take turns (round 1: A, B, C; round 2: B, C, A; ...), ``--steps`` timed steps each
+The objectives take turns (round 1: A, B, C, D; round 2: B, C, D, A; ...), ``--steps`` timed steps each
 per round after one untimed warm-up step, so a machine whose load drifts (a shared CPU) slows them
 alike; the figure is the median over rounds of tokens per second (batch × length / step time).
 Random token ids in [0, --tokens) stand in for text: a step's cost does not depend on which ids
@@ -42,7 +43,8 @@ def make_step(name: str, preset: str, tokens: int):
         def loss_of(x0, g):
             return ar_loss(model, x0)
     else:
-        model = SEDD(SEDD.config_for(preset, tokens=tokens, graph=name.split("-")[1]))
+        model = SEDD(SEDD.config_for(preset, tokens=tokens, graph=name.split("-")[1],
+                                     time_conditioning=not name.endswith("-free")))
         graph, noise = graph_from_config(model.config), noise_from_config(model.config)
 
         def loss_of(x0, g):
@@ -70,13 +72,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the figures and settings as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = ["sedd-absorb", "sedd-uniform", "ar"]
+    names = ["sedd-absorb", "sedd-uniform", "sedd-absorb-free", "ar"]
     steps = {n: make_step(n, args.preset, args.tokens) for n in names}
     length = SEDD.config_for(args.preset)["model"]["length"]
     data = torch.Generator().manual_seed(1)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
-        for name in names[r % 3:] + names[: r % 3]:
+        for name in names[r % len(names):] + names[: r % len(names)]:
             step, _ = steps[name]
             g = torch.Generator().manual_seed(r)
             step(torch.randint(0, args.tokens, (args.batch, length), generator=data), g)  # warm-up

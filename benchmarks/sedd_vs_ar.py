@@ -4,10 +4,11 @@ from the files the entry points wrote.
     python benchmarks/sedd_vs_ar.py --run "SEDD absorbing=RUNS/sedd-absorb" --run "AR=RUNS/ar" ... \\
         [--throughput objectives.json] --out benchmarks/results/sedd-vs-ar-cpu-DATE
 
-Each ``--run NAME=DIR`` names a train/run.py output directory holding, besides its checkpoint,
-``eval.json`` (``train/eval.py --json``: the exact NLL, or the bound with its interval) and
-``quality.json`` (``train/quality.py --json``: generative perplexity, entropy and NFE per
-record); its ``metrics.jsonl`` gives the training tokens/s the run logged (median of its log
+Each ``--run NAME=DIR[:Q1.json,Q2.json,...]`` names a train/run.py output directory holding,
+besides its checkpoint, ``eval.json`` (``train/eval.py --json``: the exact NLL, or the bound with
+its interval) and the ``train/quality.py --json`` files named after the colon (default
+``quality.json``: generative perplexity, entropy and NFE per record). Records of the same sampler
+(predictor and cache; first hitting at several ``--tokens-per-step``) make one line of the plot. Its ``metrics.jsonl`` gives the training tokens/s the run logged (median of its log
 lines) and its last validation loss. ``--throughput`` adds the side-by-side step times of
 ``benchmarks/objectives_cpu.py`` (keys sedd-absorb, sedd-uniform, ar; matched to a run by its
 config's objective and graph).
@@ -32,14 +33,25 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def collect(name: str, folder: Path, throughput: dict | None) -> dict:
+def sampler_of(q: dict) -> str:
+    """The sampler a quality.json's records come from, as the plot names it."""
+    name = q["predictor"].replace("_", " ")
+    if q.get("cache") not in (None, "off"):
+        name += f", cache {q['cache']}"
+    return name
+
+
+def collect(name: str, folder: Path, quality_files: list[str], throughput: dict | None) -> dict:
     config = _load(folder / "config.json")
-    ev, q = _load(folder / "eval.json"), _load(folder / "quality.json")
+    ev = _load(folder / "eval.json")
+    qs = [_load(folder / f) for f in quality_files]
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     tps = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
     vals = [m["val_loss"] for m in metrics if "val_loss" in m]
     objective = config.get("objective", "sedd")
     key = "ar" if objective == "ar" else f"sedd-{config['graph']['type']}"
+    if objective != "ar" and config["model"].get("time_conditioning") is False:
+        key += "-free"
     return {
         "name": name, "dir": str(folder), "objective": objective, "step": config.get("step"),
         "parameters": None if throughput is None else throughput["results"][key]["parameters"],
@@ -49,10 +61,12 @@ def collect(name: str, folder: Path, throughput: dict | None) -> dict:
         "train_tokens_per_s_logged": statistics.median(tps) if tps else None,
         "train_tokens_per_s_side_by_side": None if throughput is None else throughput["results"][key]["tokens_per_s"],
         "final_val_loss": vals[-1] if vals else None,
-        "sampler": q["predictor"], "quality": [{k: r[k] for k in ("steps", "nfe", "gen_ppl", "gen_ppl_ci", "entropy",
-                                                                  "degenerate", "wall_s", "tokens_per_s")}
-                                               for r in q["records"]],
-        "reference": q.get("reference"),
+        "quality_files": quality_files,
+        "quality": [{"sampler": sampler_of(q), "tokens_per_step": q.get("tokens_per_step"),
+                     **{k: r[k] for k in ("steps", "nfe", "gen_ppl", "gen_ppl_ci", "entropy", "degenerate", "wall_s",
+                                          "tokens_per_s")}}
+                    for q in qs for r in q["records"]],
+        "reference": next((q["reference"] for q in qs if q.get("reference")), None),
     }
 
 
@@ -67,7 +81,8 @@ def table(runs: list[dict]) -> str:
         side = r["train_tokens_per_s_side_by_side"]
         tps = f"{side:,.0f}" if side else "–"
         tps += f"; {r['train_tokens_per_s_logged']:,.0f}" if r["train_tokens_per_s_logged"] else ""
-        quality = "; ".join(f"{q['gen_ppl']:.0f} at {q['nfe']:.0f} ({q['entropy']:.2f})" for q in r["quality"])
+        quality = "; ".join(f"{q['gen_ppl']:.0f} at {q['nfe']:.0f} ({q['entropy']:.2f})"
+                            for q in sorted(r["quality"], key=lambda q: q["nfe"]))
         lines.append(f"| {r['name']} | {nll} | {ppl} | {tps} | {quality} |")
     return "\n".join(lines) + "\n"
 
@@ -81,13 +96,15 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in runs:
-        q = sorted(r["quality"], key=lambda q: q["nfe"])
-        nfe = [x["nfe"] for x in q]
-        ppl = np.array([x["gen_ppl"] for x in q])
-        ci = np.array([x["gen_ppl_ci"] for x in q])
-        label = f"{r['name']} ({r['sampler']})"
-        a.errorbar(nfe, ppl, yerr=[ppl - ci[:, 0], ci[:, 1] - ppl], marker="o", capsize=3, label=label)
-        b.plot(nfe, [x["entropy"] for x in q], marker="o", label=label)
+        for sampler in dict.fromkeys(x["sampler"] for x in r["quality"]):
+            q = sorted((x for x in r["quality"] if x["sampler"] == sampler), key=lambda x: x["nfe"])
+            nfe = [x["nfe"] for x in q]
+            ppl = np.array([x["gen_ppl"] for x in q])
+            ci = np.array([x["gen_ppl_ci"] for x in q])
+            label = f"{r['name']} ({sampler})"
+            marker = "s" if sampler.startswith("first hitting") else "o"
+            a.errorbar(nfe, ppl, yerr=[ppl - ci[:, 0], ci[:, 1] - ppl], marker=marker, capsize=3, label=label)
+            b.plot(nfe, [x["entropy"] for x in q], marker=marker, label=label)
     ref = next((r["reference"] for r in runs if r["reference"]), None)
     if ref is not None:
         a.axhline(ref["gen_ppl"], color="gray", linestyle="--", label="real text")
@@ -107,7 +124,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="sedd_vs_ar.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", action="append", required=True, metavar="NAME=DIR")
+    p.add_argument("--run", action="append", required=True, metavar="NAME=DIR[:Q.json,...]")
     p.add_argument("--throughput", type=Path, help="the JSON of benchmarks/objectives_cpu.py")
     p.add_argument("--out", required=True, type=Path, help="path prefix of OUT.json and OUT.png")
     p.add_argument("--title", default="cpu preset, default corpus, 1000 steps, seed 0")
@@ -115,10 +132,11 @@ def main(argv=None) -> int:
     throughput = _load(args.throughput) if args.throughput else None
     runs = []
     for spec in args.run:
-        name, sep, folder = spec.partition("=")
+        name, sep, rest = spec.partition("=")
         if not sep:
-            raise SystemExit(f"sedd_vs_ar.py: error: --run expects NAME=DIR, got {spec!r}")
-        runs.append(collect(name, Path(folder), throughput))
+            raise SystemExit(f"sedd_vs_ar.py: error: --run expects NAME=DIR[:Q.json,...], got {spec!r}")
+        folder, _, files = rest.partition(":")
+        runs.append(collect(name, Path(folder), files.split(",") if files else ["quality.json"], throughput))
     Path(f"{args.out}.json").write_text(json.dumps({"runs": runs, "throughput": throughput}, indent=2) + "\n")
     plot(runs, Path(f"{args.out}.png"), args.title)
     sys.stdout.write(table(runs))

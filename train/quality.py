@@ -59,7 +59,8 @@ is tried; if the judge is not there the command fails at once, naming ``--judge 
 Output: a table on stdout; ``--json PATH`` with one record per step count (steps, gen_ppl,
 gen_ppl_ci, nll, nll_se, judge_tokens, entropy, degenerate, wall_s, tokens_per_s, nfe, ...; steps
 null for an autoregressive checkpoint), the reference record and every setting; ``--plot PATH`` a
-PNG of generative perplexity and entropy against NFE. Exit status 0 on success, 2 on bad input (with a one-line message), 1 otherwise.
+PNG of generative perplexity and entropy against NFE. Exit status 0 on success, 2 on bad input
+(with a one-line message), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -325,7 +326,8 @@ def run(args) -> int:
     plan = plan_sampling(args, model, pre.noise, "quality.py")
     length = plan.length
     nfe_kwargs = nfe_options(args, model)
-    print(f"quality.py: {args.num_samples} samples of {length} tokens per step count {steps_list}, "
+    per = "" if autoregressive else f" per step count {steps_list}"
+    print(f"quality.py: {args.num_samples} samples of {length} tokens{per}, "
           f"{sampler}, judge {args.judge} (context {judge.context}, first token "
           f"{args.first_token}) on {device}", file=sys.stderr)
 

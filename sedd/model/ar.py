@@ -39,7 +39,6 @@ Files: ``config.json`` (``"objective": "ar"``, ``tokens``, ``model``; no graph o
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -51,16 +50,18 @@ from einops import rearrange
 from sedd import ops
 from sedd.model.attention import backend_for_layout, check_backend, plan_attention
 from sedd.model.checkpoint import (
-    check_state_fits,
-    checkpoint_dir,
+    Checkpointed,
     normalise_config,
-    read_config,
-    read_weights,
-    strip_wrapper_prefix,
-    write_checkpoint,
 )
 from sedd.model.ddit import PRESET_ALIASES, PRESETS, SEDD
-from sedd.model.layers import DDiTBlock, DDiTFinalLayer, EmbeddingLayer, Rotary, _modulate, apply_rotary
+from sedd.model.layers import (
+    DDiTBlock,
+    EmbeddingLayer,
+    _modulate,
+    apply_rotary,
+    build_trunk,
+    check_autocast_dtype,
+)
 
 __all__ = ["ARModel", "KVCache"]
 
@@ -79,7 +80,7 @@ class KVCache:
         self.capacity, self.length = capacity, 0
 
 
-class ARModel(nn.Module):
+class ARModel(Checkpointed, nn.Module):
     """The autoregressive DDiT (module docstring).
 
     Arguments:
@@ -121,16 +122,11 @@ class ARModel(nn.Module):
         # random, at the spread sigma_map's output starts with in SEDD (std ≈ 0.12): a zero vector
         # would leave the adaLN weights without a gradient at the first steps
         self.cond_embed = nn.Parameter(0.125 * torch.randn(cond_dim))
-        self.rotary_emb = Rotary(self.head_dim)
-        self.blocks = nn.ModuleList(
-            DDiTBlock(hidden, n_heads, cond_dim, mlp_ratio=mlp_ratio, dropout=dropout) for _ in range(n_blocks)
-        )
-        self.output_layer = DDiTFinalLayer(hidden, self.tokens, cond_dim)
+        self.rotary_emb, self.blocks, self.output_layer = build_trunk(
+            hidden, n_heads, cond_dim, n_blocks, self.tokens, mlp_ratio=mlp_ratio, dropout=dropout)
 
         self.attn_backend = attn_backend
-        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(f"autocast_dtype must be torch.bfloat16, torch.float16 or None, got {autocast_dtype}")
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
         self.validate_inputs = True
 
     @staticmethod
@@ -281,34 +277,5 @@ class ARModel(nn.Module):
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """``load_state_dict`` with the checks of :meth:`sedd.model.SEDD.load_checkpoint_state`."""
-        state = strip_wrapper_prefix(state)
-        check_state_fits(state, self.state_dict(), f"autoregressive, N={self.tokens}, hidden={self.hidden_size}, "
-                         f"blocks={len(self.blocks)}")
-        self.load_state_dict(state, strict=False)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        dir_or_hub_id: str | os.PathLike,
-        map_location: str | torch.device = "cpu",
-        *,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        attn_backend: str = "auto",
-        autocast_dtype: torch.dtype | None = torch.bfloat16,
-    ) -> "ARModel":
-        """Load a checkpoint directory (or Hub id) written by :meth:`save_pretrained` or
-        ``train/run.py --objective ar``; the model on ``map_location`` in eval mode."""
-        folder = checkpoint_dir(
-            os.fspath(dir_or_hub_id), revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
-        )
-        model = cls(read_config(folder), attn_backend=attn_backend, autocast_dtype=autocast_dtype)
-        model.load_checkpoint_state(read_weights(folder))
-        return model.to(map_location).eval()
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into the directory."""
-        write_checkpoint(save_directory, self.config, self.state_dict())
+    def checkpoint_label(self) -> str:
+        return f"autoregressive, N={self.tokens}, hidden={self.hidden_size}, blocks={len(self.blocks)}"

@@ -304,3 +304,53 @@ def check_state_fits(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
             + "; ".join(problems)
             + ". Is config.json the config these weights were trained with?"
         )
+
+
+class Checkpointed:
+    """The checkpoint methods of the models (:class:`sedd.model.SEDD`, :class:`sedd.model.ARModel`):
+    one directory of ``config.json`` and weights, loaded with every key and shape checked. A model
+    class names itself in messages through :meth:`checkpoint_label`."""
+
+    def checkpoint_label(self) -> str:
+        """The model in a checkpoint error message (sizes that tell two configs apart)."""
+        raise NotImplementedError
+
+    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """``load_state_dict`` with the checks a checkpoint needs: every key present (except the
+        deterministic ``rotary_emb.inv_freq``), no unexpected key, every shape equal. Raises
+        ValueError naming the offending keys. Strips a ``module.`` / ``_orig_mod.`` prefix."""
+        state = strip_wrapper_prefix(state)
+        check_state_fits(state, self.state_dict(), self.checkpoint_label())
+        self.load_state_dict(state, strict=False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        dir_or_hub_id: str | os.PathLike,
+        map_location: str | torch.device = "cpu",
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        attn_backend: str = "auto",
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+    ):
+        """Load a checkpoint: a local directory, or a Hub id such as ``"louaaron/sedd-small"``.
+
+        The directory holds ``config.json`` (the whole training config) and ``model.safetensors``
+        (preferred) or ``pytorch_model.bin``. Hub ids go through ``huggingface_hub.snapshot_download``
+        (``revision``, ``cache_dir``, ``local_files_only`` are passed on); failing that (offline, no
+        such repository) raises OSError. A checkpoint that does not fit its config raises ValueError.
+        Returns the model on ``map_location`` in eval mode.
+        """
+        folder = checkpoint_dir(
+            os.fspath(dir_or_hub_id), revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+        model = cls(read_config(folder), attn_backend=attn_backend, autocast_dtype=autocast_dtype)
+        model.load_checkpoint_state(read_weights(folder))
+        return model.to(map_location).eval()
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``config.json`` (the whole config) and ``model.safetensors`` into the directory,
+        the layout :meth:`from_pretrained` and the public checkpoints use."""
+        write_checkpoint(save_directory, self.config, self.state_dict())

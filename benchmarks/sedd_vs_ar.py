@@ -71,8 +71,9 @@ def collect(name: str, folder: Path, quality_files: list[str], throughput: dict 
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| model | NLL / token (nats) | perplexity | training tokens/s (side by side; logged) | "
-             "gen-PPL at NFE (entropy) |", "| --- | --- | --- | --- | --- |"]
+    """Two markdown tables: likelihood and training speed per model; quality per model and sampler."""
+    lines = ["| model | NLL / token (nats, ± 95% half-width) | perplexity [95% CI] | training tokens/s (side by side; logged in the run) |",
+             "| --- | --- | --- | --- |"]
     for r in runs:
         lo, hi = r["perplexity_ci95"]
         nll = (f"{r['nats_per_token']:.3f} (exact)" if r["exact"]
@@ -81,9 +82,18 @@ def table(runs: list[dict]) -> str:
         side = r["train_tokens_per_s_side_by_side"]
         tps = f"{side:,.0f}" if side else "–"
         tps += f"; {r['train_tokens_per_s_logged']:,.0f}" if r["train_tokens_per_s_logged"] else ""
-        quality = "; ".join(f"{q['gen_ppl']:.0f} at {q['nfe']:.0f} ({q['entropy']:.2f})"
-                            for q in sorted(r["quality"], key=lambda q: q["nfe"]))
-        lines.append(f"| {r['name']} | {nll} | {ppl} | {tps} | {quality} |")
+        lines.append(f"| {r['name']} | {nll} | {ppl} | {tps} |")
+    lines += ["", "| model | sampler | gen-PPL [95% CI] at NFE (entropy) |", "| --- | --- | --- |"]
+    for r in runs:
+        for sampler in dict.fromkeys(q["sampler"] for q in r["quality"]):
+            cells = [f"{q['gen_ppl']:.0f} [{q['gen_ppl_ci'][0]:.0f}, {q['gen_ppl_ci'][1]:.0f}] at {q['nfe']:.0f} "
+                     f"({q['entropy']:.2f})"
+                     for q in sorted((q for q in r["quality"] if q["sampler"] == sampler), key=lambda q: q["nfe"])]
+            lines.append(f"| {r['name']} | {sampler} | {'; '.join(cells)} |")
+    ref = next((r["reference"] for r in runs if r["reference"]), None)
+    if ref is not None:
+        lo, hi = ref["gen_ppl_ci"]
+        lines.append(f"| real text (validation) | – | {ref['gen_ppl']:.0f} [{lo:.0f}, {hi:.0f}] ({ref['entropy']:.2f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -94,7 +104,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 5.2))
     for r in runs:
         for sampler in dict.fromkeys(x["sampler"] for x in r["quality"]):
             q = sorted((x for x in r["quality"] if x["sampler"] == sampler), key=lambda x: x["nfe"])
@@ -102,9 +112,11 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
             ppl = np.array([x["gen_ppl"] for x in q])
             ci = np.array([x["gen_ppl_ci"] for x in q])
             label = f"{r['name']} ({sampler})"
-            marker = "s" if sampler.startswith("first hitting") else "o"
-            a.errorbar(nfe, ppl, yerr=[ppl - ci[:, 0], ci[:, 1] - ppl], marker=marker, capsize=3, label=label)
-            b.plot(nfe, [x["entropy"] for x in q], marker=marker, label=label)
+            marker = {"first hitting": "s", "ancestral": "*"}.get(sampler, "o")
+            size = 12 if marker == "*" else 6
+            a.errorbar(nfe, ppl, yerr=[ppl - ci[:, 0], ci[:, 1] - ppl], marker=marker, markersize=size, capsize=3,
+                       label=label)
+            b.plot(nfe, [x["entropy"] for x in q], marker=marker, markersize=size, label=label)
     ref = next((r["reference"] for r in runs if r["reference"]), None)
     if ref is not None:
         a.axhline(ref["gen_ppl"], color="gray", linestyle="--", label="real text")
@@ -114,10 +126,11 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("network evaluations per sequence (NFE)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
     a.set_yscale("log")
+    handles, labels = a.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
 

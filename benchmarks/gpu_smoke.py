@@ -14,6 +14,10 @@ Checks, each recorded as it finishes (one failing check does not stop the others
 - the fused head (``linear_score_entropy``, the training loss's default): loss and the
   gradients of hidden, weight and bias against the logits path in fp64; absorbing, also the
   sync-free head (every row, ``ops.sync_free``) against the same;
+- the autoregressive baseline: its fused head (``linear_cross_entropy``: loss and gradients,
+  padding rows gathered and sync-free) against the logits path in fp64, and a two-block
+  ``ARModel``'s causal attention on the "auto" backend (flash-attn on CUDA) against SDPA with
+  packed documents and padding, and its KV-cached steps against the forward;
 - forward noising: the move rate per row within 5 standard deviations;
 - reverse steps (Euler, analytic, denoise) per graph: one peaked row repeated ``draws`` times,
   the draws against the reference probabilities (χ², p > 1e-4; computed here without scipy,
@@ -187,6 +191,73 @@ def fused_head_check(graph_name):
         return "; ".join(parts)
 
     yield f"fused head (linear score entropy) {graph_name}", [2, L, D, graph.dim], check
+
+
+def ar_checks():
+    """The autoregressive baseline: ``linear_cross_entropy`` (its training loss's head) against
+    the logits path in fp64 on the same bf16 values, every row and with padding rows (gathered,
+    and sync-free); and a two-block ``ARModel`` with packed documents and padding, its causal
+    attention on the "auto" backend (flash-attn's varlen kernel on CUDA when installed) against
+    SDPA's mask, and its KV-cached steps against the forward."""
+    from sedd.model import ARModel
+
+    D = 768 if common.CUDA else 32
+
+    def head():
+        g = _gen(11)
+        hidden = torch.randn(2, L, D, device=DEVICE, generator=g).to(torch.bfloat16)
+        weight = (torch.randn(N, D, device=DEVICE, generator=g) * D**-0.5).to(torch.bfloat16)
+        bias = (torch.randn(N, device=DEVICE, generator=g) * 0.1).to(torch.bfloat16)
+        targets = torch.randint(0, N, (2, L), device=DEVICE, generator=g)
+        mask = torch.ones(2, L, dtype=torch.bool, device=DEVICE)
+        mask[1, L // 3 :] = False
+        parts = []
+        for tag, m, sync_free in (("", None, False), (" (padding gathered)", mask, False),
+                                  (" (padding, sync-free)", mask, True)):
+            leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+            with ops.sync_free(sync_free):
+                loss = ops.linear_cross_entropy(*leaves, targets, mask=m)
+            loss.backward()
+            ref = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+            logits = ref[0] @ ref[1].T + ref[2]
+            want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            want = (want if m is None else want * m).sum() / 2
+            want.backward()
+            parts.append(_close("loss" + tag, loss.detach().double(), want.detach(), 2e-2, 1e-6))
+            for name, a, b in zip(("∂hidden", "∂weight", "∂bias"), leaves, ref):
+                parts.append(_close(name + tag, a.grad.double(), b.grad, 5e-2, 5e-2))
+        return "; ".join(parts)
+
+    def model():
+        torch.manual_seed(12)
+        net = ARModel(ARModel.config_for("small" if common.CUDA else "cpu", tokens=N, n_blocks=2, hidden_size=D,
+                                         n_heads=12 if common.CUDA else 4))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0, 0.02)
+        net = net.to(DEVICE).eval()
+        x = torch.randint(0, N, (2, L), device=DEVICE, generator=_gen(13))
+        segments = (torch.arange(L, device=DEVICE) >= L // 2).long().expand(2, L)
+        mask = torch.ones(2, L, dtype=torch.bool, device=DEVICE)
+        mask[0, : L // 4] = False  # padding on the left of one row
+        parts = []
+        with torch.no_grad():
+            for tag, kw in (("", {}), (" documents", {"segment_ids": segments}), (" padding", {"attention_mask": mask})):
+                net.attn_backend = "sdpa"
+                want = net(x, **kw).double()
+                net.attn_backend = "auto"
+                got = net(x, **kw).double()
+                rows = mask if tag == " padding" else torch.ones_like(mask)
+                parts.append(_close(f"auto vs sdpa{tag}", got[rows], want[rows], 2e-2, 2e-2))
+            inputs = torch.cat([torch.full((2, 1), net.bos_id, device=DEVICE), x[:, :-1]], dim=1)
+            cache = net.new_cache(2, L, DEVICE)
+            steps = [net.step(inputs[:, : L // 2], cache)] + [net.step(inputs[:, i : i + 1], cache)
+                                                              for i in range(L // 2, L)]
+            parts.append(_close("cached steps vs forward", torch.cat(steps, 1).double(), net(x).double(), 2e-2, 2e-2))
+        return f"backend {net.resolved_attn_backend(torch.device(DEVICE))}: " + "; ".join(parts)
+
+    yield "autoregressive fused head (linear cross entropy)", [2, L, D, N], head
+    yield "autoregressive model: causal attention backends, KV cache", [2, L, D, N], model
 
 
 def noising_check(graph_name):
@@ -384,6 +455,7 @@ def all_checks():
         yield from score_entropy_checks(graph_name)
     for graph_name in ("absorb", "uniform"):
         yield from fused_head_check(graph_name)
+    yield from ar_checks()
     for graph_name in ("absorb", "uniform"):
         yield from noising_check(graph_name)
     for graph_name in ("absorb", "uniform"):

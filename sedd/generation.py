@@ -18,6 +18,12 @@ is sampled as usual; each later window of the same size keeps its first ``window
 positions fixed to the tokens already generated (the context) and generates the next ``stride``.
 A window sees only fixed text inside it: a suffix or an infill span further on does not steer
 earlier windows.
+
+An autoregressive checkpoint (``load_pretrained`` of a ``train/run.py --objective ar`` run) goes
+through the same functions: each window is sampled ancestrally (:func:`sedd.sampling.sample_ancestral`,
+one network evaluation per generated token; ``temperature`` applies, ``steps`` and ``predictor`` do
+not). A prompt conditions it exactly; fixed text after generated text is placed but does not steer
+what comes before it.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sedd.sampling import SamplingStats, check_eps, sample
+from sedd.sampling import SamplingStats, check_eps, is_autoregressive, sample, sample_ancestral
 from sedd.sampling.spans import Span, fixed_spans, spans_to_mask
 
 __all__ = ["Sample", "sample_blockwise", "generate", "generate_samples"]
@@ -66,6 +72,7 @@ def sample_blockwise(
     progress: bool = False,
     top_p: float | None = None,
     top_k: int | None = None,
+    temperature: float = 1.0,
     cache: bool | str = False,
     tokens_per_step: int | None = None,
     return_stats: bool = False,
@@ -82,8 +89,11 @@ def sample_blockwise(
         window: tokens the model sees at once (its training length).
         stride: new tokens per later window, in [1, window); default ``window // 2``.
         fixed_tokens, fixed_mask: [length] or [B, length], as for :func:`sample`.
+        temperature: autoregressive models only (:func:`sedd.sampling.sample_ancestral`); the
+            diffusion samplers have none (another value than 1 is a ValueError for them).
         other arguments: as for :func:`sedd.sampling.sample` (``cache`` and ``tokens_per_step``
-            apply within each window).
+            apply within each window; an autoregressive model reads no ``steps``, ``predictor``,
+            ``eps``, ``cache`` or ``tokens_per_step``).
     Returns:
         [B, length] int64 tokens; with ``return_stats`` also the network calls of all windows
         (:class:`~sedd.sampling.SamplingStats`, ``nfe`` per sequence summed over the windows).
@@ -100,11 +110,25 @@ def sample_blockwise(
         param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
-    common = dict(steps=steps, predictor=predictor, eps=eps, generator=generator, device=device, top_p=top_p,
-                  top_k=top_k, cache=cache, tokens_per_step=tokens_per_step, return_stats=True)
+    common = dict(generator=generator, device=device, top_p=top_p, top_k=top_k, return_stats=True)
+    if is_autoregressive(model):
+        if cache or tokens_per_step is not None:
+            raise ValueError("cache and tokens_per_step apply to the diffusion samplers; an autoregressive model "
+                             "is sampled one token per network evaluation")
+
+        def run(**kw):
+            return sample_ancestral(model, temperature=temperature, **common, **kw)
+    else:
+        if temperature != 1:
+            raise ValueError(f"temperature applies to autoregressive models; the diffusion samplers have none "
+                             f"(got {temperature!r})")
+
+        def run(**kw):
+            return sample(model, graph, noise, steps=steps, predictor=predictor, eps=eps, cache=cache,
+                          tokens_per_step=tokens_per_step, **common, **kw)
     if length <= window:
-        x, stats = sample(model, graph, noise, batch_size=batch_size, length=length, fixed_tokens=fixed_tokens,
-                          fixed_mask=fixed_mask, progress=progress, **common)
+        x, stats = run(batch_size=batch_size, length=length, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask,
+                       progress=progress)
         return (x, stats) if return_stats else x
 
     B = batch_size
@@ -133,8 +157,8 @@ def sample_blockwise(
             continue
         win_mask = mask[:, start:end].clone()
         win_mask[:, : done - start] = True  # the context: tokens already generated or fixed
-        y, window_stats = sample(model, graph, noise, batch_size=B, length=end - start, fixed_tokens=x[:, start:end],
-                                 fixed_mask=win_mask, progress=False, **common)
+        y, window_stats = run(batch_size=B, length=end - start, fixed_tokens=x[:, start:end], fixed_mask=win_mask,
+                              progress=False)
         stats.add(window_stats)
         x[:, new] = y[:, done - start :]
         done = end
@@ -178,10 +202,12 @@ def _resolve(model, tokenizer, device):
         if tokenizer is None:
             raise ValueError("a bare model needs tokenizer=... (or pass load_pretrained(...) instead)")
         tok, net = None, model
-        graph, noise = graph_from_config(model.config), noise_from_config(model.config)
+        graph = noise = None
+        if not is_autoregressive(model):
+            graph, noise = graph_from_config(model.config), noise_from_config(model.config)
     else:
         raise TypeError("model must be a Pretrained (sedd.load_pretrained), a checkpoint directory or Hub id, "
-                        f"or a SEDD model, got {type(model).__name__}")
+                        f"or a SEDD (or ARModel) model, got {type(model).__name__}")
     if tokenizer is not None:
         from sedd.pretrained import check_tokenizer_fits, check_tokenizer_matches
 
@@ -213,6 +239,7 @@ def generate_samples(
     progress: bool = False,
     top_p: float | None = None,
     top_k: int | None = None,
+    temperature: float = 1.0,
     cache: bool | str = False,
     tokens_per_step: int | None = None,
 ) -> list[Sample]:
@@ -244,7 +271,8 @@ def generate_samples(
     if length is None:
         raise ValueError("length is needed for a model without a training length")
     steps = min(length, window) if steps is None else steps
-    check_eps(noise, eps)
+    if noise is not None:
+        check_eps(noise, eps)
 
     def pick(name, i):
         rows_ = lists.get(name)
@@ -273,8 +301,8 @@ def generate_samples(
         x, stats = sample_blockwise(
             net, graph, noise, batch_size=len(spans), length=length, window=window, stride=stride, steps=steps,
             predictor=predictor, eps=eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
-            device=device, progress=progress, top_p=top_p, top_k=top_k, cache=cache, tokens_per_step=tokens_per_step,
-            return_stats=True,
+            device=device, progress=progress, top_p=top_p, top_k=top_k, temperature=temperature, cache=cache,
+            tokens_per_step=tokens_per_step, return_stats=True,
         )
     finally:
         net.train(was_training)
@@ -314,16 +342,18 @@ def generate(
         length: tokens per sample, fixed text included (default: the model's training length).
             Longer than ``window``: block by block (module docstring).
         steps: reverse steps (one model call each) per window (default: the window length, as in
-            the paper; fewer is faster at some cost in quality).
+            the paper; fewer is faster at some cost in quality). An autoregressive model takes
+            one model call per generated token whatever ``steps`` says.
         predictor: "analytic", "euler" or "first_hitting" (one evaluation per unmasked token,
             ``tokens_per_step`` per evaluation; ``steps`` unused).
         window, stride: the semi-autoregressive windows (default: the model's length, half of it).
         tokenizer: a tokenizer or :func:`sedd.data.get_tokenizer` spec (default: the checkpoint's).
         seed: for reproducible samples (or pass ``generator=``).
         device: for a checkpoint name: where to load it ("auto" by default).
-        kwargs: ``infills``, ``eps``, ``generator``, ``top_p``, ``top_k``, ``cache`` (True: reuse
-            the outputs of unchanged rows, exact for a model without time conditioning; see
-            :func:`sedd.sampling.sample`), ``tokens_per_step``: see :func:`generate_samples`.
+        kwargs: ``infills``, ``eps``, ``generator``, ``top_p``, ``top_k``, ``temperature`` (an
+            autoregressive model's), ``cache`` (True: reuse the outputs of unchanged rows, exact
+            for a model without time conditioning; see :func:`sedd.sampling.sample`),
+            ``tokens_per_step``: see :func:`generate_samples` and :func:`sample_blockwise`.
     Returns:
         ``len(rows) * num_samples`` strings, each a whole sequence (its fixed text included),
         row by row: the samples of row 0 first.

@@ -237,6 +237,9 @@ class SEDDLM(LM):
             if device.type != "cuda" and opts["dtype"] in ("bfloat16", "float16"):
                 logger.warning("dtype=%s applies to CUDA autocast; on %s the model computes in float32",
                                opts["dtype"], device.type)
+        if loaded.objective == "ar":
+            raise HarnessError(f"{opts['pretrained']!r} is an autoregressive checkpoint (train/run.py --objective ar): "
+                               "the model 'sedd' scores SEDD checkpoints; train/eval.py gives its exact perplexity")
         self.pre = loaded
         self.model, self.graph, self.noise, self.tok = loaded.model, loaded.graph, loaded.noise, loaded.tokenizer
         self._device = _model_device(self.model)

@@ -1,14 +1,17 @@
-"""The denoising score-entropy training loss (diffusion weighted), on top of :mod:`sedd.ops`.
+"""The denoising score-entropy training loss (diffusion weighted), on top of :mod:`sedd.ops`, and
+the next-token cross entropy of the autoregressive baseline (:func:`ar_loss`).
 
 Per sequence: t ~ U[ε_s, 1], (σ, dσ) = noise(t), x_t ~ p_{t|0}(· | x0), ŝ = model(x_t, σ) and
 loss = Σ_positions dσ·ℓ(ŝ, σ, x_t, x0). The batch loss is the mean over sequences, in nats per
 sequence. The model's raw output goes straight into the fused loss together with its per-row
 σ shift, so no post-processing pass over [B, L, V] runs between the output layer and the loss.
 
-The math: docs/math.md, "Training loss".
+The math: docs/math.md, "Training loss", "Autoregressive baseline".
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -17,6 +20,7 @@ from sedd.graph import Graph
 from sedd.model.scoring import accepts_head, model_scores, unwrap
 from sedd.noise import Noise
 from sedd.ops.checks import check_tokens
+from sedd.ops.cross_entropy import reference_cross_entropy
 
 
 def sample_times(batch_size: int, sampling_eps: float = 1e-3, *, device=None, generator=None) -> torch.Tensor:
@@ -129,3 +133,55 @@ def _fused_loss(model, x_t, sigma, x0, graph, weight, attention_mask, reduction,
         loss = loss * attention_mask
     per_sequence = loss.sum(-1)
     return per_sequence.mean() if reduction == "mean" else per_sequence
+
+
+def ar_loss(
+    model,
+    x0: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    scale: float = 1.0,
+    fused: bool = True,
+    **model_kwargs,
+) -> torch.Tensor:
+    """The training loss of the autoregressive baseline (:class:`sedd.model.ARModel`): the exact
+    −log p(x0) = −Σ_i log p(x0_i | x0_<i) of each sequence, every position predicted (the first
+    from the model's BOS), in nats per sequence like :func:`score_entropy_loss`.
+
+    Args:
+        model: an :class:`~sedd.model.ARModel` (or any ``model(x, **kwargs) -> logits [B, L, N]``
+            where logits[:, i] scores x[:, i] given x[:, :i]).
+        x0: [B, L] int clean tokens.
+        attention_mask: optional [B, L] bool, True on real tokens; padding adds no loss and is not
+            attended to.
+        reduction: "mean" (over sequences) or "none" ([B] per sequence).
+        scale: a constant factor on the loss (gradient accumulation passes 1/steps), folded into
+            the fused head's row weight.
+        fused: for a model that takes a ``head``, the loss with :func:`sedd.ops.linear_cross_entropy`
+            inside the output layer (no [B, L, N] logits); False, or inside a ``torch.compile``d
+            function: the logits, then ``F.cross_entropy`` in fp32 (the same loss up to rounding).
+        model_kwargs: passed to the model (``segment_ids``).
+
+    Returns:
+        fp32 scalar, or [B] for reduction="none" (fp64 for an fp64 model).
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if attention_mask is not None:
+        model_kwargs["attention_mask"] = attention_mask
+        attention_mask = attention_mask.bool()
+    B = x0.shape[0]
+    net = unwrap(model)
+    if fused and "head" in inspect.signature(net.forward).parameters and not torch.compiler.is_compiling():
+        def head(hidden, weight, bias):
+            return ops.linear_cross_entropy(
+                hidden, weight, bias, x0, mask=attention_mask, loss_weight=scale if scale != 1.0 else None,
+                reduction="none" if reduction == "none" else "batchmean",
+            )
+
+        loss = model(x0, head=head, **model_kwargs)
+        return loss.sum(-1) if reduction == "none" else loss
+    per_token = reference_cross_entropy(model(x0, **model_kwargs), x0, attention_mask)
+    per_sequence = per_token.sum(-1) * scale
+    return per_sequence.sum() / B if reduction == "mean" else per_sequence

@@ -6,6 +6,10 @@ all start the same way::
     p = load_pretrained("runs/small", device="cuda")            # or "louaaron/sedd-small"
     p.model, p.graph, p.noise, p.tokenizer
 
+Autoregressive checkpoints (``"objective": "ar"`` in config.json, ``train/run.py --objective ar``)
+load the same way into a :class:`sedd.model.ARModel`; they have no forward process, so ``p.graph``
+and ``p.noise`` are None, and ``p.objective`` says which kind was loaded.
+
 Checkpoints are directories in the layout of :meth:`sedd.model.SEDD.save_pretrained` (``config.json``
 and ``model.safetensors``; the trainer adds ``tokenizer.json`` and records its spec under the
 config key ``"tokenizer"``), or Hugging Face Hub ids of public SEDD checkpoints, which carry no
@@ -39,8 +43,8 @@ import torch
 
 from sedd.data import Tokenizer, get_tokenizer
 from sedd.graph import Graph, graph_from_config
-from sedd.model import SEDD
-from sedd.model.checkpoint import normalise_config, read_config
+from sedd.model import SEDD, ARModel
+from sedd.model.checkpoint import checkpoint_dir, config_objective, normalise_config, read_config
 from sedd.noise import Noise, noise_from_config
 
 __all__ = [
@@ -54,8 +58,10 @@ class Pretrained:
     """A loaded checkpoint.
 
     Attributes:
-        model: the SEDD model on the requested device, in eval mode.
-        graph, noise: the forward process and schedule of its config.
+        model: the SEDD model (or, for an autoregressive checkpoint, the
+            :class:`~sedd.model.ARModel`) on the requested device, in eval mode.
+        graph, noise: the forward process and schedule of its config (None for an
+            autoregressive checkpoint).
         tokenizer: the resolved tokenizer (see the module docstring).
         tokenizer_source: where the tokenizer came from, for reports: the spec given, the path of
             the checkpoint's ``tokenizer.json``, or ``"gpt2"`` (the Hub).
@@ -63,9 +69,9 @@ class Pretrained:
         config: ``model.config`` (the whole public-format config).
     """
 
-    model: SEDD
-    graph: Graph
-    noise: Noise
+    model: SEDD | ARModel
+    graph: Graph | None
+    noise: Noise | None
     tokenizer: Tokenizer
     tokenizer_source: str
     checkpoint: str
@@ -73,6 +79,11 @@ class Pretrained:
     @property
     def config(self) -> dict[str, Any]:
         return self.model.config
+
+    @property
+    def objective(self) -> str:
+        """"sedd" (a diffusion model) or "ar" (the autoregressive baseline)."""
+        return config_objective(self.model.config)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -97,7 +108,7 @@ def _local_config(checkpoint: str) -> dict[str, Any] | None:
         return None
     config = read_config(folder)
     try:
-        return normalise_config(config)
+        return normalise_config(config, objective=config_objective(config))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{str(folder / 'config.json')!r}: {err}") from None
 
@@ -215,7 +226,8 @@ def load_pretrained(
             or a Hub id such as ``"louaaron/sedd-small"``.
         tokenizer: explicit tokenizer spec, or None to resolve it (module docstring).
         device: "auto" (CUDA when available), or any torch device.
-        from_pretrained_kwargs: passed to :meth:`SEDD.from_pretrained` (``revision``,
+        from_pretrained_kwargs: passed to :meth:`SEDD.from_pretrained` (or
+            :meth:`ARModel.from_pretrained`; ``revision``,
             ``local_files_only``, ``attn_backend``, ...).
     Raises:
         FileNotFoundError (no such directory / files), OSError (Hub id not reachable),
@@ -229,14 +241,22 @@ def load_pretrained(
     if config is not None:
         tok, source = resolve_tokenizer(name, tokenizer, config=config)
         _check_tokenizer(tok, source, config, name, explicit=tokenizer is not None)
-    model = SEDD.from_pretrained(name, map_location=device, **from_pretrained_kwargs)
+    if config is None:  # a Hub id: which class loads it is in its config.json
+        hub = {k: from_pretrained_kwargs[k] for k in ("revision", "cache_dir", "local_files_only")
+               if k in from_pretrained_kwargs}
+        objective = config_objective(read_config(checkpoint_dir(name, **hub)))
+    else:
+        objective = config_objective(config)
+    model_class = ARModel if objective == "ar" else SEDD
+    model = model_class.from_pretrained(name, map_location=device, **from_pretrained_kwargs)
     if config is None:
         tok, source = resolve_tokenizer(name, tokenizer, config=model.config)
         _check_tokenizer(tok, source, model.config, name, explicit=tokenizer is not None)
+    diffusion = objective == "sedd"
     return Pretrained(
         model=model,
-        graph=graph_from_config(model.config),
-        noise=noise_from_config(model.config),
+        graph=graph_from_config(model.config) if diffusion else None,
+        noise=noise_from_config(model.config) if diffusion else None,
         tokenizer=tok,
         tokenizer_source=source,
         checkpoint=name,

@@ -103,7 +103,7 @@ def read_training_state(out: Path) -> dict:
 
 def save_checkpoint(out: Path, *, net: torch.nn.Module, ema: dict, optimizer, step: int, cfg: dict,
                     config: dict, tokenizer, batches, metrics: list[dict], log_window: dict, master: bool,
-                    ddp_world: int = 1) -> float | None:
+                    ddp_world: int = 1, loss_label: str = "score entropy (nats per sequence)") -> float | None:
     """Save the run at ``step``. Every rank calls it: the weights are gathered first (a collective
     under FSDP) and, with ``ddp_world > 1`` DDP ranks, checked equal across them; then rank 0
     writes every file, training_state.pt last (the commit point). Returns the replica checksum
@@ -129,13 +129,13 @@ def save_checkpoint(out: Path, *, net: torch.nn.Module, ema: dict, optimizer, st
                           "ema": ema_full, "optimizer": optim, "data": batches.state_dict(), "rng": rng_state(),
                           "metrics": metrics, "log_window": dict(log_window)}
         atomic_write(out / STATE_FILE, lambda tmp: torch.save(training_state, tmp))  # the commit point
-        plot_losses(metrics, out / "loss.png")
+        plot_losses(metrics, out / "loss.png", loss_label)
     if dist.is_initialized():
         dist.barrier()
     return checksum
 
 
-def plot_losses(metrics: list[dict], path: Path) -> None:
+def plot_losses(metrics: list[dict], path: Path, label: str = "score entropy (nats per sequence)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +147,7 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
         if points:
             ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, markersize=3, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("score entropy (nats per sequence)")
+    ax.set_ylabel(label)
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 __all__ = [
-    "ArgumentParser", "InputError", "SamplingPlan", "add_sampler_options", "check_outputs", "check_positive", "check_sampler_options",
+    "ArgumentParser", "InputError", "SamplingPlan", "add_sampler_options", "check_objective_options", "check_outputs",
+    "check_positive", "check_sampler_options",
     "check_seed", "check_threads", "checkpoint_inputs", "die", "files_of", "load_checkpoint", "main_with_exit_codes",
     "nfe_options", "parse_steps", "plan_sampling",
 ]
@@ -172,16 +173,21 @@ def check_outputs(outputs: Sequence[tuple[str, str | None]],
 # ----------------------------------------------------------------------------------------------
 
 
+DEFAULT_STEPS_LIST = "16,32,64"
+
+
 def add_sampler_options(group, *, steps_list: bool = False) -> None:
     """Add the options that choose how samples are drawn: --steps (one count, or with
     ``steps_list`` a comma-separated list), --sampler/--predictor, --cache, --tokens-per-step,
-    --top-p, --top-k, --eps, --length, --window and --stride. :func:`check_sampler_options` checks
-    them; :func:`nfe_options` turns --cache and --tokens-per-step into ``sample`` arguments."""
+    --top-p, --top-k, --temperature, --eps, --length, --window and --stride.
+    :func:`check_sampler_options` checks them; :func:`check_objective_options` which apply to the
+    checkpoint loaded; :func:`nfe_options` turns --cache and --tokens-per-step into ``sample`` arguments."""
     from sedd.sampling import PREDICTORS
 
     if steps_list:
-        group.add_argument("--steps", default="16,32,64", metavar="LIST",
-                           help="comma-separated step counts (default: 16,32,64)")
+        group.add_argument("--steps", metavar="LIST",
+                           help=f"comma-separated step counts (default: {DEFAULT_STEPS_LIST}; an autoregressive "
+                                "checkpoint takes none: one network evaluation per token)")
     else:
         group.add_argument(
             "--steps", type=int,
@@ -202,6 +208,9 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
                             "at least P of the jump probability (0 < P <= 1; default: off)")
     group.add_argument("--top-k", type=int, metavar="K",
                        help="each step jumps only to the K most likely candidate tokens (default: off)")
+    group.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                       help="autoregressive checkpoints: divide the logits by T >= 0 before each draw, 0 greedy "
+                            "(default: 1; the diffusion samplers have none)")
     group.add_argument("--eps", type=float, default=1e-5, help="final time of the grid, in (0, 1) (default: 1e-5)")
     group.add_argument("--length", type=int, help="tokens per sample (default: the model's training length); "
                        "longer than the model's length is generated window by window (--window, --stride)")
@@ -231,6 +240,8 @@ def check_sampler_options(args: argparse.Namespace) -> None:
                           if not isinstance(getattr(args, name), str)])
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not (math.isfinite(args.eps) and 0 < args.eps < 1):
         raise InputError(f"--eps must be in (0, 1), got {args.eps}")
     if args.tokens_per_step is not None:
@@ -238,6 +249,26 @@ def check_sampler_options(args: argparse.Namespace) -> None:
             raise InputError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
         if args.predictor != "first_hitting":
             raise InputError(f"--tokens-per-step applies to the first_hitting predictor, not {args.predictor}")
+
+
+def check_objective_options(args: argparse.Namespace, objective: str) -> None:
+    """:class:`InputError` for a sampler option the checkpoint's objective does not read: an
+    autoregressive checkpoint ("ar") samples one token per network evaluation (no --steps, no
+    --sampler but the default, no --eps, no --cache, no --tokens-per-step); the diffusion samplers
+    ("sedd") have no --temperature."""
+    if objective == "ar":
+        given = [flag for flag, used in (("--steps", args.steps is not None),
+                                         ("--sampler", args.predictor != "analytic"),
+                                         ("--cache", args.cache != "off"),
+                                         ("--tokens-per-step", args.tokens_per_step is not None),
+                                         ("--eps", args.eps != 1e-5)) if used]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise InputError(f"{', '.join(given)} {verb} to diffusion checkpoints; this one is autoregressive "
+                             "(sampled ancestrally, one network evaluation per token): drop it")
+    elif args.temperature != 1:
+        raise InputError("--temperature applies to autoregressive checkpoints; the diffusion samplers have none "
+                         "(--top-p and --top-k truncate their steps)")
 
 
 @dataclass
@@ -259,11 +290,12 @@ class SamplingPlan:
 def plan_sampling(args: argparse.Namespace, model, noise, prog: str) -> SamplingPlan:
     """The windows of --length / --window / --stride for ``model`` (its training length is the
     default of both), with a note on stderr when they are semi-autoregressive, and --eps checked
-    against the schedule ``noise``. :class:`InputError` for what cannot run."""
+    against the schedule ``noise`` (None: an autoregressive checkpoint). :class:`InputError` for what cannot run."""
     from sedd.sampling import check_eps
 
     try:
-        check_eps(noise, args.eps)
+        if noise is not None:  # an autoregressive checkpoint has no schedule
+            check_eps(noise, args.eps)
     except ValueError as err:
         raise InputError(f"--{err}") from None
     length = args.length if args.length is not None else model.length

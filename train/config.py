@@ -14,12 +14,12 @@ from pathlib import Path
 from sedd import data as sdata
 from sedd.graph import GRAPHS
 from sedd.model import PRESETS as MODEL_PRESETS
-from sedd.model import SEDD
+from sedd.model import SEDD, ARModel
 from sedd.noise import NOISES
 from train.cli import SEED_LIMIT, ArgumentParser
 
 PAPER = dict(  # the GPT-2-scale runs of the paper and the public code (configs/config.yaml)
-    data="openwebtext", tokenizer="gpt2", doc_mask=False,
+    data="openwebtext", tokenizer="gpt2", doc_mask=False, objective="sedd",
     graph="absorb", noise="auto", noise_eps=1e-3, sigma_min=1e-4, sigma_max=20.0, time_conditioning="on",
     global_batch=512, max_steps=1_300_000, lr=3e-4, beta1=0.9, beta2=0.999, weight_decay=0.0,
     warmup_steps=2500, grad_clip=1.0, ema=0.9999, sampling_eps=1e-3, bf16=True,
@@ -48,6 +48,8 @@ HELP = {
                  "(from the hub), or a directory holding vocab.json + merges.txt (or tokenizer.json)",
     "doc_mask": "no attention across the EOS boundaries of packed documents (the paper attends across them)",
     # model and diffusion
+    "objective": "sedd (score entropy discrete diffusion) or ar (the autoregressive baseline on the same trunk: "
+                 "causal attention, no sigma, next-token cross entropy; the diffusion flags do not apply)",
     "graph": "forward process: absorb (masking) or uniform",
     "noise": "noise schedule: loglinear, geometric, or auto (loglinear for absorb, geometric for uniform)",
     "noise_eps": "epsilon of the log-linear schedule", "sigma_min": "geometric schedule sigma_min",
@@ -76,23 +78,27 @@ HELP = {
 }
 GROUPS = {
     "data": ["data", "tokenizer", "doc_mask"],
-    "model and diffusion": ["graph", "noise", "noise_eps", "sigma_min", "sigma_max", "time_conditioning",
+    "model and diffusion": ["objective", "graph", "noise", "noise_eps", "sigma_min", "sigma_max", "time_conditioning",
                             "hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "dropout"],
     "optimisation": ["batch_size", "global_batch", "max_steps", "lr", "beta1", "beta2", "weight_decay",
                      "warmup_steps", "grad_clip", "ema", "sampling_eps", "bf16", "seed"],
     "evaluation, logging, checkpoints": ["log_every", "eval_every", "val_blocks", "ckpt_every", "num_samples",
                                          "sample_length", "sample_steps"],
 }
-CHOICES = {"graph": list(GRAPHS), "noise": ["auto", *NOISES], "time_conditioning": ["on", "off"]}
+CHOICES = {"objective": ["sedd", "ar"], "graph": list(GRAPHS), "noise": ["auto", *NOISES], "time_conditioning": ["on", "off"]}
+# What only the diffusion objective reads: an autoregressive run refuses them (it has no forward
+# process, no time and no reverse steps) and keeps none of them in its configuration.
+DIFFUSION_ONLY = ["graph", "noise", "noise_eps", "sigma_min", "sigma_max", "time_conditioning", "sampling_eps",
+                  "sample_steps"]
 # What a run trains: --resume refuses to change these (the checkpoint would no longer fit, or
 # the data order and noise would silently differ from the run being continued). The micro-batch
 # (batch_size) is not among them: it only says how each process makes up its share of the global
 # batch, and is derived again for another number of processes.
-FROZEN = ["data", "tokenizer", "doc_mask", "graph", "noise", "noise_eps", "sigma_min", "sigma_max", "time_conditioning",
-          "hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "global_batch", "seed"]
+FROZEN = ["data", "tokenizer", "doc_mask", "objective", "graph", "noise", "noise_eps", "sigma_min", "sigma_max",
+          "time_conditioning", "hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "global_batch", "seed"]
 MODEL_KEYS = ["hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "dropout"]
-NOT_TRAINING = ["data", "tokenizer", "graph", "noise", "noise_eps", "sigma_min", "sigma_max", "time_conditioning",
-                *MODEL_KEYS]  # own keys in config.json
+NOT_TRAINING = ["data", "tokenizer", "objective", "graph", "noise", "noise_eps", "sigma_min", "sigma_max",
+                "time_conditioning", *MODEL_KEYS]  # own keys in config.json
 
 
 def parse_args(argv=None, *, epilog: str = ""):
@@ -188,9 +194,16 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
     Raises :class:`UsageError` for a combination that cannot run."""
     if saved is not None:
         cfg = dict(saved)
-        cfg.setdefault("time_conditioning", "on")  # a run saved before the flag existed
+        cfg.setdefault("objective", "sedd")  # a run saved before these flags existed
+        if cfg["objective"] == "sedd":
+            cfg.setdefault("time_conditioning", "on")
         if preset is not None and preset != cfg["preset"]:
             raise UsageError(f"--resume: {source} is a '{cfg['preset']}' run, not '{preset}'")
+        if "objective" in overrides and overrides["objective"] != cfg["objective"]:
+            raise UsageError(
+                f"--resume: cannot change objective (the checkpoint trains {cfg['objective']!r}, the command line "
+                f"asks for {overrides['objective']!r}); start a new run with another --out instead")
+        _check_objective_flags(cfg["objective"], overrides, resuming=True)
         for key, value in overrides.items():
             if key in FROZEN and value != cfg[key]:
                 raise UsageError(
@@ -199,9 +212,13 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
             cfg[key] = value
     else:
         cfg = dict(PRESETS[preset or "cpu"], **overrides, preset=preset or "cpu")
-    if cfg["noise"] == "auto":
+        _check_objective_flags(cfg["objective"], overrides, resuming=False)
+        if cfg["objective"] == "ar":
+            for key in DIFFUSION_ONLY:
+                del cfg[key]
+    if cfg["objective"] == "sedd" and cfg["noise"] == "auto":
         cfg["noise"] = GRAPHS[cfg["graph"]].default_noise
-    if cfg["time_conditioning"] == "off" and not GRAPHS[cfg["graph"]].absorbing:
+    if cfg["objective"] == "sedd" and cfg["time_conditioning"] == "off" and not GRAPHS[cfg["graph"]].absorbing:
         raise UsageError(f"--time-conditioning off needs --graph absorb (got {cfg['graph']}): only the absorbing "
                          "score carries its whole sigma-dependence in the shift")
     global_batch, batch_size = cfg["global_batch"], cfg["batch_size"]
@@ -233,18 +250,33 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
     return cfg
 
 
+def _check_objective_flags(objective: str, overrides: dict, *, resuming: bool) -> None:
+    """:class:`UsageError` for a diffusion flag given to an autoregressive run."""
+    given = [key for key in DIFFUSION_ONLY if key in overrides]
+    if objective == "ar" and given:
+        flags = ", ".join("--" + key.replace("_", "-") for key in given)
+        run = "the checkpoint trains --objective ar" if resuming else "--objective ar"
+        raise UsageError(f"{run}: {flags} {'applies' if len(given) == 1 else 'apply'} to the diffusion objective "
+                         "only (an autoregressive model has no forward process, noise schedule or reverse steps)")
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def model_config(cfg: dict, vocab_size: int, world: int) -> dict:
     """The config.json of the run: the public layout (tokens, graph, noise, model), so
-    ``SEDD.from_pretrained(out)`` loads the checkpoint, plus "tokenizer", "data" and "training"
-    (every other hyper-parameter)."""
-    config = SEDD.config_for(cfg["preset"], graph=cfg["graph"], tokens=vocab_size,
-                             noise={"type": cfg["noise"], "sigma_min": cfg["sigma_min"],
-                                    "sigma_max": cfg["sigma_max"], "eps": cfg["noise_eps"]},
-                             time_conditioning=cfg["time_conditioning"] == "on", **{k: cfg[k] for k in MODEL_KEYS})
+    ``SEDD.from_pretrained(out)`` loads the checkpoint (for ``--objective ar``: tokens, model and
+    ``ARModel.from_pretrained``), plus "objective", "tokenizer", "data" and "training" (every other
+    hyper-parameter)."""
+    if cfg["objective"] == "ar":
+        config = ARModel.config_for(cfg["preset"], tokens=vocab_size, **{k: cfg[k] for k in MODEL_KEYS})
+    else:
+        config = SEDD.config_for(cfg["preset"], graph=cfg["graph"], tokens=vocab_size,
+                                 noise={"type": cfg["noise"], "sigma_min": cfg["sigma_min"],
+                                        "sigma_max": cfg["sigma_max"], "eps": cfg["noise_eps"]},
+                                 time_conditioning=cfg["time_conditioning"] == "on", **{k: cfg[k] for k in MODEL_KEYS})
+    config["objective"] = cfg["objective"]
     config["tokenizer"], config["data"] = cfg["tokenizer"], cfg["data"]
     config["training"] = {**{k: v for k, v in cfg.items() if k not in NOT_TRAINING}, "world_size": world}
     return config

@@ -1,4 +1,5 @@
-"""The SEDD perplexity bound of a checkpoint on a text file, a directory or a dataset.
+"""The SEDD perplexity bound of a checkpoint on a text file, a directory or a dataset (the exact
+perplexity of an autoregressive checkpoint).
 
     python train/eval.py CKPT --data PATH_OR_NAME [--split S] [--num-samples 1000]
                               [--time-sampler stratified|antithetic|iid] [--block-size N]
@@ -11,6 +12,12 @@ What it computes (docs/math.md, "Likelihood bound"): for every block x0,
 of t per block (:func:`sedd.likelihood.sequence_bounds`); the report is the total bound over the
 total number of tokens, in nats and bits per token, and the perplexity bound exp(nats/token), each
 with a standard error from the spread of the draws (:func:`sedd.likelihood.summarize`).
+
+An autoregressive checkpoint (``train/run.py --objective ar``) is scored on the same blocks with the
+same token counting: its exact −log p(block) = −Σ_i log p(x_i | x_<i), every token predicted (the
+first of a block from BOS), so its nats per token and perplexity are exact ("=", no standard
+error, no draws: --num-samples and --time-sampler do not apply) where SEDD's are bounds ("≤"), and
+the two numbers compare directly (docs/math.md, "Autoregressive baseline").
 
 Data pipeline, as in the paper's zero-shot evaluation: the text is cut into documents (wikitext
 paragraphs, ptb lines), detokenized (the word-level wikitext/ptb conventions are undone before
@@ -73,8 +80,8 @@ from tqdm.auto import tqdm
 
 from sedd.data import DETOKENIZERS, DOC_SPLITS, HF_DATASETS, auto_detokenizer, evaluation_split, get_corpus, tokenize
 from sedd.data.public import public_blocks, public_rows
-from sedd.likelihood import TIME_SAMPLERS, block_bounds, make_blocks, summarize
-from sedd.losses import score_entropy_loss
+from sedd.likelihood import TIME_SAMPLERS, block_bounds, exact_block_nll, make_blocks, summarize
+from sedd.losses import ar_loss, score_entropy_loss
 from train.cli import (
     ArgumentParser,
     InputError,
@@ -202,6 +209,14 @@ def _duration(seconds: float) -> str:
 def _print_cost(args, model, pre, blocks: torch.Tensor, device) -> None:
     """The number of model calls the run makes and, from one timed call of the largest shape, the
     time it will take, with what makes it shorter when that is long."""
+    if pre.objective == "ar":  # one call per batch of blocks, no draws
+        calls, x = -(-len(blocks) // args.batch_size), blocks[: args.batch_size].to(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ar_loss(model, x, reduction="none")
+        print(f"eval.py: cost: {len(blocks)} block(s) of {blocks.shape[1]} tokens, exact (autoregressive) in {calls:,} "
+              f"model call(s); one took {time.perf_counter() - t0:.2f} s here", file=sys.stderr, flush=True)
+        return
     K, bs, L = args.num_samples, args.batch_size, blocks.shape[1]
     calls, widest = 0, 0
     for start in range(0, len(blocks), bs):
@@ -266,19 +281,25 @@ def run(args) -> int:
         hint = "a smaller --block-size" + (" or --protocol packed" if args.protocol == "sedd" else
                                            " or --last-block pad")
         raise InputError(f"{args.data} ({split}) holds {n_tokens} tokens: not one block of {block_size} ({hint})")
+    exact = pre.objective == "ar"
+    how = "the exact NLL (autoregressive)" if exact else f"K = {args.num_samples} {args.time_sampler} draws each"
     print(f"eval.py: {len(blocks)} block(s) of {block_size} tokens ({int(mask.sum())} tokens) from "
-          f"{args.data} [{split}], K = {args.num_samples} {args.time_sampler} draws each, on {device}",
-          file=sys.stderr)
+          f"{args.data} [{split}], {how}, on {device}", file=sys.stderr)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     _print_cost(args, model, pre, blocks, device)
-    total_draws = len(blocks) * args.num_samples
-    bar = tqdm(total=total_draws, desc="draws", unit="draw", disable=not progress, dynamic_ncols=True)
-    parts = block_bounds(model, blocks, mask, pre.graph, pre.noise, num_samples=args.num_samples,
-                         time_sampler=args.time_sampler, batch_size=args.batch_size, generator=generator,
-                         device=device, on_draws=bar.update)
+    if exact:
+        bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress, dynamic_ncols=True)
+        parts = exact_block_nll(model, blocks, mask, batch_size=args.batch_size, device=device, on_blocks=bar.update)
+        report = summarize(parts, 1, "exact", exact=True)
+    else:
+        bar = tqdm(total=len(blocks) * args.num_samples, desc="draws", unit="draw", disable=not progress,
+                   dynamic_ncols=True)
+        parts = block_bounds(model, blocks, mask, pre.graph, pre.noise, num_samples=args.num_samples,
+                             time_sampler=args.time_sampler, batch_size=args.batch_size, generator=generator,
+                             device=device, on_draws=bar.update)
+        report = summarize(parts, args.num_samples, args.time_sampler)
     bar.close()
-    report = summarize(parts, args.num_samples, args.time_sampler)
     elapsed = time.perf_counter() - started
 
     result = {
@@ -289,8 +310,9 @@ def run(args) -> int:
         "detokenizer_reason": detok_reason,
         "doc_split": args.doc_split,
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
-        "graph": pre.graph.name,
-        "noise": repr(pre.noise),
+        "objective": pre.objective,
+        "graph": pre.graph.name if pre.graph is not None else None,
+        "noise": repr(pre.noise) if pre.noise is not None else None,
         "block_size": block_size,
         "blocks": len(blocks),
         "last_block": last_block,
@@ -299,7 +321,10 @@ def run(args) -> int:
         "device": str(device),
         **report.as_dict(),
         "stderr_bits_per_token": report.stderr_nats_per_token / math.log(2),
-        # The bound includes the prior term; without it, the number the public SEDD code reports.
+        # exact: an autoregressive model's exact likelihood; otherwise the bound, which includes the
+        # prior term; without it, the number the public SEDD code reports.
+        "exact": exact,
+        **({"perplexity": report.perplexity_bound} if exact else {}),
         "prior_included": True,
         "nats_per_token_without_prior": report.nats_per_token - report.prior_nats_per_token,
         "elapsed_s": round(elapsed, 3),

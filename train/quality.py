@@ -1,4 +1,5 @@
-"""Generation quality of a SEDD checkpoint against the number of sampling steps.
+"""Generation quality of a SEDD checkpoint against the number of sampling steps (and of an
+autoregressive checkpoint, sampled ancestrally: one record at NFE = L).
 
     python train/quality.py CKPT --judge DIR_OR_HUB_ID [--steps 16,32,64] [--num-samples N]
                             [--predictor analytic|euler|first_hitting] [--cache [on|approximate]]
@@ -23,7 +24,12 @@ options are train/sample.py's, ``train.cli.add_sampler_options``) and reported a
   perplexity by repeating itself shows up here;
 * **degenerate**: the fraction of sequences in which a single token id fills at least half of the
   positions (``--degenerate-share``);
-* wall time of the sampling alone and generated tokens per second (N * L / wall time).
+* wall time of the sampling alone and generated tokens per second (N * L / wall time);
+* **NFE**: the network evaluations each sequence took, counted (every forward and every
+  cached step embeds its input once): steps + 1 for the diffusion samplers at most (the final
+  denoising step; on the absorbing graph a step with no MASK left runs no network), L for an
+  autoregressive checkpoint (``train/run.py --objective ar``), which takes no --steps and is
+  sampled ancestrally with --temperature / --top-p / --top-k (``sedd.sampling.sample_ancestral``).
 
 The judge is any causal LM ``transformers`` loads (``AutoModelForCausalLM`` + ``AutoTokenizer``):
 a local directory (``save_pretrained`` layout; ``train/train_judge.py`` writes one) or a Hub id
@@ -51,9 +57,10 @@ the Hub does not answer (``sedd.data.offline``: one probe of about 2 s), only th
 is tried; if the judge is not there the command fails at once, naming ``--judge DIR``.
 
 Output: a table on stdout; ``--json PATH`` with one record per step count (steps, gen_ppl,
-gen_ppl_ci, nll, nll_se, judge_tokens, entropy, degenerate, wall_s, tokens_per_s, ...), the
-reference record and every setting; ``--plot PATH`` a PNG of generative perplexity and entropy
-against steps. Exit status 0 on success, 2 on bad input (with a one-line message), 1 otherwise.
+gen_ppl_ci, nll, nll_se, judge_tokens, entropy, degenerate, wall_s, tokens_per_s, nfe, ...; steps
+null for an autoregressive checkpoint), the reference record and every setting; ``--plot PATH`` a
+PNG of generative perplexity and entropy against NFE. Exit status 0 on success, 2 on bad input
+(with a one-line message), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -61,11 +68,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/quality.py`: the package of this checkout, installed or not
@@ -73,14 +77,14 @@ if __package__ in (None, ""):  # `python train/quality.py`: the package of this 
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from sedd.data.offline import cache_may_hold, hub_offline_reason
 from sedd.generation import sample_blockwise
 from train.cli import (
+    DEFAULT_STEPS_LIST,
     ArgumentParser,
     InputError,
     add_sampler_options,
+    check_objective_options,
     check_outputs,
     check_positive,
     check_sampler_options,
@@ -94,6 +98,7 @@ from train.cli import (
     parse_steps,
     plan_sampling,
 )
+from train.judge import Judge, judge_source, load_judge, windows  # noqa: F401  (windows: quality.windows)
 
 Z_95 = 1.959963984540054
 
@@ -150,153 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
     r.add_argument("--json", metavar="PATH", help="write the records and settings as JSON (- for stdout)")
     r.add_argument("--keep-samples", action="store_true", help="include every sample's text in the JSON")
-    r.add_argument("--plot", metavar="PATH", help="PNG of generative perplexity and entropy against steps")
+    r.add_argument("--plot", metavar="PATH", help="PNG of generative perplexity and entropy against NFE")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars on stderr (default: when stderr is a terminal)")
     return p
-
-
-# ----------------------------------------------------------------------------------------------
-# Judge
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Judge:
-    """A causal LM and its tokenizer, with the scoring convention of the module docstring."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    name: str
-    context: int
-    prefix_id: int | None  # prepended to every text (BOS, or EOS when there is no BOS); None: skip
-    device: torch.device
-
-    def encode(self, text: str) -> list[int]:
-        """The scored sequence of a text: [prefix] + its tokens (no special tokens added)."""
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return ([self.prefix_id] if self.prefix_id is not None else []) + ids
-
-    @torch.inference_mode()
-    def score(self, texts: list[str], *, batch_size: int = 8, progress: bool = False):
-        """Per text: (sum of the scored tokens' NLL in nats, number of scored tokens).
-
-        Returns two float64 / int64 numpy arrays [len(texts)]."""
-        pieces = []  # (text index, window ids, number of scored tokens at the window's end)
-        for i, text in enumerate(texts):
-            pieces += [(i, w, k) for w, k in windows(self.encode(text), self.context)]
-        nll = np.zeros(len(texts), dtype=np.float64)
-        count = np.zeros(len(texts), dtype=np.int64)
-        for i, _, k in pieces:
-            count[i] += k
-        # Longest first: batches of similar lengths waste little on padding.
-        pieces = [p for p in sorted(pieces, key=lambda p: -len(p[1])) if p[2] > 0]
-        pad = self.prefix_id if self.prefix_id is not None else 0
-        bar = tqdm(total=len(pieces), desc="judge", unit="window", disable=not progress, leave=False)
-        for start in range(0, len(pieces), batch_size):
-            batch = pieces[start : start + batch_size]
-            width = len(batch[0][1])
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            scored = torch.zeros((len(batch), width - 1), dtype=torch.bool)  # over the shifted targets
-            for r, (_, w, k) in enumerate(batch):
-                ids[r, : len(w)] = torch.tensor(w)
-                attn[r, : len(w)] = 1
-                scored[r, len(w) - 1 - k : len(w) - 1] = True
-            ids, attn, scored = ids.to(self.device), attn.to(self.device), scored.to(self.device)
-            logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-            token_nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-            ).view(len(batch), width - 1)
-            sums = (token_nll * scored).sum(1).double().cpu().numpy()
-            for r, (i, _, _) in enumerate(batch):
-                nll[i] += sums[r]
-            bar.update(len(batch))
-        bar.close()
-        return nll, count
-
-
-def windows(ids: list[int], context: int) -> list[tuple[list[int], int]]:
-    """Cut a scored sequence into judge windows: [(window ids, k)], where the last k tokens of the
-    window are scored (predicted from the tokens before them in the window).
-
-    Windows hold ``context`` tokens and start every ``context // 2`` tokens; the tokens ids[1:]
-    are each scored exactly once, in the first window that holds them."""
-    if context < 2:
-        raise ValueError(f"the judge context must be >= 2 tokens, got {context}")
-    stride = context // 2
-    out, begin, done = [], 0, 1  # ids[0] is never a target (the prefix, or the unscored first token)
-    while done < len(ids):
-        end = min(begin + context, len(ids))
-        out.append((ids[begin:end], end - done))
-        done, begin = end, begin + stride
-    return out
-
-
-def judge_source(spec: str) -> tuple[str, str | None]:
-    """Where the judge loads from and, for a Hub id, why only the local cache may be used (None:
-    the Hub is reachable). Fails at once, before any model is loaded, when the Hub cannot be used
-    and the local cache has no copy."""
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise InputError(f"--judge {spec!r} is a file; expected a model directory (config.json, weights, "
-                             "tokenizer) or a Hub id")
-        return str(path), None
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not re.fullmatch(r"[\w.\-/]+", spec):
-        raise InputError(f"--judge {spec!r}: no such directory (and not a Hub id)")
-    offline = hub_offline_reason()
-    if offline is None and os.environ.get("TRANSFORMERS_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-        offline = "TRANSFORMERS_OFFLINE is set"
-    if offline is not None and not cache_may_hold(spec):
-        raise _offline_error(spec, offline)
-    return spec, offline
-
-
-def _offline_error(spec: str, reason: str) -> InputError:
-    return InputError(
-        f"--judge {spec!r}: the Hugging Face Hub cannot be used ({reason}) and the judge is not in the local "
-        f"Hub cache. Use a local judge: --judge DIR, a directory written by save_pretrained "
-        f"(python train/train_judge.py --out DIR trains a small one offline)"
-    )
-
-
-def load_judge(spec: str, device: torch.device, *, first_token: str = "bos", context: int | None = None,
-               progress: bool = False) -> Judge:
-    """Load the judge (bf16 on CUDA, fp32 on CPU). InputError when it cannot be found, with the
-    offline alternative named."""
-    source, offline = judge_source(spec)
-    local_only = offline is not None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    if not progress:
-        hf_logging.disable_progress_bar()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only)
-    except (OSError, ValueError) as err:
-        if local_only:
-            raise _offline_error(spec, offline) from err
-        raise InputError(f"--judge {spec!r}: cannot load it with transformers: {str(err).splitlines()[0]}") from err
-    model = model.to(device=device, dtype=dtype).eval()
-    limit = next((getattr(model.config, k) for k in ("n_positions", "max_position_embeddings", "n_ctx")
-                  if isinstance(getattr(model.config, k, None), int)), None)
-    if context is None:
-        if limit is None:
-            raise InputError(f"--judge {spec!r}: its config names no maximum length; pass --judge-context")
-        context = limit
-    elif limit is not None and context > limit:
-        raise InputError(f"--judge-context {context} is longer than the judge's {limit} positions")
-    if context < 2:
-        raise InputError(f"--judge-context must be >= 2, got {context}")
-    prefix = None
-    if first_token == "bos":
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if prefix is None:
-            raise InputError(f"--judge {spec!r} has neither a BOS nor an EOS token: use --first-token skip")
-    return Judge(model, tokenizer, spec, int(context), prefix, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,7 +249,8 @@ def format_table(records: list[dict], reference: dict | None) -> str:
     for r in records:
         lo, hi = r["gen_ppl_ci"]
         flag = "  <- degenerate samples" if r["degenerate"] > 0 else ""
-        lines.append(f"{r['steps']:>6}  {r['gen_ppl']:>10.2f}  [{lo:>9.2f}, {hi:>9.2f}]  {r['entropy']:>8.3f}  "
+        steps = "AR" if r["steps"] is None else r["steps"]
+        lines.append(f"{steps:>6}  {r['gen_ppl']:>10.2f}  [{lo:>9.2f}, {hi:>9.2f}]  {r['entropy']:>8.3f}  "
                      f"{r['degenerate']:>10.3f}  {r['wall_s']:>8.1f}  {r['tokens_per_s']:>9.1f}  {r['nfe']:>7.1f}{flag}")
     if reference is not None:
         lo, hi = reference["gen_ppl_ci"]
@@ -402,7 +265,7 @@ def plot(records: list[dict], reference: dict | None, path: str, title: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["steps"] for r in records]
+    steps = [r["nfe"] for r in records]
     ppl = np.array([r["gen_ppl"] for r in records])
     ci = np.array([r["gen_ppl_ci"] for r in records])
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
@@ -413,8 +276,8 @@ def plot(records: list[dict], reference: dict | None, path: str, title: str) -> 
         b.axhline(reference["entropy"], color="gray", linestyle="--", label="real text")
     for ax, label in ((a, "generative perplexity (judge)"), (b, "unigram entropy per sequence (nats)")):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(steps, [str(s) for s in steps])
-        ax.set_xlabel("sampling steps")
+        ax.set_xticks(steps, [f"{s:g}" for s in steps])
+        ax.set_xlabel("network evaluations per sequence (NFE)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -446,12 +309,16 @@ def _check_args(args) -> None:
 
 def run(args) -> int:
     _check_args(args)
-    steps_list = parse_steps(args.steps)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.threads:
         torch.set_num_threads(args.threads)
     judge_source(args.judge)  # an unusable judge fails here, in seconds, before anything loads
     pre = load_checkpoint(args)
+    check_objective_options(args, pre.objective)
+    autoregressive = pre.objective == "ar"
+    # an autoregressive checkpoint has one sampler and one cost: one record
+    steps_list = [None] if autoregressive else parse_steps(args.steps or DEFAULT_STEPS_LIST)
+    sampler = "ancestral" if autoregressive else f"{args.predictor} predictor"
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
     judge = load_judge(args.judge, device, first_token=args.first_token, context=args.judge_context,
@@ -459,8 +326,9 @@ def run(args) -> int:
     plan = plan_sampling(args, model, pre.noise, "quality.py")
     length = plan.length
     nfe_kwargs = nfe_options(args, model)
-    print(f"quality.py: {args.num_samples} samples of {length} tokens per step count {steps_list}, "
-          f"{args.predictor} predictor, judge {args.judge} (context {judge.context}, first token "
+    per = "" if autoregressive else f" per step count {steps_list}"
+    print(f"quality.py: {args.num_samples} samples of {length} tokens{per}, "
+          f"{sampler}, judge {args.judge} (context {judge.context}, first token "
           f"{args.first_token}) on {device}", file=sys.stderr)
 
     records = []
@@ -473,7 +341,8 @@ def run(args) -> int:
             x, stats = sample_blockwise(
                 model, pre.graph, pre.noise, batch_size=b, length=length, window=plan.window, stride=plan.stride,
                 steps=steps, predictor=args.predictor, eps=args.eps, generator=generator, device=device,
-                progress=progress, top_p=args.top_p, top_k=args.top_k, return_stats=True, **nfe_kwargs,
+                progress=progress, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
+                return_stats=True, **nfe_kwargs,
             )
             parts.append(x.cpu())
             nfe.append(stats.nfe)
@@ -491,8 +360,8 @@ def run(args) -> int:
         if args.keep_samples:
             record["samples"] = texts
         records.append(record)
-        print(f"quality.py: {steps} steps: gen ppl {record['gen_ppl']:.2f}, entropy {record['entropy']:.3f}, "
-              f"{wall:.1f}s sampling", file=sys.stderr)
+        print(f"quality.py: {'ancestral' if steps is None else f'{steps} steps'}: gen ppl {record['gen_ppl']:.2f}, "
+              f"entropy {record['entropy']:.3f}, NFE {record['nfe']:.1f}, {wall:.1f}s sampling", file=sys.stderr)
 
     reference = None
     if args.reference_data is not None:
@@ -508,17 +377,19 @@ def run(args) -> int:
     result = {
         "checkpoint": args.checkpoint,
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
-        "graph": pre.graph.name,
-        "predictor": args.predictor,
-        "cache": args.cache,
+        "objective": pre.objective,
+        "graph": None if autoregressive else pre.graph.name,
+        "predictor": "ancestral" if autoregressive else args.predictor,
+        "cache": None if autoregressive else args.cache,
         "tokens_per_step": args.tokens_per_step,
         "top_p": args.top_p,
         "top_k": args.top_k,
+        "temperature": args.temperature if autoregressive else None,
         "length": length,
         "window": plan.window,
         "stride": plan.stride,
         "num_samples": args.num_samples,
-        "eps": args.eps,
+        "eps": None if autoregressive else args.eps,
         "seed": args.seed,
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -537,7 +408,7 @@ def run(args) -> int:
             Path(args.json).write_text(payload, encoding="utf-8")
     if args.plot:
         plot(records, reference, args.plot,
-             f"{args.checkpoint}: {args.predictor}, {args.num_samples} x {length} tokens, judge {args.judge}")
+             f"{args.checkpoint}: {sampler}, {args.num_samples} x {length} tokens, judge {args.judge}")
     return 0
 
 

@@ -1,7 +1,8 @@
-"""Train a Score Entropy Discrete Diffusion (SEDD) model.
+"""Train a Score Entropy Discrete Diffusion (SEDD) model, or the autoregressive baseline on its trunk.
 
     python train/run.py                                  # CPU, a few minutes, no download
     python train/run.py --data notes/ --max-steps 2000   # your own text files
+    python train/run.py --objective ar --out out/cpu-ar  # the autoregressive baseline, same everything else
     torchrun --nproc_per_node 8 train/run.py --preset small --out out/sedd-small
     python train/run.py --out out/cpu --resume           # continue an interrupted run exactly
 
@@ -16,10 +17,18 @@ Presets (every field is a flag: ``max_steps`` is ``--max-steps``; ``--help`` lis
           --global-batch: small has batch_size 64 per GPU (medium 32), so 8 GPUs accumulate 1
           micro-batch (medium 2), as the public runs on one 8x80GB node; 1 GPU accumulates 8 (16).
 
+Objectives: --objective sedd (the default) trains SEDD on --graph with --noise; --objective ar
+trains the autoregressive baseline (sedd.model.ARModel): the same DDiT blocks with causal attention,
+the adaLN conditioning from a learned constant instead of sigma, the next-token cross entropy with
+the head fused into the loss. The diffusion flags (--graph, --noise, --sigma-min, --sampling-eps,
+--sample-steps, ...) do not apply to it and are refused. Both losses are in nats per sequence; the
+autoregressive one is the exact -log p(block), SEDD's a bound on it. config.json records the objective,
+and --resume keeps it.
+
 Outputs (only rank 0 writes), in --out:
-  config.json          the model config in the public layout (tokens, graph, noise, model) plus
-                       "tokenizer", "data", "training" (every hyper-parameter) and "step"
-  model.safetensors    the EMA weights: `sedd.model.SEDD.from_pretrained(out)` loads them
+  config.json          the model config in the public layout (tokens, graph, noise, model; "objective")
+                       plus "tokenizer", "data", "training" (every hyper-parameter) and "step"
+  model.safetensors    the EMA weights: `sedd.load_pretrained(out)` loads them (and the tokenizer)
   tokenizer.json       the tokenizer: `sedd.data.get_tokenizer(out)` loads it, no cache needed
   training_state.pt    what --resume needs: raw and EMA weights, optimizer, step, RNG states,
                        data position, metrics history
@@ -66,13 +75,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so a plain checkout runs without `pip install -e .`
 from sedd import data as sdata
-from sedd import ops
-from sedd.graph import graph_from_config
 from sedd.io import atomic_write
-from sedd.losses import sample_times, score_entropy_loss
-from sedd.model import SEDD
-from sedd.noise import noise_from_config
-from sedd.sampling import sample
 from train.checkpoint import (
     MetricsLog,
     ReplicaMismatch,
@@ -83,6 +86,7 @@ from train.checkpoint import (
 )
 from train.cli import die
 from train.config import UsageError, model_config, parse_args, resolve_config
+from train.objectives import make_objective
 
 # Every file a run writes into --out (besides its temporary files and tensorboard/).
 RUN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "training_state.pt", "metrics.jsonl",
@@ -147,26 +151,20 @@ def ema_weights(net: torch.nn.Module, ema: dict):
 
 
 @torch.no_grad()
-def validation_loss(net, ema, val_blocks, index, graph, noise, cfg, eos_id, device) -> float:
+def validation_loss(net, ema, val_blocks, index, objective, cfg, eos_id, device) -> float:
     """The training loss (EMA weights) on the fixed validation blocks, this rank's share ``index``
-    of them, averaged over all ranks. Every block draws its t and forward noise from a generator
-    seeded by the block's index, so successive values measure the model and not the draws, and the
-    number is the same for any number of processes (up to float rounding)."""
+    of them, averaged over all ranks. Every block draws its t and forward noise (SEDD) from a
+    generator seeded by the block's index, so successive values measure the model and not the
+    draws, and the number is the same for any number of processes (up to float rounding)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
     index = [int(i) for i in index]
     with ema_weights(net, ema):
         for start in range(0, len(index), cfg["batch_size"]):
             chunk = index[start : start + cfg["batch_size"]]
             x0 = val_blocks.get_batch(chunk).to(device)
-            # each block's t and x_t from its own generator, so they do not depend on the blocks beside it
-            ts, xts = [], []
-            for row, i in enumerate(chunk):
-                g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 1, 0, i))
-                t = sample_times(1, cfg["sampling_eps"], device=device, generator=g)
-                ts.append(t)
-                xts.append(ops.sample_transition(x0[row : row + 1], noise(t)[0], graph, g))
-            loss = score_entropy_loss(net, x0, graph, noise, t=torch.cat(ts), x_t=torch.cat(xts),
-                                      reduction="none", **doc_mask_kwargs(x0, cfg, eos_id))
+            # each block's draws from its own generator, so they do not depend on the blocks beside it
+            generators = [torch.Generator(device).manual_seed(step_seed(cfg["seed"], 1, 0, i)) for i in chunk]
+            loss = objective.validation_losses(net, x0, generators, **doc_mask_kwargs(x0, cfg, eos_id))
             total += torch.stack([loss.double().sum(), torch.tensor(float(len(chunk)), dtype=torch.float64,
                                                                     device=device)])
     if dist.is_initialized():
@@ -282,12 +280,12 @@ def main(argv=None):
         f"= {len(train_blocks):,} blocks of {L}; validation set {len(val_index)} blocks")
 
     # -------------------------------------------------------------------------------------------
-    # Model, in the public config layout so SEDD.from_pretrained(out) loads the checkpoint.
+    # Model, in the public config layout so SEDD.from_pretrained(out) (ARModel's) loads the checkpoint.
     config = model_config(cfg, tok.vocab_size, world)
-    graph, noise = graph_from_config(config), noise_from_config(config)
+    objective = make_objective(config, cfg)
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     try:
-        net = SEDD(config, autocast_dtype=torch.bfloat16 if cfg["bf16"] else None)
+        net = objective.build(config, torch.bfloat16 if cfg["bf16"] else None)
     except ValueError as e:
         stop(f"bad model configuration: {e}", 2)
     if state is not None:
@@ -296,11 +294,10 @@ def main(argv=None):
         except (ValueError, KeyError) as e:
             stop(f"cannot resume from {out}: {e}")
     net.to(device)
-    log(f"model: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, graph {cfg['graph']}, "
-        f"noise {cfg['noise']}; batch {cfg['global_batch']} = {cfg['batch_size']} x {grad_accum} accumulation "
+    log(f"model: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {objective.describe()}; batch {cfg['global_batch']} = {cfg['batch_size']} x {grad_accum} accumulation "
         f"x {world} processes, device {device.type}")
 
-    model = net  # what the training forward goes through; net stays the plain SEDD
+    model = net  # what the training forward goes through; net stays the plain SEDD (or ARModel)
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -345,7 +342,7 @@ def main(argv=None):
     metrics_log = MetricsLog(out, metrics, master=master, tensorboard=args.tensorboard, step=step)
     if step == 0 and cfg["eval_every"]:
         metrics_log.record({"step": 0, "val_loss": validation_loss(
-            net, ema, val_blocks, my_val_index, graph, noise, cfg, tok.eos_id, device)})
+            net, ema, val_blocks, my_val_index, objective, cfg, tok.eos_id, device)})
         log(f"step 0: val loss {metrics[-1]['val_loss']:.2f}")
     if step >= cfg["max_steps"]:
         log(f"{out} is already at step {step} (max_steps {cfg['max_steps']}): nothing to train")
@@ -369,9 +366,7 @@ def main(argv=None):
                 model.require_backward_grad_sync = sync
             x0 = next(batches).to(device, non_blocking=True)
             g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 0, rank, step, micro))
-            # 1/grad_accum rides in the fused loss's per-row weight: no extra pass over the gradient
-            loss = score_entropy_loss(model, x0, graph, noise, generator=g, sampling_eps=cfg["sampling_eps"],
-                                      scale=1.0 / grad_accum, **doc_mask_kwargs(x0, cfg, tok.eos_id))
+            loss = objective.loss(model, x0, g, 1.0 / grad_accum, **doc_mask_kwargs(x0, cfg, tok.eos_id))
             loss.backward()
             loss_sum += loss.detach()
         loss = loss_sum
@@ -412,7 +407,7 @@ def main(argv=None):
             window_time, window_steps = 0.0, 0
         if cfg["eval_every"] and step % cfg["eval_every"] == 0:
             entry["val_loss"] = validation_loss(
-                net, ema, val_blocks, my_val_index, graph, noise, cfg, tok.eos_id, device)
+                net, ema, val_blocks, my_val_index, objective, cfg, tok.eos_id, device)
             log(f"step {step}: val loss {entry['val_loss']:.2f}")
         if len(entry) > 1:
             metrics_log.record(entry)
@@ -420,7 +415,7 @@ def main(argv=None):
             try:
                 checksum = save_checkpoint(
                     out, net=net, ema=ema, optimizer=optimizer, step=step, cfg=cfg, config=config, tokenizer=tok,
-                    batches=batches, metrics=metrics, log_window=window, master=master,
+                    batches=batches, metrics=metrics, log_window=window, master=master, loss_label=objective.loss_label,
                     ddp_world=world if distributed and not args.fsdp else 1)
             except ReplicaMismatch as e:
                 stop(f"at step {step}: {e}")
@@ -434,11 +429,9 @@ def main(argv=None):
     if cfg["num_samples"] > 0:
         g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 3, 0, step))
         with ema_weights(net, ema):
-            x = sample(net, graph, noise, batch_size=cfg["num_samples"], length=cfg["sample_length"],
-                       steps=cfg["sample_steps"], predictor="analytic", generator=g, device=device,
-                       progress=master)
+            x = objective.sample(net, cfg["num_samples"], g, device, progress=master, fsdp=args.fsdp)
         texts = [tok.decode(row) for row in x.cpu()]
-        report = f"=== {len(texts)} samples at step {step} (EMA weights, {cfg['sample_steps']} analytic steps) ===\n"
+        report = f"=== {len(texts)} samples at step {step} (EMA weights, {objective.sample_note()}) ===\n"
         report += "".join(f"--- sample {i + 1} ---\n{text}\n" for i, text in enumerate(texts))
         if master:
             print(report, end="", flush=True)
@@ -448,7 +441,7 @@ def main(argv=None):
         if len(vals) >= 2:
             print(f"validation loss: {vals[0]:.2f} -> {vals[-1]:.2f} nats per sequence "
                   f"({vals[0] / L:.3f} -> {vals[-1] / L:.3f} per token)")
-        print(f"checkpoint: {out}  (load with sedd.model.SEDD.from_pretrained({str(out)!r}))", flush=True)
+        print(f"checkpoint: {out}  (load with sedd.load_pretrained({str(out)!r}))", flush=True)
     metrics_log.close()
     if distributed:
         dist.destroy_process_group()

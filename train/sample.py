@@ -1,4 +1,8 @@
 """Generate text from a SEDD checkpoint: unconditional samples, prompts, suffixes and infilling.
+An autoregressive checkpoint (``train/run.py --objective ar``) is sampled ancestrally through the
+same options (module ``sedd.sampling.ancestral``): one network evaluation per token (NFE = L),
+``--temperature``, ``--top-p`` and ``--top-k`` apply and ``--steps``, ``--sampler`` and ``--eps``
+do not; a prompt conditions it exactly, fixed text after generated text only takes its place.
 
     python train/sample.py CKPT [--prefix TEXT] [--suffix TEXT] [--infill POS:TEXT ...]
                                 [--template "The [MASK:5] sat on the [MASK:3]."]
@@ -6,7 +10,8 @@
                                 [--batch-size B] [--seed S] [--device auto|cpu|cuda]
                                 [--tokenizer SPEC] [--json PATH|-] [--out FILE]
                                 [--input REQUESTS.jsonl|-] [--jsonl PATH|-] [--max-batch-rows N]
-                                [--window N] [--stride N] [--top-p P] [--top-k K] [--threads N]
+                                [--window N] [--stride N] [--top-p P] [--top-k K] [--temperature T]
+                                [--threads N]
 
 CKPT is a checkpoint directory written by train/run.py or ``SEDD.save_pretrained`` (config.json,
 model.safetensors, usually tokenizer.json), a public SEDD checkpoint directory, or a Hub id such
@@ -74,6 +79,7 @@ from train.cli import (
     ArgumentParser,
     InputError,
     add_sampler_options,
+    check_objective_options,
     check_outputs,
     check_positive,
     check_sampler_options,
@@ -314,11 +320,14 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     pre = load_checkpoint(args)
+    check_objective_options(args, pre.objective)
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
     plan = plan_sampling(args, model, pre.noise, "sample.py")
     length = plan.length
-    steps = args.steps or min(length, plan.window)
+    autoregressive = pre.objective == "ar"
+    # network evaluations per window: an autoregressive model takes one per token
+    steps = plan.window if autoregressive else args.steps or min(length, plan.window)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     max_rows = args.max_batch_rows or DEFAULT_MAX_BATCH_ROWS.get(device.type, DEFAULT_MAX_BATCH_ROWS["cpu"])
     nfe_kwargs = nfe_options(args, model)
@@ -336,17 +345,19 @@ def run(args) -> int:
     settings = {
         "checkpoint": args.checkpoint,
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
-        "graph": pre.graph.name,
+        "objective": pre.objective,
+        "graph": pre.graph.name if not autoregressive else None,
         "length": length,
         "window": plan.window,
         "stride": plan.stride,
-        "steps": steps,
-        "sampler": args.predictor,
-        "cache": args.cache,
+        "steps": None if autoregressive else steps,
+        "sampler": "ancestral" if autoregressive else args.predictor,
+        "cache": None if autoregressive else args.cache,
         "tokens_per_step": args.tokens_per_step,
         "top_p": args.top_p,
         "top_k": args.top_k,
-        "eps": args.eps,
+        "temperature": args.temperature if autoregressive else None,
+        "eps": None if autoregressive else args.eps,
         "batch_size": args.batch_size,
         "max_batch_rows": max_rows,
         "seed": seed,
@@ -375,7 +386,8 @@ def run(args) -> int:
                     model, pre.graph, pre.noise, batch_size=rows, length=length, window=plan.window,
                     stride=plan.stride, steps=steps, predictor=args.predictor, eps=args.eps,
                     fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator, device=device,
-                    progress=progress, top_p=args.top_p, top_k=args.top_k, return_stats=True, **nfe_kwargs,
+                    progress=progress, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
+                    return_stats=True, **nfe_kwargs,
                 )
                 done += zip(x.cpu().tolist(), stats.nfe)
                 if not requests:
@@ -402,9 +414,10 @@ def run(args) -> int:
     settings["nfe_mean"] = mean_nfe
     if not requests:
         settings["fixed"] = _described(jobs[0][2])
+    how = ("ancestral sampler, one network evaluation per token" if autoregressive
+           else f"{args.predictor} sampler" + (f", {steps} steps" if args.predictor != "first_hitting" else ""))
     header = (
-        f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {args.predictor} sampler, "
-        + (f"{steps} steps, " if args.predictor != "first_hitting" else "")
+        f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {how}, "
         + f"{mean_nfe:.1f} network evaluations per sample, seed {seed}, "
         + (f"{len(requests)} request(s) from {args.input}" if requests else f"{len(jobs[0][2])} fixed span(s)")
         + f", {elapsed:.1f}s on {device}"

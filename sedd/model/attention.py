@@ -7,9 +7,14 @@ A forward builds one :class:`AttentionPlan` (:func:`plan_attention`) and every b
 :func:`attention` with it:
 
 - "sdpa" (``torch.nn.functional.scaled_dot_product_attention``, everywhere): a boolean mask
-  [B, 1, 1, L] (padding) or [B, 1, L, L] (documents), or none for full attention;
+  [B, 1, 1, L] (padding) or [B, 1, L, L] (documents, or any mask of a causal plan), or none for
+  full attention (``is_causal`` for a causal plan without padding or documents);
 - "flash" (flash-attn, CUDA fp16/bf16): the real tokens gathered into one flat list with the
   document boundaries as ``cu_seqlens``, so no work is spent on padding.
+
+A causal plan (the autoregressive baseline, :mod:`sedd.model.ar`) lets position i attend to
+positions j ≤ i of its own document only: SDPA's ``is_causal`` or the mask above intersected with
+the lower triangle, flash-attn's ``causal=True`` within each ``cu_seqlens`` document.
 
 To add a backend: a branch in :func:`attention` that reads the plan, its case in
 :func:`plan_attention`, and its name in :data:`ATTN_BACKENDS` / :func:`resolve_backend`.
@@ -95,6 +100,8 @@ class AttentionPlan:
     flash_index: int64 [T]: flat positions (into B·L) of the real tokens, or None when all are real.
     cu_seqlens: int32 [n_docs + 1]: document boundaries in the (unpadded) flat token list.
     max_seqlen: the longest document.
+    causal: position i attends to j ≤ i only (on SDPA without a mask: ``is_causal``; with one,
+        the mask holds it already).
     """
 
     backend: str
@@ -102,6 +109,7 @@ class AttentionPlan:
     flash_index: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
+    causal: bool = False
 
 
 def plan_attention(
@@ -111,12 +119,15 @@ def plan_attention(
     device: torch.device,
     attention_mask: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
 ) -> AttentionPlan:
     """The plan for a [B, L] batch on ``backend`` ("sdpa" or "flash", see :func:`resolve_backend`).
 
     Arguments:
         attention_mask: [B, L] bool, True for real tokens, or None (all real).
         segment_ids: [B, L] integer document ids (documents are maximal runs), or None (one per row).
+        causal: position i attends to positions j ≤ i only (within its document).
     """
     docs = document_ids(segment_ids) if segment_ids is not None else None
     if backend == "sdpa":
@@ -128,15 +139,18 @@ def plan_attention(
             # see itself, its output is unspecified anyway.
             keys = (attention_mask | ~attention_mask.any(dim=1, keepdim=True))[:, None, :]  # [B, 1, L]
             allowed = keys if allowed is None else allowed & keys
-            if docs is not None:
-                # Same for a padding query whose document holds no real token. NaN rows must not
-                # exist at all: 0 · NaN in the next layer's P·V would reach the real tokens.
-                allowed = allowed | torch.eye(L, dtype=torch.bool, device=device)
-        return AttentionPlan("sdpa", sdpa_mask=None if allowed is None else allowed[:, None])
+        if causal and allowed is not None:
+            allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        if allowed is not None and (docs is not None or causal) and attention_mask is not None:
+            # Same for a padding query whose document (or, causal, whose past) holds no real
+            # token. NaN rows must not exist at all: 0 · NaN in the next layer's P·V would reach
+            # the real tokens.
+            allowed = allowed | torch.eye(L, dtype=torch.bool, device=device)
+        return AttentionPlan("sdpa", sdpa_mask=None if allowed is None else allowed[:, None], causal=causal)
 
     if attention_mask is None and docs is None:
         cu = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=device)
-        return AttentionPlan("flash", cu_seqlens=cu, max_seqlen=L)
+        return AttentionPlan("flash", cu_seqlens=cu, max_seqlen=L, causal=causal)
     # One key per (row, document): rows never merge because a row's document ids are < L.
     key = (docs if docs is not None else torch.zeros(B, L, dtype=torch.long, device=device))
     key = (key + torch.arange(B, device=device)[:, None] * L).reshape(-1)
@@ -148,11 +162,13 @@ def plan_attention(
     starts[1:] = key[1:] != key[:-1]
     bounds = torch.cat([starts.nonzero().squeeze(1), key.new_tensor([key.numel()])])
     max_seqlen = int((bounds[1:] - bounds[:-1]).max()) if bounds.numel() > 1 else 0
-    return AttentionPlan("flash", flash_index=index, cu_seqlens=bounds.to(torch.int32), max_seqlen=max_seqlen)
+    return AttentionPlan("flash", flash_index=index, cu_seqlens=bounds.to(torch.int32), max_seqlen=max_seqlen,
+                         causal=causal)
 
 
 def attention(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-    """Non-causal attention, softmax scale 1/√d, no dropout.
+    """Attention as the plan says (non-causal for SEDD, causal for the autoregressive baseline),
+    softmax scale 1/√d, no dropout.
 
     Arguments:
         qkv: [B, L, 3, H, d] (q and k already rotated).
@@ -167,11 +183,12 @@ def attention(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         if flat.shape[0] == 0:  # every position is padding
             return qkv.new_zeros(B, L, H, d)
         out = flash_attn_varlen_qkvpacked_func(
-            flat.contiguous(), plan.cu_seqlens, plan.max_seqlen, 0.0, softmax_scale=d**-0.5, causal=False
+            flat.contiguous(), plan.cu_seqlens, plan.max_seqlen, 0.0, softmax_scale=d**-0.5, causal=plan.causal
         )
         if plan.flash_index is not None:
             out = out.new_zeros(B * L, H, d).index_copy_(0, plan.flash_index, out)
         return out.view(B, L, H, d)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # [B, H, L, d]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.sdpa_mask, dropout_p=0.0, scale=d**-0.5)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.sdpa_mask, dropout_p=0.0, scale=d**-0.5,
+                                         is_causal=plan.causal and plan.sdpa_mask is None)
     return out.transpose(1, 2)

@@ -22,12 +22,19 @@ from sedd.graph import GRAPHS
 from sedd.io import atomic_write
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# What a checkpoint was trained for (config key "objective", absent in the public checkpoints):
+# "sedd", the diffusion model (sedd.model.SEDD), or "ar", the autoregressive baseline on the same
+# trunk (sedd.model.ARModel), which has no graph and no noise schedule.
+OBJECTIVES = ("sedd", "ar")
+MODEL_CLASSES = {"sedd": "sedd.model.SEDD", "ar": "sedd.model.ARModel"}
 REQUIRED_MODEL_KEYS = ("hidden_size", "cond_dim", "n_blocks", "n_heads")
 DERIVED_KEYS = ("rotary_emb.inv_freq",)  # recomputed from the config: a checkpoint may omit them
 
 __all__ = [
+    "OBJECTIVES",
     "WEIGHT_FILES",
     "checkpoint_dir",
+    "config_objective",
     "check_state_fits",
     "normalise_config",
     "read_config",
@@ -55,11 +62,23 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
-def normalise_config(config: Any) -> dict[str, Any]:
-    """A plain-dict copy of a model config, checked for what :class:`~sedd.model.SEDD` needs.
+def config_objective(config: Any) -> str:
+    """The objective a config was trained for: its ``objective`` key, "sedd" when absent (the
+    public checkpoints). ValueError for another value."""
+    cfg = config.get("config", config) if isinstance(config, Mapping) and "tokens" not in config else config
+    objective = cfg.get("objective", "sedd") if isinstance(cfg, Mapping) else "sedd"
+    if objective not in OBJECTIVES:
+        raise ValueError(f"config objective must be one of {OBJECTIVES}, got {objective!r}")
+    return objective
+
+
+def normalise_config(config: Any, *, objective: str = "sedd") -> dict[str, Any]:
+    """A plain-dict copy of a model config, checked for what the model of ``objective`` needs
+    (:class:`~sedd.model.SEDD` for "sedd", :class:`~sedd.model.ARModel` for "ar").
 
     Accepts a dict or an OmegaConf DictConfig, and the ``{"config": {...}}`` wrapping that newer
-    PyTorchModelHubMixin versions write. Raises TypeError / ValueError naming what is missing."""
+    PyTorchModelHubMixin versions write. Raises TypeError / ValueError naming what is missing,
+    and ValueError for a config of the other objective (naming the class that loads it)."""
     cfg = _to_plain(config)
     if not isinstance(cfg, dict):
         raise TypeError(f"config must be a dict (or an OmegaConf DictConfig), got {type(config).__name__}")
@@ -67,12 +86,17 @@ def normalise_config(config: Any) -> dict[str, Any]:
         cfg = cfg["config"]
     if "tokens" not in cfg:
         raise ValueError("config has no 'tokens' key (the number of real tokens, e.g. 50257 for GPT-2)")
-    graph = cfg.get("graph")
-    graph_type = graph.get("type") if isinstance(graph, dict) else graph
-    if graph_type not in GRAPHS:
-        raise ValueError(f"config graph.type must be one of {tuple(GRAPHS)}, got {graph_type!r}")
-    if isinstance(graph, str):  # the short form the model always took; the loaders read graph.type
-        cfg = {**cfg, "graph": {"type": graph}}
+    found = config_objective(cfg)
+    if found != objective:
+        raise ValueError(f"this is a config of objective {found!r}, which {MODEL_CLASSES[found]} loads, not "
+                         f"{MODEL_CLASSES[objective]} (sedd.load_pretrained loads either)")
+    if objective == "sedd":
+        graph = cfg.get("graph")
+        graph_type = graph.get("type") if isinstance(graph, dict) else graph
+        if graph_type not in GRAPHS:
+            raise ValueError(f"config graph.type must be one of {tuple(GRAPHS)}, got {graph_type!r}")
+        if isinstance(graph, str):  # the short form the model always took; the loaders read graph.type
+            cfg = {**cfg, "graph": {"type": graph}}
     model = cfg.get("model")
     if not isinstance(model, dict):
         raise ValueError("config has no 'model' section with hidden_size, cond_dim, n_blocks, n_heads")
@@ -280,3 +304,53 @@ def check_state_fits(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
             + "; ".join(problems)
             + ". Is config.json the config these weights were trained with?"
         )
+
+
+class Checkpointed:
+    """The checkpoint methods of the models (:class:`sedd.model.SEDD`, :class:`sedd.model.ARModel`):
+    one directory of ``config.json`` and weights, loaded with every key and shape checked. A model
+    class names itself in messages through :meth:`checkpoint_label`."""
+
+    def checkpoint_label(self) -> str:
+        """The model in a checkpoint error message (sizes that tell two configs apart)."""
+        raise NotImplementedError
+
+    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """``load_state_dict`` with the checks a checkpoint needs: every key present (except the
+        deterministic ``rotary_emb.inv_freq``), no unexpected key, every shape equal. Raises
+        ValueError naming the offending keys. Strips a ``module.`` / ``_orig_mod.`` prefix."""
+        state = strip_wrapper_prefix(state)
+        check_state_fits(state, self.state_dict(), self.checkpoint_label())
+        self.load_state_dict(state, strict=False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        dir_or_hub_id: str | os.PathLike,
+        map_location: str | torch.device = "cpu",
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        attn_backend: str = "auto",
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+    ):
+        """Load a checkpoint: a local directory, or a Hub id such as ``"louaaron/sedd-small"``.
+
+        The directory holds ``config.json`` (the whole training config) and ``model.safetensors``
+        (preferred) or ``pytorch_model.bin``. Hub ids go through ``huggingface_hub.snapshot_download``
+        (``revision``, ``cache_dir``, ``local_files_only`` are passed on); failing that (offline, no
+        such repository) raises OSError. A checkpoint that does not fit its config raises ValueError.
+        Returns the model on ``map_location`` in eval mode.
+        """
+        folder = checkpoint_dir(
+            os.fspath(dir_or_hub_id), revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+        model = cls(read_config(folder), attn_backend=attn_backend, autocast_dtype=autocast_dtype)
+        model.load_checkpoint_state(read_weights(folder))
+        return model.to(map_location).eval()
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``config.json`` (the whole config) and ``model.safetensors`` into the directory,
+        the layout :meth:`from_pretrained` and the public checkpoints use."""
+        write_checkpoint(save_directory, self.config, self.state_dict())

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -53,21 +52,15 @@ from sedd.model.attention import (
     resolve_backend,
 )
 from sedd.model.checkpoint import (
-    check_state_fits,
-    checkpoint_dir,
+    Checkpointed,
     normalise_config,
-    read_config,
-    read_weights,
-    strip_wrapper_prefix,
-    write_checkpoint,
 )
 from sedd.model.layers import (
-    DDiTBlock,
-    DDiTFinalLayer,
     EmbeddingLayer,
-    Rotary,
     SigmaEmbedder,
     apply_rotary,
+    build_trunk,
+    check_autocast_dtype,
     sigma_embedding,
 )
 
@@ -98,7 +91,7 @@ def _flag(value: Any, name: str) -> bool:
     raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
-class SEDD(nn.Module):
+class SEDD(Checkpointed, nn.Module):
     """The DDiT score network of SEDD.
 
     Arguments:
@@ -176,16 +169,11 @@ class SEDD(nn.Module):
             # random, at the spread sigma_map's output starts with (std ≈ 0.12): a zero vector would
             # leave the adaLN weights without a gradient, a larger one would speed their updates up
             self.cond_embed = nn.Parameter(0.125 * torch.randn(cond_dim))
-        self.rotary_emb = Rotary(self.head_dim)
-        self.blocks = nn.ModuleList(
-            DDiTBlock(hidden, n_heads, cond_dim, mlp_ratio=mlp_ratio, dropout=dropout) for _ in range(n_blocks)
-        )
-        self.output_layer = DDiTFinalLayer(hidden, self.vocab_size, cond_dim)
+        self.rotary_emb, self.blocks, self.output_layer = build_trunk(
+            hidden, n_heads, cond_dim, n_blocks, self.vocab_size, mlp_ratio=mlp_ratio, dropout=dropout)
 
         self.attn_backend = attn_backend
-        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(f"autocast_dtype must be torch.bfloat16, torch.float16 or None, got {autocast_dtype}")
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
         self.validate_inputs = True
 
     # -- presets --------------------------------------------------------------------------------
@@ -402,43 +390,5 @@ class SEDD(nn.Module):
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """``load_state_dict`` with the checks a checkpoint needs: every key present (except the
-        deterministic ``rotary_emb.inv_freq``), no unexpected key, every shape equal. Raises
-        ValueError naming the offending keys. Strips a ``module.`` / ``_orig_mod.`` prefix."""
-        state = strip_wrapper_prefix(state)
-        check_state_fits(state, self.state_dict(), f"V={self.vocab_size}, graph={self.graph_type!r}, "
-                         f"hidden={self.hidden_size}, blocks={len(self.blocks)}")
-        self.load_state_dict(state, strict=False)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        dir_or_hub_id: str | os.PathLike,
-        map_location: str | torch.device = "cpu",
-        *,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        attn_backend: str = "auto",
-        autocast_dtype: torch.dtype | None = torch.bfloat16,
-    ) -> "SEDD":
-        """Load a checkpoint: a local directory, or a Hub id such as ``"louaaron/sedd-small"``.
-
-        The directory holds ``config.json`` (the whole training config) and ``model.safetensors``
-        (preferred) or ``pytorch_model.bin``. Hub ids go through ``huggingface_hub.snapshot_download``
-        (``revision``, ``cache_dir``, ``local_files_only`` are passed on); failing that (offline, no
-        such repository) raises OSError. A checkpoint that does not fit its config raises ValueError.
-        Returns the model on ``map_location`` in eval mode.
-        """
-        folder = checkpoint_dir(
-            os.fspath(dir_or_hub_id), revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
-        )
-        model = cls(read_config(folder), attn_backend=attn_backend, autocast_dtype=autocast_dtype)
-        model.load_checkpoint_state(read_weights(folder))
-        return model.to(map_location).eval()
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``config.json`` (the whole config) and ``model.safetensors`` into the directory,
-        the layout :meth:`from_pretrained` and the public checkpoints use."""
-        write_checkpoint(save_directory, self.config, self.state_dict())
+    def checkpoint_label(self) -> str:
+        return f"V={self.vocab_size}, graph={self.graph_type!r}, hidden={self.hidden_size}, blocks={len(self.blocks)}"

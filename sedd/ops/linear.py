@@ -207,14 +207,16 @@ class _Rows:
 
 
 class _Grads:
-    """Gradient accumulators: ∂/∂hidden rows in hidden's dtype, ∂/∂W and ∂/∂b in fp32."""
+    """Gradient accumulators: ∂/∂hidden rows in hidden's dtype, ∂/∂W and ∂/∂b in fp32 (fp64 for
+    fp64 weights, whose gradient fp32 sums would round)."""
 
     def __init__(self, hidden, weight, bias, need_h, need_w, need_b):
         self.shape = hidden.shape
         n, D = hidden.shape[0] * hidden.shape[1], hidden.shape[2]
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self.hidden = hidden.new_zeros(n, D) if need_h else None
-        self.weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        self.bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b and bias is not None else None
+        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        self.bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b and bias is not None else None
         self.dtype = weight.dtype
 
     def add(self, rows: _Rows, start: int, stop: int, h: torch.Tensor, g: torch.Tensor, weight: torch.Tensor):
@@ -224,12 +226,12 @@ class _Grads:
             else:
                 self.hidden.index_copy_(0, rows.index[start:stop], g @ weight)
         if self.weight is not None:
-            if g.dtype == torch.float32:
+            if g.dtype == self.weight.dtype:
                 self.weight.addmm_(g.t(), h)
             else:  # the product in the compute dtype, accumulated over the chunks in fp32
                 self.weight.add_(g.t() @ h)
         if self.bias is not None:
-            self.bias += g.sum(0, dtype=torch.float32)
+            self.bias += g.sum(0, dtype=self.bias.dtype)
 
     def result(self, grad_output):
         out = []

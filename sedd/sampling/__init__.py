@@ -1,8 +1,10 @@
 """Sampling from the reverse process: the sampler and conditioning (:mod:`sedd.sampling.sampler`)
 over the registered reverse-step predictors (:mod:`sedd.sampling.predictors`, and the first-hitting
 sampler, :mod:`sedd.sampling.first_hitting`), the network calls and their cache
-(:mod:`sedd.sampling.cache`)."""
+(:mod:`sedd.sampling.cache`); ancestral sampling of the autoregressive baseline
+(:mod:`sedd.sampling.ancestral`)."""
 
+from sedd.sampling.ancestral import is_autoregressive, sample_ancestral
 from sedd.sampling.cache import SamplingStats
 from sedd.sampling.first_hitting import FirstHittingPredictor
 from sedd.sampling.predictors import (
@@ -19,6 +21,6 @@ from sedd.sampling.sampler import check_eps, conditioning, sample
 
 __all__ = [
     "DENOISERS", "PREDICTORS", "Predictor", "AnalyticPredictor", "EulerPredictor", "Denoiser",
-    "FirstHittingPredictor", "SamplingStats", "check_eps", "conditioning", "get_predictor", "register_predictor",
-    "sample",
+    "FirstHittingPredictor", "SamplingStats", "check_eps", "conditioning", "get_predictor", "is_autoregressive",
+    "register_predictor", "sample", "sample_ancestral",
 ]

@@ -1,0 +1,281 @@
+"""The autoregressive baseline on SEDD's trunk: the same DDiT blocks, causal attention, no time.
+
+Shapes: B batch, L length, N real tokens (the output width), D hidden size, C cond_dim, H heads,
+d = D / H head size.
+
+    logits = model(x)          [B, L, N];   logits[:, i] scores x[:, i] given x[:, :i]
+
+The network reads ``[BOS, x_0, …, x_{L−2}]``: BOS = N is an input-only id (the embedding has
+N + 1 rows, the output layer N) that marks the start of a block, so every one of the L tokens of
+a block is predicted, the first from BOS alone, and −Σ_i log softmax(logits_i)[x_i] is the exact
+−log p(block), the number SEDD's likelihood bound bounds for the same block (docs/math.md,
+"Autoregressive baseline"). BOS is "start of a packed block", not "start of a document": training
+blocks start anywhere in the stream, as SEDD's do.
+
+What differs from :class:`sedd.model.SEDD`, and nothing else:
+
+* attention is causal (position i attends to positions ≤ i; with ``segment_ids`` only within
+  its document, with ``attention_mask`` never to padding): :func:`sedd.model.attention.plan_attention`
+  with ``causal=True``;
+* there is no σ: the adaLN conditioning of every block and of the output layer comes from one
+  learned vector ``cond_embed`` [C] (c = SiLU(cond_embed)) in place of ``sigma_map(σ)``, the
+  mechanism of the time-independent SEDD (``model.time_conditioning: false``);
+* the output is logits over the N real tokens (no MASK column, no σ shift, no ŝ[x_t] = 0).
+
+``attention_mask`` and ``segment_ids`` describe the sequence ``x`` (the targets): position i,
+which predicts x_i, attends to the positions j ≤ i whose targets x_j are real and in x_i's
+document. So the first token of a document is predicted from the EOS before it alone, and a
+padded position is never attended to; the first real position after padding reads BOS, so a row
+padded at either end scores its real tokens as the same tokens unpadded would be.
+
+Sampling token by token (:mod:`sedd.sampling.ancestral`) uses :meth:`ARModel.step`, which runs
+the same blocks over new positions only, with the keys and values of the earlier positions kept
+in a :class:`KVCache`.
+
+Files: ``config.json`` (``"objective": "ar"``, ``tokens``, ``model``; no graph or noise) and
+``model.safetensors``, read and written as SEDD's (:mod:`sedd.model.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from sedd import ops
+from sedd.model.attention import backend_for_layout, check_backend, plan_attention
+from sedd.model.checkpoint import (
+    Checkpointed,
+    normalise_config,
+)
+from sedd.model.ddit import PRESET_ALIASES, PRESETS, SEDD
+from sedd.model.layers import (
+    DDiTBlock,
+    EmbeddingLayer,
+    _modulate,
+    apply_rotary,
+    build_trunk,
+    check_autocast_dtype,
+)
+
+__all__ = ["ARModel", "KVCache"]
+
+
+class KVCache:
+    """Keys and values of every block for the positions an :meth:`ARModel.step` has seen.
+
+    ``keys[i]``, ``values[i]``: [B, H, capacity, d] in the compute dtype; ``length`` positions
+    are filled."""
+
+    def __init__(self, model: "ARModel", batch: int, capacity: int, device: torch.device):
+        dtype = model.compute_dtype(device)
+        shape = (batch, model.n_heads, capacity, model.head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in model.blocks]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in model.blocks]
+        self.capacity, self.length = capacity, 0
+
+
+class ARModel(Checkpointed, nn.Module):
+    """The autoregressive DDiT (module docstring).
+
+    Arguments:
+        config: the whole config as a nested dict: ``"objective": "ar"``, ``tokens`` (N),
+            ``model.{hidden_size, cond_dim, n_blocks, n_heads}`` and optionally
+            ``model.{length, dropout, mlp_ratio}`` (SEDD's model section; its diffusion keys are
+            not read). :meth:`config_for` makes one from a preset.
+        attn_backend, autocast_dtype: as for :class:`sedd.model.SEDD`.
+
+    Attributes: ``tokens`` = ``vocab_size`` (N, the output width), ``bos_id`` (N, an input-only
+    id), ``length`` (training length), ``objective`` ("ar"), ``validate_inputs``.
+    """
+
+    objective = "ar"
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        attn_backend: str = "auto",
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+    ):
+        super().__init__()
+        self.config = normalise_config(config, objective="ar")
+        m = self.config["model"]
+        self.tokens = self.vocab_size = int(self.config["tokens"])
+        if self.tokens < 2:
+            raise ValueError(f"config tokens = {self.tokens}: an autoregressive model needs at least 2 tokens")
+        self.bos_id = self.tokens
+        hidden, n_heads = int(m["hidden_size"]), int(m["n_heads"])
+        if hidden % n_heads:
+            raise ValueError(f"model.hidden_size ({hidden}) must be divisible by model.n_heads ({n_heads})")
+        cond_dim, n_blocks = int(m["cond_dim"]), int(m["n_blocks"])
+        dropout, mlp_ratio = float(m.get("dropout", 0.1)), int(m.get("mlp_ratio", 4))
+        self.hidden_size, self.n_heads, self.head_dim = hidden, n_heads, hidden // n_heads
+        self.length = int(m.get("length", 1024))
+
+        self.vocab_embed = EmbeddingLayer(hidden, self.tokens + 1)  # + BOS
+        # random, at the spread sigma_map's output starts with in SEDD (std ≈ 0.12): a zero vector
+        # would leave the adaLN weights without a gradient at the first steps
+        self.cond_embed = nn.Parameter(0.125 * torch.randn(cond_dim))
+        self.rotary_emb, self.blocks, self.output_layer = build_trunk(
+            hidden, n_heads, cond_dim, n_blocks, self.tokens, mlp_ratio=mlp_ratio, dropout=dropout)
+
+        self.attn_backend = attn_backend
+        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
+        self.validate_inputs = True
+
+    @staticmethod
+    def config_for(preset: str, *, tokens: int = 50257, **model_overrides: Any) -> dict[str, Any]:
+        """A whole config for a preset of :data:`sedd.model.PRESETS` (the trunk SEDD uses at that
+        size), e.g. ``ARModel(ARModel.config_for("cpu", tokens=4096))``."""
+        preset = PRESET_ALIASES.get(preset, preset)
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        model = {"name": preset, "type": "ddit", **PRESETS[preset], **model_overrides}
+        return {"objective": "ar", "tokens": int(tokens), "model": model}
+
+    # -- attention backend and dtype (as SEDD) ---------------------------------------------------
+
+    @property
+    def attn_backend(self) -> str:
+        return self._attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, value: str) -> None:
+        self._attn_backend = check_backend(value)
+
+    compute_dtype = SEDD.compute_dtype
+    resolved_attn_backend = SEDD.resolved_attn_backend
+
+    def _amp(self, device: torch.device):
+        if device.type == "cuda" and self.autocast_dtype is not None:
+            return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return contextlib.nullcontext()
+
+    def _check_tokens(self, x: Any) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor of token ids, got {type(x).__name__}")
+        if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+            raise TypeError(f"x must be an integer tensor of token ids, got {x.dtype}")
+        if x.dim() != 2 or x.numel() == 0:
+            raise ValueError(f"x must have shape [B, L] with B, L > 0, got {list(x.shape)}")
+        if self.validate_inputs and ops.checking_values():
+            lo, hi = (int(v) for v in torch.aminmax(x))
+            if lo < 0 or hi >= self.tokens:
+                raise ValueError(f"x holds token ids outside [0, {self.tokens}) (the model's real tokens; BOS = "
+                                 f"{self.bos_id} is added by the model): min {lo}, max {hi}")
+
+    def _inputs(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[BOS, x_0, …, x_{L−2}]: what position i reads to predict x_i (BOS also at the first
+        real position after padding)."""
+        bos = torch.full_like(x[:, :1], self.bos_id)
+        inputs = torch.cat([bos, x[:, :-1]], dim=1).long()
+        if attention_mask is not None:
+            starts = attention_mask & ~F.pad(attention_mask[:, :-1], (1, 0), value=False)
+            inputs = torch.where(starts, self.bos_id, inputs)
+        return inputs
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits of every position of ``x``.
+
+        Arguments:
+            x: [B, L] integer token ids in [0, N): the sequence scored (position i is predicted
+                from x[:, :i]; x[:, L − 1] is never read).
+            attention_mask: [B, L] bool (or 0/1), True where x holds a real token; a padded
+                position is never attended to and its own logits are unspecified. Padding at
+                the start or the end of a row (a hole between real tokens is not a new start).
+            segment_ids: [B, L] document ids of x (maximal runs): no attention across documents.
+            head: replaces the output linear, as for :class:`sedd.model.SEDD` (e.g. the loss
+                fused with the head, :func:`sedd.ops.linear_cross_entropy`).
+        Returns:
+            [B, L, N] logits in the compute dtype (bf16 on CUDA with the default autocast), or
+            what ``head`` returns.
+        """
+        self._check_tokens(x)
+        B, L = x.shape
+        if attention_mask is not None:
+            attention_mask = SEDD._check_layout("attention_mask", attention_mask, x, allow_bool=True) != 0
+        if segment_ids is not None:
+            segment_ids = SEDD._check_layout("segment_ids", segment_ids, x, allow_bool=False)
+        h = self.vocab_embed(self._inputs(x, attention_mask))  # [B, L, D]
+        c = F.silu(self.cond_embed)[None]  # [1, C]: the same conditioning for every row
+        cos, sin = self.rotary_emb(L, h.device)
+        backend = backend_for_layout(self.resolved_attn_backend(h.device), self.attn_backend,
+                                     varlen=attention_mask is not None or segment_ids is not None,
+                                     host_sync=ops.host_sync_allowed(h.device))
+        plan = plan_attention(backend, B, L, h.device, attention_mask, segment_ids, causal=True)
+        with self._amp(h.device):
+            for block in self.blocks:
+                h = block(h, c, cos, sin, plan)
+            return self.output_layer(h, c, head)
+
+    def new_cache(self, batch: int, capacity: int | None = None, device: torch.device | None = None) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` rows and up to ``capacity`` positions (default:
+        the training length)."""
+        device = device if device is not None else self.vocab_embed.embedding.device
+        return KVCache(self, batch, capacity or self.length, torch.device(device))
+
+    @torch.no_grad()
+    def step(self, inputs: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits of the next ``n`` positions, reading only what is new: ``inputs`` [B, n] are the
+        model's inputs at positions ``cache.length`` … ``cache.length + n − 1`` (BOS at position
+        0, then x_{i−1} at position i); their keys and values are appended to ``cache``.
+
+        Returns [B, n, N] logits: row i scores the token at position ``cache.length + i``. The
+        same numbers as :meth:`forward` of the whole prefix, up to float rounding (eval mode, no
+        padding or documents)."""
+        if self.training:
+            raise RuntimeError("ARModel.step runs in eval mode only (no dropout): call model.eval() first")
+        start, n = cache.length, inputs.shape[1]
+        if start + n > cache.capacity:
+            raise ValueError(f"the cache holds {cache.capacity} positions; {start} + {n} do not fit")
+        h = self.vocab_embed(inputs.long())
+        c = F.silu(self.cond_embed)[None]
+        cos, sin = (t[start:] for t in self.rotary_emb(start + n, h.device))
+        mask = None
+        if n > 1 and start > 0:  # the new queries see every cached key and the new ones up to themselves
+            mask = torch.ones(n, start + n, dtype=torch.bool, device=h.device).tril(start)
+        with self._amp(h.device):
+            for i, block in enumerate(self.blocks):
+                h = self._block_step(block, h, c, cos, sin, cache.keys[i], cache.values[i], start, mask)
+            logits = self.output_layer(h, c)
+        cache.length = start + n
+        return logits
+
+    @staticmethod
+    def _block_step(block: DDiTBlock, x, c, cos, sin, keys, values, start: int, mask) -> torch.Tensor:
+        # DDiTBlock.forward for the new positions only, their keys and values written into the
+        # cache (tests/test_ar.py holds it equal to the full forward)
+        shift1, scale1, gate1, shift2, scale2, gate2 = block.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        h = _modulate(block.norm1(x), shift1, scale1)
+        qkv = rearrange(block.attn_qkv(h), "b s (three h d) -> b s three h d", three=3, h=block.n_heads)
+        qk = apply_rotary(qkv[:, :, :2], cos, sin)
+        n = x.shape[1]
+        keys[:, :, start : start + n] = qk[:, :, 1].transpose(1, 2)
+        values[:, :, start : start + n] = qkv[:, :, 2].transpose(1, 2)
+        q = qk[:, :, 0].transpose(1, 2)  # [B, H, n, d]
+        k, v = keys[:, :, : start + n], values[:, :, : start + n]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=q.shape[-1] ** -0.5,
+                                             is_causal=mask is None and start == 0 and n > 1)
+        x = x + gate1 * block.attn_out(rearrange(out, "b h s d -> b s (h d)"))
+        h = _modulate(block.norm2(x), shift2, scale2)
+        return x + gate2 * block.mlp(h)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint_label(self) -> str:
+        return f"autoregressive, N={self.tokens}, hidden={self.hidden_size}, blocks={len(self.blocks)}"

@@ -1,0 +1,174 @@
+"""Ancestral sampling of the autoregressive baseline (:class:`sedd.model.ARModel`): one position
+per network evaluation, left to right, so NFE = L for a sequence of L tokens (L − p with a fixed
+prefix of p tokens, which one evaluation reads at once).
+
+Each evaluation reads only the new position, with the keys and values of the earlier ones kept in
+a cache (:meth:`sedd.model.ARModel.step`); ``kv_cache=False`` re-runs the whole prefix instead (the
+same numbers, for testing and for models without ``step``).
+
+The draw: logits / temperature, softmax in fp64, optional top-k / top-p truncation, then one fp64
+uniform through the inverse CDF (a token of probability p is drawn with probability p to fp64
+precision, rare tokens included; docs/math.md, "Categorical draws" says why fp32 noise would not
+do). Temperature 0 is greedy (argmax, ties to the lowest id).
+
+Fixed positions (``fixed_tokens``, ``fixed_mask``, as for :func:`sedd.sampling.sample`) are held:
+a prefix conditions the rest exactly. A fixed token after a generated one is placed, but the
+model sees only what is before a position, so it does not steer the tokens before it (a warning,
+once per process).
+
+The math: docs/math.md, "Autoregressive baseline".
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import torch
+from tqdm.auto import tqdm
+
+from sedd.model.scoring import unwrap
+from sedd.ops.checks import check_truncation
+from sedd.sampling.cache import SamplingStats
+
+__all__ = ["is_autoregressive", "sample_ancestral", "truncate_probs"]
+
+_warned_infill = False
+
+
+def is_autoregressive(model) -> bool:
+    """Whether ``model`` (under DDP / compile wrappers) is an autoregressive model
+    (``objective == "ar"``, as :class:`sedd.model.ARModel`) rather than a SEDD score network."""
+    return getattr(unwrap(model), "objective", None) == "ar"
+
+
+def truncate_probs(probs: torch.Tensor, top_p: float | None = None, top_k: int | None = None) -> torch.Tensor:
+    """Top-k, then top-p truncation of normalised rows [B, N] (unnormalised result, zeros outside).
+
+    top_k keeps p ≥ the k-th largest (ties at the boundary kept); top_p keeps, of those, the
+    largest ones until their sum reaches top_p of the kept mass (the crossing token and its ties
+    kept): the conventions of the SEDD steps (docs/math.md, "Truncation"), without their stay
+    option."""
+    if top_k is not None and top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = torch.where(probs >= kth, probs, 0.0)
+    if top_p is not None and top_p < 1:
+        ordered = probs.sort(dim=-1, descending=True).values
+        cum = ordered.cumsum(-1)
+        crossing = (cum < top_p * cum[:, -1:]).sum(-1, keepdim=True).clamp_max(probs.shape[-1] - 1)
+        probs = torch.where(probs >= ordered.gather(-1, crossing), probs, 0.0)
+    return probs
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_p, top_k, generator) -> torch.Tensor:
+    """One token per row of [B, N] logits (module docstring)."""
+    z = logits.double()
+    if temperature == 0:
+        return z.argmax(-1)
+    probs = truncate_probs(torch.softmax(z / temperature, dim=-1), top_p, top_k)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(z), 1, dtype=torch.float64, device=z.device, generator=generator) * cdf[:, -1:]
+    token = torch.searchsorted(cdf, u, right=True)[:, 0]
+    # u·total may round up to the total: the last token of positive probability, never a zero one
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(token, last)
+
+
+def _fixed(fixed_tokens, fixed_mask, B: int, L: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if fixed_tokens is None and fixed_mask is None:
+        return (torch.zeros(B, L, dtype=torch.long, device=device), torch.zeros(B, L, dtype=torch.bool, device=device))
+    if fixed_tokens is None or fixed_mask is None:
+        raise ValueError("fixed_tokens and fixed_mask must be given together")
+    tokens = torch.as_tensor(fixed_tokens, device=device).long()
+    mask = torch.as_tensor(fixed_mask, device=device).bool()
+    if tokens.shape != mask.shape or tokens.shape[-1] != L or tokens.dim() not in (1, 2):
+        raise ValueError(f"fixed_tokens and fixed_mask must both be [L] or [B, L] with L = {L}")
+    if tokens.dim() == 2 and tokens.shape[0] not in (1, B):
+        raise ValueError(f"fixed_tokens has batch {tokens.shape[0]}, expected 1 or {B}")
+    tokens, mask = tokens.expand(B, L), mask.expand(B, L)
+    fixed = tokens[mask]
+    if fixed.numel() and (fixed.min() < 0 or fixed.max() >= N):
+        raise ValueError(f"fixed_tokens must be real tokens in [0, {N}) at the fixed positions")
+    return torch.where(mask, tokens, 0), mask
+
+
+def _warn_infill() -> None:
+    global _warned_infill
+    if not _warned_infill:
+        _warned_infill = True
+        warnings.warn("an autoregressive model reads only the tokens before a position: fixed tokens after a "
+                      "generated one are placed but do not steer the tokens before them (a prefix conditions "
+                      "exactly; SEDD absorbing models condition on text anywhere)", UserWarning, stacklevel=3)
+
+
+@torch.no_grad()
+def sample_ancestral(
+    model,
+    *,
+    batch_size: int,
+    length: int,
+    fixed_tokens: torch.Tensor | None = None,
+    fixed_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    kv_cache: bool = True,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
+    """Draw ``batch_size`` sequences of ``length`` tokens from an autoregressive model.
+
+    Args:
+        model: an :class:`~sedd.model.ARModel` in eval mode.
+        fixed_tokens, fixed_mask: [L] or [B, L]; positions where the mask is True hold
+            ``fixed_tokens`` (a prompt; module docstring for fixed text after generated text).
+        generator: a torch.Generator on ``device`` for reproducible samples.
+        temperature: ≥ 0; 0 is greedy.  top_p, top_k: truncation of every draw.
+        kv_cache: read one new position per evaluation (True) or re-run the prefix (False).
+        return_stats: also return the network calls (:class:`~sedd.sampling.SamplingStats`):
+            ``nfe`` is L − p for every row, p the positions every row holds fixed from the start
+            (all rows share every evaluation).
+    Returns:
+        [B, L] int64 tokens (and the stats).
+    """
+    for name, value in (("batch_size", batch_size), ("length", length)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    check_truncation(top_p, top_k)
+    net = unwrap(model)
+    if not is_autoregressive(net):
+        raise TypeError(f"sample_ancestral needs an autoregressive model (sedd.model.ARModel), got {type(net).__name__}")
+    if device is None:
+        device = next(net.parameters()).device
+    device = torch.device(device)
+    B, L, N = batch_size, length, net.tokens
+    if L > net.length:
+        warnings.warn(f"sampling {L} tokens at once from a model with training length {net.length}: quality drops "
+                      "past it; sedd.generation.sample_blockwise (sedd.generate) samples longer sequences window by "
+                      "window", UserWarning, stacklevel=2)
+    x, mask = _fixed(fixed_tokens, fixed_mask, B, L, N, device)
+    free = ~mask
+    # the leading positions every row holds fixed: read by the first evaluation at once
+    prefix = int(free.any(0).int().argmax()) if bool(free.any()) else L
+    evaluations = L - prefix
+    stats = SamplingStats(nfe=torch.full((B,), evaluations, dtype=torch.long), forward_rows=B * evaluations,
+                          forward_calls=evaluations)
+    if prefix == L:
+        return (x, stats) if return_stats else x
+    if bool((mask[:, prefix:] & free.cumsum(1)[:, prefix:].bool()).any()):
+        _warn_infill()
+    bos = torch.full((B, 1), net.bos_id, dtype=torch.long, device=device)
+    cache = net.new_cache(B, L, device) if kv_cache else None
+    for i in tqdm(range(prefix, L), desc="sampling", disable=not progress, leave=False):
+        if cache is not None:
+            # the inputs not yet read: BOS and x_0 … x_{i−1} at the first evaluation, then x_{i−1}
+            inputs = torch.cat([bos, x[:, :i]], dim=1) if i == prefix else x[:, i - 1 : i]
+            logits = net.step(inputs, cache)[:, -1]
+        else:
+            logits = model(x[:, : i + 1])[:, i]
+        x[:, i] = torch.where(mask[:, i], x[:, i], _draw(logits, temperature, top_p, top_k, generator))
+    return (x, stats) if return_stats else x

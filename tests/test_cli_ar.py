@@ -117,6 +117,11 @@ def test_eval_reports_the_exact_nll(trained, capsys, tmp_path):
     assert got["tokens"] == 60
     assert got["nats_per_token"] == pytest.approx(nll.item() / 60, rel=1e-5)
     assert got["perplexity"] == pytest.approx(torch.exp(nll / 60).item(), rel=1e-5)
+    # the estimator's flags, given for the same command as a SEDD run's, change nothing and say so
+    assert eval_cli.main([str(trained), "--data", str(TEXT), "--max-blocks", "3", "--block-size", "20", "-K", "8",
+                          "--json", str(report)]) == 0
+    assert "--num-samples and --time-sampler do not apply" in capsys.readouterr().err
+    assert json.loads(report.read_text())["nats_per_token"] == got["nats_per_token"]
 
 
 def test_eval_pads_the_last_block_like_sedd(trained, capsys, tmp_path):

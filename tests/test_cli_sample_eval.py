@@ -289,6 +289,7 @@ def test_sample_longer_than_the_model_is_semi_autoregressive(bpe_ckpt, bpe, caps
         (["--length", 8, "--prefix", "a rather long prompt that will not fit in eight tokens at all"], "does not fit"),
         (["--length", 32, "--prefix", "one two three", "--infill", "1:four"], "overlaps"),
         (["--length", 32, "--infill", "x:word"], "POS:TEXT"),
+        (["--length", 32, "--infill", "1_0:word"], "POS:TEXT"),  # int() alone would read 10
         (["--length", 32, "--infill", "40:word"], "does not fit"),
         (["--length", 32, "--template", "no holes here"], "no hole"),
         (["--length", 0], "--length must be >= 1"),

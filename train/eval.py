@@ -109,6 +109,10 @@ examples:
 """
 
 
+# the paper's K; the default draws of t (an autoregressive checkpoint reads neither)
+ESTIMATOR_DEFAULTS = {"num_samples": 1000, "time_sampler": "stratified"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="eval.py",
@@ -140,9 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--protocol sedd drops every batch's remainder)")
     d.add_argument("--max-blocks", type=int, help="evaluate only the first M blocks")
     e = p.add_argument_group("estimator")
-    e.add_argument("--num-samples", "-K", type=int, default=1000,
+    e.add_argument("--num-samples", "-K", type=int, default=ESTIMATOR_DEFAULTS["num_samples"],
                    help="draws of t per block, >= 2 (default: 1000, as in the paper; even for antithetic)")
-    e.add_argument("--time-sampler", choices=TIME_SAMPLERS, default="stratified",
+    e.add_argument("--time-sampler", choices=TIME_SAMPLERS, default=ESTIMATOR_DEFAULTS["time_sampler"],
                    help="how the K times are drawn (default: stratified)")
     e.add_argument("--batch-size", type=int, default=8,
                    help="rows per model call; draws of the same block share a call when there are "
@@ -282,6 +286,10 @@ def run(args) -> int:
                                            " or --last-block pad")
         raise InputError(f"{args.data} ({split}) holds {n_tokens} tokens: not one block of {block_size} ({hint})")
     exact = pre.objective == "ar"
+    if exact and (args.num_samples != ESTIMATOR_DEFAULTS["num_samples"]
+                  or args.time_sampler != ESTIMATOR_DEFAULTS["time_sampler"]):
+        print("eval.py: note: --num-samples and --time-sampler do not apply to an autoregressive checkpoint "
+              "(its NLL is exact, no draws of t): ignored", file=sys.stderr)
     how = "the exact NLL (autoregressive)" if exact else f"K = {args.num_samples} {args.time_sampler} draws each"
     print(f"eval.py: {len(blocks)} block(s) of {block_size} tokens ({int(mask.sum())} tokens) from "
           f"{args.data} [{split}], {how}, on {device}", file=sys.stderr)

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import secrets
 import sys
 import time
@@ -188,10 +189,8 @@ def parse_infill(item) -> tuple[int, str]:
                              f"got {json.dumps(item, ensure_ascii=False)}")
         return item[0], item[1]
     pos_text, sep, text = item.partition(":") if isinstance(item, str) else ("", "", "")
-    try:
-        pos = int(pos_text)
-    except ValueError:
-        pos = None
+    # digits as written: int() would also read "5_0" as 50 and " 5" as 5
+    pos = int(pos_text) if re.fullmatch(r"[+-]?[0-9]+", pos_text) else None
     if not sep or pos is None:
         raise InputError(f"--infill expects POS:TEXT with an integer token position, got {item!r}")
     return pos, text

@@ -73,6 +73,7 @@ def sample_blockwise(
     top_p: float | None = None,
     top_k: int | None = None,
     temperature: float = 1.0,
+    kv_cache: bool = True,
     cache: bool | str = False,
     tokens_per_step: int | None = None,
     return_stats: bool = False,
@@ -89,8 +90,9 @@ def sample_blockwise(
         window: tokens the model sees at once (its training length).
         stride: new tokens per later window, in [1, window); default ``window // 2``.
         fixed_tokens, fixed_mask: [length] or [B, length], as for :func:`sample`.
-        temperature: autoregressive models only (:func:`sedd.sampling.sample_ancestral`); the
-            diffusion samplers have none (another value than 1 is a ValueError for them).
+        temperature, kv_cache: autoregressive models only (:func:`sedd.sampling.sample_ancestral`:
+            ``kv_cache=False`` re-runs the prefix at every token instead); the diffusion samplers
+            have neither (a temperature other than 1 is a ValueError for them).
         other arguments: as for :func:`sedd.sampling.sample` (``cache`` and ``tokens_per_step``
             apply within each window; an autoregressive model reads no ``steps``, ``predictor``,
             ``eps``, ``cache`` or ``tokens_per_step``).
@@ -117,11 +119,14 @@ def sample_blockwise(
                              "is sampled one token per network evaluation")
 
         def run(**kw):
-            return sample_ancestral(model, temperature=temperature, **common, **kw)
+            return sample_ancestral(model, temperature=temperature, kv_cache=kv_cache, **common, **kw)
     else:
         if temperature != 1:
             raise ValueError(f"temperature applies to autoregressive models; the diffusion samplers have none "
                              f"(got {temperature!r})")
+        if not kv_cache:
+            raise ValueError("kv_cache applies to autoregressive models; the diffusion samplers keep no keys and "
+                             "values (their cache is cache=...)")
 
         def run(**kw):
             return sample(model, graph, noise, steps=steps, predictor=predictor, eps=eps, cache=cache,
@@ -240,6 +245,7 @@ def generate_samples(
     top_p: float | None = None,
     top_k: int | None = None,
     temperature: float = 1.0,
+    kv_cache: bool = True,
     cache: bool | str = False,
     tokens_per_step: int | None = None,
 ) -> list[Sample]:
@@ -301,8 +307,8 @@ def generate_samples(
         x, stats = sample_blockwise(
             net, graph, noise, batch_size=len(spans), length=length, window=window, stride=stride, steps=steps,
             predictor=predictor, eps=eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
-            device=device, progress=progress, top_p=top_p, top_k=top_k, temperature=temperature, cache=cache,
-            tokens_per_step=tokens_per_step, return_stats=True,
+            device=device, progress=progress, top_p=top_p, top_k=top_k, temperature=temperature, kv_cache=kv_cache,
+            cache=cache, tokens_per_step=tokens_per_step, return_stats=True,
         )
     finally:
         net.train(was_training)
@@ -350,8 +356,8 @@ def generate(
         tokenizer: a tokenizer or :func:`sedd.data.get_tokenizer` spec (default: the checkpoint's).
         seed: for reproducible samples (or pass ``generator=``).
         device: for a checkpoint name: where to load it ("auto" by default).
-        kwargs: ``infills``, ``eps``, ``generator``, ``top_p``, ``top_k``, ``temperature`` (an
-            autoregressive model's), ``cache`` (True: reuse the outputs of unchanged rows, exact
+        kwargs: ``infills``, ``eps``, ``generator``, ``top_p``, ``top_k``, ``temperature`` and
+            ``kv_cache`` (an autoregressive model's), ``cache`` (True: reuse the outputs of unchanged rows, exact
             for a model without time conditioning; see :func:`sedd.sampling.sample`),
             ``tokens_per_step``: see :func:`generate_samples` and :func:`sample_blockwise`.
     Returns:

@@ -148,6 +148,10 @@ def test_sample_is_reproducible_and_keeps_the_prompt(trained, capsys):
     assert sample_cli.main(argv) == 0
     second = json.loads(capsys.readouterr().out)
     assert [s["tokens"] for s in first["samples"]] == [s["tokens"] for s in second["samples"]]
+    assert sample_cli.main([*argv, "--no-kv-cache"]) == 0  # re-running the prefix draws the same tokens
+    plain = json.loads(capsys.readouterr().out)
+    assert [s["tokens"] for s in plain["samples"]] == [s["tokens"] for s in first["samples"]]
+    assert first["kv_cache"] is True and plain["kv_cache"] is False
     prompt = get_tokenizer(str(trained / "tokenizer.json")).encode("ROMEO:")
     for s in first["samples"]:
         assert s["tokens"][: len(prompt)] == prompt and len(s["tokens"]) == 32
@@ -167,14 +171,18 @@ def test_sample_refuses_what_an_autoregressive_checkpoint_does_not_read(trained,
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_temperature_is_refused_for_a_diffusion_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("args,message", [
+    (["--temperature", "0.5"], "--temperature applies to autoregressive checkpoints"),
+    (["--no-kv-cache"], "--no-kv-cache applies to autoregressive checkpoints"),
+])
+def test_ar_options_are_refused_for_a_diffusion_checkpoint(tmp_path, capsys, args, message):
     from sedd.model import SEDD
 
     tok = get_tokenizer("bytes")
     SEDD(SEDD.config_for("cpu", tokens=tok.vocab_size, n_blocks=1, length=16)).save_pretrained(tmp_path)
     tok.save(tmp_path / "tokenizer.json")
-    assert sample_cli.main([str(tmp_path), "--temperature", "0.5"]) == 2
-    assert "--temperature applies to autoregressive checkpoints" in capsys.readouterr().err
+    assert sample_cli.main([str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_quality_samples_an_autoregressive_checkpoint_at_nfe_l(trained, tmp_path, capsys):

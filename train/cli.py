@@ -179,7 +179,7 @@ DEFAULT_STEPS_LIST = "16,32,64"
 def add_sampler_options(group, *, steps_list: bool = False) -> None:
     """Add the options that choose how samples are drawn: --steps (one count, or with
     ``steps_list`` a comma-separated list), --sampler/--predictor, --cache, --tokens-per-step,
-    --top-p, --top-k, --temperature, --eps, --length, --window and --stride.
+    --top-p, --top-k, --temperature, --kv-cache, --eps, --length, --window and --stride.
     :func:`check_sampler_options` checks them; :func:`check_objective_options` which apply to the
     checkpoint loaded; :func:`nfe_options` turns --cache and --tokens-per-step into ``sample`` arguments."""
     from sedd.sampling import PREDICTORS
@@ -211,6 +211,9 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
     group.add_argument("--temperature", type=float, default=1.0, metavar="T",
                        help="autoregressive checkpoints: divide the logits by T >= 0 before each draw, 0 greedy "
                             "(default: 1; the diffusion samplers have none)")
+    group.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
+                       help="autoregressive checkpoints: keep the keys and values of earlier positions, one new "
+                            "position per evaluation (default); --no-kv-cache re-runs the whole prefix each time")
     group.add_argument("--eps", type=float, default=1e-5, help="final time of the grid, in (0, 1) (default: 1e-5)")
     group.add_argument("--length", type=int, help="tokens per sample (default: the model's training length); "
                        "longer than the model's length is generated window by window (--window, --stride)")
@@ -255,7 +258,7 @@ def check_objective_options(args: argparse.Namespace, objective: str) -> None:
     """:class:`InputError` for a sampler option the checkpoint's objective does not read: an
     autoregressive checkpoint ("ar") samples one token per network evaluation (no --steps, no
     --sampler but the default, no --eps, no --cache, no --tokens-per-step); the diffusion samplers
-    ("sedd") have no --temperature."""
+    ("sedd") have no --temperature and no --no-kv-cache."""
     if objective == "ar":
         given = [flag for flag, used in (("--steps", args.steps is not None),
                                          ("--sampler", args.predictor != "analytic"),
@@ -269,6 +272,9 @@ def check_objective_options(args: argparse.Namespace, objective: str) -> None:
     elif args.temperature != 1:
         raise InputError("--temperature applies to autoregressive checkpoints; the diffusion samplers have none "
                          "(--top-p and --top-k truncate their steps)")
+    elif not args.kv_cache:
+        raise InputError("--no-kv-cache applies to autoregressive checkpoints; the diffusion samplers keep no keys "
+                         "and values (--cache reuses their outputs)")
 
 
 @dataclass

@@ -342,7 +342,7 @@ def run(args) -> int:
                 model, pre.graph, pre.noise, batch_size=b, length=length, window=plan.window, stride=plan.stride,
                 steps=steps, predictor=args.predictor, eps=args.eps, generator=generator, device=device,
                 progress=progress, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
-                return_stats=True, **nfe_kwargs,
+                kv_cache=args.kv_cache, return_stats=True, **nfe_kwargs,
             )
             parts.append(x.cpu())
             nfe.append(stats.nfe)
@@ -385,6 +385,7 @@ def run(args) -> int:
         "top_p": args.top_p,
         "top_k": args.top_k,
         "temperature": args.temperature if autoregressive else None,
+        "kv_cache": args.kv_cache if autoregressive else None,
         "length": length,
         "window": plan.window,
         "stride": plan.stride,

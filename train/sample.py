@@ -1,17 +1,18 @@
 """Generate text from a SEDD checkpoint: unconditional samples, prompts, suffixes and infilling.
 An autoregressive checkpoint (``train/run.py --objective ar``) is sampled ancestrally through the
 same options (module ``sedd.sampling.ancestral``): one network evaluation per token (NFE = L),
-``--temperature``, ``--top-p`` and ``--top-k`` apply and ``--steps``, ``--sampler`` and ``--eps``
-do not; a prompt conditions it exactly, fixed text after generated text only takes its place.
+``--temperature``, ``--top-p``, ``--top-k`` and ``--no-kv-cache`` apply and ``--steps``,
+``--sampler``, ``--cache``, ``--tokens-per-step`` and ``--eps`` do not; a prompt conditions it exactly, fixed text after generated text only takes its place.
 
     python train/sample.py CKPT [--prefix TEXT] [--suffix TEXT] [--infill POS:TEXT ...]
                                 [--template "The [MASK:5] sat on the [MASK:3]."]
-                                [--length N] [--steps N] [--sampler analytic|euler]
+                                [--length N] [--steps N] [--sampler analytic|euler|first_hitting]
+                                [--cache [on|approximate]] [--tokens-per-step K]
                                 [--batch-size B] [--seed S] [--device auto|cpu|cuda]
                                 [--tokenizer SPEC] [--json PATH|-] [--out FILE]
                                 [--input REQUESTS.jsonl|-] [--jsonl PATH|-] [--max-batch-rows N]
                                 [--window N] [--stride N] [--top-p P] [--top-k K] [--temperature T]
-                                [--threads N]
+                                [--no-kv-cache] [--threads N]
 
 CKPT is a checkpoint directory written by train/run.py or ``SEDD.save_pretrained`` (config.json,
 model.safetensors, usually tokenizer.json), a public SEDD checkpoint directory, or a Hub id such
@@ -356,6 +357,7 @@ def run(args) -> int:
         "top_p": args.top_p,
         "top_k": args.top_k,
         "temperature": args.temperature if autoregressive else None,
+        "kv_cache": args.kv_cache if autoregressive else None,
         "eps": None if autoregressive else args.eps,
         "batch_size": args.batch_size,
         "max_batch_rows": max_rows,
@@ -386,7 +388,7 @@ def run(args) -> int:
                     stride=plan.stride, steps=steps, predictor=args.predictor, eps=args.eps,
                     fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator, device=device,
                     progress=progress, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
-                    return_stats=True, **nfe_kwargs,
+                    kv_cache=args.kv_cache, return_stats=True, **nfe_kwargs,
                 )
                 done += zip(x.cpu().tolist(), stats.nfe)
                 if not requests:

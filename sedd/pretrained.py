@@ -82,8 +82,9 @@ class Pretrained:
 
     @property
     def objective(self) -> str:
-        """"sedd" (a diffusion model) or "ar" (the autoregressive baseline)."""
-        return config_objective(self.model.config)
+        """"sedd" (a diffusion model) or "ar" (the autoregressive baseline); "sedd" for a score
+        network without a config (a test double, a wrapped public model)."""
+        return config_objective(getattr(self.model, "config", {}))
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

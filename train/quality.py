@@ -108,8 +108,9 @@ examples:
   python train/train_judge.py --out runs/judge
   python train/quality.py runs/cpu --judge runs/judge --steps 16,32,64,128 --num-samples 64 \\
       --reference-data default --json quality.json --plot quality.png
-  # the usual judge of the papers (needs the Hub or its local cache)
-  python train/quality.py louaaron/sedd-small --tokenizer ../shared/data/gpt2 --judge gpt2-large \\
+  # the usual judge of the papers (needs the Hub or its local cache; --tokenizer gpt2, or a folder
+  # holding GPT-2's vocab.json and merges.txt)
+  python train/quality.py louaaron/sedd-small --tokenizer gpt2 --judge gpt2-large \\
       --steps 128,256,1024 --num-samples 256
 """
 

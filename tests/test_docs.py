@@ -46,3 +46,15 @@ def test_no_file_cites_a_document_outside_the_repository():
         if "results" not in path.parts and path.name != Path(__file__).name and re.search(r"sedd-math\.md|shared/docs", path.read_text(encoding="utf-8"))
     ]
     assert not bad, bad
+
+
+def test_what_users_read_never_points_at_the_test_data_beside_the_checkout():
+    # ../shared/data exists on the project's machines only: the library, the entry points' help and
+    # messages, and the READMEs must not send a user there (tests may read it)
+    bad = [
+        str(path.relative_to(ROOT))
+        for path in _tracked("sedd/*.py", "train/*.py", "*.md")
+        if "results" not in path.parts and "tests" not in path.parts
+        and re.search(r"shared/data", path.read_text(encoding="utf-8"))
+    ]
+    assert not bad, bad

@@ -62,7 +62,7 @@ def collect(name: str, folder: Path, quality_files: list[str], throughput: dict 
         "train_tokens_per_s_side_by_side": None if throughput is None else throughput["results"][key]["tokens_per_s"],
         "final_val_loss": vals[-1] if vals else None,
         "quality_files": quality_files,
-        "quality": [{"sampler": sampler_of(q), "tokens_per_step": q.get("tokens_per_step"),
+        "quality": [{"sampler": sampler_of(q), "tokens_per_step": r.get("tokens_per_step", q.get("tokens_per_step")),
                      **{k: r[k] for k in ("steps", "nfe", "gen_ppl", "gen_ppl_ci", "entropy", "degenerate", "wall_s",
                                           "tokens_per_s")}}
                     for q in qs for r in q["records"]],

@@ -87,6 +87,7 @@ def test_sample_cache_draws_the_same_tokens_with_fewer_evaluations(capsys, free_
     (["--cache"], "--time-conditioning off"),
     (["--tokens-per-step", "0", "--predictor", "first_hitting"], "--tokens-per-step must be >= 1"),
     (["--tokens-per-step", "2"], "applies to the first_hitting predictor"),
+    (["--predictor", "first_hitting", "--steps", "8"], "--steps does not apply to first_hitting"),
     (["--cache", "sometimes"], "invalid choice"),
 ])
 def test_sample_bad_options(capsys, conditioned_ckpt, args, message):
@@ -99,9 +100,9 @@ def test_sample_bad_options(capsys, conditioned_ckpt, args, message):
 def test_quality_records_nfe(capsys, free_ckpt, judge_dir):
     common = [str(free_ckpt), "--judge", str(judge_dir), "--tokenizer", "bytes", "--device", "cpu",
               "--num-samples", "3", "--batch-size", "2", "--no-progress", "--json", "-"]
-    assert quality.main([*common, "--predictor", "first_hitting", "--steps", "1", "--tokens-per-step", "4"]) == 0
-    record = json.loads(capsys.readouterr().out)["records"][0]
-    assert record["nfe"] == L / 4
+    assert quality.main([*common, "--predictor", "first_hitting", "--tokens-per-step", "4,1"]) == 0
+    records = json.loads(capsys.readouterr().out)["records"]  # one per count, in increasing order
+    assert [(r["tokens_per_step"], r["steps"], r["nfe"]) for r in records] == [(1, None, L), (4, None, L / 4)]
     assert quality.main([*common, "--steps", "40", "--cache"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["cache"] == "on" and result["records"][0]["nfe"] < 41

@@ -178,7 +178,8 @@ DEFAULT_STEPS_LIST = "16,32,64"
 
 def add_sampler_options(group, *, steps_list: bool = False) -> None:
     """Add the options that choose how samples are drawn: --steps (one count, or with
-    ``steps_list`` a comma-separated list), --sampler/--predictor, --cache, --tokens-per-step,
+    ``steps_list`` a comma-separated list), --sampler/--predictor, --cache, --tokens-per-step (a list
+    too with ``steps_list``),
     --top-p, --top-k, --temperature, --kv-cache, --eps, --length, --window and --stride.
     :func:`check_sampler_options` checks them; :func:`check_objective_options` which apply to the
     checkpoint loaded; :func:`nfe_options` turns --cache and --tokens-per-step into ``sample`` arguments."""
@@ -196,13 +197,18 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
         )
     group.add_argument("--sampler", "--predictor", dest="predictor", choices=PREDICTORS, default="analytic",
                        help="predictor of every step (default: analytic); first_hitting: one network evaluation "
-                            "per generated token, or per --tokens-per-step tokens (--steps unused)")
+                            "per generated token, or per --tokens-per-step tokens (no --steps)")
     group.add_argument("--cache", nargs="?", const="on", default="off", choices=list(CACHE_CHOICES),
                        help="reuse the network output of a sequence the last step left unchanged: on (exact, "
                             "for a model trained with --time-conditioning off), approximate (any model), off "
                             "(default: off; --cache alone: on)")
-    group.add_argument("--tokens-per-step", type=int, metavar="K",
-                       help="first_hitting: tokens unmasked per network evaluation (default: 1, exact)")
+    if steps_list:
+        group.add_argument("--tokens-per-step", metavar="LIST",
+                           help="first_hitting: comma-separated counts of tokens unmasked per network evaluation, "
+                                "one record each (default: 1, exact)")
+    else:
+        group.add_argument("--tokens-per-step", type=int, metavar="K",
+                           help="first_hitting: tokens unmasked per network evaluation (default: 1, exact)")
     group.add_argument("--top-p", type=float, metavar="P",
                        help="nucleus sampling: each step jumps only to the smallest set of candidate tokens holding "
                             "at least P of the jump probability (0 < P <= 1; default: off)")
@@ -223,14 +229,15 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
                        "holding the tokens before them (default: half the window)")
 
 
-def parse_steps(text: str) -> list[int]:
-    """The step counts of a comma-separated ``--steps`` list, sorted, without repeats."""
+def parse_steps(text: str, flag: str = "--steps") -> list[int]:
+    """The counts of a comma-separated list option (``--steps``, quality.py's ``--tokens-per-step``),
+    sorted, without repeats."""
     try:
         steps = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise InputError(f"--steps expects comma-separated integers such as 16,32,64, got {text!r}") from None
+        raise InputError(f"{flag} expects comma-separated integers such as 16,32,64, got {text!r}") from None
     if not steps or min(steps) < 1:
-        raise InputError(f"--steps needs step counts >= 1, got {text!r}")
+        raise InputError(f"{flag} needs counts >= 1, got {text!r}")
     return sorted(set(steps))
 
 
@@ -247,11 +254,15 @@ def check_sampler_options(args: argparse.Namespace) -> None:
         raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not (math.isfinite(args.eps) and 0 < args.eps < 1):
         raise InputError(f"--eps must be in (0, 1), got {args.eps}")
-    if args.tokens_per_step is not None:
-        if args.tokens_per_step < 1:
-            raise InputError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
-        if args.predictor != "first_hitting":
-            raise InputError(f"--tokens-per-step applies to the first_hitting predictor, not {args.predictor}")
+    if isinstance(args.tokens_per_step, str):
+        parse_steps(args.tokens_per_step, "--tokens-per-step")
+    elif args.tokens_per_step is not None and args.tokens_per_step < 1:
+        raise InputError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
+    if args.tokens_per_step is not None and args.predictor != "first_hitting":
+        raise InputError(f"--tokens-per-step applies to the first_hitting predictor, not {args.predictor}")
+    if args.predictor == "first_hitting" and args.steps is not None:
+        raise InputError("--steps does not apply to first_hitting: it unmasks --tokens-per-step tokens per network "
+                         "evaluation (default 1), which sets its cost; drop --steps")
 
 
 def check_objective_options(args: argparse.Namespace, objective: str) -> None:

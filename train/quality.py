@@ -3,15 +3,17 @@ autoregressive checkpoint, sampled ancestrally: one record at NFE = L).
 
     python train/quality.py CKPT --judge DIR_OR_HUB_ID [--steps 16,32,64] [--num-samples N]
                             [--predictor analytic|euler|first_hitting] [--cache [on|approximate]]
-                            [--tokens-per-step K] [--top-p P] [--top-k K] [--length L]
+                            [--tokens-per-step 1,2,4,8] [--top-p P] [--top-k K] [--length L]
                             [--window W] [--stride S] [--batch-size B]
                             [--reference-data PATH_OR_NAME] [--json out.json] [--plot out.png]
                             [--first-token bos|skip] [--judge-batch-size B] [--judge-context C]
                             [--seed S] [--threads T] [--device auto|cpu|cuda] [--tokenizer SPEC]
 
-For every step count, N sequences are sampled (``sedd.generation.sample_blockwise``: the chosen
-predictor, with --top-p/--top-k truncation if asked for, then the final denoising step; a --length
-above the model's training length window by window, as train/sample.py samples it; the sampler
+For every step count (with ``--predictor first_hitting``: for every count of tokens unmasked per
+network evaluation, --tokens-per-step, which takes no --steps), N sequences are sampled
+(``sedd.generation.sample_blockwise``: the chosen predictor, with --top-p/--top-k truncation if
+asked for, then the final denoising step; a --length above the model's training length window by
+window, as train/sample.py samples it; the sampler
 options are train/sample.py's, ``train.cli.add_sampler_options``) and reported as:
 
 * **generative perplexity**: exp of the judge's mean negative log-likelihood per judge token,
@@ -25,9 +27,10 @@ options are train/sample.py's, ``train.cli.add_sampler_options``) and reported a
 * **degenerate**: the fraction of sequences in which a single token id fills at least half of the
   positions (``--degenerate-share``);
 * wall time of the sampling alone and generated tokens per second (N * L / wall time);
-* **NFE**: the network evaluations each sequence took, counted (every forward and every
-  cached step embeds its input once): steps + 1 for the diffusion samplers at most (the final
-  denoising step; on the absorbing graph a step with no MASK left runs no network), L for an
+* **NFE**: the forward rows each sequence took (``SamplingStats.nfe``; a row served from the
+  cache is not counted): steps + 1 for the diffusion samplers at most (the final denoising step;
+  on the absorbing graph a step with no MASK left runs no network), L / k for first hitting at
+  k tokens per evaluation, L for an
   autoregressive checkpoint (``train/run.py --objective ar``), which takes no --steps and is
   sampled ancestrally with --temperature / --top-p / --top-k (``sedd.sampling.sample_ancestral``).
 
@@ -243,6 +246,15 @@ def reference_blocks(spec: str, split: str | None, tokenizer, n: int, length: in
 # ----------------------------------------------------------------------------------------------
 
 
+def _label(record: dict, short: bool = False) -> str:
+    """What sets a record's cost: its steps, first hitting's tokens per evaluation, or ancestral."""
+    if record.get("tokens_per_step") is not None:
+        return f"k={record['tokens_per_step']}" if short else f"{record['tokens_per_step']} token(s) per evaluation"
+    if record["steps"] is None:
+        return "AR" if short else "ancestral"
+    return str(record["steps"]) if short else f"{record['steps']} steps"
+
+
 def format_table(records: list[dict], reference: dict | None) -> str:
     head = (f"{'steps':>6}  {'gen ppl':>10}  {'95% CI':>21}  {'entropy':>8}  {'degenerate':>10}  {'wall s':>8}  "
             f"{'tok/s':>9}  {'nfe':>7}")
@@ -250,8 +262,7 @@ def format_table(records: list[dict], reference: dict | None) -> str:
     for r in records:
         lo, hi = r["gen_ppl_ci"]
         flag = "  <- degenerate samples" if r["degenerate"] > 0 else ""
-        steps = "AR" if r["steps"] is None else r["steps"]
-        lines.append(f"{steps:>6}  {r['gen_ppl']:>10.2f}  [{lo:>9.2f}, {hi:>9.2f}]  {r['entropy']:>8.3f}  "
+        lines.append(f"{_label(r, short=True):>6}  {r['gen_ppl']:>10.2f}  [{lo:>9.2f}, {hi:>9.2f}]  {r['entropy']:>8.3f}  "
                      f"{r['degenerate']:>10.3f}  {r['wall_s']:>8.1f}  {r['tokens_per_s']:>9.1f}  {r['nfe']:>7.1f}{flag}")
     if reference is not None:
         lo, hi = reference["gen_ppl_ci"]
@@ -317,8 +328,15 @@ def run(args) -> int:
     pre = load_checkpoint(args)
     check_objective_options(args, pre.objective)
     autoregressive = pre.objective == "ar"
-    # an autoregressive checkpoint has one sampler and one cost: one record
-    steps_list = [None] if autoregressive else parse_steps(args.steps or DEFAULT_STEPS_LIST)
+    # one record per cost: an autoregressive checkpoint has one; first hitting's is set by the
+    # tokens it unmasks per evaluation, the other samplers' by their steps
+    first_hitting = not autoregressive and args.predictor == "first_hitting"
+    if autoregressive:
+        variants = [(None, None)]
+    elif first_hitting:
+        variants = [(None, k) for k in parse_steps(args.tokens_per_step or "1", "--tokens-per-step")]
+    else:
+        variants = [(steps, None) for steps in parse_steps(args.steps or DEFAULT_STEPS_LIST)]
     sampler = "ancestral" if autoregressive else f"{args.predictor} predictor"
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
@@ -326,24 +344,26 @@ def run(args) -> int:
                        progress=progress)
     plan = plan_sampling(args, model, pre.noise, "quality.py")
     length = plan.length
-    nfe_kwargs = nfe_options(args, model)
-    per = "" if autoregressive else f" per step count {steps_list}"
+    cache = nfe_options(args, model)["cache"]
+    per = ("" if autoregressive else f" per tokens-per-step {[k for _, k in variants]}" if first_hitting
+           else f" per step count {[steps for steps, _ in variants]}")
     print(f"quality.py: {args.num_samples} samples of {length} tokens{per}, "
           f"{sampler}, judge {args.judge} (context {judge.context}, first token "
           f"{args.first_token}) on {device}", file=sys.stderr)
 
     records = []
-    for steps in steps_list:
+    for steps, tokens_per_step in variants:
         generator = torch.Generator(device=device).manual_seed(args.seed)
         parts, nfe, wall = [], [], 0.0
         for start in range(0, args.num_samples, args.batch_size):
             b = min(args.batch_size, args.num_samples - start)
             began = time.perf_counter()
+            # steps: first hitting and the ancestral sampler read none
             x, stats = sample_blockwise(
                 model, pre.graph, pre.noise, batch_size=b, length=length, window=plan.window, stride=plan.stride,
-                steps=steps, predictor=args.predictor, eps=args.eps, generator=generator, device=device,
+                steps=steps or plan.window, predictor=args.predictor, eps=args.eps, generator=generator, device=device,
                 progress=progress, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
-                kv_cache=args.kv_cache, return_stats=True, **nfe_kwargs,
+                kv_cache=args.kv_cache, cache=cache, tokens_per_step=tokens_per_step, return_stats=True,
             )
             parts.append(x.cpu())
             nfe.append(stats.nfe)
@@ -353,7 +373,8 @@ def run(args) -> int:
         tokens = torch.cat(parts)
         texts = [tokenizer.decode(row) for row in tokens]
         began = time.perf_counter()
-        record = {"steps": steps, **sample_stats(tokens, texts, judge, args, progress)}
+        record = {"steps": steps, "tokens_per_step": tokens_per_step, **sample_stats(tokens, texts, judge, args,
+                                                                                      progress)}
         record.update(
             wall_s=wall, tokens_per_s=tokens.numel() / wall, judge_s=time.perf_counter() - began,
             num_samples=len(tokens), length=length, nfe=float(torch.cat(nfe).double().mean()),
@@ -361,7 +382,7 @@ def run(args) -> int:
         if args.keep_samples:
             record["samples"] = texts
         records.append(record)
-        print(f"quality.py: {'ancestral' if steps is None else f'{steps} steps'}: gen ppl {record['gen_ppl']:.2f}, "
+        print(f"quality.py: {_label(record)}: gen ppl {record['gen_ppl']:.2f}, "
               f"entropy {record['entropy']:.3f}, NFE {record['nfe']:.1f}, {wall:.1f}s sampling", file=sys.stderr)
 
     reference = None
@@ -382,7 +403,7 @@ def run(args) -> int:
         "graph": None if autoregressive else pre.graph.name,
         "predictor": "ancestral" if autoregressive else args.predictor,
         "cache": None if autoregressive else args.cache,
-        "tokens_per_step": args.tokens_per_step,
+        "tokens_per_step": [k for _, k in variants] if first_hitting else None,
         "top_p": args.top_p,
         "top_k": args.top_k,
         "temperature": args.temperature if autoregressive else None,

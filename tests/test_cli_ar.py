@@ -158,6 +158,19 @@ def test_sample_is_reproducible_and_keeps_the_prompt(trained, capsys):
     assert first["sampler"] == "ancestral" and first["steps"] is None and first["temperature"] == 0.8
 
 
+def test_fixed_text_after_generated_text_is_one_warning_line(trained, capsys, monkeypatch):
+    import sedd.sampling.ancestral as ancestral
+
+    monkeypatch.setattr(ancestral, "_warned_infill", False)  # once per process: another test may have seen it
+    assert sample_cli.main([str(trained), "--prefix", "ROMEO:", "--suffix", "JULIET:", "--length", "32",
+                            "--seed", "0", "--json", "-"]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "warning" in line]
+    assert warned == [line for line in warned if line.startswith("sample.py: warning: an autoregressive model reads "
+                                                                 "only the tokens before a position")]
+    assert len(warned) == 1 and "UserWarning" not in err and "warnings.warn" not in err, err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--steps", "8"], "--steps applies to diffusion checkpoints"),
     (["--sampler", "euler"], "--sampler applies to diffusion checkpoints"),

@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
@@ -51,13 +52,21 @@ def main_with_exit_codes(
 ) -> int:
     """Parse ``argv`` and call ``run(args)``; an :class:`InputError` becomes its one-line message
     (``prog: error: ...``) and exit status 2, as argparse's own errors with :class:`ArgumentParser`.
-    Returns the exit status (--help's too)."""
+    Warnings raised while it runs print as one line each (``prog: warning: ...``), without the
+    library source line Python would show. Returns the exit status (--help's too)."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else 2
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        print(f"{prog}: warning: {message}{kind}", file=sys.stderr if file is None else file)
+
     try:
-        return run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            return run(args)
     except InputError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2

@@ -38,7 +38,6 @@ Files: ``config.json`` (``"objective": "ar"``, ``tokens``, ``model``; no graph o
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,21 +46,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from sedd import ops
-from sedd.model.attention import backend_for_layout, check_backend, plan_attention
-from sedd.model.checkpoint import (
-    Checkpointed,
-    normalise_config,
-)
-from sedd.model.ddit import PRESET_ALIASES, PRESETS, SEDD
-from sedd.model.layers import (
-    DDiTBlock,
-    EmbeddingLayer,
-    _modulate,
-    apply_rotary,
-    build_trunk,
-    check_autocast_dtype,
-)
+from sedd.model.checkpoint import normalise_config
+from sedd.model.ddit import PRESETS, DDiTTrunk, resolve_preset
+from sedd.model.layers import DDiTBlock, EmbeddingLayer, _modulate, apply_rotary
 
 __all__ = ["ARModel", "KVCache"]
 
@@ -80,7 +67,7 @@ class KVCache:
         self.capacity, self.length = capacity, 0
 
 
-class ARModel(Checkpointed, nn.Module):
+class ARModel(DDiTTrunk):
     """The autoregressive DDiT (module docstring).
 
     Arguments:
@@ -110,65 +97,27 @@ class ARModel(Checkpointed, nn.Module):
         if self.tokens < 2:
             raise ValueError(f"config tokens = {self.tokens}: an autoregressive model needs at least 2 tokens")
         self.bos_id = self.tokens
-        hidden, n_heads = int(m["hidden_size"]), int(m["n_heads"])
-        if hidden % n_heads:
-            raise ValueError(f"model.hidden_size ({hidden}) must be divisible by model.n_heads ({n_heads})")
-        cond_dim, n_blocks = int(m["cond_dim"]), int(m["n_blocks"])
-        dropout, mlp_ratio = float(m.get("dropout", 0.1)), int(m.get("mlp_ratio", 4))
-        self.hidden_size, self.n_heads, self.head_dim = hidden, n_heads, hidden // n_heads
-        self.length = int(m.get("length", 1024))
+        cond_dim, n_blocks, mlp_ratio, dropout = self._read_sizes(m)
 
-        self.vocab_embed = EmbeddingLayer(hidden, self.tokens + 1)  # + BOS
+        self.vocab_embed = EmbeddingLayer(self.hidden_size, self.tokens + 1)  # + BOS
         # random, at the spread sigma_map's output starts with in SEDD (std ≈ 0.12): a zero vector
         # would leave the adaLN weights without a gradient at the first steps
         self.cond_embed = nn.Parameter(0.125 * torch.randn(cond_dim))
-        self.rotary_emb, self.blocks, self.output_layer = build_trunk(
-            hidden, n_heads, cond_dim, n_blocks, self.tokens, mlp_ratio=mlp_ratio, dropout=dropout)
-
-        self.attn_backend = attn_backend
-        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
-        self.validate_inputs = True
+        self._build_trunk(cond_dim, n_blocks, mlp_ratio, dropout, self.tokens, attn_backend=attn_backend,
+                          autocast_dtype=autocast_dtype)
 
     @staticmethod
     def config_for(preset: str, *, tokens: int = 50257, **model_overrides: Any) -> dict[str, Any]:
         """A whole config for a preset of :data:`sedd.model.PRESETS` (the trunk SEDD uses at that
         size), e.g. ``ARModel(ARModel.config_for("cpu", tokens=4096))``."""
-        preset = PRESET_ALIASES.get(preset, preset)
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        preset = resolve_preset(preset)
         model = {"name": preset, "type": "ddit", **PRESETS[preset], **model_overrides}
         return {"objective": "ar", "tokens": int(tokens), "model": model}
 
-    # -- attention backend and dtype (as SEDD) ---------------------------------------------------
-
-    @property
-    def attn_backend(self) -> str:
-        return self._attn_backend
-
-    @attn_backend.setter
-    def attn_backend(self, value: str) -> None:
-        self._attn_backend = check_backend(value)
-
-    compute_dtype = SEDD.compute_dtype
-    resolved_attn_backend = SEDD.resolved_attn_backend
-
-    def _amp(self, device: torch.device):
-        if device.type == "cuda" and self.autocast_dtype is not None:
-            return torch.autocast("cuda", dtype=self.autocast_dtype)
-        return contextlib.nullcontext()
+    # -- inputs -------------------------------------------------------------------------------
 
     def _check_tokens(self, x: Any) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a tensor of token ids, got {type(x).__name__}")
-        if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
-            raise TypeError(f"x must be an integer tensor of token ids, got {x.dtype}")
-        if x.dim() != 2 or x.numel() == 0:
-            raise ValueError(f"x must have shape [B, L] with B, L > 0, got {list(x.shape)}")
-        if self.validate_inputs and ops.checking_values():
-            lo, hi = (int(v) for v in torch.aminmax(x))
-            if lo < 0 or hi >= self.tokens:
-                raise ValueError(f"x holds token ids outside [0, {self.tokens}) (the model's real tokens; BOS = "
-                                 f"{self.bos_id} is added by the model): min {lo}, max {hi}")
+        self._check_ids("x", x, self.tokens, f"the model's real tokens; BOS = {self.bos_id} is added by the model")
 
     def _inputs(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[BOS, x_0, …, x_{L−2}]: what position i reads to predict x_i (BOS also at the first
@@ -206,22 +155,10 @@ class ARModel(Checkpointed, nn.Module):
             what ``head`` returns.
         """
         self._check_tokens(x)
-        B, L = x.shape
-        if attention_mask is not None:
-            attention_mask = SEDD._check_layout("attention_mask", attention_mask, x, allow_bool=True) != 0
-        if segment_ids is not None:
-            segment_ids = SEDD._check_layout("segment_ids", segment_ids, x, allow_bool=False)
+        attention_mask, segment_ids = self._check_layouts(x, attention_mask, segment_ids)
         h = self.vocab_embed(self._inputs(x, attention_mask))  # [B, L, D]
         c = F.silu(self.cond_embed)[None]  # [1, C]: the same conditioning for every row
-        cos, sin = self.rotary_emb(L, h.device)
-        backend = backend_for_layout(self.resolved_attn_backend(h.device), self.attn_backend,
-                                     varlen=attention_mask is not None or segment_ids is not None,
-                                     host_sync=ops.host_sync_allowed(h.device))
-        plan = plan_attention(backend, B, L, h.device, attention_mask, segment_ids, causal=True)
-        with self._amp(h.device):
-            for block in self.blocks:
-                h = block(h, c, cos, sin, plan)
-            return self.output_layer(h, c, head)
+        return self._run_blocks(h, c, attention_mask, segment_ids, head, causal=True)
 
     def new_cache(self, batch: int, capacity: int | None = None, device: torch.device | None = None) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` rows and up to ``capacity`` positions (default:

@@ -51,16 +51,14 @@ from sedd.model.attention import (
     plan_attention,
     resolve_backend,
 )
-from sedd.model.checkpoint import (
-    Checkpointed,
-    normalise_config,
-)
+from sedd.model.checkpoint import Checkpointed, normalise_config
 from sedd.model.layers import (
+    DDiTBlock,
+    DDiTFinalLayer,
     EmbeddingLayer,
+    Rotary,
     SigmaEmbedder,
     apply_rotary,
-    build_trunk,
-    check_autocast_dtype,
     sigma_embedding,
 )
 
@@ -91,7 +89,136 @@ def _flag(value: Any, name: str) -> bool:
     raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
-class SEDD(Checkpointed, nn.Module):
+def resolve_preset(preset: str) -> str:
+    """The preset's name in :data:`PRESETS` (aliases resolved); ValueError for an unknown one."""
+    preset = PRESET_ALIASES.get(preset, preset)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return preset
+
+
+class DDiTTrunk(Checkpointed, nn.Module):
+    """What :class:`SEDD` and the autoregressive baseline (:class:`sedd.model.ARModel`) share: the
+    model section's sizes, the rotary embedding, the DDiT blocks and the output layer, the
+    attention backend and autocast, the input checks' switch and the forward through the blocks.
+    A subclass reads the config, builds its embedding and conditioning, then the trunk (in this
+    order: the order fixes how the weights are drawn from the torch seed)."""
+
+    def _read_sizes(self, m: Mapping[str, Any]) -> tuple[int, int, int, float]:
+        """Set ``hidden_size``, ``n_heads``, ``head_dim`` and ``length`` from the model section
+        ``m``; return (cond_dim, n_blocks, mlp_ratio, dropout)."""
+        hidden, n_heads = int(m["hidden_size"]), int(m["n_heads"])
+        if hidden % n_heads:
+            raise ValueError(f"model.hidden_size ({hidden}) must be divisible by model.n_heads ({n_heads})")
+        self.hidden_size, self.n_heads, self.head_dim = hidden, n_heads, hidden // n_heads
+        self.length = int(m.get("length", 1024))
+        return int(m["cond_dim"]), int(m["n_blocks"]), int(m.get("mlp_ratio", 4)), float(m.get("dropout", 0.1))
+
+    def _build_trunk(self, cond_dim: int, n_blocks: int, mlp_ratio: int, dropout: float, outputs: int, *,
+                     attn_backend: str, autocast_dtype: torch.dtype | None) -> None:
+        """The rotary embedding, the blocks and the output layer (``outputs`` logits per position)."""
+        hidden, n_heads = self.hidden_size, self.n_heads
+        self.rotary_emb = Rotary(self.head_dim)
+        self.blocks = nn.ModuleList(
+            DDiTBlock(hidden, n_heads, cond_dim, mlp_ratio=mlp_ratio, dropout=dropout) for _ in range(n_blocks)
+        )
+        self.output_layer = DDiTFinalLayer(hidden, outputs, cond_dim)
+        self.attn_backend = attn_backend
+        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast_dtype must be torch.bfloat16, torch.float16 or None, got {autocast_dtype}")
+        self.autocast_dtype = autocast_dtype
+        self.validate_inputs = True
+
+    # -- attention backend and dtype ------------------------------------------------------------
+
+    @property
+    def attn_backend(self) -> str:
+        return self._attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, value: str) -> None:
+        self._attn_backend = check_backend(value)
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """dtype the blocks compute in on ``device`` (the dtype of a raw output there)."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            if self.autocast_dtype is not None:
+                return self.autocast_dtype
+            if torch.is_autocast_enabled("cuda"):
+                return torch.get_autocast_dtype("cuda")
+        return self.vocab_embed.embedding.dtype
+
+    def resolved_attn_backend(self, device: torch.device) -> str:
+        """"sdpa" or "flash": the backend a forward on ``device`` uses. Raises where "flash" was
+        asked for and cannot run there."""
+        return resolve_backend(self.attn_backend, device, self.compute_dtype(device))
+
+    def _amp(self, device: torch.device):
+        if device.type == "cuda" and self.autocast_dtype is not None:
+            return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return contextlib.nullcontext()
+
+    # -- input checks ---------------------------------------------------------------------------
+
+    def _checking(self) -> bool:
+        # the same switch as the ops' value checks, so the sampler and the training loss (which
+        # turn those off for tensors they made) run the model without a device sync
+        return self.validate_inputs and ops.checking_values()
+
+    def _check_ids(self, name: str, x: Any, limit: int, why: str) -> None:
+        """TypeError/ValueError unless ``x`` is a [B, L] integer tensor of ids in [0, ``limit``)
+        (the range read on the host only when :meth:`_checking`); ``why`` says what the limit is."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor of token ids, got {type(x).__name__}")
+        if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+            raise TypeError(f"{name} must be an integer tensor of token ids, got {x.dtype}")
+        if x.dim() != 2 or x.numel() == 0:
+            raise ValueError(f"{name} must have shape [B, L] with B, L > 0, got {list(x.shape)}")
+        if self._checking():
+            lo, hi = (int(v) for v in torch.aminmax(x))
+            if lo < 0 or hi >= limit:
+                raise ValueError(f"{name} holds token ids outside [0, {limit}) ({why}): min {lo}, max {hi}")
+
+    @staticmethod
+    def _check_layout(name: str, t: Any, x_t: torch.Tensor, allow_bool: bool) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor of shape {list(x_t.shape)}, got {type(t).__name__}")
+        if t.is_floating_point() or t.is_complex() or (t.dtype == torch.bool and not allow_bool):
+            raise TypeError(f"{name} must be {'a bool or ' if allow_bool else 'an '}integer tensor, got {t.dtype}")
+        if t.shape != x_t.shape:
+            raise ValueError(f"{name} must have the shape of x_t {list(x_t.shape)}, got {list(t.shape)}")
+        if t.device != x_t.device:
+            raise ValueError(f"{name} is on {t.device} but x_t is on {x_t.device}")
+        return t
+
+    def _check_layouts(self, x: torch.Tensor, attention_mask, segment_ids):
+        """(attention_mask as bool, segment_ids), each checked against the tokens ``x``, or None."""
+        if attention_mask is not None:
+            attention_mask = self._check_layout("attention_mask", attention_mask, x, allow_bool=True) != 0
+        if segment_ids is not None:
+            segment_ids = self._check_layout("segment_ids", segment_ids, x, allow_bool=False)
+        return attention_mask, segment_ids
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def _run_blocks(self, h: torch.Tensor, c: torch.Tensor, attention_mask, segment_ids, head, *,
+                    causal: bool = False):
+        """The blocks and the output layer (or ``head``) on the embedded inputs ``h`` [B, L, D]
+        with the conditioning ``c``, under the model's autocast; attention as planned for the
+        padding, the documents and ``causal``."""
+        B, L = h.shape[:2]
+        cos, sin = self.rotary_emb(L, h.device)
+        backend = backend_for_layout(self.resolved_attn_backend(h.device), self.attn_backend,
+                                     varlen=attention_mask is not None or segment_ids is not None,
+                                     host_sync=ops.host_sync_allowed(h.device))
+        plan = plan_attention(backend, B, L, h.device, attention_mask, segment_ids, causal=causal)
+        with self._amp(h.device):
+            for block in self.blocks:
+                h = block(h, c, cos, sin, plan)
+            return self.output_layer(h, c, head)
+
+class SEDD(DDiTTrunk):
     """The DDiT score network of SEDD.
 
     Arguments:
@@ -147,13 +274,7 @@ class SEDD(Checkpointed, nn.Module):
             raise ValueError(f"config tokens = {self.tokens} gives graph {self.graph_type!r} score rows of width "
                              f"{self.vocab_size}; at least 2 are needed")
 
-        hidden, n_heads = int(m["hidden_size"]), int(m["n_heads"])
-        if hidden % n_heads:
-            raise ValueError(f"model.hidden_size ({hidden}) must be divisible by model.n_heads ({n_heads})")
-        cond_dim, n_blocks = int(m["cond_dim"]), int(m["n_blocks"])
-        dropout, mlp_ratio = float(m.get("dropout", 0.1)), int(m.get("mlp_ratio", 4))
-        self.hidden_size, self.n_heads, self.head_dim = hidden, n_heads, hidden // n_heads
-        self.length = int(m.get("length", 1024))
+        cond_dim, n_blocks, mlp_ratio, dropout = self._read_sizes(m)
         self.scale_by_sigma = bool(m.get("scale_by_sigma", True))
         self.time_conditioning = _flag(m.get("time_conditioning", True), "model.time_conditioning")
         if not self.time_conditioning and not (self.absorb and self.scale_by_sigma):
@@ -162,19 +283,15 @@ class SEDD(Checkpointed, nn.Module):
             raise ValueError("model.time_conditioning: false needs the absorbing graph with scale_by_sigma "
                              f"(got graph {self.graph_type!r}, scale_by_sigma={self.scale_by_sigma})")
 
-        self.vocab_embed = EmbeddingLayer(hidden, self.vocab_size)
+        self.vocab_embed = EmbeddingLayer(self.hidden_size, self.vocab_size)
         if self.time_conditioning:
             self.sigma_map = SigmaEmbedder(cond_dim)
         else:
             # random, at the spread sigma_map's output starts with (std ≈ 0.12): a zero vector would
             # leave the adaLN weights without a gradient, a larger one would speed their updates up
             self.cond_embed = nn.Parameter(0.125 * torch.randn(cond_dim))
-        self.rotary_emb, self.blocks, self.output_layer = build_trunk(
-            hidden, n_heads, cond_dim, n_blocks, self.vocab_size, mlp_ratio=mlp_ratio, dropout=dropout)
-
-        self.attn_backend = attn_backend
-        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
-        self.validate_inputs = True
+        self._build_trunk(cond_dim, n_blocks, mlp_ratio, dropout, self.vocab_size, attn_backend=attn_backend,
+                          autocast_dtype=autocast_dtype)
 
     # -- presets --------------------------------------------------------------------------------
 
@@ -194,9 +311,7 @@ class SEDD(Checkpointed, nn.Module):
         ``noise`` is the noise section: a type name, a whole section ({"type": ..., "eps": ...}),
         or None for the paper's pairing (log-linear for absorbing, geometric for uniform).
         """
-        preset = PRESET_ALIASES.get(preset, preset)
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        preset = resolve_preset(preset)
         if graph not in GRAPHS:
             raise ValueError(f"graph must be one of {tuple(GRAPHS)}, got {graph!r}")
         cls = GRAPHS[graph]
@@ -212,37 +327,7 @@ class SEDD(Checkpointed, nn.Module):
             "model": model,
         }
 
-    # -- attention backend ----------------------------------------------------------------------
-
-    @property
-    def attn_backend(self) -> str:
-        return self._attn_backend
-
-    @attn_backend.setter
-    def attn_backend(self, value: str) -> None:
-        self._attn_backend = check_backend(value)
-
-    def compute_dtype(self, device: torch.device) -> torch.dtype:
-        """dtype the blocks compute in on ``device`` (the dtype of a raw output there)."""
-        device = torch.device(device)
-        if device.type == "cuda":
-            if self.autocast_dtype is not None:
-                return self.autocast_dtype
-            if torch.is_autocast_enabled("cuda"):
-                return torch.get_autocast_dtype("cuda")
-        return self.vocab_embed.embedding.dtype
-
-    def resolved_attn_backend(self, device: torch.device) -> str:
-        """"sdpa" or "flash": the backend a forward on ``device`` uses. Raises where "flash" was
-        asked for and cannot run there."""
-        return resolve_backend(self.attn_backend, device, self.compute_dtype(device))
-
     # -- input checks ---------------------------------------------------------------------------
-
-    def _checking(self) -> bool:
-        # the same switch as the ops' value checks, so the sampler and the training loss (which
-        # turn those off for tensors they made) run the model without a device sync
-        return self.validate_inputs and ops.checking_values()
 
     def _check_sigma(self, sigma: Any, batch: int | None, device: torch.device | None) -> torch.Tensor:
         if not isinstance(sigma, torch.Tensor):
@@ -261,31 +346,8 @@ class SEDD(Checkpointed, nn.Module):
         return sigma
 
     def _check_tokens(self, x_t: Any) -> None:
-        if not isinstance(x_t, torch.Tensor):
-            raise TypeError(f"x_t must be a tensor of token ids, got {type(x_t).__name__}")
-        if x_t.dtype == torch.bool or x_t.is_floating_point() or x_t.is_complex():
-            raise TypeError(f"x_t must be an integer tensor of token ids, got {x_t.dtype}")
-        if x_t.dim() != 2 or x_t.numel() == 0:
-            raise ValueError(f"x_t must have shape [B, L] with B, L > 0, got {list(x_t.shape)}")
-        if self._checking():
-            lo, hi = (int(v) for v in torch.aminmax(x_t))
-            if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(
-                    f"x_t holds token ids outside [0, {self.vocab_size}) (V = {self.vocab_size} for graph "
-                    f"{self.graph_type!r} with tokens={self.tokens}): min {lo}, max {hi}"
-                )
-
-    @staticmethod
-    def _check_layout(name: str, t: Any, x_t: torch.Tensor, allow_bool: bool) -> torch.Tensor:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor of shape {list(x_t.shape)}, got {type(t).__name__}")
-        if t.is_floating_point() or t.is_complex() or (t.dtype == torch.bool and not allow_bool):
-            raise TypeError(f"{name} must be {'a bool or ' if allow_bool else 'an '}integer tensor, got {t.dtype}")
-        if t.shape != x_t.shape:
-            raise ValueError(f"{name} must have the shape of x_t {list(x_t.shape)}, got {list(t.shape)}")
-        if t.device != x_t.device:
-            raise ValueError(f"{name} is on {t.device} but x_t is on {x_t.device}")
-        return t
+        self._check_ids("x_t", x_t, self.vocab_size,
+                        f"V = {self.vocab_size} for graph {self.graph_type!r} with tokens={self.tokens}")
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -324,12 +386,8 @@ class SEDD(Checkpointed, nn.Module):
             the default autocast, the parameter dtype elsewhere).
         """
         self._check_tokens(x_t)
-        B, L = x_t.shape
-        sigma = self._check_sigma(sigma, B, x_t.device)
-        if attention_mask is not None:
-            attention_mask = self._check_layout("attention_mask", attention_mask, x_t, allow_bool=True) != 0
-        if segment_ids is not None:
-            segment_ids = self._check_layout("segment_ids", segment_ids, x_t, allow_bool=False)
+        sigma = self._check_sigma(sigma, x_t.shape[0], x_t.device)
+        attention_mask, segment_ids = self._check_layouts(x_t, attention_mask, segment_ids)
 
         x = self.vocab_embed(x_t if x_t.dtype in (torch.int32, torch.int64) else x_t.long())  # [B, L, D]
         # The conditioning stays outside autocast, as in training: σ spans 1e-4 .. 20 and its
@@ -340,20 +398,7 @@ class SEDD(Checkpointed, nn.Module):
             # one row for the whole batch (broadcast): a row's output then does not depend on which
             # rows share its batch, which the sampler's cache relies on for identical tokens
             c = F.silu(self.cond_embed)[None]  # [1, C]
-        cos, sin = self.rotary_emb(L, x.device)
-        backend = backend_for_layout(self.resolved_attn_backend(x.device), self.attn_backend,
-                                     varlen=attention_mask is not None or segment_ids is not None,
-                                     host_sync=ops.host_sync_allowed(x.device))
-        plan = plan_attention(backend, B, L, x.device, attention_mask, segment_ids)
-
-        if x.device.type == "cuda" and self.autocast_dtype is not None:
-            amp = torch.autocast("cuda", dtype=self.autocast_dtype)
-        else:
-            amp = contextlib.nullcontext()
-        with amp:
-            for block in self.blocks:
-                x = block(x, c, cos, sin, plan)
-            z = self.output_layer(x, c, head)  # [B, L, V]
+        z = self._run_blocks(x, c, attention_mask, segment_ids, head)  # [B, L, V]
         if raw or head is not None:
             return z
         return self._postprocess(z, x_t, sigma)

@@ -207,22 +207,3 @@ class DDiTFinalLayer(nn.Module):
         # Called here, inside this module's forward, so DDP and FSDP2 (whose hooks gather the
         # parameters around the forward) see the head's parameters in use.
         return head(h, weight, bias)
-
-
-def build_trunk(hidden: int, n_heads: int, cond_dim: int, n_blocks: int, outputs: int, *, mlp_ratio: int,
-                dropout: float) -> tuple[Rotary, nn.ModuleList, DDiTFinalLayer]:
-    """The rotary embedding, the DDiT blocks and the output layer (``outputs`` logits per
-    position) that SEDD and the autoregressive baseline share, built in the order that fixes how
-    their weights are drawn from the torch seed."""
-    rotary = Rotary(hidden // n_heads)
-    blocks = nn.ModuleList(
-        DDiTBlock(hidden, n_heads, cond_dim, mlp_ratio=mlp_ratio, dropout=dropout) for _ in range(n_blocks)
-    )
-    return rotary, blocks, DDiTFinalLayer(hidden, outputs, cond_dim)
-
-
-def check_autocast_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
-    """``dtype`` if a model may autocast to it (bf16, fp16, or None for none); ValueError otherwise."""
-    if dtype not in (None, torch.bfloat16, torch.float16):
-        raise ValueError(f"autocast_dtype must be torch.bfloat16, torch.float16 or None, got {dtype}")
-    return dtype

@@ -18,7 +18,15 @@ from __future__ import annotations
 import torch
 
 from sedd.ops.checks import REDUCTIONS, check_per_row, check_tokens, host_sync_allowed
-from sedd.ops.linear import DEFAULT_CHUNK_BYTES, _check_head, _Grads
+from sedd.ops.linear import (
+    DEFAULT_CHUNK_BYTES,
+    RowIndex,
+    _check_chunk_bytes,
+    _check_head,
+    _Grads,
+    fused_head_backward,
+    fused_head_forward,
+)
 
 # On the CPU a chunk holds the logits and their fp32 copy: a smaller bound, as the eager loss's
 _CPU_CHUNK_BYTES = 32 * 2**20
@@ -69,15 +77,14 @@ def linear_cross_entropy(
                                     keep_fp64=hidden.dtype == torch.float64)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1):
-        raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+    _check_chunk_bytes(chunk_bytes)
     if chunk_bytes is None:
         chunk_bytes = DEFAULT_CHUNK_BYTES if device.type == "cuda" else _CPU_CHUNK_BYTES
     rows_per_chunk = max(1, chunk_bytes // (V * 4))
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, mask, loss_weight, reduction, rows_per_chunk)
 
 
-class _Rows:
+class _Rows(RowIndex):
     """The scored rows, flattened: all B·L, or the rows of ``mask`` when a host read is allowed."""
 
     def __init__(self, hidden, targets, mask, loss_weight):
@@ -98,57 +105,24 @@ class _Rows:
         self.n = targets.numel()
         self.targets, self.weight = targets.long(), weight
 
-    def take(self, start: int, stop: int, what: torch.Tensor) -> torch.Tensor:
-        return what[start:stop] if self.index is None else what[self.index[start:stop]]
-
-    def scatter(self, values: torch.Tensor, B: int, L: int) -> torch.Tensor:
-        if self.index is None:
-            return values.reshape(B, L)
-        return values.new_zeros(B * L).index_copy_(0, self.index, values).reshape(B, L)
-
-    def gather_token(self, per_token: torch.Tensor) -> torch.Tensor:
-        flat = per_token.reshape(-1)
-        return flat if self.index is None else flat[self.index]
-
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, mask, loss_weight, reduction, rows_per_chunk):
-        B, L, _ = hidden.shape
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         rows = _Rows(hidden, targets, mask, loss_weight)
-        ctx.reduction = reduction
-        if reduction == "none" or not (need_h or need_w or need_b):
-            per_row = _chunks(rows, weight, bias, rows_per_chunk, rows.weight, grads=None)
-            if reduction == "none":
-                ctx.save_for_backward(hidden, weight, bias)
-                ctx.rows, ctx.rows_per_chunk = rows, rows_per_chunk
-                return rows.scatter(per_row, B, L)
-            total = per_row.sum()
-            return total / B if reduction == "batchmean" else total
-        row_weight = rows.weight / B if reduction == "batchmean" else rows.weight
-        grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
-        total = _chunks(rows, weight, bias, rows_per_chunk, row_weight, grads=grads).sum()
-        ctx.grads = grads
-        return total
+        ctx.rows_per_chunk = rows_per_chunk
+
+        def run(row_weight, grads):
+            return _chunks(rows, weight, bias, rows_per_chunk, row_weight, grads=grads)
+
+        return fused_head_forward(ctx, rows, hidden, weight, bias, reduction, run)
 
     @staticmethod
     def backward(ctx, grad_output):
-        nones = (None,) * 5
-        if ctx.reduction == "none":
-            hidden, weight, bias = ctx.saved_tensors
-            rows = ctx.rows
-            grads = _Grads(hidden, weight, bias, *ctx.needs_input_grad[:3])
-            row_weight = rows.weight * rows.gather_token(grad_output.to(rows.dtype))
+        def rerun(rows, weight, bias, row_weight, grads):
             _chunks(rows, weight, bias, ctx.rows_per_chunk, row_weight, grads=grads)
-            del ctx.rows
-            return (*grads.result(None), *nones)
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError("sedd.ops.linear_cross_entropy: the gradient was computed in the forward pass "
-                               "and its backward can run only once")
-        ctx.grads = None
-        return (*grads.result(grad_output), *nones)
+
+        return fused_head_backward(ctx, grad_output, rerun, "linear_cross_entropy", 5)
 
 
 def _chunks(rows: _Rows, weight, bias, rows_per_chunk: int, row_weight, *, grads: _Grads | None) -> torch.Tensor:

@@ -79,8 +79,7 @@ def linear_score_entropy(
     fp64 = hidden.dtype == torch.float64  # the fp64 loss keeps fp64 σ, shift and weight
     sigma, shift, loss_weight = check_loss_args(B, L, V, g, device, sigma, x_t, x0, shift, loss_weight, reduction,
                                                 fp64, weight_name="loss_weight")
-    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1):
-        raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+    _check_chunk_bytes(chunk_bytes)
     backend = resolve_backend(device, g)
     if backend == "triton" and hidden.dtype == torch.float64:
         raise TypeError("hidden must be float32, bfloat16 or float16 on the triton backend, got torch.float64")
@@ -121,52 +120,98 @@ def _check_head(hidden, weight, bias) -> tuple[int, int, int, int]:
     return B, L, D, V
 
 
+def _check_chunk_bytes(chunk_bytes) -> None:
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1):
+        raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+
+
+# The autograd of a head fused with a per-row loss (this file's and sedd/ops/cross_entropy.py's):
+# ``run(row_weight, grads)`` is one chunked pass giving the per-row loss times ``row_weight`` [n]
+# and, with ``grads``, accumulating the gradient of their sum.
+
+
+def fused_head_forward(ctx, rows, hidden, weight, bias, reduction: str, run) -> torch.Tensor:
+    """The loss of a fused head; for a scalar loss with a gradient to compute, that gradient is
+    computed here, in the same pass, and kept on ``ctx`` for :func:`fused_head_backward`."""
+    B, L = hidden.shape[:2]
+    need = ctx.needs_input_grad[:3]
+    ctx.reduction = reduction
+    if reduction == "none" or not any(need):
+        per_row = run(rows.weight, None)
+        if reduction == "none":  # the backward recomputes the chunks with the per-token gradient
+            ctx.save_for_backward(hidden, weight, bias)
+            ctx.rows = rows
+            return rows.scatter(per_row, B, L)
+        total = per_row.sum()
+        return total / B if reduction == "batchmean" else total
+    # 1/B rides in the per-row weight: the gradient needs no extra pass
+    row_weight = rows.weight / B if reduction == "batchmean" else rows.weight
+    ctx.grads = _Grads(hidden, weight, bias, *need)
+    return run(row_weight, ctx.grads).sum()
+
+
+def fused_head_backward(ctx, grad_output, rerun, op: str, n_other: int) -> tuple:
+    """The gradients of :func:`fused_head_forward`'s inputs hidden, weight and bias (None for the
+    ``n_other`` others); ``rerun(rows, weight, bias, row_weight, grads)`` is the chunked pass."""
+    nones = (None,) * n_other
+    if ctx.reduction == "none":
+        hidden, weight, bias = ctx.saved_tensors
+        rows = ctx.rows
+        grads = _Grads(hidden, weight, bias, *ctx.needs_input_grad[:3])
+        row_weight = rows.weight * rows.gather_token(grad_output.to(rows.weight.dtype))
+        rerun(rows, weight, bias, row_weight, grads)
+        del ctx.rows
+        return (*grads.result(None), *nones)
+    grads = ctx.grads
+    if grads is None:
+        raise RuntimeError(f"sedd.ops.{op}: the gradient was computed in the forward pass and its backward can "
+                           "run only once")
+    ctx.grads = None
+    return (*grads.result(grad_output), *nones)
+
+
 class _LinearScoreEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, sigma, x_t, x0, graph, shift, loss_weight, reduction, rows_per_chunk):
-        B, L, D = hidden.shape
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         rows = _Rows(hidden, sigma, x_t, x0, graph, shift, loss_weight)
-        ctx.reduction = reduction
-        if reduction == "none" or not (need_h or need_w or need_b):
-            loss_rows, _ = _chunks(rows, weight, bias, graph, rows_per_chunk, rows.weight, grads=None)
-            if reduction == "none":
-                ctx.save_for_backward(hidden, weight, bias)
-                ctx.rows, ctx.graph, ctx.rows_per_chunk = rows, graph, rows_per_chunk
-                return rows.scatter(loss_rows, B, L)
-            total = loss_rows.sum()
-            return total / B if reduction == "batchmean" else total
-        row_weight = rows.weight
-        if reduction == "batchmean":  # 1/B rides in the per-row weight: the gradient needs no extra pass
-            row_weight = row_weight / B
-        grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
-        loss_rows, _ = _chunks(rows, weight, bias, graph, rows_per_chunk, row_weight, grads=grads)
-        ctx.grads = grads
-        return loss_rows.sum()
+        ctx.graph, ctx.rows_per_chunk = graph, rows_per_chunk
+
+        def run(row_weight, grads):
+            return _chunks(rows, weight, bias, graph, rows_per_chunk, row_weight, grads=grads)[0]
+
+        return fused_head_forward(ctx, rows, hidden, weight, bias, reduction, run)
 
     @staticmethod
     def backward(ctx, grad_output):
-        nones = (None,) * 8
-        if ctx.reduction == "none":
-            hidden, weight, bias = ctx.saved_tensors
-            rows = ctx.rows
-            need_h, need_w, need_b = ctx.needs_input_grad[:3]
-            grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
-            row_weight = rows.weight * rows.gather_token(grad_output.float())
+        def rerun(rows, weight, bias, row_weight, grads):
             _chunks(rows, weight, bias, ctx.graph, ctx.rows_per_chunk, row_weight, grads=grads)
-            del ctx.rows
-            return (*grads.result(None), *nones)
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError(
-                "sedd.ops.linear_score_entropy: the gradient was computed in the forward pass and its "
-                "backward can run only once"
-            )
-        ctx.grads = None
-        return (*grads.result(grad_output), *nones)
+
+        return fused_head_backward(ctx, grad_output, rerun, "linear_score_entropy", 8)
 
 
-class _Rows:
+class RowIndex:
+    """Rows of a flattened [B·L] batch that a fused head computes: all of them in order
+    (``index`` None), or those at ``index``."""
+
+    index: torch.Tensor | None
+
+    def take(self, start: int, stop: int, what: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return what[start:stop]
+        return what[self.index[start:stop]]
+
+    def scatter(self, values: torch.Tensor, B: int, L: int) -> torch.Tensor:
+        if self.index is None:
+            return values.reshape(B, L)
+        out = values.new_zeros(B * L)
+        return out.index_copy_(0, self.index, values).reshape(B, L)
+
+    def gather_token(self, per_token: torch.Tensor) -> torch.Tensor:
+        flat = per_token.reshape(-1)
+        return flat if self.index is None else flat[self.index]
+
+
+class _Rows(RowIndex):
     """The rows that carry loss, flattened: all B·L for uniform, the MASK rows for absorbing."""
 
     def __init__(self, hidden, sigma, x_t, x0, graph, shift, loss_weight):
@@ -189,21 +234,6 @@ class _Rows:
         self.sigma = sigma[batch]
         self.shift = shift[batch] if shift is not None else None
         self.weight = loss_weight[batch] if loss_weight is not None else torch.ones_like(self.sigma)
-
-    def take(self, start: int, stop: int, what: torch.Tensor) -> torch.Tensor:
-        if self.index is None:
-            return what[start:stop]
-        return what[self.index[start:stop]]
-
-    def scatter(self, values: torch.Tensor, B: int, L: int) -> torch.Tensor:
-        if self.index is None:
-            return values.reshape(B, L)
-        out = values.new_zeros(B * L)
-        return out.index_copy_(0, self.index, values).reshape(B, L)
-
-    def gather_token(self, per_token: torch.Tensor) -> torch.Tensor:
-        flat = per_token.reshape(-1)
-        return flat if self.index is None else flat[self.index]
 
 
 class _Grads:

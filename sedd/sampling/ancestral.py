@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from sedd.model.scoring import unwrap
 from sedd.ops.checks import check_truncation
 from sedd.sampling.cache import SamplingStats
+from sedd.sampling.spans import check_fixed
 
 __all__ = ["is_autoregressive", "sample_ancestral", "truncate_probs"]
 
@@ -75,20 +76,10 @@ def _draw(logits: torch.Tensor, temperature: float, top_p, top_k, generator) -> 
 
 
 def _fixed(fixed_tokens, fixed_mask, B: int, L: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    if fixed_tokens is None and fixed_mask is None:
+    fixed = check_fixed(fixed_tokens, fixed_mask, B, L, N, device)
+    if fixed is None:
         return (torch.zeros(B, L, dtype=torch.long, device=device), torch.zeros(B, L, dtype=torch.bool, device=device))
-    if fixed_tokens is None or fixed_mask is None:
-        raise ValueError("fixed_tokens and fixed_mask must be given together")
-    tokens = torch.as_tensor(fixed_tokens, device=device).long()
-    mask = torch.as_tensor(fixed_mask, device=device).bool()
-    if tokens.shape != mask.shape or tokens.shape[-1] != L or tokens.dim() not in (1, 2):
-        raise ValueError(f"fixed_tokens and fixed_mask must both be [L] or [B, L] with L = {L}")
-    if tokens.dim() == 2 and tokens.shape[0] not in (1, B):
-        raise ValueError(f"fixed_tokens has batch {tokens.shape[0]}, expected 1 or {B}")
-    tokens, mask = tokens.expand(B, L), mask.expand(B, L)
-    fixed = tokens[mask]
-    if fixed.numel() and (fixed.min() < 0 or fixed.max() >= N):
-        raise ValueError(f"fixed_tokens must be real tokens in [0, {N}) at the fixed positions")
+    tokens, mask = fixed
     return torch.where(mask, tokens, 0), mask
 
 

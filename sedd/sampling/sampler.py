@@ -38,6 +38,7 @@ from sedd.ops.checks import check_truncation
 from sedd.sampling import first_hitting  # noqa: F401  (registers "first_hitting")
 from sedd.sampling.cache import NetworkCalls, SamplingStats, cache_mode
 from sedd.sampling.predictors import DENOISERS, PREDICTORS, Predictor, get_predictor, register_predictor
+from sedd.sampling.spans import check_fixed
 
 __all__ = ["DENOISERS", "PREDICTORS", "Predictor", "SamplingStats", "check_eps", "conditioning", "register_predictor",
            "sample"]
@@ -200,20 +201,10 @@ def _warn_uniform_conditioning() -> None:
 
 
 def _projector(fixed_tokens, fixed_mask, B: int, L: int, graph: Graph, device):
-    if fixed_tokens is None and fixed_mask is None:
+    fixed = check_fixed(fixed_tokens, fixed_mask, B, L, graph.N, device)
+    if fixed is None:
         return lambda x: x
-    if fixed_tokens is None or fixed_mask is None:
-        raise ValueError("fixed_tokens and fixed_mask must be given together")
     if not graph.absorbing:
         _warn_uniform_conditioning()
-    tokens = torch.as_tensor(fixed_tokens, device=device).long()
-    mask = torch.as_tensor(fixed_mask, device=device).bool()
-    if tokens.shape != mask.shape or tokens.shape[-1] != L or tokens.dim() not in (1, 2):
-        raise ValueError(f"fixed_tokens and fixed_mask must both be [L] or [B, L] with L = {L}")
-    if tokens.dim() == 2 and tokens.shape[0] not in (1, B):
-        raise ValueError(f"fixed_tokens has batch {tokens.shape[0]}, expected 1 or {B}")
-    fixed = tokens[mask] if tokens.dim() == 1 else tokens.expand(B, L)[mask.expand(B, L)]
-    if fixed.numel() and (fixed.min() < 0 or fixed.max() >= graph.N):
-        raise ValueError(f"fixed_tokens must be real tokens in [0, {graph.N}) at the fixed positions")
-    tokens, mask = tokens.expand(B, L), mask.expand(B, L)
+    tokens, mask = fixed
     return lambda x: torch.where(mask, tokens, x)

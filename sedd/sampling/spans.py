@@ -17,7 +17,9 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Span", "TEMPLATE_HOLE", "fixed_spans", "spaces_join_next_word", "spans_to_mask", "template_spans"]
+__all__ = [
+    "Span", "TEMPLATE_HOLE", "check_fixed", "fixed_spans", "spaces_join_next_word", "spans_to_mask", "template_spans",
+]
 
 TEMPLATE_HOLE = re.compile(r"\[MASK(?::(\d+))?\]")
 
@@ -225,3 +227,24 @@ def spans_to_mask(rows: Sequence[Sequence[Span]], length: int, *, device=None) -
             tokens[b, s.start : s.end] = torch.tensor(s.ids, dtype=torch.long)
             mask[b, s.start : s.end] = True
     return tokens.to(device), mask.to(device)
+
+
+def check_fixed(fixed_tokens, fixed_mask, B: int, L: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fixed positions of a sampler call, as [B, L] int64 tokens and bool mask (expanded
+    views), or None when neither is given. ValueError unless both are given, [L] or [B, L] (or
+    [1, L]), and the tokens at the fixed positions are real tokens in [0, N)."""
+    if fixed_tokens is None and fixed_mask is None:
+        return None
+    if fixed_tokens is None or fixed_mask is None:
+        raise ValueError("fixed_tokens and fixed_mask must be given together")
+    tokens = torch.as_tensor(fixed_tokens, device=device).long()
+    mask = torch.as_tensor(fixed_mask, device=device).bool()
+    if tokens.shape != mask.shape or tokens.shape[-1] != L or tokens.dim() not in (1, 2):
+        raise ValueError(f"fixed_tokens and fixed_mask must both be [L] or [B, L] with L = {L}")
+    if tokens.dim() == 2 and tokens.shape[0] not in (1, B):
+        raise ValueError(f"fixed_tokens has batch {tokens.shape[0]}, expected 1 or {B}")
+    tokens, mask = tokens.expand(B, L), mask.expand(B, L)
+    fixed = tokens[mask]
+    if fixed.numel() and (fixed.min() < 0 or fixed.max() >= N):
+        raise ValueError(f"fixed_tokens must be real tokens in [0, {N}) at the fixed positions")
+    return tokens, mask

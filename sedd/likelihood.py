@@ -251,25 +251,21 @@ class BoundReport:
 
     def table(self) -> str:
         lo, hi = self.perplexity_ci95
+        rows = [("sequences", f"{self.sequences}"), ("tokens", f"{self.tokens}")]
         if self.exact:
-            rows = [
-                ("sequences", f"{self.sequences}"),
-                ("tokens", f"{self.tokens}"),
+            rows += [
                 ("nats / token", f"{self.nats_per_token:.4f}  (exact)"),
                 ("bits / token", f"{self.bits_per_token:.4f}  (exact)"),
                 ("perplexity =", f"{self.perplexity_bound:.3f}  (exact: an autoregressive model)"),
             ]
-            width = max(len(k) for k, _ in rows)
-            return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-        rows = [
-            ("sequences", f"{self.sequences}"),
-            ("tokens", f"{self.tokens}"),
-            ("t draws per sequence", f"{self.num_samples} ({self.time_sampler})"),
-            ("nats / token", f"{self.nats_per_token:.4f} ± {self.stderr_nats_per_token:.4f}"),
-            ("bits / token", f"{self.bits_per_token:.4f} ± {self.stderr_nats_per_token / math.log(2):.4f}"),
-            ("  of which prior", f"{self.prior_nats_per_token:.5f} nats"),
-            ("perplexity ≤", f"{self.perplexity_bound:.3f}  (95% CI {lo:.3f} – {hi:.3f})"),
-        ]
+        else:
+            rows += [
+                ("t draws per sequence", f"{self.num_samples} ({self.time_sampler})"),
+                ("nats / token", f"{self.nats_per_token:.4f} ± {self.stderr_nats_per_token:.4f}"),
+                ("bits / token", f"{self.bits_per_token:.4f} ± {self.stderr_nats_per_token / math.log(2):.4f}"),
+                ("  of which prior", f"{self.prior_nats_per_token:.5f} nats"),
+                ("perplexity ≤", f"{self.perplexity_bound:.3f}  (95% CI {lo:.3f} – {hi:.3f})"),
+            ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -96,6 +96,14 @@ def _make_step(kind, impl, graph, inp):
     return run
 
 
+def _check_step(out: torch.Tensor, inp: dict, graph, B: int, L: int) -> None:
+    """A step's tokens have the batch's shape and, on the absorbing graph, leave real tokens alone."""
+    assert out.shape == (B, L)
+    if graph.absorbing:
+        fixed = inp["x_t"] != graph.mask_id
+        assert torch.equal(out[fixed], inp["x_t"][fixed].to(out.dtype))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rows", [f"{B}x{L}" for B, L in SHAPES])
@@ -118,10 +126,7 @@ def test_reverse_step(benchmark, copy_bandwidth, measure_peak, device_label, gra
         if impl == "compiled":
             pytest.skip(f"torch.compile(reference) failed: {type(err).__name__}: {err}")
         raise
-    assert out.shape == (B, L)
-    if graph.absorbing:
-        fixed = inp["x_t"] != graph.mask_id
-        assert torch.equal(out[fixed], inp["x_t"][fixed].to(out.dtype))
+    _check_step(out, inp, graph, B, L)
     peak = measure_peak(step)
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP)
     stats = getattr(benchmark, "stats", None)
@@ -169,10 +174,7 @@ def test_truncated_reverse_step(benchmark, measure_peak, device_label, graph_nam
             return ops.analytic_step(inp["z"], inp["x_t"], inp["dsigma"], graph, gen, shift=inp["shift"], **kw)
 
     out = step()
-    assert out.shape == (B, L)
-    if graph.absorbing:
-        fixed = inp["x_t"] != graph.mask_id
-        assert torch.equal(out[fixed], inp["x_t"][fixed].to(out.dtype))
+    _check_step(out, inp, graph, B, L)
     peak = measure_peak(step)
     benchmark.pedantic(step, rounds=TRUNC_ROUNDS, warmup_rounds=WARMUP)
     buffer = inp["z"].numel() * inp["z"].element_size()

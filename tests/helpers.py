@@ -174,3 +174,48 @@ def reverse_step(kind, log_score, x_t, graph, gen):
     if kind == "analytic":
         return ops.analytic_step(log_score, x_t, torch.full((B,), 0.3), graph, gen)
     return ops.denoise_step(log_score, x_t, torch.full((B,), 0.3), graph, gen)
+
+
+# -- two CPU processes joined by gloo (DDP and FSDP2 tests) ------------------------------------------
+
+
+def _gloo_process(rank: int, world: int, port: int, errors, worker) -> None:
+    import os
+    import warnings
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        worker(rank, world)
+    except BaseException as e:
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_two_processes(worker) -> None:
+    """Run ``worker(rank, world)`` (a module-level function: it is pickled) in two spawned CPU
+    processes joined by a gloo process group, one thread each; a failure in either fails the
+    calling test with the ranks' messages."""
+    import socket
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.start_processes(_gloo_process, args=(2, port, errors, worker), nprocs=2, start_method="spawn")
+    except Exception as e:
+        msgs = []
+        while not errors.empty():
+            msgs.append(errors.get())
+        pytest.fail(f"{msgs or e}")

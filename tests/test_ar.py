@@ -12,7 +12,7 @@ from sedd.losses import ar_loss
 from sedd.model import SEDD, ARModel
 from sedd.sampling import sample_ancestral
 from sedd.sampling.ancestral import truncate_probs
-from tests.helpers import chi2_pvalue
+from tests.helpers import chi2_pvalue, run_on_two_processes
 
 N, L = 11, 12
 
@@ -297,16 +297,24 @@ def test_fixed_text_after_generated_text_warns_and_bad_arguments():
 # -- checkpoints -------------------------------------------------------------------------------------
 
 
-def test_checkpoint_round_trip_and_the_other_class_refuses_it(tmp_path):
+def _byte_checkpoint(folder):
+    """A one-block AR model over byte tokens (length 16) saved with its tokenizer in ``folder``;
+    its output weights drawn larger than at init, so samples differ from draw to draw."""
     from sedd.data import get_tokenizer
-    from sedd.pretrained import load_pretrained
 
     tok = get_tokenizer("bytes")
     model = ARModel(ARModel.config_for("cpu", tokens=tok.vocab_size, n_blocks=1, length=16))
     with torch.no_grad():
         model.output_layer.linear.weight.normal_()
-    model.save_pretrained(tmp_path)
-    tok.save(tmp_path / "tokenizer.json")
+    model.save_pretrained(folder)
+    tok.save(folder / "tokenizer.json")
+    return model, tok
+
+
+def test_checkpoint_round_trip_and_the_other_class_refuses_it(tmp_path):
+    from sedd.pretrained import load_pretrained
+
+    model, tok = _byte_checkpoint(tmp_path)
     p = load_pretrained(tmp_path, device="cpu")
     assert isinstance(p.model, ARModel) and p.objective == "ar" and p.graph is None and p.noise is None
     for name, value in model.state_dict().items():
@@ -323,15 +331,9 @@ def test_checkpoint_round_trip_and_the_other_class_refuses_it(tmp_path):
 
 def test_generate_and_the_harness_with_an_autoregressive_checkpoint(tmp_path):
     from sedd import generate, generate_samples
-    from sedd.data import get_tokenizer
     from sedd.harness import SEDDLM, HarnessError
 
-    tok = get_tokenizer("bytes")
-    model = ARModel(ARModel.config_for("cpu", tokens=tok.vocab_size, n_blocks=1, length=16))
-    with torch.no_grad():
-        model.output_layer.linear.weight.normal_()
-    model.save_pretrained(tmp_path)
-    tok.save(tmp_path / "tokenizer.json")
+    _, tok = _byte_checkpoint(tmp_path)
     texts = generate(str(tmp_path), ["def ", "x = "], length=12, seed=0, device="cpu")
     assert texts[0].startswith("def ") and texts[1].startswith("x = ")
     assert texts == generate(str(tmp_path), ["def ", "x = "], length=12, seed=0, device="cpu")
@@ -367,61 +369,33 @@ def test_no_sigma_input_and_the_trunk_of_sedd():
 # -- DDP and FSDP2 on CPU: gloo, two processes -------------------------------------------------------
 
 
-def _distributed_worker(rank, world, port, errors):
-    import os
-
-    import torch.distributed as dist
+def _distributed_worker(rank, world):
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        x = _tokens(B=2, seed=10 + rank)
-        for wrap in ("ddp", "fsdp"):
-            model = _model(torch.float32)
-            if wrap == "ddp":
-                wrapped = DDP(model)
-            else:
-                for block in model.blocks:
-                    fully_shard(block)
-                fully_shard(model)
-                wrapped = model
-            grads = [_grads(model, lambda: ar_loss(wrapped, x, fused=fused)) for fused in (True, False)]
-            assert grads[0].keys() == grads[1].keys() and "output_layer.linear.weight" in grads[0], wrap
-            for name, a in grads[0].items():
-                b = grads[1][name]
-                if wrap == "fsdp":  # DTensor shards: compare this rank's shard
-                    a, b = a.to_local(), b.to_local()
-                assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (wrap, name)
-            if wrap == "fsdp":  # train/run.py's samples under FSDP: the forward on every position, no cache
-                model.eval()
-                x = sample_ancestral(model, batch_size=2, length=L, generator=torch.Generator().manual_seed(0),
-                                     kv_cache=False)
-                assert x.shape == (2, L) and int(x.max()) < N
-    except BaseException as e:
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
-    finally:
-        dist.destroy_process_group()
+    x = _tokens(B=2, seed=10 + rank)
+    for wrap in ("ddp", "fsdp"):
+        model = _model(torch.float32)
+        if wrap == "ddp":
+            wrapped = DDP(model)
+        else:
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+            wrapped = model
+        grads = [_grads(model, lambda: ar_loss(wrapped, x, fused=fused)) for fused in (True, False)]
+        assert grads[0].keys() == grads[1].keys() and "output_layer.linear.weight" in grads[0], wrap
+        for name, a in grads[0].items():
+            b = grads[1][name]
+            if wrap == "fsdp":  # DTensor shards: compare this rank's shard
+                a, b = a.to_local(), b.to_local()
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (wrap, name)
+        if wrap == "fsdp":  # train/run.py's samples under FSDP: the forward on every position, no cache
+            model.eval()
+            x = sample_ancestral(model, batch_size=2, length=L, generator=torch.Generator().manual_seed(0),
+                                 kv_cache=False)
+            assert x.shape == (2, L) and int(x.max()) < N
 
 
 def test_ddp_and_fsdp2_gradients_of_the_fused_head_match_the_logits_path():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    try:
-        mp.start_processes(_distributed_worker, args=(2, port, errors), nprocs=2, start_method="spawn")
-    except Exception as e:
-        msgs = []
-        while not errors.empty():
-            msgs.append(errors.get())
-        pytest.fail(f"{msgs or e}")
+    run_on_two_processes(_distributed_worker)

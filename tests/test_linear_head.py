@@ -1,19 +1,16 @@
 """The fused head in the model and the training loss: the same loss and gradients as the logits
 path, in one process and under DDP and FSDP2 (gloo, two processes)."""
 
-import os
-import socket
-import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from sedd import ops
 from sedd.graph import get_graph
 from sedd.losses import score_entropy_loss, unwrap
 from sedd.model import SEDD
 from sedd.noise import noise_from_config
+from tests.helpers import run_on_two_processes
 
 
 def _model(graph, seed=0, tokens=11):
@@ -114,55 +111,30 @@ def test_training_reproduces_the_logits_path(graph):
 # -- DDP and FSDP2 on CPU: gloo, two processes --------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _distributed_worker(rank, world, port, errors):
-    import torch.distributed as dist
+def _distributed_worker(rank, world):
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        for wrap in ("ddp", "fsdp"):
-            model, g, noise, _ = _setup("absorb")
-            x0 = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(10 + rank))
-            if wrap == "ddp":
-                wrapped = DDP(model)
-            else:
-                fully_shard(model.blocks[0])
-                fully_shard(model)
-                wrapped = model
-            _, grads_u = _loss_and_grads(wrapped, x0, g, noise, False)
-            _, grads_f = _loss_and_grads(wrapped, x0, g, noise, True)
-            assert grads_f.keys() == grads_u.keys() and "output_layer.linear.weight" in grads_u, wrap
-            for name, gu in grads_u.items():
-                gf = grads_f[name]
-                if wrap == "fsdp":  # DTensor shards: compare this rank's shard
-                    gu, gf = gu.to_local(), gf.to_local()
-                head = name.startswith("output_layer.linear")
-                assert not head or gf.numel() == 0 or gf.abs().max() > 0, f"{wrap}: {name} got no gradient"
-                _assert_same(gf, gu)
-    except BaseException as e:
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
-    finally:
-        dist.destroy_process_group()
+    for wrap in ("ddp", "fsdp"):
+        model, g, noise, _ = _setup("absorb")
+        x0 = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(10 + rank))
+        if wrap == "ddp":
+            wrapped = DDP(model)
+        else:
+            fully_shard(model.blocks[0])
+            fully_shard(model)
+            wrapped = model
+        _, grads_u = _loss_and_grads(wrapped, x0, g, noise, False)
+        _, grads_f = _loss_and_grads(wrapped, x0, g, noise, True)
+        assert grads_f.keys() == grads_u.keys() and "output_layer.linear.weight" in grads_u, wrap
+        for name, gu in grads_u.items():
+            gf = grads_f[name]
+            if wrap == "fsdp":  # DTensor shards: compare this rank's shard
+                gu, gf = gu.to_local(), gf.to_local()
+            head = name.startswith("output_layer.linear")
+            assert not head or gf.numel() == 0 or gf.abs().max() > 0, f"{wrap}: {name} got no gradient"
+            _assert_same(gf, gu)
 
 
 def test_ddp_and_fsdp2_gradients_match_the_logits_path():
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    try:
-        mp.start_processes(_distributed_worker, args=(2, _free_port(), errors), nprocs=2, start_method="spawn")
-    except Exception as e:
-        msgs = []
-        while not errors.empty():
-            msgs.append(errors.get())
-        pytest.fail(f"{msgs or e}")
+    run_on_two_processes(_distributed_worker)

@@ -183,6 +183,7 @@ def check_outputs(outputs: Sequence[tuple[str, str | None]],
 
 
 DEFAULT_STEPS_LIST = "16,32,64"
+DEFAULT_PREDICTOR, DEFAULT_EPS = "analytic", 1e-5  # an AR checkpoint refuses anything else (check_objective_options)
 
 
 def add_sampler_options(group, *, steps_list: bool = False) -> None:
@@ -204,7 +205,7 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
             help="reverse-process steps, one model call each (default: --length, as in the paper; "
             "fewer is faster, e.g. 128, at some cost in quality, more so for euler)",
         )
-    group.add_argument("--sampler", "--predictor", dest="predictor", choices=PREDICTORS, default="analytic",
+    group.add_argument("--sampler", "--predictor", dest="predictor", choices=PREDICTORS, default=DEFAULT_PREDICTOR,
                        help="predictor of every step (default: analytic); first_hitting: one network evaluation "
                             "per generated token, or per --tokens-per-step tokens (no --steps)")
     group.add_argument("--cache", nargs="?", const="on", default="off", choices=list(CACHE_CHOICES),
@@ -229,7 +230,7 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
     group.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
                        help="autoregressive checkpoints: keep the keys and values of earlier positions, one new "
                             "position per evaluation (default); --no-kv-cache re-runs the whole prefix each time")
-    group.add_argument("--eps", type=float, default=1e-5, help="final time of the grid, in (0, 1) (default: 1e-5)")
+    group.add_argument("--eps", type=float, default=DEFAULT_EPS, help="final time of the grid, in (0, 1) (default: 1e-5)")
     group.add_argument("--length", type=int, help="tokens per sample (default: the model's training length); "
                        "longer than the model's length is generated window by window (--window, --stride)")
     group.add_argument("--window", type=int, help="semi-autoregressive window: tokens the model sees at once "
@@ -281,10 +282,10 @@ def check_objective_options(args: argparse.Namespace, objective: str) -> None:
     ("sedd") have no --temperature and no --no-kv-cache."""
     if objective == "ar":
         given = [flag for flag, used in (("--steps", args.steps is not None),
-                                         ("--sampler", args.predictor != "analytic"),
+                                         ("--sampler", args.predictor != DEFAULT_PREDICTOR),
                                          ("--cache", args.cache != "off"),
                                          ("--tokens-per-step", args.tokens_per_step is not None),
-                                         ("--eps", args.eps != 1e-5)) if used]
+                                         ("--eps", args.eps != DEFAULT_EPS)) if used]
         if given:
             verb = "applies" if len(given) == 1 else "apply"
             raise InputError(f"{', '.join(given)} {verb} to diffusion checkpoints; this one is autoregressive "

@@ -75,8 +75,12 @@ def test_training_writes_an_autoregressive_checkpoint(trained):
 def test_resume_is_exact_and_keeps_the_objective(env, trained, tmp_path):
     out = tmp_path / "resumed"
     assert train(env, *TINY, "--max-steps", 5, "--out", out).returncode == 0
+    # No --threads: the resumed run keeps the saved one thread per process, whatever the
+    # machine's default, so the bytes below match (a CPU sum's rounding depends on the count).
     result = train(env, "--resume", "--out", out, "--max-steps", 10)
     assert result.returncode == 0, result.stderr
+    if len(os.sched_getaffinity(0)) > 1:
+        assert "threads: 1 per process, as the run was saved with" in result.stdout
     assert (out / "model.safetensors").read_bytes() == (trained / "model.safetensors").read_bytes()
     bad = train(env, "--resume", "--out", out, "--max-steps", 12, "--objective", "sedd")
     assert bad.returncode == 2 and "cannot change objective" in bad.stderr

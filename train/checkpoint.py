@@ -127,7 +127,8 @@ def save_checkpoint(out: Path, *, net: torch.nn.Module, ema: dict, optimizer, st
                      lambda tmp: tmp.write_text(json.dumps({**config, "step": step}, indent=2) + "\n"))
         training_state = {"format": STATE_FORMAT, "step": step, "cfg": cfg, "config": config, "model": raw,
                           "ema": ema_full, "optimizer": optim, "data": batches.state_dict(), "rng": rng_state(),
-                          "metrics": metrics, "log_window": dict(log_window)}
+                          "metrics": metrics, "log_window": dict(log_window),
+                          "threads": torch.get_num_threads()}
         atomic_write(out / STATE_FILE, lambda tmp: torch.save(training_state, tmp))  # the commit point
         plot_losses(metrics, out / "loss.png", loss_label)
     if dist.is_initialized():

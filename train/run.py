@@ -44,7 +44,8 @@ Flags given with it may change how the run continues (--max-steps, --lr, --eval-
 not what it trains: the data, tokenizer, model shape, diffusion, global batch and seed must stay
 (asking to change them is an error). Every step draws its randomness (t, forward noise, dropout)
 from generators seeded by (seed, step, micro-batch, rank), and the data iterator's position is
-saved, so with the same number of processes an interrupted run continues bit-identically. On
+saved, so with the same number of processes an interrupted run continues bit-identically (on CPU,
+also with the same threads per process: --resume keeps the saved count unless --threads is given). On
 another number of processes (more or fewer) the micro-batch and the accumulation are derived again
 (the checkpoint's micro-batch, or the largest below it that divides the new share of the global
 batch; --batch-size picks one), so any number of processes that divides the global batch resumes it.
@@ -236,6 +237,7 @@ def main(argv=None):
     if use_cuda and not torch.cuda.is_available():
         stop("--device cuda, but CUDA is not available", 2)
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    thread_note = None
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast: TF32 is plenty
@@ -244,10 +246,20 @@ def main(argv=None):
         # Processes on one machine share its cores; oversubscribing them slows every process down.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(args.threads or max(1, cores // local_world))
+        threads = args.threads or max(1, cores // local_world)
+        # A CPU sum's rounding depends on how many threads split it, so a resumed run keeps the
+        # count it was saved with (unless --threads says otherwise) to continue bit-identically.
+        saved_threads = state.get("threads") if state is not None else None
+        if not args.threads and saved_threads and saved_threads != threads \
+                and saved_threads * local_world <= cores:
+            threads = saved_threads
+            thread_note = f"threads: {threads} per process, as the run was saved with (--threads changes it)"
+        torch.set_num_threads(threads)
     if distributed:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     log = tqdm.write if master else (lambda message: None)
+    if thread_note:
+        log(thread_note)
     grad_accum, L = cfg["grad_accum"], cfg["length"]
 
     # -------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ Score entropy, with g = weight · (1/B for "batchmean") the per-row gradient sca
 With ``inplace_backward=True`` log_score's storage holds the gradient after the forward
 ("sum"/"batchmean") or after the backward ("none"): the caller must not read log_score
 afterwards. The fused reductions' backward may run once (retain_graph then a second backward
-raises). A non-contiguous log_score is copied first (the storage reuse then is the copy's).
+raises). Rows may have any batch and position strides (a view of padded rows is read in place, and
+its gradient buffer is padded alike); a log_score whose columns are not contiguous is copied first
+(the storage reuse then is the copy's).
 Gradients w.r.t. sigma, shift and weight are not computed (None): they depend on σ, not on
 trained parameters.
 
@@ -70,6 +72,16 @@ def _loss_like(log_score: torch.Tensor) -> torch.Tensor:
     return log_score.new_empty(log_score.shape[:2], dtype=torch.float32)
 
 
+def _like_rows(log_score: torch.Tensor) -> torch.Tensor:
+    """A gradient buffer laid out as ``log_score``: for a view of padded rows (the model's padded
+    head, row stride > V) a padded buffer, so the kernel's 16-byte windows fit its rows too."""
+    B, L, V = log_score.shape
+    st = log_score.stride()
+    if st[2] != 1 or st[1] < V or st[0] < L * st[1]:  # overlapping or permuted: a contiguous buffer
+        return torch.empty_like(log_score, memory_format=torch.contiguous_format)
+    return torch.empty_strided(log_score.shape, st, dtype=log_score.dtype, device=log_score.device)
+
+
 # The arguments of one score-entropy call after the scores (ScoreEntropySpec.flat()), as a schema.
 _SPEC = "Tensor sigma, Tensor x_t, Tensor x0, Tensor? shift, Tensor? weight, bool absorbing, int block_v"
 
@@ -94,11 +106,11 @@ def _se_fwd(log_score, *spec):
 
 
 @_op("score_entropy_fwd_grad", f"(Tensor log_score, {_SPEC}, float grad_scale) -> (Tensor, Tensor)",
-     fake=lambda log_score, *_: (_loss_like(log_score), torch.empty_like(log_score)))
+     fake=lambda log_score, *_: (_loss_like(log_score), _like_rows(log_score)))
 def _se_fwd_grad(log_score, *spec_and_scale):
     """(loss [B, L] fp32, grad_scale · ∂Σloss/∂log_score [B, L, V] in log_score's dtype), one pass."""
     *spec, grad_scale = spec_and_scale
-    grad = torch.empty_like(log_score)
+    grad = _like_rows(log_score)
     return ScoreEntropySpec(*spec).launch(log_score, grad=grad, grad_scale=grad_scale), grad
 
 
@@ -111,10 +123,10 @@ def _se_fwd_grad_inplace(log_score, *spec_and_scale):
 
 
 @_op("score_entropy_bwd", f"(Tensor grad_loss, Tensor log_score, {_SPEC}) -> Tensor",
-     fake=lambda grad_loss, log_score, *_: torch.empty_like(log_score))
+     fake=lambda grad_loss, log_score, *_: _like_rows(log_score))
 def _se_bwd(grad_loss, log_score, *spec):
     """∂/∂log_score of Σ grad_loss·loss for a per-token grad_loss [B, L]; a new [B, L, V] buffer."""
-    grad = torch.empty_like(log_score)
+    grad = _like_rows(log_score)
     ScoreEntropySpec(*spec).launch(log_score, grad=grad, grad_output=grad_loss.float().contiguous(), compute_loss=False)
     return grad
 
@@ -190,8 +202,10 @@ def _fwd(log_score: torch.Tensor, spec: ScoreEntropySpec) -> torch.Tensor:
 
 
 def score_entropy(log_score: torch.Tensor, spec: ScoreEntropySpec, reduction: str, inplace_backward: bool):
-    """Validated arguments -> the loss ([B, L] fp32, or a scalar for "sum"/"batchmean")."""
-    log_score = log_score.contiguous()
+    """Validated arguments -> the loss ([B, L] fp32, or a scalar for "sum"/"batchmean"). Rows may be
+    a view of padded rows (row stride > V): the kernel reads them in place, no copy."""
+    if log_score.stride(2) != 1:
+        log_score = log_score.contiguous()
     if log_score.requires_grad and torch.is_grad_enabled():
         return _ScoreEntropy.apply(log_score, reduction, bool(inplace_backward), *spec.flat())
     loss = _fwd(log_score, spec)

@@ -80,12 +80,12 @@ def test_sample_cache_draws_the_same_tokens_with_fewer_evaluations(capsys, free_
     plain = _sample(capsys, free_ckpt, "--steps", 40)
     cached = _sample(capsys, free_ckpt, "--steps", 40, "--cache")
     assert [s["tokens"] for s in cached["samples"]] == [s["tokens"] for s in plain["samples"]]
-    assert cached["cache"] == "on" and cached["nfe_mean"] < plain["nfe_mean"] <= 41
+    assert cached["cache"] is True and cached["nfe_mean"] < plain["nfe_mean"] <= 41
 
 
 @pytest.mark.parametrize("args, message", [
     (["--cache"], "--time-conditioning off"),
-    (["--tokens-per-step", "0", "--predictor", "first_hitting"], "--tokens-per-step must be >= 1"),
+    (["--tokens-per-step", "0", "--predictor", "first_hitting"], "--tokens-per-step must be a positive integer"),
     (["--tokens-per-step", "2"], "applies to the first_hitting predictor"),
     (["--predictor", "first_hitting", "--steps", "8"], "--steps does not apply to first_hitting"),
     (["--cache", "sometimes"], "invalid choice"),
@@ -105,7 +105,7 @@ def test_quality_records_nfe(capsys, free_ckpt, judge_dir):
     assert [(r["tokens_per_step"], r["steps"], r["nfe"]) for r in records] == [(1, None, L), (4, None, L / 4)]
     assert quality.main([*common, "--steps", "40", "--cache"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["cache"] == "on" and result["records"][0]["nfe"] < 41
+    assert result["cache"] is True and result["records"][0]["nfe"] < 41
 
 
 def test_eval_loads_a_model_without_time_conditioning(capsys, free_ckpt, tmp_path):

@@ -234,16 +234,16 @@ def test_bad_input_is_one_line(ckpt, judge_dir, capsys):
 
 def test_longer_than_the_model_is_sampled_window_by_window_with_truncation(ckpt, judge_dir, tmp_path, capsys,
                                                                             monkeypatch):
-    import sedd.generation
+    import sedd.objectives
 
     seen = []
-    real = sedd.generation.sample
+    real = sedd.objectives.sample
 
-    def spy(*args, **kwargs):
-        seen.append((kwargs["length"], kwargs.get("top_p"), kwargs.get("top_k")))
-        return real(*args, **kwargs)
+    def spy(*args, spec, **kwargs):
+        seen.append((kwargs["length"], spec.top_p, spec.top_k))
+        return real(*args, spec=spec, **kwargs)
 
-    monkeypatch.setattr(sedd.generation, "sample", spy)
+    monkeypatch.setattr(sedd.objectives, "sample", spy)
     path = tmp_path / "q.json"
     # the model's length is 32: 48 tokens are two windows, ending at 32 and 48 (stride 16)
     assert quality.main([str(ckpt), "--judge", str(judge_dir), "--steps", "2", "--num-samples", "2", "--length", "48",
@@ -265,7 +265,7 @@ def test_outputs_and_values_are_checked_before_any_work(ckpt, judge_dir, tmp_pat
         (["--json", str(tmp_path / "q"), "--plot", str(tmp_path / "q")], "--json writes the same file"),
         (["--seed", str(10**23)], "--seed must be in [0, 2**64)"),
         (["--threads", "100000"], "--threads must be at most the"),
-        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--top-p", "1.5"], "--top-p must be a number in (0, 1]"),
     ]:
         assert quality.main([str(ckpt), "--judge", str(judge_dir), "--num-samples", "2", *extra]) == 2, extra
         err = capsys.readouterr().err.strip()

@@ -73,6 +73,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/quality.py`: the package of this checkout, installed or not
@@ -87,19 +88,17 @@ from train.cli import (
     ArgumentParser,
     InputError,
     add_sampler_options,
-    check_objective_options,
     check_outputs,
     check_positive,
-    check_sampler_options,
     check_seed,
+    check_spec,
     check_threads,
     checkpoint_inputs,
     files_of,
     load_checkpoint,
     main_with_exit_codes,
-    nfe_options,
     parse_steps,
-    plan_sampling,
+    sampling_spec,
 )
 from train.judge import Judge, judge_source, load_judge, windows  # noqa: F401  (windows: quality.windows)
 
@@ -305,7 +304,6 @@ def plot(records: list[dict], reference: dict | None, path: str, title: str) -> 
 
 
 def _check_args(args) -> None:
-    check_sampler_options(args)
     check_positive(args, ("num_samples", "batch_size", "judge_batch_size"))
     if args.num_samples < 2:
         raise InputError("--num-samples must be >= 2: the confidence interval comes from the spread over sequences")
@@ -321,50 +319,44 @@ def _check_args(args) -> None:
 
 def run(args) -> int:
     _check_args(args)
+    # one record per cost: --steps LIST (the diffusion samplers), or first hitting's
+    # --tokens-per-step LIST; an autoregressive checkpoint's is fixed, one record
+    steps_list = parse_steps(args.steps) if args.steps else None
+    k_list = parse_steps(args.tokens_per_step, "--tokens-per-step") if args.tokens_per_step else None
+    spec = sampling_spec(args, steps=steps_list[0] if steps_list else None,
+                         tokens_per_step=k_list[0] if k_list else None)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.threads:
         torch.set_num_threads(args.threads)
     judge_source(args.judge)  # an unusable judge fails here, in seconds, before anything loads
     pre = load_checkpoint(args)
-    check_objective_options(args, pre.objective)
-    autoregressive = pre.objective == "ar"
-    # one record per cost: an autoregressive checkpoint has one; first hitting's is set by the
-    # tokens it unmasks per evaluation, the other samplers' by their steps
-    first_hitting = not autoregressive and args.predictor == "first_hitting"
-    if autoregressive:
-        variants = [(None, None)]
-    elif first_hitting:
-        variants = [(None, k) for k in parse_steps(args.tokens_per_step or "1", "--tokens-per-step")]
+    # the sampler options against the checkpoint, before the judge loads
+    objective, plan = check_spec(spec, pre, args.length, "quality.py")
+    if spec.applies("steps", objective):
+        variants = [replace(spec, steps=n) for n in steps_list or parse_steps(DEFAULT_STEPS_LIST)]
+    elif spec.applies("tokens_per_step", objective):
+        variants = [replace(spec, tokens_per_step=k) for k in k_list or [None]]
     else:
-        variants = [(steps, None) for steps in parse_steps(args.steps or DEFAULT_STEPS_LIST)]
-    sampler = "ancestral" if autoregressive else f"{args.predictor} predictor"
+        variants = [spec]
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
     judge = load_judge(args.judge, device, first_token=args.first_token, context=args.judge_context,
                        progress=progress)
-    plan = plan_sampling(args, model, pre.noise, "quality.py")
     length = plan.length
-    cache = nfe_options(args, model)["cache"]
-    per = ("" if autoregressive else f" per tokens-per-step {[k for _, k in variants]}" if first_hitting
-           else f" per step count {[steps for steps, _ in variants]}")
-    print(f"quality.py: {args.num_samples} samples of {length} tokens{per}, "
-          f"{sampler}, judge {args.judge} (context {judge.context}, first token "
-          f"{args.first_token}) on {device}", file=sys.stderr)
+    resolved = dict(steps=min(length, plan.window), window=plan.window, stride=plan.stride)
+    print(f"quality.py: {args.num_samples} samples of {length} tokens, "
+          f"{'; '.join(v.describe(objective, **resolved) for v in variants)}, judge {args.judge} "
+          f"(context {judge.context}, first token {args.first_token}) on {device}", file=sys.stderr)
 
     records = []
-    for steps, tokens_per_step in variants:
+    for variant in variants:
         generator = torch.Generator(device=device).manual_seed(args.seed)
         parts, nfe, wall = [], [], 0.0
         for start in range(0, args.num_samples, args.batch_size):
             b = min(args.batch_size, args.num_samples - start)
             began = time.perf_counter()
-            # steps: first hitting and the ancestral sampler read none
-            x, stats = sample_blockwise(
-                model, pre.graph, pre.noise, batch_size=b, length=length, window=plan.window, stride=plan.stride,
-                steps=steps or plan.window, predictor=args.predictor, eps=args.eps, generator=generator, device=device,
-                progress=progress, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
-                kv_cache=args.kv_cache, cache=cache, tokens_per_step=tokens_per_step, return_stats=True,
-            )
+            x, stats = sample_blockwise(model, pre.graph, pre.noise, batch_size=b, length=length, spec=variant,
+                                        generator=generator, device=device, progress=progress, return_stats=True)
             parts.append(x.cpu())
             nfe.append(stats.nfe)
             if device.type == "cuda":
@@ -373,8 +365,9 @@ def run(args) -> int:
         tokens = torch.cat(parts)
         texts = [tokenizer.decode(row) for row in tokens]
         began = time.perf_counter()
-        record = {"steps": steps, "tokens_per_step": tokens_per_step, **sample_stats(tokens, texts, judge, args,
-                                                                                      progress)}
+        ran = variant.record(objective, **resolved)
+        record = {"steps": ran["steps"], "tokens_per_step": ran["tokens_per_step"],
+                  **sample_stats(tokens, texts, judge, args, progress)}
         record.update(
             wall_s=wall, tokens_per_s=tokens.numel() / wall, judge_s=time.perf_counter() - began,
             num_samples=len(tokens), length=length, nfe=float(torch.cat(nfe).double().mean()),
@@ -400,19 +393,11 @@ def run(args) -> int:
         "checkpoint": args.checkpoint,
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
         "objective": pre.objective,
-        "graph": None if autoregressive else pre.graph.name,
-        "predictor": "ancestral" if autoregressive else args.predictor,
-        "cache": None if autoregressive else args.cache,
-        "tokens_per_step": [k for _, k in variants] if first_hitting else None,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "temperature": args.temperature if autoregressive else None,
-        "kv_cache": args.kv_cache if autoregressive else None,
+        "graph": pre.graph.name if pre.graph is not None else None,
+        # what ran; steps and tokens_per_step, which vary between records, are in each record
+        **{k: v for k, v in spec.record(objective, **resolved).items() if k not in ("steps", "tokens_per_step")},
         "length": length,
-        "window": plan.window,
-        "stride": plan.stride,
         "num_samples": args.num_samples,
-        "eps": None if autoregressive else args.eps,
         "seed": args.seed,
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -430,8 +415,8 @@ def run(args) -> int:
         else:
             Path(args.json).write_text(payload, encoding="utf-8")
     if args.plot:
-        plot(records, reference, args.plot,
-             f"{args.checkpoint}: {sampler}, {args.num_samples} x {length} tokens, judge {args.judge}")
+        plot(records, reference, args.plot, f"{args.checkpoint}: {result['sampler']} sampler, {args.num_samples} x "
+             f"{length} tokens, judge {args.judge}")
     return 0
 
 

@@ -81,17 +81,15 @@ from train.cli import (
     ArgumentParser,
     InputError,
     add_sampler_options,
-    check_objective_options,
     check_outputs,
     check_positive,
-    check_sampler_options,
     check_seed,
+    check_spec,
     check_threads,
     checkpoint_inputs,
     load_checkpoint,
     main_with_exit_codes,
-    nfe_options,
-    plan_sampling,
+    sampling_spec,
 )
 
 # Rows per sampler call when --max-batch-rows is not given: what a CPU gets through in reasonable
@@ -278,7 +276,6 @@ def request_seed(seed: int, line: int) -> int:
 
 
 def _check_args(args) -> None:
-    check_sampler_options(args)
     check_positive(args, ("batch_size", "max_batch_rows"))
     check_seed(args.seed)
     check_threads(args.threads)
@@ -310,6 +307,7 @@ def _described(spans: list[Span]) -> list[dict]:
 
 def run(args) -> int:
     _check_args(args)
+    spec = sampling_spec(args)
     jsonl, outputs = _outputs(args)
     inputs = checkpoint_inputs(args.checkpoint, args.tokenizer)
     if args.input not in (None, "-"):
@@ -320,17 +318,14 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     pre = load_checkpoint(args)
-    check_objective_options(args, pre.objective)
+    objective, plan = check_spec(spec, pre, args.length, "sample.py")
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
-    plan = plan_sampling(args, model, pre.noise, "sample.py")
     length = plan.length
-    autoregressive = pre.objective == "ar"
-    # network evaluations per window: an autoregressive model takes one per token
-    steps = plan.window if autoregressive else args.steps or min(length, plan.window)
+    # what the sampler resolves: steps per window (the diffusion samplers' default), the windows
+    resolved = dict(steps=min(length, plan.window), window=plan.window, stride=plan.stride)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     max_rows = args.max_batch_rows or DEFAULT_MAX_BATCH_ROWS.get(device.type, DEFAULT_MAX_BATCH_ROWS["cpu"])
-    nfe_kwargs = nfe_options(args, model)
 
     # Every request's spans are checked before the first sample is drawn.
     if requests:
@@ -346,19 +341,9 @@ def run(args) -> int:
         "checkpoint": args.checkpoint,
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
         "objective": pre.objective,
-        "graph": pre.graph.name if not autoregressive else None,
+        "graph": pre.graph.name if pre.graph is not None else None,
         "length": length,
-        "window": plan.window,
-        "stride": plan.stride,
-        "steps": None if autoregressive else steps,
-        "sampler": "ancestral" if autoregressive else args.predictor,
-        "cache": None if autoregressive else args.cache,
-        "tokens_per_step": args.tokens_per_step,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "temperature": args.temperature if autoregressive else None,
-        "kv_cache": args.kv_cache if autoregressive else None,
-        "eps": None if autoregressive else args.eps,
+        **spec.record(objective, **resolved),  # what ran: None for what does not apply
         "batch_size": args.batch_size,
         "max_batch_rows": max_rows,
         "seed": seed,
@@ -383,13 +368,9 @@ def run(args) -> int:
                 fixed_tokens = fixed_mask = None
                 if spans:
                     fixed_tokens, fixed_mask = spans_to_mask([spans] * rows, length, device=device)
-                x, stats = sample_blockwise(
-                    model, pre.graph, pre.noise, batch_size=rows, length=length, window=plan.window,
-                    stride=plan.stride, steps=steps, predictor=args.predictor, eps=args.eps,
-                    fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator, device=device,
-                    progress=progress, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
-                    kv_cache=args.kv_cache, return_stats=True, **nfe_kwargs,
-                )
+                x, stats = sample_blockwise(model, pre.graph, pre.noise, batch_size=rows, length=length, spec=spec,
+                                            fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
+                                            device=device, progress=progress, return_stats=True)
                 done += zip(x.cpu().tolist(), stats.nfe)
                 if not requests:
                     bar.update(rows)
@@ -415,10 +396,8 @@ def run(args) -> int:
     settings["nfe_mean"] = mean_nfe
     if not requests:
         settings["fixed"] = _described(jobs[0][2])
-    how = ("ancestral sampler, one network evaluation per token" if autoregressive
-           else f"{args.predictor} sampler" + (f", {steps} steps" if args.predictor != "first_hitting" else ""))
     header = (
-        f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {how}, "
+        f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {spec.describe(objective, **resolved)}, "
         + f"{mean_nfe:.1f} network evaluations per sample, seed {seed}, "
         + (f"{len(requests)} request(s) from {args.input}" if requests else f"{len(jobs[0][2])} fixed span(s)")
         + f", {elapsed:.1f}s on {device}"

@@ -25,6 +25,7 @@ import torch
 from sedd.data import get_corpus, load_tokens, train_bpe
 from sedd.graph import graph_from_config
 from sedd.losses import score_entropy_loss
+from sedd.metrics import judge_windows, load_judge
 from sedd.model import SEDD
 from sedd.noise import noise_from_config
 from tests.helpers import small_model_config
@@ -181,7 +182,7 @@ def test_windows_score_each_token_once_with_the_stated_context(tmp_path):
     judge_dir = _tiny_gpt2(tmp_path / "short", n_positions=8)
     texts = ["To be, or not to be, that is the question: whether 'tis nobler", "H", "a b c d e f g"]
     for first_token in ("bos", "skip"):
-        judge = quality.load_judge(str(judge_dir), torch.device("cpu"), first_token=first_token)
+        judge = load_judge(str(judge_dir), torch.device("cpu"), first_token=first_token)
         assert judge.context == 8
         nll, count = judge.score(texts, batch_size=2)
         for i, text in enumerate(texts):
@@ -202,7 +203,7 @@ def test_windows_cover_every_target_once():
     for n in (1, 2, 7, 8, 9, 16, 33):
         ids = list(range(n))
         scored = []
-        for w, k in quality.windows(ids, 8):
+        for w, k in judge_windows(ids, 8):
             assert len(w) <= 8 and 1 <= k < len(w)
             scored += w[len(w) - k :]
         assert scored == ids[1:]

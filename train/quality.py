@@ -38,8 +38,9 @@ The judge is any causal LM ``transformers`` loads (``AutoModelForCausalLM`` + ``
 a local directory (``save_pretrained`` layout; ``train/train_judge.py`` writes one) or a Hub id
 such as ``gpt2-large``. It runs in bf16 on CUDA and fp32 on CPU, in batches, with a progress bar.
 
-Scoring convention. The judge's tokenizer usually differs from the model's, so each sample is
-decoded to text with the checkpoint's tokenizer (EOS kept as ``<|endoftext|>``) and that text is
+Scoring convention (``sedd.metrics`` computes every number here). The judge's tokenizer usually
+differs from the model's, so each sample is decoded to text with the checkpoint's tokenizer (EOS
+kept as ``<|endoftext|>``) and that text is
 re-encoded with the judge's tokenizer without special tokens; the judge scores this canonical
 tokenization, not the sampler's token ids. With ``--first-token bos`` (the default) the judge's
 BOS token (its EOS when it has none, as GPT-2) is put in front and every text token is scored, the
@@ -70,7 +71,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import replace
@@ -83,6 +83,7 @@ import numpy as np
 import torch
 
 from sedd.generation import sample_blockwise
+from sedd.metrics import Judge, generation_metrics, judge_source, load_judge
 from train.cli import (
     DEFAULT_STEPS_LIST,
     ArgumentParser,
@@ -100,9 +101,6 @@ from train.cli import (
     parse_steps,
     sampling_spec,
 )
-from train.judge import Judge, judge_source, load_judge, windows  # noqa: F401  (windows: quality.windows)
-
-Z_95 = 1.959963984540054
 
 EXAMPLES = """\
 examples:
@@ -165,57 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------
-# Statistics
+# Statistics (sedd.metrics), with the judge's arguments named by their flags
 # ----------------------------------------------------------------------------------------------
 
-
-def unigram_entropy(tokens: torch.Tensor) -> np.ndarray:
-    """Entropy (nats) of the empirical token distribution of each row of [N, L] ids: [N] float64."""
-    out = np.empty(len(tokens), dtype=np.float64)
-    for i, row in enumerate(tokens):
-        counts = torch.unique(row, return_counts=True)[1].double()
-        p = counts / counts.sum()
-        out[i] = float(-(p * p.log()).sum())
-    return out
-
-
-def top_share(tokens: torch.Tensor) -> np.ndarray:
-    """Share of each row of [N, L] ids taken by its most frequent id: [N] float64."""
-    return np.array([float(torch.unique(row, return_counts=True)[1].max()) / len(row) for row in tokens])
-
-
-def perplexity_summary(nll: np.ndarray, count: np.ndarray) -> dict:
-    """exp(Σ nll / Σ n) with a 95% interval from the delta-method standard error of the ratio
-    over sequences (the sequences are the independent draws)."""
-    m, total = len(nll), int(count.sum())
-    if total == 0:
-        raise InputError("the judge scored no token at all: the samples decode to empty text")
-    mean = float(nll.sum() / total)
-    if m > 1:
-        resid = (nll - mean * count) / (total / m)
-        se = float(math.sqrt((resid**2).sum() / (m * (m - 1))))
-    else:
-        se = float("nan")
-    return {
-        "gen_ppl": math.exp(mean),
-        "gen_ppl_ci": [math.exp(mean - Z_95 * se), math.exp(mean + Z_95 * se)],
-        "nll": mean,
-        "nll_se": se,
-        "judge_tokens": total,
-    }
+JUDGE_FLAGS = {"judge": "--judge", "context": "--judge-context", "first_token": "--first-token"}
 
 
 def sample_stats(tokens: torch.Tensor, texts: list[str], judge: Judge, args, progress: bool) -> dict:
-    nll, count = judge.score(texts, batch_size=args.judge_batch_size, progress=progress)
-    entropy = unigram_entropy(tokens)
-    share = top_share(tokens)
-    return {
-        **perplexity_summary(nll, count),
-        "entropy": float(entropy.mean()),
-        "entropy_std": float(entropy.std(ddof=1)) if len(entropy) > 1 else 0.0,
-        "top_token_share": float(share.mean()),
-        "degenerate": float((share >= args.degenerate_share).mean()),
-    }
+    try:
+        return generation_metrics(tokens, texts, judge, batch_size=args.judge_batch_size,
+                                  degenerate_share=args.degenerate_share, progress=progress)
+    except ValueError as err:  # nothing scored: the samples decode to empty text
+        raise InputError(str(err)) from None
+
+
+def _judge(call, *args, **kwargs):
+    """``call`` (sedd.metrics' judge_source or load_judge) with its ValueError as the one-line error."""
+    try:
+        return call(*args, name=JUDGE_FLAGS.get, **kwargs)
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,7 +295,7 @@ def run(args) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.threads:
         torch.set_num_threads(args.threads)
-    judge_source(args.judge)  # an unusable judge fails here, in seconds, before anything loads
+    _judge(judge_source, args.judge)  # an unusable judge fails here, in seconds, before anything loads
     pre = load_checkpoint(args)
     # the sampler options against the checkpoint, before the judge loads
     objective, plan = check_spec(spec, pre, args.length, "quality.py")
@@ -340,8 +307,8 @@ def run(args) -> int:
         variants = [spec]
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
-    judge = load_judge(args.judge, device, first_token=args.first_token, context=args.judge_context,
-                       progress=progress)
+    judge = _judge(load_judge, args.judge, device, first_token=args.first_token, context=args.judge_context,
+                   progress=progress)
     length = plan.length
     resolved = dict(steps=min(length, plan.window), window=plan.window, stride=plan.stride)
     print(f"quality.py: {args.num_samples} samples of {length} tokens, "

@@ -127,11 +127,11 @@ class Objective:
 
     # -- sampling --------------------------------------------------------------------------------
 
-    def sample(self, model, *, batch_size: int, length: int, spec: SamplingSpec | None = None, fixed_tokens=None,
-               fixed_mask=None, generator=None, device=None, progress: bool = False,
-               **options) -> tuple[torch.Tensor, SamplingStats]:
-        """``batch_size`` sequences of ``length`` tokens from ``model`` by this objective's sampler,
-        as ``spec`` (and ``options``, its fields) says, and the network calls."""
+    def sample(self, model, **request) -> tuple[torch.Tensor, SamplingStats]:
+        """Samples from ``model`` by this objective's sampler, and the network calls: ``request``
+        holds :func:`sedd.sampling.sample`'s keyword arguments (``batch_size``, ``length``,
+        ``spec`` and/or its fields, ``fixed_tokens``, ``fixed_mask``, ``generator``, ``device``,
+        ``progress``); the spec is checked against the sampler."""
         raise NotImplementedError
 
     def training_spec(self, *, fsdp: bool = False) -> SamplingSpec:
@@ -251,11 +251,8 @@ class Diffusion(Objective):
         with torch.no_grad():
             score_entropy_loss(model, x, self.graph, self.noise, generator=generator, reduction="none")
 
-    def sample(self, model, *, batch_size, length, spec=None, fixed_tokens=None, fixed_mask=None, generator=None,
-               device=None, progress=False, **options):
-        return sample(model, self.graph, self.noise, batch_size=batch_size, length=length, spec=spec,
-                      fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator, device=device,
-                      progress=progress, return_stats=True, **options)
+    def sample(self, model, **request):
+        return sample(model, self.graph, self.noise, return_stats=True, **request)
 
     def training_spec(self, *, fsdp: bool = False) -> SamplingSpec:
         return SamplingSpec(steps=self.training["sample_steps"])
@@ -308,11 +305,8 @@ class Autoregressive(Objective):
         with torch.no_grad():
             ar_loss(model, x, reduction="none")
 
-    def sample(self, model, *, batch_size, length, spec=None, fixed_tokens=None, fixed_mask=None, generator=None,
-               device=None, progress=False, **options):
-        return sample_ancestral(model, batch_size=batch_size, length=length, spec=spec, fixed_tokens=fixed_tokens,
-                                fixed_mask=fixed_mask, generator=generator, device=device, progress=progress,
-                                return_stats=True, **options)
+    def sample(self, model, **request):
+        return sample_ancestral(model, return_stats=True, **request)
 
     def training_spec(self, *, fsdp: bool = False) -> SamplingSpec:
         # the KV cache reads the weights outside forward(), where FSDP2 has not gathered them:

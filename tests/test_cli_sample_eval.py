@@ -419,7 +419,7 @@ def test_sample_edge_values_are_refused(bpe_ckpt, capsys, args, message):
 
 
 def test_sample_outputs_are_checked_before_any_work(bpe_ckpt, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sample_cli, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
+    monkeypatch.setattr(sample_cli.cli, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
     requests = tmp_path / "requests.jsonl"
     requests.write_text('"ROMEO:"\n')
     before = {p.name: p.read_bytes() for p in bpe_ckpt.iterdir()}
@@ -631,7 +631,7 @@ def test_eval_sedd_protocol_reads_a_directory_as_its_split_file(bpe_ckpt, capsys
 
 
 def test_eval_outputs_and_values_are_checked_before_any_work(bpe_ckpt, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(eval_cli, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
+    monkeypatch.setattr(eval_cli.cli, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
     data = tmp_path / "data.txt"
     data.write_text(PTB.read_text())
     for args, message in [

@@ -257,7 +257,7 @@ def test_longer_than_the_model_is_sampled_window_by_window_with_truncation(ckpt,
 
 
 def test_outputs_and_values_are_checked_before_any_work(ckpt, judge_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(quality, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
+    monkeypatch.setattr(quality.cli, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
     for extra, message in [
         (["--plot", str(tmp_path / "missing" / "q.png")], "does not exist"),
         (["--json", str(tmp_path)], "that is a directory"),

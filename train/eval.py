@@ -82,18 +82,8 @@ from sedd.data import DETOKENIZERS, DOC_SPLITS, HF_DATASETS, auto_detokenizer, e
 from sedd.data.public import public_blocks, public_rows
 from sedd.likelihood import TIME_SAMPLERS, make_blocks
 from sedd.objectives import objective_of
-from train.cli import (
-    ArgumentParser,
-    InputError,
-    check_outputs,
-    check_positive,
-    check_seed,
-    check_threads,
-    checkpoint_inputs,
-    files_of,
-    load_checkpoint,
-    main_with_exit_codes,
-)
+from train import cli
+from train.cli import InputError
 
 EXAMPLES = """\
 examples:
@@ -114,7 +104,7 @@ ESTIMATOR_DEFAULTS = {"num_samples": 1000, "time_sampler": "stratified"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
+    p = cli.ArgumentParser(
         prog="eval.py",
         description="Monte-Carlo estimate of the SEDD likelihood bound (nats/token, bits/token, "
         "perplexity bound, with standard errors) of a checkpoint on a text corpus.",
@@ -187,9 +177,9 @@ def resolve_detokenizer(choice: str, data: str) -> tuple[str | None, str]:
 
 
 def _check_args(args) -> None:
-    check_positive(args, ("block_size", "batch_size", "max_blocks", "num_samples"))
-    check_threads(args.threads)
-    check_seed(args.seed)
+    cli.check_positive(args, ("block_size", "batch_size", "max_blocks", "num_samples"))
+    cli.check_threads(args.threads)
+    cli.check_seed(args.seed)
     if args.time_sampler == "antithetic" and args.num_samples % 2:
         raise InputError(f"--time-sampler antithetic pairs t with 1 − t: --num-samples must be even, got {args.num_samples}")
     if args.num_samples < 2:
@@ -239,13 +229,14 @@ def _print_cost(args, model, objective, blocks: torch.Tensor, device) -> None:
 
 def run(args) -> int:
     _check_args(args)
-    inputs = checkpoint_inputs(args.checkpoint, args.tokenizer) + files_of(f"a file of --data {args.data}", args.data)
-    check_outputs([("--json", args.json)], inputs)
+    inputs = [*cli.checkpoint_inputs(args.checkpoint, args.tokenizer),
+              *cli.files_of(f"a file of --data {args.data}", args.data)]
+    cli.check_outputs([("--json", args.json)], inputs)
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     started = time.perf_counter()
-    pre = load_checkpoint(args)
+    pre = cli.load_checkpoint(args)
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
     block_size = args.block_size or model.length
@@ -343,7 +334,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return main_with_exit_codes("eval.py", build_parser(), run, argv)
+    return cli.main_with_exit_codes("eval.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -84,23 +84,8 @@ import torch
 
 from sedd.generation import sample_blockwise
 from sedd.metrics import Judge, generation_metrics, judge_source, load_judge
-from train.cli import (
-    DEFAULT_STEPS_LIST,
-    ArgumentParser,
-    InputError,
-    add_sampler_options,
-    check_outputs,
-    check_positive,
-    check_seed,
-    check_spec,
-    check_threads,
-    checkpoint_inputs,
-    files_of,
-    load_checkpoint,
-    main_with_exit_codes,
-    parse_steps,
-    sampling_spec,
-)
+from train import cli
+from train.cli import InputError
 
 EXAMPLES = """\
 examples:
@@ -116,7 +101,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
+    p = cli.ArgumentParser(
         prog="quality.py",
         description="Generative perplexity (under an autoregressive judge, with a 95% confidence "
         "interval), unigram entropy, degeneracy and speed of a SEDD checkpoint's samples, for "
@@ -126,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors) or Hub id")
     s = p.add_argument_group("sampling")
-    add_sampler_options(s, steps_list=True)
+    cli.add_sampler_options(s, steps_list=True)
     s.add_argument("--num-samples", "-n", type=int, default=32, help="sequences per step count (default: 32)")
     s.add_argument("--batch-size", type=int, default=16, help="sequences per sampler call (default: 16)")
     s.add_argument("--seed", type=int, default=0,
@@ -271,36 +256,36 @@ def plot(records: list[dict], reference: dict | None, path: str, title: str) -> 
 
 
 def _check_args(args) -> None:
-    check_positive(args, ("num_samples", "batch_size", "judge_batch_size"))
+    cli.check_positive(args, ("num_samples", "batch_size", "judge_batch_size"))
     if args.num_samples < 2:
         raise InputError("--num-samples must be >= 2: the confidence interval comes from the spread over sequences")
     if not 0 < args.degenerate_share <= 1:
         raise InputError(f"--degenerate-share must be in (0, 1], got {args.degenerate_share}")
-    check_threads(args.threads, zero="torch's choice")
-    check_seed(args.seed)
-    inputs = [*checkpoint_inputs(args.checkpoint, args.tokenizer),
-              *files_of(f"a file of --judge {args.judge}", args.judge),
-              *files_of(f"a file of --reference-data {args.reference_data}", args.reference_data)]
-    check_outputs([("--json", args.json), ("--plot", args.plot)], inputs)
+    cli.check_threads(args.threads, zero="torch's choice")
+    cli.check_seed(args.seed)
+    inputs = [*cli.checkpoint_inputs(args.checkpoint, args.tokenizer),
+              *cli.files_of(f"a file of --judge {args.judge}", args.judge),
+              *cli.files_of(f"a file of --reference-data {args.reference_data}", args.reference_data)]
+    cli.check_outputs([("--json", args.json), ("--plot", args.plot)], inputs)
 
 
 def run(args) -> int:
     _check_args(args)
     # one record per cost: --steps LIST (the diffusion samplers), or first hitting's
     # --tokens-per-step LIST; an autoregressive checkpoint's is fixed, one record
-    steps_list = parse_steps(args.steps) if args.steps else None
-    k_list = parse_steps(args.tokens_per_step, "--tokens-per-step") if args.tokens_per_step else None
-    spec = sampling_spec(args, steps=steps_list[0] if steps_list else None,
+    steps_list = cli.parse_steps(args.steps) if args.steps else None
+    k_list = cli.parse_steps(args.tokens_per_step, "--tokens-per-step") if args.tokens_per_step else None
+    spec = cli.sampling_spec(args, steps=steps_list[0] if steps_list else None,
                          tokens_per_step=k_list[0] if k_list else None)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.threads:
         torch.set_num_threads(args.threads)
     _judge(judge_source, args.judge)  # an unusable judge fails here, in seconds, before anything loads
-    pre = load_checkpoint(args)
+    pre = cli.load_checkpoint(args)
     # the sampler options against the checkpoint, before the judge loads
-    objective, plan = check_spec(spec, pre, args.length, "quality.py")
+    objective, plan = cli.check_spec(spec, pre, args.length, "quality.py")
     if spec.applies("steps", objective):
-        variants = [replace(spec, steps=n) for n in steps_list or parse_steps(DEFAULT_STEPS_LIST)]
+        variants = [replace(spec, steps=n) for n in steps_list or cli.parse_steps(cli.DEFAULT_STEPS_LIST)]
     elif spec.applies("tokens_per_step", objective):
         variants = [replace(spec, tokens_per_step=k) for k in k_list or [None]]
     else:
@@ -388,7 +373,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return main_with_exit_codes("quality.py", build_parser(), run, argv)
+    return cli.main_with_exit_codes("quality.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

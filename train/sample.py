@@ -77,20 +77,8 @@ from tqdm.auto import tqdm
 
 from sedd.generation import sample_blockwise
 from sedd.sampling.spans import Span, fixed_spans, spans_to_mask
-from train.cli import (
-    ArgumentParser,
-    InputError,
-    add_sampler_options,
-    check_outputs,
-    check_positive,
-    check_seed,
-    check_spec,
-    check_threads,
-    checkpoint_inputs,
-    load_checkpoint,
-    main_with_exit_codes,
-    sampling_spec,
-)
+from train import cli
+from train.cli import InputError
 
 # Rows per sampler call when --max-batch-rows is not given: what a CPU gets through in reasonable
 # time per call, and what a GPU holds for the public checkpoints' 1024 positions.
@@ -118,7 +106,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
+    p = cli.ArgumentParser(
         prog="sample.py",
         description="Sample text from a SEDD checkpoint, unconditionally or with fixed spans "
         "(prefix, suffix, infilling at any token positions, templates). Each fixed text is tokenized "
@@ -144,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the literal text between holes is fixed",
     )
     s = p.add_argument_group("sampling")
-    add_sampler_options(s)
+    cli.add_sampler_options(s)
     s.add_argument("--batch-size", type=int, default=1, help="number of samples (of each --input request; default: 1)")
     s.add_argument("--max-batch-rows", type=int, metavar="N",
                    help="at most N rows (samples) per sampler call (default: "
@@ -276,9 +264,9 @@ def request_seed(seed: int, line: int) -> int:
 
 
 def _check_args(args) -> None:
-    check_positive(args, ("batch_size", "max_batch_rows"))
-    check_seed(args.seed)
-    check_threads(args.threads)
+    cli.check_positive(args, ("batch_size", "max_batch_rows"))
+    cli.check_seed(args.seed)
+    cli.check_threads(args.threads)
     if args.input is not None and (args.prefix or args.suffix or args.infill or args.template):
         raise InputError("--input gives the prefix, suffix, infill and template of every sample: "
                          "drop --prefix / --suffix / --infill / --template")
@@ -307,18 +295,18 @@ def _described(spans: list[Span]) -> list[dict]:
 
 def run(args) -> int:
     _check_args(args)
-    spec = sampling_spec(args)
+    spec = cli.sampling_spec(args)
     jsonl, outputs = _outputs(args)
-    inputs = checkpoint_inputs(args.checkpoint, args.tokenizer)
+    inputs = cli.checkpoint_inputs(args.checkpoint, args.tokenizer)
     if args.input not in (None, "-"):
         inputs.append((f"the --input file {args.input}", Path(args.input)))
-    check_outputs(outputs, inputs)
+    cli.check_outputs(outputs, inputs)
     requests = read_requests(args.input) if args.input is not None else []
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    pre = load_checkpoint(args)
-    objective, plan = check_spec(spec, pre, args.length, "sample.py")
+    pre = cli.load_checkpoint(args)
+    objective, plan = cli.check_spec(spec, pre, args.length, "sample.py")
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
     length = plan.length
@@ -432,7 +420,7 @@ def attach_option_values(argv: list[str], options=("--infill",)) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = attach_option_values(sys.argv[1:] if argv is None else list(argv))
-    return main_with_exit_codes("sample.py", build_parser(), run, argv)
+    return cli.main_with_exit_codes("sample.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,8 @@ def test_layouts_refusals_and_the_checkpoint(tmp_path):
         BlockSEDD(config)
     with pytest.raises(ValueError, match="time_conditioning: false"):
         BlockSEDD({**config, "model": {**config["model"], "block_size": 4, "time_conditioning": True}})
+    with pytest.raises(ValueError, match="model.block_size must be a positive integer"):
+        BlockSEDD({**config, "model": {**config["model"], "block_size": 2.0}})
     with pytest.raises(ValueError, match="block_size is missing"):
         BlockSEDD({**config, "model": {k: v for k, v in config["model"].items() if k != "block_size"}})
     with pytest.raises(ValueError, match="SDPA"):

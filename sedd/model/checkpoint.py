@@ -23,10 +23,13 @@ from sedd.io import atomic_write
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # What a checkpoint was trained for (config key "objective", absent in the public checkpoints):
-# "sedd", the diffusion model (sedd.model.SEDD), or "ar", the autoregressive baseline on the same
-# trunk (sedd.model.ARModel), which has no graph and no noise schedule.
-OBJECTIVES = ("sedd", "ar")
-MODEL_CLASSES = {"sedd": "sedd.model.SEDD", "ar": "sedd.model.ARModel"}
+# "sedd", the diffusion model (sedd.model.SEDD), "ar", the autoregressive baseline on the same
+# trunk (sedd.model.ARModel), which has no graph and no noise schedule, or "block", block
+# diffusion on the same trunk (sedd.model.BlockSEDD: SEDD's graph and noise, plus
+# model.block_size).
+OBJECTIVES = ("sedd", "ar", "block")
+MODEL_CLASSES = {"sedd": "sedd.model.SEDD", "ar": "sedd.model.ARModel", "block": "sedd.model.BlockSEDD"}
+DIFFUSION_OBJECTIVES = ("sedd", "block")  # the objectives with a graph and a noise schedule
 REQUIRED_MODEL_KEYS = ("hidden_size", "cond_dim", "n_blocks", "n_heads")
 DERIVED_KEYS = ("rotary_emb.inv_freq",)  # recomputed from the config: a checkpoint may omit them
 
@@ -74,11 +77,12 @@ def config_objective(config: Any) -> str:
 
 def normalise_config(config: Any, *, objective: str = "sedd") -> dict[str, Any]:
     """A plain-dict copy of a model config, checked for what the model of ``objective`` needs
-    (:class:`~sedd.model.SEDD` for "sedd", :class:`~sedd.model.ARModel` for "ar").
+    (:class:`~sedd.model.SEDD` for "sedd", :class:`~sedd.model.ARModel` for "ar",
+    :class:`~sedd.model.BlockSEDD` for "block").
 
     Accepts a dict or an OmegaConf DictConfig, and the ``{"config": {...}}`` wrapping that newer
     PyTorchModelHubMixin versions write. Raises TypeError / ValueError naming what is missing,
-    and ValueError for a config of the other objective (naming the class that loads it)."""
+    and ValueError for a config of another objective (naming the class that loads it)."""
     cfg = _to_plain(config)
     if not isinstance(cfg, dict):
         raise TypeError(f"config must be a dict (or an OmegaConf DictConfig), got {type(config).__name__}")
@@ -90,7 +94,7 @@ def normalise_config(config: Any, *, objective: str = "sedd") -> dict[str, Any]:
     if found != objective:
         raise ValueError(f"this is a config of objective {found!r}, which {MODEL_CLASSES[found]} loads, not "
                          f"{MODEL_CLASSES[objective]} (sedd.load_pretrained loads either)")
-    if objective == "sedd":
+    if objective in DIFFUSION_OBJECTIVES:
         graph = cfg.get("graph")
         graph_type = graph.get("type") if isinstance(graph, dict) else graph
         if graph_type not in GRAPHS:
@@ -129,7 +133,7 @@ def _check_field_types(cfg: dict[str, Any]) -> None:
     if not _is_int(cfg["tokens"]) or cfg["tokens"] < 1:
         raise bad("tokens", "a positive integer (the number of real tokens)", cfg["tokens"])
     model = cfg["model"]
-    for key in (*REQUIRED_MODEL_KEYS, "length", "mlp_ratio"):
+    for key in (*REQUIRED_MODEL_KEYS, "length", "mlp_ratio", "block_size"):
         if key in model and (not _is_int(model[key]) or model[key] < 1):
             raise bad(f"model.{key}", "a positive integer", model[key])
     if "dropout" in model and not (_is_number(model["dropout"]) and 0 <= model["dropout"] < 1):

@@ -253,6 +253,8 @@ class SEDD(DDiTTrunk):
     The loss, the fused head and the samplers are unchanged.
     """
 
+    objective = "sedd"  # the config's "objective" this class loads (a subclass names its own)
+
     def __init__(
         self,
         config: Mapping[str, Any],
@@ -261,7 +263,7 @@ class SEDD(DDiTTrunk):
         autocast_dtype: torch.dtype | None = torch.bfloat16,
     ):
         super().__init__()
-        self.config = normalise_config(config)
+        self.config = normalise_config(config, objective=self.objective)
         cfg, m = self.config, self.config["model"]
         graph = cfg["graph"]
         self.graph_type: str = graph["type"] if isinstance(graph, dict) else graph

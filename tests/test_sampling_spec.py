@@ -164,14 +164,17 @@ def test_a_diffusion_model_refuses_the_autoregressive_options_and_the_uniform_gr
 # -- the objective registry ----------------------------------------------------------------------------
 
 
-def test_objectives_are_looked_up_and_an_unknown_one_is_refused():
-    assert set(OBJECTIVES) == {"sedd", "ar"} and get_objective("ar").model_class is ARModel
-    with pytest.raises(ValueError, match=r"objective must be one of \('sedd', 'ar'\), got 'block'"):
-        get_objective("block")
-    # a checkpoint naming an objective nothing loads: an error, not the diffusion branch
-    config = {**_sedd().config, "objective": "block"}
+def test_objectives_are_looked_up_and_an_unknown_one_is_refused(monkeypatch):
+    import sedd.model.checkpoint as checkpoint
+
+    assert {"sedd", "ar"} <= set(OBJECTIVES) and get_objective("ar").model_class is ARModel
+    with pytest.raises(ValueError, match=r"objective must be one of \('sedd', 'ar'.*\), got 'mdlm'"):
+        get_objective("mdlm")
+    config = {**_sedd().config, "objective": "mdlm"}
     with pytest.raises(ValueError, match="config objective must be one of"):
-        config_objective(config)
+        config_objective(config)  # no model class loads it
+    # a model class for it but no registered objective: an error, not the diffusion branch
+    monkeypatch.setitem(checkpoint.MODEL_CLASSES, "mdlm", SEDD)
     with pytest.raises(ValueError, match="objective must be one of"):
         objective_of(config)
     assert type(objective_of(_ar())).__name__ == "Autoregressive" and objective_of(_ar()).exact

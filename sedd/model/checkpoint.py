@@ -135,7 +135,7 @@ def _check_field_types(cfg: dict[str, Any]) -> None:
     if not _is_int(cfg["tokens"]) or cfg["tokens"] < 1:
         raise bad("tokens", "a positive integer (the number of real tokens)", cfg["tokens"])
     model = cfg["model"]
-    for key in (*REQUIRED_MODEL_KEYS, "length", "mlp_ratio"):
+    for key in (*REQUIRED_MODEL_KEYS, "length", "mlp_ratio", "block_size"):
         if key in model and (not _is_int(model[key]) or model[key] < 1):
             raise bad(f"model.{key}", "a positive integer", model[key])
     if "dropout" in model and not (_is_number(model["dropout"]) and 0 <= model["dropout"] < 1):

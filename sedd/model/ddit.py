@@ -249,7 +249,7 @@ class SEDD(DDiTTrunk):
     The loss, the fused head and the samplers are unchanged.
     """
 
-    objective = "sedd"
+    objective = "sedd"  # the config's "objective" this class loads (a subclass names its own)
     forward_process = True
 
     def __init__(

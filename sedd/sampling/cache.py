@@ -120,7 +120,8 @@ class NetworkCalls:
     :attr:`stats`; with ``mode`` ("exact" | "approximate") :meth:`cached_step` serves the steps.
 
     ``module`` is the model (so :func:`sedd.model.scoring.unwrap` finds it); other attributes are
-    the model's."""
+    the model's. A model whose ``takes_rows`` is True gets ``rows=`` (the batch rows, a CPU int64
+    tensor) with every call on a sub-batch (:func:`on_rows`)."""
 
     def __init__(self, model, batch: int, mode: str | None = None):
         self.module = model
@@ -148,6 +149,10 @@ class NetworkCalls:
             self.stats.nfe[self._rows] += 1
         elif rows == self.stats.nfe.shape[0]:
             self.stats.nfe += 1
+        if self._rows is not None and getattr(self.module, "takes_rows", False):
+            # a model with per-row state (the block sampler's KV cache) is told which rows a
+            # sub-batch holds
+            kwargs["rows"] = self._rows
         return self.module(x_t, sigma, **kwargs)
 
     # -- the cache ------------------------------------------------------------------------------

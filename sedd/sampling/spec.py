@@ -20,9 +20,10 @@ Three layers of checks, each in one place:
 * :meth:`SamplingSpec.record`: what ran, for the JSON records: the options that applied, ``steps``
   as resolved, None for the rest.
 
-Adding an option: one field below, with its rule and the samplers that read it (``reads``:
-``"reverse"``, the diffusion samplers of :mod:`sedd.sampling.sampler`; ``"ancestral"``, the
-autoregressive one; ``"all"``), and the code that reads it. An option of one predictor is also
+Adding an option: one field below, with its rule and the families of samplers that read it
+(``reads``, keys of :data:`FAMILIES`: ``"reverse"``, the diffusion samplers of
+:mod:`sedd.sampling.sampler`; ``"ancestral"``, the autoregressive one; ``"block"``, block
+diffusion's), and the code that reads it. An option of one predictor is also
 named in that predictor's ``options`` (:mod:`sedd.sampling.predictors`), which then receives it;
 the other predictors refuse it. The command lines and the harness take it by its name.
 
@@ -114,6 +115,10 @@ def _option(default, reads: str, check, help: str):
     return field(default=default, metadata={"reads": reads, "check": check, "help": help})
 
 
+# Which sampler families (FAMILIES) read an option.
+DIFFUSION = ("reverse", "block")  # the reverse process: its predictors, grid and cache
+WINDOWED = ("reverse", "ancestral")  # window by window (sedd.generation.sample_blockwise)
+ALL = ("reverse", "ancestral", "block")
 _POSITIVE = _rule(_optional(_positive_int), "a positive integer")
 _BOOL = _rule(lambda v: isinstance(v, bool), "True or False")
 
@@ -144,26 +149,26 @@ class SamplingSpec:
             read by :func:`sedd.generation.sample_blockwise` and what calls it.
     """
 
-    predictor: str | Predictor = _option("analytic", "reverse", _step_kind(False), "reverse-step predictor")
-    steps: int | None = _option(None, "reverse", _POSITIVE, "reverse steps per window (default: the window length)")
-    eps: float = _option(1e-5, "reverse", _rule(lambda v: _real(v) and 0 < v < 1, "a number in (0, 1)"),
+    predictor: str | Predictor = _option("analytic", DIFFUSION, _step_kind(False), "reverse-step predictor")
+    steps: int | None = _option(None, DIFFUSION, _POSITIVE, "reverse steps per window (default: the window length)")
+    eps: float = _option(1e-5, DIFFUSION, _rule(lambda v: _real(v) and 0 < v < 1, "a number in (0, 1)"),
                          "final time of the grid")
-    denoise: bool = _option(True, "reverse", _BOOL, "end with the denoising step")
-    denoiser: str | Predictor = _option("denoise", "reverse", _step_kind(True), "the final denoising step")
-    masked_only: bool = _option(True, "reverse", _BOOL, "absorbing graph: the output layer at MASK rows only")
-    cache: bool | str = _option(False, "reverse", _rule(lambda v: v is True or v is False or v == "approximate",
+    denoise: bool = _option(True, DIFFUSION, _BOOL, "end with the denoising step")
+    denoiser: str | Predictor = _option("denoise", DIFFUSION, _step_kind(True), "the final denoising step")
+    masked_only: bool = _option(True, DIFFUSION, _BOOL, "absorbing graph: the output layer at MASK rows only")
+    cache: bool | str = _option(False, DIFFUSION, _rule(lambda v: v is True or v is False or v == "approximate",
                                                         "False, True or 'approximate'"),
                                 "reuse the outputs of unchanged sequences: True (exact), approximate")
-    tokens_per_step: int | None = _option(None, "reverse", _POSITIVE, "first_hitting: tokens per evaluation")
-    top_p: float | None = _option(None, "all", _rule(_optional(lambda v: _real(v) and 0 < v <= 1),
+    tokens_per_step: int | None = _option(None, DIFFUSION, _POSITIVE, "first_hitting: tokens per evaluation")
+    top_p: float | None = _option(None, ALL, _rule(_optional(lambda v: _real(v) and 0 < v <= 1),
                                                      "a number in (0, 1]"), "nucleus truncation")
-    top_k: int | None = _option(None, "all", _POSITIVE, "top-k truncation")
-    temperature: float = _option(1.0, "ancestral", _rule(lambda v: _real(v) and math.isfinite(v) and v >= 0,
+    top_k: int | None = _option(None, ALL, _POSITIVE, "top-k truncation")
+    temperature: float = _option(1.0, ("ancestral",), _rule(lambda v: _real(v) and math.isfinite(v) and v >= 0,
                                                          "a finite number >= 0"),
                                  "autoregressive: logits / T, 0 greedy")
-    kv_cache: bool = _option(True, "ancestral", _BOOL, "autoregressive: keep keys and values")
-    window: int | None = _option(None, "all", _POSITIVE, "tokens the model sees at once (default: its length)")
-    stride: int | None = _option(None, "all", _POSITIVE, "new tokens per later window (default: half the window)")
+    kv_cache: bool = _option(True, ("ancestral",), _BOOL, "autoregressive: keep keys and values")
+    window: int | None = _option(None, WINDOWED, _POSITIVE, "tokens the model sees at once (default: its length)")
+    stride: int | None = _option(None, WINDOWED, _POSITIVE, "new tokens per later window (default: half the window)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -245,9 +250,9 @@ class SamplingSpec:
     def applies(self, name: str, target: SamplerTarget) -> bool:
         """Whether option ``name`` is read when ``target``'s sampler runs this spec."""
         reads = next(f.metadata["reads"] for f in dataclasses.fields(self) if f.name == name)
-        if reads not in ("all", target.sampler):
+        if target.sampler not in reads:
             return False
-        if target.sampler != "reverse" or reads == "all":
+        if not FAMILIES[target.sampler].predictors:
             return True
         step = self.predictor_class
         if name in step.refuses or (name == "denoiser" and not self.denoise):
@@ -261,14 +266,14 @@ class SamplingSpec:
         not read σ. Raises :class:`SamplingOptionError`; returns the spec."""
         family = FAMILIES[objective.sampler]
         unread = [f.name for f in dataclasses.fields(self)
-                  if f.metadata["reads"] not in ("all", objective.sampler) and self.given(f.name)]
+                  if objective.sampler not in f.metadata["reads"] and self.given(f.name)]
         if unread:
-            readers = " and ".join(sorted({FAMILIES[f.metadata["reads"]].models for f in dataclasses.fields(self)
-                                           if f.name in unread}))
+            readers = " and ".join(dict.fromkeys(FAMILIES[r].models for f in dataclasses.fields(self)
+                                                 if f.name in unread for r in f.metadata["reads"]))
             raise SamplingOptionError(tuple(unread), lambda n: (
                 f"{', '.join(n(u) for u in unread)} {'applies' if len(unread) == 1 else 'apply'} to {readers} "
                 f"models; " + family.refusal.format_map(_Names(n, it="it" if len(unread) == 1 else "them"))))
-        if objective.sampler != "reverse":
+        if not family.predictors:
             return self
         graph = objective.graph
         step = self.predictor_class
@@ -294,7 +299,8 @@ class SamplingSpec:
         sampler resolves (``steps``, ``window``, ``stride``) as the caller resolved it (``ran``:
         ``steps=64``), a predictor's own option left None as the predictor's default, a predictor by
         its name."""
-        out: dict[str, Any] = {"sampler": self.predictor_name if objective.sampler == "reverse" else objective.sampler}
+        family = FAMILIES[objective.sampler]
+        out: dict[str, Any] = {"sampler": self.predictor_name if family.predictors else objective.sampler}
         step = self.predictor_class
         for name in self.names():
             if not self.applies(name, objective):
@@ -388,6 +394,7 @@ class Family:
     models: str
     refusal: str
     cost: str = ""
+    predictors: bool = True  # it runs the registered predictors (the options of sedd.sampling.predictors)
 
 
 FAMILIES: dict[str, Family] = {
@@ -396,5 +403,9 @@ FAMILIES: dict[str, Family] = {
                       "truncate their steps; {cache} reuses their outputs)"),
     "ancestral": Family("autoregressive", "autoregressive",
                         "this one is autoregressive (sampled ancestrally, one network evaluation per token): drop {it}",
-                        "one network evaluation per token"),
+                        "one network evaluation per token", predictors=False),
+    "block": Family("block diffusion", "diffusion",
+                    "a block-diffusion model is sampled block by block, each block by a diffusion sampler given the "
+                    "blocks before it: it has no temperature and no windows ({top_p} and {top_k} truncate its steps; its "
+                    "own kv_cache argument keeps the clean blocks)"),
 }

@@ -90,7 +90,7 @@ class ARModel(DDiTTrunk):
         autocast_dtype: torch.dtype | None = torch.bfloat16,
     ):
         super().__init__()
-        self.config = normalise_config(config, objective="ar")
+        self.config = normalise_config(config, objective=self.objective)
         m = self.config["model"]
         self.tokens = self.vocab_size = int(self.config["tokens"])
         if self.tokens < 2:
@@ -111,7 +111,7 @@ class ARModel(DDiTTrunk):
         size), e.g. ``ARModel(ARModel.config_for("cpu", tokens=4096))``."""
         preset = resolve_preset(preset)
         model = {"name": preset, "type": "ddit", **PRESETS[preset], **model_overrides}
-        return {"objective": "ar", "tokens": int(tokens), "model": model}
+        return {"objective": ARModel.objective, "tokens": int(tokens), "model": model}
 
     # -- inputs -------------------------------------------------------------------------------
 

@@ -41,11 +41,10 @@ from tqdm.auto import tqdm
 from sedd.graph import Graph
 from sedd.model.scoring import unwrap
 from sedd.noise import Noise
-from sedd.ops.checks import check_truncation
-from sedd.sampling.cache import SamplingStats, cache_mode
-from sedd.sampling.predictors import Predictor, get_predictor
+from sedd.sampling.cache import SamplingStats
 from sedd.sampling.sampler import sample
 from sedd.sampling.spans import check_fixed
+from sedd.sampling.spec import SamplingSpec, target_for
 
 __all__ = ["BlockSamplingStats", "sample_block_diffusion"]
 
@@ -116,29 +115,24 @@ def _warn_later_fixed() -> None:
                       "block, condition exactly)", UserWarning, stacklevel=3)
 
 
-def _check_options(model, graph, batch_size, length, steps, predictor, denoise, denoiser, masked_only, eps, top_p,
-                   top_k, cache, tokens_per_step, eos_id, pad_id, device) -> None:
-    """The errors :func:`sedd.sampling.sample` would raise at the first block, before any work."""
+def _check(model, graph, batch_size, length, spec: SamplingSpec, eos_id, pad_id) -> SamplingSpec:
+    """The errors :func:`sedd.sampling.sample` would raise at the first block, before any work; the
+    spec each block's sampler runs."""
     net = unwrap(model)
-    if getattr(net, "objective", None) != "block":
+    if not isinstance(getattr(net, "block_size", None), int):  # BlockSEDD, or a model that reads its blocks so
         raise TypeError(f"sample_block_diffusion needs a block model (sedd.model.BlockSEDD), got {type(net).__name__}")
     if not graph.absorbing:
         raise ValueError(f"a block model samples the absorbing graph, got {graph}")
-    for name, value in (("batch_size", batch_size), ("length", length), ("steps", steps)):
+    for name, value in (("batch_size", batch_size), ("length", length)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    options = {} if tokens_per_step is None else {"tokens_per_step": tokens_per_step}
-    step = get_predictor(predictor, masked_only=masked_only, **options)
-    if denoise and not step.owns_grid:
-        get_predictor(denoiser, final=True, masked_only=masked_only)
-    check_truncation(top_p, top_k)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
-        raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
-    cache_mode(cache, _BlockScores(model), device)
+    # σ enters through the score shift only: the sampler's output cache is exact (_BlockScores)
+    spec.validate(target_for("block", graph=graph, time_conditioning=False))
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
                                   or not 0 <= value < graph.N):
             raise ValueError(f"{name} must be a real token id in [0, {graph.N}), got {value!r}")
+    return spec
 
 
 @torch.no_grad()
@@ -149,25 +143,17 @@ def sample_block_diffusion(
     *,
     batch_size: int,
     length: int | None = None,
-    steps: int = 16,
-    predictor: str | Predictor = "analytic",
-    eps: float = 1e-5,
-    denoise: bool = True,
-    denoiser: str | Predictor = "denoise",
+    spec: SamplingSpec | None = None,
     fixed_tokens: torch.Tensor | None = None,
     fixed_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
-    masked_only: bool = True,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    cache: bool | str = False,
-    tokens_per_step: int | None = None,
     eos_id: int | None = None,
     pad_id: int | None = None,
     kv_cache: bool = True,
     return_stats: bool = False,
+    **options,
 ) -> torch.Tensor | tuple[torch.Tensor, BlockSamplingStats]:
     """Draw ``batch_size`` sequences of ``length`` tokens from a block model, block by block
     (module docstring).
@@ -176,9 +162,10 @@ def sample_block_diffusion(
         model: a :class:`sedd.model.BlockSEDD` in eval mode.
         graph, noise: the forward process (absorbing) and schedule it was trained with.
         length: tokens per sequence (default: the model's training length).
-        steps: reverse steps per block (so steps / b per token, plus the denoiser).
-        predictor, eps, denoise, denoiser, masked_only, top_p, top_k, cache, tokens_per_step:
-            as for :func:`sedd.sampling.sample`, within every block (``cache=True`` is exact).
+        spec, options: how each block is sampled: a :class:`~sedd.sampling.SamplingSpec` and/or its
+            fields, as for :func:`sedd.sampling.sample` within every block (``steps``: reverse steps
+            per block, default the block size b, so one per token, plus the denoiser; ``cache=True``
+            is exact); checked before any work.
         fixed_tokens, fixed_mask: [length] or [B, length]: positions held fixed (prompts).
         generator: a torch.Generator on ``device``, consumed block by block.
         eos_id: stop a row at its first generated EOS (module docstring); None: no stop.
@@ -196,8 +183,7 @@ def sample_block_diffusion(
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
     length = getattr(net, "length", None) if length is None else length
-    _check_options(model, graph, batch_size, length, steps, predictor, denoise, denoiser, masked_only, eps, top_p,
-                   top_k, cache, tokens_per_step, eos_id, pad_id, device)
+    spec = _check(model, graph, batch_size, length, SamplingSpec.build(spec, **options), eos_id, pad_id)
     if net.training:
         raise RuntimeError("sample_block_diffusion runs in eval mode only (no dropout): call model.eval() first")
     if length > net.length:
@@ -218,9 +204,7 @@ def sample_block_diffusion(
     stopped_at = torch.full((B,), K * b, dtype=torch.long, device=device)  # first position after a stop
     counts = BlockSamplingStats(nfe=torch.zeros(B, dtype=torch.long), blocks=torch.zeros(B, dtype=torch.long),
                                 lengths=torch.full((B,), length, dtype=torch.long))
-    options = dict(steps=steps, predictor=predictor, eps=eps, denoise=denoise, denoiser=denoiser, masked_only=masked_only,
-                   top_p=top_p, top_k=top_k, cache=cache, tokens_per_step=tokens_per_step, generator=generator,
-                   device=device, return_stats=True)
+    options = dict(spec=spec, generator=generator, device=device, return_stats=True)
 
     active = torch.arange(B, device=device)  # rows still generating, in the order of the cache's rows
     kv = net.new_cache(B, K * b, device) if kv_cache else None

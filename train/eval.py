@@ -61,6 +61,13 @@ Output: a table (stdout), and with ``--json PATH`` a JSON object holding the rep
 setting (checkpoint, data, split, tokenizer, K, time sampler, blocks, seed); ``--json -`` writes
 the JSON to stdout and the table to stderr. Exit status 0 on success, 2 on bad input (one-line
 message), 1 on other failures.
+
+Several processes: ``torchrun --nproc_per_node N train/eval.py ...`` splits the blocks into N
+contiguous shares, one per process (each on its own GPU with ``--device auto`` or ``cuda``, with
+its share of the cores on a CPU), and the first process writes the one report (``"processes": N``
+in the JSON). The draws of the first process come from ``--seed``, the others' from seeds derived
+from it and their rank: the same seed and number of processes give the same numbers, and an
+autoregressive checkpoint's exact numbers do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -75,25 +82,17 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python train/eval.py`: the package of this checkout, installed or not
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from sedd.data import DETOKENIZERS, DOC_SPLITS, HF_DATASETS, auto_detokenizer, evaluation_split, get_corpus, tokenize
 from sedd.data.public import public_blocks, public_rows
-from sedd.likelihood import TIME_SAMPLERS, block_bounds, exact_block_nll, make_blocks, summarize
-from sedd.losses import ar_loss, score_entropy_loss
-from train.cli import (
-    ArgumentParser,
-    InputError,
-    check_outputs,
-    check_positive,
-    check_seed,
-    check_threads,
-    checkpoint_inputs,
-    files_of,
-    load_checkpoint,
-    main_with_exit_codes,
-)
+from sedd.likelihood import TIME_SAMPLERS, combine, make_blocks
+from sedd.objectives import objective_of
+from train import cli
+from train.cli import InputError
 
 EXAMPLES = """\
 examples:
@@ -114,7 +113,7 @@ ESTIMATOR_DEFAULTS = {"num_samples": 1000, "time_sampler": "stratified"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
+    p = cli.ArgumentParser(
         prog="eval.py",
         description="Monte-Carlo estimate of the SEDD likelihood bound (nats/token, bits/token, "
         "perplexity bound, with standard errors) of a checkpoint on a text corpus.",
@@ -187,9 +186,9 @@ def resolve_detokenizer(choice: str, data: str) -> tuple[str | None, str]:
 
 
 def _check_args(args) -> None:
-    check_positive(args, ("block_size", "batch_size", "max_blocks", "num_samples"))
-    check_threads(args.threads)
-    check_seed(args.seed)
+    cli.check_positive(args, ("block_size", "batch_size", "max_blocks", "num_samples"))
+    cli.check_threads(args.threads)
+    cli.check_seed(args.seed)
     if args.time_sampler == "antithetic" and args.num_samples % 2:
         raise InputError(f"--time-sampler antithetic pairs t with 1 − t: --num-samples must be even, got {args.num_samples}")
     if args.num_samples < 2:
@@ -210,32 +209,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def _print_cost(args, model, pre, blocks: torch.Tensor, device) -> None:
+def _print_cost(args, model, objective, blocks: torch.Tensor, device) -> None:
     """The number of model calls the run makes and, from one timed call of the largest shape, the
     time it will take, with what makes it shorter when that is long."""
-    if pre.objective == "ar":  # one call per batch of blocks, no draws
-        calls, x = -(-len(blocks) // args.batch_size), blocks[: args.batch_size].to(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            ar_loss(model, x, reduction="none")
-        print(f"eval.py: cost: {len(blocks)} block(s) of {blocks.shape[1]} tokens, exact (autoregressive) in {calls:,} "
-              f"model call(s); one took {time.perf_counter() - t0:.2f} s here", file=sys.stderr, flush=True)
-        return
     K, bs, L = args.num_samples, args.batch_size, blocks.shape[1]
-    calls, widest = 0, 0
-    for start in range(0, len(blocks), bs):
-        B = min(bs, len(blocks) - start)
-        per_call = max(1, bs // B)  # draws of the same block share a call (sequence_bounds)
-        calls += -(-K // per_call)
-        widest = max(widest, B * min(per_call, K))
+    calls, widest = objective.likelihood_calls(len(blocks), K, bs)
     x = blocks[:1].to(device).expand(widest, L)
     g = torch.Generator(device=device).manual_seed(0)  # its own stream: the estimate changes no number
     t0 = time.perf_counter()
-    with torch.no_grad():
-        score_entropy_loss(model, x, pre.graph, pre.noise, generator=g, reduction="none")
+    objective.likelihood_probe(model, x, g)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     per_call_s = time.perf_counter() - t0
+    if objective.exact:  # one call per batch of blocks, no draws
+        print(f"eval.py: cost: {len(blocks)} block(s) of {L} tokens, exact ({objective.label}) in {calls:,} "
+              f"model call(s); one took {per_call_s:.2f} s here", file=sys.stderr, flush=True)
+        return
     estimate = calls * per_call_s
     message = (f"eval.py: cost: {len(blocks)} block(s) x K = {K} draws = {len(blocks) * K:,} rows of {L} tokens "
                f"in {calls:,} model call(s) of up to {widest} rows; one call took {per_call_s:.2f} s here, so "
@@ -249,24 +238,34 @@ def _print_cost(args, model, pre, blocks: torch.Tensor, device) -> None:
 
 def run(args) -> int:
     _check_args(args)
-    inputs = checkpoint_inputs(args.checkpoint, args.tokenizer) + files_of(f"a file of --data {args.data}", args.data)
-    check_outputs([("--json", args.json)], inputs)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    inputs = [*cli.checkpoint_inputs(args.checkpoint, args.tokenizer),
+              *cli.files_of(f"a file of --data {args.data}", args.data)]
+    cli.check_outputs([("--json", args.json)], inputs)
+    procs = cli.processes()
+    args.device = procs.device(args.device)
+    procs.threads(args.threads)
+    with procs.joined():
+        return _evaluate(args, procs)
+
+
+def _evaluate(args, procs: cli.Processes) -> int:
+    """The run, in one of ``procs``: each scores its share of the blocks, the main one reports."""
+    say = (lambda message: print(message, file=sys.stderr, flush=True)) if procs.main else (lambda message: None)
+    progress = procs.main and (sys.stderr.isatty() if args.progress is None else args.progress)
     started = time.perf_counter()
-    pre = load_checkpoint(args)
+    pre = cli.load_checkpoint(args)
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
     block_size = args.block_size or model.length
     if block_size > model.length:
-        print(f"eval.py: warning: --block-size {block_size} is longer than the model's training length "
-              f"{model.length}", file=sys.stderr)
+        say(f"eval.py: warning: --block-size {block_size} is longer than the model's training length {model.length}")
 
     split = args.split or evaluation_split(args.data)
     detok, detok_reason = resolve_detokenizer(args.detokenizer, args.data)
-    print(f"eval.py: detokenizer {detok or 'none'} ({detok_reason})", file=sys.stderr)
+    say(f"eval.py: detokenizer {detok or 'none'} ({detok_reason})")
     last_block = args.last_block or "pad"
+    if procs.several and not procs.main:  # the main process fills the token cache, then the others read it
+        dist.barrier()
     try:
         if args.protocol == "sedd":
             rows = public_rows(args.data, split, detokenizer=detok)
@@ -281,33 +280,44 @@ def run(args) -> int:
             blocks, mask = make_blocks(tokens, block_size, last_block, args.max_blocks, tokenizer.eos_id)
     except (OSError, ValueError, RuntimeError) as err:  # no such path/split/dataset, Hub offline
         raise InputError(str(err)) from err
+    finally:
+        if procs.several and procs.main:
+            dist.barrier()
     if len(blocks) == 0:
         hint = "a smaller --block-size" + (" or --protocol packed" if args.protocol == "sedd" else
                                            " or --last-block pad")
         raise InputError(f"{args.data} ({split}) holds {n_tokens} tokens: not one block of {block_size} ({hint})")
-    exact = pre.objective == "ar"
+    objective = objective_of(model, graph=pre.graph, noise=pre.noise)
+    exact = objective.exact
     if exact and (args.num_samples != ESTIMATOR_DEFAULTS["num_samples"]
                   or args.time_sampler != ESTIMATOR_DEFAULTS["time_sampler"]):
-        print("eval.py: note: --num-samples and --time-sampler do not apply to an autoregressive checkpoint "
-              "(its NLL is exact, no draws of t): ignored", file=sys.stderr)
-    how = "the exact NLL (autoregressive)" if exact else f"K = {args.num_samples} {args.time_sampler} draws each"
-    print(f"eval.py: {len(blocks)} block(s) of {block_size} tokens ({int(mask.sum())} tokens) from "
-          f"{args.data} [{split}], {how}, on {device}", file=sys.stderr)
-
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    _print_cost(args, model, pre, blocks, device)
-    if exact:
-        bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress, dynamic_ncols=True)
-        parts = exact_block_nll(model, blocks, mask, batch_size=args.batch_size, device=device, on_blocks=bar.update)
-        report = summarize(parts, 1, "exact", exact=True)
-    else:
-        bar = tqdm(total=len(blocks) * args.num_samples, desc="draws", unit="draw", disable=not progress,
-                   dynamic_ncols=True)
-        parts = block_bounds(model, blocks, mask, pre.graph, pre.noise, num_samples=args.num_samples,
-                             time_sampler=args.time_sampler, batch_size=args.batch_size, generator=generator,
-                             device=device, on_draws=bar.update)
-        report = summarize(parts, args.num_samples, args.time_sampler)
-    bar.close()
+        say(f"eval.py: note: --num-samples and --time-sampler do not apply to {objective.a_label()} checkpoint "
+            "(its NLL is exact, no draws of t): ignored")
+    how = (f"the exact NLL ({objective.label})" if exact
+           else f"K = {args.num_samples} {args.time_sampler} draws each")
+    say(f"eval.py: {len(blocks)} block(s) of {block_size} tokens ({int(mask.sum())} tokens) from "
+        f"{args.data} [{split}], {how}, on {device}")
+    share = procs.share(len(blocks))
+    if procs.several:
+        each = sorted({len(blocks) // procs.world, -(-len(blocks) // procs.world)})
+        say(f"eval.py: {procs.world} processes score {' or '.join(map(str, each))} block(s) each (the first draws from "
+            "--seed, the others from seeds derived from it and their rank); the first writes the report")
+    mine, mine_mask = blocks[share.start : share.stop], mask[share.start : share.stop]
+    report = None
+    if len(mine):
+        generator = torch.Generator(device=device).manual_seed(_process_seed(args.seed, procs.rank))
+        if procs.main:
+            _print_cost(args, model, objective, mine, device)
+        total, unit = objective.likelihood_work(len(mine), args.num_samples)
+        bar = tqdm(total=total, desc=f"{unit}s", unit=unit, disable=not progress, dynamic_ncols=True)
+        report = objective.likelihood(model, mine, mine_mask, num_samples=args.num_samples,
+                                      time_sampler=args.time_sampler, batch_size=args.batch_size,
+                                      generator=generator, device=device, on_progress=bar.update)
+        bar.close()
+    reports = procs.gather(report)
+    if not procs.main:
+        return 0
+    report = combine([r for r in reports if r is not None])
     elapsed = time.perf_counter() - started
 
     result = {
@@ -327,6 +337,7 @@ def run(args) -> int:
         "protocol": args.protocol,
         "seed": args.seed,
         "device": str(device),
+        "processes": procs.world,
         **report.as_dict(),
         "stderr_bits_per_token": report.stderr_nats_per_token / math.log(2),
         # exact: an autoregressive model's exact likelihood; otherwise the bound, which includes the
@@ -356,8 +367,14 @@ def run(args) -> int:
     return 0
 
 
+def _process_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s draws: ``seed`` itself in the first (so one process draws
+    as it always has), one derived from the two numbers in the others."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return main_with_exit_codes("eval.py", build_parser(), run, argv)
+    return cli.main_with_exit_codes("eval.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

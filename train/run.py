@@ -77,6 +77,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so a plain checkout runs without `pip install -e .`
 from sedd import data as sdata
 from sedd.io import atomic_write
+from sedd.objectives import get_objective
 from train.checkpoint import (
     MetricsLog,
     ReplicaMismatch,
@@ -87,7 +88,6 @@ from train.checkpoint import (
 )
 from train.cli import die
 from train.config import UsageError, model_config, parse_args, resolve_config
-from train.objectives import make_objective
 
 # Every file a run writes into --out (besides its temporary files and tensorboard/).
 RUN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "training_state.pt", "metrics.jsonl",
@@ -294,7 +294,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------------------------
     # Model, in the public config layout so SEDD.from_pretrained(out) (ARModel's) loads the checkpoint.
     config = model_config(cfg, tok.vocab_size, world)
-    objective = make_objective(config, cfg)
+    objective = get_objective(cfg["objective"])(config, training=cfg)
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     try:
         net = objective.build(config, torch.bfloat16 if cfg["bf16"] else None)
@@ -441,7 +441,8 @@ def main(argv=None):
     if cfg["num_samples"] > 0:
         g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 3, 0, step))
         with ema_weights(net, ema):
-            x = objective.sample(net, cfg["num_samples"], g, device, progress=master, fsdp=args.fsdp)
+            x, _ = objective.sample(net, batch_size=cfg["num_samples"], length=cfg["sample_length"], generator=g,
+                                    device=device, progress=master, spec=objective.training_spec(fsdp=args.fsdp))
         texts = [tok.decode(row) for row in x.cpu()]
         report = f"=== {len(texts)} samples at step {step} (EMA weights, {objective.sample_note()}) ===\n"
         report += "".join(f"--- sample {i + 1} ---\n{text}\n" for i, text in enumerate(texts))

@@ -47,6 +47,13 @@ output is written as soon as it is done. The output is JSONL, one object per sam
 token ids, fixed spans, input line, seed, the seconds its request took and the settings (--jsonl
 PATH|- chooses where; it works without --input too).
 
+Several processes: ``torchrun --nproc_per_node N train/sample.py CKPT --input FILE ...`` splits
+the requests into N contiguous shares, one per process (each on its own GPU with ``--device auto``
+or ``cuda``); every request is sampled on its own generator, so the samples are those of one
+process, and the first process writes every output in the order of the requests (its own share as
+it is done, the others' at the end). One request's samples (no --input, or --input -) run in one
+process: under torchrun that is one line of error.
+
 A --length above the model's training length is generated semi-autoregressively: window by
 window (--window, default the model's length), each later window holding the tokens before its
 --stride new ones fixed (sedd.generation.sample_blockwise).
@@ -77,22 +84,8 @@ from tqdm.auto import tqdm
 
 from sedd.generation import sample_blockwise
 from sedd.sampling.spans import Span, fixed_spans, spans_to_mask
-from train.cli import (
-    ArgumentParser,
-    InputError,
-    add_sampler_options,
-    check_objective_options,
-    check_outputs,
-    check_positive,
-    check_sampler_options,
-    check_seed,
-    check_threads,
-    checkpoint_inputs,
-    load_checkpoint,
-    main_with_exit_codes,
-    nfe_options,
-    plan_sampling,
-)
+from train import cli
+from train.cli import InputError
 
 # Rows per sampler call when --max-batch-rows is not given: what a CPU gets through in reasonable
 # time per call, and what a GPU holds for the public checkpoints' 1024 positions.
@@ -120,7 +113,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
+    p = cli.ArgumentParser(
         prog="sample.py",
         description="Sample text from a SEDD checkpoint, unconditionally or with fixed spans "
         "(prefix, suffix, infilling at any token positions, templates). Each fixed text is tokenized "
@@ -146,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the literal text between holes is fixed",
     )
     s = p.add_argument_group("sampling")
-    add_sampler_options(s)
+    cli.add_sampler_options(s)
     s.add_argument("--batch-size", type=int, default=1, help="number of samples (of each --input request; default: 1)")
     s.add_argument("--max-batch-rows", type=int, metavar="N",
                    help="at most N rows (samples) per sampler call (default: "
@@ -278,10 +271,9 @@ def request_seed(seed: int, line: int) -> int:
 
 
 def _check_args(args) -> None:
-    check_sampler_options(args)
-    check_positive(args, ("batch_size", "max_batch_rows"))
-    check_seed(args.seed)
-    check_threads(args.threads)
+    cli.check_positive(args, ("batch_size", "max_batch_rows"))
+    cli.check_seed(args.seed)
+    cli.check_threads(args.threads)
     if args.input is not None and (args.prefix or args.suffix or args.infill or args.template):
         raise InputError("--input gives the prefix, suffix, infill and template of every sample: "
                          "drop --prefix / --suffix / --infill / --template")
@@ -310,27 +302,38 @@ def _described(spans: list[Span]) -> list[dict]:
 
 def run(args) -> int:
     _check_args(args)
+    spec = cli.sampling_spec(args)
     jsonl, outputs = _outputs(args)
-    inputs = checkpoint_inputs(args.checkpoint, args.tokenizer)
+    inputs = cli.checkpoint_inputs(args.checkpoint, args.tokenizer)
     if args.input not in (None, "-"):
         inputs.append((f"the --input file {args.input}", Path(args.input)))
-    check_outputs(outputs, inputs)
+    cli.check_outputs(outputs, inputs)
+    procs = cli.processes()
+    if procs.several and (args.input is None or args.input == "-"):
+        what = "the samples of one request" if args.input is None else "requests read from stdin"
+        raise InputError(f"torchrun started {procs.world} processes, which split --input FILE's requests between "
+                         f"them; {what} run in one process: run python train/sample.py without torchrun, or pass the "
+                         "requests as a file (--input FILE)")
     requests = read_requests(args.input) if args.input is not None else []
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    pre = load_checkpoint(args)
-    check_objective_options(args, pre.objective)
+    args.device = procs.device(args.device)
+    procs.threads(args.threads)
+    with procs.joined():
+        return _sample(args, procs, spec, jsonl, requests)
+
+
+def _sample(args, procs: cli.Processes, spec, jsonl: str | None, requests: list[dict]) -> int:
+    """The run, in one of ``procs``: each samples its share of the requests, the main one writes
+    every output, in the order of the requests."""
+    progress = procs.main and (sys.stderr.isatty() if args.progress is None else args.progress)
+    pre = cli.load_checkpoint(args)
+    objective, plan = cli.check_spec(spec, pre, args.length, "sample.py", quiet=not procs.main)
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
-    plan = plan_sampling(args, model, pre.noise, "sample.py")
     length = plan.length
-    autoregressive = pre.objective == "ar"
-    # network evaluations per window: an autoregressive model takes one per token
-    steps = plan.window if autoregressive else args.steps or min(length, plan.window)
-    seed = args.seed if args.seed is not None else secrets.randbits(31)
+    # what the sampler resolves: steps per window (the diffusion samplers' default), the windows
+    resolved = dict(steps=min(length, plan.window), window=plan.window, stride=plan.stride)
+    seed = procs.broadcast(args.seed if args.seed is not None else secrets.randbits(31))
     max_rows = args.max_batch_rows or DEFAULT_MAX_BATCH_ROWS.get(device.type, DEFAULT_MAX_BATCH_ROWS["cpu"])
-    nfe_kwargs = nfe_options(args, model)
 
     # Every request's spans are checked before the first sample is drawn.
     if requests:
@@ -346,35 +349,35 @@ def run(args) -> int:
         "checkpoint": args.checkpoint,
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
         "objective": pre.objective,
-        "graph": pre.graph.name if not autoregressive else None,
+        "graph": pre.graph.name if pre.graph is not None else None,
         "length": length,
-        "window": plan.window,
-        "stride": plan.stride,
-        "steps": None if autoregressive else steps,
-        "sampler": "ancestral" if autoregressive else args.predictor,
-        "cache": None if autoregressive else args.cache,
-        "tokens_per_step": args.tokens_per_step,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "temperature": args.temperature if autoregressive else None,
-        "kv_cache": args.kv_cache if autoregressive else None,
-        "eps": None if autoregressive else args.eps,
+        **spec.record(objective, **resolved),  # what ran: None for what does not apply
         "batch_size": args.batch_size,
         "max_batch_rows": max_rows,
         "seed": seed,
         "device": str(device),
+        "processes": procs.world,
     }
 
     stream = None
-    if jsonl is not None:
+    if jsonl is not None and procs.main:
         stream = sys.stdout if jsonl == "-" else open(jsonl, "w", encoding="utf-8")
+
+    def write(batch: list[dict]) -> None:
+        if stream is not None:
+            for sample_ in batch:
+                stream.write(json.dumps({**sample_, "settings": settings}, ensure_ascii=False) + "\n")
+            stream.flush()
+
+    share = procs.share(len(jobs))
     samples: list[dict] = []
     start = time.perf_counter()
-    bar = tqdm(total=len(jobs) if requests else args.batch_size, unit="request" if requests else "sample",
+    bar = tqdm(total=len(share) if requests else args.batch_size, unit="request" if requests else "sample",
                desc="requests" if requests else "samples", dynamic_ncols=True,
                disable=not progress or (not requests and args.batch_size <= max_rows))
     try:
-        for line, job_seed, spans in jobs:
+        for number in share:
+            line, job_seed, spans = jobs[number]
             generator = torch.Generator(device=device).manual_seed(job_seed)
             began = time.perf_counter()
             done = []
@@ -383,44 +386,47 @@ def run(args) -> int:
                 fixed_tokens = fixed_mask = None
                 if spans:
                     fixed_tokens, fixed_mask = spans_to_mask([spans] * rows, length, device=device)
-                x, stats = sample_blockwise(
-                    model, pre.graph, pre.noise, batch_size=rows, length=length, window=plan.window,
-                    stride=plan.stride, steps=steps, predictor=args.predictor, eps=args.eps,
-                    fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator, device=device,
-                    progress=progress, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
-                    kv_cache=args.kv_cache, return_stats=True, **nfe_kwargs,
-                )
+                x, stats = sample_blockwise(model, pre.graph, pre.noise, batch_size=rows, length=length, spec=spec,
+                                            fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
+                                            device=device, progress=progress, return_stats=True)
                 done += zip(x.cpu().tolist(), stats.nfe)
                 if not requests:
                     bar.update(rows)
             elapsed = round(time.perf_counter() - began, 3)
+            batch = []
             for row, nfe in done:
-                sample_ = {"index": len(samples), "text": tokenizer.decode(row), "tokens": row, "nfe": int(nfe)}
+                # numbered as one process numbers them: every request has --batch-size samples
+                sample_ = {"index": number * args.batch_size + len(batch), "text": tokenizer.decode(row),
+                           "tokens": row, "nfe": int(nfe)}
                 if requests:
                     sample_.update(line=line, seed=job_seed, fixed=_described(spans), elapsed_s=elapsed)
-                samples.append(sample_)
-                if stream is not None:
-                    stream.write(json.dumps({**sample_, "settings": settings}, ensure_ascii=False) + "\n")
-            if stream is not None:
-                stream.flush()
+                batch.append(sample_)
+            samples += batch
+            write(batch)  # the main process's share comes first: its lines go out as they are done
             if requests:
                 bar.update(1)
+        shares = procs.gather(samples)
+        if procs.main:
+            for other in shares[1:]:
+                write(other)
+                samples += other
     finally:
         bar.close()
         if stream is not None and stream is not sys.stdout:
             stream.close()
+    if not procs.main:
+        return 0
     elapsed = time.perf_counter() - start
     settings["elapsed_s"] = round(elapsed, 3)
     mean_nfe = sum(s["nfe"] for s in samples) / max(1, len(samples))
     settings["nfe_mean"] = mean_nfe
     if not requests:
         settings["fixed"] = _described(jobs[0][2])
-    how = ("ancestral sampler, one network evaluation per token" if autoregressive
-           else f"{args.predictor} sampler" + (f", {steps} steps" if args.predictor != "first_hitting" else ""))
     header = (
-        f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {how}, "
+        f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {spec.describe(objective, **resolved)}, "
         + f"{mean_nfe:.1f} network evaluations per sample, seed {seed}, "
         + (f"{len(requests)} request(s) from {args.input}" if requests else f"{len(jobs[0][2])} fixed span(s)")
+        + (f" in {procs.world} processes" if procs.several else "")
         + f", {elapsed:.1f}s on {device}"
     )
     text = _format_text(samples, header)
@@ -453,7 +459,7 @@ def attach_option_values(argv: list[str], options=("--infill",)) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = attach_option_values(sys.argv[1:] if argv is None else list(argv))
-    return main_with_exit_codes("sample.py", build_parser(), run, argv)
+    return cli.main_with_exit_codes("sample.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

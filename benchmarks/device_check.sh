@@ -12,19 +12,21 @@
 # (--write-commit, for a copy without .git), else "unknown". Stages, each under its own timeout and all under one
 # budget ($DEVICE_CHECK_BUDGET_S, default 450 s; a stage gets what is left when it starts;
 # DEVICE_CHECK_STAGES="smoke tests" runs only the stages named, e.g. to rerun what failed):
-#   1 device   device name, copy bandwidth, bf16 matmul peak       benchmarks/device_peaks.py
-#   2 smoke    every kernel against sedd/ops/reference.py, V = 50258   benchmarks/gpu_smoke.py
-#   3 kernels  kernel benchmarks, no torch.compile baselines       bench_score_entropy.py, bench_sampling.py
-#   4 tests    the compiled-kernel tests                            tests/test_kernels_cuda.py
-#   5 e2e      training step (MFU) and sampling                     bench_end_to_end.py
-#   6 sweep    the kernels' launch choices (BLOCK_V × warps) timed   benchmarks/sweep_launch.py
-#   7 profile  the top operators of a training and a sampling step   benchmarks/profile_step.py (log only)
-#   8 compiled torch.compile(reference) baselines, if time is left  bench_score_entropy.py, bench_sampling.py
-# Under $RESULTS (default benchmarks/results), written as it goes, seven files:
+#   1 device     device name, copy bandwidth, bf16 matmul peak       benchmarks/device_peaks.py
+#   2 smoke      every kernel against sedd/ops/reference.py, V = 50258   benchmarks/gpu_smoke.py
+#   3 kernelvsop each kernel's device time apart from its op's, host µs per call   benchmarks/kernel_vs_op.py
+#   4 kernels    kernel benchmarks, no torch.compile baselines       bench_score_entropy.py, bench_sampling.py
+#   5 tests      the compiled-kernel tests                            tests/test_kernels_cuda.py
+#   6 e2e        training step (MFU) and sampling                     bench_end_to_end.py
+#   7 sweep      the kernels' launch choices (BLOCK_V × warps, stages) timed   benchmarks/sweep_launch.py
+#   8 profile    the top operators of a training and a sampling step   benchmarks/profile_step.py (log only)
+#   9 compiled   torch.compile(reference) baselines, if time is left  bench_score_entropy.py, bench_sampling.py
+# Under $RESULTS (default benchmarks/results), written as it goes, eight files:
 #   status.txt        one line per stage: ok / failed (with the error tail) / skipped (with the reason)
 #   device-check.md   the results table (rebuilt after every stage, so it exists whatever fails)
+#   summary.json      the machine-readable summary (benchmarks/summarize.py's docstring)
 #   device-check.log  every stage's full output
-#   device.json, smoke.json, bench.jsonl, sweep.jsonl   the raw figures (one benchmark / launch pair per line)
+#   device.json, smoke.json, bench.jsonl, sweep.jsonl   the raw figures (one benchmark / launch choice per line)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +51,7 @@ status="$RESULTS/status.txt"
 log="$RESULTS/device-check.log"
 records="$RESULTS/bench.jsonl"
 : > "$status"; : > "$log"; : > "$records"
-rm -f "$RESULTS/device.json" "$RESULTS/smoke.json" "$RESULTS/sweep.jsonl"
+rm -f "$RESULTS/device.json" "$RESULTS/smoke.json" "$RESULTS/sweep.jsonl" "$RESULTS/summary.json"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 
@@ -132,6 +134,7 @@ else
   fi
 fi
 stage smoke 120 "$PY" -m benchmarks.gpu_smoke --out "$RESULTS/smoke.json"
+stage kernelvsop 150 "$PY" -m benchmarks.kernel_vs_op --results "$RESULTS"
 stage kernels 120 "${pytest_bench[@]}" benchmarks/bench_score_entropy.py benchmarks/bench_sampling.py -k "not compiled"
 if (( dry_run )); then
   skip tests "tests/test_kernels_cuda.py needs CUDA (the CPU test run collects it and skips every test)"
@@ -139,7 +142,7 @@ else
   stage tests 90 "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_kernels_cuda.py
 fi
 stage e2e 240 "${pytest_bench[@]}" benchmarks/bench_end_to_end.py
-stage sweep 150 "$PY" -m benchmarks.sweep_launch --out "$RESULTS/sweep.jsonl"
+stage sweep 150 "$PY" -m benchmarks.sweep_launch --out "$RESULTS/sweep.jsonl" --results "$RESULTS"
 stage profile 60 "$PY" -m benchmarks.profile_step
 if (( dry_run )); then
   skip compiled "torch.compile on CPU builds C++ with inductor for minutes; the GPU run measures it"

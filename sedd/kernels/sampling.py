@@ -543,7 +543,10 @@ PROPOSALS = 4  # uniform analytic / denoise: rejection proposals per row before 
 
 def _sub_tile(block_v: int) -> int:
     """Columns per sub-tile: about √BLOCK_V, so that passes B and C draw about as many
-    exponentials each (2048 → 64, 256 → 16)."""
+    exponentials each (2048 → 64). Under the interpreter, where every loop trip costs its ops'
+    Python overhead, a quarter of the tile (four sub-tiles)."""
+    if interpreted():
+        return max(2, block_v // 4)
     return min(block_v, max(2, 1 << math.ceil(math.log2(block_v) / 2)))
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from sedd.graph import Graph
+from sedd.ops.backend import current_launch_options
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,17 @@ class ScoreEntropySpec:
         """The fields in order, as the ops (and ``ScoreEntropySpec(*flat)``) take them."""
         return (*self.tensors(), self.absorbing, self.block_v)
 
-    def launch(self, log_score: torch.Tensor, **outputs) -> torch.Tensor:
-        """Run the kernel on ``log_score`` [B, L, V]; ``outputs`` say what it writes (see the launcher)."""
+    def launch(self, log_score: torch.Tensor, options: dict | None = None, **outputs) -> torch.Tensor:
+        """Run the kernel on ``log_score`` [B, L, V]; ``outputs`` say what it writes (see the launcher);
+        ``options``: launch choices (default: the current :func:`sedd.ops.launch_options`)."""
         from sedd.kernels.score_entropy import score_entropy as launch
 
+        options = current_launch_options() if options is None else dict(options)
+        block_v = self.block_v or options.pop("block_v", None)  # a call's own tile wins
+        options.pop("block_v", None)
         return launch(
             log_score, self.sigma, self.x_t, self.x0, absorbing=self.absorbing, shift=self.shift,
-            weight=self.weight, block_v=self.block_v or None, **outputs,
+            weight=self.weight, block_v=block_v, **options, **outputs,
         )
 
 
@@ -237,8 +242,11 @@ def _reverse_step(kind, log_score, x_t, scalar, shift, seed, absorbing, N, block
     "analytic": Δσ, "denoise": σ; [B] fp32), drawn in-kernel with Philox keyed by ``seed`` [1]."""
     from sedd.kernels.sampling import reverse_step as launch
 
-    return launch(kind, log_score, x_t, scalar, absorbing, N, shift=shift, seed=seed, block_v=block_v or None,
-                  truncation=truncation)
+    options = current_launch_options()
+    block_v = block_v or options.pop("block_v", None)  # a call's own tile wins
+    options.pop("block_v", None)
+    return launch(kind, log_score, x_t, scalar, absorbing, N, shift=shift, seed=seed, block_v=block_v,
+                  truncation=truncation, **options)
 
 
 def absorbing_tag(graph: Graph) -> bool:
@@ -266,3 +274,34 @@ def reverse_step(kind: str, log_score, x_t, scalar, graph: Graph, shift, generat
     return torch.ops.sedd.reverse_step(
         kind, log_score, x_t, scalar, shift, seed, absorbing_tag(graph), graph.N, block_v, truncation
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# One call's host work done once, its kernel launched alone (sedd.ops.kernel_launch)
+# ---------------------------------------------------------------------------------------------
+
+
+def score_entropy_launch(log_score, spec: ScoreEntropySpec, grad: bool, grad_scale: float):
+    """A function launching the score-entropy kernel alone on validated arguments: the loss, and with
+    ``grad`` the gradient into one buffer allocated here (the launch options read now)."""
+    if log_score.stride(2) != 1:
+        log_score = log_score.contiguous()
+    out = _like_rows(log_score) if grad else None
+    options = current_launch_options()
+    if grad:
+        return lambda: spec.launch(log_score, options, grad=out, grad_scale=grad_scale)
+    return lambda: spec.launch(log_score, options)
+
+
+def reverse_step_launch(kind: str, log_score, x_t, scalar, graph: Graph, shift, generator, block_v: int):
+    """A function launching the reverse-step kernel alone on validated arguments (one Philox seed
+    drawn here: every launch draws the same tokens; the launch options read now)."""
+    from sedd.kernels.sampling import reverse_step as launch
+
+    seed = philox_seed(log_score.device, generator)
+    absorbing = absorbing_tag(graph)
+    options = current_launch_options()
+    block_v = block_v or options.pop("block_v", None)  # a call's own tile wins
+    options.pop("block_v", None)
+    return lambda: launch(kind, log_score, x_t, scalar, absorbing, graph.N, shift=shift, seed=seed, block_v=block_v,
+                          **options)

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+import sedd.kernels._draw as kdraw
+import sedd.kernels._noise as knoise
 import sedd.kernels.sampling as ks
 from sedd import ops
 from sedd.graph import Absorbing, Uniform
@@ -261,7 +263,7 @@ def _noise_probe(hi_ptr, lo_ptr, out_ptr, n, BLOCK: tl.constexpr):
     ok = i < n
     hi = tl.load(hi_ptr + i, mask=ok, other=0).to(tl.uint32, bitcast=True)
     lo = tl.load(lo_ptr + i, mask=ok, other=0).to(tl.uint32, bitcast=True)
-    tl.store(out_ptr + i, ks.log_exp1_from_bits(hi, lo), mask=ok)
+    tl.store(out_ptr + i, knoise.log_exp1_from_bits(hi, lo), mask=ok)
 
 
 def test_exponential_noise_is_accurate_in_both_tails():
@@ -445,7 +447,7 @@ def test_a_winning_tile_without_a_candidate_in_the_later_passes_keeps_x(monkeypa
     graph = _graph(graph_name, V_ODD)
     log_score, x_t = _batch(graph, V_ODD, n=64)
     x_t[:, 1::2] = 5  # absorbing: fixed rows; uniform: a current token inside the first tile
-    monkeypatch.setattr(ks, "_lane_log_noise", _no_candidate_noise)
+    monkeypatch.setattr(kdraw, "_lane_log_noise", _no_candidate_noise)
     with ops.use_backend("triton"):  # three tiles per row: the first column of the winner is 0, 16 or 32
         out = _step(kind, log_score, x_t, 50.0 if kind == "euler" else 2.0, graph, torch.Generator().manual_seed(0),
                     dt=1.0, block_v=16)

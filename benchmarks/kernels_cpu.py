@@ -141,20 +141,20 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     record = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
               "torch": torch.__version__, "rounds": args.rounds}
-    if args.part in ("all", "truncation"):
-        record["truncation"] = truncation(args.rounds)
-        print("| graph | case | median ms [min, max] | × untruncated (median of per-round ratios) |")
-        print("| --- | --- | ---: | ---: |")
-        for r in record["truncation"]:
-            print(f"| {r['graph']} | {r['case']} | {r['median_ms']:.0f} [{r['min_ms']:.0f}, {r['max_ms']:.0f}] | "
-                  f"{r['x_untruncated']:.2f} |", flush=True)
-    if args.part in ("all", "host"):
-        record["host"] = host(args.rounds)
-        print("| graph | op | backend | µs per call [min, max] |")
-        print("| --- | --- | --- | ---: |")
-        for r in record["host"]:
-            print(f"| {r['graph']} | {r['op']} | {r['backend']} ({r['kernel']}) | {r['us_per_call']:.0f} "
-                  f"[{r['min_us']:.0f}, {r['max_us']:.0f}] |", flush=True)
+    tables = {
+        "truncation": (truncation, "| graph | case | median ms [min, max] | × untruncated (median of per-round ratios) |",
+                       "| {graph} | {case} | {median_ms:.0f} [{min_ms:.0f}, {max_ms:.0f}] | {x_untruncated:.2f} |"),
+        "host": (host, "| graph | op | backend | µs per call [min, max] |",
+                 "| {graph} | {op} | {backend} ({kernel}) | {us_per_call:.0f} [{min_us:.0f}, {max_us:.0f}] |"),
+    }
+    for part, (run, header, row) in tables.items():
+        if args.part not in ("all", part):
+            continue
+        record[part] = run(args.rounds)
+        print(header)
+        print("|" + " --- |" * (header.count("|") - 1))
+        for r in record[part]:
+            print(row.format(**r), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)

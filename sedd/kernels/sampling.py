@@ -70,7 +70,8 @@ exact. A truncated uniform analytic / denoise step takes the general path (a pas
 
 Layout. One program handles BLOCK_R rows × the whole row width in windows of BLOCK_V columns. On a
 GPU BLOCK_R = 1 and BLOCK_V is a few thousand; under the interpreter (~1 ms per program) a program
-takes many rows at once.
+takes many rows at once. Pass A's loads carry no eviction hint (unlike the loss kernel's, which
+reads each byte once): pass B re-reads the winning tile, which should still be in L2.
 
 Instruction counts and registers: ``python -m tests.test_kernels_gpu_build sm90 --loops --table``
 (each launch, both Triton versions, is held to its register budget by that test).

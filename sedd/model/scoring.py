@@ -55,16 +55,21 @@ def head_chunk_rows(width: int, element_size: int) -> int:
     return max(1, HEAD_CHUNK_BYTES // (width * element_size))
 
 
-def head_at_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The output linear at gathered rows, hidden [R, D] -> [R, V], R ≤ ``chunk`` (the chunk size);
-    small R padded to :data:`HEAD_MIN_ROWS` (or to the chunk size, the memory bound, if smaller), so
-    a row's result does not depend on R."""
+def head_at_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, chunk: int,
+                 width: int | None = None) -> torch.Tensor:
+    """The output linear at gathered rows, hidden [R, D] -> scores [R, V], R ≤ ``chunk`` (the chunk
+    size); small R padded to :data:`HEAD_MIN_ROWS` (or to the chunk size, the memory bound, if
+    smaller), so a row's result does not depend on R. ``weight`` [V_pad, D] and ``bias`` may carry
+    an aligned head's padding rows: the scores are the first ``width`` columns (default all), a
+    view of the aligned [R, V_pad] output."""
     rows, least = hidden.shape[0], min(HEAD_MIN_ROWS, chunk)
     if rows >= least:
-        return torch.nn.functional.linear(hidden, weight, bias)
-    padded = hidden.new_zeros(least, hidden.shape[1])
-    padded[:rows] = hidden
-    return torch.nn.functional.linear(padded, weight, bias)[:rows]
+        out = torch.nn.functional.linear(hidden, weight, bias)
+    else:
+        padded = hidden.new_zeros(least, hidden.shape[1])
+        padded[:rows] = hidden
+        out = torch.nn.functional.linear(padded, weight, bias)[:rows]
+    return out if width is None or width == out.shape[1] else out[:, :width]
 
 
 def uses_masked_rows(model, x: torch.Tensor, graph, masked_only: bool) -> bool:
@@ -105,7 +110,7 @@ def step_on_scores(model, x: torch.Tensor, sigma: torch.Tensor, graph, step, *, 
         for start in range(0, masked.numel(), rows_per_chunk):
             idx = masked[start : start + rows_per_chunk]
             seq = torch.div(idx, L, rounding_mode="floor")
-            z = head_at_rows(hidden[idx], weight, bias, rows_per_chunk)[:, None]  # [rows, 1, V]
+            z = head_at_rows(hidden[idx], weight, bias, rows_per_chunk, graph.dim)[:, None]  # [rows, 1, V]
             out[idx] = step(z, flat[idx, None], shift[seq], seq).reshape(-1)
             del z
         return out.reshape(B, L)

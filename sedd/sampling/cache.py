@@ -135,7 +135,7 @@ class NetworkCalls:
         self.cached_step = self._cached_step if mode else None
         self._x_at: torch.Tensor | None = None  # [B, L] tokens each row's stored output was computed at
         self._valid: torch.Tensor | None = None  # [B] bool: a stored output exists
-        self._store: torch.Tensor | None = None  # masked rows: [slots, V]; full head: [B, L, V]
+        self._store: torch.Tensor | None = None  # masked rows: [slots, V_pad]; full head: [B, L, V]
         self._slot: torch.Tensor | None = None  # masked rows: [B·L] row of _store, −1 for none
         self._full = False
 
@@ -219,7 +219,7 @@ class NetworkCalls:
         for start in range(0, masked.numel(), per_chunk):
             idx = masked[start : start + per_chunk]
             seq = torch.div(idx, L, rounding_mode="floor")
-            z = self._store[self._slot[idx]][:, None]  # [rows, 1, V]
+            z = self._store[self._slot[idx]][:, None, : graph.dim]  # [rows, 1, V] (a padded head's rows)
             out[idx] = step(z, flat[idx, None], shift[seq], seq).reshape(-1)
             del z
         return out.reshape(B, L)

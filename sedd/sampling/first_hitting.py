@@ -130,7 +130,7 @@ class FirstHittingPredictor(Predictor):
                 per_chunk = head_chunk_rows(weight.shape[0], hidden.element_size())
                 for start in range(0, flat.numel(), per_chunk):
                     part = slice(start, start + per_chunk)
-                    z = head_at_rows(hidden[flat[part]], weight, bias, per_chunk)[:, None]  # [rows, 1, V]
+                    z = head_at_rows(hidden[flat[part]], weight, bias, per_chunk, graph.dim)[:, None]  # [rows, 1, V]
                     out[part] = draw(z, sel_row[part], shift)
                 return out
 

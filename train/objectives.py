@@ -6,7 +6,9 @@ samples differ, and they are here.
 
 Both losses are in nats per sequence (summed over the tokens of a block, averaged over blocks):
 the autoregressive one is the exact −log p(block), SEDD's an upper bound on it in expectation
-(docs/math.md, "Training loss", "Autoregressive baseline").
+(docs/math.md, "Training loss", "Autoregressive baseline"). The run's log divides them by the
+block's length (nats per token); ``bound`` and :meth:`prior_nats_per_token` say how a perplexity
+follows from that.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from sedd import ops
 from sedd.graph import graph_from_config
+from sedd.likelihood import prior_kl
 from sedd.losses import ar_loss, sample_times, score_entropy_loss
 from sedd.model import SEDD, ARModel
 from sedd.noise import noise_from_config
@@ -27,7 +30,8 @@ class Diffusion:
     """SEDD: the score-entropy loss at a random time, the analytic sampler."""
 
     name = "sedd"
-    loss_label = "score entropy (nats per sequence)"
+    loss_label = "score entropy (nats per token)"
+    bound = True  # the validation loss estimates an upper bound on −log p (with the prior term)
 
     def __init__(self, config: dict, cfg: dict):
         self.cfg = cfg
@@ -35,6 +39,10 @@ class Diffusion:
 
     def describe(self) -> str:
         return f"graph {self.cfg['graph']}, noise {self.cfg['noise']}"
+
+    def prior_nats_per_token(self) -> float:
+        """The bound's prior term, which the training loss leaves out (docs/math.md, "Likelihood bound")."""
+        return prior_kl(self.graph, self.noise)
 
     def build(self, config: dict, autocast_dtype) -> SEDD:
         return SEDD(config, autocast_dtype=autocast_dtype)
@@ -67,13 +75,17 @@ class Autoregressive:
     """The autoregressive baseline: the exact next-token cross entropy, ancestral samples."""
 
     name = "ar"
-    loss_label = "cross entropy (nats per sequence)"
+    loss_label = "cross entropy (nats per token)"
+    bound = False  # the exact −log p
 
     def __init__(self, config: dict, cfg: dict):
         self.cfg = cfg
 
     def describe(self) -> str:
         return "autoregressive (causal attention, no sigma)"
+
+    def prior_nats_per_token(self) -> float:
+        return 0.0
 
     def build(self, config: dict, autocast_dtype) -> ARModel:
         return ARModel(config, autocast_dtype=autocast_dtype)

@@ -60,6 +60,7 @@ from sedd.model.layers import (
     Rotary,
     SigmaEmbedder,
     apply_rotary,
+    block_forward,
     sigma_embedding,
 )
 
@@ -130,6 +131,27 @@ class DDiTTrunk(Checkpointed, nn.Module):
             raise ValueError(f"autocast_dtype must be torch.bfloat16, torch.float16 or None, got {autocast_dtype}")
         self.autocast_dtype = autocast_dtype
         self.validate_inputs = True
+
+    # -- compiled blocks ------------------------------------------------------------------------
+
+    def compile_blocks(self, **options: Any) -> str:
+        """``torch.compile`` the blocks, regionally: one compiled copy of
+        :func:`sedd.model.layers.block_forward` that every block runs (its weights are inputs), so
+        compile time is one block's whatever the depth. The embedding, the σ conditioning, the
+        output layer and the fused heads stay eager (a head loops over chunks of a data-dependent
+        row count), and so do the module calls, whose hooks DDP and FSDP2 use. ``options`` go to
+        ``torch.compile`` (``backend``, ``mode``, ``dynamic``). Returns the line that says what
+        was compiled."""
+        compiled = torch.compile(block_forward, **options)
+        for block in self.blocks:
+            block.forward_fn = compiled
+        how = ", ".join(f"{k}={v}" for k, v in options.items()) or "inductor"
+        return (f"compiled: the {len(self.blocks)} transformer blocks (one torch.compile'd block function, {how}); "
+                "embedding, output layer and loss run eagerly")
+
+    @property
+    def blocks_compiled(self) -> bool:
+        return any(block.forward_fn is not block_forward for block in self.blocks)
 
     # -- attention backend and dtype ------------------------------------------------------------
 

@@ -29,6 +29,7 @@ __all__ = [
     "Rotary",
     "SigmaEmbedder",
     "apply_rotary",
+    "block_forward",
     "sigma_embedding",
 ]
 
@@ -168,20 +169,32 @@ class DDiTBlock(nn.Module):
         self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim, bias=True)
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
+        # what forward runs: block_forward, or the one compiled copy of it that every block of a
+        # model shares (DDiTTrunk.compile_blocks)
+        self.forward_fn: Callable = block_forward
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan
     ) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        # the module call stays outside the compiled function, so DDP's and FSDP2's hooks (which
+        # gather the block's parameters around forward) run eagerly, as without compile
+        return self.forward_fn(self, x, c, cos, sin, plan)
 
-        h = _modulate(self.norm1(x), shift1, scale1)
-        qkv = rearrange(self.attn_qkv(h), "b s (three h d) -> b s three h d", three=3, h=self.n_heads)
-        qkv = torch.cat([apply_rotary(qkv[:, :, :2], cos, sin), qkv[:, :, 2:]], dim=2)
-        a = rearrange(attention(qkv, plan), "b s h d -> b s (h d)")
-        x = x + gate1 * F.dropout(self.attn_out(a), self.dropout, self.training)
 
-        h = _modulate(self.norm2(x), shift2, scale2)
-        return x + gate2 * F.dropout(self.mlp(h), self.dropout, self.training)
+def block_forward(block: DDiTBlock, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  plan: AttentionPlan) -> torch.Tensor:
+    """The computation of a :class:`DDiTBlock`, as a function of the block: ``torch.compile`` traces
+    it once and every block of the model reuses the compiled code (its weights are inputs)."""
+    shift1, scale1, gate1, shift2, scale2, gate2 = block.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+
+    h = _modulate(block.norm1(x), shift1, scale1)
+    qkv = rearrange(block.attn_qkv(h), "b s (three h d) -> b s three h d", three=3, h=block.n_heads)
+    qkv = torch.cat([apply_rotary(qkv[:, :, :2], cos, sin), qkv[:, :, 2:]], dim=2)
+    a = rearrange(attention(qkv, plan), "b s h d -> b s (h d)")
+    x = x + gate1 * F.dropout(block.attn_out(a), block.dropout, block.training)
+
+    h = _modulate(block.norm2(x), shift2, scale2)
+    return x + gate2 * F.dropout(block.mlp(h), block.dropout, block.training)
 
 
 HEAD_MULTIPLE = 64  # the output layer's rows are padded to a multiple of this in memory (see DDiTFinalLayer)

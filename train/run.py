@@ -74,15 +74,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
-import math
 import os
 import sys
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -102,16 +99,16 @@ from train.checkpoint import (
 from train.cli import die
 from train.config import UsageError, model_config, parse_args, resolve_config
 from train.objectives import make_objective
-from train.step import (  # noqa: F401  (ema_decay, lr_at: part of this script's interface)
+from train.step import (  # noqa: F401  (ema_decay: part of this script's interface)
     LogWindow,
     TrainStep,
-    doc_mask_kwargs,
     ema_decay,
     loop_context,
     lr_at,
     make_optimizer,
     step_seed,
 )
+from train.validation import describe_validation, ema_weights, validation_entry, validation_loss, validation_set
 
 # Every file a run writes into --out (besides its temporary files and tensorboard/).
 RUN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "training_state.pt", "metrics.jsonl",
@@ -212,15 +209,6 @@ def load_data(cfg: dict, out: Path, resuming: bool, master: bool, log):
     return tok, train, val
 
 
-def validation_set(val_tokens, cfg: dict, rank: int, world: int):
-    """(blocks, this rank's share of the fixed validation set, its size): blocks spread over the
-    whole split, sharded across ranks."""
-    blocks = sdata.PackedBlocks(val_tokens, cfg["length"])
-    n = min(cfg["val_blocks"] or len(blocks), len(blocks))
-    index = np.unique(np.linspace(0, len(blocks) - 1, n).round().astype(np.int64)) if n else np.zeros(0, np.int64)
-    return blocks, np.array_split(index, world)[rank], len(index)
-
-
 def wrap_model(net, args, device: torch.device, distributed: bool):
     """What the training forward goes through: FSDP2 shards (--fsdp), the compiled blocks
     (--compile), DDP. Returns (model, the line that says what was compiled, or None)."""
@@ -243,59 +231,28 @@ def wrap_model(net, args, device: torch.device, distributed: bool):
     return model, note
 
 
-@contextmanager
-def ema_weights(net: torch.nn.Module, ema: dict):
-    """Evaluate and sample with the EMA weights, then put the training weights back."""
-    params = list(net.parameters())
-    backup = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, ema.values()):
-            p.copy_(e)
-    net.eval()
-    try:
-        yield
-    finally:
-        net.train()
-        with torch.no_grad():
-            for p, b in zip(params, backup):
-                p.copy_(b)
+def next_micro_batches(batches, n: int, vocab_size: int, device: torch.device, data: str) -> list[torch.Tensor]:
+    """The step's ``n`` micro-batches, their ids checked in host memory (the step itself checks no
+    value on the device) and, for CUDA, pinned so that their copy does not wait on the GPU."""
+    micro_batches = [next(batches) for _ in range(n)]
+    for x0 in micro_batches:
+        if int(x0.max()) >= vocab_size or int(x0.min()) < 0:
+            raise Stop(f"training data {data!r} holds token ids outside [0, {vocab_size}) (a token cache of "
+                       "another tokenizer?)")
+    return [x0.pin_memory() for x0 in micro_batches] if device.type == "cuda" else micro_batches
 
 
-@torch.no_grad()
-def validation_loss(net, ema, val_blocks, index, objective, cfg, eos_id, device) -> float:
-    """The training loss (EMA weights, nats per block) on the fixed validation blocks, this rank's
-    share ``index`` of them, averaged over all ranks. Every block draws its t and forward noise
-    (SEDD) from a generator seeded by the block's index, so successive values measure the model
-    and not the draws, and the number is the same for any number of processes (up to rounding)."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    index = [int(i) for i in index]
+def write_samples(net, ema, objective, tok, cfg, step, device, out: Path, *, master: bool, fsdp: bool) -> None:
+    """Samples from the EMA weights, printed and written to OUT/samples.txt by rank 0."""
+    g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 3, 0, step))
     with ema_weights(net, ema):
-        for start in range(0, len(index), cfg["batch_size"]):
-            chunk = index[start : start + cfg["batch_size"]]
-            x0 = val_blocks.get_batch(chunk).to(device)
-            # each block's draws from its own generator, so they do not depend on the blocks beside it
-            generators = [torch.Generator(device).manual_seed(step_seed(cfg["seed"], 1, 0, i)) for i in chunk]
-            loss = objective.validation_losses(net, x0, generators, **doc_mask_kwargs(x0, cfg, eos_id))
-            total += torch.stack([loss.double().sum(), torch.tensor(float(len(chunk)), dtype=torch.float64,
-                                                                    device=device)])
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return (total[0] / total[1]).item()
-
-
-def validation_entry(loss: float, L: int, objective) -> dict:
-    """A validation loss in the log's units: nats per token and the perplexity (a bound for SEDD,
-    its prior term included), with the loss per block under a name that says so."""
-    per_token = loss / L
-    key = "val_perplexity_bound" if objective.bound else "val_perplexity"
-    ppl = math.exp(min(per_token + objective.prior_nats_per_token(), 700.0))
-    return {"val_loss": per_token, key: ppl, "val_loss_per_sequence": loss}
-
-
-def describe_validation(entry: dict) -> str:
-    bound = "val_perplexity_bound" in entry
-    ppl = entry["val_perplexity_bound" if bound else "val_perplexity"]
-    return f"{entry['val_loss']:.4f} nats/token, perplexity {'<= ' if bound else ''}{ppl:.5g}"
+        x = objective.sample(net, cfg["num_samples"], g, device, progress=master, fsdp=fsdp)
+    texts = [tok.decode(row) for row in x.cpu()]
+    report = f"=== {len(texts)} samples at step {step} (EMA weights, {objective.sample_note()}) ===\n"
+    report += "".join(f"--- sample {i + 1} ---\n{text}\n" for i, text in enumerate(texts))
+    if master:
+        print(report, end="", flush=True)
+        atomic_write(out / "samples.txt", lambda tmp: tmp.write_text(report))
 
 
 def main(argv=None):
@@ -425,13 +382,10 @@ def main(argv=None):
     model.train()
     with loop_context(device.type == "cuda"):
         while step < cfg["max_steps"]:
-            micro_batches = [next(batches) for _ in range(grad_accum)]
-            for x0 in micro_batches:  # host memory: checked without touching the device
-                if int(x0.max()) >= tok.vocab_size or int(x0.min()) < 0:
-                    stop(f"training data {cfg['data']!r} holds token ids outside [0, {tok.vocab_size}) "
-                         f"(a token cache of another tokenizer?)")
-            if device.type == "cuda":
-                micro_batches = [x0.pin_memory() for x0 in micro_batches]  # so the copy does not wait
+            try:
+                micro_batches = next_micro_batches(batches, grad_accum, tok.vocab_size, device, cfg["data"])
+            except Stop as e:
+                stop(e.message, e.code)
             step_fn(step, micro_batches)
             step += 1
             bar.update(1)
@@ -476,15 +430,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------------------------
     # Samples from the EMA weights (every rank runs the sampler: FSDP needs all of them).
     if cfg["num_samples"] > 0:
-        g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 3, 0, step))
-        with ema_weights(net, ema):
-            x = objective.sample(net, cfg["num_samples"], g, device, progress=master, fsdp=args.fsdp)
-        texts = [tok.decode(row) for row in x.cpu()]
-        report = f"=== {len(texts)} samples at step {step} (EMA weights, {objective.sample_note()}) ===\n"
-        report += "".join(f"--- sample {i + 1} ---\n{text}\n" for i, text in enumerate(texts))
-        if master:
-            print(report, end="", flush=True)
-            atomic_write(out / "samples.txt", lambda tmp: tmp.write_text(report))
+        write_samples(net, ema, objective, tok, cfg, step, device, out, master=master, fsdp=args.fsdp)
     if master:
         vals = [m for m in metrics if "val_loss" in m]
         if len(vals) >= 2:

@@ -165,7 +165,7 @@ def public_sample(model, graph, noise, steps, eps=1e-5):
 
 def _model(graph_name="absorb"):
     torch.manual_seed(0)
-    cfg = SEDD.config_for("tiny", graph=graph_name, tokens=TOKENS, hidden_size=128, cond_dim=64, n_blocks=2,
+    cfg = SEDD.config_for("cpu", graph=graph_name, tokens=TOKENS, hidden_size=128, cond_dim=64, n_blocks=2,
                           n_heads=4, length=L, dropout=0.0)
     model = SEDD(cfg)
     with torch.no_grad():  # the output layer is zero-initialised: give it values

@@ -138,8 +138,8 @@ def test_sampling(benchmark, request, measure_peak, backend, steps, sampler, bat
     kwargs = dict(steps=max(steps, 1))
     if sampler == "cached":
         kwargs["cache"] = True
-    elif sampler.startswith("first_hitting"):
-        kwargs.update(predictor="first_hitting", tokens_per_step=int(sampler.split("-")[1]))
+    elif sampler.startswith("first_hitting"):  # its own grid: no steps (the spec refuses them)
+        kwargs = dict(predictor="first_hitting", tokens_per_step=int(sampler.split("-")[1]))
     result = {}
 
     def run():

@@ -24,15 +24,15 @@ from pathlib import Path
 
 import torch
 
+from sedd.objectives import get_objective
 from train.config import model_config, resolve_config
-from train.objectives import make_objective
 from train.step import LogWindow, TrainStep, make_optimizer
 
 VARIANTS = [("eager", 64), ("eager", 1), ("compiled", 64), ("compiled", 1)]
 
 
 def build(mode: str, pad: int, cfg: dict, config: dict):
-    objective = make_objective(config, cfg)
+    objective = get_objective(cfg["objective"])(config, training=cfg)
     torch.manual_seed(0)
     net = objective.build(config, None)
     if pad != 64:

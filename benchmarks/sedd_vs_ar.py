@@ -34,10 +34,12 @@ def _load(path: Path) -> dict:
 
 
 def sampler_of(q: dict) -> str:
-    """The sampler a quality.json's records come from, as the plot names it."""
-    name = q["predictor"].replace("_", " ")
-    if q.get("cache") not in (None, "off"):
-        name += f", cache {q['cache']}"
+    """The sampler a quality.json's records come from, as the plot names it (the files before
+    SamplingSpec named it "predictor" and the cache "on"/"off")."""
+    name = (q.get("sampler") or q["predictor"]).replace("_", " ")
+    cache = q.get("cache")
+    if cache not in (None, False, "off"):
+        name += f", cache {'on' if cache is True else cache}"
     return name
 
 

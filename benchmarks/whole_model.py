@@ -47,9 +47,9 @@ from benchmarks import common
 from sedd.graph import Absorbing
 from sedd.model import SEDD
 from sedd.noise import LogLinear
+from sedd.objectives import get_objective
 from sedd.sampling import sample
 from train.config import model_config, resolve_config
-from train.objectives import make_objective
 from train.step import LogWindow, TrainStep, loop_context, make_optimizer
 
 CUDA, DEVICE = common.CUDA, common.DEVICE
@@ -117,7 +117,7 @@ def train_case(B: int, L: int, mode: str, args, peak: float) -> tuple[dict, list
     overrides = {"batch_size": B, "global_batch": B, "length": L, **({} if CUDA else TINY)}
     cfg = resolve_config(overrides, "small" if CUDA else "cpu", None, 1)
     config = model_config(cfg, GPT2_TOKENS if CUDA else 255, 1)
-    objective = make_objective(config, cfg)
+    objective = get_objective(cfg["objective"])(config, training=cfg)
     torch.manual_seed(0)
     net = objective.build(config, torch.bfloat16 if cfg["bf16"] else None).to(DEVICE)
     if mode in ("compiled", "graphs"):

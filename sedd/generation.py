@@ -21,13 +21,14 @@ earlier windows.
 
 An autoregressive checkpoint (``load_pretrained`` of a ``train/run.py --objective ar`` run) goes
 through the same functions: each window is sampled ancestrally (:func:`sedd.sampling.sample_ancestral`,
-one network evaluation per generated token; ``temperature`` applies, ``steps`` and ``predictor`` do
-not). A prompt conditions it exactly; fixed text after generated text is placed but does not steer
+one network evaluation per generated token; ``temperature`` applies, and ``steps``, ``predictor``
+and the other options of the diffusion samplers are refused, by the spec's check). A prompt conditions it exactly; fixed text after generated text is placed but does not steer
 what comes before it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -35,10 +36,12 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sedd.sampling import SamplingStats, check_eps, is_autoregressive, sample, sample_ancestral
+from sedd.objectives import objective_of
+from sedd.sampling import SamplingSpec, SamplingStats, check_eps
 from sedd.sampling.spans import Span, fixed_spans, spans_to_mask
+from sedd.sampling.spec import SamplingOptionError
 
-__all__ = ["Sample", "sample_blockwise", "generate", "generate_samples"]
+__all__ = ["Sample", "sample_blockwise", "generate", "generate_samples", "plan_windows"]
 
 
 @dataclass
@@ -52,6 +55,25 @@ class Sample:
     nfe: int | None = None
 
 
+def plan_windows(spec: SamplingSpec, length: int, model_length: int | None) -> tuple[int, int | None]:
+    """(window, stride) of ``length`` tokens as ``spec`` asks (its ``window`` defaults to
+    ``model_length``): stride None when one window holds them all, else the new tokens per later
+    window (default: half the window). :class:`~sedd.sampling.SamplingOptionError` for what
+    cannot run."""
+    window = spec.window if spec.window is not None else model_length if model_length is not None else length
+    if length <= window:
+        return window, None
+    if window < 2:
+        raise SamplingOptionError(("window",), lambda n: (
+            f"{n('window')} {window} cannot generate {n('length')} {length} window by window: every later window holds "
+            "context and at least one new token, so it needs at least 2 positions"))
+    stride = spec.stride if spec.stride is not None else window // 2
+    if stride >= window:
+        raise SamplingOptionError(("stride",), lambda n: (
+            f"{n('stride')} must be smaller than the window ({window}), got {stride}"))
+    return window, stride
+
+
 @torch.no_grad()
 def sample_blockwise(
     model,
@@ -60,77 +82,55 @@ def sample_blockwise(
     *,
     batch_size: int,
     length: int,
-    window: int,
-    stride: int | None = None,
-    steps: int = 128,
-    predictor: str = "analytic",
-    eps: float = 1e-5,
+    spec: SamplingSpec | None = None,
     fixed_tokens: torch.Tensor | None = None,
     fixed_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    temperature: float = 1.0,
-    kv_cache: bool = True,
-    cache: bool | str = False,
-    tokens_per_step: int | None = None,
     return_stats: bool = False,
+    **options,
 ) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
     """Semi-autoregressive sampling of sequences longer than the model's window.
 
-    The first ``window`` positions are sampled as by :func:`sedd.sampling.sample`; then each
-    window [end − window, end) with end advancing by ``stride`` keeps the tokens before the new
-    ``stride`` positions fixed (the context) and samples the new ones, ``steps`` reverse steps
-    per window. Positions fixed by ``fixed_mask`` stay fixed in every window that holds them.
+    The first ``window`` positions are sampled as by the model's sampler (its objective's,
+    :mod:`sedd.objectives`: :func:`sedd.sampling.sample` for a diffusion model); then each window
+    [end − window, end) with end advancing by ``stride`` keeps the tokens before the new
+    ``stride`` positions fixed (the context) and samples the new ones. Positions fixed by
+    ``fixed_mask`` stay fixed in every window that holds them.
 
     Args:
-        length: total tokens per sequence; ``length <= window`` is one ordinary :func:`sample`.
-        window: tokens the model sees at once (its training length).
-        stride: new tokens per later window, in [1, window); default ``window // 2``.
-        fixed_tokens, fixed_mask: [length] or [B, length], as for :func:`sample`.
-        temperature, kv_cache: autoregressive models only (:func:`sedd.sampling.sample_ancestral`:
-            ``kv_cache=False`` re-runs the prefix at every token instead); the diffusion samplers
-            have neither (a temperature other than 1 is a ValueError for them).
-        other arguments: as for :func:`sedd.sampling.sample` (``cache`` and ``tokens_per_step``
-            apply within each window; an autoregressive model reads no ``steps``, ``predictor``,
-            ``eps``, ``cache`` or ``tokens_per_step``).
+        model, graph, noise: the model, and for a diffusion model its forward process and schedule
+            (an autoregressive model has none: None).
+        length: total tokens per sequence; ``length <= window`` is one ordinary call of the sampler.
+        spec, options: how to sample (:class:`~sedd.sampling.SamplingSpec` and/or its fields),
+            checked against the model's objective before anything runs: an option its sampler does
+            not read is a ValueError. ``window``: tokens the model sees at once (default: its
+            training length); ``stride``: new tokens per later window, in [1, window) (default
+            ``window // 2``); the other options apply within each window (``steps`` per window).
+        fixed_tokens, fixed_mask: [length] or [B, length], as for :func:`sedd.sampling.sample`.
     Returns:
         [B, length] int64 tokens; with ``return_stats`` also the network calls of all windows
         (:class:`~sedd.sampling.SamplingStats`, ``nfe`` per sequence summed over the windows).
     """
-    for name, value in (("batch_size", batch_size), ("length", length), ("window", window)):
+    spec = SamplingSpec.build(spec, **options)
+    objective = objective_of(model, graph=graph, noise=noise)
+    spec.validate(objective)
+    for name, value in (("batch_size", batch_size), ("length", length)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    stride = window // 2 if stride is None else stride
-    if length > window and not (isinstance(stride, int) and 1 <= stride < window):
-        raise ValueError(f"stride must be an integer in [1, window = {window}), got {stride!r}")
+    window, stride = plan_windows(spec, length, getattr(model, "length", None))
     if (fixed_tokens is None) != (fixed_mask is None):
         raise ValueError("fixed_tokens and fixed_mask must be given together")
     if device is None:
         param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
-    common = dict(generator=generator, device=device, top_p=top_p, top_k=top_k, return_stats=True)
-    if is_autoregressive(model):
-        if cache or tokens_per_step is not None:
-            raise ValueError("cache and tokens_per_step apply to the diffusion samplers; an autoregressive model "
-                             "is sampled one token per network evaluation")
+    each = dataclasses.replace(spec, window=None, stride=None)  # what every window's sampler reads
 
-        def run(**kw):
-            return sample_ancestral(model, temperature=temperature, kv_cache=kv_cache, **common, **kw)
-    else:
-        if temperature != 1:
-            raise ValueError(f"temperature applies to autoregressive models; the diffusion samplers have none "
-                             f"(got {temperature!r})")
-        if not kv_cache:
-            raise ValueError("kv_cache applies to autoregressive models; the diffusion samplers keep no keys and "
-                             "values (their cache is cache=...)")
+    def run(**kw):
+        return objective.sample(model, spec=each, generator=generator, device=device, **kw)
 
-        def run(**kw):
-            return sample(model, graph, noise, steps=steps, predictor=predictor, eps=eps, cache=cache,
-                          tokens_per_step=tokens_per_step, **common, **kw)
     if length <= window:
         x, stats = run(batch_size=batch_size, length=length, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask,
                        progress=progress)
@@ -201,15 +201,11 @@ def _resolve(model, tokenizer, device):
         tok = model.tokenizer
         net, graph, noise = model.model, model.graph, model.noise
     elif isinstance(model, torch.nn.Module) and isinstance(getattr(model, "config", None), dict):
-        from sedd.graph import graph_from_config
-        from sedd.noise import noise_from_config
-
         if tokenizer is None:
             raise ValueError("a bare model needs tokenizer=... (or pass load_pretrained(...) instead)")
         tok, net = None, model
-        graph = noise = None
-        if not is_autoregressive(model):
-            graph, noise = graph_from_config(model.config), noise_from_config(model.config)
+        objective = objective_of(model)
+        graph, noise = objective.graph, objective.noise
     else:
         raise TypeError("model must be a Pretrained (sedd.load_pretrained), a checkpoint directory or Hub id, "
                         f"or a SEDD (or ARModel) model, got {type(model).__name__}")
@@ -232,26 +228,19 @@ def generate_samples(
     infills: Sequence[Sequence[tuple[int, str]] | None] | None = None,
     num_samples: int = 1,
     length: int | None = None,
-    steps: int | None = None,
-    predictor: str = "analytic",
-    eps: float = 1e-5,
-    window: int | None = None,
-    stride: int | None = None,
     tokenizer: Any = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    temperature: float = 1.0,
-    kv_cache: bool = True,
-    cache: bool | str = False,
-    tokens_per_step: int | None = None,
+    spec: SamplingSpec | None = None,
+    **options: Any,
 ) -> list[Sample]:
     """Like :func:`generate`, returning :class:`Sample` objects (text, token ids, fixed spans,
     NFE); ``infills`` adds per-row lists of (position, text) spans (see :func:`fixed_spans`)."""
+    spec = SamplingSpec.build(spec, **options)
     net, graph, noise, tok = _resolve(model, tokenizer, device)
+    spec.validate(objective_of(net, graph=graph, noise=noise))
     lists = {name: _as_rows(name, value) for name, value in
              (("prompts", prompts), ("suffixes", suffixes), ("templates", templates))}
     if infills is not None:
@@ -266,19 +255,15 @@ def generate_samples(
         raise ValueError("no prompts were given (an empty list); pass None for unconditional samples")
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-
-    for name, value in (("length", length), ("window", window), ("steps", steps)):
-        # None is the default; 0 is not, and would silently have meant it
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    # None is the default; 0 is not, and would silently have meant it
+    if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
+        raise ValueError(f"length must be a positive integer, got {length!r}")
     model_length = getattr(net, "length", None)
-    window = window if window is not None else model_length if model_length is not None else length
-    length = length if length is not None else window
+    length = length if length is not None else spec.window if spec.window is not None else model_length
     if length is None:
         raise ValueError("length is needed for a model without a training length")
-    steps = min(length, window) if steps is None else steps
     if noise is not None:
-        check_eps(noise, eps)
+        check_eps(noise, spec.eps)
 
     def pick(name, i):
         rows_ = lists.get(name)
@@ -304,12 +289,9 @@ def generate_samples(
     was_training = net.training
     net.eval()  # no dropout while sampling, whatever mode the caller left the model in
     try:
-        x, stats = sample_blockwise(
-            net, graph, noise, batch_size=len(spans), length=length, window=window, stride=stride, steps=steps,
-            predictor=predictor, eps=eps, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
-            device=device, progress=progress, top_p=top_p, top_k=top_k, temperature=temperature, kv_cache=kv_cache,
-            cache=cache, tokens_per_step=tokens_per_step, return_stats=True,
-        )
+        x, stats = sample_blockwise(net, graph, noise, batch_size=len(spans), length=length, spec=spec,
+                                    fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
+                                    device=device, progress=progress, return_stats=True)
     finally:
         net.train(was_training)
     ids = x.cpu().tolist()
@@ -324,10 +306,6 @@ def generate(
     templates: str | Sequence[str | None] | None = None,
     num_samples: int = 1,
     length: int | None = None,
-    steps: int | None = None,
-    predictor: str = "analytic",
-    window: int | None = None,
-    stride: int | None = None,
     tokenizer: Any = None,
     seed: int | None = None,
     device: torch.device | str | None = None,
@@ -338,38 +316,37 @@ def generate(
 
     Args:
         model: what :func:`sedd.load_pretrained` returns, a checkpoint directory or Hub id
-            (loaded with it), or a SEDD model together with ``tokenizer``.
+            (loaded with it), or a SEDD (or ARModel) model together with ``tokenizer``.
         prompts: a string or one per row (None: no prompt in that row); row i starts with
             prompts[i]. Rows may have prompts of any lengths.
         suffixes: a string or one per row; the row ends with it.
         templates: a string or one per row: literal text with ``[MASK:n]`` holes of n tokens,
             laid out from position 0 (positions after it are generated too).
         num_samples: samples per row (per prompt), or the number of unconditional samples.
-        length: tokens per sample, fixed text included (default: the model's training length).
-            Longer than ``window``: block by block (module docstring).
-        steps: reverse steps (one model call each) per window (default: the window length, as in
-            the paper; fewer is faster at some cost in quality). An autoregressive model takes
-            one model call per generated token whatever ``steps`` says.
-        predictor: "analytic", "euler" or "first_hitting" (one evaluation per unmasked token,
-            ``tokens_per_step`` per evaluation; ``steps`` unused).
-        window, stride: the semi-autoregressive windows (default: the model's length, half of it).
+        length: tokens per sample, fixed text included (default: the window, the model's training
+            length). Longer than the window: block by block (module docstring).
         tokenizer: a tokenizer or :func:`sedd.data.get_tokenizer` spec (default: the checkpoint's).
         seed: for reproducible samples (or pass ``generator=``).
         device: for a checkpoint name: where to load it ("auto" by default).
-        kwargs: ``infills``, ``eps``, ``generator``, ``top_p``, ``top_k``, ``temperature`` and
-            ``kv_cache`` (an autoregressive model's), ``cache`` (True: reuse the outputs of unchanged rows, exact
-            for a model without time conditioning; see :func:`sedd.sampling.sample`),
-            ``tokens_per_step``: see :func:`generate_samples` and :func:`sample_blockwise`.
+        kwargs: ``infills`` and ``generator`` (see :func:`generate_samples`), and how to sample:
+            ``spec=`` (a :class:`~sedd.sampling.SamplingSpec`) and/or its fields: ``steps``
+            (reverse steps per window, default the window length, as in the paper: fewer is
+            faster at some cost in quality), ``predictor`` ("analytic", "euler", "first_hitting":
+            one evaluation per unmasked token, ``tokens_per_step`` per evaluation), ``window``,
+            ``stride``, ``top_p``, ``top_k``, ``cache`` (True: reuse the outputs of unchanged rows,
+            exact for a model without time conditioning), ``eps``; for an autoregressive model
+            ``temperature`` and ``kv_cache``. An option the model's sampler does not read is a
+            ValueError.
     Returns:
         ``len(rows) * num_samples`` strings, each a whole sequence (its fixed text included),
         row by row: the samples of row 0 first.
     Raises:
-        ValueError: rows of different counts, text that does not fit ``length``, bad sizes.
+        ValueError: rows of different counts, text that does not fit ``length``, bad sizes or
+            sampler options.
         TypeError: prompts that are not strings, a model of another kind.
     """
     samples = generate_samples(
         model, prompts, suffixes=suffixes, templates=templates, num_samples=num_samples, length=length,
-        steps=steps, predictor=predictor, window=window, stride=stride, tokenizer=tokenizer, seed=seed,
-        device=device, progress=progress, **kwargs,
+        tokenizer=tokenizer, seed=seed, device=device, progress=progress, **kwargs,
     )
     return [s.text for s in samples]

@@ -31,8 +31,6 @@ import math
 
 import torch
 
-KERNEL_TAGS = ("absorb", "uniform", None)
-
 
 def esigm1(sigma: torch.Tensor) -> torch.Tensor:
     """E(σ) = e^σ − 1, through expm1 where σ is small enough for e^σ − 1 to cancel."""
@@ -48,11 +46,6 @@ def per_row(v: torch.Tensor | float, like: torch.Tensor, dtype: torch.dtype | No
     return v.reshape(v.shape[0], *([1] * (like.dim() - 1)))
 
 
-def expand_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """σ of shape [B] or [B, 1] (or a scalar) reshaped to broadcast against ``x`` [B, ...]."""
-    return per_row(sigma, x)
-
-
 class Graph:
     """The interface every graph implements. ``N`` real tokens, rows of width ``dim`` (V).
 
@@ -62,7 +55,13 @@ class Graph:
 
     name: str = ""
     kernel: str | None = None
-    absorbing: bool = False  # the forward process has an absorbing MASK state (descriptive only)
+    # The forward process has an absorbing MASK state (mask_id): a position is either clean or MASK,
+    # and the reverse process only ever moves MASK positions to real tokens. What relies on it: the
+    # samplers and the fused loss compute the output layer at MASK rows only, first hitting and the
+    # harness's conditional likelihood run on such graphs only, conditioning on fixed tokens is exact
+    # on them (and warned about otherwise), SEDD's default output scaling follows it and a model
+    # without time conditioning needs it. A new graph sets it True only if all of that holds for it.
+    absorbing: bool = False
     mask_id: int | None = None  # the MASK token's id, for a graph that has one
     default_noise: str = "loglinear"  # the schedule the paper pairs with this graph (sedd.noise names)
 
@@ -188,7 +187,7 @@ class Absorbing(Graph):
 
     def transition_probs(self, x0: torch.Tensor, sigma) -> torch.Tensor:
         """p_{t|0}(· | x0) = exp(σQ)[:, x0]: e^{−σ} on x0 and 1 − e^{−σ} on MASK. [..., V] fp32."""
-        sigma = expand_sigma(sigma, x0).float().unsqueeze(-1)
+        sigma = per_row(sigma, x0).float().unsqueeze(-1)
         stay = torch.exp(-sigma)
         probs = torch.zeros(*x0.shape, self.dim, device=x0.device)
         probs[..., self.mask_id] = 1.0
@@ -201,7 +200,7 @@ class Absorbing(Graph):
         From MASK every column is reachable (1 − e^{−σ}, and 1 for MASK itself); from a real
         token only the token itself (e^{−σ}).
         """
-        sigma = expand_sigma(sigma, x_t).float().unsqueeze(-1)
+        sigma = per_row(sigma, x_t).float().unsqueeze(-1)
         row = torch.nn.functional.one_hot(x_t, self.dim).float() * torch.exp(-sigma)
         from_mask = (x_t == self.mask_id).unsqueeze(-1)
         return torch.where(from_mask, row - torch.expm1(-sigma), row)
@@ -223,7 +222,7 @@ class Absorbing(Graph):
 
     def sample_transition(self, x0: torch.Tensor, sigma, generator=None) -> torch.Tensor:
         """Mask each token independently with probability 1 − e^{−σ}."""
-        p_mask = -torch.expm1(-expand_sigma(sigma, x0).float())
+        p_mask = -torch.expm1(-per_row(sigma, x0).float())
         move = torch.rand(x0.shape, device=x0.device, generator=generator) < p_mask
         return torch.where(move, torch.full_like(x0, self.mask_id), x0)
 
@@ -271,7 +270,7 @@ class Uniform(Graph):
 
     def transition_probs(self, x0: torch.Tensor, sigma) -> torch.Tensor:
         """p_{t|0}(y | x0) = (1 − e^{−σ})/N, plus e^{−σ} at y = x0. [..., V] fp32."""
-        sigma = expand_sigma(sigma, x0).float().unsqueeze(-1)
+        sigma = per_row(sigma, x0).float().unsqueeze(-1)
         probs = (-torch.expm1(-sigma) / self.N).expand(*x0.shape, self.N).clone()
         return probs.scatter_add(-1, x0.unsqueeze(-1), torch.exp(-sigma).expand(*x0.shape, 1).clone())
 
@@ -291,7 +290,7 @@ class Uniform(Graph):
 
     def sample_transition(self, x0: torch.Tensor, sigma, generator=None) -> torch.Tensor:
         """With probability 1 − e^{−σ} replace the token by a uniform draw (which may equal x0)."""
-        p_move = -torch.expm1(-expand_sigma(sigma, x0).float())
+        p_move = -torch.expm1(-per_row(sigma, x0).float())
         move = torch.rand(x0.shape, device=x0.device, generator=generator) < p_move
         fresh = torch.randint(0, self.N, x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
         return torch.where(move, fresh, x0)

@@ -40,6 +40,7 @@ small K the calls are therefore smaller than ``batch_size``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -62,6 +63,8 @@ except ImportError as err:  # the optional extra
     ) from err
 
 from sedd.likelihood import TIME_SAMPLERS, block_bounds, make_blocks, sequence_bounds
+from sedd.objectives import Diffusion, objective_of
+from sedd.sampling import SamplingOptionError, SamplingSpec
 
 __all__ = ["HarnessError", "SEDDLM", "MODEL_ARGS", "check_model_args"]
 
@@ -80,17 +83,19 @@ MODEL_ARGS = {
     "mc_samples": "K, draws of t per request (>= 2; default 32; the paper's bound used 1000)",
     "time_sampler": f"how the K times are drawn: {', '.join(TIME_SAMPLERS)} (default stratified)",
     "seed": "seed of every request's draws (default 0)",
-    "steps": "reverse steps per window of generate_until (default: the window length)",
-    "predictor": "reverse-step predictor of generate_until (default analytic)",
-    "top_p": "nucleus truncation of sampled generation (do_sample=True)",
-    "top_k": "top-k truncation of sampled generation (do_sample=True)",
     "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16",
     "estimates": "append every estimate and its standard error to this JSON-lines file",
+    # how generate_until samples: every field of sedd.sampling.SamplingSpec (top_p and top_k apply
+    # to do_sample=True; greedy generation is top_k = 1)
+    **{name: f"generate_until: {SamplingSpec.help(name)}" for name in SamplingSpec.names()},
     # passed by lm_eval itself; accepted and not used
     "max_batch_size": "(lm_eval's auto batch search; not used)",
     "trust_remote_code": "(lm_eval's; not used)",
 }
 FROM_LM_EVAL = ("max_batch_size", "trust_remote_code")
+SAMPLING = SamplingSpec.names()
+# the objectives whose checkpoints the model answers for: its requests read the SEDD bound
+ANSWERS = (Diffusion,)
 
 
 class HarnessError(ValueError):
@@ -106,31 +111,23 @@ def _positive_int(name: str, value: Any, minimum: int = 1, where: str = "model_a
     return value
 
 
-def _top_p(value: Any, where: str) -> float:
-    given = value
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise HarnessError(f"{where} top_p must be a number in (0, 1], got {given!r}")
-    return float(value)
-
-
-def _predictor(value: Any, where: str) -> str:
-    from sedd.sampling import PREDICTORS
-
-    if value not in PREDICTORS:
-        raise HarnessError(f"{where} predictor must be one of {', '.join(sorted(PREDICTORS))}, got {value!r}")
-    return value
+def sampling_spec(values: dict[str, Any], where: str, base: SamplingSpec | None = None) -> SamplingSpec:
+    """The :class:`~sedd.sampling.SamplingSpec` of ``base`` with the options ``values`` (text as
+    lm_eval passes it, or values), from ``where`` ("model_args", "gen_kwargs"): HarnessError for a
+    bad one, naming it as ``where name``."""
+    parsed = {k: SamplingSpec.parse(k, v) if isinstance(v, str) else v for k, v in values.items()}
+    try:
+        return SamplingSpec.build(base, **parsed)
+    except SamplingOptionError as err:
+        raise HarnessError(err.render(lambda name: f"{where} {name}")) from None
 
 
 def check_model_args(args: dict[str, Any]) -> dict[str, Any]:
     """The model_args of ``"sedd"`` checked and normalised, without loading anything.
 
-    Returns a dict with every key of :data:`MODEL_ARGS` (defaults filled in). Raises
-    :class:`HarnessError` for an unknown key or a bad value.
+    Returns a dict with every key of :data:`MODEL_ARGS` (defaults filled in), and ``spec``, the
+    sampling options as one :class:`~sedd.sampling.SamplingSpec`. Raises :class:`HarnessError` for
+    an unknown key or a bad value.
     """
     unknown = sorted(set(args) - set(MODEL_ARGS))
     if unknown:
@@ -139,10 +136,11 @@ def check_model_args(args: dict[str, Any]) -> dict[str, Any]:
                            f"the sedd model; known: {known}")
     out = {
         "pretrained": None, "tokenizer": None, "device": "auto", "batch_size": "auto", "mc_samples": 32,
-        "time_sampler": "stratified", "seed": 0, "steps": None, "predictor": "analytic", "top_p": None,
-        "top_k": None, "dtype": "auto", "estimates": None,
+        "time_sampler": "stratified", "seed": 0, "dtype": "auto", "estimates": None,
     }
-    out.update({k: v for k, v in args.items() if v is not None and k not in FROM_LM_EVAL})
+    out.update({k: v for k, v in args.items() if v is not None and k not in FROM_LM_EVAL and k not in SAMPLING})
+    spec = sampling_spec({k: v for k, v in args.items() if k in SAMPLING}, "model_args")
+    out.update(dataclasses.asdict(spec), spec=spec)
     if out["pretrained"] is None or (isinstance(out["pretrained"], str) and not out["pretrained"].strip()):
         raise HarnessError("model_args needs pretrained=DIR_OR_HUB_ID (a checkpoint directory or a Hub id)")
     if isinstance(out["pretrained"], os.PathLike):
@@ -159,13 +157,6 @@ def check_model_args(args: dict[str, Any]) -> dict[str, Any]:
     if out["time_sampler"] == "antithetic" and out["mc_samples"] % 2:
         raise HarnessError(f"antithetic draws pair t with 1 - t: mc_samples must be even, got {out['mc_samples']}")
     out["seed"] = _positive_int("seed", out["seed"], 0)
-    if out["steps"] is not None:
-        out["steps"] = _positive_int("steps", out["steps"])
-    if out["top_k"] is not None:
-        out["top_k"] = _positive_int("top_k", out["top_k"])
-    if out["top_p"] is not None:
-        out["top_p"] = _top_p(out["top_p"], "model_args")
-    out["predictor"] = _predictor(out["predictor"], "model_args")
     dtype = str(out["dtype"]).removeprefix("torch.")
     if dtype not in DTYPES:
         raise HarnessError(f"model_args dtype must be one of {', '.join(DTYPES)}, got {out['dtype']!r}")
@@ -237,9 +228,16 @@ class SEDDLM(LM):
             if device.type != "cuda" and opts["dtype"] in ("bfloat16", "float16"):
                 logger.warning("dtype=%s applies to CUDA autocast; on %s the model computes in float32",
                                opts["dtype"], device.type)
-        if loaded.objective == "ar":
-            raise HarnessError(f"{opts['pretrained']!r} is an autoregressive checkpoint (train/run.py --objective ar): "
-                               "the model 'sedd' scores SEDD checkpoints; train/eval.py gives its exact perplexity")
+        objective = objective_of(loaded.model, graph=loaded.graph, noise=loaded.noise)
+        if type(objective) not in ANSWERS:
+            what = "exact perplexity" if objective.exact else "likelihood"
+            raise HarnessError(f"{opts['pretrained']!r} is {objective.a_label()} checkpoint (train/run.py --objective "
+                               f"{objective.name}): the model 'sedd' scores SEDD checkpoints; train/eval.py gives its "
+                               f"{what}")
+        try:
+            opts["spec"].validate(objective)
+        except SamplingOptionError as err:
+            raise HarnessError(err.render(lambda name: f"model_args {name}")) from None
         self.pre = loaded
         self.model, self.graph, self.noise, self.tok = loaded.model, loaded.graph, loaded.noise, loaded.tokenizer
         self._device = _model_device(self.model)
@@ -247,6 +245,7 @@ class SEDDLM(LM):
         if self.window < 2:
             raise HarnessError("the model has no training length of at least 2 tokens (its `length`)")
         self.batch_size = opts["batch_size"]
+        self.spec = opts["spec"]
         self.K, self.time_sampler, self.seed = opts["mc_samples"], opts["time_sampler"], opts["seed"]
         self.estimates: list[dict[str, Any]] = []
         self._warned: set[str] = set()
@@ -418,25 +417,18 @@ class SEDDLM(LM):
         max_gen = kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS)
         do_sample, temperature = kwargs.pop("do_sample", None), kwargs.pop("temperature", None)
         where = "gen_kwargs"
-        steps, top_p, top_k = (kwargs.pop(k, self.options[k]) for k in ("steps", "top_p", "top_k"))
-        settings = {
-            "until": tuple(until),
-            "max_gen_toks": _positive_int("max_gen_toks", max_gen, 1, where),
-            "steps": None if steps is None else _positive_int("steps", steps, 1, where),
-            "predictor": _predictor(kwargs.pop("predictor", self.options["predictor"]), where),
-            "top_p": None if top_p is None else _top_p(top_p, where),
-            "top_k": None if top_k is None else _positive_int("top_k", top_k, 1, where),
-        }
+        spec = sampling_spec({k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING}, where, self.spec)
         temperature = None if temperature is None else float(temperature)
         greedy = do_sample is False or (do_sample is None and not (temperature or 0) > 0)
         if greedy:
-            settings.update(top_p=None, top_k=1)
+            spec = dataclasses.replace(spec, top_p=None, top_k=1)
         elif temperature not in (None, 0.0, 1.0):
             self._warn_once("temperature", "sedd: the SEDD samplers have no temperature; temperature=%s is "
                             "ignored (use top_p / top_k)", temperature)
         for key in kwargs:
             self._warn_once(f"gen:{key}", "sedd: generation argument %r is not used by the SEDD samplers", key)
-        return settings
+        return {"until": tuple(until), "max_gen_toks": _positive_int("max_gen_toks", max_gen, 1, where),
+                "spec": spec}
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """The generated text (no context) per request, cut at EOS and the ``until`` strings."""
@@ -454,20 +446,21 @@ class SEDDLM(LM):
         # one call per run of rows with the same context length and settings: a batch shares its length
         groups: dict[tuple, list] = {}
         for row in rows:
-            key = (row[2], tuple(sorted((k, v) for k, v in row[3].items())))
+            key = (row[2], row[3]["until"], row[3]["max_gen_toks"], row[3]["spec"])
             groups.setdefault(key, []).append(row)
         out: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="sedd generate_until", unit="req", disable=disable_tqdm)
-        for (n_ctx, _), members in groups.items():
+        for (n_ctx, *_), members in groups.items():
             for start in range(0, len(members), self.batch_size):
                 batch = members[start : start + self.batch_size]
                 s = batch[0][3]
                 prompts = [row[1] or None for row in batch]
-                generator = self._generator("generate_until", [row[1] for row in batch], sorted(s.items()))
-                samples = generate_samples(
-                    self.pre, prompts, length=n_ctx + s["max_gen_toks"], window=self.window, steps=s["steps"],
-                    predictor=s["predictor"], top_p=s["top_p"], top_k=s["top_k"], generator=generator,
-                )
+                settings = sorted({**dataclasses.asdict(s["spec"]), "until": s["until"],
+                                   "max_gen_toks": s["max_gen_toks"]}.items())
+                generator = self._generator("generate_until", [row[1] for row in batch], settings)
+                spec = s["spec"] if s["spec"].window is not None else dataclasses.replace(s["spec"], window=self.window)
+                samples = generate_samples(self.pre, prompts, length=n_ctx + s["max_gen_toks"], spec=spec,
+                                           generator=generator)
                 for row, sample in zip(batch, samples):
                     start_gen = sample.fixed[0].end if sample.fixed else 0
                     ids = sample.tokens[start_gen : start_gen + s["max_gen_toks"]]

@@ -28,7 +28,12 @@ Autoregressive checkpoints (:class:`sedd.model.ARModel`) have an exact likelihoo
 prior term), so :func:`summarize` reports the two objectives on the same blocks and tokens, the
 one as "=" and the other as "≤".
 
-The math: docs/math.md, "Likelihood bound", "Autoregressive baseline".
+Block-diffusion models (:class:`sedd.model.BlockSEDD`) bound −log p(block) as the sum of their
+blocks' bounds, with the draws and terms of this module (:func:`integrand_draws`,
+:func:`bound_terms`): :func:`sedd.block_diffusion.block_diffusion_sequence_bounds`, which
+:func:`block_bounds` takes as its ``estimator``.
+
+The math: docs/math.md, "Likelihood bound", "Autoregressive baseline", "Block diffusion".
 """
 
 from __future__ import annotations
@@ -101,7 +106,6 @@ def sequence_bounds(
     gives exactly the numbers of ``maskable=None`` (same draws from ``generator``).
     """
     B, L = x0.shape
-    device = x0.device
     if maskable is not None:
         if not graph.absorbing:
             raise ValueError("maskable positions (a conditional bound) need the absorbing graph: on the "
@@ -109,41 +113,65 @@ def sequence_bounds(
         if maskable.shape != x0.shape or maskable.dtype != torch.bool:
             raise ValueError(f"maskable must be a bool tensor of shape {tuple(x0.shape)}, got "
                              f"{maskable.dtype} {tuple(maskable.shape)}")
-    times = draw_times(B, num_samples, time_sampler, generator=generator, device=device)
+    times = draw_times(B, num_samples, time_sampler, generator=generator, device=x0.device)
+
+    def integrand(x, t, mask, index):
+        x_t = None
+        if maskable is not None:
+            # the same draw score_entropy_loss would make, then the context put back: on the
+            # absorbing graph a clean position adds no loss, so nothing else changes
+            x_t = ops.sample_transition(x, noise(t.float())[0], graph, generator)
+            x_t = torch.where(maskable[index], x_t, x)
+        return score_entropy_loss(model, x, graph, noise, t=t.float(), x_t=x_t, generator=generator,
+                                  attention_mask=mask, reduction="none")
+
+    values = integrand_draws(x0, times, integrand, attention_mask=attention_mask, batch_size=batch_size,
+                             progress=progress, on_draws=on_draws)
+    scored = attention_mask
+    if maskable is not None:
+        scored = maskable if scored is None else scored & maskable
+    return bound_terms(values, x0, scored, graph, noise)
+
+
+def integrand_draws(x0: torch.Tensor, times: torch.Tensor, integrand, *, attention_mask: torch.Tensor | None = None,
+                    batch_size: int | None = None, progress: bool = False, on_draws=None) -> torch.Tensor:
+    """[B, K] float64: the integrand of every sequence of ``x0`` [B, L] at each of its K draws of
+    ``times`` [B, K, ...] (float64; a time per sequence, or per block of it).
+
+    ``integrand(x, t, mask, index)`` returns the [R] losses of the sequences ``x`` [R, L] at times
+    ``t`` [R, ...] (``mask``: their attention mask or None; ``index``: the row of ``x0`` each
+    comes from), R = n sequences × m draws, draw-major: at most ``batch_size`` sequences per
+    call, and when ``batch_size`` exceeds B, several draws of every sequence in one call.
+    ``on_draws(n)`` is called after every call with its n draws; ``progress`` shows a bar."""
+    B, K = times.shape[:2]
     rows_per_call = min(B, batch_size or B)
     draws_per_call = max(1, (batch_size or B) // B)  # a large batch_size packs several draws per call
-    values = torch.empty(B, num_samples, dtype=torch.float64, device=device)
-    bar = tqdm(total=B * num_samples, desc="likelihood bound", disable=not progress, leave=False, unit="draw")
+    values = torch.empty(B, K, dtype=torch.float64, device=x0.device)
+    bar = tqdm(total=B * K, desc="likelihood bound", disable=not progress, leave=False, unit="draw")
     for start in range(0, B, rows_per_call):
         rows = slice(start, min(B, start + rows_per_call))
         n = rows.stop - rows.start
-        for k in range(0, num_samples, draws_per_call):
-            ks = slice(k, min(num_samples, k + draws_per_call))
+        for k in range(0, K, draws_per_call):
+            ks = slice(k, min(K, k + draws_per_call))
             m = ks.stop - ks.start
-            t = times[rows, ks].T.reshape(-1)  # draw-major: [m * n]
-            x = x0[rows].repeat(m, 1)
-            mask = attention_mask[rows].repeat(m, 1) if attention_mask is not None else None
-            x_t = None
-            if maskable is not None:
-                # the same draw score_entropy_loss would make, then the context put back: on the
-                # absorbing graph a clean position adds no loss, so nothing else changes
-                x_t = ops.sample_transition(x, noise(t.float())[0], graph, generator)
-                x_t = torch.where(maskable[rows].repeat(m, 1), x_t, x)
-            loss = score_entropy_loss(
-                model, x, graph, noise, t=t.float(), x_t=x_t, generator=generator, attention_mask=mask,
-                reduction="none",
-            )
-            values[rows, ks] = loss.double().reshape(m, n).T
+            t = times[rows, ks].transpose(0, 1).reshape(m * n, *times.shape[2:])  # draw-major
+            index = torch.arange(rows.start, rows.stop, device=x0.device).repeat(m)
+            mask = attention_mask[index] if attention_mask is not None else None
+            values[rows, ks] = integrand(x0[index], t, mask, index).double().reshape(m, n).T
             bar.update(n * m)
             if on_draws is not None:
                 on_draws(n * m)
     bar.close()
-    scored = attention_mask if attention_mask is not None else None
-    if maskable is not None:
-        scored = maskable if scored is None else scored & maskable
-    tokens = (scored.sum(-1) if scored is not None else torch.full((B,), L, device=device)).double()
-    K = num_samples
-    variance = values.var(dim=1, unbiased=True) / K if K > 1 else torch.full((B,), float("nan"), device=device)
+    return values
+
+
+def bound_terms(values: torch.Tensor, x0: torch.Tensor, scored: torch.Tensor | None, graph: Graph,
+                noise: Noise) -> dict[str, torch.Tensor]:
+    """The per-sequence terms of :func:`sequence_bounds` from the integrand's draws ``values``
+    [B, K] of the sequences ``x0`` [B, L] whose positions ``scored`` [B, L] (None: all) count."""
+    B, K = values.shape
+    tokens = (scored.sum(-1) if scored is not None else torch.full((B,), x0.shape[1], device=x0.device)).double()
+    variance = values.var(dim=1, unbiased=True) / K if K > 1 else torch.full((B,), float("nan"), device=x0.device)
     return {
         "integral": values.mean(dim=1),
         "variance": variance.double(),
@@ -183,17 +211,21 @@ def block_bounds(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     on_draws=None,
+    estimator=None,
 ) -> list[dict[str, torch.Tensor]]:
     """:func:`sequence_bounds` of every block [n, L] (from :func:`make_blocks`, with its [n, L]
     mask), ``batch_size`` blocks per call, in order, from one ``generator``: the per-batch terms
     for :func:`summarize`. A batch without padding runs without an attention mask. Each batch is
-    moved to ``device`` (the model's; default: where the blocks are)."""
+    moved to ``device`` (the model's; default: where the blocks are). ``estimator``: the
+    per-batch function in place of :func:`sequence_bounds`, with its arguments (a block-diffusion
+    model's: :func:`sedd.block_diffusion.block_diffusion_sequence_bounds`)."""
     device = blocks.device if device is None else device
+    estimator = sequence_bounds if estimator is None else estimator
     parts = []
     for start in range(0, len(blocks), batch_size):
         x0 = blocks[start : start + batch_size].to(device)
         m = mask[start : start + batch_size].to(device)
-        parts.append(sequence_bounds(
+        parts.append(estimator(
             model, x0, graph, noise, num_samples=num_samples, time_sampler=time_sampler,
             attention_mask=None if bool(m.all()) else m, batch_size=batch_size, generator=generator,
             on_draws=on_draws,

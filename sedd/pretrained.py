@@ -42,10 +42,11 @@ from typing import Any
 import torch
 
 from sedd.data import Tokenizer, get_tokenizer
-from sedd.graph import Graph, graph_from_config
+from sedd.graph import Graph
 from sedd.model import SEDD, ARModel
 from sedd.model.checkpoint import checkpoint_dir, config_objective, normalise_config, read_config
-from sedd.noise import Noise, noise_from_config
+from sedd.noise import Noise
+from sedd.objectives import get_objective, objective_of
 
 __all__ = [
     "Pretrained", "load_pretrained", "resolve_tokenizer", "check_tokenizer_fits", "check_tokenizer_matches",
@@ -82,8 +83,9 @@ class Pretrained:
 
     @property
     def objective(self) -> str:
-        """"sedd" (a diffusion model) or "ar" (the autoregressive baseline); "sedd" for a score
-        network without a config (a test double, a wrapped public model)."""
+        """The objective's name: "sedd" (a diffusion model) or "ar" (the autoregressive baseline),
+        a key of :data:`sedd.objectives.OBJECTIVES`; "sedd" for a score network without a config
+        (a test double, a wrapped public model)."""
         return config_objective(getattr(self.model, "config", {}))
 
 
@@ -248,17 +250,10 @@ def load_pretrained(
         objective = config_objective(read_config(checkpoint_dir(name, **hub)))
     else:
         objective = config_objective(config)
-    model_class = ARModel if objective == "ar" else SEDD
-    model = model_class.from_pretrained(name, map_location=device, **from_pretrained_kwargs)
+    model = get_objective(objective).model_class.from_pretrained(name, map_location=device, **from_pretrained_kwargs)
     if config is None:
         tok, source = resolve_tokenizer(name, tokenizer, config=model.config)
         _check_tokenizer(tok, source, model.config, name, explicit=tokenizer is not None)
-    diffusion = objective == "sedd"
-    return Pretrained(
-        model=model,
-        graph=graph_from_config(model.config) if diffusion else None,
-        noise=noise_from_config(model.config) if diffusion else None,
-        tokenizer=tok,
-        tokenizer_source=source,
-        checkpoint=name,
-    )
+    bound = objective_of(model)
+    return Pretrained(model=model, graph=bound.graph, noise=bound.noise, tokenizer=tok, tokenizer_source=source,
+                      checkpoint=name)

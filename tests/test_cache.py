@@ -79,6 +79,21 @@ def test_cached_sampler_draws_the_uncached_tokens_with_fewer_rows(monkeypatch, o
     assert bool((cached.nfe < plain.nfe).all())
 
 
+def test_cached_and_uncached_steps_share_their_chunks(monkeypatch, one_thread):
+    """With chunks of 3 rows, the cached step hands the step the chunks of the uncached one, in its
+    order: both run sedd.model.scoring.step_on_rows over row_chunks, so this rests on shared code."""
+    import sedd.model.scoring as scoring
+
+    model = _model()
+    monkeypatch.setattr(scoring, "HEAD_CHUNK_BYTES", 3 * model.vocab_size * 4)  # 3 rows of fp32 scores
+    x, plain, scores = _run(model, monkeypatch, cache=False, backend="torch", steps=24)
+    monkeypatch.setattr(scoring, "HEAD_CHUNK_BYTES", 3 * model.vocab_size * 4)  # _run undid it
+    y, cached, cached_scores = _run(model, monkeypatch, cache=True, backend="torch", steps=24)
+    assert torch.equal(x, y) and cached.forward_rows < plain.forward_rows
+    assert [s.shape[0] for s in scores] == [s.shape[0] for s in cached_scores] and max(s.shape[0] for s in scores) == 3
+    assert all(torch.equal(a, b) for a, b in zip(scores, cached_scores))
+
+
 def test_cached_sampler_with_truncation(monkeypatch, one_thread):
     model = _model()
     kwargs = dict(steps=40, top_p=0.8, top_k=5, **_fixed())

@@ -179,9 +179,9 @@ def test_fixed_text_after_generated_text_is_one_warning_line(trained, capsys, mo
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--steps", "8"], "--steps applies to diffusion checkpoints"),
-    (["--sampler", "euler"], "--sampler applies to diffusion checkpoints"),
-    (["--cache"], "--cache applies to diffusion checkpoints"),
+    (["--steps", "8"], "--steps applies to diffusion models"),
+    (["--sampler", "euler"], "--sampler applies to diffusion models"),
+    (["--cache"], "--cache applies to diffusion models"),
     (["--sampler", "first_hitting", "--tokens-per-step", "4"], "--sampler, --tokens-per-step apply to diffusion"),
     (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
 ])
@@ -192,8 +192,8 @@ def test_sample_refuses_what_an_autoregressive_checkpoint_does_not_read(trained,
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--temperature", "0.5"], "--temperature applies to autoregressive checkpoints"),
-    (["--no-kv-cache"], "--no-kv-cache applies to autoregressive checkpoints"),
+    (["--temperature", "0.5"], "--temperature applies to autoregressive models"),
+    (["--no-kv-cache"], "--no-kv-cache applies to autoregressive models"),
 ])
 def test_ar_options_are_refused_for_a_diffusion_checkpoint(tmp_path, capsys, args, message):
     from sedd.model import SEDD
@@ -222,7 +222,8 @@ def test_quality_samples_an_autoregressive_checkpoint_at_nfe_l(trained, tmp_path
     assert quality.main(argv) == 0
     got = json.loads(report.read_text())
     (record,) = got["records"]
-    assert got["objective"] == "ar" and got["predictor"] == "ancestral" and record["steps"] is None
+    assert got["objective"] == "ar" and got["sampler"] == "ancestral" and got["predictor"] is None
+    assert record["steps"] is None
     assert record["nfe"] == 24 and record["num_samples"] == 3 and record["gen_ppl"] > 1
     assert "    AR" in capsys.readouterr().out
     assert quality.main([*argv, "--steps", "4"]) == 2

@@ -30,10 +30,10 @@ def _env(tmp_path_factory, monkeypatch, one_thread):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def _checkpoint(folder: Path, time_conditioning: bool) -> Path:
+def _checkpoint(folder: Path, time_conditioning: bool, graph: str = "absorb") -> Path:
     torch.manual_seed(0)
-    model = SEDD(small_model_config(get_tokenizer("bytes").vocab_size, length=L, n_blocks=1, hidden_size=32,
-                                    cond_dim=16, n_heads=2, time_conditioning=time_conditioning))
+    model = SEDD(small_model_config(get_tokenizer("bytes").vocab_size, graph=graph, length=L, n_blocks=1,
+                                    hidden_size=32, cond_dim=16, n_heads=2, time_conditioning=time_conditioning))
     with torch.no_grad():
         model.output_layer.linear.weight.normal_(0, 0.3)
     model.save_pretrained(folder)
@@ -48,6 +48,11 @@ def free_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def conditioned_ckpt(tmp_path_factory) -> Path:
     return _checkpoint(tmp_path_factory.mktemp("conditioned"), time_conditioning=True)
+
+
+@pytest.fixture(scope="module")
+def uniform_ckpt(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory.mktemp("uniform"), time_conditioning=True, graph="uniform")
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +79,22 @@ def test_sample_first_hitting_reports_its_evaluations(capsys, free_ckpt):
     out = _sample(capsys, free_ckpt, "--predictor", "first_hitting", "--tokens-per-step", 3, "--prefix", "ab")
     assert [s["nfe"] for s in out["samples"]] == [-(-(L - 2) // 3)] * 3
     assert out["sampler"] == "first_hitting" and out["tokens_per_step"] == 3
+    # the record says what ran: no step count (it was "steps": 16), no cache, no denoiser
+    assert out["steps"] is None and out["cache"] is None and out["denoiser"] is None
+    assert _sample(capsys, free_ckpt, "--predictor", "first_hitting")["tokens_per_step"] == 1
+    assert _sample(capsys, free_ckpt)["steps"] == L  # the analytic sampler's default, as it ran
 
 
 def test_sample_cache_draws_the_same_tokens_with_fewer_evaluations(capsys, free_ckpt):
     plain = _sample(capsys, free_ckpt, "--steps", 40)
     cached = _sample(capsys, free_ckpt, "--steps", 40, "--cache")
     assert [s["tokens"] for s in cached["samples"]] == [s["tokens"] for s in plain["samples"]]
-    assert cached["cache"] == "on" and cached["nfe_mean"] < plain["nfe_mean"] <= 41
+    assert cached["cache"] is True and cached["nfe_mean"] < plain["nfe_mean"] <= 41
 
 
 @pytest.mark.parametrize("args, message", [
     (["--cache"], "--time-conditioning off"),
-    (["--tokens-per-step", "0", "--predictor", "first_hitting"], "--tokens-per-step must be >= 1"),
+    (["--tokens-per-step", "0", "--predictor", "first_hitting"], "--tokens-per-step must be a positive integer"),
     (["--tokens-per-step", "2"], "applies to the first_hitting predictor"),
     (["--predictor", "first_hitting", "--steps", "8"], "--steps does not apply to first_hitting"),
     (["--cache", "sometimes"], "invalid choice"),
@@ -97,6 +106,29 @@ def test_sample_bad_options(capsys, conditioned_ckpt, args, message):
     assert message in err and len([line for line in err.splitlines() if "error" in line]) == 1
 
 
+def test_first_hitting_on_a_uniform_checkpoint_is_one_line_before_any_work(capsys, uniform_ckpt, judge_dir,
+                                                                           monkeypatch):
+    """Was a traceback (exit 1) from inside the sampler, in quality.py after the judge had loaded."""
+    monkeypatch.setattr(sample_cli, "sample_blockwise", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(quality, "load_judge", lambda *a, **k: pytest.fail("the judge loaded"))
+    common = ["--tokenizer", "bytes", "--device", "cpu", "--sampler", "first_hitting"]
+    assert sample_cli.main([str(uniform_ckpt), *common]) == 2
+    assert quality.main([str(uniform_ckpt), "--judge", str(judge_dir), *common]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    want = "error: --sampler first_hitting samples the absorbing graph only; this model uses the uniform graph"
+    assert lines == [f"sample.py: {want}", f"quality.py: {want}"]
+
+
+@pytest.mark.parametrize("cache", ["on", "approximate"])
+def test_the_cache_with_first_hitting_is_refused(capsys, free_ckpt, judge_dir, cache):
+    """Was accepted and silently did nothing, while the JSON recorded "cache": "on"."""
+    common = ["--tokenizer", "bytes", "--device", "cpu", "--sampler", "first_hitting", "--cache", cache]
+    assert sample_cli.main([str(free_ckpt), *common]) == 2
+    assert quality.main([str(free_ckpt), "--judge", str(judge_dir), *common]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all("error: --cache does not apply to first_hitting" in line for line in lines)
+
+
 def test_quality_records_nfe(capsys, free_ckpt, judge_dir):
     common = [str(free_ckpt), "--judge", str(judge_dir), "--tokenizer", "bytes", "--device", "cpu",
               "--num-samples", "3", "--batch-size", "2", "--no-progress", "--json", "-"]
@@ -105,7 +137,7 @@ def test_quality_records_nfe(capsys, free_ckpt, judge_dir):
     assert [(r["tokens_per_step"], r["steps"], r["nfe"]) for r in records] == [(1, None, L), (4, None, L / 4)]
     assert quality.main([*common, "--steps", "40", "--cache"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["cache"] == "on" and result["records"][0]["nfe"] < 41
+    assert result["cache"] is True and result["records"][0]["nfe"] < 41
 
 
 def test_eval_loads_a_model_without_time_conditioning(capsys, free_ckpt, tmp_path):

@@ -126,16 +126,16 @@ def test_sample_script_unconditional(bpe_ckpt, cache_dir, tmp_path):
 
 
 def test_sample_top_p_top_k_reach_every_window(bpe_ckpt, capsys, monkeypatch):
-    import sedd.generation
+    import sedd.objectives
 
     seen = []
-    real = sedd.generation.sample
+    real = sedd.objectives.sample
 
-    def spy(*args, **kwargs):
-        seen.append((kwargs.get("top_p"), kwargs.get("top_k")))
-        return real(*args, **kwargs)
+    def spy(*args, spec, **kwargs):
+        seen.append((spec.top_p, spec.top_k))
+        return real(*args, spec=spec, **kwargs)
 
-    monkeypatch.setattr(sedd.generation, "sample", spy)
+    monkeypatch.setattr(sedd.objectives, "sample", spy)
     # 96 tokens with the model's 64-token window: semi-autoregressive, two windows
     out = _sample_json(capsys, bpe_ckpt, "--length", 96, "--steps", 3, "--seed", 0, "--top-p", 0.8, "--top-k", 7)
     assert seen == [(0.8, 7), (0.8, 7)]
@@ -293,12 +293,12 @@ def test_sample_longer_than_the_model_is_semi_autoregressive(bpe_ckpt, bpe, caps
         (["--length", 32, "--infill", "40:word"], "does not fit"),
         (["--length", 32, "--template", "no holes here"], "no hole"),
         (["--length", 0], "--length must be >= 1"),
-        (["--steps", 0], "--steps must be >= 1"),
-        (["--window", 0], "--window must be >= 1"),
+        (["--steps", 0], "--steps must be a positive integer"),
+        (["--window", 0], "--window must be a positive integer"),
         (["--length", 100, "--stride", 64], "--stride must be smaller than the window (64)"),
-        (["--top-p", 0], "--top-p must be in (0, 1]"),
-        (["--top-p", 1.5], "--top-p must be in (0, 1]"),
-        (["--top-k", 0], "--top-k must be >= 1"),
+        (["--top-p", 0], "--top-p must be a number in (0, 1]"),
+        (["--top-p", 1.5], "--top-p must be a number in (0, 1]"),
+        (["--top-k", 0], "--top-k must be a positive integer"),
     ],
 )
 def test_sample_bad_input(bpe_ckpt, capsys, args, message):
@@ -419,7 +419,7 @@ def test_sample_edge_values_are_refused(bpe_ckpt, capsys, args, message):
 
 
 def test_sample_outputs_are_checked_before_any_work(bpe_ckpt, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sample_cli, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
+    monkeypatch.setattr(sample_cli.cli, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
     requests = tmp_path / "requests.jsonl"
     requests.write_text('"ROMEO:"\n')
     before = {p.name: p.read_bytes() for p in bpe_ckpt.iterdir()}
@@ -631,7 +631,7 @@ def test_eval_sedd_protocol_reads_a_directory_as_its_split_file(bpe_ckpt, capsys
 
 
 def test_eval_outputs_and_values_are_checked_before_any_work(bpe_ckpt, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(eval_cli, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
+    monkeypatch.setattr(eval_cli.cli, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
     data = tmp_path / "data.txt"
     data.write_text(PTB.read_text())
     for args, message in [

@@ -41,7 +41,7 @@ TOK = CharTokenizer()
 
 def _model(length: int = 16) -> SEDD:
     torch.manual_seed(0)
-    model = SEDD(SEDD.config_for("tiny", tokens=TOK.vocab_size, length=length, n_blocks=1, hidden_size=32,
+    model = SEDD(SEDD.config_for("cpu", tokens=TOK.vocab_size, length=length, n_blocks=1, hidden_size=32,
                                  cond_dim=16, n_heads=2))
     torch.nn.init.normal_(model.output_layer.linear.weight, std=0.3)  # zero-initialised otherwise
     return model.eval()
@@ -105,7 +105,7 @@ def test_generate_input_errors():
 def test_generate_from_a_checkpoint_directory(tmp_path):
     tok = byte_tokenizer()
     torch.manual_seed(0)
-    model = SEDD(SEDD.config_for("tiny", tokens=tok.vocab_size, length=16, n_blocks=1))
+    model = SEDD(SEDD.config_for("cpu", tokens=tok.vocab_size, length=16, n_blocks=1))
     model.save_pretrained(tmp_path)
     tok.save(tmp_path / "tokenizer.json")
     out = generate(str(tmp_path), ["Once", "a"], length=16, steps=2, seed=0, device="cpu")

@@ -42,7 +42,7 @@ def test_a_graph_without_a_kernel_trains_and_samples_eagerly(monkeypatch):
     N = 9
     graph, noise = PlainUniform(N), Geometric()
     torch.manual_seed(0)
-    model = SEDD(SEDD.config_for("tiny", tokens=N, graph="uniform", n_blocks=1, length=16))
+    model = SEDD(SEDD.config_for("cpu", tokens=N, graph="uniform", n_blocks=1, length=16))
     x0 = torch.randint(0, N, (4, 16), generator=torch.Generator().manual_seed(1))
 
     # the same draws give the same loss as the uniform graph's closed form (fused on CUDA)

@@ -292,6 +292,18 @@ def test_model_args_are_checked_and_normalised():
             check_model_args({"pretrained": "x", **bad})
 
 
+def test_model_args_take_every_sampler_option_through_the_spec():
+    args = check_model_args({"pretrained": "x", "predictor": "first_hitting", "tokens_per_step": "4"})
+    assert args["spec"].predictor == "first_hitting" and args["tokens_per_step"] == 4 and args["steps"] is None
+    assert check_model_args({"pretrained": "x", "cache": "approximate"})["spec"].cache == "approximate"
+    for bad, message in [({"tokens_per_step": "0", "predictor": "first_hitting"},
+                          "model_args tokens_per_step must be a positive integer, got 0"),
+                         ({"tokens_per_step": "2"}, "model_args predictor analytic takes no model_args tokens_per_step"),
+                         ({"predictor": "first_hitting", "cache": "true"}, "model_args cache does not apply")]:
+        with pytest.raises(HarnessError, match=message):
+            check_model_args({"pretrained": "x", **bad})
+
+
 @pytest.mark.parametrize("model_args, message", [
     ("pretrained={ckpt},foo=1", "unknown model_args key 'foo' for the sedd model; known: pretrained"),
     ("pretrained={ckpt},mc_samples=0", "model_args mc_samples must be an integer >= 2, got 0"),

@@ -36,7 +36,7 @@ def no_host_reads(monkeypatch):
 
 
 def _model(graph):
-    config = SEDD.config_for("tiny", graph=graph, tokens=11, hidden_size=32, cond_dim=16, n_heads=4, n_blocks=1,
+    config = SEDD.config_for("cpu", graph=graph, tokens=11, hidden_size=32, cond_dim=16, n_heads=4, n_blocks=1,
                              length=8, dropout=0.0)
     return SEDD(config), get_graph(graph, 11), get_noise(config["noise"]["type"])
 

@@ -15,7 +15,7 @@ from tests.helpers import run_on_two_processes
 
 def _model(graph, seed=0, tokens=11):
     torch.manual_seed(seed)
-    model = SEDD(SEDD.config_for("tiny", tokens=tokens, graph=graph, n_blocks=1, hidden_size=32, n_heads=2))
+    model = SEDD(SEDD.config_for("cpu", tokens=tokens, graph=graph, n_blocks=1, hidden_size=32, n_heads=2))
     # the output layer starts at zero: give it weights so its gradients mean something
     with torch.no_grad():
         for p in model.output_layer.parameters():

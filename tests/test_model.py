@@ -166,8 +166,6 @@ def test_presets_build_the_published_sizes():
     uniform = SEDD.config_for("cpu", graph="uniform", tokens=7, n_blocks=1)
     assert uniform["graph"]["type"] == "uniform" and uniform["model"]["n_blocks"] == 1
     assert uniform["noise"] == {"type": "geometric"} and uniform["model"]["scale_by_sigma"] is False
-    # "tiny", the name before it matched `train/run.py --preset cpu`, still works
-    assert SEDD.config_for("tiny") == SEDD.config_for("cpu")
     noise = {"type": "loglinear", "eps": 1e-3}
     assert SEDD.config_for("cpu", noise=noise)["noise"] == noise
     with pytest.raises(ValueError, match="preset"):

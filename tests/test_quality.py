@@ -25,6 +25,7 @@ import torch
 from sedd.data import get_corpus, load_tokens, train_bpe
 from sedd.graph import graph_from_config
 from sedd.losses import score_entropy_loss
+from sedd.metrics import judge_windows, load_judge
 from sedd.model import SEDD
 from sedd.noise import noise_from_config
 from tests.helpers import small_model_config
@@ -181,7 +182,7 @@ def test_windows_score_each_token_once_with_the_stated_context(tmp_path):
     judge_dir = _tiny_gpt2(tmp_path / "short", n_positions=8)
     texts = ["To be, or not to be, that is the question: whether 'tis nobler", "H", "a b c d e f g"]
     for first_token in ("bos", "skip"):
-        judge = quality.load_judge(str(judge_dir), torch.device("cpu"), first_token=first_token)
+        judge = load_judge(str(judge_dir), torch.device("cpu"), first_token=first_token)
         assert judge.context == 8
         nll, count = judge.score(texts, batch_size=2)
         for i, text in enumerate(texts):
@@ -202,7 +203,7 @@ def test_windows_cover_every_target_once():
     for n in (1, 2, 7, 8, 9, 16, 33):
         ids = list(range(n))
         scored = []
-        for w, k in quality.windows(ids, 8):
+        for w, k in judge_windows(ids, 8):
             assert len(w) <= 8 and 1 <= k < len(w)
             scored += w[len(w) - k :]
         assert scored == ids[1:]
@@ -234,16 +235,16 @@ def test_bad_input_is_one_line(ckpt, judge_dir, capsys):
 
 def test_longer_than_the_model_is_sampled_window_by_window_with_truncation(ckpt, judge_dir, tmp_path, capsys,
                                                                             monkeypatch):
-    import sedd.generation
+    import sedd.objectives
 
     seen = []
-    real = sedd.generation.sample
+    real = sedd.objectives.sample
 
-    def spy(*args, **kwargs):
-        seen.append((kwargs["length"], kwargs.get("top_p"), kwargs.get("top_k")))
-        return real(*args, **kwargs)
+    def spy(*args, spec, **kwargs):
+        seen.append((kwargs["length"], spec.top_p, spec.top_k))
+        return real(*args, spec=spec, **kwargs)
 
-    monkeypatch.setattr(sedd.generation, "sample", spy)
+    monkeypatch.setattr(sedd.objectives, "sample", spy)
     path = tmp_path / "q.json"
     # the model's length is 32: 48 tokens are two windows, ending at 32 and 48 (stride 16)
     assert quality.main([str(ckpt), "--judge", str(judge_dir), "--steps", "2", "--num-samples", "2", "--length", "48",
@@ -256,7 +257,7 @@ def test_longer_than_the_model_is_sampled_window_by_window_with_truncation(ckpt,
 
 
 def test_outputs_and_values_are_checked_before_any_work(ckpt, judge_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(quality, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
+    monkeypatch.setattr(quality.cli, "load_checkpoint", lambda args: pytest.fail("loaded before the checks"))
     for extra, message in [
         (["--plot", str(tmp_path / "missing" / "q.png")], "does not exist"),
         (["--json", str(tmp_path)], "that is a directory"),
@@ -265,7 +266,7 @@ def test_outputs_and_values_are_checked_before_any_work(ckpt, judge_dir, tmp_pat
         (["--json", str(tmp_path / "q"), "--plot", str(tmp_path / "q")], "--json writes the same file"),
         (["--seed", str(10**23)], "--seed must be in [0, 2**64)"),
         (["--threads", "100000"], "--threads must be at most the"),
-        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--top-p", "1.5"], "--top-p must be a number in (0, 1]"),
     ]:
         assert quality.main([str(ckpt), "--judge", str(judge_dir), "--num-samples", "2", *extra]) == 2, extra
         err = capsys.readouterr().err.strip()

@@ -28,13 +28,13 @@ def _model(device="cpu", time_conditioning=True):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({}, "cuda_graph=True needs a CUDA device; this sampler runs on cpu"),
+    ({"steps": 4}, "cuda_graph=True needs a CUDA device; this sampler runs on cpu"),
     ({"predictor": "first_hitting"}, "needs a predictor on the sampler's time grid; 'first_hitting'"),
-    ({"cache": "approximate"}, "cannot be combined with cache"),
+    ({"steps": 4, "cache": "approximate"}, "cannot be combined with cache"),
 ])
 def test_refused_where_a_captured_forward_cannot_work(options, message):
     with pytest.raises(ValueError, match=message):
-        sample(_model(), Absorbing(50), LogLinear(), batch_size=2, length=16, steps=4, cuda_graph=True, **options)
+        sample(_model(), Absorbing(50), LogLinear(), batch_size=2, length=16, cuda_graph=True, **options)
 
 
 def needs_cuda(test):  # the device check's tests stage runs these (-m gpu)

@@ -8,7 +8,6 @@ Exit status 0 on success, 2 on bad input (a one-line message), 1 on other failur
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import warnings
@@ -17,10 +16,9 @@ from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 __all__ = [
-    "ArgumentParser", "InputError", "SamplingPlan", "add_sampler_options", "check_objective_options", "check_outputs",
-    "check_positive", "check_sampler_options",
-    "check_seed", "check_threads", "checkpoint_inputs", "die", "files_of", "load_checkpoint", "main_with_exit_codes",
-    "nfe_options", "parse_steps", "plan_sampling",
+    "ArgumentParser", "InputError", "SamplingPlan", "add_sampler_options", "check_outputs", "check_positive",
+    "check_seed", "check_spec", "check_threads", "checkpoint_inputs", "die", "files_of", "flag_of", "load_checkpoint",
+    "main_with_exit_codes", "parse_steps", "sampling_spec",
 ]
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below it; larger ones overflow
@@ -183,18 +181,26 @@ def check_outputs(outputs: Sequence[tuple[str, str | None]],
 
 
 DEFAULT_STEPS_LIST = "16,32,64"
-DEFAULT_PREDICTOR, DEFAULT_EPS = "analytic", 1e-5  # an AR checkpoint refuses anything else (check_objective_options)
+CACHE_CHOICES = {"off": False, "on": True, "approximate": "approximate"}
+# The flag of a SamplingSpec field where it is not "--" + the field's name with dashes.
+FLAG_OF = {"predictor": "--sampler", "kv_cache": "--no-kv-cache"}
+
+
+def flag_of(field: str) -> str:
+    """How the command line names the SamplingSpec option ``field`` (``--top-p``), in messages."""
+    return FLAG_OF.get(field, _flag(field))
 
 
 def add_sampler_options(group, *, steps_list: bool = False) -> None:
     """Add the options that choose how samples are drawn: --steps (one count, or with
     ``steps_list`` a comma-separated list), --sampler/--predictor, --cache, --tokens-per-step (a list
-    too with ``steps_list``),
-    --top-p, --top-k, --temperature, --kv-cache, --eps, --length, --window and --stride.
-    :func:`check_sampler_options` checks them; :func:`check_objective_options` which apply to the
-    checkpoint loaded; :func:`nfe_options` turns --cache and --tokens-per-step into ``sample`` arguments."""
-    from sedd.sampling import PREDICTORS
+    too with ``steps_list``), --top-p, --top-k, --temperature, --kv-cache, --eps, --length, --window
+    and --stride: the fields of :class:`sedd.sampling.SamplingSpec` (its defaults are theirs) and
+    --length. :func:`sampling_spec` makes the spec of them; :func:`check_spec` checks it against the
+    checkpoint loaded."""
+    from sedd.sampling import PREDICTORS, SamplingSpec
 
+    default = SamplingSpec()
     if steps_list:
         group.add_argument("--steps", metavar="LIST",
                            help=f"comma-separated step counts (default: {DEFAULT_STEPS_LIST}; an autoregressive "
@@ -205,9 +211,9 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
             help="reverse-process steps, one model call each (default: --length, as in the paper; "
             "fewer is faster, e.g. 128, at some cost in quality, more so for euler)",
         )
-    group.add_argument("--sampler", "--predictor", dest="predictor", choices=PREDICTORS, default=DEFAULT_PREDICTOR,
+    group.add_argument("--sampler", "--predictor", dest="predictor", choices=PREDICTORS, default=default.predictor,
                        help="predictor of every step (default: analytic); first_hitting: one network evaluation "
-                            "per generated token, or per --tokens-per-step tokens (no --steps)")
+                            "per generated token, or per --tokens-per-step tokens (no --steps, no --cache)")
     group.add_argument("--cache", nargs="?", const="on", default="off", choices=list(CACHE_CHOICES),
                        help="reuse the network output of a sequence the last step left unchanged: on (exact, "
                             "for a model trained with --time-conditioning off), approximate (any model), off "
@@ -224,13 +230,14 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
                             "at least P of the jump probability (0 < P <= 1; default: off)")
     group.add_argument("--top-k", type=int, metavar="K",
                        help="each step jumps only to the K most likely candidate tokens (default: off)")
-    group.add_argument("--temperature", type=float, default=1.0, metavar="T",
+    group.add_argument("--temperature", type=float, default=default.temperature, metavar="T",
                        help="autoregressive checkpoints: divide the logits by T >= 0 before each draw, 0 greedy "
                             "(default: 1; the diffusion samplers have none)")
-    group.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
+    group.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=default.kv_cache,
                        help="autoregressive checkpoints: keep the keys and values of earlier positions, one new "
                             "position per evaluation (default); --no-kv-cache re-runs the whole prefix each time")
-    group.add_argument("--eps", type=float, default=DEFAULT_EPS, help="final time of the grid, in (0, 1) (default: 1e-5)")
+    group.add_argument("--eps", type=float, default=default.eps, help="final time of the grid, in (0, 1) "
+                       f"(default: {default.eps:g})")
     group.add_argument("--length", type=int, help="tokens per sample (default: the model's training length); "
                        "longer than the model's length is generated window by window (--window, --stride)")
     group.add_argument("--window", type=int, help="semi-autoregressive window: tokens the model sees at once "
@@ -251,51 +258,60 @@ def parse_steps(text: str, flag: str = "--steps") -> list[int]:
     return sorted(set(steps))
 
 
-def check_sampler_options(args: argparse.Namespace) -> None:
-    """:class:`InputError` for a value of :func:`add_sampler_options` out of its range, before
-    anything loads (those that depend on the model: :func:`plan_sampling`)."""
-    if isinstance(args.steps, str):
-        parse_steps(args.steps)
-    check_positive(args, [name for name in ("steps", "top_k", "length", "window", "stride")
-                          if not isinstance(getattr(args, name), str)])
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if not (math.isfinite(args.eps) and 0 < args.eps < 1):
-        raise InputError(f"--eps must be in (0, 1), got {args.eps}")
-    if isinstance(args.tokens_per_step, str):
-        parse_steps(args.tokens_per_step, "--tokens-per-step")
-    elif args.tokens_per_step is not None and args.tokens_per_step < 1:
-        raise InputError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
-    if args.tokens_per_step is not None and args.predictor != "first_hitting":
-        raise InputError(f"--tokens-per-step applies to the first_hitting predictor, not {args.predictor}")
-    if args.predictor == "first_hitting" and args.steps is not None:
-        raise InputError("--steps does not apply to first_hitting: it unmasks --tokens-per-step tokens per network "
-                         "evaluation (default 1), which sets its cost; drop --steps")
+def _spec_error(err) -> InputError:
+    return InputError(err.render(flag_of))
 
 
-def check_objective_options(args: argparse.Namespace, objective: str) -> None:
-    """:class:`InputError` for a sampler option the checkpoint's objective does not read: an
-    autoregressive checkpoint ("ar") samples one token per network evaluation (no --steps, no
-    --sampler but the default, no --eps, no --cache, no --tokens-per-step); the diffusion samplers
-    ("sedd") have no --temperature and no --no-kv-cache."""
-    if objective == "ar":
-        given = [flag for flag, used in (("--steps", args.steps is not None),
-                                         ("--sampler", args.predictor != DEFAULT_PREDICTOR),
-                                         ("--cache", args.cache != "off"),
-                                         ("--tokens-per-step", args.tokens_per_step is not None),
-                                         ("--eps", args.eps != DEFAULT_EPS)) if used]
-        if given:
-            verb = "applies" if len(given) == 1 else "apply"
-            raise InputError(f"{', '.join(given)} {verb} to diffusion checkpoints; this one is autoregressive "
-                             "(sampled ancestrally, one network evaluation per token): drop it")
-    elif args.temperature != 1:
-        raise InputError("--temperature applies to autoregressive checkpoints; the diffusion samplers have none "
-                         "(--top-p and --top-k truncate their steps)")
-    elif not args.kv_cache:
-        raise InputError("--no-kv-cache applies to autoregressive checkpoints; the diffusion samplers keep no keys "
-                         "and values (--cache reuses their outputs)")
+def sampling_spec(args: argparse.Namespace, **overrides):
+    """The :class:`sedd.sampling.SamplingSpec` of the options of :func:`add_sampler_options`
+    (``overrides``: fields set by the caller, e.g. one count of a list option), checked before
+    anything loads; :class:`InputError` naming the flag. The options that depend on the model are
+    checked by :func:`check_spec` once it is loaded."""
+    from sedd.sampling import SamplingOptionError, SamplingSpec
+
+    check_positive(args, ["length"])
+    options = {name: getattr(args, name) for name in SamplingSpec.names()
+               if getattr(args, name, None) is not None and not isinstance(getattr(args, name), str | list)}
+    options.update(predictor=args.predictor, cache=CACHE_CHOICES[args.cache], **overrides)
+    try:
+        return SamplingSpec(**options)
+    except SamplingOptionError as err:
+        raise _spec_error(err) from None
+
+
+def check_spec(spec, pre, length: int | None, prog: str):
+    """``(objective, plan)``: the loaded checkpoint ``pre``'s objective
+    (:func:`sedd.objectives.objective_of`), with ``spec`` checked against it (options its sampler
+    does not read, a predictor its graph cannot run, an exact cache on a model that reads σ,
+    ``--eps`` against its schedule), and the :class:`SamplingPlan` of ``length`` tokens (--length;
+    None: the model's) in the windows of --window / --stride, with a note on stderr when they are
+    semi-autoregressive. :class:`InputError` for what cannot run."""
+    from sedd.generation import plan_windows
+    from sedd.objectives import objective_of
+    from sedd.sampling import SamplingOptionError, check_eps
+
+    model = pre.model
+    objective = objective_of(model, graph=pre.graph, noise=pre.noise)
+    try:
+        spec.validate(objective)
+        length = model.length if length is None else length
+        window, stride = plan_windows(spec, length, model.length)
+    except SamplingOptionError as err:
+        raise _spec_error(err) from None
+    if spec.applies("eps", objective):
+        try:
+            check_eps(pre.noise, spec.eps)
+        except ValueError as err:
+            raise InputError(f"--{err}") from None
+    if window > model.length:
+        print(f"{prog}: warning: --window {window} is longer than the model's training length "
+              f"{model.length}; quality drops past it", file=sys.stderr)
+    plan = SamplingPlan(length, window, stride)
+    if stride is not None:
+        print(f"{prog}: {length} tokens is longer than the {window}-token window: generating semi-autoregressively "
+              f"in {plan.windows} windows, each holding the {window - stride} tokens before its {stride} new "
+              "ones fixed (--window, --stride)", file=sys.stderr)
+    return objective, plan
 
 
 @dataclass
@@ -314,36 +330,6 @@ class SamplingPlan:
         return 1 + -(-(self.length - self.window) // self.stride)
 
 
-def plan_sampling(args: argparse.Namespace, model, noise, prog: str) -> SamplingPlan:
-    """The windows of --length / --window / --stride for ``model`` (its training length is the
-    default of both), with a note on stderr when they are semi-autoregressive, and --eps checked
-    against the schedule ``noise`` (None: an autoregressive checkpoint). :class:`InputError` for what cannot run."""
-    from sedd.sampling import check_eps
-
-    try:
-        if noise is not None:  # an autoregressive checkpoint has no schedule
-            check_eps(noise, args.eps)
-    except ValueError as err:
-        raise InputError(f"--{err}") from None
-    length = args.length if args.length is not None else model.length
-    window = args.window if args.window is not None else model.length
-    if window > model.length:
-        print(f"{prog}: warning: --window {window} is longer than the model's training length "
-              f"{model.length}; quality drops past it", file=sys.stderr)
-    if length <= window:
-        return SamplingPlan(length, window, None)
-    if window < 2:
-        raise InputError(f"--window {window} cannot generate --length {length} window by window: every later window "
-                         "holds context and at least one new token, so it needs at least 2 positions")
-    if args.stride is not None and args.stride >= window:
-        raise InputError(f"--stride must be smaller than the window ({window}), got {args.stride}")
-    plan = SamplingPlan(length, window, args.stride or window // 2)
-    print(f"{prog}: {length} tokens is longer than the {window}-token window: generating semi-autoregressively "
-          f"in {plan.windows} windows, each holding the {window - plan.stride} tokens before its {plan.stride} new "
-          "ones fixed (--window, --stride)", file=sys.stderr)
-    return plan
-
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
@@ -360,15 +346,3 @@ def load_checkpoint(args: argparse.Namespace):
     except (OSError, ValueError) as err:
         raise InputError(str(err)) from err
 
-
-CACHE_CHOICES = {"off": False, "on": True, "approximate": "approximate"}
-
-
-def nfe_options(args: argparse.Namespace, model) -> dict:
-    """The ``sample`` keyword arguments of --cache and --tokens-per-step, --cache checked against
-    the model (:class:`InputError`: an exact cache needs a model that does not read σ)."""
-    cache = CACHE_CHOICES[args.cache]
-    if cache is True and getattr(model, "time_conditioning", True):
-        raise InputError("--cache on reuses outputs exactly only for a model trained with --time-conditioning off; "
-                         "this one reads sigma: use --cache approximate, or leave the cache off")
-    return {"cache": cache, "tokens_per_step": args.tokens_per_step}

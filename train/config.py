@@ -14,12 +14,13 @@ from pathlib import Path
 from sedd import data as sdata
 from sedd.graph import GRAPHS
 from sedd.model import PRESETS as MODEL_PRESETS
-from sedd.model import SEDD, ARModel
+from sedd.model.checkpoint import DEFAULT_OBJECTIVE
 from sedd.noise import NOISES
+from sedd.objectives import OBJECTIVES, get_objective
 from train.cli import SEED_LIMIT, ArgumentParser
 
 PAPER = dict(  # the GPT-2-scale runs of the paper and the public code (configs/config.yaml)
-    data="openwebtext", tokenizer="gpt2", doc_mask=False, objective="sedd",
+    data="openwebtext", tokenizer="gpt2", doc_mask=False, objective=DEFAULT_OBJECTIVE,
     graph="absorb", noise="auto", noise_eps=1e-3, sigma_min=1e-4, sigma_max=20.0, time_conditioning="on",
     global_batch=512, max_steps=1_300_000, lr=3e-4, beta1=0.9, beta2=0.999, weight_decay=0.0,
     warmup_steps=2500, grad_clip=1.0, ema=0.9999, sampling_eps=1e-3, bf16=True,
@@ -85,11 +86,10 @@ GROUPS = {
     "evaluation, logging, checkpoints": ["log_every", "eval_every", "val_blocks", "ckpt_every", "num_samples",
                                          "sample_length", "sample_steps"],
 }
-CHOICES = {"objective": ["sedd", "ar"], "graph": list(GRAPHS), "noise": ["auto", *NOISES], "time_conditioning": ["on", "off"]}
-# What only the diffusion objective reads: an autoregressive run refuses them (it has no forward
-# process, no time and no reverse steps) and keeps none of them in its configuration.
-DIFFUSION_ONLY = ["graph", "noise", "noise_eps", "sigma_min", "sigma_max", "time_conditioning", "sampling_eps",
-                  "sample_steps"]
+CHOICES = {"objective": list(OBJECTIVES), "graph": list(GRAPHS), "noise": ["auto", *NOISES],
+           "time_conditioning": ["on", "off"]}
+# What an objective does not read (sedd.objectives: its refused_flags, e.g. the diffusion flags for
+# --objective ar) a run of it refuses, and keeps none of in its configuration.
 # What a run trains: --resume refuses to change these (the checkpoint would no longer fit, or
 # the data order and noise would silently differ from the run being continued). The micro-batch
 # (batch_size) is not among them: it only says how each process makes up its share of the global
@@ -199,8 +199,8 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
     Raises :class:`UsageError` for a combination that cannot run."""
     if saved is not None:
         cfg = dict(saved)
-        cfg.setdefault("objective", "sedd")  # a run saved before these flags existed
-        if cfg["objective"] == "sedd":
+        cfg.setdefault("objective", DEFAULT_OBJECTIVE)  # a run saved before these flags existed
+        if "time_conditioning" not in get_objective(cfg["objective"]).refused_flags:
             cfg.setdefault("time_conditioning", "on")
         if preset is not None and preset != cfg["preset"]:
             raise UsageError(f"--resume: {source} is a '{cfg['preset']}' run, not '{preset}'")
@@ -218,12 +218,11 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
     else:
         cfg = dict(PRESETS[preset or "cpu"], **overrides, preset=preset or "cpu")
         _check_objective_flags(cfg["objective"], overrides, resuming=False)
-        if cfg["objective"] == "ar":
-            for key in DIFFUSION_ONLY:
-                del cfg[key]
-    if cfg["objective"] == "sedd" and cfg["noise"] == "auto":
+        for key in get_objective(cfg["objective"]).refused_flags:
+            del cfg[key]
+    if cfg.get("noise") == "auto":
         cfg["noise"] = GRAPHS[cfg["graph"]].default_noise
-    if cfg["objective"] == "sedd" and cfg["time_conditioning"] == "off" and not GRAPHS[cfg["graph"]].absorbing:
+    if cfg.get("time_conditioning") == "off" and not GRAPHS[cfg["graph"]].absorbing:
         raise UsageError(f"--time-conditioning off needs --graph absorb (got {cfg['graph']}): only the absorbing "
                          "score carries its whole sigma-dependence in the shift")
     global_batch, batch_size = cfg["global_batch"], cfg["batch_size"]
@@ -256,13 +255,16 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
 
 
 def _check_objective_flags(objective: str, overrides: dict, *, resuming: bool) -> None:
-    """:class:`UsageError` for a diffusion flag given to an autoregressive run."""
-    given = [key for key in DIFFUSION_ONLY if key in overrides]
-    if objective == "ar" and given:
+    """:class:`UsageError` for a flag the run's objective does not read (a diffusion flag given to
+    an autoregressive run)."""
+    cls = get_objective(objective)
+    given = [key for key in cls.refused_flags if key in overrides]
+    if given:
         flags = ", ".join("--" + key.replace("_", "-") for key in given)
-        run = "the checkpoint trains --objective ar" if resuming else "--objective ar"
-        raise UsageError(f"{run}: {flags} {'applies' if len(given) == 1 else 'apply'} to the diffusion objective "
-                         "only (an autoregressive model has no forward process, noise schedule or reverse steps)")
+        run = f"the checkpoint trains --objective {objective}" if resuming else f"--objective {objective}"
+        readers = " and ".join(o.label for o in OBJECTIVES.values() if not set(given) & set(o.refused_flags))
+        raise UsageError(f"{run}: {flags} {'applies' if len(given) == 1 else 'apply'} to the {readers} objective "
+                         f"only ({cls.refused_because})")
 
 
 def _divisors(n: int) -> list[int]:
@@ -271,16 +273,10 @@ def _divisors(n: int) -> list[int]:
 
 def model_config(cfg: dict, vocab_size: int, world: int) -> dict:
     """The config.json of the run: the public layout (tokens, graph, noise, model), so
-    ``SEDD.from_pretrained(out)`` loads the checkpoint (for ``--objective ar``: tokens, model and
-    ``ARModel.from_pretrained``), plus "objective", "tokenizer", "data" and "training" (every other
-    hyper-parameter)."""
-    if cfg["objective"] == "ar":
-        config = ARModel.config_for(cfg["preset"], tokens=vocab_size, **{k: cfg[k] for k in MODEL_KEYS})
-    else:
-        config = SEDD.config_for(cfg["preset"], graph=cfg["graph"], tokens=vocab_size,
-                                 noise={"type": cfg["noise"], "sigma_min": cfg["sigma_min"],
-                                        "sigma_max": cfg["sigma_max"], "eps": cfg["noise_eps"]},
-                                 time_conditioning=cfg["time_conditioning"] == "on", **{k: cfg[k] for k in MODEL_KEYS})
+    the model class of its objective loads it (``SEDD.from_pretrained(out)``; for ``--objective ar``
+    tokens, model and ``ARModel.from_pretrained``), plus "objective", "tokenizer", "data" and
+    "training" (every other hyper-parameter)."""
+    config = get_objective(cfg["objective"]).model_config(cfg, vocab_size, {k: cfg[k] for k in MODEL_KEYS})
     config["objective"] = cfg["objective"]
     config["tokenizer"], config["data"] = cfg["tokenizer"], cfg["data"]
     config["training"] = {**{k: v for k, v in cfg.items() if k not in NOT_TRAINING}, "world_size": world}

@@ -80,20 +80,10 @@ from tqdm.auto import tqdm
 
 from sedd.data import DETOKENIZERS, DOC_SPLITS, HF_DATASETS, auto_detokenizer, evaluation_split, get_corpus, tokenize
 from sedd.data.public import public_blocks, public_rows
-from sedd.likelihood import TIME_SAMPLERS, block_bounds, exact_block_nll, make_blocks, summarize
-from sedd.losses import ar_loss, score_entropy_loss
-from train.cli import (
-    ArgumentParser,
-    InputError,
-    check_outputs,
-    check_positive,
-    check_seed,
-    check_threads,
-    checkpoint_inputs,
-    files_of,
-    load_checkpoint,
-    main_with_exit_codes,
-)
+from sedd.likelihood import TIME_SAMPLERS, make_blocks
+from sedd.objectives import objective_of
+from train import cli
+from train.cli import InputError
 
 EXAMPLES = """\
 examples:
@@ -114,7 +104,7 @@ ESTIMATOR_DEFAULTS = {"num_samples": 1000, "time_sampler": "stratified"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
+    p = cli.ArgumentParser(
         prog="eval.py",
         description="Monte-Carlo estimate of the SEDD likelihood bound (nats/token, bits/token, "
         "perplexity bound, with standard errors) of a checkpoint on a text corpus.",
@@ -187,9 +177,9 @@ def resolve_detokenizer(choice: str, data: str) -> tuple[str | None, str]:
 
 
 def _check_args(args) -> None:
-    check_positive(args, ("block_size", "batch_size", "max_blocks", "num_samples"))
-    check_threads(args.threads)
-    check_seed(args.seed)
+    cli.check_positive(args, ("block_size", "batch_size", "max_blocks", "num_samples"))
+    cli.check_threads(args.threads)
+    cli.check_seed(args.seed)
     if args.time_sampler == "antithetic" and args.num_samples % 2:
         raise InputError(f"--time-sampler antithetic pairs t with 1 − t: --num-samples must be even, got {args.num_samples}")
     if args.num_samples < 2:
@@ -210,32 +200,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def _print_cost(args, model, pre, blocks: torch.Tensor, device) -> None:
+def _print_cost(args, model, objective, blocks: torch.Tensor, device) -> None:
     """The number of model calls the run makes and, from one timed call of the largest shape, the
     time it will take, with what makes it shorter when that is long."""
-    if pre.objective == "ar":  # one call per batch of blocks, no draws
-        calls, x = -(-len(blocks) // args.batch_size), blocks[: args.batch_size].to(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            ar_loss(model, x, reduction="none")
-        print(f"eval.py: cost: {len(blocks)} block(s) of {blocks.shape[1]} tokens, exact (autoregressive) in {calls:,} "
-              f"model call(s); one took {time.perf_counter() - t0:.2f} s here", file=sys.stderr, flush=True)
-        return
     K, bs, L = args.num_samples, args.batch_size, blocks.shape[1]
-    calls, widest = 0, 0
-    for start in range(0, len(blocks), bs):
-        B = min(bs, len(blocks) - start)
-        per_call = max(1, bs // B)  # draws of the same block share a call (sequence_bounds)
-        calls += -(-K // per_call)
-        widest = max(widest, B * min(per_call, K))
+    calls, widest = objective.likelihood_calls(len(blocks), K, bs)
     x = blocks[:1].to(device).expand(widest, L)
     g = torch.Generator(device=device).manual_seed(0)  # its own stream: the estimate changes no number
     t0 = time.perf_counter()
-    with torch.no_grad():
-        score_entropy_loss(model, x, pre.graph, pre.noise, generator=g, reduction="none")
+    objective.likelihood_probe(model, x, g)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     per_call_s = time.perf_counter() - t0
+    if objective.exact:  # one call per batch of blocks, no draws
+        print(f"eval.py: cost: {len(blocks)} block(s) of {L} tokens, exact ({objective.label}) in {calls:,} "
+              f"model call(s); one took {per_call_s:.2f} s here", file=sys.stderr, flush=True)
+        return
     estimate = calls * per_call_s
     message = (f"eval.py: cost: {len(blocks)} block(s) x K = {K} draws = {len(blocks) * K:,} rows of {L} tokens "
                f"in {calls:,} model call(s) of up to {widest} rows; one call took {per_call_s:.2f} s here, so "
@@ -249,13 +229,14 @@ def _print_cost(args, model, pre, blocks: torch.Tensor, device) -> None:
 
 def run(args) -> int:
     _check_args(args)
-    inputs = checkpoint_inputs(args.checkpoint, args.tokenizer) + files_of(f"a file of --data {args.data}", args.data)
-    check_outputs([("--json", args.json)], inputs)
+    inputs = [*cli.checkpoint_inputs(args.checkpoint, args.tokenizer),
+              *cli.files_of(f"a file of --data {args.data}", args.data)]
+    cli.check_outputs([("--json", args.json)], inputs)
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     started = time.perf_counter()
-    pre = load_checkpoint(args)
+    pre = cli.load_checkpoint(args)
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
     block_size = args.block_size or model.length
@@ -285,28 +266,24 @@ def run(args) -> int:
         hint = "a smaller --block-size" + (" or --protocol packed" if args.protocol == "sedd" else
                                            " or --last-block pad")
         raise InputError(f"{args.data} ({split}) holds {n_tokens} tokens: not one block of {block_size} ({hint})")
-    exact = pre.objective == "ar"
+    objective = objective_of(model, graph=pre.graph, noise=pre.noise)
+    exact = objective.exact
     if exact and (args.num_samples != ESTIMATOR_DEFAULTS["num_samples"]
                   or args.time_sampler != ESTIMATOR_DEFAULTS["time_sampler"]):
-        print("eval.py: note: --num-samples and --time-sampler do not apply to an autoregressive checkpoint "
+        print(f"eval.py: note: --num-samples and --time-sampler do not apply to {objective.a_label()} checkpoint "
               "(its NLL is exact, no draws of t): ignored", file=sys.stderr)
-    how = "the exact NLL (autoregressive)" if exact else f"K = {args.num_samples} {args.time_sampler} draws each"
+    how = (f"the exact NLL ({objective.label})" if exact
+           else f"K = {args.num_samples} {args.time_sampler} draws each")
     print(f"eval.py: {len(blocks)} block(s) of {block_size} tokens ({int(mask.sum())} tokens) from "
           f"{args.data} [{split}], {how}, on {device}", file=sys.stderr)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    _print_cost(args, model, pre, blocks, device)
-    if exact:
-        bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress, dynamic_ncols=True)
-        parts = exact_block_nll(model, blocks, mask, batch_size=args.batch_size, device=device, on_blocks=bar.update)
-        report = summarize(parts, 1, "exact", exact=True)
-    else:
-        bar = tqdm(total=len(blocks) * args.num_samples, desc="draws", unit="draw", disable=not progress,
-                   dynamic_ncols=True)
-        parts = block_bounds(model, blocks, mask, pre.graph, pre.noise, num_samples=args.num_samples,
-                             time_sampler=args.time_sampler, batch_size=args.batch_size, generator=generator,
-                             device=device, on_draws=bar.update)
-        report = summarize(parts, args.num_samples, args.time_sampler)
+    _print_cost(args, model, objective, blocks, device)
+    total, unit = objective.likelihood_work(len(blocks), args.num_samples)
+    bar = tqdm(total=total, desc=f"{unit}s", unit=unit, disable=not progress, dynamic_ncols=True)
+    report = objective.likelihood(model, blocks, mask, num_samples=args.num_samples, time_sampler=args.time_sampler,
+                                  batch_size=args.batch_size, generator=generator, device=device,
+                                  on_progress=bar.update)
     bar.close()
     elapsed = time.perf_counter() - started
 
@@ -357,7 +334,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return main_with_exit_codes("eval.py", build_parser(), run, argv)
+    return cli.main_with_exit_codes("eval.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ The judge is any causal LM ``transformers`` loads (``AutoModelForCausalLM`` + ``
 a local directory (``save_pretrained`` layout; ``train/train_judge.py`` writes one) or a Hub id
 such as ``gpt2-large``. It runs in bf16 on CUDA and fp32 on CPU, in batches, with a progress bar.
 
-Scoring convention. The judge's tokenizer usually differs from the model's, so each sample is
-decoded to text with the checkpoint's tokenizer (EOS kept as ``<|endoftext|>``) and that text is
+Scoring convention (``sedd.metrics`` computes every number here). The judge's tokenizer usually
+differs from the model's, so each sample is decoded to text with the checkpoint's tokenizer (EOS
+kept as ``<|endoftext|>``) and that text is
 re-encoded with the judge's tokenizer without special tokens; the judge scores this canonical
 tokenization, not the sampler's token ids. With ``--first-token bos`` (the default) the judge's
 BOS token (its EOS when it has none, as GPT-2) is put in front and every text token is scored, the
@@ -70,9 +71,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/quality.py`: the package of this checkout, installed or not
@@ -82,28 +83,9 @@ import numpy as np
 import torch
 
 from sedd.generation import sample_blockwise
-from train.cli import (
-    DEFAULT_STEPS_LIST,
-    ArgumentParser,
-    InputError,
-    add_sampler_options,
-    check_objective_options,
-    check_outputs,
-    check_positive,
-    check_sampler_options,
-    check_seed,
-    check_threads,
-    checkpoint_inputs,
-    files_of,
-    load_checkpoint,
-    main_with_exit_codes,
-    nfe_options,
-    parse_steps,
-    plan_sampling,
-)
-from train.judge import Judge, judge_source, load_judge, windows  # noqa: F401  (windows: quality.windows)
-
-Z_95 = 1.959963984540054
+from sedd.metrics import Judge, generation_metrics, judge_source, load_judge
+from train import cli
+from train.cli import InputError
 
 EXAMPLES = """\
 examples:
@@ -119,7 +101,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
+    p = cli.ArgumentParser(
         prog="quality.py",
         description="Generative perplexity (under an autoregressive judge, with a 95% confidence "
         "interval), unigram entropy, degeneracy and speed of a SEDD checkpoint's samples, for "
@@ -129,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors) or Hub id")
     s = p.add_argument_group("sampling")
-    add_sampler_options(s, steps_list=True)
+    cli.add_sampler_options(s, steps_list=True)
     s.add_argument("--num-samples", "-n", type=int, default=32, help="sequences per step count (default: 32)")
     s.add_argument("--batch-size", type=int, default=16, help="sequences per sampler call (default: 16)")
     s.add_argument("--seed", type=int, default=0,
@@ -166,57 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------
-# Statistics
+# Statistics (sedd.metrics), with the judge's arguments named by their flags
 # ----------------------------------------------------------------------------------------------
 
-
-def unigram_entropy(tokens: torch.Tensor) -> np.ndarray:
-    """Entropy (nats) of the empirical token distribution of each row of [N, L] ids: [N] float64."""
-    out = np.empty(len(tokens), dtype=np.float64)
-    for i, row in enumerate(tokens):
-        counts = torch.unique(row, return_counts=True)[1].double()
-        p = counts / counts.sum()
-        out[i] = float(-(p * p.log()).sum())
-    return out
-
-
-def top_share(tokens: torch.Tensor) -> np.ndarray:
-    """Share of each row of [N, L] ids taken by its most frequent id: [N] float64."""
-    return np.array([float(torch.unique(row, return_counts=True)[1].max()) / len(row) for row in tokens])
-
-
-def perplexity_summary(nll: np.ndarray, count: np.ndarray) -> dict:
-    """exp(Σ nll / Σ n) with a 95% interval from the delta-method standard error of the ratio
-    over sequences (the sequences are the independent draws)."""
-    m, total = len(nll), int(count.sum())
-    if total == 0:
-        raise InputError("the judge scored no token at all: the samples decode to empty text")
-    mean = float(nll.sum() / total)
-    if m > 1:
-        resid = (nll - mean * count) / (total / m)
-        se = float(math.sqrt((resid**2).sum() / (m * (m - 1))))
-    else:
-        se = float("nan")
-    return {
-        "gen_ppl": math.exp(mean),
-        "gen_ppl_ci": [math.exp(mean - Z_95 * se), math.exp(mean + Z_95 * se)],
-        "nll": mean,
-        "nll_se": se,
-        "judge_tokens": total,
-    }
+JUDGE_FLAGS = {"judge": "--judge", "context": "--judge-context", "first_token": "--first-token"}
 
 
 def sample_stats(tokens: torch.Tensor, texts: list[str], judge: Judge, args, progress: bool) -> dict:
-    nll, count = judge.score(texts, batch_size=args.judge_batch_size, progress=progress)
-    entropy = unigram_entropy(tokens)
-    share = top_share(tokens)
-    return {
-        **perplexity_summary(nll, count),
-        "entropy": float(entropy.mean()),
-        "entropy_std": float(entropy.std(ddof=1)) if len(entropy) > 1 else 0.0,
-        "top_token_share": float(share.mean()),
-        "degenerate": float((share >= args.degenerate_share).mean()),
-    }
+    try:
+        return generation_metrics(tokens, texts, judge, batch_size=args.judge_batch_size,
+                                  degenerate_share=args.degenerate_share, progress=progress)
+    except ValueError as err:  # nothing scored: the samples decode to empty text
+        raise InputError(str(err)) from None
+
+
+def _judge(call, *args, **kwargs):
+    """``call`` (sedd.metrics' judge_source or load_judge) with its ValueError as the one-line error."""
+    try:
+        return call(*args, name=JUDGE_FLAGS.get, **kwargs)
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,66 +256,59 @@ def plot(records: list[dict], reference: dict | None, path: str, title: str) -> 
 
 
 def _check_args(args) -> None:
-    check_sampler_options(args)
-    check_positive(args, ("num_samples", "batch_size", "judge_batch_size"))
+    cli.check_positive(args, ("num_samples", "batch_size", "judge_batch_size"))
     if args.num_samples < 2:
         raise InputError("--num-samples must be >= 2: the confidence interval comes from the spread over sequences")
     if not 0 < args.degenerate_share <= 1:
         raise InputError(f"--degenerate-share must be in (0, 1], got {args.degenerate_share}")
-    check_threads(args.threads, zero="torch's choice")
-    check_seed(args.seed)
-    inputs = [*checkpoint_inputs(args.checkpoint, args.tokenizer),
-              *files_of(f"a file of --judge {args.judge}", args.judge),
-              *files_of(f"a file of --reference-data {args.reference_data}", args.reference_data)]
-    check_outputs([("--json", args.json), ("--plot", args.plot)], inputs)
+    cli.check_threads(args.threads, zero="torch's choice")
+    cli.check_seed(args.seed)
+    inputs = [*cli.checkpoint_inputs(args.checkpoint, args.tokenizer),
+              *cli.files_of(f"a file of --judge {args.judge}", args.judge),
+              *cli.files_of(f"a file of --reference-data {args.reference_data}", args.reference_data)]
+    cli.check_outputs([("--json", args.json), ("--plot", args.plot)], inputs)
 
 
 def run(args) -> int:
     _check_args(args)
+    # one record per cost: --steps LIST (the diffusion samplers), or first hitting's
+    # --tokens-per-step LIST; an autoregressive checkpoint's is fixed, one record
+    steps_list = cli.parse_steps(args.steps) if args.steps else None
+    k_list = cli.parse_steps(args.tokens_per_step, "--tokens-per-step") if args.tokens_per_step else None
+    spec = cli.sampling_spec(args, steps=steps_list[0] if steps_list else None,
+                         tokens_per_step=k_list[0] if k_list else None)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.threads:
         torch.set_num_threads(args.threads)
-    judge_source(args.judge)  # an unusable judge fails here, in seconds, before anything loads
-    pre = load_checkpoint(args)
-    check_objective_options(args, pre.objective)
-    autoregressive = pre.objective == "ar"
-    # one record per cost: an autoregressive checkpoint has one; first hitting's is set by the
-    # tokens it unmasks per evaluation, the other samplers' by their steps
-    first_hitting = not autoregressive and args.predictor == "first_hitting"
-    if autoregressive:
-        variants = [(None, None)]
-    elif first_hitting:
-        variants = [(None, k) for k in parse_steps(args.tokens_per_step or "1", "--tokens-per-step")]
+    _judge(judge_source, args.judge)  # an unusable judge fails here, in seconds, before anything loads
+    pre = cli.load_checkpoint(args)
+    # the sampler options against the checkpoint, before the judge loads
+    objective, plan = cli.check_spec(spec, pre, args.length, "quality.py")
+    if spec.applies("steps", objective):
+        variants = [replace(spec, steps=n) for n in steps_list or cli.parse_steps(cli.DEFAULT_STEPS_LIST)]
+    elif spec.applies("tokens_per_step", objective):
+        variants = [replace(spec, tokens_per_step=k) for k in k_list or [None]]
     else:
-        variants = [(steps, None) for steps in parse_steps(args.steps or DEFAULT_STEPS_LIST)]
-    sampler = "ancestral" if autoregressive else f"{args.predictor} predictor"
+        variants = [spec]
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
-    judge = load_judge(args.judge, device, first_token=args.first_token, context=args.judge_context,
-                       progress=progress)
-    plan = plan_sampling(args, model, pre.noise, "quality.py")
+    judge = _judge(load_judge, args.judge, device, first_token=args.first_token, context=args.judge_context,
+                   progress=progress)
     length = plan.length
-    cache = nfe_options(args, model)["cache"]
-    per = ("" if autoregressive else f" per tokens-per-step {[k for _, k in variants]}" if first_hitting
-           else f" per step count {[steps for steps, _ in variants]}")
-    print(f"quality.py: {args.num_samples} samples of {length} tokens{per}, "
-          f"{sampler}, judge {args.judge} (context {judge.context}, first token "
-          f"{args.first_token}) on {device}", file=sys.stderr)
+    resolved = dict(steps=min(length, plan.window), window=plan.window, stride=plan.stride)
+    print(f"quality.py: {args.num_samples} samples of {length} tokens, "
+          f"{'; '.join(v.describe(objective, **resolved) for v in variants)}, judge {args.judge} "
+          f"(context {judge.context}, first token {args.first_token}) on {device}", file=sys.stderr)
 
     records = []
-    for steps, tokens_per_step in variants:
+    for variant in variants:
         generator = torch.Generator(device=device).manual_seed(args.seed)
         parts, nfe, wall = [], [], 0.0
         for start in range(0, args.num_samples, args.batch_size):
             b = min(args.batch_size, args.num_samples - start)
             began = time.perf_counter()
-            # steps: first hitting and the ancestral sampler read none
-            x, stats = sample_blockwise(
-                model, pre.graph, pre.noise, batch_size=b, length=length, window=plan.window, stride=plan.stride,
-                steps=steps or plan.window, predictor=args.predictor, eps=args.eps, generator=generator, device=device,
-                progress=progress, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
-                kv_cache=args.kv_cache, cache=cache, tokens_per_step=tokens_per_step, return_stats=True,
-            )
+            x, stats = sample_blockwise(model, pre.graph, pre.noise, batch_size=b, length=length, spec=variant,
+                                        generator=generator, device=device, progress=progress, return_stats=True)
             parts.append(x.cpu())
             nfe.append(stats.nfe)
             if device.type == "cuda":
@@ -373,8 +317,9 @@ def run(args) -> int:
         tokens = torch.cat(parts)
         texts = [tokenizer.decode(row) for row in tokens]
         began = time.perf_counter()
-        record = {"steps": steps, "tokens_per_step": tokens_per_step, **sample_stats(tokens, texts, judge, args,
-                                                                                      progress)}
+        ran = variant.record(objective, **resolved)
+        record = {"steps": ran["steps"], "tokens_per_step": ran["tokens_per_step"],
+                  **sample_stats(tokens, texts, judge, args, progress)}
         record.update(
             wall_s=wall, tokens_per_s=tokens.numel() / wall, judge_s=time.perf_counter() - began,
             num_samples=len(tokens), length=length, nfe=float(torch.cat(nfe).double().mean()),
@@ -400,19 +345,11 @@ def run(args) -> int:
         "checkpoint": args.checkpoint,
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
         "objective": pre.objective,
-        "graph": None if autoregressive else pre.graph.name,
-        "predictor": "ancestral" if autoregressive else args.predictor,
-        "cache": None if autoregressive else args.cache,
-        "tokens_per_step": [k for _, k in variants] if first_hitting else None,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "temperature": args.temperature if autoregressive else None,
-        "kv_cache": args.kv_cache if autoregressive else None,
+        "graph": pre.graph.name if pre.graph is not None else None,
+        # what ran; steps and tokens_per_step, which vary between records, are in each record
+        **{k: v for k, v in spec.record(objective, **resolved).items() if k not in ("steps", "tokens_per_step")},
         "length": length,
-        "window": plan.window,
-        "stride": plan.stride,
         "num_samples": args.num_samples,
-        "eps": None if autoregressive else args.eps,
         "seed": args.seed,
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -430,13 +367,13 @@ def run(args) -> int:
         else:
             Path(args.json).write_text(payload, encoding="utf-8")
     if args.plot:
-        plot(records, reference, args.plot,
-             f"{args.checkpoint}: {sampler}, {args.num_samples} x {length} tokens, judge {args.judge}")
+        plot(records, reference, args.plot, f"{args.checkpoint}: {result['sampler']} sampler, {args.num_samples} x "
+             f"{length} tokens, judge {args.judge}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return main_with_exit_codes("quality.py", build_parser(), run, argv)
+    return cli.main_with_exit_codes("quality.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

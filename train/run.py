@@ -87,6 +87,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so a plain checkout runs without `pip install -e .`
 from sedd import data as sdata
 from sedd.io import atomic_write
+from sedd.objectives import get_objective
 from train.checkpoint import (
     MetricsLog,
     ReplicaMismatch,
@@ -98,7 +99,6 @@ from train.checkpoint import (
 )
 from train.cli import die
 from train.config import UsageError, model_config, parse_args, resolve_config
-from train.objectives import make_objective
 from train.step import (  # noqa: F401  (ema_decay: part of this script's interface)
     LogWindow,
     TrainStep,
@@ -246,7 +246,8 @@ def write_samples(net, ema, objective, tok, cfg, step, device, out: Path, *, mas
     """Samples from the EMA weights, printed and written to OUT/samples.txt by rank 0."""
     g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 3, 0, step))
     with ema_weights(net, ema):
-        x = objective.sample(net, cfg["num_samples"], g, device, progress=master, fsdp=fsdp)
+        x, _ = objective.sample(net, batch_size=cfg["num_samples"], length=cfg["sample_length"], generator=g,
+                                device=device, progress=master, spec=objective.training_spec(fsdp=fsdp))
     texts = [tok.decode(row) for row in x.cpu()]
     report = f"=== {len(texts)} samples at step {step} (EMA weights, {objective.sample_note()}) ===\n"
     report += "".join(f"--- sample {i + 1} ---\n{text}\n" for i, text in enumerate(texts))
@@ -320,7 +321,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------------------------
     # Model, in the public config layout so SEDD.from_pretrained(out) (ARModel's) loads the checkpoint.
     config = model_config(cfg, tok.vocab_size, world)
-    objective = make_objective(config, cfg)
+    objective = get_objective(cfg["objective"])(config, training=cfg)
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     try:
         net = objective.build(config, torch.bfloat16 if cfg["bf16"] else None)

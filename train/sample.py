@@ -77,22 +77,8 @@ from tqdm.auto import tqdm
 
 from sedd.generation import sample_blockwise
 from sedd.sampling.spans import Span, fixed_spans, spans_to_mask
-from train.cli import (
-    ArgumentParser,
-    InputError,
-    add_sampler_options,
-    check_objective_options,
-    check_outputs,
-    check_positive,
-    check_sampler_options,
-    check_seed,
-    check_threads,
-    checkpoint_inputs,
-    load_checkpoint,
-    main_with_exit_codes,
-    nfe_options,
-    plan_sampling,
-)
+from train import cli
+from train.cli import InputError
 
 # Rows per sampler call when --max-batch-rows is not given: what a CPU gets through in reasonable
 # time per call, and what a GPU holds for the public checkpoints' 1024 positions.
@@ -120,7 +106,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
+    p = cli.ArgumentParser(
         prog="sample.py",
         description="Sample text from a SEDD checkpoint, unconditionally or with fixed spans "
         "(prefix, suffix, infilling at any token positions, templates). Each fixed text is tokenized "
@@ -146,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the literal text between holes is fixed",
     )
     s = p.add_argument_group("sampling")
-    add_sampler_options(s)
+    cli.add_sampler_options(s)
     s.add_argument("--batch-size", type=int, default=1, help="number of samples (of each --input request; default: 1)")
     s.add_argument("--max-batch-rows", type=int, metavar="N",
                    help="at most N rows (samples) per sampler call (default: "
@@ -278,10 +264,9 @@ def request_seed(seed: int, line: int) -> int:
 
 
 def _check_args(args) -> None:
-    check_sampler_options(args)
-    check_positive(args, ("batch_size", "max_batch_rows"))
-    check_seed(args.seed)
-    check_threads(args.threads)
+    cli.check_positive(args, ("batch_size", "max_batch_rows"))
+    cli.check_seed(args.seed)
+    cli.check_threads(args.threads)
     if args.input is not None and (args.prefix or args.suffix or args.infill or args.template):
         raise InputError("--input gives the prefix, suffix, infill and template of every sample: "
                          "drop --prefix / --suffix / --infill / --template")
@@ -310,27 +295,25 @@ def _described(spans: list[Span]) -> list[dict]:
 
 def run(args) -> int:
     _check_args(args)
+    spec = cli.sampling_spec(args)
     jsonl, outputs = _outputs(args)
-    inputs = checkpoint_inputs(args.checkpoint, args.tokenizer)
+    inputs = cli.checkpoint_inputs(args.checkpoint, args.tokenizer)
     if args.input not in (None, "-"):
         inputs.append((f"the --input file {args.input}", Path(args.input)))
-    check_outputs(outputs, inputs)
+    cli.check_outputs(outputs, inputs)
     requests = read_requests(args.input) if args.input is not None else []
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    pre = load_checkpoint(args)
-    check_objective_options(args, pre.objective)
+    pre = cli.load_checkpoint(args)
+    objective, plan = cli.check_spec(spec, pre, args.length, "sample.py")
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
-    plan = plan_sampling(args, model, pre.noise, "sample.py")
     length = plan.length
-    autoregressive = pre.objective == "ar"
-    # network evaluations per window: an autoregressive model takes one per token
-    steps = plan.window if autoregressive else args.steps or min(length, plan.window)
+    # what the sampler resolves: steps per window (the diffusion samplers' default), the windows
+    resolved = dict(steps=min(length, plan.window), window=plan.window, stride=plan.stride)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     max_rows = args.max_batch_rows or DEFAULT_MAX_BATCH_ROWS.get(device.type, DEFAULT_MAX_BATCH_ROWS["cpu"])
-    nfe_kwargs = nfe_options(args, model)
 
     # Every request's spans are checked before the first sample is drawn.
     if requests:
@@ -346,19 +329,9 @@ def run(args) -> int:
         "checkpoint": args.checkpoint,
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
         "objective": pre.objective,
-        "graph": pre.graph.name if not autoregressive else None,
+        "graph": pre.graph.name if pre.graph is not None else None,
         "length": length,
-        "window": plan.window,
-        "stride": plan.stride,
-        "steps": None if autoregressive else steps,
-        "sampler": "ancestral" if autoregressive else args.predictor,
-        "cache": None if autoregressive else args.cache,
-        "tokens_per_step": args.tokens_per_step,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "temperature": args.temperature if autoregressive else None,
-        "kv_cache": args.kv_cache if autoregressive else None,
-        "eps": None if autoregressive else args.eps,
+        **spec.record(objective, **resolved),  # what ran: None for what does not apply
         "batch_size": args.batch_size,
         "max_batch_rows": max_rows,
         "seed": seed,
@@ -383,13 +356,9 @@ def run(args) -> int:
                 fixed_tokens = fixed_mask = None
                 if spans:
                     fixed_tokens, fixed_mask = spans_to_mask([spans] * rows, length, device=device)
-                x, stats = sample_blockwise(
-                    model, pre.graph, pre.noise, batch_size=rows, length=length, window=plan.window,
-                    stride=plan.stride, steps=steps, predictor=args.predictor, eps=args.eps,
-                    fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator, device=device,
-                    progress=progress, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
-                    kv_cache=args.kv_cache, return_stats=True, **nfe_kwargs,
-                )
+                x, stats = sample_blockwise(model, pre.graph, pre.noise, batch_size=rows, length=length, spec=spec,
+                                            fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
+                                            device=device, progress=progress, return_stats=True)
                 done += zip(x.cpu().tolist(), stats.nfe)
                 if not requests:
                     bar.update(rows)
@@ -415,10 +384,8 @@ def run(args) -> int:
     settings["nfe_mean"] = mean_nfe
     if not requests:
         settings["fixed"] = _described(jobs[0][2])
-    how = ("ancestral sampler, one network evaluation per token" if autoregressive
-           else f"{args.predictor} sampler" + (f", {steps} steps" if args.predictor != "first_hitting" else ""))
     header = (
-        f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {how}, "
+        f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {spec.describe(objective, **resolved)}, "
         + f"{mean_nfe:.1f} network evaluations per sample, seed {seed}, "
         + (f"{len(requests)} request(s) from {args.input}" if requests else f"{len(jobs[0][2])} fixed span(s)")
         + f", {elapsed:.1f}s on {device}"
@@ -453,7 +420,7 @@ def attach_option_values(argv: list[str], options=("--infill",)) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = attach_option_values(sys.argv[1:] if argv is None else list(argv))
-    return main_with_exit_codes("sample.py", build_parser(), run, argv)
+    return cli.main_with_exit_codes("sample.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def validation_entry(loss: float, L: int, objective) -> dict:
     """A validation loss in the log's units: nats per token and the perplexity (a bound for SEDD,
     its prior term included), with the loss per block under a name that says so."""
     per_token = loss / L
-    key = "val_perplexity_bound" if objective.bound else "val_perplexity"
+    key = "val_perplexity" if objective.exact else "val_perplexity_bound"
     ppl = math.exp(min(per_token + objective.prior_nats_per_token(), 700.0))
     return {"val_loss": per_token, key: ppl, "val_loss_per_sequence": loss}
 

@@ -44,11 +44,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
 from sedd.model.checkpoint import normalise_config
 from sedd.model.ddit import PRESETS, DDiTTrunk, resolve_preset
-from sedd.model.layers import HEAD_MULTIPLE, DDiTBlock, EmbeddingLayer, _modulate, apply_rotary
+from sedd.model.layers import HEAD_MULTIPLE, EmbeddingLayer
 
 __all__ = ["ARModel", "KVCache"]
 
@@ -92,7 +91,7 @@ class ARModel(DDiTTrunk):
         pad_head_to: int = HEAD_MULTIPLE,
     ):
         super().__init__()
-        self.config = normalise_config(config, objective="ar")
+        self.config = normalise_config(config, objective=self.objective)
         m = self.config["model"]
         self.tokens = self.vocab_size = int(self.config["tokens"])
         if self.tokens < 2:
@@ -113,7 +112,7 @@ class ARModel(DDiTTrunk):
         size), e.g. ``ARModel(ARModel.config_for("cpu", tokens=4096))``."""
         preset = resolve_preset(preset)
         model = {"name": preset, "type": "ddit", **PRESETS[preset], **model_overrides}
-        return {"objective": "ar", "tokens": int(tokens), "model": model}
+        return {"objective": ARModel.objective, "tokens": int(tokens), "model": model}
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -189,29 +188,11 @@ class ARModel(DDiTTrunk):
             mask = torch.ones(n, start + n, dtype=torch.bool, device=h.device).tril(start)
         with self._amp(h.device):
             for i, block in enumerate(self.blocks):
-                h = self._block_step(block, h, c, cos, sin, cache.keys[i], cache.values[i], start, mask)
+                h = block.step(h, c, cos, sin, cache.keys[i], cache.values[i], start, mask,
+                               causal=start == 0 and n > 1)
             logits = self.output_layer(h, c)
         cache.length = start + n
         return logits
-
-    @staticmethod
-    def _block_step(block: DDiTBlock, x, c, cos, sin, keys, values, start: int, mask) -> torch.Tensor:
-        # DDiTBlock.forward for the new positions only, their keys and values written into the
-        # cache (tests/test_ar.py holds it equal to the full forward)
-        shift1, scale1, gate1, shift2, scale2, gate2 = block.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-        h = _modulate(block.norm1(x), shift1, scale1)
-        qkv = rearrange(block.attn_qkv(h), "b s (three h d) -> b s three h d", three=3, h=block.n_heads)
-        qk = apply_rotary(qkv[:, :, :2], cos, sin)
-        n = x.shape[1]
-        keys[:, :, start : start + n] = qk[:, :, 1].transpose(1, 2)
-        values[:, :, start : start + n] = qkv[:, :, 2].transpose(1, 2)
-        q = qk[:, :, 0].transpose(1, 2)  # [B, H, n, d]
-        k, v = keys[:, :, : start + n], values[:, :, : start + n]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=q.shape[-1] ** -0.5,
-                                             is_causal=mask is None and start == 0 and n > 1)
-        x = x + gate1 * block.attn_out(rearrange(out, "b h s d -> b s (h d)"))
-        h = _modulate(block.norm2(x), shift2, scale2)
-        return x + gate2 * block.mlp(h)
 
     # -- checkpoints ----------------------------------------------------------------------------
 

@@ -22,16 +22,18 @@ from sedd.graph import GRAPHS
 from sedd.io import atomic_write
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# What a checkpoint was trained for (config key "objective", absent in the public checkpoints):
-# "sedd", the diffusion model (sedd.model.SEDD), or "ar", the autoregressive baseline on the same
-# trunk (sedd.model.ARModel), which has no graph and no noise schedule.
-OBJECTIVES = ("sedd", "ar")
-MODEL_CLASSES = {"sedd": "sedd.model.SEDD", "ar": "sedd.model.ARModel"}
+# What a checkpoint was trained for (config key "objective", absent in the public checkpoints,
+# which are "sedd") and the model class that loads it: filled by the model classes themselves
+# (Checkpointed subclasses that set `objective`), so this layer names no objective but the
+# public checkpoints' default. The objectives' own registry, above the model, is sedd.objectives.
+DEFAULT_OBJECTIVE = "sedd"
+MODEL_CLASSES: dict[str, type] = {}
 REQUIRED_MODEL_KEYS = ("hidden_size", "cond_dim", "n_blocks", "n_heads")
 DERIVED_KEYS = ("rotary_emb.inv_freq",)  # recomputed from the config: a checkpoint may omit them
 
 __all__ = [
-    "OBJECTIVES",
+    "DEFAULT_OBJECTIVE",
+    "MODEL_CLASSES",
     "WEIGHT_FILES",
     "checkpoint_dir",
     "config_objective",
@@ -64,21 +66,25 @@ def _to_plain(obj: Any) -> Any:
 
 def config_objective(config: Any) -> str:
     """The objective a config was trained for: its ``objective`` key, "sedd" when absent (the
-    public checkpoints). ValueError for another value."""
+    public checkpoints). ValueError for a value no model class loads (:data:`MODEL_CLASSES`)."""
     cfg = config.get("config", config) if isinstance(config, Mapping) and "tokens" not in config else config
-    objective = cfg.get("objective", "sedd") if isinstance(cfg, Mapping) else "sedd"
-    if objective not in OBJECTIVES:
-        raise ValueError(f"config objective must be one of {OBJECTIVES}, got {objective!r}")
+    objective = cfg.get("objective", DEFAULT_OBJECTIVE) if isinstance(cfg, Mapping) else DEFAULT_OBJECTIVE
+    if objective not in MODEL_CLASSES:
+        raise ValueError(f"config objective must be one of {tuple(MODEL_CLASSES)}, got {objective!r}")
     return objective
 
 
-def normalise_config(config: Any, *, objective: str = "sedd") -> dict[str, Any]:
-    """A plain-dict copy of a model config, checked for what the model of ``objective`` needs
-    (:class:`~sedd.model.SEDD` for "sedd", :class:`~sedd.model.ARModel` for "ar").
+def _class_name(objective: str) -> str:
+    return f"sedd.model.{MODEL_CLASSES[objective].__name__}"
+
+
+def normalise_config(config: Any, *, objective: str = DEFAULT_OBJECTIVE) -> dict[str, Any]:
+    """A plain-dict copy of a model config, checked for what the model class of ``objective``
+    needs (a forward process, ``graph.type``, where its ``forward_process`` says so).
 
     Accepts a dict or an OmegaConf DictConfig, and the ``{"config": {...}}`` wrapping that newer
     PyTorchModelHubMixin versions write. Raises TypeError / ValueError naming what is missing,
-    and ValueError for a config of the other objective (naming the class that loads it)."""
+    and ValueError for a config of another objective (naming the class that loads it)."""
     cfg = _to_plain(config)
     if not isinstance(cfg, dict):
         raise TypeError(f"config must be a dict (or an OmegaConf DictConfig), got {type(config).__name__}")
@@ -88,9 +94,9 @@ def normalise_config(config: Any, *, objective: str = "sedd") -> dict[str, Any]:
         raise ValueError("config has no 'tokens' key (the number of real tokens, e.g. 50257 for GPT-2)")
     found = config_objective(cfg)
     if found != objective:
-        raise ValueError(f"this is a config of objective {found!r}, which {MODEL_CLASSES[found]} loads, not "
-                         f"{MODEL_CLASSES[objective]} (sedd.load_pretrained loads either)")
-    if objective == "sedd":
+        raise ValueError(f"this is a config of objective {found!r}, which {_class_name(found)} loads, not "
+                         f"{_class_name(objective)} (sedd.load_pretrained loads any)")
+    if MODEL_CLASSES[objective].forward_process:
         graph = cfg.get("graph")
         graph_type = graph.get("type") if isinstance(graph, dict) else graph
         if graph_type not in GRAPHS:
@@ -129,7 +135,7 @@ def _check_field_types(cfg: dict[str, Any]) -> None:
     if not _is_int(cfg["tokens"]) or cfg["tokens"] < 1:
         raise bad("tokens", "a positive integer (the number of real tokens)", cfg["tokens"])
     model = cfg["model"]
-    for key in (*REQUIRED_MODEL_KEYS, "length", "mlp_ratio"):
+    for key in (*REQUIRED_MODEL_KEYS, "length", "mlp_ratio", "block_size"):
         if key in model and (not _is_int(model[key]) or model[key] < 1):
             raise bad(f"model.{key}", "a positive integer", model[key])
     if "dropout" in model and not (_is_number(model["dropout"]) and 0 <= model["dropout"] < 1):
@@ -309,7 +315,19 @@ def check_state_fits(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
 class Checkpointed:
     """The checkpoint methods of the models (:class:`sedd.model.SEDD`, :class:`sedd.model.ARModel`):
     one directory of ``config.json`` and weights, loaded with every key and shape checked. A model
-    class names itself in messages through :meth:`checkpoint_label`."""
+    class names itself in messages through :meth:`checkpoint_label`, and the objective whose
+    configs it loads in ``objective`` (which registers it in :data:`MODEL_CLASSES`)."""
+
+    objective: str | None = None
+    forward_process: bool = False  # its config names a graph (graph.type) and a noise schedule
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("objective")
+        if name is not None:
+            if name in MODEL_CLASSES and MODEL_CLASSES[name] is not cls:
+                raise ValueError(f"objective {name!r} is loaded by {MODEL_CLASSES[name].__name__} already")
+            MODEL_CLASSES[name] = cls
 
     def checkpoint_label(self) -> str:
         """The model in a checkpoint error message (sizes that tell two configs apart)."""

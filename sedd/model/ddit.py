@@ -81,9 +81,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "medium": dict(hidden_size=1024, cond_dim=128, length=1024, n_blocks=24, n_heads=16, dropout=0.1),
 }
 
-PRESET_ALIASES = {"tiny": "cpu"}  # the name config_for used before it matched train/run.py's --preset
-
-
 
 def _flag(value: Any, name: str) -> bool:
     if isinstance(value, bool):
@@ -92,8 +89,7 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def resolve_preset(preset: str) -> str:
-    """The preset's name in :data:`PRESETS` (aliases resolved); ValueError for an unknown one."""
-    preset = PRESET_ALIASES.get(preset, preset)
+    """``preset`` checked to be a name in :data:`PRESETS`; ValueError for an unknown one."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     return preset
@@ -305,6 +301,9 @@ class SEDD(DDiTTrunk):
     The loss, the fused head and the samplers are unchanged.
     """
 
+    objective = "sedd"  # the config's "objective" this class loads (a subclass names its own)
+    forward_process = True
+
     def __init__(
         self,
         config: Mapping[str, Any],
@@ -314,7 +313,7 @@ class SEDD(DDiTTrunk):
         pad_head_to: int = HEAD_MULTIPLE,
     ):
         super().__init__()
-        self.config = normalise_config(config)
+        self.config = normalise_config(config, objective=self.objective)
         cfg, m = self.config, self.config["model"]
         graph = cfg["graph"]
         self.graph_type: str = graph["type"] if isinstance(graph, dict) else graph
@@ -358,7 +357,7 @@ class SEDD(DDiTTrunk):
         **model_overrides: Any,
     ) -> dict[str, Any]:
         """A whole config (public layout) for a preset in :data:`PRESETS` ("cpu", the model of
-        ``python train/run.py``, also accepted as "tiny"; "small"; "medium"), e.g.
+        ``python train/run.py``; "small"; "medium"), e.g.
         ``SEDD(SEDD.config_for("small"))`` or ``SEDD.config_for("cpu", tokens=11, graph="uniform", n_blocks=1)``.
 
         ``noise`` is the noise section: a type name, a whole section ({"type": ..., "eps": ...}),

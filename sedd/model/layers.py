@@ -180,6 +180,30 @@ class DDiTBlock(nn.Module):
         # gather the block's parameters around forward) run eagerly, as without compile
         return self.forward_fn(self, x, c, cos, sin, plan)
 
+    def step(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+             values: torch.Tensor, start: int, mask: torch.Tensor | None = None, *, causal: bool = False) -> torch.Tensor:
+        """:meth:`forward` for n new positions ``start`` … ``start + n − 1`` against a KV cache
+        (inference: no dropout). Their keys and values are written into ``keys``/``values``
+        [B, H, ≥ start + n, d] at [start, start + n); their queries attend to positions
+        [0, start + n) as ``mask`` [n, start + n] (True = may attend) says, or all of them
+        (``causal``: the lower triangle, for start = 0). ``cos``, ``sin``: [n, d], the rows of the
+        new positions. The KV-cached steps of :class:`sedd.model.ARModel` and
+        :class:`sedd.model.BlockSEDD` (their tests hold it equal to :meth:`forward`)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        h = _modulate(self.norm1(x), shift1, scale1)
+        qkv = rearrange(self.attn_qkv(h), "b s (three h d) -> b s three h d", three=3, h=self.n_heads)
+        qk = apply_rotary(qkv[:, :, :2], cos, sin)
+        n = x.shape[1]
+        keys[:, :, start : start + n] = qk[:, :, 1].transpose(1, 2)
+        values[:, :, start : start + n] = qkv[:, :, 2].transpose(1, 2)
+        q = qk[:, :, 0].transpose(1, 2)  # [B, H, n, d]
+        k, v = keys[:, :, : start + n], values[:, :, : start + n]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=q.shape[-1] ** -0.5,
+                                             is_causal=causal and mask is None)
+        x = x + gate1 * self.attn_out(rearrange(out, "b h s d -> b s (h d)"))
+        h = _modulate(self.norm2(x), shift2, scale2)
+        return x + gate2 * self.mlp(h)
+
 
 def block_forward(block: DDiTBlock, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   plan: AttentionPlan) -> torch.Tensor:

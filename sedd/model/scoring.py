@@ -10,6 +10,7 @@ no [B, L, V] tensor is allocated.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 
 import torch
 
@@ -55,14 +56,24 @@ def head_chunk_rows(width: int, element_size: int) -> int:
     return max(1, HEAD_CHUNK_BYTES // (width * element_size))
 
 
-def head_at_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, chunk: int,
-                 width: int | None = None) -> torch.Tensor:
-    """The output linear at gathered rows, hidden [R, D] -> scores [R, V], R ≤ ``chunk`` (the chunk
-    size); small R padded to :data:`HEAD_MIN_ROWS` (or to the chunk size, the memory bound, if
-    smaller), so a row's result does not depend on R. ``weight`` [V_pad, D] and ``bias`` may carry
-    an aligned head's padding rows: the scores are the first ``width`` columns (default all), a
-    view of the aligned [R, V_pad] output."""
-    rows, least = hidden.shape[0], min(HEAD_MIN_ROWS, chunk)
+def row_chunks(count: int, width: int, element_size: int) -> Iterator[slice]:
+    """The chunks, in order, in which every masked-rows path computes and reads ``count`` rows of
+    scores of ``width`` values: the steps (:func:`step_on_rows`), the sampler's cache and first
+    hitting. One iterator for all of them, so the cache hands a step the same chunks as the
+    uncached path does and the step draws from the generator in the same order."""
+    per_chunk = head_chunk_rows(width, element_size)
+    for start in range(0, count, per_chunk):
+        yield slice(start, min(start + per_chunk, count))
+
+
+def head_at_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """The output linear at gathered rows, hidden [R, D] -> scores [R, V], R at most one chunk
+    (:func:`row_chunks`); small R padded to :data:`HEAD_MIN_ROWS` (or to the chunk size, the
+    memory bound, if smaller), so a row's result does not depend on R. ``weight`` [V_pad, D] and
+    ``bias`` may carry an aligned head's padding rows: the scores are the first ``width`` columns
+    (default all), a view of the aligned [R, V_pad] output."""
+    rows = hidden.shape[0]
+    least = min(HEAD_MIN_ROWS, head_chunk_rows(weight.shape[0], hidden.element_size()))
     if rows >= least:
         out = torch.nn.functional.linear(hidden, weight, bias)
     else:
@@ -70,6 +81,24 @@ def head_at_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         padded[:rows] = hidden
         out = torch.nn.functional.linear(padded, weight, bias)[:rows]
     return out if width is None or width == out.shape[1] else out[:, :width]
+
+
+def step_on_rows(x: torch.Tensor, rows: torch.Tensor, shift: torch.Tensor, step, scores, width: int,
+                 element_size: int) -> torch.Tensor:
+    """The next tokens [B, L]: ``x`` with the flat positions ``rows`` [R] moved by
+    ``step(z, x_t, shift, seq)`` chunk by chunk (:func:`row_chunks`), ``z = scores(idx)`` [r, 1, V]
+    the scores at the chunk's positions ``idx``. The masked-rows step of the sampler, with or
+    without its cache: the two differ only in ``scores``."""
+    B, L = x.shape
+    flat = x.reshape(-1)
+    out = flat.clone()
+    for part in row_chunks(rows.numel(), width, element_size):
+        idx = rows[part]
+        seq = torch.div(idx, L, rounding_mode="floor")
+        z = scores(idx)
+        out[idx] = step(z, flat[idx, None], shift[seq], seq).reshape(-1)
+        del z
+    return out.reshape(B, L)
 
 
 def uses_masked_rows(model, x: torch.Tensor, graph, masked_only: bool) -> bool:
@@ -96,23 +125,15 @@ def step_on_scores(model, x: torch.Tensor, sigma: torch.Tensor, graph, step, *, 
     if not uses_masked_rows(model, x, graph, masked_only):
         log_score, shift = model_scores(model, x, sigma)
         return step(log_score, x, shift, slice(None))
-    B, L = x.shape
-    flat = x.reshape(-1)
-    masked = (flat == graph.mask_id).nonzero().squeeze(1)  # one host sync per step: the row count
+    masked = (x.reshape(-1) == graph.mask_id).nonzero().squeeze(1)  # one host sync per step: the row count
     if masked.numel() == 0:
         return x
     shift = unwrap(model).score_shift(sigma)
 
     def head(hidden, weight, bias):
-        rows_per_chunk = head_chunk_rows(weight.shape[0], hidden.element_size())
-        hidden = hidden.reshape(B * L, -1)
-        out = flat.clone()
-        for start in range(0, masked.numel(), rows_per_chunk):
-            idx = masked[start : start + rows_per_chunk]
-            seq = torch.div(idx, L, rounding_mode="floor")
-            z = head_at_rows(hidden[idx], weight, bias, rows_per_chunk, graph.dim)[:, None]  # [rows, 1, V]
-            out[idx] = step(z, flat[idx, None], shift[seq], seq).reshape(-1)
-            del z
-        return out.reshape(B, L)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        return step_on_rows(x, masked, shift, step,
+                            lambda idx: head_at_rows(hidden[idx], weight, bias, graph.dim)[:, None],
+                            weight.shape[0], hidden.element_size())
 
     return model(x, sigma, head=head)

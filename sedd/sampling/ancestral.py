@@ -27,20 +27,15 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from sedd.model import ARModel
 from sedd.model.scoring import unwrap
-from sedd.ops.checks import check_truncation
 from sedd.sampling.cache import SamplingStats
 from sedd.sampling.spans import check_fixed
+from sedd.sampling.spec import SamplingSpec, target_for
 
-__all__ = ["is_autoregressive", "sample_ancestral", "truncate_probs"]
+__all__ = ["sample_ancestral", "truncate_probs"]
 
 _warned_infill = False
-
-
-def is_autoregressive(model) -> bool:
-    """Whether ``model`` (under DDP / compile wrappers) is an autoregressive model
-    (``objective == "ar"``, as :class:`sedd.model.ARModel`) rather than a SEDD score network."""
-    return getattr(unwrap(model), "objective", None) == "ar"
 
 
 def truncate_probs(probs: torch.Tensor, top_p: float | None = None, top_k: int | None = None) -> torch.Tensor:
@@ -98,26 +93,26 @@ def sample_ancestral(
     *,
     batch_size: int,
     length: int,
+    spec: SamplingSpec | None = None,
     fixed_tokens: torch.Tensor | None = None,
     fixed_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    kv_cache: bool = True,
     return_stats: bool = False,
+    **options,
 ) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
     """Draw ``batch_size`` sequences of ``length`` tokens from an autoregressive model.
 
     Args:
         model: an :class:`~sedd.model.ARModel` in eval mode.
+        spec, options: how to sample: a :class:`~sedd.sampling.SamplingSpec` and/or its fields as
+            keyword arguments: ``temperature`` (>= 0; 0 is greedy), ``top_p``, ``top_k`` (the
+            truncation of every draw) and ``kv_cache`` (read one new position per evaluation, or
+            re-run the prefix); the diffusion samplers' options are refused.
         fixed_tokens, fixed_mask: [L] or [B, L]; positions where the mask is True hold
             ``fixed_tokens`` (a prompt; module docstring for fixed text after generated text).
         generator: a torch.Generator on ``device`` for reproducible samples.
-        temperature: ≥ 0; 0 is greedy.  top_p, top_k: truncation of every draw.
-        kv_cache: read one new position per evaluation (True) or re-run the prefix (False).
         return_stats: also return the network calls (:class:`~sedd.sampling.SamplingStats`):
             ``nfe`` is L − p for every row, p the positions every row holds fixed from the start
             (all rows share every evaluation).
@@ -127,11 +122,11 @@ def sample_ancestral(
     for name, value in (("batch_size", batch_size), ("length", length)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    check_truncation(top_p, top_k)
+    spec = SamplingSpec.build(spec, **options).validate(target_for("ancestral"))
+    spec.check_one_window(length)
+    temperature, top_p, top_k, kv_cache = spec.temperature, spec.top_p, spec.top_k, spec.kv_cache
     net = unwrap(model)
-    if not is_autoregressive(net):
+    if not isinstance(net, ARModel):
         raise TypeError(f"sample_ancestral needs an autoregressive model (sedd.model.ARModel), got {type(net).__name__}")
     if device is None:
         device = next(net.parameters()).device

@@ -4,8 +4,9 @@ computed (its NFE), and, with ``sample(..., cache=...)``, which outputs it may r
 The sampler hands its predictors the model wrapped in a :class:`NetworkCalls`. Every call through
 it is counted per sequence. With a cache, :func:`sedd.model.scoring.step_on_scores` hands the step
 over to :meth:`NetworkCalls.cached_step`: a row whose tokens are those its stored output was
-computed at skips the network, the rows that changed run as one sub-batch, and the step runs on the
-same row chunks in the same order as without the cache, so it consumes the generator identically.
+computed at skips the network, the rows that changed run as one sub-batch, and the step runs through
+the uncached path's own loop (:func:`sedd.model.scoring.step_on_rows`) with the stored scores in
+place of the head's: the same chunks in the same order, so it consumes the generator identically.
 
 Exactness. For a network that does not read σ (``model.time_conditioning: false``) the raw output z
 is a function of the tokens alone and only the shift (recomputed from the new σ) changes: the
@@ -33,11 +34,10 @@ from dataclasses import dataclass
 import torch
 
 from sedd import ops
-from sedd.model.scoring import head_at_rows, head_chunk_rows, model_scores, unwrap, uses_masked_rows
+from sedd.model.scoring import head_at_rows, model_scores, row_chunks, step_on_rows, unwrap, uses_masked_rows
+from sedd.sampling.spec import exact_cache_error
 
-__all__ = ["CACHE_MODES", "NetworkCalls", "SamplingStats", "cache_mode", "on_rows"]
-
-CACHE_MODES = (False, True, "approximate")
+__all__ = ["NetworkCalls", "SamplingStats", "cache_mode", "on_rows"]
 
 _warned_approximate = False
 
@@ -77,21 +77,17 @@ class SamplingStats:
 
 
 def cache_mode(cache, model, device: torch.device) -> str | None:
-    """The cache a ``sample`` call runs with: None, "exact" or "approximate". Raises ValueError for
-    ``cache=True`` on a model that reads σ, or a value outside :data:`CACHE_MODES`; warns once per
-    process for "approximate" on such a model. Under :func:`sedd.ops.sync_free` (and CUDA graph
-    capture) there is no cache: finding the rows that changed reads a count on the host."""
+    """The cache a ``sample`` call runs with for the spec's ``cache`` (False, True or
+    "approximate"): None, "exact" or "approximate". Raises ValueError for ``cache=True`` on a model
+    that does not say it ignores σ; warns once per process for "approximate" on such a model. Under
+    :func:`sedd.ops.sync_free` (and CUDA graph capture) there is no cache: finding the rows that
+    changed reads a count on the host."""
     global _warned_approximate
-    if cache is None or cache is False:
+    if cache is False:
         return None
-    if not (cache is True or cache == "approximate"):
-        raise ValueError(f"cache must be False, True or 'approximate', got {cache!r}")
     time_free = getattr(unwrap(model), "time_conditioning", True) is False
     if cache is True and not time_free:
-        raise ValueError(
-            "cache=True reuses network outputs exactly only for a model that does not read sigma "
-            "(model.time_conditioning: false, absorbing graph); this model is conditioned on sigma: "
-            "pass cache='approximate' to reuse its outputs anyway (an approximation), or cache=False")
+        raise exact_cache_error()
     if not ops.host_sync_allowed(device):
         return None
     if time_free:
@@ -124,7 +120,8 @@ class NetworkCalls:
     :attr:`stats`; with ``mode`` ("exact" | "approximate") :meth:`cached_step` serves the steps.
 
     ``module`` is the model (so :func:`sedd.model.scoring.unwrap` finds it); other attributes are
-    the model's."""
+    the model's. A model whose ``takes_rows`` is True gets ``rows=`` (the batch rows, a CPU int64
+    tensor) with every call on a sub-batch (:func:`on_rows`)."""
 
     def __init__(self, model, batch: int, mode: str | None = None):
         self.module = model
@@ -152,6 +149,10 @@ class NetworkCalls:
             self.stats.nfe[self._rows] += 1
         elif rows == self.stats.nfe.shape[0]:
             self.stats.nfe += 1
+        if self._rows is not None and getattr(self.module, "takes_rows", False):
+            # a model with per-row state (the block sampler's KV cache) is told which rows a
+            # sub-batch holds
+            kwargs["rows"] = self._rows
         return self.module(x_t, sigma, **kwargs)
 
     # -- the cache ------------------------------------------------------------------------------
@@ -212,17 +213,13 @@ class NetworkCalls:
             self._compute_masked_rows(x, sigma, rows, graph.mask_id)
         self.stats.reused_rows += int(has_mask.sum()) - rows.numel()
 
+        # the step the uncached path takes (sedd.model.scoring.step_on_rows), on the stored scores
+        store, slot = self._store, self._slot
         shift = unwrap(self.module).score_shift(sigma)
-        # the chunks of the uncached step (sedd.model.scoring.step_on_scores), in its order
-        per_chunk = head_chunk_rows(self._store.shape[1], self._store.element_size())
-        out = flat.clone()
-        for start in range(0, masked.numel(), per_chunk):
-            idx = masked[start : start + per_chunk]
-            seq = torch.div(idx, L, rounding_mode="floor")
-            z = self._store[self._slot[idx]][:, None, : graph.dim]  # [rows, 1, V] (a padded head's rows)
-            out[idx] = step(z, flat[idx, None], shift[seq], seq).reshape(-1)
-            del z
-        return out.reshape(B, L)
+        # the store holds a padded head's V_pad columns (the rows of the uncached path's chunks): its
+        # scores are the first V
+        return step_on_rows(x, masked, shift, step, lambda idx: store[slot[idx]][:, None, : graph.dim],
+                            store.shape[1], store.element_size())
 
     def _compute_masked_rows(self, x, sigma, rows, mask_id) -> None:
         """Run the network on the batch rows ``rows`` and store the head output at their MASKs."""
@@ -236,10 +233,8 @@ class NetworkCalls:
                 self._store = torch.empty(int(self._slot.max()) + 1, weight.shape[0], dtype=hidden.dtype,
                                           device=hidden.device)
             hidden = hidden.reshape(-1, hidden.shape[-1])
-            per_chunk = head_chunk_rows(weight.shape[0], hidden.element_size())
-            for start in range(0, local.numel(), per_chunk):
-                part = slice(start, start + per_chunk)
-                self._store[slots[part]] = head_at_rows(hidden[local[part]], weight, bias, per_chunk)
+            for part in row_chunks(local.numel(), weight.shape[0], hidden.element_size()):
+                self._store[slots[part]] = head_at_rows(hidden[local[part]], weight, bias)
 
         with on_rows(self, rows):
             self(sub, sigma[rows], head=head)

@@ -11,10 +11,11 @@ model's joint distribution exactly, in n evaluations per sequence: the T → ∞
 analytic sampler. ``tokens_per_step = k`` unmasks the next k events (their times drawn one after
 another) from one evaluation at the first event's σ: ⌈n/k⌉ evaluations, an approximation.
 
-The predictor owns its time grid: ``sample(..., predictor="first_hitting")`` reads neither ``steps``
-nor the denoiser (every MASK is filled by the last event); ``eps`` is a floor on the σ the network
-is evaluated at (the analytic sampler's last σ, σ̄(ε)), which matters only to a σ-conditioned
-network. Fixed positions are never masked, so they are never drawn. Each evaluation reads the rows
+The predictor owns its time grid: ``sample(..., predictor="first_hitting")`` refuses ``steps``,
+the denoiser (every MASK is filled by the last event) and ``cache`` (every evaluation changes every
+sequence it runs, so no output is ever reusable): see ``refuses`` below; ``eps`` is a floor on the
+σ the network is evaluated at (the analytic sampler's last σ, σ̄(ε)), which matters only to a
+σ-conditioned network. Fixed positions are never masked, so they are never drawn. Each evaluation reads the rows
 still masked on the host: not a sync-free sampler.
 
 The math: docs/math.md, "Fewer network evaluations".
@@ -29,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sedd import ops
-from sedd.model.scoring import accepts_head, head_at_rows, head_chunk_rows, model_scores, unwrap
+from sedd.model.scoring import accepts_head, head_at_rows, model_scores, row_chunks, unwrap
 from sedd.sampling.cache import on_rows
 from sedd.sampling.predictors import Predictor, register_predictor
 
@@ -46,7 +47,19 @@ class FirstHittingPredictor(Predictor):
 
     name = "first_hitting"
     owns_grid = True
+    absorbing_only = True
     options = ("tokens_per_step",)
+    refuses = {
+        "steps": "{steps} does not apply to first_hitting: it unmasks {tokens_per_step} tokens per network "
+                 "evaluation (default 1), which sets its cost; drop {steps}",
+        "denoise": "{denoise} does not apply to first_hitting: its last event fills every MASK",
+        "denoiser": "{denoiser} does not apply to first_hitting: its last event fills every MASK",
+        "masked_only": "{masked_only} does not apply to first_hitting: it runs the output layer at the positions "
+                       "it unmasks only",
+        # every evaluation unmasks a token of every row it runs: no output is ever reusable
+        "cache": "{cache} does not apply to first_hitting: each network evaluation unmasks a token in every "
+                 "sequence it runs, so there is no unchanged sequence whose output could be reused; drop {cache}",
+    }
 
     def __init__(self, *, masked_only: bool = True, tokens_per_step: int = 1):
         super().__init__(masked_only=masked_only)
@@ -60,15 +73,10 @@ class FirstHittingPredictor(Predictor):
     def tokens_per_step(self, value) -> None:
         self._k = check_tokens_per_step(value)
 
-    def update(self, model, x, t, dt, graph, noise, generator=None, top_p=None, top_k=None):
-        raise TypeError("first_hitting owns its time grid: sample(..., predictor='first_hitting') calls its run()")
-
     def run(self, model, x, *, graph, noise, eps, generator=None, project=None, progress=False, top_p=None,
             top_k=None):
         """Unmask every MASK of ``x`` [B, L]; returns the tokens [B, L]. ``project`` clamps fixed
         positions (the sampler's); ``model`` may be the sampler's :class:`~sedd.sampling.cache.NetworkCalls`."""
-        if not graph.absorbing:
-            raise ValueError(f"first_hitting samples the absorbing graph only, got {graph}")
         project = project or (lambda tokens: tokens)
         B, L = x.shape
         device, k = x.device, self.tokens_per_step
@@ -127,10 +135,8 @@ class FirstHittingPredictor(Predictor):
             def head(hidden, weight, bias):
                 hidden = hidden.reshape(-1, hidden.shape[-1])
                 out = torch.empty(flat.numel(), dtype=torch.long, device=hidden.device)
-                per_chunk = head_chunk_rows(weight.shape[0], hidden.element_size())
-                for start in range(0, flat.numel(), per_chunk):
-                    part = slice(start, start + per_chunk)
-                    z = head_at_rows(hidden[flat[part]], weight, bias, per_chunk, graph.dim)[:, None]  # [rows, 1, V]
+                for part in row_chunks(flat.numel(), weight.shape[0], hidden.element_size()):
+                    z = head_at_rows(hidden[flat[part]], weight, bias, graph.dim)[:, None]  # [rows, 1, V]
                     out[part] = draw(z, sel_row[part], shift)
                 return out
 

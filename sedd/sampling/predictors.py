@@ -22,8 +22,12 @@ Adding one::
 ``owns_grid = True`` marks a predictor that keeps its own time grid (``"first_hitting"``,
 :mod:`sedd.sampling.first_hitting`): the sampler calls its ``run(model, x, graph=, noise=, eps=,
 generator=, project=, progress=, top_p=, top_k=)`` once instead of the step loop and the denoiser.
-``options`` names the keyword arguments of its constructor that ``sample`` passes on (e.g.
-``tokens_per_step``).
+
+What a predictor reads of the :class:`~sedd.sampling.SamplingSpec`: ``options`` names the spec
+fields that are its own (its constructor takes them; ``tokens_per_step``): the sampler passes them
+on, and every other predictor refuses them. ``refuses`` maps the general options it does not read
+(``steps`` for a predictor with its own grid) to the message that refuses them, with each option
+written ``{name}`` (the caller's name for it). ``absorbing_only`` refuses the uniform graph.
 
 The sampler hands ``update`` the model wrapped in a :class:`sedd.sampling.cache.NetworkCalls`,
 which counts the forward rows per sequence and, with ``sample(..., cache=...)``, serves
@@ -62,6 +66,8 @@ class Predictor:
     final: bool = False
     owns_grid: bool = False
     options: tuple[str, ...] = ()
+    refuses: dict[str, str] = {}
+    absorbing_only: bool = False
 
     def __init__(self, *, masked_only: bool = True):
         self.masked_only = bool(masked_only)

@@ -36,12 +36,12 @@ from sedd import ops
 from sedd.graph import Graph
 from sedd.model.scoring import unwrap
 from sedd.noise import Noise
-from sedd.ops.checks import check_truncation
 from sedd.sampling import first_hitting  # noqa: F401  (registers "first_hitting")
 from sedd.sampling.cache import NetworkCalls, SamplingStats, cache_mode
 from sedd.sampling.graphs import GraphedForward
 from sedd.sampling.predictors import DENOISERS, PREDICTORS, Predictor, get_predictor, register_predictor
 from sedd.sampling.spans import check_fixed
+from sedd.sampling.spec import SamplingSpec, target_for
 
 __all__ = ["DENOISERS", "PREDICTORS", "Predictor", "SamplingStats", "check_eps", "conditioning", "register_predictor",
            "sample"]
@@ -75,58 +75,33 @@ def sample(
     *,
     batch_size: int,
     length: int,
-    steps: int = 128,
-    predictor: str | Predictor = "analytic",
-    eps: float = 1e-5,
-    denoise: bool = True,
-    denoiser: str | Predictor = "denoise",
+    spec: SamplingSpec | None = None,
     fixed_tokens: torch.Tensor | None = None,
     fixed_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
-    masked_only: bool = True,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    cache: bool | str = False,
-    tokens_per_step: int | None = None,
     return_stats: bool = False,
     cuda_graph: bool = False,
+    **options,
 ) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
     """Draw ``batch_size`` sequences of ``length`` tokens from the reverse process.
 
     Args:
         model: ``SEDD`` (or any ``model(x_t, sigma) -> log_score``), in eval mode.
         graph, noise: the forward process and schedule the model was trained with.
-        steps: number of predictor steps (≥ 1); not read by a predictor with its own grid
-            ("first_hitting": ⌈n/k⌉ evaluations for n masked free positions).
-        predictor: "euler", "analytic" (Tweedie τ-leaping), "first_hitting" (absorbing only: one
-            unmasking event per evaluation, exact for a model without time conditioning), another
-            name in :data:`PREDICTORS` (see :func:`register_predictor`), or a
-            :class:`~sedd.sampling.predictors.Predictor` instance.
-        eps: the final time ε of the grid; ``denoise`` adds the last step from σ̄(ε) to 0, made
-            by ``denoiser`` (a name in :data:`DENOISERS` or an instance). :func:`check_eps` says
-            whether the schedule can use it (σ̄(ε) must not round to 0 in float32).
+        spec, options: how to sample: a :class:`~sedd.sampling.SamplingSpec` and/or its fields as
+            keyword arguments (``predictor``, ``steps``, ``eps``, ``denoise``, ``denoiser``,
+            ``masked_only``, ``top_p``, ``top_k``, ``cache``, ``tokens_per_step``; the fields say
+            what each does), checked against this graph and model before anything runs. ``steps``
+            defaults to ``length``; a ``window`` shorter than ``length`` is for
+            :func:`sedd.generation.sample_blockwise`; the autoregressive options are refused.
+            With ``cache``, the model's ``time_conditioning: false`` makes the reuse exact.
         fixed_tokens, fixed_mask: [L] or [B, L]; positions where the mask is True are held at
             ``fixed_tokens`` throughout (prompt, suffix, infilling). See :func:`conditioning`.
             Exact for the absorbing graph; biased for the uniform graph (warns once).
         generator: a torch.Generator on ``device`` for reproducible samples.
         progress: show a progress bar over the steps.
-        masked_only: absorbing graph and a model that takes a ``head`` (like ``SEDD``): run the
-            output layer only at the positions still MASK (fixed positions never are), in chunks of
-            bounded size, and hand only those rows to the steps, so no [B, L, V] tensor is
-            allocated (real tokens never move on the absorbing graph: skipping them changes
-            nothing). False: the full head at every position, as for the uniform graph. The
-            predictors are made with it (a :class:`Predictor` passed in is copied, never changed).
-        top_p, top_k: nucleus / top-k truncation of every step, the final denoising step included
-            (see :data:`sedd.ops.TRUNCATION`: where a position jumps to is truncated, not whether).
-        cache: True: a row that the last step left unchanged reuses its network output (only the σ
-            shift is recomputed), the changed rows run as one sub-batch; the same tokens as
-            ``cache=False`` with the same generator, fewer forward rows. Needs a model without time
-            conditioning (``model.time_conditioning: false``); a ValueError otherwise.
-            "approximate": the same reuse for a σ-conditioned model (warns once). Off under
-            :func:`sedd.ops.sync_free` (finding the changed rows reads a count on the host).
-        tokens_per_step: for "first_hitting": unmasking events per evaluation (default 1).
         return_stats: also return a :class:`~sedd.sampling.cache.SamplingStats` (forward rows per
             sequence: ``stats.nfe``).
         cuda_graph: capture the network call of the first step as a CUDA graph and replay it at
@@ -140,18 +115,22 @@ def sample(
         [B, L] int64 tokens (absorbing: no MASK left when ``denoise``), and the stats with
         ``return_stats``.
     """
-    options = {} if tokens_per_step is None else {"tokens_per_step": tokens_per_step}
-    step = get_predictor(predictor, masked_only=masked_only, **options)
-    final = get_predictor(denoiser, final=True, masked_only=masked_only) if denoise and not step.owns_grid else None
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    check_truncation(top_p, top_k)
+    net = unwrap(model)
+    spec = SamplingSpec.build(spec, **options).validate(
+        target_for("reverse", graph=graph, time_conditioning=getattr(net, "time_conditioning", None)))
+    spec.check_one_window(length)
+    step_class = spec.predictor_class
+    own = {name: getattr(spec, name) for name in step_class.options if getattr(spec, name) is not None}
+    step = get_predictor(spec.predictor, masked_only=spec.masked_only, **own)
+    final = None
+    if spec.denoise and not step.owns_grid:
+        final = get_predictor(spec.denoiser, final=True, masked_only=spec.masked_only)
+    steps = spec.steps or length
     # a predictor without truncation may leave top_p / top_k out of its update (see Predictor)
-    trunc = {} if top_p is None and top_k is None else {"top_p": top_p, "top_k": top_k}
+    trunc = {} if spec.top_p is None and spec.top_k is None else {"top_p": spec.top_p, "top_k": spec.top_k}
     # check_eps (the schedule at eps) reads a tensor on the host, which the sampler itself never
     # does after its inputs; the text API and the command lines call it before sampling.
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
-        raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+    eps = spec.eps
     if device is None:
         param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = param.device if param is not None else "cpu"
@@ -165,14 +144,14 @@ def sample(
             "window by window", UserWarning, stacklevel=3)
 
     if cuda_graph:
-        _check_graphable(device, step, cache)
-    calls = NetworkCalls(GraphedForward(model) if cuda_graph else model, B, cache_mode(cache, model, device))
+        _check_graphable(device, step, spec.cache)
+    calls = NetworkCalls(GraphedForward(model) if cuda_graph else model, B, cache_mode(spec.cache, model, device))
     project = _projector(fixed_tokens, fixed_mask, B, length, graph, device)
     x = project(graph.sample_limit((B, length), device=device, generator=generator))
 
     # Every tensor the steps see from here on is made here (the fixed tokens were checked above):
     # no value checks, so no device sync per step.
-    weights = getattr(unwrap(model), "inference_weights", None)
+    weights = getattr(net, "inference_weights", None)
     with ops.value_checks(False), weights() if weights else contextlib.nullcontext(), \
             ops.sync_free() if cuda_graph else contextlib.nullcontext():
         if step.owns_grid:

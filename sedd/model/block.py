@@ -1,0 +1,340 @@
+"""Block diffusion on SEDD's trunk (BD3-LM: Arriola et al., ICLR 2025, here with SEDD's score
+entropy): the sequence is cut into blocks of b tokens, and each block is an absorbing SEDD model of
+its b tokens given the clean blocks before it. b = 1 is an autoregressive model, b = L is SEDD.
+
+Shapes: B batch, L length (a multiple of b), K = L / b blocks, N real tokens, V = N + 1 score width
+(MASK = N), D hidden size, H heads, d = D / H head size.
+
+    z = model(x_t, x0, raw=True)      [B, L, V]: block k of z scores the noisy block k of x_t given
+                                      the clean blocks 0 … k − 1 of x0 (x0's own block k and the
+                                      later ones are never read)
+    ŝ = z + shift(σ_k) on block k     σ [B, K]: one noise level per block;  ŝ[x_t] = 0
+
+Training runs every block at once: one forward over the 2L − b tokens [x_t ; x0 without its last
+block] with the block-causal mask of :func:`block_diffusion_mask`: a noisy block attends to itself
+(bidirectionally) and to the clean blocks before it; a clean block attends to the clean blocks up
+to itself. The clean stream never reads a noisy token, so its keys and values are those of x0 alone,
+and a noisy block sees neither its own clean tokens nor anything after it; x0's last block would
+be read by nobody and is left out (for b = L nothing clean is left: the forward is SEDD's). Both
+streams take the positions 0 … L − 1 of their tokens (rotary).
+
+No σ input: every block has its own noise level, which the trunk's per-sequence adaLN conditioning
+cannot carry, so the network is the time-independent SEDD (``model.time_conditioning: false``,
+absorbing graph, ``scale_by_sigma``): c = SiLU(cond_embed) for every token, and σ_k enters only
+through block k's score shift, as the exact score does (docs/math.md, "Block diffusion").
+
+Attention runs on SDPA with a boolean mask on every device (flash-attn's varlen kernel has no
+block-causal mask; FlexAttention is not used).
+
+Generation (:func:`sedd.sampling.sample_block_diffusion`) keeps the keys and values of the
+finished clean blocks in a :class:`BlockKVCache`: :meth:`BlockSEDD.extend` appends clean blocks,
+and :meth:`BlockSEDD.block_scores` scores a noisy block against the cache; both run the DDiT
+blocks outside ``forward`` (like :meth:`sedd.model.ARModel.step`), where FSDP2 has not gathered
+the weights, so a sharded model samples through ``forward(..., only_last_block=True)`` instead.
+
+Files: ``config.json`` (``"objective": "block"``, SEDD's ``tokens``, ``graph``, ``noise`` and
+``model`` with ``block_size`` and ``time_conditioning: false``) and ``model.safetensors``, SEDD's
+layout and keys (:mod:`sedd.model.checkpoint`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sedd.model.ar import KVCache
+from sedd.model.attention import AttentionPlan, check_backend, document_ids
+from sedd.model.ddit import SEDD
+from sedd.model.layers import HEAD_MULTIPLE
+
+__all__ = ["BlockKVCache", "BlockSEDD", "block_diffusion_mask"]
+
+
+def block_diffusion_mask(n_noisy: int, n_clean: int, block_size: int, *, start: int = 0,
+                         device: torch.device | str | None = None) -> torch.Tensor:
+    """[S, S] bool (True = may attend), S = n_noisy + n_clean: the attention of the tokens
+    [noisy ; clean], the noisy ones at positions ``start`` … ``start + n_noisy − 1``, the clean ones
+    at 0 … n_clean − 1, each in block ⌊position / block_size⌋:
+
+        noisy q → noisy k:  same block          (a noisy block sees itself, bidirectionally)
+        noisy q → clean k:  block(k) < block(q)  (and the clean blocks before it)
+        clean q → clean k:  block(k) ≤ block(q)  (clean blocks are causal by block)
+        clean q → noisy k:  never
+    """
+    noisy_blocks = torch.arange(start, start + n_noisy, device=device) // block_size
+    clean_blocks = torch.arange(n_clean, device=device) // block_size
+    blocks = torch.cat([noisy_blocks, clean_blocks])
+    clean = torch.arange(n_noisy + n_clean, device=device) >= n_noisy
+    q_block, k_block = blocks[:, None], blocks[None, :]
+    q_clean, k_clean = clean[:, None], clean[None, :]
+    return ((~q_clean & ~k_clean & (k_block == q_block)) | (~q_clean & k_clean & (k_block < q_block))
+            | (q_clean & k_clean & (k_block <= q_block)))
+
+
+class BlockKVCache(KVCache):
+    """Keys and values of every DDiT block for the clean positions [0, ``length``) of each row
+    (``keys[i]``, ``values[i]``: [B, H, capacity, d] in the compute dtype). ``length`` is a multiple
+    of the block size; a noisy block scored against the cache uses the next block's slots as
+    scratch."""
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep the batch rows ``rows`` (int64 indices) only, in that order."""
+        rows = rows.to(self.keys[0].device)
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+
+
+class BlockSEDD(SEDD):
+    """The block-diffusion network (module docstring): :class:`sedd.model.SEDD`'s weights and
+    config, a block-causal forward over noisy and clean tokens, and a KV cache for generation.
+
+    Arguments:
+        config: a whole SEDD config with ``"objective": "block"``, the absorbing graph,
+            ``model.time_conditioning: false`` and ``model.block_size`` (b, a divisor of
+            ``model.length``); :meth:`config_for` makes one.
+        attn_backend: "auto" or "sdpa" (both run SDPA); "flash" is refused.
+        autocast_dtype, pad_head_to: as for :class:`sedd.model.SEDD`.
+
+    Attributes: those of :class:`~sedd.model.SEDD`, and ``block_size`` (b), ``objective`` ("block").
+    """
+
+    objective = "block"
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        attn_backend: str = "auto",
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+        pad_head_to: int = HEAD_MULTIPLE,
+    ):
+        super().__init__(config, attn_backend=attn_backend, autocast_dtype=autocast_dtype, pad_head_to=pad_head_to)
+        m = self.config["model"]
+        if self.time_conditioning:
+            raise ValueError("a block model needs model.time_conditioning: false: every block has its own noise "
+                             "level, which the per-sequence adaLN conditioning cannot carry; sigma enters through "
+                             "each block's score shift instead (BlockSEDD.config_for sets it)")
+        if "block_size" not in m:
+            raise ValueError("config model.block_size is missing: the tokens per diffusion block, a divisor of "
+                             f"model.length ({self.length})")
+        self.block_size = int(m["block_size"])
+        if self.length % self.block_size:
+            raise ValueError(f"config model.block_size ({self.block_size}) must divide model.length ({self.length})")
+
+    @staticmethod
+    def config_for(preset: str, *, block_size: int, tokens: int = 50257, noise: str | Mapping[str, Any] | None = None,
+                   **model_overrides: Any) -> dict[str, Any]:
+        """A whole config for a preset of :data:`sedd.model.PRESETS` with blocks of ``block_size``
+        tokens: the absorbing graph, no time conditioning, e.g.
+        ``BlockSEDD(BlockSEDD.config_for("cpu", block_size=16, tokens=4096))``."""
+        config = SEDD.config_for(preset, tokens=tokens, noise=noise, time_conditioning=False, block_size=block_size,
+                                 **model_overrides)
+        return {"objective": "block", **config}
+
+    # -- attention backend ----------------------------------------------------------------------
+
+    @property
+    def attn_backend(self) -> str:
+        return self._attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, value: str) -> None:
+        if value == "flash":
+            raise ValueError("a block model runs attention on SDPA: flash-attn's varlen kernel has no block-causal "
+                             "mask; use attn_backend='auto' or 'sdpa'")
+        self._attn_backend = check_backend(value)
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _check_blocks(self, name: str, x: torch.Tensor) -> int:
+        """The number of blocks of ``x`` [B, L]; ValueError unless b divides L."""
+        if x.shape[1] % self.block_size:
+            raise ValueError(f"{name} has length {x.shape[1]}, not a multiple of the block size {self.block_size}")
+        return x.shape[1] // self.block_size
+
+    def _check_clean(self, x0: Any, like: torch.Tensor) -> None:
+        if isinstance(x0, torch.Tensor) and x0.is_floating_point():
+            raise TypeError("a block model is called as model(x_t, x0, sigma): x0, the clean tokens, was a float "
+                            "tensor (called as a SEDD model, model(x_t, sigma)? sample it with "
+                            "sedd.sampling.sample_block_diffusion)")
+        self._check_ids("x0", x0, self.tokens, "clean tokens are real tokens")
+        if x0.shape != like.shape or x0.device != like.device:
+            raise ValueError(f"x0 must have the shape and device of x_t ({list(like.shape)} on {like.device}), got "
+                             f"{list(x0.shape)} on {x0.device}")
+
+    def _check_block_sigma(self, sigma: Any, B: int, K: int, device: torch.device) -> torch.Tensor:
+        if not isinstance(sigma, torch.Tensor) or sigma.shape != (B, K):
+            got = list(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__
+            raise ValueError(f"sigma must be a [B, K] = [{B}, {K}] tensor (the noise of every block), got {got}")
+        return self._check_sigma(sigma.reshape(-1), B * K, device).view(B, K)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        x0: torch.Tensor,
+        sigma: torch.Tensor | None = None,
+        *,
+        raw: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None,
+        only_last_block: bool = False,
+    ) -> torch.Tensor:
+        """Log concrete scores of every noisy block given the clean blocks before it.
+
+        Arguments:
+            x_t: [B, L] noisy token ids in [0, V), L a multiple of the block size.
+            x0: [B, L] clean token ids in [0, N); block k of the output reads blocks < k of it.
+            sigma: [B, K] total noise of every block, finite and > 0; needed for the scores
+                (``raw=False``) only: the network does not read it.
+            raw: return the network output z (the shift per block is :meth:`score_shift` of σ_k).
+            attention_mask: [B, L] bool, True on real tokens: padding is never attended to (in
+                either stream) and its own outputs are unspecified.
+            segment_ids: [B, L] document ids of a packed batch: no attention across documents.
+            head: replaces the output linear, as for :class:`sedd.model.SEDD`; it gets the hidden
+                states of the noisy tokens, [B, L, D] (or [B, b, D] with ``only_last_block``).
+            only_last_block: score x_t's last block only (the others are not read): [B, b, V].
+                What a sampler without the KV cache runs.
+        Returns:
+            raw=False: ŝ [B, L, V] float32 with ŝ[x_t] = 0; raw=True: z in the compute dtype; or
+            what ``head`` returns.
+        """
+        self._check_tokens(x_t)
+        self._check_clean(x0, x_t)
+        B, L = x_t.shape
+        K, b = self._check_blocks("x_t", x_t), self.block_size
+        attention_mask, segment_ids = self._check_layouts(x_t, attention_mask, segment_ids)
+        if not raw and head is None:
+            sigma = self._check_block_sigma(sigma, B, K, x_t.device)
+        first = L - b if only_last_block else 0  # the first noisy position scored
+        # the tokens of both streams and their positions; x0's last block is read by no one
+        noisy, clean = x_t[:, first:], x0[:, : L - b]
+        positions = torch.cat([torch.arange(first, L, device=x_t.device), torch.arange(L - b, device=x_t.device)])
+        allowed = None
+        if L - b > 0:  # with one block and nothing clean, the mask is all True: SEDD's forward
+            allowed = block_diffusion_mask(L - first, L - b, b, start=first, device=x_t.device)[None]
+        if attention_mask is not None or segment_ids is not None:
+            allowed = self._layout_mask(allowed, positions, attention_mask, segment_ids)
+        z = self._run_masked(torch.cat([noisy, clean], dim=1), positions, allowed, L - first, head)
+        if raw or head is not None:
+            return z
+        shift = self._score_shift(sigma.reshape(-1)).view(B, K)[:, first // b :]
+        return self._postprocess_blocks(z, x_t[:, first:], shift)
+
+    @staticmethod
+    def _layout_mask(allowed, positions, attention_mask, segment_ids) -> torch.Tensor:
+        """``allowed`` [1 or B, S, S] intersected with the padding and the documents of the tokens
+        at ``positions`` [S]."""
+        S = positions.numel()
+        if allowed is None:
+            allowed = torch.ones(1, S, S, dtype=torch.bool, device=positions.device)
+        if segment_ids is not None:
+            docs = document_ids(segment_ids)[:, positions]  # [B, S]
+            allowed = allowed & (docs[:, :, None] == docs[:, None, :])
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, positions][:, None, :]
+            # a padding query may be left with no key: let it see itself (NaN rows would reach the
+            # real tokens through 0 · NaN in the next layer)
+            allowed = allowed | torch.eye(S, dtype=torch.bool, device=positions.device)
+        return allowed
+
+    def _run_masked(self, tokens, positions, allowed, n_noisy: int, head):
+        """The DDiT blocks over ``tokens`` [B, S] (noisy first) at ``positions`` [S] with the
+        attention ``allowed`` ([1 or B, S, S], or None for full attention); the output layer (or
+        ``head``) on the first ``n_noisy`` tokens."""
+        h = self.vocab_embed(tokens.long())
+        c = F.silu(self.cond_embed)[None]  # [1, C]: one row for the whole batch
+        cos, sin = (t[positions] for t in self.rotary_emb(int(positions.max()) + 1, h.device))
+        plan = AttentionPlan("sdpa", sdpa_mask=None if allowed is None else allowed[:, None])
+        with self._amp(h.device):
+            for block in self.blocks:
+                h = block(h, c, cos, sin, plan)
+            return self.output_layer(h[:, :n_noisy], c, head)
+
+    def _postprocess_blocks(self, z: torch.Tensor, x_t: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """ŝ = z + shift of each position's block (shift [B, K]), then ŝ[x_t] = 0: float32."""
+        out = z.float() + shift.repeat_interleave(self.block_size, dim=1)[:, :, None]
+        return out.scatter_(-1, x_t.long().unsqueeze(-1), 0.0)
+
+    def postprocess(self, raw: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The post-processing ``forward`` applies: raw z [B, L, V], x_t [B, L], sigma [B, K] (one
+        σ per block) -> ŝ [B, L, V] float32."""
+        self._check_tokens(x_t)
+        K = self._check_blocks("x_t", x_t)
+        if raw.dim() != 3 or raw.shape[:2] != x_t.shape or raw.shape[2] != self.vocab_size:
+            raise ValueError(f"raw must have shape {[*x_t.shape, self.vocab_size]}, got {list(raw.shape)}")
+        sigma = self._check_block_sigma(sigma, x_t.shape[0], K, x_t.device)
+        return self._postprocess_blocks(raw, x_t, self._score_shift(sigma.reshape(-1)).view(sigma.shape))
+
+    # -- generation with a KV cache -------------------------------------------------------------
+
+    def new_cache(self, batch: int, capacity: int | None = None, device: torch.device | None = None) -> BlockKVCache:
+        """An empty :class:`BlockKVCache` for ``batch`` rows and up to ``capacity`` positions
+        (default: the training length; a multiple of the block size)."""
+        capacity = capacity or self.length
+        if capacity % self.block_size:
+            raise ValueError(f"capacity {capacity} is not a multiple of the block size {self.block_size}")
+        device = device if device is not None else self.vocab_embed.embedding.device
+        return BlockKVCache(self, batch, capacity, torch.device(device))
+
+    def _cache_inputs(self, tokens: torch.Tensor, start: int):
+        if self.training:
+            raise RuntimeError("the KV-cached steps run in eval mode only (no dropout): call model.eval() first")
+        h = self.vocab_embed(tokens.long())
+        cos, sin = (t[start:] for t in self.rotary_emb(start + tokens.shape[1], h.device))
+        return h, F.silu(self.cond_embed)[None], cos, sin
+
+    @torch.no_grad()
+    def extend(self, x0: torch.Tensor, cache: BlockKVCache) -> None:
+        """Append the clean blocks ``x0`` [B, n·b] (token ids < N) at ``cache.length``: their keys
+        and values as the clean stream of :meth:`forward` computes them (block-causal among
+        themselves, every cached block before them)."""
+        self._check_ids("x0", x0, self.tokens, "clean tokens are real tokens")
+        self._check_blocks("x0", x0)
+        start, n = cache.length, x0.shape[1]
+        if start + n > cache.capacity:
+            raise ValueError(f"the cache holds {cache.capacity} positions; {start} + {n} do not fit")
+        h, c, cos, sin = self._cache_inputs(x0, start)
+        mask = None  # one block sees itself and the whole cache: no mask
+        if n > self.block_size:
+            q = (start + torch.arange(n, device=h.device)) // self.block_size
+            mask = (torch.arange(start + n, device=h.device) // self.block_size)[None, :] <= q[:, None]
+        with self._amp(h.device):
+            for i, block in enumerate(self.blocks):
+                h = block.step(h, c, cos, sin, cache.keys[i], cache.values[i], start, mask)
+        cache.length = start + n
+
+    @torch.no_grad()
+    def block_scores(self, x_t: torch.Tensor, cache: BlockKVCache, *, rows: torch.Tensor | None = None,
+                     head: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None) -> Any:
+        """The raw output z [r, b, V] (compute dtype) of the noisy block ``x_t`` [r, b] at positions
+        ``cache.length`` …, given the cached clean blocks of the batch rows ``rows`` (default: all
+        of them, r = the cache's batch), or what ``head`` returns for its hidden states [r, b, D].
+        The cache is not extended. The numbers of :meth:`forward`'s block at that position, up to
+        float rounding."""
+        self._check_tokens(x_t)
+        start, b = cache.length, self.block_size
+        if x_t.shape[1] != b:
+            raise ValueError(f"x_t must be one block [r, {b}], got {list(x_t.shape)}")
+        if start + b > cache.capacity:
+            raise ValueError(f"the cache holds {cache.capacity} positions: no room for a block after {start}")
+        h, c, cos, sin = self._cache_inputs(x_t, start)
+        if rows is not None:
+            rows = rows.to(h.device)
+        with self._amp(h.device):
+            for i, block in enumerate(self.blocks):
+                # the block's own keys go to the scratch slots past the cache (of a copy for a sub-batch)
+                keys, values = (t[:, :, : start + b] if rows is None else t[rows, :, : start + b]
+                                for t in (cache.keys[i], cache.values[i]))
+                h = block.step(h, c, cos, sin, keys, values, start)
+            return self.output_layer(h, c, head)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint_label(self) -> str:
+        return f"block diffusion, b={self.block_size}, {super().checkpoint_label()}"

@@ -1,0 +1,328 @@
+"""What a model is trained for, behind one interface: the objectives and their registry.
+
+A checkpoint's ``config.json`` names its objective (``"objective"``, absent and so ``"sedd"`` in the
+public checkpoints); :data:`OBJECTIVES` maps the name to the class that knows everything that
+differs between objectives, so no other module compares the name:
+
+* the model: ``model_class`` (which also names the objective, ``model_class.objective``),
+  :meth:`Objective.model_config` (a run's config.json) and :meth:`Objective.build`;
+* training: :meth:`Objective.loss`, :meth:`Objective.validation_losses`, ``loss_label``, and the
+  training flags it does not read (``refused_flags``, refused by ``train/config.py``);
+* the likelihood: :meth:`Objective.likelihood` (the SEDD bound, or an exact NLL: ``exact``);
+* sampling: ``sampler``, the family of its sampler (which :class:`~sedd.sampling.SamplingSpec`
+  options it reads: :meth:`~sedd.sampling.SamplingSpec.validate` refuses the others), and
+  :meth:`Objective.sample`, the sampler run on a spec.
+
+An instance is bound to one model config (:func:`objective_of`): the diffusion objective holds its
+graph and noise schedule. Both losses are in nats per sequence (summed over the tokens of a block,
+averaged over blocks): the autoregressive one is the exact −log p(block), SEDD's an upper bound on it
+in expectation (docs/math.md, "Training loss", "Autoregressive baseline"). train/run.py's log
+divides them by the block's length (nats per token) and, with :meth:`Objective.prior_nats_per_token`,
+gives the perplexity (a bound unless ``exact``).
+
+Adding an objective: a model class in :mod:`sedd.model` that sets ``objective = "name"`` (a
+:class:`~sedd.model.checkpoint.Checkpointed`), and a subclass of :class:`Objective` here (or in a
+module of its own) decorated with :func:`register_objective`; ``train/run.py --objective name``,
+``load_pretrained``, the samplers, ``train/eval.py`` and the CLIs then take it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from sedd import ops
+from sedd.graph import Graph, graph_from_config
+from sedd.likelihood import BoundReport, block_bounds, exact_block_nll, prior_kl, summarize
+from sedd.losses import ar_loss, sample_times, score_entropy_loss
+from sedd.model import SEDD, ARModel
+from sedd.model.checkpoint import DEFAULT_OBJECTIVE, config_objective
+from sedd.model.scoring import unwrap
+from sedd.noise import Noise, noise_from_config
+from sedd.sampling import SamplingSpec, SamplingStats, sample, sample_ancestral
+from sedd.sampling.spec import FAMILIES
+
+__all__ = ["OBJECTIVES", "Autoregressive", "Diffusion", "Objective", "get_objective", "objective_of",
+           "register_objective"]
+
+# The hyper-parameters of a run an objective reads, where a config does not record them (a public
+# checkpoint, a model made by hand): train/run.py's defaults.
+TRAINING_DEFAULTS = {"sampling_eps": 1e-3, "sample_steps": 128}
+
+
+class Objective:
+    """The interface (module docstring). ``Objective(config, training=...)`` binds it to a model
+    config (``training``: the run's hyper-parameters, default ``config["training"]``)."""
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # in messages: "a diffusion checkpoint"
+    model_class: ClassVar[type]
+    sampler: ClassVar[str] = ""  # a key of sedd.sampling.spec.FAMILIES
+    exact: ClassVar[bool] = False  # the likelihood is exact (an NLL), not a bound
+    loss_label: ClassVar[str] = ""
+    # train/run.py flags (run-config keys) this objective does not read, and why, for the message
+    refused_flags: ClassVar[tuple[str, ...]] = ()
+    refused_because: ClassVar[str] = ""
+
+    graph: Graph | None = None
+    noise: Noise | None = None
+    time_conditioning: bool | None = None
+
+    def __init__(self, config: dict | None = None, *, training: dict | None = None):
+        self.config = config or {}
+        self.training = {**TRAINING_DEFAULTS, **(self.config.get("training") or {}), **(training or {})}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+    @classmethod
+    def a_label(cls) -> str:
+        """The label with its article, for messages: "an autoregressive"."""
+        return f"{'an' if cls.label[:1] in tuple('aeiou') else 'a'} {cls.label}"
+
+    # -- the model -------------------------------------------------------------------------------
+
+    @classmethod
+    def model_config(cls, run: dict, tokens: int, model_keys: dict) -> dict:
+        """The model config of a train/run.py run (``run``: its flags; ``model_keys``: its model
+        section's overrides) over ``tokens`` real tokens."""
+        raise NotImplementedError
+
+    def build(self, config: dict, autocast_dtype=None) -> torch.nn.Module:
+        return self.model_class(config, autocast_dtype=autocast_dtype)
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    # -- training --------------------------------------------------------------------------------
+
+    def loss(self, model, x0, generator, scale: float, **model_kwargs) -> torch.Tensor:
+        """The training loss of the batch ``x0`` (mean over blocks, times ``scale``)."""
+        raise NotImplementedError
+
+    def validation_losses(self, net, x0, generators: list[torch.Generator], **model_kwargs) -> torch.Tensor:
+        """[B] losses of fixed validation blocks, block i's randomness from ``generators[i]``."""
+        raise NotImplementedError
+
+    # -- the likelihood --------------------------------------------------------------------------
+
+    def likelihood(self, model, blocks: torch.Tensor, mask: torch.Tensor, *, num_samples: int,
+                   time_sampler: str, batch_size: int, generator=None, device=None, on_progress=None) -> BoundReport:
+        """The corpus-level likelihood of ``blocks`` [n, L] (with their [n, L] mask): the bound
+        from ``num_samples`` draws of t per block, or the exact NLL. ``on_progress(k)`` after every
+        call with the units of :meth:`likelihood_work` it did."""
+        raise NotImplementedError
+
+    def likelihood_work(self, blocks: int, num_samples: int) -> tuple[int, str]:
+        """(units, unit name) of :meth:`likelihood`'s progress over ``blocks`` blocks."""
+        raise NotImplementedError
+
+    def likelihood_calls(self, blocks: int, num_samples: int, batch_size: int) -> tuple[int, int]:
+        """(model calls, rows of the widest call) :meth:`likelihood` makes."""
+        raise NotImplementedError
+
+    def likelihood_probe(self, model, x: torch.Tensor, generator=None) -> None:
+        """One model call of :meth:`likelihood` on the rows ``x`` (to time it)."""
+        raise NotImplementedError
+
+    def prior_nats_per_token(self) -> float:
+        """What the likelihood adds per token to the training loss per token: the bound's prior
+        term, which the loss leaves out (docs/math.md, "Likelihood bound"); 0 for an exact NLL."""
+        return 0.0
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    def sample(self, model, **request) -> tuple[torch.Tensor, SamplingStats]:
+        """Samples from ``model`` by this objective's sampler, and the network calls: ``request``
+        holds :func:`sedd.sampling.sample`'s keyword arguments (``batch_size``, ``length``,
+        ``spec`` and/or its fields, ``fixed_tokens``, ``fixed_mask``, ``generator``, ``device``,
+        ``progress``); the spec is checked against the sampler."""
+        raise NotImplementedError
+
+    def training_spec(self, *, fsdp: bool = False) -> SamplingSpec:
+        """How train/run.py samples at the end of a run (``fsdp``: the model is sharded)."""
+        raise NotImplementedError
+
+    def sample_note(self) -> str:
+        """:meth:`training_spec` in words."""
+        raise NotImplementedError
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Register an :class:`Objective` subclass under its ``name`` (a class decorator). Its model
+    class must load configs of that name (``model_class.objective``), its sampler be a family
+    of :data:`sedd.sampling.spec.FAMILIES`."""
+    if not (isinstance(cls, type) and issubclass(cls, Objective)) or not cls.name:
+        raise TypeError(f"register_objective takes an Objective subclass with a name, got {cls!r}")
+    if cls.name in OBJECTIVES and OBJECTIVES[cls.name] is not cls:
+        raise ValueError(f"an objective named {cls.name!r} is already registered ({OBJECTIVES[cls.name].__name__})")
+    if getattr(cls.model_class, "objective", None) != cls.name:
+        raise ValueError(f"objective {cls.name!r}: its model class {cls.model_class.__name__} loads configs of "
+                         f"objective {getattr(cls.model_class, 'objective', None)!r}")
+    if cls.sampler not in FAMILIES:
+        raise ValueError(f"objective {cls.name!r}: sampler must be one of {tuple(FAMILIES)}, got {cls.sampler!r}")
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def get_objective(name: str) -> type[Objective]:
+    """The registered objective class ``name``; ValueError naming the choices."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {name!r}")
+    return OBJECTIVES[name]
+
+
+def objective_of(model_or_config, *, graph: Graph | None = None, noise: Noise | None = None) -> Objective:
+    """The objective of a model (under DDP/compile wrappers) or of a config, bound to the config.
+    A model without a config (a test double, any ``model(x_t, sigma)``) is a diffusion model;
+    ``graph`` and ``noise``, where given, are its forward process and schedule."""
+    is_config = isinstance(model_or_config, dict)
+    config = model_or_config if is_config else getattr(unwrap(model_or_config), "config", None)
+    if not isinstance(config, dict):
+        config = None
+    objective = get_objective(config_objective(config) if config is not None else DEFAULT_OBJECTIVE)(config)
+    if graph is not None or noise is not None:
+        objective.graph, objective.noise = graph or objective.graph, noise or objective.noise
+    if config is None and not is_config:
+        objective.time_conditioning = getattr(unwrap(model_or_config), "time_conditioning", None)
+    return objective
+
+
+@register_objective
+class Diffusion(Objective):
+    """SEDD: the score-entropy loss at a random time on a forward process, the reverse-process
+    samplers, the likelihood bound."""
+
+    name = "sedd"
+    label = "diffusion"
+    model_class = SEDD
+    sampler = "reverse"
+    loss_label = "score entropy (nats per token)"  # train/run.py's loss.png
+
+    def __init__(self, config: dict | None = None, *, training: dict | None = None):
+        super().__init__(config, training=training)
+        if config:
+            self.graph, self.noise = graph_from_config(config), noise_from_config(config)
+            self.time_conditioning = config.get("model", {}).get("time_conditioning", True) is not False
+
+    @classmethod
+    def model_config(cls, run: dict, tokens: int, model_keys: dict) -> dict:
+        return SEDD.config_for(run["preset"], graph=run["graph"], tokens=tokens,
+                               noise={"type": run["noise"], "sigma_min": run["sigma_min"],
+                                      "sigma_max": run["sigma_max"], "eps": run["noise_eps"]},
+                               time_conditioning=run["time_conditioning"] == "on", **model_keys)
+
+    def describe(self) -> str:
+        noise = self.config.get("noise", {}).get("type") if self.config else self.noise
+        return f"graph {self.graph.name if self.graph else None}, noise {noise}"
+
+    def loss(self, model, x0, generator, scale: float, **model_kwargs) -> torch.Tensor:
+        # scale (1/grad_accum) rides in the fused loss's per-row weight: no extra pass over the gradient
+        return score_entropy_loss(model, x0, self.graph, self.noise, generator=generator,
+                                  sampling_eps=self.training["sampling_eps"], scale=scale, **model_kwargs)
+
+    def validation_losses(self, net, x0, generators, **model_kwargs) -> torch.Tensor:
+        ts, xts = [], []
+        for row, g in enumerate(generators):
+            t = sample_times(1, self.training["sampling_eps"], device=x0.device, generator=g)
+            ts.append(t)
+            xts.append(ops.sample_transition(x0[row : row + 1], self.noise(t)[0], self.graph, g))
+        return score_entropy_loss(net, x0, self.graph, self.noise, t=torch.cat(ts), x_t=torch.cat(xts),
+                                  reduction="none", **model_kwargs)
+
+    def likelihood(self, model, blocks, mask, *, num_samples, time_sampler, batch_size, generator=None,
+                   device=None, on_progress=None) -> BoundReport:
+        parts = block_bounds(model, blocks, mask, self.graph, self.noise, num_samples=num_samples,
+                             time_sampler=time_sampler, batch_size=batch_size, generator=generator, device=device,
+                             on_draws=on_progress)
+        return summarize(parts, num_samples, time_sampler)
+
+    def likelihood_work(self, blocks: int, num_samples: int) -> tuple[int, str]:
+        return blocks * num_samples, "draw"
+
+    def prior_nats_per_token(self) -> float:
+        return prior_kl(self.graph, self.noise)
+
+    def likelihood_calls(self, blocks: int, num_samples: int, batch_size: int) -> tuple[int, int]:
+        calls = widest = 0
+        for start in range(0, blocks, batch_size):
+            rows = min(batch_size, blocks - start)
+            per_call = max(1, batch_size // rows)  # draws of the same block share a call (sequence_bounds)
+            calls += -(-num_samples // per_call)
+            widest = max(widest, rows * min(per_call, num_samples))
+        return calls, widest
+
+    def likelihood_probe(self, model, x, generator=None) -> None:
+        with torch.no_grad():
+            score_entropy_loss(model, x, self.graph, self.noise, generator=generator, reduction="none")
+
+    def sample(self, model, **request):
+        return sample(model, self.graph, self.noise, return_stats=True, **request)
+
+    def training_spec(self, *, fsdp: bool = False) -> SamplingSpec:
+        return SamplingSpec(steps=self.training["sample_steps"])
+
+    def sample_note(self) -> str:
+        return f"{self.training['sample_steps']} analytic steps"
+
+
+@register_objective
+class Autoregressive(Objective):
+    """The autoregressive baseline on the same trunk: causal attention, no σ, the exact next-token
+    cross entropy, ancestral samples, the exact NLL."""
+
+    name = "ar"
+    label = "autoregressive"
+    model_class = ARModel
+    sampler = "ancestral"
+    exact = True
+    loss_label = "cross entropy (nats per token)"
+    # it has no forward process, no time and no reverse steps
+    refused_flags = ("graph", "noise", "noise_eps", "sigma_min", "sigma_max", "time_conditioning", "sampling_eps",
+                     "sample_steps")
+    refused_because = "an autoregressive model has no forward process, noise schedule or reverse steps"
+
+    @classmethod
+    def model_config(cls, run: dict, tokens: int, model_keys: dict) -> dict:
+        return ARModel.config_for(run["preset"], tokens=tokens, **model_keys)
+
+    def describe(self) -> str:
+        return "autoregressive (causal attention, no sigma)"
+
+    def loss(self, model, x0, generator, scale: float, **model_kwargs) -> torch.Tensor:
+        return ar_loss(model, x0, scale=scale, **model_kwargs)  # no randomness beyond dropout
+
+    def validation_losses(self, net, x0, generators, **model_kwargs) -> torch.Tensor:
+        return ar_loss(net, x0, reduction="none", **model_kwargs)
+
+    def likelihood(self, model, blocks, mask, *, num_samples, time_sampler, batch_size, generator=None,
+                   device=None, on_progress=None) -> BoundReport:
+        parts = exact_block_nll(model, blocks, mask, batch_size=batch_size, device=device, on_blocks=on_progress)
+        return summarize(parts, 1, "exact", exact=True)
+
+    def likelihood_work(self, blocks: int, num_samples: int) -> tuple[int, str]:
+        return blocks, "block"
+
+    def likelihood_calls(self, blocks: int, num_samples: int, batch_size: int) -> tuple[int, int]:
+        return math.ceil(blocks / batch_size), min(blocks, batch_size)
+
+    def likelihood_probe(self, model, x, generator=None) -> None:
+        with torch.no_grad():
+            ar_loss(model, x, reduction="none")
+
+    def sample(self, model, **request):
+        return sample_ancestral(model, return_stats=True, **request)
+
+    def training_spec(self, *, fsdp: bool = False) -> SamplingSpec:
+        # the KV cache reads the weights outside forward(), where FSDP2 has not gathered them:
+        # under FSDP every position re-runs the forward instead (the same tokens)
+        return SamplingSpec(kv_cache=not fsdp)
+
+    def sample_note(self) -> str:
+        return "ancestral, one network evaluation per token"
+

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device check: everything a session with a GPU should run, in one command of at most
-# ~7.5 minutes on an H100/H200, most valuable stage first. From the repository root:
+# ~7 minutes on an H100/H200, most valuable stage first. From the repository root:
 #
 #     bash benchmarks/device_check.sh                  # on the GPU machine
 #     RESULTS=$OUT bash benchmarks/device_check.sh     # results where a borrowed machine returns them
@@ -10,7 +10,7 @@
 # It uses the image's python3 (PYTHON=... to change) with PYTHONPATH=., installs nothing and needs
 # no .git: the commit id is $SEDD_COMMIT, else `git rev-parse HEAD`, else benchmarks/COMMIT
 # (--write-commit, for a copy without .git), else "unknown". Stages, each under its own timeout and all under one
-# budget ($DEVICE_CHECK_BUDGET_S, default 450 s; a stage gets what is left when it starts;
+# budget ($DEVICE_CHECK_BUDGET_S, default 420 s; a stage gets what is left when it starts;
 # DEVICE_CHECK_STAGES="smoke tests" runs only the stages named, e.g. to rerun what failed):
 #   1 device   device name, copy bandwidth, bf16 matmul peak       benchmarks/device_peaks.py
 #   2 smoke    every kernel against sedd/ops/reference.py, V = 50258   benchmarks/gpu_smoke.py
@@ -48,7 +48,7 @@ esac
 PY="${PYTHON:-python3}"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 RESULTS="${RESULTS:-benchmarks/results}"
-BUDGET="${DEVICE_CHECK_BUDGET_S:-450}"
+BUDGET="${DEVICE_CHECK_BUDGET_S:-420}"
 mkdir -p "$RESULTS"
 status="$RESULTS/status.txt"
 log="$RESULTS/device-check.log"

@@ -138,11 +138,11 @@ else
 fi
 stage smoke 120 "$PY" -m benchmarks.gpu_smoke --out "$RESULTS/smoke.json"
 if (( dry_run )); then  # aot_eager: the compiled path's plumbing without minutes of C++ builds
-  stage train 120 "$PY" -m benchmarks.whole_model train --compile-backend aot_eager
-  stage sample 90 "$PY" -m benchmarks.whole_model sample --compile-backend aot_eager
+  stage train 120 "$PY" -m benchmarks.whole_model train --results "$RESULTS" --compile-backend aot_eager
+  stage sample 90 "$PY" -m benchmarks.whole_model sample --results "$RESULTS" --compile-backend aot_eager
 else
-  stage train 180 "$PY" -m benchmarks.whole_model train
-  stage sample 120 "$PY" -m benchmarks.whole_model sample
+  stage train 180 "$PY" -m benchmarks.whole_model train --results "$RESULTS"
+  stage sample 120 "$PY" -m benchmarks.whole_model sample --results "$RESULTS"
 fi
 stage kernels 120 "${pytest_bench[@]}" benchmarks/bench_score_entropy.py benchmarks/bench_sampling.py -k "not compiled"
 if (( dry_run )); then

@@ -93,6 +93,11 @@ def test_dry_run_writes_the_summary_json(dry_run):
         assert e["ms"] > 0 and e["tokens_per_s"] == pytest.approx(e["shape"][0] * 32 / e["ms"] * 1e3)
         assert e["host_ms"] > 0 and e["gpu_ms"] is None and e["mfu"] is None  # no GPU: no GPU time, no MFU
     assert {e["impl"] for e in summary["train_step"] if e["path"] == "bench"} == {"eager"}
+    # one MFU denominator per run: stage 1's bf16 peak
+    records = [json.loads(line)["extra_info"] for line in (results / "bench.jsonl").read_text().splitlines()]
+    timed = [r for r in records if r["bench"] == "train_step_run" and not r.get("skipped")]
+    assert timed and all(r["bf16_peak_source"] == "device.json" for r in timed)
+    assert all(r["bf16_peak_tflop_per_s"] == pytest.approx(summary["peaks"]["bf16_tflops"]) for r in timed)
     sampling = summary["sampling"]
     assert [e["mode"] for e in sampling] == ["today", "eager", "compiled", "graphs"]
     assert sampling[0]["x_today"] == 1.0 and all(e["tokens_per_s"] > 0 for e in sampling[:3])

@@ -41,7 +41,7 @@ from sedd.sampling import SamplingSpec, SamplingStats, check_eps
 from sedd.sampling.spans import Span, fixed_spans, spans_to_mask
 from sedd.sampling.spec import SamplingOptionError
 
-__all__ = ["Sample", "sample_blockwise", "generate", "generate_samples", "plan_windows"]
+__all__ = ["Sample", "continuation_layout", "sample_blockwise", "generate", "generate_samples", "plan_windows"]
 
 
 @dataclass
@@ -72,6 +72,18 @@ def plan_windows(spec: SamplingSpec, length: int, model_length: int | None) -> t
         raise SamplingOptionError(("stride",), lambda n: (
             f"{n('stride')} must be smaller than the window ({window}), got {stride}"))
     return window, stride
+
+
+def continuation_layout(context: int, new: int, window: int, stride: int) -> tuple[int, int, int | None]:
+    """(context tokens kept, windows, stride or None) of ``new`` tokens generated after
+    ``context`` tokens by a model that sees ``window`` at once: one window holding the last
+    ``window - new`` context tokens when ``new < window`` (lm_eval's own models cut the context so),
+    else windows of ``stride`` new tokens after the first, which holds the last
+    ``window - stride`` context tokens."""
+    if new < window:
+        return min(context, window - new), 1, None
+    keep = min(context, window - stride)
+    return keep, 1 + -(-(keep + new - window) // stride), stride
 
 
 @torch.no_grad()

@@ -8,7 +8,9 @@ differs between objectives, so no other module compares the name:
   :meth:`Objective.model_config` (a run's config.json) and :meth:`Objective.build`;
 * training: :meth:`Objective.loss`, :meth:`Objective.validation_losses`, ``loss_label``, and the
   training flags it does not read (``refused_flags``, refused by ``train/config.py``);
-* the likelihood: :meth:`Objective.likelihood` (the SEDD bound, or an exact NLL: ``exact``);
+* the likelihood: :meth:`Objective.likelihood` (the SEDD bound, or an exact NLL: ``exact``), and
+  of a continuation given its context, :meth:`Objective.continuation` (where
+  :meth:`Objective.continuation_refusal` says none);
 * sampling: ``sampler``, the family of its sampler (which :class:`~sedd.sampling.SamplingSpec`
   options it reads: :meth:`~sedd.sampling.SamplingSpec.validate` refuses the others), and
   :meth:`Objective.sample`, the sampler run on a spec.
@@ -29,13 +31,14 @@ module of its own) decorated with :func:`register_objective`; ``train/run.py --o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from sedd import ops
 from sedd.graph import Graph, graph_from_config
-from sedd.likelihood import BoundReport, block_bounds, exact_block_nll, prior_kl, summarize
+from sedd.likelihood import BoundReport, block_bounds, exact_block_nll, prior_kl, sequence_bounds, summarize
 from sedd.losses import ar_loss, sample_times, score_entropy_loss
 from sedd.model import SEDD, ARModel
 from sedd.model.checkpoint import DEFAULT_OBJECTIVE, config_objective
@@ -44,12 +47,23 @@ from sedd.noise import Noise, noise_from_config
 from sedd.sampling import SamplingSpec, SamplingStats, sample, sample_ancestral
 from sedd.sampling.spec import FAMILIES
 
-__all__ = ["OBJECTIVES", "Autoregressive", "Diffusion", "Objective", "get_objective", "objective_of",
-           "register_objective"]
+__all__ = ["OBJECTIVES", "Autoregressive", "ContinuationScore", "Diffusion", "Objective", "get_objective",
+           "objective_of", "register_objective"]
 
 # The hyper-parameters of a run an objective reads, where a config does not record them (a public
 # checkpoint, a model made by hand): train/run.py's defaults.
 TRAINING_DEFAULTS = {"sampling_eps": 1e-3, "sample_steps": 128}
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """−log p(continuation | context) of one window: ``nll`` (nats; the bound, prior term
+    included, for a diffusion model), ``variance`` of that estimate (0 when exact) and ``greedy``
+    (whether the model's most likely token at every continuation position is the continuation's)."""
+
+    nll: float
+    variance: float
+    greedy: bool
 
 
 class Objective:
@@ -131,6 +145,18 @@ class Objective:
         """What the likelihood adds per token to the training loss per token: the bound's prior
         term, which the loss leaves out (docs/math.md, "Likelihood bound"); 0 for an exact NLL."""
         return 0.0
+
+    def continuation_refusal(self) -> str | None:
+        """Why :meth:`continuation` cannot score this model, as the rest of a one-line sentence whose
+        subject is what asked ("loglikelihood needs ..."); None when it can."""
+        return f"is not available for {self.a_label()} checkpoint in this library"
+
+    def continuation(self, model, tokens: torch.Tensor, context: int, *, num_samples: int, time_sampler: str,
+                     batch_size: int, generator=None) -> ContinuationScore:
+        """−log p(tokens[0, context:] | tokens[0, :context]) for one window ``tokens`` [1, L] on the
+        model's device: the bound from ``num_samples`` draws of t (``batch_size`` rows per call), or
+        the exact NLL."""
+        raise NotImplementedError
 
     # -- sampling --------------------------------------------------------------------------------
 
@@ -261,6 +287,35 @@ class Diffusion(Objective):
         with torch.no_grad():
             score_entropy_loss(model, x, self.graph, self.noise, generator=generator, reduction="none")
 
+    def continuation_refusal(self) -> str | None:
+        if self.graph is None or self.graph.absorbing:
+            return None
+        return (f"needs a model on the absorbing graph; this one uses the {self.graph.name} graph, on which holding "
+                "the context fixed does not give the exact conditional (the model cannot tell a clean context token "
+                "from a noisy one)")
+
+    def continuation(self, model, tokens, context, *, num_samples, time_sampler, batch_size, generator=None):
+        # the context stays clean in every draw and only the continuation is noised (docs/math.md,
+        # "Likelihood bound", in lm-evaluation-harness)
+        maskable = torch.zeros_like(tokens, dtype=torch.bool)
+        maskable[:, context:] = True
+        out = sequence_bounds(model, tokens, self.graph, self.noise, num_samples=num_samples,
+                              time_sampler=time_sampler, batch_size=batch_size, generator=generator, maskable=maskable)
+        return ContinuationScore(float(out["integral"][0] + out["prior"][0]), float(out["variance"][0]),
+                                 self._greedy(model, tokens, context))
+
+    @torch.no_grad()
+    def _greedy(self, model, tokens: torch.Tensor, context: int) -> bool:
+        # every continuation position masked, at the σ where that fraction is masked on average
+        L = tokens.shape[1]
+        x = tokens.clone()
+        x[:, context:] = self.graph.mask_id
+        top = float(self.noise.total(torch.tensor(1.0, dtype=torch.float64)))
+        sigma = min(-math.log1p(-(L - context) / L) if context else top, top)
+        out = model(x, torch.full((1,), sigma, device=tokens.device))  # [1, L, V] log-scores
+        best = out[0, context:, : self.graph.N].argmax(-1)
+        return bool(torch.equal(best, tokens[0, context:]))
+
     def sample(self, model, **request):
         return sample(model, self.graph, self.noise, return_stats=True, **request)
 
@@ -314,6 +369,17 @@ class Autoregressive(Objective):
     def likelihood_probe(self, model, x, generator=None) -> None:
         with torch.no_grad():
             ar_loss(model, x, reduction="none")
+
+    def continuation_refusal(self) -> str | None:
+        return None
+
+    @torch.no_grad()
+    def continuation(self, model, tokens, context, *, num_samples, time_sampler, batch_size, generator=None):
+        # one forward: logits[i] scores tokens[i] given tokens[:i], exactly (no draws)
+        logits = model(tokens)[0, context:].double()
+        target = tokens[0, context:]
+        nll = -logits.log_softmax(-1).gather(-1, target[:, None]).sum()
+        return ContinuationScore(float(nll), 0.0, bool(torch.equal(logits.argmax(-1), target)))
 
     def sample(self, model, **request):
         return sample_ancestral(model, return_stats=True, **request)

@@ -136,7 +136,8 @@ class FirstHittingPredictor(Predictor):
                 hidden = hidden.reshape(-1, hidden.shape[-1])
                 out = torch.empty(flat.numel(), dtype=torch.long, device=hidden.device)
                 for part in row_chunks(flat.numel(), weight.shape[0], hidden.element_size()):
-                    out[part] = draw(head_at_rows(hidden[flat[part]], weight, bias)[:, None], sel_row[part], shift)
+                    z = head_at_rows(hidden[flat[part]], weight, bias, graph.dim)[:, None]  # [rows, 1, V]
+                    out[part] = draw(z, sel_row[part], shift)
                 return out
 
             with on_rows(model, active):

@@ -25,6 +25,7 @@ The math: docs/math.md, "Reverse steps", "Conditioning", "Fewer network evaluati
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 
@@ -37,6 +38,7 @@ from sedd.model.scoring import unwrap
 from sedd.noise import Noise
 from sedd.sampling import first_hitting  # noqa: F401  (registers "first_hitting")
 from sedd.sampling.cache import NetworkCalls, SamplingStats, cache_mode
+from sedd.sampling.graphs import GraphedForward
 from sedd.sampling.predictors import DENOISERS, PREDICTORS, Predictor, get_predictor, register_predictor
 from sedd.sampling.spans import check_fixed
 from sedd.sampling.spec import SamplingSpec, target_for
@@ -80,6 +82,7 @@ def sample(
     device: torch.device | str | None = None,
     progress: bool = False,
     return_stats: bool = False,
+    cuda_graph: bool = False,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
     """Draw ``batch_size`` sequences of ``length`` tokens from the reverse process.
@@ -101,6 +104,12 @@ def sample(
         progress: show a progress bar over the steps.
         return_stats: also return a :class:`~sedd.sampling.cache.SamplingStats` (forward rows per
             sequence: ``stats.nfe``).
+        cuda_graph: capture the network call of the first step as a CUDA graph and replay it at
+            every later step (:mod:`sedd.sampling.graphs`): one launch per forward instead of one
+            per kernel. The steps then run sync-free (the full head at every position, the same
+            distribution). Needs a CUDA device and a predictor on the time grid; refused with
+            ``cache``. On CUDA every call also holds the model's matmul weights in bf16 once
+            (``inference_weights``) instead of casting them at every forward.
 
     Returns:
         [B, L] int64 tokens (absorbing: no MASK left when ``denoise``), and the stats with
@@ -134,13 +143,17 @@ def sample(
             "drops past it; sedd.generation.sample_blockwise (sedd.generate) samples longer sequences "
             "window by window", UserWarning, stacklevel=3)
 
-    calls = NetworkCalls(model, B, cache_mode(spec.cache, model, device))
+    if cuda_graph:
+        _check_graphable(device, step, spec.cache)
+    calls = NetworkCalls(GraphedForward(model) if cuda_graph else model, B, cache_mode(spec.cache, model, device))
     project = _projector(fixed_tokens, fixed_mask, B, length, graph, device)
     x = project(graph.sample_limit((B, length), device=device, generator=generator))
 
     # Every tensor the steps see from here on is made here (the fixed tokens were checked above):
     # no value checks, so no device sync per step.
-    with ops.value_checks(False):
+    weights = getattr(net, "inference_weights", None)
+    with ops.value_checks(False), weights() if weights else contextlib.nullcontext(), \
+            ops.sync_free() if cuda_graph else contextlib.nullcontext():
         if step.owns_grid:
             x = project(step.run(calls, x, graph=graph, noise=noise, eps=eps, generator=generator, project=project,
                                  progress=progress, **trunc))
@@ -152,6 +165,17 @@ def sample(
             if final is not None:
                 x = project(final.update(calls, x, times[-1].expand(B), dt, graph, noise, generator, **trunc))
     return (x, calls.stats) if return_stats else x
+
+
+def _check_graphable(device: torch.device, step: Predictor, cache) -> None:
+    if step.owns_grid:
+        raise ValueError(f"cuda_graph=True needs a predictor on the sampler's time grid; {step.name!r} runs the network "
+                         "on sub-batches whose size changes from one evaluation to the next")
+    if cache is not False and cache is not None:
+        raise ValueError("cuda_graph=True cannot be combined with cache: the cache finds the rows that changed by a "
+                         "host read, which a captured step cannot make")
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device; this sampler runs on {device}")
 
 
 def check_eps(noise: Noise, eps: float) -> None:

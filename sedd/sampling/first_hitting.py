@@ -56,6 +56,8 @@ class FirstHittingPredictor(Predictor):
         "denoiser": "{denoiser} does not apply to first_hitting: its last event fills every MASK",
         "masked_only": "{masked_only} does not apply to first_hitting: it runs the output layer at the positions "
                        "it unmasks only",
+        "cuda_graph": "{cuda_graph} does not apply to first_hitting: it runs the network on sub-batches whose "
+                      "size changes from one evaluation to the next, which a captured graph cannot replay",
         # every evaluation unmasks a token of every row it runs: no output is ever reusable
         "cache": "{cache} does not apply to first_hitting: each network evaluation unmasks a token in every "
                  "sequence it runs, so there is no unchanged sequence whose output could be reused; drop {cache}",

@@ -82,7 +82,6 @@ def sample(
     device: torch.device | str | None = None,
     progress: bool = False,
     return_stats: bool = False,
-    cuda_graph: bool = False,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
     """Draw ``batch_size`` sequences of ``length`` tokens from the reverse process.
@@ -92,7 +91,7 @@ def sample(
         graph, noise: the forward process and schedule the model was trained with.
         spec, options: how to sample: a :class:`~sedd.sampling.SamplingSpec` and/or its fields as
             keyword arguments (``predictor``, ``steps``, ``eps``, ``denoise``, ``denoiser``,
-            ``masked_only``, ``top_p``, ``top_k``, ``cache``, ``tokens_per_step``; the fields say
+            ``masked_only``, ``top_p``, ``top_k``, ``cache``, ``tokens_per_step``, ``cuda_graph``; the fields say
             what each does), checked against this graph and model before anything runs. ``steps``
             defaults to ``length``; a ``window`` shorter than ``length`` is for
             :func:`sedd.generation.sample_blockwise`; the autoregressive options are refused.
@@ -104,12 +103,6 @@ def sample(
         progress: show a progress bar over the steps.
         return_stats: also return a :class:`~sedd.sampling.cache.SamplingStats` (forward rows per
             sequence: ``stats.nfe``).
-        cuda_graph: capture the network call of the first step as a CUDA graph and replay it at
-            every later step (:mod:`sedd.sampling.graphs`): one launch per forward instead of one
-            per kernel. The steps then run sync-free (the full head at every position, the same
-            distribution). Needs a CUDA device and a predictor on the time grid; refused with
-            ``cache``. On CUDA every call also holds the model's matmul weights in bf16 once
-            (``inference_weights``) instead of casting them at every forward.
 
     Returns:
         [B, L] int64 tokens (absorbing: no MASK left when ``denoise``), and the stats with
@@ -143,8 +136,9 @@ def sample(
             "drops past it; sedd.generation.sample_blockwise (sedd.generate) samples longer sequences "
             "window by window", UserWarning, stacklevel=3)
 
-    if cuda_graph:
-        _check_graphable(device, step, spec.cache)
+    cuda_graph = spec.cuda_graph
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device; this sampler runs on {device}")
     calls = NetworkCalls(GraphedForward(model) if cuda_graph else model, B, cache_mode(spec.cache, model, device))
     project = _projector(fixed_tokens, fixed_mask, B, length, graph, device)
     x = project(graph.sample_limit((B, length), device=device, generator=generator))
@@ -165,17 +159,6 @@ def sample(
             if final is not None:
                 x = project(final.update(calls, x, times[-1].expand(B), dt, graph, noise, generator, **trunc))
     return (x, calls.stats) if return_stats else x
-
-
-def _check_graphable(device: torch.device, step: Predictor, cache) -> None:
-    if step.owns_grid:
-        raise ValueError(f"cuda_graph=True needs a predictor on the sampler's time grid; {step.name!r} runs the network "
-                         "on sub-batches whose size changes from one evaluation to the next")
-    if cache is not False and cache is not None:
-        raise ValueError("cuda_graph=True cannot be combined with cache: the cache finds the rows that changed by a "
-                         "host read, which a captured step cannot make")
-    if device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs a CUDA device; this sampler runs on {device}")
 
 
 def check_eps(noise: Noise, eps: float) -> None:

@@ -4,16 +4,19 @@
     python benchmarks/summarize.py out.json [--out FILE]             # a pytest-benchmark JSON
 
 From a device-check results directory it reads ``status.txt`` (the stage lines), ``device.json``
-(device, rooflines), ``smoke.json`` (correctness checks), ``bench.jsonl`` (one benchmark per
-line) and ``sweep.jsonl`` and writes ``device-check.md`` and ``summary.json`` there; whatever is
-missing is reported as missing. Commit them as ``<device>-<date>-<commit>.md`` and
-``.summary.json``.
+(device, rooflines), ``smoke.json`` (correctness checks) and ``bench.jsonl`` (one benchmark per
+line) and writes ``device-check.md`` and ``summary.json`` there; whatever is missing is reported
+as missing. Commit them as ``<device>-<date>-<commit>.md`` and ``.summary.json``.
 
-summary.json (issue 29's schema): ``{"device", "commit", "date" (ISO 8601), "mode", "peaks":
-{"copy_gbps", "bf16_tflops"}, "train_step": [...], "sampling": [...], "kernels": [{"name",
-"shape": [B, L, V], "kernel_ms", "op_ms", "bw_fraction", ...}]}``. The ``kernels`` entries come from
-the kernel-vs-op stage (``benchmarks/kernel_vs_op.py``: the kernel's device time apart from the
-op's, with min and max and the host time per call); ``bw_fraction`` is from the kernel time.
+The summary (issue 29's schema): ``{"device", "commit", "date" (ISO 8601), "mode", "peaks":
+{"copy_gbps", "bf16_tflops"}, "train_step": [{"path": "run.py" | "bench", "shape": [B, L], "mode":
+"eager" | "compiled" | "graphs", "ms", "tokens_per_s", "mfu", "host_ms", "gpu_ms", ...}],
+"sampling": [{"shape": [B, L], "steps", "mode": "today" | "eager" | "compiled" | "graphs",
+"tokens_per_s", "x_today"}], "kernels": [{"name", "shape": [B, L, V], "kernel_ms", "op_ms",
+"bw_fraction"}]}``; a case a stage could not run has its reason under ``"skipped"`` and nulls.
+The ``kernels`` entries come from the kernel-vs-op stage (``benchmarks/kernel_vs_op.py``): the
+kernel alone (``kernel_ms``, device time of launches back to back) beside the op as users call it
+(``op_ms``), with min and max, host µs per call and ``bw_fraction`` from the kernel time.
 
 Benchmark columns: median time, useful bandwidth (bytes the operation must move / time), that
 as a fraction of the copy bandwidth measured in the same run, tokens/s and MFU (end to end),
@@ -41,6 +44,7 @@ TARGETS = [
     ("× public ≥ 10", ("reverse_step", ("analytic", "euler")), "public", 10.0, "min"),
 ]
 FUSED = ("triton", "triton_inplace")
+WHOLE_MODEL = ("train_step_run", "sampling_run")  # benchmarks/whole_model.py: their own table
 
 
 def _fmt(v, spec):
@@ -128,6 +132,61 @@ def nfe_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def whole_model_table(records: list[dict]) -> list[str]:
+    """train/run.py's step and the sampler (benchmarks/whole_model.py)."""
+    train = [r["extra_info"] for r in records if r.get("extra_info", {}).get("bench") == "train_step_run"]
+    samples = [r["extra_info"] for r in records if r.get("extra_info", {}).get("bench") == "sampling_run"]
+    if not train and not samples:
+        return []
+    lines = ["", "## Whole model: train/run.py's step and the sampler (medians after warm-up, [min-max])", ""]
+    if train:
+        lines += ["| step | mode | ms | tokens/s | MFU | host ms | GPU ms |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for i in train:
+            if i.get("skipped"):
+                lines.append(f"| {i['shape']} | {i['mode']} | skipped: {i['skipped']} | | | | |")
+                continue
+            lines.append(f"| {i['shape']} | {i['mode']} | {i['ms']:.1f} [{i['min_ms']:.1f}-{i['max_ms']:.1f}] "
+                         f"| {i['tokens_per_s']:,.0f} | {_fmt(i.get('mfu'), '.1%')} | {i['host_ms']:.1f} "
+                         f"| {_fmt(i.get('gpu_ms'), '.1f')} |")
+    if samples:
+        lines += ["", "| sampling | steps | mode | tokens/s | × today |", "| --- | ---: | --- | ---: | ---: |"]
+        for i in samples:
+            if i.get("skipped"):
+                lines.append(f"| {i['shape']} | {i['steps']} | {i['mode']} | skipped: {i['skipped']} | |")
+                continue
+            lines.append(f"| {i['shape']} | {i['steps']} | {i['mode']} | {i['tokens_per_s']:,.0f} "
+                         f"| {_fmt(i.get('x_today'), '.2f')} |")
+    return lines
+
+
+def _entry(info: dict, keys: tuple, **fixed) -> dict:
+    entry = {**fixed, **{k: info.get(k) for k in keys}}
+    if info.get("skipped"):
+        entry["skipped"] = info["skipped"]
+    return entry
+
+
+def train_step_entries(records: list[dict]) -> list[dict]:
+    """train/run.py's step (whole_model.py, path "run.py") and bench_end_to_end.py's (path "bench")."""
+    out = []
+    for r in records:
+        info = r.get("extra_info", {})
+        if info.get("bench") == "train_step_run":
+            out.append(_entry(info, ("shape", "mode", "ms", "min_ms", "max_ms", "tokens_per_s", "mfu", "host_ms",
+                                     "gpu_ms"), path="run.py"))
+        elif info.get("bench") == "training_step":
+            median = r.get("median_s")
+            out.append({"path": "bench", "shape": info.get("shape", [None, None])[:2], "mode": "eager",
+                        "impl": info.get("impl"), "ms": median and median * 1e3, "tokens_per_s": info.get("tokens_per_s"),
+                        "mfu": info.get("mfu"), "host_ms": None, "gpu_ms": None})
+    return out
+
+
+def sampling_entries(records: list[dict]) -> list[dict]:
+    return [_entry(r["extra_info"], ("shape", "steps", "mode", "tokens_per_s", "x_today"))
+            for r in records if r.get("extra_info", {}).get("bench") == "sampling_run"]
+
+
 def kernel_vs_op_table(records: list[dict]) -> list[str]:
     """The kernel-vs-op stage: each kernel's device time beside the op's, and the host per call."""
     rows = [r for r in records if r.get("extra_info", {}).get("bench") == "kernel_vs_op"]
@@ -172,8 +231,8 @@ def summary(results: Path, mode: str | None = None) -> dict:
         "date": date,
         "mode": mode,
         "peaks": {"copy_gbps": device.get("copy_gb_per_s"), "bf16_tflops": device.get("bf16_matmul_tflop_per_s")},
-        "train_step": [],  # the whole-model stages' (issue 29)
-        "sampling": [],
+        "train_step": train_step_entries(records),
+        "sampling": sampling_entries(records),
         "kernels": kernel_entries(records),
     }
 
@@ -218,8 +277,10 @@ def summarize_results(results: Path, mode: str | None = None) -> str:
         for c in smoke.get("checks", []):
             detail = str(c.get("detail", "")).replace("|", "/").replace("\n", " ")[:300]
             lines.append(f"| {c['check']} | {c.get('shape')} | {'ok' if c['ok'] else 'FAIL'} | {detail} | {c.get('seconds')} |")
+    lines += whole_model_table(records)
     lines += ["", "## Benchmarks (median of the rounds, CUDA events; targets recorded, not asserted)", ""]
-    lines += benchmark_table([r for r in records if r.get("extra_info", {}).get("bench") != "kernel_vs_op"])
+    lines += benchmark_table([r for r in records if r.get("extra_info", {}).get("bench") not in WHOLE_MODEL
+                              and r.get("extra_info", {}).get("bench") != "kernel_vs_op"])
     lines += kernel_vs_op_table(records)
     lines += nfe_table(records)
     sweep = _read_jsonl(results / "sweep.jsonl")
@@ -301,6 +362,7 @@ def main(argv=None):
         parser.error("give either a pytest-benchmark JSON file or --results DIR")
     if args.results is not None:
         text, out = summarize_results(args.results, args.mode), args.out or args.results / "device-check.md"
+        args.results.mkdir(parents=True, exist_ok=True)
         (args.results / "summary.json").write_text(json.dumps(summary(args.results, args.mode), indent=1) + "\n")
     else:
         text, stem = summarize_pytest_json(json.loads(args.json.read_text()))

@@ -18,7 +18,9 @@ differs between objectives, so no other module compares the name:
 An instance is bound to one model config (:func:`objective_of`): the diffusion objective holds its
 graph and noise schedule. Both losses are in nats per sequence (summed over the tokens of a block,
 averaged over blocks): the autoregressive one is the exact −log p(block), SEDD's an upper bound on it
-in expectation (docs/math.md, "Training loss", "Autoregressive baseline").
+in expectation (docs/math.md, "Training loss", "Autoregressive baseline"). train/run.py's log
+divides them by the block's length (nats per token) and, with :meth:`Objective.prior_nats_per_token`,
+gives the perplexity (a bound unless ``exact``).
 
 Adding an objective: a model class in :mod:`sedd.model` that sets ``objective = "name"`` (a
 :class:`~sedd.model.checkpoint.Checkpointed`), and a subclass of :class:`Objective` here (or in a
@@ -36,7 +38,7 @@ import torch
 
 from sedd import ops
 from sedd.graph import Graph, graph_from_config
-from sedd.likelihood import BoundReport, block_bounds, exact_block_nll, sequence_bounds, summarize
+from sedd.likelihood import BoundReport, block_bounds, exact_block_nll, prior_kl, sequence_bounds, summarize
 from sedd.losses import ar_loss, sample_times, score_entropy_loss
 from sedd.model import SEDD, ARModel
 from sedd.model.checkpoint import DEFAULT_OBJECTIVE, config_objective
@@ -139,6 +141,11 @@ class Objective:
         """One model call of :meth:`likelihood` on the rows ``x`` (to time it)."""
         raise NotImplementedError
 
+    def prior_nats_per_token(self) -> float:
+        """What the likelihood adds per token to the training loss per token: the bound's prior
+        term, which the loss leaves out (docs/math.md, "Likelihood bound"); 0 for an exact NLL."""
+        return 0.0
+
     def continuation_refusal(self) -> str | None:
         """Why :meth:`continuation` cannot score this model, as the rest of a one-line sentence whose
         subject is what asked ("loglikelihood needs ..."); None when it can."""
@@ -221,7 +228,7 @@ class Diffusion(Objective):
     label = "diffusion"
     model_class = SEDD
     sampler = "reverse"
-    loss_label = "score entropy (nats per sequence)"
+    loss_label = "score entropy (nats per token)"  # train/run.py's loss.png
 
     def __init__(self, config: dict | None = None, *, training: dict | None = None):
         super().__init__(config, training=training)
@@ -263,6 +270,9 @@ class Diffusion(Objective):
 
     def likelihood_work(self, blocks: int, num_samples: int) -> tuple[int, str]:
         return blocks * num_samples, "draw"
+
+    def prior_nats_per_token(self) -> float:
+        return prior_kl(self.graph, self.noise)
 
     def likelihood_calls(self, blocks: int, num_samples: int, batch_size: int) -> tuple[int, int]:
         calls = widest = 0
@@ -326,7 +336,7 @@ class Autoregressive(Objective):
     model_class = ARModel
     sampler = "ancestral"
     exact = True
-    loss_label = "cross entropy (nats per sequence)"
+    loss_label = "cross entropy (nats per token)"
     # it has no forward process, no time and no reverse steps
     refused_flags = ("graph", "noise", "noise_eps", "sigma_min", "sigma_max", "time_conditioning", "sampling_eps",
                      "sample_steps")

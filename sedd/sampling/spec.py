@@ -144,6 +144,11 @@ class SamplingSpec:
         top_p, top_k: nucleus / top-k truncation of every step (every draw for an AR model).
         temperature: autoregressive models: logits / T before each draw, 0 greedy.
         kv_cache: autoregressive models: keep the keys and values of earlier positions.
+        cuda_graph: capture the network call of the first step as a CUDA graph and replay it at
+            every later step (:mod:`sedd.sampling.graphs`): one launch per forward instead of one
+            per kernel; the steps then run sync-free (the full head at every position, the same
+            distribution). CUDA only; not with ``cache`` (finding the changed rows is a host read)
+            nor a predictor with its own grid (its sub-batches change size).
         window, stride: longer than ``window`` tokens (default: the model's length) is generated
             window by window, ``stride`` new tokens per later window (default: half the window);
             read by :func:`sedd.generation.sample_blockwise` and what calls it.
@@ -167,6 +172,8 @@ class SamplingSpec:
                                                          "a finite number >= 0"),
                                  "autoregressive: logits / T, 0 greedy")
     kv_cache: bool = _option(True, ("ancestral",), _BOOL, "autoregressive: keep keys and values")
+    cuda_graph: bool = _option(False, ("reverse",), _BOOL,
+                               "CUDA: capture the network call once and replay it (sync-free steps)")
     window: int | None = _option(None, WINDOWED, _POSITIVE, "tokens the model sees at once (default: its length)")
     stride: int | None = _option(None, WINDOWED, _POSITIVE, "new tokens per later window (default: half the window)")
 
@@ -185,6 +192,10 @@ class SamplingSpec:
         for option, why in step.refuses.items():
             if self.given(option):
                 raise SamplingOptionError((option,), lambda n, why=why: why.format_map(_Names(n)))
+        if self.cuda_graph and self.cache is not False:
+            raise SamplingOptionError(("cuda_graph", "cache"), lambda n: (
+                f"{n('cuda_graph')} cannot be combined with {n('cache')}: the cache finds the rows that changed "
+                "by a host read, which a captured step cannot make"))
 
     # -- building ------------------------------------------------------------------------------
 

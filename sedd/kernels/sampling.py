@@ -320,7 +320,7 @@ def reverse_step(
     num_warps: int | None = None,
     num_stages: int | None = None,
     sub: int | None = None,
-    proposals: int = PROPOSALS,
+    proposals: int | None = None,
 ) -> torch.Tensor:
     """One fused reverse step; returns the next tokens [B, L] in x_t's dtype.
 
@@ -343,7 +343,8 @@ def reverse_step(
             (``benchmarks/sweep_launch.py`` times the choices, through ``sedd.ops.launch_options``).
         sub: force the sub-tile width (a power of two dividing the tile); for tests.
         proposals: uniform analytic / denoise, proposals per row before the general path (0: the
-            general path only); for tests.
+            general path only; default ``PROPOSALS``, one under the interpreter, where each round
+            costs its Python, so the small tests run the general path too); for tests.
 
     The caller (``sedd.ops``) validates values; this checks only what the kernel relies on.
     """
@@ -377,6 +378,8 @@ def reverse_step(
         num_warps = min(4, max(1, block_v // 256))
     # 16-byte windows need tiles of at least 16 bytes
     tweedie = (not absorbing) and kind != "euler"
+    if proposals is None:
+        proposals = 1 if interpreted() else PROPOSALS
     align = 16 // z.element_size()
     if block_v < align or ((tweedie or truncation is not None) and not _rows_aligned(z)):
         # a truncated or uniform analytic / denoise step on misaligned rows: per-element loads

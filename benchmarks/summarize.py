@@ -14,6 +14,9 @@ The summary (issue 29's schema): ``{"device", "commit", "date" (ISO 8601), "mode
 "sampling": [{"shape": [B, L], "steps", "mode": "today" | "eager" | "compiled" | "graphs",
 "tokens_per_s", "x_today"}], "kernels": [{"name", "shape": [B, L, V], "kernel_ms", "op_ms",
 "bw_fraction"}]}``; a case a stage could not run has its reason under ``"skipped"`` and nulls.
+The ``kernels`` entries come from the kernel-vs-op stage (``benchmarks/kernel_vs_op.py``): the
+kernel alone (``kernel_ms``, device time of launches back to back) beside the op as users call it
+(``op_ms``), with min and max, host µs per call and ``bw_fraction`` from the kernel time.
 
 Benchmark columns: median time, useful bandwidth (bytes the operation must move / time), that
 as a fraction of the copy bandwidth measured in the same run, tokens/s and MFU (end to end),
@@ -184,17 +187,36 @@ def sampling_entries(records: list[dict]) -> list[dict]:
             for r in records if r.get("extra_info", {}).get("bench") == "sampling_run"]
 
 
+def kernel_vs_op_table(records: list[dict]) -> list[str]:
+    """The kernel-vs-op stage: each kernel's device time beside the op's, and the host per call."""
+    rows = [r for r in records if r.get("extra_info", {}).get("bench") == "kernel_vs_op"]
+    if not rows:
+        return []
+    lines = ["", "## Kernel vs op (benchmarks/kernel_vs_op.py: medians [min, max]; bandwidth from the kernel time)",
+             "", "| case | shape | kernel ms | op ms | op − kernel ms | host µs / call | kernel of copy BW | op of copy BW |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        i = r["extra_info"]
+        lines.append(f"| {i['kernel']} {i['graph']} {i['mode']} | {i['shape']} | {i['kernel_ms']:.3f} "
+                     f"[{i['kernel_ms_min']:.3f}, {i['kernel_ms_max']:.3f}] | {i['op_ms']:.3f} [{i['op_ms_min']:.3f}, "
+                     f"{i['op_ms_max']:.3f}] | {i['op_ms'] - i['kernel_ms']:.3f} | {i['host_us']:.0f} | "
+                     f"{i['bw_fraction']:.1%} | {i['op_bw_fraction']:.1%} |")
+    return lines
+
+
 def kernel_entries(records: list[dict]) -> list[dict]:
-    """The fused kernels' times as the benchmark table names them (``score_entropy absorb fwd_bwd``,
-    ``reverse_step uniform analytic``); ``op_ms`` (the whole ``sedd.ops`` call) where a record has it."""
+    """summary.json's ``kernels``: one entry per kernel-vs-op case, named as the benchmark table
+    names the case (``score_entropy absorb fwd_bwd``, ``reverse_step uniform analytic``)."""
     out = []
     for r in records:
-        info = r.get("extra_info", {})
-        if info.get("bench") in ("score_entropy", "reverse_step") and info.get("impl") == "triton":
-            median = r.get("median_s")
-            out.append({"name": f"{info['bench']} {info.get('graph')} {info.get('mode')}", "shape": info.get("shape"),
-                        "kernel_ms": median and median * 1e3, "op_ms": info.get("op_ms"),
-                        "bw_fraction": info.get("fraction_of_copy")})
+        i = r.get("extra_info", {})
+        if i.get("bench") != "kernel_vs_op":
+            continue
+        out.append({"name": f"{i['kernel']} {i['graph']} {i['mode']}", "shape": i["shape"],
+                    "kernel_ms": i["kernel_ms"], "op_ms": i["op_ms"], "bw_fraction": i["bw_fraction"],
+                    "kernel_ms_min": i["kernel_ms_min"], "kernel_ms_max": i["kernel_ms_max"],
+                    "op_ms_min": i["op_ms_min"], "op_ms_max": i["op_ms_max"], "host_us": i["host_us"],
+                    "op_bw_fraction": i["op_bw_fraction"], "bytes_moved": i["bytes_moved"]})
     return out
 
 
@@ -257,11 +279,14 @@ def summarize_results(results: Path, mode: str | None = None) -> str:
             lines.append(f"| {c['check']} | {c.get('shape')} | {'ok' if c['ok'] else 'FAIL'} | {detail} | {c.get('seconds')} |")
     lines += whole_model_table(records)
     lines += ["", "## Benchmarks (median of the rounds, CUDA events; targets recorded, not asserted)", ""]
-    lines += benchmark_table([r for r in records if r.get("extra_info", {}).get("bench") not in WHOLE_MODEL])
+    lines += benchmark_table([r for r in records if r.get("extra_info", {}).get("bench") not in WHOLE_MODEL
+                              and r.get("extra_info", {}).get("bench") != "kernel_vs_op"])
+    lines += kernel_vs_op_table(records)
     lines += nfe_table(records)
     sweep = _read_jsonl(results / "sweep.jsonl")
     if sweep:
-        lines += ["", "## Launch sweep (benchmarks/sweep_launch.py: BLOCK_V × warps, median ms, fraction of copy BW)", ""]
+        lines += ["", "## Launch sweep (benchmarks/sweep_launch.py: the kernel alone, BLOCK_V × warps and pipelining depth; "
+                  "median ms, fraction of copy BW)", ""]
         lines += sweep_table(sweep)
     return "\n".join(lines) + "\n"
 
@@ -277,25 +302,34 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _choice(r: dict) -> str:
+    """A sweep row's launch choice as a column name: "default" (the launchers' own), "BVxNW", "stages S"."""
+    if r.get("default"):
+        return "default"
+    if r.get("block_v") is not None:
+        return f"{r['block_v']}×{r['num_warps']}"
+    return f"stages {r.get('num_stages')}"
+
+
 def sweep_table(rows: list[dict]) -> list[str]:
-    """One line per kernel: every (BLOCK_V, warps) pair's fraction of the copy bandwidth, the
-    launcher's default marked with *, the best pair named."""
-    pairs = sorted({(r["block_v"], r["num_warps"]) for r in rows})
+    """One line per kernel: every launch choice's time and fraction of the copy bandwidth (the
+    launchers' own choice in the "default" column), the fastest named."""
+    choices = list(dict.fromkeys(_choice(r) for r in rows))
     kernels = list(dict.fromkeys(r["kernel"] for r in rows))
-    lines = ["| kernel | " + " | ".join(f"{bv}×{nw}" for bv, nw in pairs) + " | best |",
-             "| --- | " + " | ".join("---:" for _ in pairs) + " | --- |"]
+    lines = ["| kernel | " + " | ".join(choices) + " | best |",
+             "| --- | " + " | ".join("---:" for _ in choices) + " | --- |"]
     for k in kernels:
-        mine = {(r["block_v"], r["num_warps"]): r for r in rows if r["kernel"] == k}
+        mine = {_choice(r): r for r in rows if r["kernel"] == k}
         cells = []
-        for pair in pairs:
-            r = mine.get(pair)
+        for choice in choices:
+            r = mine.get(choice)
             if r is None or "fraction_of_copy" not in r:
                 cells.append("–" if r is None else "error")
                 continue
-            cells.append(f"{'*' if r.get('default') else ''}{r['median_s'] * 1e3:.3f} ms, {r['fraction_of_copy']:.0%}")
-        timed = [r for r in mine.values() if "median_s" in r]
-        best = min(timed, key=lambda r: r["median_s"], default=None)
-        cells.append(f"{best['block_v']}×{best['num_warps']}" if best else "–")
+            cells.append(f"{r['median_s'] * 1e3:.3f} ms, {r['fraction_of_copy']:.0%}")
+        timed = [(c, r) for c, r in mine.items() if "median_s" in r]
+        best = min(timed, key=lambda cr: cr[1]["median_s"], default=None)
+        cells.append(best[0] if best else "–")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return lines
 

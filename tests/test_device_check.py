@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "device_check.sh"
-STAGES = ["device", "smoke", "train", "sample", "kernels", "tests", "e2e", "profile", "sweep", "compiled"]
+STAGES = ["device", "smoke", "train", "sample", "kernelvsop", "kernels", "tests", "e2e", "profile", "sweep",
+          "compiled"]
 
 
 def _run(results: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -69,7 +70,32 @@ def test_dry_run_writes_the_figures_and_the_table(dry_run):
     sweep = [json.loads(line) for line in (results / "sweep.jsonl").read_text().splitlines()]
     assert {r["kernel"] for r in sweep} >= {"score_entropy absorb fwd+grad", "reverse_step uniform analytic"}
     assert all(r["median_s"] > 0 and "error" not in r for r in sweep)
-    assert "## Launch sweep" in table and "reverse_step uniform analytic" in table
+    # the launchers' own choice is a row of its own, once per kernel
+    assert sum(r["default"] for r in sweep) == len({r["kernel"] for r in sweep})
+    assert "## Launch sweep" in table and "reverse_step uniform analytic" in table and "| kernel | default |" in table
+
+
+def test_dry_run_times_each_kernel_apart_from_its_op_and_summarises_it(dry_run):
+    """The kernel-vs-op stage: every fused kernel (loss, loss + gradient, the three steps, both
+    graphs) with its kernel time, op time, host time and bandwidth, into bench.jsonl, the table and
+    the ``kernels`` entries of summary.json (issue 29's schema)."""
+    _, results = dry_run
+    records = [json.loads(line) for line in (results / "bench.jsonl").read_text().splitlines()]
+    kvo = [r["extra_info"] for r in records if r["extra_info"].get("bench") == "kernel_vs_op"]
+    names = {f"{i['kernel']} {i['graph']} {i['mode']}" for i in kvo}
+    for graph in ("absorb", "uniform"):
+        assert {f"score_entropy {graph} fwd", f"score_entropy {graph} fwd_bwd", f"reverse_step {graph} analytic",
+                f"reverse_step {graph} euler", f"reverse_step {graph} denoise"} <= names
+    for i in kvo:
+        assert i["kernel_ms_min"] <= i["kernel_ms"] <= i["kernel_ms_max"] and i["op_ms_min"] <= i["op_ms"] <= i["op_ms_max"]
+        assert i["host_us"] > 0 and i["bw_fraction"] > 0 and len(i["shape"]) == 3
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["commit"] == "test-commit" and summary["peaks"]["copy_gbps"] > 0
+    assert {e["name"] for e in summary["kernels"]} == names
+    for entry in summary["kernels"]:
+        assert {"name", "shape", "kernel_ms", "op_ms", "bw_fraction"} <= set(entry)
+        assert all(isinstance(entry[k], float) and entry[k] > 0 for k in ("kernel_ms", "op_ms", "bw_fraction"))
+    assert "## Kernel vs op" in (results / "device-check.md").read_text()
 
 
 def test_dry_run_writes_the_summary_json(dry_run):

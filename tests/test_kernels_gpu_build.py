@@ -161,6 +161,13 @@ def _launches():
                                   lambda: sampling_kernels.reverse_step("analytic", rows, x, per_row, absorbing,
                                                                         V_ABSORB - 1, shift=per_row, seed=seed,
                                                                         truncation=torch.zeros(B, L, 2)))
+            if absorbing:  # the denoise step with its statistics (first hitting's adaptive rules), plain and truncated
+                for trunc in (None, torch.zeros(B, L, 2)):
+                    launches += _recorded(sampling_kernels, "reverse_step_kernel",
+                                          lambda: sampling_kernels.reverse_step("denoise", rows, x, per_row, True,
+                                                                                V_ABSORB - 1, shift=per_row, seed=seed,
+                                                                                truncation=trunc,
+                                                                                stats=torch.zeros(B, L, 2)))
     # the backward of a scaled sum/batchmean loss (loss * c).backward(): grad *= c in place, for
     # each gradient dtype; B·L·V is not a multiple of 16, as at the GPT-2 widths
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -53,11 +53,12 @@ from sedd.ops.linear import linear_score_entropy
 from sedd.ops.loss import score_entropy
 from sedd.ops.noising import sample_transition
 from sedd.ops.prepared import kernel_launch
-from sedd.ops.steps import TRUNCATION, analytic_step, denoise_step, euler_step
+from sedd.ops.steps import TRUNCATION, analytic_step, denoise_step, denoise_with_stats, euler_step
 
 __all__ = [
     "BACKENDS", "TOKEN_DTYPES", "TRUNCATION",
     "score_entropy", "linear_score_entropy", "linear_cross_entropy", "sample_transition", "euler_step", "analytic_step", "denoise_step",
+    "denoise_with_stats",
     "get_backend", "use_backend", "resolve_backend", "last_backend", "launch_options", "kernel_launch",
     "value_checks", "checking_values", "sync_free", "host_sync_allowed",
 ]

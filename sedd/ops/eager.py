@@ -63,10 +63,12 @@ def _trunc_rows(V: int, device: torch.device) -> int:
 
 
 def reverse_step(kind: str, log_score, x_t, scalar, graph: Graph, shift=None, generator=None, top_p=None,
-                 top_k=None) -> torch.Tensor:
+                 top_k=None, stats: torch.Tensor | None = None) -> torch.Tensor:
     """The next tokens [B, L] (int64) of an ``euler`` (scalar = Δt·dσ), ``analytic`` (Δσ) or
     ``denoise`` (σ) step, truncated by ``top_p``/``top_k`` when given. ``scalar``/``shift``: fp32
-    [B]; ``x_t``: int64 [B, L]."""
+    [B]; ``x_t``: int64 [B, L]. ``stats`` (absorbing denoise): a [B·L, 2] fp32 buffer that
+    receives each position's max_y p_y and entropy (nats) from the tiles the race reads
+    (:func:`_stats`); the draws do not change."""
     B, L, V = log_score.shape
     absorbing = graph.kernel == "absorb"
     z = log_score.reshape(B * L, V)
@@ -84,11 +86,11 @@ def reverse_step(kind: str, log_score, x_t, scalar, graph: Graph, shift=None, ge
         r1 = min(B * L, r0 + rows)
         sh_c = sh[r0:r1] if sh is not None else None
         out[r0:r1] = _chunk(kind, z[r0:r1], x[r0:r1], c[r0:r1], sh_c, graph, absorbing, tile, n_tiles, generator,
-                            trunc)
+                            trunc, None if stats is None else stats[r0:r1])
     return out.reshape(B, L)
 
 
-def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, trunc=None):
+def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, trunc=None, stats=None):
     n, V = z.shape
     buf = torch.full((n, n_tiles * tile), -torch.inf, dtype=torch.float32, device=z.device)
     s = buf[:, :V]
@@ -144,6 +146,8 @@ def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, tru
         kept = offset.unsqueeze(1) + sums if uniform_tweedie else log_c.unsqueeze(1) + tmax.double() + sums
         kept_total = torch.logsumexp(kept, -1)
         cand = kept + torch.where(kept_total > -torch.inf, total - kept_total, 0.0).unsqueeze(1)
+    if stats is not None:
+        stats.copy_(_stats(tiles, tmax, x != graph.mask_id))
 
     options = torch.cat([cand, stay.unsqueeze(1)], dim=1)  # [n, T + 1] fp64 log-weights
     k = _race(options, generator)
@@ -155,6 +159,25 @@ def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, tru
     if absorbing:
         token = torch.where(x == graph.mask_id, token, x)
     return token
+
+
+def _stats(tiles: torch.Tensor, tmax: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """[n, 2] fp32: max_y p_y and −Σ p log p (nats) of p ∝ the candidates' weights, from the race's
+    tiles (e^{ŝ − tile max}, the kept ones after truncation, in place) and their maxima ``tmax``
+    [n, T]. Relative to the row maximum M: S = Σ e^{ŝ − M}, T = Σ e^{ŝ − M}(ŝ − M), so max p = 1/S
+    and H = log S − T/S, in fp64 over the tiles (no cancellation: the leading tile has ŝ − M = 0).
+    Rows in ``fixed`` (not MASK) and rows without a candidate: (1, 0), a certain token."""
+    s_t = tiles.sum(-1, dtype=torch.float64)
+    t_t = torch.xlogy(tiles, tiles).sum(-1, dtype=torch.float64)  # Σ e·log e = Σ e·(ŝ − tile max)
+    tm = torch.where(s_t > 0, tmax.double(), -torch.inf)
+    M = tm.amax(-1, keepdim=True)
+    M = torch.where(torch.isfinite(M), M, 0.0)
+    a = (tm - M).exp()  # 0 for an empty tile
+    S = (a * s_t).sum(-1)
+    T = (a * (t_t + torch.where(s_t > 0, tm - M, 0.0) * s_t)).sum(-1)
+    some = (S > 0) & ~fixed
+    safe = torch.where(some, S, 1.0)
+    return torch.stack([torch.where(some, 1.0 / safe, 1.0), torch.where(some, safe.log() - T / safe, 0.0)], 1).float()
 
 
 def _log_coef(kind, c, absorbing: bool, N: int) -> torch.Tensor:

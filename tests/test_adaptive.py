@@ -318,3 +318,11 @@ def test_what_is_refused_and_what_is_recorded():
     assert (record["threshold"], record["entropy_bound"], record["tokens_per_step"]) == (0.9, None, 1)
     assert spec.describe(target) == "first_hitting sampler, threshold 0.9"
     assert SamplingSpec(steps=8).record(target)["threshold"] is None
+
+
+def test_the_harness_takes_the_rules_as_model_args():
+    harness = pytest.importorskip("sedd.harness")
+    args = harness.check_model_args({"pretrained": "x", "predictor": "first_hitting", "entropy_bound": "0.5"})
+    assert args["spec"].entropy_bound == 0.5 and args["entropy_bound"] == 0.5
+    with pytest.raises(harness.HarnessError, match=r"model_args threshold must be a number in \(0, 1\], got 2"):
+        harness.check_model_args({"pretrained": "x", "predictor": "first_hitting", "threshold": "2"})

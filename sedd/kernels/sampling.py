@@ -68,9 +68,9 @@ are reused, each proposal re-reads only its tile); a row with none accepted (pro
 (s_y − C)_+ directly. That fallback is independent of the rejected proposals, so the mixture is
 exact. A truncated uniform analytic / denoise step takes the general path (a pass for S first).
 
-Statistics (``STATS``, absorbing denoise). First hitting's adaptive rules (docs/math.md, "Adaptive
-parallel decoding") choose positions by the confidence max_y p_y and the entropy H(p) of each MASK
-position's denoising distribution p ∝ e^{ŝ} (after truncation). Computed apart, they would cost a
+Statistics (``STATS``, absorbing denoise). First hitting's adaptive rules choose positions by the
+confidence max_y p_y and the entropy H(p) of each MASK position's denoising distribution p ∝ e^{ŝ}
+(after truncation). Computed apart, they would cost a
 second read of every row (two more bytes of traffic per score byte in bf16) or a [B, L, V]
 softmax. Pass A already holds each window's values and maximum m: with e = e^{v − m} it also sums
 e·(v − m) and merges (m, Σe, Σe(v − m)) into the row's running (M, S, T) (rescaled to the larger
@@ -87,7 +87,7 @@ reads each byte once): pass B re-reads the winning tile, which should still be i
 Instruction counts and registers: ``python -m tests.test_kernels_gpu_build sm90 --loops --table``
 (each launch, both Triton versions, is held to its register budget by that test).
 
-The math: docs/math.md, "Reverse steps", "Categorical draws", "Truncation".
+The math: docs/math.md, "Reverse steps", "Categorical draws", "Truncation", "Adaptive parallel decoding".
 """
 
 from __future__ import annotations

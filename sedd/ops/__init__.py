@@ -40,7 +40,8 @@ a ``TypeError`` up front. The steps return x_t's dtype.
 the op's host work, :mod:`sedd.ops.prepared`).
 
 Files: the loss in :mod:`sedd.ops.loss`, forward noising in :mod:`sedd.ops.noising`, the reverse
-steps in :mod:`sedd.ops.steps` (the truncation's threshold in :mod:`sedd.ops.truncation`), the
+steps in :mod:`sedd.ops.steps` (with the denoise step that also returns each position's confidence
+and entropy; the truncation's threshold in :mod:`sedd.ops.truncation`), the
 output head fused with the loss in :mod:`sedd.ops.linear`, and
 the head fused with the next-token cross entropy of the autoregressive baseline in
 :mod:`sedd.ops.cross_entropy` (plain torch on every device).

@@ -34,7 +34,7 @@ sequence it runs, so no output is ever reusable): see ``refuses`` below; ``eps``
 σ-conditioned network. Fixed positions are never masked, so they are never drawn. Each evaluation reads the rows
 still masked on the host: not a sync-free sampler.
 
-The math: docs/math.md, "Fewer network evaluations".
+The math: docs/math.md, "Fewer network evaluations", "Adaptive parallel decoding".
 """
 
 from __future__ import annotations

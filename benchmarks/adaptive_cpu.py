@@ -1,8 +1,10 @@
 """Issue 33's measurements gathered: first hitting at fixed k against its adaptive rules (threshold
-τ, entropy bound γ) and the analytic sampler, per model, from the ``train/quality.py --json`` files.
+τ, entropy bound γ) and the analytic sampler, per model, from the ``train/quality.py --json`` files;
+and what one evaluation of each costs.
 
-    python benchmarks/adaptive_cpu.py --model "time-independent=RUNS/quality/sedd-ti" \\
+    python benchmarks/adaptive_cpu.py gather --model "time-independent=RUNS/quality/sedd-ti" \\
         --model "default=RUNS/quality/sedd" --out benchmarks/results/adaptive-cpu-DATE
+    python benchmarks/adaptive_cpu.py cost CKPT [--batch 16] [--repeats 7] [--threads 1]
 
 Each ``--model NAME=PREFIX`` reads every ``PREFIX-*.json`` (quality.py's records: NFE, wall time,
 gen-PPL with its 95% interval, entropy). A record belongs to a family by what set its cost: fixed
@@ -16,6 +18,12 @@ k (``tokens_per_step``), τ, γ, or the analytic sampler's T. Per model it check
 Writes OUT.json (every record with its family and file, the checks) and OUT.png (gen-PPL against
 NFE, one line per family, one panel per model; wall time against NFE below), and prints the
 markdown tables. Wall times are one run each on a shared machine: see the results file.
+
+``cost``: one evaluation of the first-hitting sampler at the fully masked state of ``--batch``
+sequences, as the sampler makes it (``FirstHittingPredictor._draw``): k = 1 (the trunk, the head at
+one row per sequence and the denoise step there) against the rules' (the same plus the head at
+every MASK row and ``sedd.ops.denoise_with_stats`` there), and the parts of the difference alone;
+medians of interleaved repeats, milliseconds.
 """
 
 from __future__ import annotations
@@ -153,12 +161,76 @@ def plot(models: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def cost(checkpoint: str, batch: int, repeats: int) -> dict:
+    import statistics
+    import time
+
+    import torch
+
+    from sedd import load_pretrained, ops
+    from sedd.model.scoring import head_at_rows
+    from sedd.sampling import FirstHittingPredictor
+    from sedd.sampling.first_hitting import side_generator
+
+    p = load_pretrained(checkpoint, device="cpu")
+    model, graph = p.model, p.graph
+    L = model.length
+    x = torch.full((batch, L), graph.mask_id)
+    sigma = torch.full((batch,), 1.0)
+    rows = torch.arange(batch)
+    event = torch.zeros(batch, dtype=torch.long)
+    masked = torch.arange(batch * L)
+    gen = torch.Generator().manual_seed(0)
+    side = side_generator(gen, torch.device("cpu"))
+    weight, bias = model.output_layer.linear.weight, model.output_layer.linear.bias
+    hidden = torch.randn(batch * L, weight.shape[1])
+    z = head_at_rows(hidden, weight, bias, graph.dim)[:, None]
+    mask = torch.full((batch * L, 1), graph.mask_id)
+    parts = {
+        "k = 1 evaluation": lambda: FirstHittingPredictor._draw(model, x, sigma, rows, event, rows, graph, gen, None,
+                                                                None),
+        "rule's evaluation": lambda: FirstHittingPredictor._draw(model, x, sigma, rows, event, rows, graph, gen, None,
+                                                                 None, masked=masked, side=side),
+        "trunk alone": lambda: model(x, sigma, head=lambda h, w, b: None),
+        "head at every MASK row": lambda: head_at_rows(hidden, weight, bias, graph.dim),
+        "denoise_with_stats at every MASK row": lambda: ops.denoise_with_stats(
+            z, mask, sigma.repeat_interleave(L), graph, side),
+    }
+    times = {name: [] for name in parts}
+    with torch.no_grad(), ops.value_checks(False):
+        for fn in parts.values():
+            fn()  # warm-up
+        for _ in range(repeats):
+            for name, fn in parts.items():
+                began = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - began)
+    return {"checkpoint": checkpoint, "batch": batch, "length": L, "V": graph.dim, "repeats": repeats,
+            "threads": torch.get_num_threads(),
+            "ms": {name: 1e3 * statistics.median(t) for name, t in times.items()},
+            "ms_min_max": {name: [1e3 * min(t), 1e3 * max(t)] for name, t in times.items()}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", action="append", required=True, metavar="NAME=PREFIX",
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("gather", help="the quality records' tables, checks and plot")
+    g.add_argument("--model", action="append", required=True, metavar="NAME=PREFIX",
                    help="a model's name and the prefix of its quality.py JSON files (PREFIX-*.json)")
-    p.add_argument("--out", required=True, help="output prefix: OUT.json, OUT.png")
+    g.add_argument("--out", required=True, help="output prefix: OUT.json, OUT.png")
+    c = sub.add_parser("cost", help="one evaluation of k = 1 and of the rules, and the parts of the difference")
+    c.add_argument("checkpoint")
+    c.add_argument("--batch", type=int, default=16)
+    c.add_argument("--repeats", type=int, default=7)
+    c.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.command == "cost":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        result = cost(args.checkpoint, args.batch, args.repeats)
+        print(json.dumps(result, indent=2))
+        return 0
     models = [collect(*spec.split("=", 1)) for spec in args.model]
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps({"models": models}, indent=2, ensure_ascii=False) + "\n")

@@ -118,6 +118,29 @@ def test_a_factorised_distribution_through_the_full_scores():
     assert chi2_pvalue(x[:, 0] * 5 + x[:, 3], (kept[:, None] * kept[None, :]).flatten() / kept.sum() ** 2) > 1e-3
 
 
+def test_time_moves_on_to_the_last_event_an_evaluation_stands_for():
+    """With 8 masked positions and 3 unmasked per evaluation (γ = 3, H(π) = 1.43), the second
+    evaluation runs at the 4th of the 8 unmasking times, as ``tokens_per_step=3`` would: m(s)/m(1)
+    is the 4th largest of 8 uniforms, Beta(5, 4), mean 5/9 (at its event alone it would be the 2nd,
+    mean 7/9)."""
+    from tests.helpers import FactorizedScore
+
+    graph, rows, calls = Absorbing(5), 4000, []
+
+    class Recording(FactorizedScore):
+        def forward(self, x_t, sigma):
+            calls.append(sigma.double().clone())
+            return super().forward(x_t, sigma)
+
+    sample(Recording(PI, graph), graph, NOISE, batch_size=rows, length=8, predictor="first_hitting",
+           entropy_bound=3.0, generator=torch.Generator().manual_seed(6))
+    assert len(calls) == 3
+    m1 = -math.expm1(-float(NOISE.total(torch.tensor(1.0, dtype=torch.float64))))
+    ratio = -torch.expm1(-calls[1]) / m1
+    assert abs(float(ratio.mean()) - 5 / 9) < 4 * math.sqrt(5 * 4 / (81 * 10) / rows)
+    assert abs(float(ratio.var()) - 5 * 4 / (81 * 10)) < 0.003
+
+
 # -- 3. dependence between positions: the rule's own law, and its error growing ---------------
 
 

@@ -115,7 +115,11 @@ def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, tru
     tiles = buf.view(n, n_tiles, tile)
     tmax = tiles.amax(-1)
     tmax = torch.where(torch.isfinite(tmax), tmax, 0.0)
-    tiles.sub_(tmax.unsqueeze(-1)).exp_()  # in place: weights relative to the tile maximum
+    gap = tiles.sub_(tmax.unsqueeze(-1))  # ŝ − tile max
+    if stats is None:
+        tiles = gap.exp_()  # in place: weights relative to the tile maximum
+    else:
+        tiles = gap.exp()  # the same weights; the statistics read the gaps too (:func:`_stats`)
     tile_lse = tmax.double() + tiles.sum(-1).double().log()  # [n, T] fp64
     lse = torch.logsumexp(tile_lse, -1)  # log Σ_y s_y over the candidates (uniform tweedie: all y)
 
@@ -147,7 +151,7 @@ def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, tru
         kept_total = torch.logsumexp(kept, -1)
         cand = kept + torch.where(kept_total > -torch.inf, total - kept_total, 0.0).unsqueeze(1)
     if stats is not None:
-        stats.copy_(_stats(tiles, tmax, x != graph.mask_id))
+        stats.copy_(_stats(tiles, gap, tmax, x != graph.mask_id))
 
     options = torch.cat([cand, stay.unsqueeze(1)], dim=1)  # [n, T + 1] fp64 log-weights
     k = _race(options, generator)
@@ -161,14 +165,18 @@ def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, tru
     return token
 
 
-def _stats(tiles: torch.Tensor, tmax: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+def _stats(tiles: torch.Tensor, gap: torch.Tensor, tmax: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
     """[n, 2] fp32: max_y p_y and −Σ p log p (nats) of p ∝ the candidates' weights, from the race's
-    tiles (e^{ŝ − tile max}, the kept ones after truncation, in place) and their maxima ``tmax``
-    [n, T]. Relative to the row maximum M: S = Σ e^{ŝ − M}, T = Σ e^{ŝ − M}(ŝ − M), so max p = 1/S
-    and H = log S − T/S, in fp64 over the tiles (no cancellation: the leading tile has ŝ − M = 0).
-    Rows in ``fixed`` (not MASK) and rows without a candidate: (1, 0), a certain token."""
-    s_t = tiles.sum(-1, dtype=torch.float64)
-    t_t = torch.xlogy(tiles, tiles).sum(-1, dtype=torch.float64)  # Σ e·log e = Σ e·(ŝ − tile max)
+    tiles (e = e^{ŝ − tile max}, the kept ones after truncation), the gaps ŝ − tile max (consumed)
+    and the tile maxima ``tmax`` [n, T]. Per tile s = Σ e and t = Σ e·gap (fp32: at most a tile of
+    values in [0, 1]); relative to the row maximum M: S = Σ e^{tmax − M}s, T = Σ e^{tmax − M}(t +
+    (tmax − M)s), so max p = 1/S and H = log S − T/S, in fp64 over the tiles (no cancellation: the
+    leading tile has tmax = M). Rows in ``fixed`` (not MASK) and rows without a candidate: (1, 0),
+    a certain token. (Summing the [n, T, tile] values in fp64, or e·log e by xlogy, cost 2× the draw
+    on a CPU at [2048, 4097]: a conversion pass, and a log per element.)"""
+    s_t = tiles.sum(-1).double()
+    # −∞ gaps off the candidates, where e = 0: clamped so that 0·gap is 0, not NaN
+    t_t = gap.clamp_min_(-1e30).mul_(tiles).sum(-1).double()
     tm = torch.where(s_t > 0, tmax.double(), -torch.inf)
     M = tm.amax(-1, keepdim=True)
     M = torch.where(torch.isfinite(M), M, 0.0)

@@ -21,11 +21,12 @@ position with confidence ≥ τ; ``entropy_bound`` the others in increasing orde
 sum stays ≤ γ. Their tokens come from a second random stream, seeded from the caller's generator's
 state without advancing it (deterministic, and independent of the event's draws). The selection
 runs on the device, on [B, L] values; the one host read per evaluation is the count of MASKs left
-per row (which rows still run, and how many head rows). Time advances by the event alone. On a
-data distribution that factorises over positions this samples it exactly for any τ or γ (each
-position's conditional is its marginal); with dependence between positions, the positions
-unmasked together are drawn independently given the same state, and the error grows as τ falls or
-γ rises.
+per row (which rows still run, and how many head rows). Time moves on to the last of the events
+an evaluation stands for (1 + the positions added), as with ``tokens_per_step``; the times of the
+added ones come from the second stream too, after the tokens. On a data distribution that
+factorises over positions this samples it exactly for any τ or γ (each position's conditional is
+its marginal); with dependence between positions, the positions unmasked together are drawn
+independently given the same state, and the error grows as τ falls or γ rises.
 
 The predictor owns its time grid: ``sample(..., predictor="first_hitting")`` refuses ``steps``,
 the denoiser (every MASK is filled by the last event) and ``cache`` (every evaluation changes every
@@ -206,7 +207,9 @@ class FirstHittingPredictor(Predictor):
             xa = torch.where(extra, drawn, xa)
             xa[sel_row, sel_pos] = tokens.to(x.dtype)
             x = project(x.index_put((active,), xa))
-            left = left.index_put((active,), n - 1 - extra.sum(1))
+            added = extra.sum(1)
+            _advance(m, active, n, added, xa.shape[1] - 1, side)
+            left = left.index_put((active,), n - 1 - added)
         bar.close()
         return x
 
@@ -274,6 +277,18 @@ def _next_events(m, active, n, k, generator):
     sigma = -torch.log1p(-m_active * log_ratio[:, 0].exp())  # σ̄ at the first event
     m[active] = m_active * log_ratio.gather(1, (events - 1)[:, None]).squeeze(1).exp()
     return sigma, events
+
+
+def _advance(m, active, n, added, width, generator):
+    """Move each active row's m [B] on from its event to the time of its (1 + added)-th event [b],
+    as ``tokens_per_step`` moves it to its k-th: the next events after the first of n are at ratios
+    u_j^{1/(n − j)}, one after another (uniforms from ``generator``, a fixed [b, width] draw, width ≥
+    the most a row can add: no host read). A row that added none stays at its event."""
+    u = torch.rand(added.shape[0], max(width, 1), generator=generator, device=m.device, dtype=torch.float64)
+    j = torch.arange(1, u.shape[1] + 1, device=m.device)
+    log_ratio = (u.log() / (n[:, None] - j).clamp_min(1)).cumsum(1)
+    step = log_ratio.gather(1, (added - 1).clamp_min(0)[:, None]).squeeze(1)
+    m[active] = m[active] * torch.where(added > 0, step, 0.0).exp()
 
 
 def _positions(xa, k, mask_id, generator):

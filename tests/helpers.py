@@ -167,6 +167,19 @@ def small_model_config(tokens: int, graph: str = "absorb", **model_overrides) ->
                            **{"hidden_size": 64, "cond_dim": 32, "n_blocks": 2, **model_overrides})
 
 
+def random_sedd(tokens: int, length: int, time_conditioning: bool = True, seed: int = 0) -> SEDD:
+    """A small SEDD (width 32, eval mode) with its adaLN and output weights drawn N(0, 0.3²) (zero
+    at initialisation): scores that differ between tokens, positions and σ, for the samplers' tests."""
+    torch.manual_seed(seed)
+    model = SEDD(small_model_config(tokens, hidden_size=32, cond_dim=16, n_heads=2, length=length,
+                                    time_conditioning=time_conditioning))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN" in name or "output_layer.linear" in name:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
 # ---------------------------------------------------------------------------------------------
 # Score-entropy cases (the kernel tests on CPU and on CUDA)
 

@@ -21,7 +21,7 @@ from sedd.model import SEDD
 from sedd.noise import LogLinear
 from sedd.sampling import FirstHittingPredictor, SamplingSpec, sample
 from sedd.sampling.spec import target_for
-from tests.helpers import JointExactScore, chi2_pvalue, correlated_p_data, sequence_codes, small_model_config
+from tests.helpers import JointExactScore, chi2_pvalue, correlated_p_data, random_sedd, sequence_codes
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning")
@@ -30,15 +30,8 @@ PI = torch.tensor([0.05, 0.3, 0.1, 0.35, 0.2], dtype=torch.float64)  # H(PI) = 1
 NOISE = LogLinear()
 
 
-def _tiny(N=20, L=12, time_conditioning=False, seed=0):
-    torch.manual_seed(seed)
-    model = SEDD(small_model_config(N, hidden_size=32, cond_dim=16, n_heads=2, length=L,
-                                    time_conditioning=time_conditioning))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN" in name or "output_layer.linear" in name:
-                p.normal_(0, 0.3)
-    return model.eval()
+def _tiny(N=20, L=12, time_conditioning=False):
+    return random_sedd(N, L, time_conditioning)
 
 
 def _factorised_sedd(pi: torch.Tensor, L: int) -> SEDD:

@@ -2,18 +2,20 @@
 τ, entropy bound γ) and the analytic sampler, per model, from the ``train/quality.py --json`` files;
 and what one evaluation of each costs.
 
-    python benchmarks/adaptive_cpu.py gather --model "time-independent=RUNS/quality/sedd-ti" \\
-        --model "default=RUNS/quality/sedd" --out benchmarks/results/adaptive-cpu-DATE
+    python benchmarks/adaptive_cpu.py gather --records RUNS/quality --model "time-independent=RUNS/sedd-ti" \\
+        --model "default=RUNS/sedd" --out benchmarks/results/adaptive-cpu-DATE
     python benchmarks/adaptive_cpu.py cost CKPT [--batch 16] [--repeats 7] [--threads 1]
 
-Each ``--model NAME=PREFIX`` reads every ``PREFIX-*.json`` (quality.py's records: NFE, wall time,
-gen-PPL with its 95% interval, entropy). A record belongs to a family by what set its cost: fixed
+Each ``--model NAME=CHECKPOINT`` takes the ``--records`` folder's quality.py JSON files of that
+checkpoint (its ``checkpoint`` field: NFE, wall time, gen-PPL with its 95% interval, entropy). A record belongs to a family by what set its cost: fixed
 k (``tokens_per_step``), τ, γ, or the analytic sampler's T. Per model it checks the issue's target:
 
 * a τ or γ whose gen-PPL lies inside k = 1's 95% interval at ≤ 1/3 of k = 1's NFE;
 * the adaptive records against fixed k at the same NFE: fixed k's gen-PPL interpolated linearly in
-  log NFE between its two neighbours (k = 1, 2, 4, 8: NFE L, L/2, L/4, L/8), "at or below" when the
-  adaptive gen-PPL is at most that, "within noise" when the two intervals overlap.
+  log NFE between its two neighbours (k = 1, 2, 4, 8, 16: NFE L, L/2, ..., L/16; an NFE within 5% of
+  the range's ends counts as at the end), "at or below" when the adaptive gen-PPL is at most that,
+  "intervals overlap" when its interval meets fixed k's there (the nearer neighbour's relative
+  half-widths).
 
 Writes OUT.json (every record with its family and file, the checks) and OUT.png (gen-PPL against
 NFE, one line per family, one panel per model; wall time against NFE below), and prints the
@@ -23,7 +25,9 @@ markdown tables. Wall times are one run each on a shared machine: see the result
 sequences, as the sampler makes it (``FirstHittingPredictor._draw``): k = 1 (the trunk, the head at
 one row per sequence and the denoise step there) against the rules' (the same plus the head at
 every MASK row and ``sedd.ops.denoise_with_stats`` there), and the parts of the difference alone;
-medians of interleaved repeats, milliseconds.
+then whole ``sample`` calls of ``--batch`` sequences: k = 1, τ = 1 (no position is that sure on an
+unconverged model: the same tokens, every evaluation paying for the statistics), and ``--rule``
+settings against fixed k. Medians of interleaved repeats, milliseconds.
 """
 
 from __future__ import annotations
@@ -47,14 +51,13 @@ def family(record: dict) -> tuple[str, float]:
     return "analytic T", record["steps"]
 
 
-def collect(name: str, prefix: str) -> dict:
-    files = sorted(Path(prefix).parent.glob(Path(prefix).name + "-*.json"))
+def collect(name: str, checkpoint: str, folder: Path) -> dict:
+    files = [(path, json.loads(path.read_text())) for path in sorted(folder.glob("*.json"))]
+    files = [(path, q) for path, q in files if Path(q.get("checkpoint", "")) == Path(checkpoint)]
     if not files:
-        raise SystemExit(f"adaptive_cpu.py: error: no {prefix}-*.json")
-    records, reference, checkpoint = [], None, None
-    for path in files:
-        q = json.loads(path.read_text())
-        checkpoint = q["checkpoint"]
+        raise SystemExit(f"adaptive_cpu.py: error: no quality.py JSON of {checkpoint} in {folder}")
+    records, reference = [], None
+    for path, q in files:
         reference = reference or q.get("reference")
         for r in q["records"]:
             fam, value = family(r)
@@ -69,6 +72,8 @@ def collect(name: str, prefix: str) -> dict:
 def _fixed_at(fixed: list[dict], nfe: float) -> float | None:
     """Fixed k's gen-PPL at ``nfe``, linear in log NFE between its neighbours (None outside)."""
     pts = sorted((r["nfe"], r["gen_ppl"]) for r in fixed)
+    if pts and pts[0][0] / 1.05 <= nfe < pts[0][0]:
+        nfe = pts[0][0]
     for (n0, p0), (n1, p1) in zip(pts, pts[1:]):
         if n0 <= nfe <= n1:
             w = 0.0 if n1 == n0 else (math.log(nfe) - math.log(n0)) / (math.log(n1) - math.log(n0))
@@ -161,7 +166,7 @@ def plot(models: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def cost(checkpoint: str, batch: int, repeats: int) -> dict:
+def cost(checkpoint: str, batch: int, repeats: int, run_repeats: int, rules: dict[str, dict]) -> dict:
     import statistics
     import time
 
@@ -169,7 +174,7 @@ def cost(checkpoint: str, batch: int, repeats: int) -> dict:
 
     from sedd import load_pretrained, ops
     from sedd.model.scoring import head_at_rows
-    from sedd.sampling import FirstHittingPredictor
+    from sedd.sampling import FirstHittingPredictor, sample
     from sedd.sampling.first_hitting import side_generator
 
     p = load_pretrained(checkpoint, device="cpu")
@@ -196,7 +201,12 @@ def cost(checkpoint: str, batch: int, repeats: int) -> dict:
         "denoise_with_stats at every MASK row": lambda: ops.denoise_with_stats(
             z, mask, sigma.repeat_interleave(L), graph, side),
     }
-    times = {name: [] for name in parts}
+    runs = {f"sample, {name}": (lambda kw=kw: sample(model, graph, p.noise, batch_size=batch, length=L,
+                                                     predictor="first_hitting", return_stats=True,
+                                                     generator=torch.Generator().manual_seed(0), **kw))
+            for name, kw in rules.items()}
+    times = {name: [] for name in (*parts, *runs)}
+    nfe = {}
     with torch.no_grad(), ops.value_checks(False):
         for fn in parts.values():
             fn()  # warm-up
@@ -205,8 +215,14 @@ def cost(checkpoint: str, batch: int, repeats: int) -> dict:
                 began = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - began)
+    for _ in range(run_repeats):
+        for name, fn in runs.items():
+            began = time.perf_counter()
+            _, stats = fn()
+            times[name].append(time.perf_counter() - began)
+            nfe[name] = stats.mean_nfe
     return {"checkpoint": checkpoint, "batch": batch, "length": L, "V": graph.dim, "repeats": repeats,
-            "threads": torch.get_num_threads(),
+            "run_repeats": run_repeats, "threads": torch.get_num_threads(), "nfe": nfe,
             "ms": {name: 1e3 * statistics.median(t) for name, t in times.items()},
             "ms_min_max": {name: [1e3 * min(t), 1e3 * max(t)] for name, t in times.items()}}
 
@@ -215,25 +231,37 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gather", help="the quality records' tables, checks and plot")
-    g.add_argument("--model", action="append", required=True, metavar="NAME=PREFIX",
-                   help="a model's name and the prefix of its quality.py JSON files (PREFIX-*.json)")
+    g.add_argument("--records", required=True, type=Path, help="the folder of the quality.py JSON files")
+    g.add_argument("--model", action="append", required=True, metavar="NAME=CHECKPOINT",
+                   help="a model's name and its checkpoint, as the JSON files name it")
     g.add_argument("--out", required=True, help="output prefix: OUT.json, OUT.png")
+    g.add_argument("--cost", action="append", default=[], type=Path, help="a JSON that `cost` printed, kept in OUT.json")
+    g.add_argument("--commands", type=Path, help="a text file of the commands that ran, kept in OUT.json")
     c = sub.add_parser("cost", help="one evaluation of k = 1 and of the rules, and the parts of the difference")
     c.add_argument("checkpoint")
     c.add_argument("--batch", type=int, default=16)
     c.add_argument("--repeats", type=int, default=7)
     c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--run-repeats", type=int, default=3, help="repeats of the whole sample calls (0: none)")
+    c.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE",
+                   help="a sample call besides k = 1 and threshold = 1: tokens_per_step=8, entropy_bound=30, ...")
     args = p.parse_args(argv)
     if args.command == "cost":
         import torch
 
         torch.set_num_threads(args.threads)
-        result = cost(args.checkpoint, args.batch, args.repeats)
+        rules = {"k = 1": {}, "threshold 1": {"threshold": 1.0}}
+        for text in args.rule:
+            name, value = text.split("=", 1)
+            rules[text] = {name: int(value) if name == "tokens_per_step" else float(value)}
+        result = cost(args.checkpoint, args.batch, args.repeats, args.run_repeats, rules)
         print(json.dumps(result, indent=2))
         return 0
-    models = [collect(*spec.split("=", 1)) for spec in args.model]
+    models = [collect(*spec.split("=", 1), args.records) for spec in args.model]
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"models": models}, indent=2, ensure_ascii=False) + "\n")
+    result = {"models": models, "cost": [json.loads(path.read_text()) for path in args.cost],
+              "commands": args.commands.read_text().splitlines() if args.commands else None}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     plot(models, out.with_suffix(".png"))
     print(tables(models))
     return 0

@@ -75,11 +75,32 @@ def check_entropy_bound(value) -> float | None:
     return None if value is None else float(value)
 
 
+class _Checked:
+    """An option of the predictor, checked at every assignment (``get_predictor`` sets options on a
+    copy of an instance)."""
+
+    def __init__(self, check):
+        self.check = check
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.slot)
+
+    def __set__(self, obj, value):
+        setattr(obj, self.slot, self.check(value))
+
+
 @register_predictor
 class FirstHittingPredictor(Predictor):
-    """Unmask one position per event at the exact event times (``tokens_per_step`` per evaluation)."""
+    """Unmask one position per event at the exact event times (``tokens_per_step`` per evaluation),
+    or as many as ``threshold`` / ``entropy_bound`` admit."""
 
     name = "first_hitting"
+    tokens_per_step = _Checked(check_tokens_per_step)
+    threshold = _Checked(check_threshold)
+    entropy_bound = _Checked(check_entropy_bound)
     owns_grid = True
     absorbing_only = True
     options = ("tokens_per_step", "threshold", "entropy_bound")
@@ -107,34 +128,11 @@ class FirstHittingPredictor(Predictor):
         self.threshold = threshold
         self.entropy_bound = entropy_bound
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self._k
-
-    @tokens_per_step.setter
-    def tokens_per_step(self, value) -> None:
-        self._k = check_tokens_per_step(value)
-
-    @property
-    def threshold(self) -> float | None:
-        return self._tau
-
-    @threshold.setter
-    def threshold(self, value) -> None:
-        self._tau = check_threshold(value)
-
-    @property
-    def entropy_bound(self) -> float | None:
-        return self._gamma
-
-    @entropy_bound.setter
-    def entropy_bound(self, value) -> None:
-        self._gamma = check_entropy_bound(value)
-
     def _rule(self) -> str | None:
         """"threshold", "entropy_bound" or None (a fixed count); ValueError when two options set the count."""
-        given = [name for name, on in (("tokens_per_step", self._k != 1), ("threshold", self._tau is not None),
-                                       ("entropy_bound", self._gamma is not None)) if on]
+        given = [name for name, on in (("tokens_per_step", self.tokens_per_step != 1),
+                                       ("threshold", self.threshold is not None),
+                                       ("entropy_bound", self.entropy_bound is not None)) if on]
         if len(given) > 1:
             raise ValueError(f"{' and '.join(given)} cannot be combined: "
                              + self.exclusive_why.format_map({o: o for o in self.exclusive}))

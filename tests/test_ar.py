@@ -343,7 +343,7 @@ def test_generate_and_the_harness_with_an_autoregressive_checkpoint(tmp_path):
     (plain,) = generate_samples(str(tmp_path), "import ", length=40, seed=1, temperature=0.7, top_k=50,
                                 kv_cache=False)
     assert plain.tokens == long.tokens  # re-running the prefix at every token: the same draws
-    with pytest.raises(ValueError, match="kv_cache applies to autoregressive models"):
+    with pytest.raises(ValueError, match="kv_cache applies to autoregressive and block-diffusion models"):
         generate(SEDD(SEDD.config_for("cpu", tokens=tok.vocab_size, n_blocks=1, length=16)), "a", length=8,
                  tokenizer=tok, kv_cache=False)
     with pytest.raises(ValueError, match="temperature applies to autoregressive models"):

@@ -190,7 +190,7 @@ def test_sample_refuses_what_an_autoregressive_checkpoint_does_not_read(trained,
 
 @pytest.mark.parametrize("args,message", [
     (["--temperature", "0.5"], "--temperature applies to autoregressive models"),
-    (["--no-kv-cache"], "--no-kv-cache applies to autoregressive models"),
+    (["--no-kv-cache"], "--no-kv-cache applies to autoregressive and block-diffusion models"),
 ])
 def test_ar_options_are_refused_for_a_diffusion_checkpoint(tmp_path, capsys, args, message):
     from sedd.model import SEDD

@@ -24,6 +24,11 @@ The three request types (the conventions in full: docs/math.md, "Likelihood boun
 ``generate_until(context, gen_kwargs)`` samples after the fixed context, window by window, and
 cuts the text at EOS and the first stop string (greedy: top_k = 1 in every step).
 
+Block-diffusion checkpoints (``train/run.py --objective block``) answer the same requests through
+their objective (:mod:`sedd.objectives`): the bound is the sum of the blocks' bounds, the context
+held clean within its last block and in the blocks before it; is_greedy reads each block's most
+likely tokens given the clean blocks before it; generation runs block by block and stops at EOS.
+
 Seeds: every request draws from its own generator, seeded from ``seed`` and the request's text
 (for loglikelihood, its context only, so the choices of one question share their draws of t:
 common random numbers make their differences less noisy than their values; on the example cloze
@@ -62,8 +67,8 @@ except ImportError as err:  # the optional extra
         "(or pip install \"lm-eval>=0.4\")"
     ) from err
 
-from sedd.likelihood import TIME_SAMPLERS, block_bounds, make_blocks, sequence_bounds
-from sedd.objectives import Diffusion, objective_of
+from sedd.likelihood import TIME_SAMPLERS, block_bounds, make_blocks
+from sedd.objectives import BlockDiffusion, Diffusion, objective_of
 from sedd.sampling import SamplingOptionError, SamplingSpec
 
 __all__ = ["HarnessError", "SEDDLM", "MODEL_ARGS", "check_model_args"]
@@ -94,8 +99,10 @@ MODEL_ARGS = {
 }
 FROM_LM_EVAL = ("max_batch_size", "trust_remote_code")
 SAMPLING = SamplingSpec.names()
-# the objectives whose checkpoints the model answers for: its requests read the SEDD bound
-ANSWERS = (Diffusion,)
+# the objectives whose checkpoints the model answers for: its requests read the SEDD bound (of a
+# block-diffusion model: the sum of its blocks' bounds), through the objective's sequence_bounds
+# and masked_argmax
+ANSWERS = (Diffusion, BlockDiffusion)
 
 
 class HarnessError(ValueError):
@@ -238,7 +245,7 @@ class SEDDLM(LM):
             opts["spec"].validate(objective)
         except SamplingOptionError as err:
             raise HarnessError(err.render(lambda name: f"model_args {name}")) from None
-        self.pre = loaded
+        self.pre, self.objective = loaded, objective
         self.model, self.graph, self.noise, self.tok = loaded.model, loaded.graph, loaded.noise, loaded.tokenizer
         self._device = _model_device(self.model)
         self.window = int(getattr(self.model, "length", 0) or 0)
@@ -312,16 +319,9 @@ class SEDDLM(LM):
             pieces.append((before + new, len(before)))
         return pieces
 
-    @torch.no_grad()
     def _greedy(self, tokens: torch.Tensor, n_fixed: int) -> bool:
         """The is_greedy rule (module docstring) for one window [1, L]."""
-        L = tokens.shape[1]
-        x = tokens.clone()
-        x[:, n_fixed:] = self.graph.mask_id
-        top = float(self.noise.total(torch.tensor(1.0, dtype=torch.float64)))
-        sigma = min(-math.log1p(-(L - n_fixed) / L) if n_fixed else top, top)
-        out = self.model(x, torch.full((1,), sigma, device=self._device))  # [1, L, V] log-scores
-        best = out[0, n_fixed:, : self.graph.N].argmax(-1)
+        best = self.objective.masked_argmax(self.model, tokens, n_fixed)
         return bool(torch.equal(best, tokens[0, n_fixed:]))
 
     def _record(self, kind: str, entries: list[dict[str, Any]]) -> None:
@@ -367,8 +367,8 @@ class SEDDLM(LM):
                 x0 = torch.tensor([ids], dtype=torch.long, device=self._device)
                 maskable = torch.zeros_like(x0, dtype=torch.bool)
                 maskable[:, n_fixed:] = True
-                out = sequence_bounds(
-                    self.model, x0, self.graph, self.noise, num_samples=self.K, time_sampler=self.time_sampler,
+                out = self.objective.sequence_bounds(
+                    self.model, x0, num_samples=self.K, time_sampler=self.time_sampler,
                     batch_size=self.batch_size, generator=generator, maskable=maskable,
                 )
                 total += float(out["integral"][0] + out["prior"][0])
@@ -399,6 +399,7 @@ class SEDDLM(LM):
                 self.model, blocks, mask, self.graph, self.noise, num_samples=self.K,
                 time_sampler=self.time_sampler, batch_size=self.batch_size,
                 generator=self._generator("loglikelihood_rolling", text), device=self._device, on_draws=bar.update,
+                estimator=self.objective.bound_estimator,
             )
             total = sum(float((p["integral"] + p["prior"]).sum()) for p in parts)
             variance = sum(float(p["variance"].sum()) for p in parts)
@@ -459,6 +460,8 @@ class SEDDLM(LM):
                                    "max_gen_toks": s["max_gen_toks"]}.items())
                 generator = self._generator("generate_until", [row[1] for row in batch], settings)
                 spec = s["spec"] if s["spec"].window is not None else dataclasses.replace(s["spec"], window=self.window)
+                if spec.applies("stop_at_eos", self.objective):  # the text is cut at EOS: generate no further
+                    spec = dataclasses.replace(spec, stop_at_eos=True)
                 samples = generate_samples(self.pre, prompts, length=n_ctx + s["max_gen_toks"], spec=spec,
                                            generator=generator)
                 for row, sample in zip(batch, samples):

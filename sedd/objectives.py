@@ -6,17 +6,21 @@ differs between objectives, so no other module compares the name:
 
 * the model: ``model_class`` (which also names the objective, ``model_class.objective``),
   :meth:`Objective.model_config` (a run's config.json) and :meth:`Objective.build`;
-* training: :meth:`Objective.loss`, :meth:`Objective.validation_losses`, ``loss_label``, and the
-  training flags it does not read (``refused_flags``, refused by ``train/config.py``);
+* training: :meth:`Objective.loss`, :meth:`Objective.validation_losses`, ``loss_label``, the
+  training flags it does not read (``refused_flags``, refused by ``train/config.py``), those it
+  fixes (``implied_flags``), its own (``flags``: every other objective refuses them) and the check
+  of a run's configuration before any work (:meth:`Objective.check_run`);
 * the likelihood: :meth:`Objective.likelihood` (the SEDD bound, or an exact NLL: ``exact``);
 * sampling: ``sampler``, the family of its sampler (which :class:`~sedd.sampling.SamplingSpec`
-  options it reads: :meth:`~sedd.sampling.SamplingSpec.validate` refuses the others), and
-  :meth:`Objective.sample`, the sampler run on a spec.
+  options it reads: :meth:`~sedd.sampling.SamplingSpec.validate` refuses the others),
+  :meth:`Objective.sample`, the sampler run on a spec, and :meth:`Objective.default_steps`, the
+  steps it runs per call when the spec gives none (for the records).
 
-An instance is bound to one model config (:func:`objective_of`): the diffusion objective holds its
-graph and noise schedule. Both losses are in nats per sequence (summed over the tokens of a block,
-averaged over blocks): the autoregressive one is the exact −log p(block), SEDD's an upper bound on it
-in expectation (docs/math.md, "Training loss", "Autoregressive baseline").
+An instance is bound to one model config (:func:`objective_of`): the diffusion objectives hold their
+graph and noise schedule. Every loss is in nats per sequence (summed over the tokens of a block,
+averaged over blocks): the autoregressive one is the exact −log p(block), SEDD's and block
+diffusion's upper bounds on it in expectation (docs/math.md, "Training loss", "Autoregressive
+baseline", "Block diffusion").
 
 Adding an objective: a model class in :mod:`sedd.model` that sets ``objective = "name"`` (a
 :class:`~sedd.model.checkpoint.Checkpointed`), and a subclass of :class:`Objective` here (or in a
@@ -27,23 +31,29 @@ module of its own) decorated with :func:`register_objective`; ``train/run.py --o
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from sedd import ops
+from sedd.block_diffusion import (
+    block_diffusion_loss,
+    block_diffusion_sequence_bounds,
+    block_diffusion_validation_losses,
+)
 from sedd.graph import Graph, graph_from_config
-from sedd.likelihood import BoundReport, block_bounds, exact_block_nll, summarize
+from sedd.likelihood import BoundReport, block_bounds, exact_block_nll, sequence_bounds, summarize
 from sedd.losses import ar_loss, sample_times, score_entropy_loss
-from sedd.model import SEDD, ARModel
+from sedd.model import SEDD, ARModel, BlockSEDD
 from sedd.model.checkpoint import DEFAULT_OBJECTIVE, config_objective
 from sedd.model.scoring import unwrap
 from sedd.noise import Noise, noise_from_config
-from sedd.sampling import SamplingSpec, SamplingStats, sample, sample_ancestral
+from sedd.sampling import SamplingSpec, SamplingStats, sample, sample_ancestral, sample_block_diffusion
 from sedd.sampling.spec import FAMILIES
 
-__all__ = ["OBJECTIVES", "Autoregressive", "Diffusion", "Objective", "get_objective", "objective_of",
-           "register_objective"]
+__all__ = ["OBJECTIVES", "Autoregressive", "BlockDiffusion", "Diffusion", "Objective", "get_objective",
+           "objective_of", "register_objective"]
 
 # The hyper-parameters of a run an objective reads, where a config does not record them (a public
 # checkpoint, a model made by hand): train/run.py's defaults.
@@ -63,6 +73,11 @@ class Objective:
     # train/run.py flags (run-config keys) this objective does not read, and why, for the message
     refused_flags: ClassVar[tuple[str, ...]] = ()
     refused_because: ClassVar[str] = ""
+    # run-config keys this objective fixes, {key: (value, why)}: the flag given with another value
+    # is refused, and the run takes that value
+    implied_flags: ClassVar[dict[str, tuple[Any, str]]] = {}
+    # train/run.py flags of this objective alone, {key: (default, help)}: every other objective refuses them
+    flags: ClassVar[dict[str, tuple[Any, str]]] = {}
 
     graph: Graph | None = None
     noise: Noise | None = None
@@ -87,6 +102,11 @@ class Objective:
         """The model config of a train/run.py run (``run``: its flags; ``model_keys``: its model
         section's overrides) over ``tokens`` real tokens."""
         raise NotImplementedError
+
+    @classmethod
+    def check_run(cls, run: dict) -> None:
+        """ValueError (one line, naming the flags) for a train/run.py configuration ``run`` this
+        objective cannot train, before any work."""
 
     def build(self, config: dict, autocast_dtype=None) -> torch.nn.Module:
         return self.model_class(config, autocast_dtype=autocast_dtype)
@@ -125,6 +145,20 @@ class Objective:
         """One model call of :meth:`likelihood` on the rows ``x`` (to time it)."""
         raise NotImplementedError
 
+    def sequence_bounds(self, model, x0: torch.Tensor, **estimator) -> dict[str, torch.Tensor]:
+        """The per-sequence terms of the bound on −log p(x0) of the sequences ``x0`` [B, n]
+        (:func:`sedd.likelihood.sequence_bounds`' dict and keyword arguments: ``num_samples``,
+        ``time_sampler``, ``attention_mask``, ``batch_size``, ``generator``, ``on_draws``, and
+        ``maskable`` for the conditional bound with the other positions held clean): what
+        :meth:`likelihood` sums and the harness's requests read."""
+        raise NotImplementedError
+
+    def masked_argmax(self, model, x0: torch.Tensor, n_fixed: int) -> torch.Tensor:
+        """[n − n_fixed]: the model's most likely real token at every position of ``x0`` [1, n] after
+        the first ``n_fixed``, with those positions masked and the first ones clean (the
+        harness's is_greedy)."""
+        raise NotImplementedError
+
     # -- sampling --------------------------------------------------------------------------------
 
     def sample(self, model, **request) -> tuple[torch.Tensor, SamplingStats]:
@@ -141,6 +175,11 @@ class Objective:
     def sample_note(self) -> str:
         """:meth:`training_spec` in words."""
         raise NotImplementedError
+
+    def default_steps(self, window: int) -> int | None:
+        """The reverse steps per sampler call when the spec gives none, for a window of ``window``
+        tokens (the records say what ran): the window (the paper's one step per token)."""
+        return window
 
 
 OBJECTIVES: dict[str, type[Objective]] = {}
@@ -232,8 +271,26 @@ class Diffusion(Objective):
                    device=None, on_progress=None) -> BoundReport:
         parts = block_bounds(model, blocks, mask, self.graph, self.noise, num_samples=num_samples,
                              time_sampler=time_sampler, batch_size=batch_size, generator=generator, device=device,
-                             on_draws=on_progress)
+                             on_draws=on_progress, estimator=self.bound_estimator)
         return summarize(parts, num_samples, time_sampler)
+
+    def bound_estimator(self, model, x0, graph, noise, **estimator):
+        """:meth:`sequence_bounds` as :func:`sedd.likelihood.block_bounds` calls its ``estimator``."""
+        return self.sequence_bounds(model, x0, **estimator)
+
+    def sequence_bounds(self, model, x0, **estimator):
+        return sequence_bounds(model, x0, self.graph, self.noise, **estimator)
+
+    @torch.no_grad()
+    def masked_argmax(self, model, x0, n_fixed):
+        # σ at which a fraction (n − n_fixed)/n of the tokens is masked, as the masked block looks
+        n = x0.shape[1]
+        x = x0.clone()
+        x[:, n_fixed:] = self.graph.mask_id
+        top = float(self.noise.total(torch.tensor(1.0, dtype=torch.float64)))
+        sigma = min(-math.log1p(-(n - n_fixed) / n) if n_fixed else top, top)
+        out = model(x, torch.full((1,), sigma, device=x0.device))  # [1, n, V] log-scores
+        return out[0, n_fixed:, : self.graph.N].argmax(-1)
 
     def likelihood_work(self, blocks: int, num_samples: int) -> tuple[int, str]:
         return blocks * num_samples, "draw"
@@ -316,3 +373,109 @@ class Autoregressive(Objective):
     def sample_note(self) -> str:
         return "ancestral, one network evaluation per token"
 
+    def default_steps(self, window: int) -> int | None:
+        return None  # one evaluation per token, no steps
+
+
+
+@register_objective
+class BlockDiffusion(Diffusion):
+    """Block diffusion (BD3-LM with SEDD's score entropy, :mod:`sedd.block_diffusion`): blocks of b
+    tokens, each an absorbing SEDD model of its tokens given the clean blocks before it; the sum of
+    the blocks' bounds; generation block by block over a KV cache (docs/math.md, "Block diffusion")."""
+
+    name = "block"
+    label = "block-diffusion"
+    model_class = BlockSEDD
+    sampler = "block"
+    loss_label = "score entropy over blocks (nats per sequence)"
+    flags = {"block_size": (16, "--objective block: tokens per diffusion block, a divisor of --length (1 is "
+                                "autoregressive, --length is SEDD)")}
+    implied_flags = {
+        "graph": ("absorb", "a block's score given the clean blocks before it is the absorbing graph's"),
+        "time_conditioning": ("off", "every block has its own sigma, which enters through its score shift alone"),
+    }
+    # the end-of-run samples take one reverse step per token of each block
+    refused_flags = ("sample_steps",)
+    refused_because = "a block model's samples at the end of the run take one reverse step per token of each block"
+
+    @classmethod
+    def check_run(cls, run: dict) -> None:
+        b, L = run["block_size"], run["length"]
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"--block-size must be a positive integer, got {b!r}")
+        if L % b:
+            divisors = ", ".join(str(d) for d in range(1, L + 1) if L % d == 0)
+            raise ValueError(f"--block-size {b} must divide --length {L}: the blocks tile every training sequence "
+                             f"({divisors})")
+
+    @classmethod
+    def model_config(cls, run: dict, tokens: int, model_keys: dict) -> dict:
+        return BlockSEDD.config_for(run["preset"], block_size=run["block_size"], tokens=tokens,
+                                    noise={"type": run["noise"], "sigma_min": run["sigma_min"],
+                                           "sigma_max": run["sigma_max"], "eps": run["noise_eps"]}, **model_keys)
+
+    @property
+    def block_size(self) -> int | None:
+        return self.config.get("model", {}).get("block_size") if self.config else None
+
+    @property
+    def min_window(self) -> int | None:
+        return self.block_size  # a block reads itself at least
+
+    def describe(self) -> str:
+        return f"block diffusion, blocks of {self.block_size} tokens, {super().describe()}, no sigma input"
+
+    def loss(self, model, x0, generator, scale: float, **model_kwargs) -> torch.Tensor:
+        return block_diffusion_loss(model, x0, self.graph, self.noise, generator=generator,
+                                    sampling_eps=self.training["sampling_eps"], scale=scale, **model_kwargs)
+
+    def validation_losses(self, net, x0, generators, **model_kwargs) -> torch.Tensor:
+        return block_diffusion_validation_losses(net, x0, self.graph, self.noise, generators,
+                                                 sampling_eps=self.training["sampling_eps"], **model_kwargs)
+
+    def _whole_blocks(self, x0: torch.Tensor, *masks: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """``x0`` [B, n] padded to a multiple of b, and ``masks`` ([B, n] bool, None: all True) with
+        False on the padding, which is never attended to nor scored: the bound is that of the
+        unpadded tokens (any evaluation length works, e.g. ``train/eval.py --block-size``)."""
+        pad = -x0.shape[1] % self.block_size
+        if not pad:
+            return (x0, *masks)
+        return (F.pad(x0, (0, pad)),
+                *(F.pad(torch.ones_like(x0, dtype=torch.bool) if m is None else m, (0, pad), value=False)
+                  for m in masks))
+
+    def sequence_bounds(self, model, x0, *, attention_mask=None, maskable=None, **estimator):
+        x0, attention_mask, *maskable = self._whole_blocks(x0, attention_mask, *([] if maskable is None else [maskable]))
+        return block_diffusion_sequence_bounds(model, x0, self.graph, self.noise, attention_mask=attention_mask,
+                                               maskable=maskable[0] if maskable else None, **estimator)
+
+    @torch.no_grad()
+    def masked_argmax(self, model, x0, n_fixed):
+        # no σ input: a block's σ shifts all its scores alike, so the raw output has the same argmax
+        n = x0.shape[1]
+        x0, mask = self._whole_blocks(x0, None)
+        x_t = x0.clone()
+        x_t[:, n_fixed:] = self.graph.mask_id
+        out = model(x_t, x0, raw=True, attention_mask=None if bool(mask.all()) else mask)
+        return out[0, n_fixed:n, : self.graph.N].argmax(-1)
+
+    def likelihood_probe(self, model, x, generator=None) -> None:
+        x, mask = self._whole_blocks(x, None)
+        with torch.no_grad():
+            block_diffusion_loss(model, x, self.graph, self.noise, generator=generator, reduction="none",
+                                 attention_mask=None if bool(mask.all()) else mask)
+
+    def sample(self, model, **request):
+        return sample_block_diffusion(model, self.graph, self.noise, return_stats=True, **request)
+
+    def training_spec(self, *, fsdp: bool = False) -> SamplingSpec:
+        # the KV cache reads the weights outside forward(), where FSDP2 has not gathered them:
+        # under FSDP every network call re-runs the clean blocks instead (the same tokens)
+        return SamplingSpec(kv_cache=not fsdp, cache=True)
+
+    def sample_note(self) -> str:
+        return f"blocks of {self.block_size}, one analytic step per token of each, exact cache"
+
+    def default_steps(self, window: int) -> int | None:
+        return self.block_size  # each block's sampler runs on its b tokens

@@ -19,8 +19,8 @@ differs between objectives, so no other module compares the name:
 An instance is bound to one model config (:func:`objective_of`): the diffusion objectives hold their
 graph and noise schedule. Every loss is in nats per sequence (summed over the tokens of a block,
 averaged over blocks): the autoregressive one is the exact −log p(block), SEDD's and block
-diffusion's upper bounds on it in expectation (docs/math.md, "Training loss", "Autoregressive
-baseline", "Block diffusion").
+diffusion's upper bounds on it in expectation
+(docs/math.md, "Training loss", "Autoregressive baseline", "Block diffusion").
 
 Adding an objective: a model class in :mod:`sedd.model` that sets ``objective = "name"`` (a
 :class:`~sedd.model.checkpoint.Checkpointed`), and a subclass of :class:`Objective` here (or in a

@@ -437,7 +437,8 @@ class BlockDiffusion(Diffusion):
     def _whole_blocks(self, x0: torch.Tensor, *masks: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """``x0`` [B, n] padded to a multiple of b, and ``masks`` ([B, n] bool, None: all True) with
         False on the padding, which is never attended to nor scored: the bound is that of the
-        unpadded tokens (any evaluation length works, e.g. ``train/eval.py --block-size``)."""
+        unpadded tokens (any evaluation length works, e.g. ``train/eval.py --block-size``). Without
+        padding the masks come back as given (None stays None)."""
         pad = -x0.shape[1] % self.block_size
         if not pad:
             return (x0, *masks)
@@ -457,14 +458,14 @@ class BlockDiffusion(Diffusion):
         x0, mask = self._whole_blocks(x0, None)
         x_t = x0.clone()
         x_t[:, n_fixed:] = self.graph.mask_id
-        out = model(x_t, x0, raw=True, attention_mask=None if bool(mask.all()) else mask)
+        out = model(x_t, x0, raw=True, attention_mask=mask)
         return out[0, n_fixed:n, : self.graph.N].argmax(-1)
 
     def likelihood_probe(self, model, x, generator=None) -> None:
         x, mask = self._whole_blocks(x, None)
         with torch.no_grad():
             block_diffusion_loss(model, x, self.graph, self.noise, generator=generator, reduction="none",
-                                 attention_mask=None if bool(mask.all()) else mask)
+                                 attention_mask=mask)
 
     def sample(self, model, **request):
         return sample_block_diffusion(model, self.graph, self.noise, return_stats=True, **request)

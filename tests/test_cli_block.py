@@ -144,6 +144,10 @@ def test_eval_reports_the_bound_for_any_evaluation_length(trained, capsys, tmp_p
         values.append(out["integral"] + out["prior"])
     torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
     assert got["nats_per_token"] == pytest.approx(float(values[0].sum()) / 60, rel=1e-9)
+    # the model's own length, whole blocks: nothing padded
+    assert eval_cli.main([str(trained), "--data", str(TEXT), "--max-blocks", "2", "-K", "2", "--json", str(report),
+                          "--no-progress"]) == 0
+    assert json.loads(report.read_text())["tokens"] == 64
 
 
 def test_sample_any_length_the_kv_cache_and_the_stop_at_eos(trained, capsys):
@@ -247,6 +251,16 @@ def test_the_harness_answers_for_a_block_checkpoint(trained):
     lm = SEDDLM(pretrained=str(trained), device="cpu", mc_samples=4, batch_size=8)
     (ll, greedy), = lm.loglikelihood([Instance("loglikelihood", {}, ("ROMEO: To be", " or not"), 0)])
     assert math.isfinite(ll) and ll < 0 and isinstance(greedy, bool) and lm.estimates[-1]["stderr"] > 0
+    # is_greedy: with the continuation masked, the most likely token of each of its positions given
+    # the clean blocks before it (a window of whole blocks: nothing padded)
+    p = lm.pre
+    x0 = torch.tensor([p.tokenizer.encode("ROMEO: To be, or not to be, that is the question:")[:16]])
+    best = lm.objective.masked_argmax(p.model, x0, 5)
+    x_t = x0.clone()
+    x_t[:, 5:] = p.graph.mask_id
+    with torch.no_grad():
+        want = p.model(x_t, x0, raw=True)[0, 5:, : p.graph.N].argmax(-1)
+    assert best.shape == (11,) and torch.equal(best, want)
     (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("To be, or not to be",), 0)])
     assert math.isfinite(rolling) and rolling < 0
     (text,) = lm.generate_until([Instance("generate_until", {}, ("ROMEO:", {"max_gen_toks": 40, "until": ["\n\n"],

@@ -41,7 +41,7 @@ else:
 KINDS = ["analytic", "euler", "denoise"]
 ROUNDS, WARMUP = (10, 1) if CUDA else (1, 0)  # on CPU a code-path check: one round
 BASELINE_MAX_ROWS = 16384
-DT = 0.01
+DT = common.STEP_DT
 
 _cached = {}
 
@@ -52,21 +52,13 @@ def _inputs(graph, B, L):
         _cached.clear()
         if CUDA:
             torch.cuda.empty_cache()
-        g = torch.Generator(DEVICE).manual_seed(0)
-        z = torch.randn(B, L, graph.dim, device=DEVICE, generator=g, dtype=torch.bfloat16)
-        x_t = torch.randint(0, graph.N, (B, L), device=DEVICE, generator=g)
-        if graph.absorbing:
-            x_t[torch.rand(B, L, device=DEVICE, generator=g) < 0.5] = graph.mask_id
-        sigma = torch.full((B,), 2.0, device=DEVICE)
-        _cached[key] = dict(z=z, x_t=x_t, sigma=sigma, dsigma=torch.full((B,), 0.05, device=DEVICE),
-                            shift=graph.score_shift(sigma))
+        _cached[key] = common.step_inputs(graph, B, L)  # the kernel-vs-op stage and the sweep use these too
     return _cached[key]
 
 
 def bytes_moved(graph, x_t, V: int, element_size: int) -> int:
-    """Scores of the rows that can move, plus the ids read and written (module docstring)."""
-    rows = int((x_t == graph.mask_id).sum()) if graph.absorbing else x_t.numel()
-    return rows * V * element_size + 2 * x_t.numel() * x_t.element_size()
+    """Scores of the rows that can move, plus the ids read and written (``common.step_bytes``)."""
+    return common.step_bytes(graph, x_t, V, element_size)
 
 
 def _make_step(kind, impl, graph, inp):

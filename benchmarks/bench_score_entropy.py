@@ -51,31 +51,20 @@ _cached = {}
 
 
 def _inputs(graph, B, L):
-    """z, sigma, x_t, x0, shift, weight for one case; one case is kept at a time (65536 rows of
-    bf16 z are 6.6 GB)."""
+    """z, sigma, x_t, x0, shift, weight for one case (``common.loss_inputs``); one case is kept at a
+    time (65536 rows of bf16 z are 6.6 GB)."""
     key = (graph.name, B, L)
     if key not in _cached:
         _cached.clear()
         if CUDA:
             torch.cuda.empty_cache()
-        gen = torch.Generator(DEVICE).manual_seed(0)
-        z = torch.randn(B, L, graph.dim, device=DEVICE, generator=gen, dtype=DTYPE)
-        sigma = torch.rand(B, device=DEVICE, generator=gen) * 2 + 0.05
-        x0 = torch.randint(0, graph.N, (B, L), device=DEVICE, generator=gen)
-        x_t = graph.sample_transition(x0, sigma, generator=gen)
-        weight = torch.rand(B, device=DEVICE, generator=gen) + 0.5  # stands in for dσ
-        _cached[key] = (z, sigma, x_t, x0, graph.score_shift(sigma), weight)
+        _cached[key] = common.loss_inputs(graph, B, L, DTYPE)
     return _cached[key]
 
 
 def bytes_moved(graph, x_t, V: int, mode: str, element_size: int) -> int:
-    """The traffic the operation cannot avoid (see the module docstring)."""
-    rows = x_t.numel()
-    read_rows = int((x_t == graph.mask_id).sum()) if graph.absorbing else rows
-    ids = rows * x_t.element_size() + read_rows * x_t.element_size()  # x_t of every row, x0 of the rows read
-    scores = read_rows * V * element_size
-    gradient = rows * V * element_size if mode == "fwd_bwd" else 0
-    return scores + gradient + ids
+    """The traffic the operation cannot avoid (see the module docstring, ``common.loss_bytes``)."""
+    return common.loss_bytes(graph, x_t, V, mode, element_size)
 
 
 def _reference_loss(graph):

@@ -83,7 +83,8 @@ def collect(name: str, folder: Path, quality: Path | None) -> dict:
     L = config["model"]["length"]
     training = config["training"]
     flops = step_flops(config, training["global_batch"], training.get("sampling_eps", 1e-3))
-    curve = [(m["step"], m["val_loss"] / L) for m in metrics if "val_loss" in m]
+    # runs written before train/run.py logged per token kept the per-sequence value under val_loss
+    curve = [(m["step"], m.get("val_loss_per_sequence", m["val_loss"]) / L) for m in metrics if "val_loss" in m]
     tps = sorted(m["tokens_per_s"] for m in metrics if "tokens_per_s" in m)
     out = {
         "name": name, "dir": str(folder), "objective": config.get("objective", "sedd"),

@@ -133,3 +133,53 @@ def versions() -> dict:
         triton_version = None
     return {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version()}
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels' inputs and the bytes they must move: one definition for the benchmarks, the
+# kernel-vs-op stage and the launch sweep, so their figures describe the same work
+# ---------------------------------------------------------------------------------------------
+
+STEP_DT = 0.01  # Δt of the Euler step (its scalar is dσ·Δt)
+
+
+def loss_inputs(graph, B: int, L: int, dtype=torch.bfloat16, seed: int = 0):
+    """(z, σ, x_t, x0, shift, weight) of a training call: raw scores, σ ~ U(0.05, 2.05) per
+    sequence, x_t drawn from the forward process, the model's score shift, a dσ-like weight."""
+    gen = torch.Generator(DEVICE).manual_seed(seed)
+    z = torch.randn(B, L, graph.dim, device=DEVICE, generator=gen, dtype=dtype)
+    sigma = torch.rand(B, device=DEVICE, generator=gen) * 2 + 0.05
+    x0 = torch.randint(0, graph.N, (B, L), device=DEVICE, generator=gen)
+    x_t = graph.sample_transition(x0, sigma, generator=gen)
+    weight = torch.rand(B, device=DEVICE, generator=gen) + 0.5  # stands in for dσ
+    return z, sigma, x_t, x0, graph.score_shift(sigma), weight
+
+
+def step_inputs(graph, B: int, L: int, dtype=torch.bfloat16, seed: int = 0) -> dict:
+    """A sampling step's arguments: raw scores at σ = 2 with the model's shift, Δσ = 0.05 (Euler:
+    dσ = 0.05, Δt = ``STEP_DT``); absorbing with half the positions MASK, uniform random tokens."""
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    z = torch.randn(B, L, graph.dim, device=DEVICE, generator=g, dtype=dtype)
+    x_t = torch.randint(0, graph.N, (B, L), device=DEVICE, generator=g)
+    if graph.absorbing:
+        x_t[torch.rand(B, L, device=DEVICE, generator=g) < 0.5] = graph.mask_id
+    sigma = torch.full((B,), 2.0, device=DEVICE)
+    return dict(z=z, x_t=x_t, sigma=sigma, dsigma=torch.full((B,), 0.05, device=DEVICE),
+                shift=graph.score_shift(sigma))
+
+
+def loss_bytes(graph, x_t, V: int, mode: str, element_size: int) -> int:
+    """What the loss cannot avoid moving: the rows with a loss read once (absorbing: the MASK rows),
+    the ids, and for "fwd_bwd" the whole [B, L, V] gradient written once."""
+    rows = x_t.numel()
+    read_rows = int((x_t == graph.mask_id).sum()) if graph.absorbing else rows
+    ids = rows * x_t.element_size() + read_rows * x_t.element_size()  # x_t of every row, x0 of the rows read
+    gradient = rows * V * element_size if mode == "fwd_bwd" else 0
+    return read_rows * V * element_size + gradient + ids
+
+
+def step_bytes(graph, x_t, V: int, element_size: int) -> int:
+    """What a step cannot avoid moving: the rows that can change (absorbing: the MASK ones) once,
+    plus the ids read and written."""
+    rows = int((x_t == graph.mask_id).sum()) if graph.absorbing else x_t.numel()
+    return rows * V * element_size + 2 * x_t.numel() * x_t.element_size()

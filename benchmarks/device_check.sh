@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device check: everything a session with a GPU should run, in one command of at most
-# ~8 minutes on an H100/H200, most valuable stage first. From the repository root:
+# ~7 minutes on an H100/H200, most valuable stage first. From the repository root:
 #
 #     bash benchmarks/device_check.sh                  # on the GPU machine
 #     RESULTS=$OUT bash benchmarks/device_check.sh     # results where a borrowed machine returns them
@@ -10,21 +10,27 @@
 # It uses the image's python3 (PYTHON=... to change) with PYTHONPATH=., installs nothing and needs
 # no .git: the commit id is $SEDD_COMMIT, else `git rev-parse HEAD`, else benchmarks/COMMIT
 # (--write-commit, for a copy without .git), else "unknown". Stages, each under its own timeout and all under one
-# budget ($DEVICE_CHECK_BUDGET_S, default 450 s; a stage gets what is left when it starts;
+# budget ($DEVICE_CHECK_BUDGET_S, default 420 s; a stage gets what is left when it starts;
 # DEVICE_CHECK_STAGES="smoke tests" runs only the stages named, e.g. to rerun what failed):
-#   1 device   device name, copy bandwidth, bf16 matmul peak       benchmarks/device_peaks.py
-#   2 smoke    every kernel against sedd/ops/reference.py, V = 50258   benchmarks/gpu_smoke.py
-#   3 kernels  kernel benchmarks, no torch.compile baselines       bench_score_entropy.py, bench_sampling.py
-#   4 tests    the compiled-kernel tests                            tests/test_kernels_cuda.py
-#   5 e2e      training step (MFU) and sampling                     bench_end_to_end.py
-#   6 sweep    the kernels' launch choices (BLOCK_V × warps) timed   benchmarks/sweep_launch.py
-#   7 profile  the top operators of a training and a sampling step   benchmarks/profile_step.py (log only)
-#   8 compiled torch.compile(reference) baselines, if time is left  bench_score_entropy.py, bench_sampling.py
-# Under $RESULTS (default benchmarks/results), written as it goes, seven files:
+#   1 device     device name, copy bandwidth, bf16 matmul peak       benchmarks/device_peaks.py
+#   2 smoke      every kernel against sedd/ops/reference.py, V = 50258   benchmarks/gpu_smoke.py
+#   3 train      train/run.py's own step, 64 x 1024 and 8 x 1024: eager, compiled, CUDA graphs (MFU, host/GPU ms)
+#                                                                    benchmarks/whole_model.py train
+#   4 sample     the sampler, 16 x 1024 x 128 analytic steps: today's path, eager, compiled, graphs
+#                                                                    benchmarks/whole_model.py sample
+#   5 kernelvsop each fused kernel's device time apart from its op's, host µs per call   benchmarks/kernel_vs_op.py
+#   6 kernels    kernel benchmarks, no torch.compile baselines       bench_score_entropy.py, bench_sampling.py
+#   7 tests      the CUDA tests (compiled kernels, sync-free loop, captured steps)   pytest -m gpu
+#   8 e2e        training step (MFU) and sampling, the benchmark's own loop   bench_end_to_end.py
+#   9 profile    the top operators of a training and a sampling step   benchmarks/profile_step.py (log only)
+#  10 sweep      the kernels' launch choices (BLOCK_V × warps, stages), each kernel alone   benchmarks/sweep_launch.py
+#  11 compiled   torch.compile(reference) baselines, if time is left  bench_score_entropy.py, bench_sampling.py
+# Under $RESULTS (default benchmarks/results), written as it goes, eight files:
 #   status.txt        one line per stage: ok / failed (with the error tail) / skipped (with the reason)
 #   device-check.md   the results table (rebuilt after every stage, so it exists whatever fails)
+#   summary.json      the machine-readable summary (issue 29's schema; rebuilt after every stage)
 #   device-check.log  every stage's full output
-#   device.json, smoke.json, bench.jsonl, sweep.jsonl   the raw figures (one benchmark / launch pair per line)
+#   device.json, smoke.json, bench.jsonl, sweep.jsonl   the raw figures (one benchmark / launch choice per line)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,13 +49,13 @@ esac
 PY="${PYTHON:-python3}"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 RESULTS="${RESULTS:-benchmarks/results}"
-BUDGET="${DEVICE_CHECK_BUDGET_S:-450}"
+BUDGET="${DEVICE_CHECK_BUDGET_S:-420}"
 mkdir -p "$RESULTS"
 status="$RESULTS/status.txt"
 log="$RESULTS/device-check.log"
 records="$RESULTS/bench.jsonl"
 : > "$status"; : > "$log"; : > "$records"
-rm -f "$RESULTS/device.json" "$RESULTS/smoke.json" "$RESULTS/sweep.jsonl"
+rm -f "$RESULTS/device.json" "$RESULTS/smoke.json" "$RESULTS/sweep.jsonl" "$RESULTS/summary.json"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 
@@ -132,15 +138,24 @@ else
   fi
 fi
 stage smoke 120 "$PY" -m benchmarks.gpu_smoke --out "$RESULTS/smoke.json"
+if (( dry_run )); then  # aot_eager: the compiled path's plumbing without minutes of C++ builds
+  stage train 120 "$PY" -m benchmarks.whole_model train --results "$RESULTS" --compile-backend aot_eager
+  stage sample 90 "$PY" -m benchmarks.whole_model sample --results "$RESULTS" --compile-backend aot_eager
+else
+  stage train 180 "$PY" -m benchmarks.whole_model train --results "$RESULTS"
+  stage sample 120 "$PY" -m benchmarks.whole_model sample --results "$RESULTS"
+fi
+stage kernelvsop 150 "$PY" -m benchmarks.kernel_vs_op --results "$RESULTS"
 stage kernels 120 "${pytest_bench[@]}" benchmarks/bench_score_entropy.py benchmarks/bench_sampling.py -k "not compiled"
 if (( dry_run )); then
-  skip tests "tests/test_kernels_cuda.py needs CUDA (the CPU test run collects it and skips every test)"
+  skip tests "the -m gpu tests need CUDA (the CPU test run collects them and skips every one)"
 else
-  stage tests 90 "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_kernels_cuda.py
+  stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_kernels_cuda.py \
+    tests/test_train_loop.py tests/test_sampling_graphs.py tests/test_host_sync.py
 fi
 stage e2e 240 "${pytest_bench[@]}" benchmarks/bench_end_to_end.py
-stage sweep 150 "$PY" -m benchmarks.sweep_launch --out "$RESULTS/sweep.jsonl"
 stage profile 60 "$PY" -m benchmarks.profile_step
+stage sweep 150 "$PY" -m benchmarks.sweep_launch --out "$RESULTS/sweep.jsonl" --results "$RESULTS"
 if (( dry_run )); then
   skip compiled "torch.compile on CPU builds C++ with inductor for minutes; the GPU run measures it"
 else

@@ -49,7 +49,9 @@ def collect(name: str, folder: Path, quality_files: list[str], throughput: dict 
     qs = [_load(folder / f) for f in quality_files]
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     tps = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
-    vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+    # per block, as the committed results have it (runs since issue 32's item 13 log nats per token
+    # under val_loss and keep the per-block value under val_loss_per_sequence)
+    vals = [m.get("val_loss_per_sequence", m["val_loss"]) for m in metrics if "val_loss" in m]
     objective = config.get("objective", "sedd")
     key = "ar" if objective == "ar" else f"sedd-{config['graph']['type']}"
     if objective != "ar" and config["model"].get("time_conditioning") is False:

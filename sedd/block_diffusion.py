@@ -139,7 +139,8 @@ def block_diffusion_loss(
             def head(hidden, head_weight, head_bias):
                 return ops.linear_score_entropy(
                     hidden.reshape(B * K, b, -1), head_weight, head_bias, rows["sigma"], rows["x_t"], rows["x0"],
-                    graph, shift=shift, loss_weight=row_weight, reduction="none" if per_token else "sum")
+                    graph, shift=shift, loss_weight=row_weight, reduction="none" if per_token else "sum",
+                    width=graph.dim)  # the aligned head's padding rows are no scores
 
             loss = model(x_t, x0, head=head, **model_kwargs)
         else:

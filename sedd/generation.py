@@ -46,7 +46,8 @@ from sedd.sampling import SamplingSpec, SamplingStats, check_eps
 from sedd.sampling.spans import Span, fixed_spans, spans_to_mask
 from sedd.sampling.spec import FAMILIES, SamplingOptionError
 
-__all__ = ["Sample", "sample_blockwise", "generate", "generate_samples", "plan_windows", "stopped_lengths"]
+__all__ = ["Sample", "continuation_layout", "sample_blockwise", "generate", "generate_samples", "plan_windows",
+           "stopped_lengths"]
 
 
 @dataclass
@@ -90,6 +91,22 @@ def stopped_lengths(tokens: torch.Tensor, eos_id: int, fixed_mask: torch.Tensor 
         hit &= ~fixed_mask.to(hit.device).bool()
     first = hit.long().argmax(1)
     return torch.where(hit.any(1), first + 1, tokens.shape[1]).tolist()
+
+
+def continuation_layout(context: int, new: int, window: int, stride: int, *,
+                        windows: bool = True) -> tuple[int, int, int | None]:
+    """(context tokens kept, windows, stride or None) of ``new`` tokens generated after
+    ``context`` tokens by a model that sees ``window`` at once: one window holding the last
+    ``window - new`` context tokens when ``new < window`` (lm_eval's own models cut the context so),
+    else windows of ``stride`` new tokens after the first, which holds the last
+    ``window - stride`` context tokens. ``windows=False`` (a sampler that takes any length, its
+    family's ``windows``): one call holding the last ``window`` context tokens."""
+    if not windows:
+        return min(context, window), 1, None
+    if new < window:
+        return min(context, window - new), 1, None
+    keep = min(context, window - stride)
+    return keep, 1 + -(-(keep + new - window) // stride), stride
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""SEDD models in EleutherAI's lm-evaluation-harness: the model type ``"sedd"``.
+"""sedd-triton checkpoints in EleutherAI's lm-evaluation-harness: the model type ``"sedd"``.
 
 Importing this module registers the model with ``lm_eval`` (the ``eval`` extra:
 ``pip install -e ".[eval]"``)::
@@ -9,38 +9,27 @@ Importing this module registers the model with ``lm_eval`` (the ``eval`` extra:
     import lm_eval, sedd.harness                      # from Python
     lm_eval.simple_evaluate(model="sedd", model_args={"pretrained": "out/cpu"}, tasks=[...])
 
-A diffusion model has no exact log-likelihood: every number the harness receives is a Monte Carlo
-estimate of the SEDD bound (:mod:`sedd.likelihood`), K draws of t per request (``mc_samples``,
-stratified by default), with the standard error estimated from the spread of the draws. The
-standard errors are logged after every batch of requests, kept in :attr:`SEDDLM.estimates` and,
-with ``estimates=PATH``, appended to a JSON-lines file (lm_eval's sample files hold only what its
-metrics read, so they cannot carry them).
+One model name for every objective (:mod:`sedd.objectives` answers for each): a diffusion
+checkpoint's numbers are Monte Carlo estimates of the SEDD bound from K draws of t per request
+(``mc_samples``), with standard errors from the spread of the draws; an autoregressive
+checkpoint's are exact (``mc_samples`` and ``time_sampler`` are refused for it). The standard
+errors are logged, kept in :attr:`SEDDLM.estimates` and, with ``estimates=PATH``, appended to a
+JSON-lines file (lm_eval's sample files hold only what its metrics read), with a record of every
+generation (its sampler, windows and network evaluations).
 
-The three request types (the conventions in full: docs/math.md, "Likelihood bound"):
-``loglikelihood(context, continuation)`` returns (−B, is_greedy), B the conditional bound on
-−log p(continuation | context) with the context held clean (absorbing graph only:
-:class:`HarnessError` otherwise); ``loglikelihood_rolling(text)`` returns −B for the bound on
-−log p(text + EOS), as ``train/eval.py`` computes it on a file holding only ``text``;
-``generate_until(context, gen_kwargs)`` samples after the fixed context, window by window, and
-cuts the text at EOS and the first stop string (greedy: top_k = 1 in every step).
-
-Block-diffusion checkpoints (``train/run.py --objective block``) answer the same requests through
-their objective (:mod:`sedd.objectives`): the bound is the sum of the blocks' bounds, the context
-held clean within its last block and in the blocks before it; is_greedy reads each block's most
-likely tokens given the clean blocks before it; generation runs block by block and stops at EOS.
-
-Seeds: every request draws from its own generator, seeded from ``seed`` and the request's text
-(for loglikelihood, its context only, so the choices of one question share their draws of t:
-common random numbers make their differences less noisy than their values; on the example cloze
-task with the cpu preset at K = 8, the variance of a difference between two choices was a tenth
-of what independent draws give). A request's number
-therefore depends on the seed, its text, K, the time sampler and the batch size, never on the
-other requests of the run. Generation seeds each batch from its contexts and settings.
+What each request type returns, how generation lays its windows, picks its sampler (the cost
+scales with the tokens generated) and treats the context's trailing spaces, and what seeds a
+request: docs/math.md, "Likelihood bound" (in lm-evaluation-harness). In short, every request
+draws from its own generator, seeded from ``seed`` and the request (for loglikelihood its context
+only, so the choices of one question share their draws of t: on the example cloze task with the
+cpu preset at K = 8 the variance of a difference between two choices was a tenth of what
+independent draws give), so its number or text depends on the seed, the request, the model_args
+and the machine, never on the other requests of the run or on how they are batched.
 
 Batching: ``batch_size`` is rows per model call, as ``train/eval.py --batch-size``; the K draws
 of a request (or the blocks of a document, with their draws) share calls up to that many rows.
-Requests are not mixed in one call, so that their numbers stay independent of each other; at
-small K the calls are therefore smaller than ``batch_size``.
+Requests are not mixed in one call, so at small K the calls are smaller than ``batch_size``, and
+generation samples one request per call.
 """
 
 from __future__ import annotations
@@ -67,11 +56,14 @@ except ImportError as err:  # the optional extra
         "(or pip install \"lm-eval>=0.4\")"
     ) from err
 
-from sedd.likelihood import TIME_SAMPLERS, block_bounds, make_blocks
-from sedd.objectives import BlockDiffusion, Diffusion, objective_of
-from sedd.sampling import SamplingOptionError, SamplingSpec
+from sedd.generation import continuation_layout, sample_blockwise
+from sedd.likelihood import TIME_SAMPLERS, make_blocks
+from sedd.objectives import objective_of
+from sedd.sampling import SamplingOptionError, SamplingSpec, conditioning
+from sedd.sampling.spans import spaces_join_next_word
+from sedd.sampling.spec import FAMILIES
 
-__all__ = ["HarnessError", "SEDDLM", "MODEL_ARGS", "check_model_args"]
+__all__ = ["HarnessError", "SEDDLM", "MODEL_ARGS", "check_model_args", "check_for_objective"]
 
 # lm_eval configures its own logger tree, not the root one: log under it so the CLI shows us
 logger = logging.getLogger("lm_eval.models.sedd")
@@ -79,19 +71,23 @@ logger = logging.getLogger("lm_eval.models.sedd")
 DTYPES = {"auto": "auto", "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_GEN_TOKS = 256
+DEFAULT_MC_SAMPLES = 32
 
 MODEL_ARGS = {
     "pretrained": "checkpoint directory (config.json + model.safetensors) or Hugging Face Hub id",
     "tokenizer": "tokenizer spec or directory (default: the checkpoint's tokenizer.json, else GPT-2)",
     "device": "auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...",
     "batch_size": f"rows per model call, or auto ({DEFAULT_BATCH_SIZE})",
-    "mc_samples": "K, draws of t per request (>= 2; default 32; the paper's bound used 1000)",
-    "time_sampler": f"how the K times are drawn: {', '.join(TIME_SAMPLERS)} (default stratified)",
+    "mc_samples": f"K, draws of t per request (>= 2; default {DEFAULT_MC_SAMPLES}; the paper's bound used 1000; "
+                  "diffusion checkpoints only)",
+    "time_sampler": f"how the K times are drawn: {', '.join(TIME_SAMPLERS)} (default stratified; diffusion "
+                    "checkpoints only)",
     "seed": "seed of every request's draws (default 0)",
     "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16",
-    "estimates": "append every estimate and its standard error to this JSON-lines file",
+    "estimates": "append every estimate (its standard error) and every generation (its sampler, NFE) to this "
+                 "JSON-lines file",
     # how generate_until samples: every field of sedd.sampling.SamplingSpec (top_p and top_k apply
-    # to do_sample=True; greedy generation is top_k = 1)
+    # to do_sample=True; greedy generation is top_k = 1, temperature 0 for an autoregressive model)
     **{name: f"generate_until: {SamplingSpec.help(name)}" for name in SamplingSpec.names()},
     # passed by lm_eval itself; accepted and not used
     "max_batch_size": "(lm_eval's auto batch search; not used)",
@@ -99,10 +95,8 @@ MODEL_ARGS = {
 }
 FROM_LM_EVAL = ("max_batch_size", "trust_remote_code")
 SAMPLING = SamplingSpec.names()
-# the objectives whose checkpoints the model answers for: its requests read the SEDD bound (of a
-# block-diffusion model: the sum of its blocks' bounds), through the objective's sequence_bounds
-# and masked_argmax
-ANSWERS = (Diffusion, BlockDiffusion)
+# model_args that only a likelihood estimated from draws of t reads
+DRAWS = ("mc_samples", "time_sampler")
 
 
 class HarnessError(ValueError):
@@ -132,9 +126,10 @@ def sampling_spec(values: dict[str, Any], where: str, base: SamplingSpec | None 
 def check_model_args(args: dict[str, Any]) -> dict[str, Any]:
     """The model_args of ``"sedd"`` checked and normalised, without loading anything.
 
-    Returns a dict with every key of :data:`MODEL_ARGS` (defaults filled in), and ``spec``, the
-    sampling options as one :class:`~sedd.sampling.SamplingSpec`. Raises :class:`HarnessError` for
-    an unknown key or a bad value.
+    Returns a dict with every key of :data:`MODEL_ARGS` (defaults filled in), ``spec``, the
+    sampling options as one :class:`~sedd.sampling.SamplingSpec`, and ``given``, the keys given.
+    Raises :class:`HarnessError` for an unknown key or a bad value. What depends on the
+    checkpoint is :func:`check_for_objective`'s.
     """
     unknown = sorted(set(args) - set(MODEL_ARGS))
     if unknown:
@@ -142,12 +137,13 @@ def check_model_args(args: dict[str, Any]) -> dict[str, Any]:
         raise HarnessError(f"unknown model_args key{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} for "
                            f"the sedd model; known: {known}")
     out = {
-        "pretrained": None, "tokenizer": None, "device": "auto", "batch_size": "auto", "mc_samples": 32,
-        "time_sampler": "stratified", "seed": 0, "dtype": "auto", "estimates": None,
+        "pretrained": None, "tokenizer": None, "device": "auto", "batch_size": "auto",
+        "mc_samples": DEFAULT_MC_SAMPLES, "time_sampler": "stratified", "seed": 0, "dtype": "auto", "estimates": None,
     }
     out.update({k: v for k, v in args.items() if v is not None and k not in FROM_LM_EVAL and k not in SAMPLING})
     spec = sampling_spec({k: v for k, v in args.items() if k in SAMPLING}, "model_args")
-    out.update(dataclasses.asdict(spec), spec=spec)
+    out.update(dataclasses.asdict(spec), spec=spec,
+               given=frozenset(k for k, v in args.items() if v is not None and k not in FROM_LM_EVAL))
     if out["pretrained"] is None or (isinstance(out["pretrained"], str) and not out["pretrained"].strip()):
         raise HarnessError("model_args needs pretrained=DIR_OR_HUB_ID (a checkpoint directory or a Hub id)")
     if isinstance(out["pretrained"], os.PathLike):
@@ -174,11 +170,29 @@ def check_model_args(args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_for_objective(opts: dict[str, Any], objective) -> None:
+    """The refusals that depend on what the checkpoint was trained for (its objective, from its
+    config: :func:`sedd.objectives.objective_of`), for model_args checked by
+    :func:`check_model_args`: draws of t for an exact likelihood, sampler options its sampler does
+    not read. :class:`HarnessError`; train/harness.py runs it before lm_eval indexes its tasks."""
+    drawn = [k for k in DRAWS if k in opts["given"]]
+    if objective.exact and drawn:
+        raise HarnessError(
+            f"model_args {' and '.join(drawn)} {'does' if len(drawn) == 1 else 'do'} not apply to "
+            f"{objective.a_label()} checkpoint: its likelihood is exact (one forward per window, no draws of t); "
+            f"drop {'it' if len(drawn) == 1 else 'them'}")
+    try:
+        opts["spec"].validate(objective)
+    except SamplingOptionError as err:
+        raise HarnessError(err.render(lambda name: f"model_args {name}")) from None
+
+
 def _request_seed(seed: int, *parts: Any) -> int:
-    """A 63-bit seed from the run's seed and a request's text (stable across processes and
-    versions of Python, unlike ``hash``)."""
-    digest = hashlib.sha256(json.dumps([seed, *parts], ensure_ascii=False).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    """A 63-bit seed from the run's seed and a request (stable across processes and versions of
+    Python, unlike ``hash``; a predictor given as an object counts by its name)."""
+    text = json.dumps([seed, *parts], ensure_ascii=False,
+                      default=lambda o: getattr(o, "name", None) or type(o).__name__)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 def _where(req) -> dict[str, Any]:
@@ -196,20 +210,27 @@ def _model_device(model) -> torch.device:
 
 @register_model("sedd")
 class SEDDLM(LM):
-    """A SEDD checkpoint as an ``lm_eval`` model (module docstring: what each request returns).
+    """A checkpoint of any objective as an ``lm_eval`` model (module docstring: what each
+    request returns).
 
     Args:
         pretrained: a checkpoint directory or Hub id (loaded with :func:`sedd.load_pretrained`),
-            or an already loaded :class:`sedd.Pretrained` (``model`` any ``model(x_t, sigma)``
-            with a ``length``; ``tokenizer`` with ``encode``, ``decode``, ``eos_id``, ``name``),
-            which stays on its device (``device`` and ``dtype`` apply to loading only).
+            or an already loaded :class:`sedd.Pretrained` (``model`` a SEDD or ARModel, or any
+            ``model(x_t, sigma)`` with a ``length``; ``tokenizer`` with ``encode``, ``decode``,
+            ``eos_id``, ``name``), which stays on its device (``device`` and ``dtype`` apply to
+            loading only).
         other keyword arguments: the model_args of :data:`MODEL_ARGS`.
 
     Attributes:
-        estimates: one dict per loglikelihood / loglikelihood_rolling request answered, in order:
-            ``task``, ``doc_id``, ``idx`` (which lm_eval request), ``request`` (its type), ``value``
-            (what lm_eval received), ``stderr`` (its Monte Carlo standard error, nats), ``tokens``
-            (tokens scored), ``mc_samples`` and ``is_greedy`` (None for rolling requests).
+        estimates: one dict per request answered, in order: ``task``, ``doc_id``, ``idx`` (which
+            lm_eval request), ``request`` (its type); for the likelihoods ``value`` (what lm_eval
+            received), ``stderr`` (its Monte Carlo standard error, nats; 0 when exact),
+            ``tokens`` (tokens scored), ``mc_samples`` (None when exact) and ``is_greedy`` (None
+            for rolling requests); for generations ``tokens`` (generated), ``context_tokens``
+            (kept in the window) and ``context_cut`` (cut from its left), ``windows``, ``nfe``
+            (network evaluations) and ``sampler`` (:meth:`~sedd.sampling.SamplingSpec.record`:
+            what ran).
+        objective: the checkpoint's :class:`~sedd.objectives.Objective`.
     Raises:
         HarnessError: bad arguments, or a checkpoint that cannot be loaded.
     """
@@ -235,17 +256,9 @@ class SEDDLM(LM):
             if device.type != "cuda" and opts["dtype"] in ("bfloat16", "float16"):
                 logger.warning("dtype=%s applies to CUDA autocast; on %s the model computes in float32",
                                opts["dtype"], device.type)
-        objective = objective_of(loaded.model, graph=loaded.graph, noise=loaded.noise)
-        if type(objective) not in ANSWERS:
-            what = "exact perplexity" if objective.exact else "likelihood"
-            raise HarnessError(f"{opts['pretrained']!r} is {objective.a_label()} checkpoint (train/run.py --objective "
-                               f"{objective.name}): the model 'sedd' scores SEDD checkpoints; train/eval.py gives its "
-                               f"{what}")
-        try:
-            opts["spec"].validate(objective)
-        except SamplingOptionError as err:
-            raise HarnessError(err.render(lambda name: f"model_args {name}")) from None
-        self.pre, self.objective = loaded, objective
+        self.objective = objective_of(loaded.model, graph=loaded.graph, noise=loaded.noise)
+        check_for_objective(opts, self.objective)
+        self.pre = loaded
         self.model, self.graph, self.noise, self.tok = loaded.model, loaded.graph, loaded.noise, loaded.tokenizer
         self._device = _model_device(self.model)
         self.window = int(getattr(self.model, "length", 0) or 0)
@@ -319,19 +332,22 @@ class SEDDLM(LM):
             pieces.append((before + new, len(before)))
         return pieces
 
-    def _greedy(self, tokens: torch.Tensor, n_fixed: int) -> bool:
-        """The is_greedy rule (module docstring) for one window [1, L]."""
-        best = self.objective.masked_argmax(self.model, tokens, n_fixed)
-        return bool(torch.equal(best, tokens[0, n_fixed:]))
-
     def _record(self, kind: str, entries: list[dict[str, Any]]) -> None:
         self.estimates.extend(entries)
         if not entries:
             return
-        errors = [e["stderr"] for e in entries]
-        logger.info("sedd: %d %s estimate(s), K = %d %s draws each: standard error median %.4g nats, "
-                    "largest %.4g", len(entries), kind, self.K, self.time_sampler, statistics.median(errors),
-                    max(errors))
+        if kind == "generate_until":
+            samplers = sorted({e["sampler"]["sampler"] for e in entries})
+            logger.info("sedd: %d generation(s) by the %s sampler: %d generated tokens, %d network evaluations",
+                        len(entries), ", ".join(samplers), sum(e["tokens"] for e in entries),
+                        sum(e["nfe"] for e in entries))
+        elif self.objective.exact:
+            logger.info("sedd: %d %s value(s), exact (%s)", len(entries), kind, self.objective.label)
+        else:
+            errors = [e["stderr"] for e in entries]
+            logger.info("sedd: %d %s estimate(s), K = %d %s draws each: standard error median %.4g nats, "
+                        "largest %.4g", len(entries), kind, self.K, self.time_sampler, statistics.median(errors),
+                        max(errors))
         path = self.options.get("estimates")
         if path:
             path = Path(path)
@@ -340,17 +356,20 @@ class SEDDLM(LM):
                 for e in entries:
                     f.write(json.dumps(e, ensure_ascii=False) + "\n")
 
+    @property
+    def _draws(self) -> int | None:
+        """K as recorded: None for an exact likelihood."""
+        return None if self.objective.exact else self.K
+
     # -- the three request types ---------------------------------------------------------------
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """[(−bound on −log p(continuation | context), is_greedy)] per request (module docstring)."""
         if not requests:
             return []
-        if not self.graph.absorbing:
-            raise HarnessError(
-                f"loglikelihood needs a model on the absorbing graph; this one uses the {self.graph.name} graph, on "
-                "which holding the context fixed does not give the exact conditional (the model cannot tell a "
-                "clean context token from a noisy one). loglikelihood_rolling and generate_until work on it")
+        refusal = self.objective.continuation_refusal()
+        if refusal is not None:
+            raise HarnessError(f"loglikelihood {refusal}. loglikelihood_rolling and generate_until work on it")
         results, entries = [], []
         for req in tqdm(requests, desc="sedd loglikelihood", unit="req", disable=disable_tqdm):
             context, continuation = req.args
@@ -358,26 +377,23 @@ class SEDDLM(LM):
             if not cont:
                 results.append((0.0, True))
                 entries.append({**_where(req), "request": "loglikelihood", "value": 0.0, "stderr": 0.0,
-                                "tokens": 0, "mc_samples": self.K, "is_greedy": True})
+                                "tokens": 0, "mc_samples": self._draws, "is_greedy": True})
                 continue
             generator = self._generator("loglikelihood", context)
             total = variance = 0.0
             greedy = True
             for ids, n_fixed in self._pieces(ctx, cont):
                 x0 = torch.tensor([ids], dtype=torch.long, device=self._device)
-                maskable = torch.zeros_like(x0, dtype=torch.bool)
-                maskable[:, n_fixed:] = True
-                out = self.objective.sequence_bounds(
-                    self.model, x0, num_samples=self.K, time_sampler=self.time_sampler,
-                    batch_size=self.batch_size, generator=generator, maskable=maskable,
-                )
-                total += float(out["integral"][0] + out["prior"][0])
-                variance += float(out["variance"][0])
-                greedy = self._greedy(x0, n_fixed) and greedy
+                score = self.objective.continuation(self.model, x0, n_fixed, num_samples=self.K,
+                                                    time_sampler=self.time_sampler, batch_size=self.batch_size,
+                                                    generator=generator)
+                total += score.nll
+                variance += score.variance
+                greedy = score.greedy and greedy
             results.append((-total, greedy))
             entries.append({**_where(req), "request": "loglikelihood", "value": -total,
-                            "stderr": math.sqrt(max(variance, 0.0)), "tokens": len(cont), "mc_samples": self.K,
-                            "is_greedy": greedy})
+                            "stderr": math.sqrt(max(variance, 0.0)), "tokens": len(cont),
+                            "mc_samples": self._draws, "is_greedy": greedy})
         self._record("loglikelihood", entries)
         return results
 
@@ -391,22 +407,21 @@ class SEDDLM(LM):
             (text,) = req.args[:1]
             blocks, mask = make_blocks(self.tok.encode(text) + [eos], self.window, "pad", None, eos)
             docs.append((text, blocks, mask))
-        bar = tqdm(total=sum(len(b) for _, b, _ in docs) * self.K, desc="sedd loglikelihood_rolling",
-                   unit="draw", disable=disable_tqdm)
+        work = sum(self.objective.likelihood_work(len(b), self.K)[0] for _, b, _ in docs)
+        unit = self.objective.likelihood_work(1, self.K)[1]
+        bar = tqdm(total=work, desc="sedd loglikelihood_rolling", unit=unit, disable=disable_tqdm)
         results, entries = [], []
         for req, (text, blocks, mask) in zip(requests, docs):
-            parts = block_bounds(
-                self.model, blocks, mask, self.graph, self.noise, num_samples=self.K,
-                time_sampler=self.time_sampler, batch_size=self.batch_size,
-                generator=self._generator("loglikelihood_rolling", text), device=self._device, on_draws=bar.update,
-                estimator=self.objective.bound_estimator,
+            report = self.objective.likelihood(
+                self.model, blocks, mask, num_samples=self.K, time_sampler=self.time_sampler,
+                batch_size=self.batch_size, generator=self._generator("loglikelihood_rolling", text),
+                device=self._device, on_progress=bar.update,
             )
-            total = sum(float((p["integral"] + p["prior"]).sum()) for p in parts)
-            variance = sum(float(p["variance"].sum()) for p in parts)
+            total = report.nats_per_token * report.tokens  # as train/eval.py's report gives it
             results.append(-total)
             entries.append({**_where(req), "request": "loglikelihood_rolling", "value": -total,
-                            "stderr": math.sqrt(max(variance, 0.0)), "tokens": int(mask.sum()),
-                            "mc_samples": self.K, "is_greedy": None})
+                            "stderr": report.stderr_nats_per_token * report.tokens, "tokens": report.tokens,
+                            "mc_samples": self._draws, "is_greedy": None})
         bar.close()
         self._record("loglikelihood_rolling", entries)
         return results
@@ -418,61 +433,80 @@ class SEDDLM(LM):
         max_gen = kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS)
         do_sample, temperature = kwargs.pop("do_sample", None), kwargs.pop("temperature", None)
         where = "gen_kwargs"
-        spec = sampling_spec({k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING}, where, self.spec)
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING}
+        spec = sampling_spec(options, where, self.spec)
         temperature = None if temperature is None else float(temperature)
         greedy = do_sample is False or (do_sample is None and not (temperature or 0) > 0)
+        tempered = spec.applies("temperature", self.objective)  # an autoregressive model reads it
         if greedy:
-            spec = dataclasses.replace(spec, top_p=None, top_k=1)
+            spec = dataclasses.replace(spec, top_p=None, top_k=None, temperature=0.0) if tempered else \
+                dataclasses.replace(spec, top_p=None, top_k=1)
+        elif tempered and temperature is not None:
+            spec = sampling_spec({"temperature": temperature}, where, spec)
         elif temperature not in (None, 0.0, 1.0):
             self._warn_once("temperature", "sedd: the SEDD samplers have no temperature; temperature=%s is "
                             "ignored (use top_p / top_k)", temperature)
         for key in kwargs:
-            self._warn_once(f"gen:{key}", "sedd: generation argument %r is not used by the SEDD samplers", key)
+            self._warn_once(f"gen:{key}", "sedd: generation argument %r is not used by the %s sampler", key,
+                            self.objective.label)
+        try:
+            spec.validate(self.objective)
+        except SamplingOptionError as err:
+            raise HarnessError(err.render(lambda name: f"{where} {name}")) from None
         return {"until": tuple(until), "max_gen_toks": _positive_int("max_gen_toks", max_gen, 1, where),
-                "spec": spec}
+                "spec": spec, "given": self.options["given"] | set(options), "greedy": greedy}
+
+    def _generation_spec(self, spec: SamplingSpec, given, new_per_window: int) -> SamplingSpec:
+        """The spec that runs: first hitting where the user chose no predictor and it can run, else
+        the steps the user chose or as many as the window's new tokens (module docstring)."""
+        if "predictor" not in given:
+            try:
+                return dataclasses.replace(spec, predictor="first_hitting").validate(self.objective)
+            except SamplingOptionError:  # another graph or family, or an option first hitting does not read
+                pass
+        if spec.steps is None and spec.applies("steps", self.objective):  # a block model's: per block
+            spec = dataclasses.replace(spec, steps=self.objective.default_steps(new_per_window))
+        if spec.applies("stop_at_eos", self.objective):  # the text is cut at EOS: generate nothing after it
+            spec = dataclasses.replace(spec, stop_at_eos=True)
+        return spec
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """The generated text (no context) per request, cut at EOS and the ``until`` strings."""
-        from sedd.generation import generate_samples
+        repeats: dict[int, int] = {}  # lm_eval passes a request with repeats that many times, the same object
+        out, entries = [], []
+        for req in tqdm(requests, desc="sedd generate_until", unit="req", disable=disable_tqdm):
+            repeats[id(req)] = repeats.get(id(req), -1) + 1
+            text, record = self._continue(req.args[0], req.args[1] if len(req.args) > 1 else {}, repeats[id(req)])
+            out.append(text)
+            entries.append({**_where(req), "request": "generate_until", **record})
+        self._record("generate_until", entries)
+        return out
 
-        if not requests:
-            return []
-        rows = []
-        for i, req in enumerate(requests):
-            context, gen_kwargs = req.args[0], (req.args[1] if len(req.args) > 1 else {})
-            settings = self._generation_settings(gen_kwargs)
-            prompt = context.rstrip(" ")  # generate_samples leaves a trailing space to the next token
-            n_ctx = len(self.tok.encode(prompt)) if prompt else 0
-            rows.append((i, prompt, n_ctx, settings))
-        # one call per run of rows with the same context length and settings: a batch shares its length
-        groups: dict[tuple, list] = {}
-        for row in rows:
-            key = (row[2], row[3]["until"], row[3]["max_gen_toks"], row[3]["spec"])
-            groups.setdefault(key, []).append(row)
-        out: list[str | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), desc="sedd generate_until", unit="req", disable=disable_tqdm)
-        for (n_ctx, *_), members in groups.items():
-            for start in range(0, len(members), self.batch_size):
-                batch = members[start : start + self.batch_size]
-                s = batch[0][3]
-                prompts = [row[1] or None for row in batch]
-                settings = sorted({**dataclasses.asdict(s["spec"]), "until": s["until"],
-                                   "max_gen_toks": s["max_gen_toks"]}.items())
-                generator = self._generator("generate_until", [row[1] for row in batch], settings)
-                spec = s["spec"] if s["spec"].window is not None else dataclasses.replace(s["spec"], window=self.window)
-                if spec.applies("stop_at_eos", self.objective):  # the text is cut at EOS: generate no further
-                    spec = dataclasses.replace(spec, stop_at_eos=True)
-                samples = generate_samples(self.pre, prompts, length=n_ctx + s["max_gen_toks"], spec=spec,
-                                           generator=generator)
-                for row, sample in zip(batch, samples):
-                    start_gen = sample.fixed[0].end if sample.fixed else 0
-                    ids = sample.tokens[start_gen : start_gen + s["max_gen_toks"]]
-                    if self.tok.eos_id in ids:
-                        ids = ids[: ids.index(self.tok.eos_id)]
-                    text = self.tok.decode(ids)
-                    for stop in s["until"]:
-                        text = text.split(stop, 1)[0]
-                    out[row[0]] = text
-                bar.update(len(batch))
-        bar.close()
-        return out  # type: ignore[return-value]
+    def _continue(self, context: str, gen_kwargs: dict[str, Any], repeat: int) -> tuple[str, dict[str, Any]]:
+        s = self._generation_settings(gen_kwargs)
+        # the rule of generate_samples (sedd.sampling.spans): a BPE's space belongs to the next word
+        kept = context.rstrip(" ") if spaces_join_next_word(self.tok) else context
+        ctx = self.tok.encode(kept) if kept else []
+        new, window = s["max_gen_toks"], s["spec"].window or self.window
+        stride = s["spec"].stride or window // 2
+        if new >= window and stride >= window:
+            raise HarnessError(f"gen_kwargs stride must be smaller than the window ({window}), got {stride}")
+        keep, windows, stride = continuation_layout(len(ctx), new, window, stride,
+                                                    windows=FAMILIES[self.objective.sampler].windows)
+        spec = self._generation_spec(s["spec"], s["given"], new if stride is None else stride)
+        fixed, mask = conditioning(keep + new, {0: ctx[len(ctx) - keep :]}, device=self._device)
+        # seeded by the request, not by how it is sampled: the exact cache, say, draws the same tokens
+        generator = self._generator("generate_until", context, s["until"], new, s["greedy"], repeat)
+        x, stats = sample_blockwise(self.model, self.graph, self.noise, batch_size=1, length=keep + new, spec=spec,
+                                    fixed_tokens=fixed, fixed_mask=mask, generator=generator, device=self._device,
+                                    return_stats=True, eos_id=self.tok.eos_id)
+        ids = x[0, keep:].tolist()
+        text = self.tok.decode(ids[: ids.index(self.tok.eos_id)] if self.tok.eos_id in ids else ids)
+        spaces = context[len(kept):]
+        if spaces and text.startswith(spaces):  # the context's own space, not something generated after it
+            text = text[len(spaces):]
+        for stop in s["until"]:
+            text = text.split(stop, 1)[0]
+        return text, {"tokens": new, "context_tokens": keep, "context_cut": len(ctx) - keep, "windows": windows,
+                      "nfe": int(stats.nfe[0]), "repeat": repeat,
+                      "sampler": spec.record(self.objective, steps=spec.steps, window=window, stride=stride)}

@@ -309,20 +309,38 @@ def summarize(parts: list[dict[str, torch.Tensor]], num_samples: int, time_sampl
     if not parts:
         raise ValueError("no sequences were evaluated")
     cat = {k: torch.cat([p[k].double().cpu() for p in parts]) for k in parts[0]}
-    tokens = cat["tokens"].sum().item()
-    total = (cat["integral"] + cat["prior"]).sum().item()
-    se_total = math.sqrt(max(cat["variance"].sum().item(), 0.0))
+    return _report((cat["integral"] + cat["prior"]).sum().item(), cat["variance"].sum().item(),
+                   cat["prior"].sum().item(), cat["tokens"].sum().item(), len(cat["tokens"]), num_samples,
+                   time_sampler, exact)
+
+
+def combine(reports: list[BoundReport]) -> BoundReport:
+    """One report of the sequences of ``reports`` (disjoint sequences, one estimator): the totals
+    add, and so do the variances (the draws are independent). What ``train/eval.py`` reports of
+    the blocks its processes scored."""
+    if not reports:
+        raise ValueError("no reports to combine")
+    return _report(sum(r.nats_per_token * r.tokens for r in reports),
+                   sum((r.stderr_nats_per_token * r.tokens) ** 2 for r in reports),
+                   sum(r.prior_nats_per_token * r.tokens for r in reports), sum(r.tokens for r in reports),
+                   sum(r.sequences for r in reports), reports[0].num_samples, reports[0].time_sampler,
+                   reports[0].exact)
+
+
+def _report(total: float, variance: float, prior: float, tokens: float, sequences: int, num_samples: int,
+            time_sampler: str, exact: bool) -> BoundReport:
+    """The report of a total bound (nats), its variance and its prior term over ``tokens``."""
     nats = total / tokens
-    se = se_total / tokens
+    se = math.sqrt(max(variance, 0.0)) / tokens
     return BoundReport(
         nats_per_token=nats,
         stderr_nats_per_token=se,
         bits_per_token=nats / math.log(2),
         perplexity_bound=math.exp(nats),
         perplexity_ci95=(math.exp(nats - 1.96 * se), math.exp(nats + 1.96 * se)),
-        prior_nats_per_token=cat["prior"].sum().item() / tokens,
+        prior_nats_per_token=prior / tokens,
         tokens=int(tokens),
-        sequences=len(cat["tokens"]),
+        sequences=sequences,
         num_samples=num_samples,
         time_sampler=time_sampler,
         exact=exact,

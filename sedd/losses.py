@@ -120,7 +120,7 @@ def _fused_loss(model, x_t, sigma, x0, graph, weight, attention_mask, reduction,
     def head(hidden, head_weight, head_bias):
         return ops.linear_score_entropy(
             hidden, head_weight, head_bias, sigma, x_t, x0, graph, shift=shift, loss_weight=weight,
-            reduction="none" if per_token else "batchmean",
+            reduction="none" if per_token else "batchmean", width=graph.dim,
         )
 
     # the loss runs inside the model's forward (see SEDD.forward's ``head``): under FSDP2 the head's
@@ -177,7 +177,7 @@ def ar_loss(
         def head(hidden, weight, bias):
             return ops.linear_cross_entropy(
                 hidden, weight, bias, x0, mask=attention_mask, loss_weight=scale if scale != 1.0 else None,
-                reduction="none" if reduction == "none" else "batchmean",
+                reduction="none" if reduction == "none" else "batchmean", width=getattr(net, "vocab_size", None),
             )
 
         loss = model(x0, head=head, **model_kwargs)

@@ -10,7 +10,9 @@ differs between objectives, so no other module compares the name:
   training flags it does not read (``refused_flags``, refused by ``train/config.py``), those it
   fixes (``implied_flags``), its own (``flags``: every other objective refuses them) and the check
   of a run's configuration before any work (:meth:`Objective.check_run`);
-* the likelihood: :meth:`Objective.likelihood` (the SEDD bound, or an exact NLL: ``exact``);
+* the likelihood: :meth:`Objective.likelihood` (the SEDD bound, or an exact NLL: ``exact``), and
+  of a continuation given its context, :meth:`Objective.continuation` (where
+  :meth:`Objective.continuation_refusal` says none);
 * sampling: ``sampler``, the family of its sampler (which :class:`~sedd.sampling.SamplingSpec`
   options it reads: :meth:`~sedd.sampling.SamplingSpec.validate` refuses the others),
   :meth:`Objective.sample`, the sampler run on a spec, and :meth:`Objective.default_steps`, the
@@ -20,7 +22,9 @@ An instance is bound to one model config (:func:`objective_of`): the diffusion o
 graph and noise schedule. Every loss is in nats per sequence (summed over the tokens of a block,
 averaged over blocks): the autoregressive one is the exact −log p(block), SEDD's and block
 diffusion's upper bounds on it in expectation
-(docs/math.md, "Training loss", "Autoregressive baseline", "Block diffusion").
+(docs/math.md, "Training loss", "Autoregressive baseline", "Block diffusion"). train/run.py's log
+divides them by the block's length (nats per token) and, with :meth:`Objective.prior_nats_per_token`,
+gives the perplexity (a bound unless ``exact``).
 
 Adding an objective: a model class in :mod:`sedd.model` that sets ``objective = "name"`` (a
 :class:`~sedd.model.checkpoint.Checkpointed`), and a subclass of :class:`Objective` here (or in a
@@ -31,6 +35,7 @@ module of its own) decorated with :func:`register_objective`; ``train/run.py --o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -43,7 +48,7 @@ from sedd.block_diffusion import (
     block_diffusion_validation_losses,
 )
 from sedd.graph import Graph, graph_from_config
-from sedd.likelihood import BoundReport, block_bounds, exact_block_nll, sequence_bounds, summarize
+from sedd.likelihood import BoundReport, block_bounds, exact_block_nll, prior_kl, sequence_bounds, summarize
 from sedd.losses import ar_loss, sample_times, score_entropy_loss
 from sedd.model import SEDD, ARModel, BlockSEDD
 from sedd.model.checkpoint import DEFAULT_OBJECTIVE, config_objective
@@ -52,12 +57,24 @@ from sedd.noise import Noise, noise_from_config
 from sedd.sampling import SamplingSpec, SamplingStats, sample, sample_ancestral, sample_block_diffusion
 from sedd.sampling.spec import FAMILIES
 
-__all__ = ["OBJECTIVES", "Autoregressive", "BlockDiffusion", "Diffusion", "Objective", "get_objective",
+__all__ = ["OBJECTIVES", "Autoregressive", "BlockDiffusion", "ContinuationScore", "Diffusion", "Objective",
+           "get_objective",
            "objective_of", "register_objective"]
 
 # The hyper-parameters of a run an objective reads, where a config does not record them (a public
 # checkpoint, a model made by hand): train/run.py's defaults.
 TRAINING_DEFAULTS = {"sampling_eps": 1e-3, "sample_steps": 128}
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """−log p(continuation | context) of one window: ``nll`` (nats; the bound, prior term
+    included, for a diffusion model), ``variance`` of that estimate (0 when exact) and ``greedy``
+    (whether the model's most likely token at every continuation position is the continuation's)."""
+
+    nll: float
+    variance: float
+    greedy: bool
 
 
 class Objective:
@@ -150,13 +167,24 @@ class Objective:
         (:func:`sedd.likelihood.sequence_bounds`' dict and keyword arguments: ``num_samples``,
         ``time_sampler``, ``attention_mask``, ``batch_size``, ``generator``, ``on_draws``, and
         ``maskable`` for the conditional bound with the other positions held clean): what
-        :meth:`likelihood` sums and the harness's requests read."""
+        :meth:`likelihood` and :meth:`continuation` sum, for the objectives that bound."""
         raise NotImplementedError
 
-    def masked_argmax(self, model, x0: torch.Tensor, n_fixed: int) -> torch.Tensor:
-        """[n − n_fixed]: the model's most likely real token at every position of ``x0`` [1, n] after
-        the first ``n_fixed``, with those positions masked and the first ones clean (the
-        harness's is_greedy)."""
+    def prior_nats_per_token(self) -> float:
+        """What the likelihood adds per token to the training loss per token: the bound's prior
+        term, which the loss leaves out (docs/math.md, "Likelihood bound"); 0 for an exact NLL."""
+        return 0.0
+
+    def continuation_refusal(self) -> str | None:
+        """Why :meth:`continuation` cannot score this model, as the rest of a one-line sentence whose
+        subject is what asked ("loglikelihood needs ..."); None when it can."""
+        return f"is not available for {self.a_label()} checkpoint in this library"
+
+    def continuation(self, model, tokens: torch.Tensor, context: int, *, num_samples: int, time_sampler: str,
+                     batch_size: int, generator=None) -> ContinuationScore:
+        """−log p(tokens[0, context:] | tokens[0, :context]) for one window ``tokens`` [1, L] on the
+        model's device: the bound from ``num_samples`` draws of t (``batch_size`` rows per call), or
+        the exact NLL."""
         raise NotImplementedError
 
     # -- sampling --------------------------------------------------------------------------------
@@ -234,7 +262,7 @@ class Diffusion(Objective):
     label = "diffusion"
     model_class = SEDD
     sampler = "reverse"
-    loss_label = "score entropy (nats per sequence)"
+    loss_label = "score entropy (nats per token)"  # train/run.py's loss.png
 
     def __init__(self, config: dict | None = None, *, training: dict | None = None):
         super().__init__(config, training=training)
@@ -281,19 +309,11 @@ class Diffusion(Objective):
     def sequence_bounds(self, model, x0, **estimator):
         return sequence_bounds(model, x0, self.graph, self.noise, **estimator)
 
-    @torch.no_grad()
-    def masked_argmax(self, model, x0, n_fixed):
-        # σ at which a fraction (n − n_fixed)/n of the tokens is masked, as the masked block looks
-        n = x0.shape[1]
-        x = x0.clone()
-        x[:, n_fixed:] = self.graph.mask_id
-        top = float(self.noise.total(torch.tensor(1.0, dtype=torch.float64)))
-        sigma = min(-math.log1p(-(n - n_fixed) / n) if n_fixed else top, top)
-        out = model(x, torch.full((1,), sigma, device=x0.device))  # [1, n, V] log-scores
-        return out[0, n_fixed:, : self.graph.N].argmax(-1)
-
     def likelihood_work(self, blocks: int, num_samples: int) -> tuple[int, str]:
         return blocks * num_samples, "draw"
+
+    def prior_nats_per_token(self) -> float:
+        return prior_kl(self.graph, self.noise)
 
     def likelihood_calls(self, blocks: int, num_samples: int, batch_size: int) -> tuple[int, int]:
         calls = widest = 0
@@ -307,6 +327,35 @@ class Diffusion(Objective):
     def likelihood_probe(self, model, x, generator=None) -> None:
         with torch.no_grad():
             score_entropy_loss(model, x, self.graph, self.noise, generator=generator, reduction="none")
+
+    def continuation_refusal(self) -> str | None:
+        if self.graph is None or self.graph.absorbing:
+            return None
+        return (f"needs a model on the absorbing graph; this one uses the {self.graph.name} graph, on which holding "
+                "the context fixed does not give the exact conditional (the model cannot tell a clean context token "
+                "from a noisy one)")
+
+    def continuation(self, model, tokens, context, *, num_samples, time_sampler, batch_size, generator=None):
+        # the context stays clean in every draw and only the continuation is noised (docs/math.md,
+        # "Likelihood bound", in lm-evaluation-harness)
+        maskable = torch.zeros_like(tokens, dtype=torch.bool)
+        maskable[:, context:] = True
+        out = self.sequence_bounds(model, tokens, num_samples=num_samples, time_sampler=time_sampler,
+                                   batch_size=batch_size, generator=generator, maskable=maskable)
+        return ContinuationScore(float(out["integral"][0] + out["prior"][0]), float(out["variance"][0]),
+                                 self._greedy(model, tokens, context))
+
+    @torch.no_grad()
+    def _greedy(self, model, tokens: torch.Tensor, context: int) -> bool:
+        # every continuation position masked, at the σ where that fraction is masked on average
+        L = tokens.shape[1]
+        x = tokens.clone()
+        x[:, context:] = self.graph.mask_id
+        top = float(self.noise.total(torch.tensor(1.0, dtype=torch.float64)))
+        sigma = min(-math.log1p(-(L - context) / L) if context else top, top)
+        out = model(x, torch.full((1,), sigma, device=tokens.device))  # [1, L, V] log-scores
+        best = out[0, context:, : self.graph.N].argmax(-1)
+        return bool(torch.equal(best, tokens[0, context:]))
 
     def sample(self, model, **request):
         return sample(model, self.graph, self.noise, return_stats=True, **request)
@@ -328,7 +377,7 @@ class Autoregressive(Objective):
     model_class = ARModel
     sampler = "ancestral"
     exact = True
-    loss_label = "cross entropy (nats per sequence)"
+    loss_label = "cross entropy (nats per token)"
     # it has no forward process, no time and no reverse steps
     refused_flags = ("graph", "noise", "noise_eps", "sigma_min", "sigma_max", "time_conditioning", "sampling_eps",
                      "sample_steps")
@@ -361,6 +410,17 @@ class Autoregressive(Objective):
     def likelihood_probe(self, model, x, generator=None) -> None:
         with torch.no_grad():
             ar_loss(model, x, reduction="none")
+
+    def continuation_refusal(self) -> str | None:
+        return None
+
+    @torch.no_grad()
+    def continuation(self, model, tokens, context, *, num_samples, time_sampler, batch_size, generator=None):
+        # one forward: logits[i] scores tokens[i] given tokens[:i], exactly (no draws)
+        logits = model(tokens)[0, context:].double()
+        target = tokens[0, context:]
+        nll = -logits.log_softmax(-1).gather(-1, target[:, None]).sum()
+        return ContinuationScore(float(nll), 0.0, bool(torch.equal(logits.argmax(-1), target)))
 
     def sample(self, model, **request):
         return sample_ancestral(model, return_stats=True, **request)
@@ -452,14 +512,16 @@ class BlockDiffusion(Diffusion):
                                                maskable=maskable[0] if maskable else None, **estimator)
 
     @torch.no_grad()
-    def masked_argmax(self, model, x0, n_fixed):
-        # no σ input: a block's σ shifts all its scores alike, so the raw output has the same argmax
-        n = x0.shape[1]
-        x0, mask = self._whole_blocks(x0, None)
+    def _greedy(self, model, tokens, context):
+        # every continuation position masked, each block read against the clean blocks before it
+        # (its own context positions clean); no σ input and a block's σ shifts all its scores
+        # alike, so the raw output has the scores' argmax
+        n = tokens.shape[1]
+        x0, mask = self._whole_blocks(tokens, None)
         x_t = x0.clone()
-        x_t[:, n_fixed:] = self.graph.mask_id
-        out = model(x_t, x0, raw=True, attention_mask=mask)
-        return out[0, n_fixed:n, : self.graph.N].argmax(-1)
+        x_t[:, context:] = self.graph.mask_id
+        best = model(x_t, x0, raw=True, attention_mask=mask)[0, context:n, : self.graph.N].argmax(-1)
+        return bool(torch.equal(best, tokens[0, context:]))
 
     def likelihood_probe(self, model, x, generator=None) -> None:
         x, mask = self._whole_blocks(x, None)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sedd import ops
 from sedd.losses import ar_loss
 from sedd.model import SEDD, ARModel
-from sedd.sampling import sample_ancestral
+from sedd.sampling import ancestral, sample_ancestral
 from sedd.sampling.ancestral import truncate_probs
 from tests.helpers import chi2_pvalue, run_on_two_processes
 
@@ -252,6 +252,42 @@ def test_ancestral_sampling_is_reproducible_and_keeps_the_prompt():
     assert stats.nfe.tolist() == [L, L] and stats.forward_rows == 2 * L and unconditional.shape == (2, L)
 
 
+class CountedSteps:
+    """The KV-cached evaluations of an ARModel: the positions each one scored."""
+
+    def __init__(self, model, monkeypatch):
+        self.scored = []
+        step = model.step
+
+        def counted(inputs, cache):
+            self.scored.append(cache.length + inputs.shape[1] - 1)
+            return step(inputs, cache)
+
+        monkeypatch.setattr(model, "step", counted)
+
+
+def test_ancestral_sampling_evaluates_only_free_positions(monkeypatch):
+    """No evaluation at the fixed positions after the last free one (a suffix), and fixed positions
+    every row holds are read with the next evaluation: the NFE counts the evaluations that ran."""
+    model = _model().eval()
+    fixed = torch.randint(0, N, (2, L))
+    mask = torch.zeros(2, L, dtype=torch.bool)
+    mask[:, :3] = mask[:, 6:8] = mask[:, L - 4 :] = True  # a prefix, a span and a suffix in every row
+    mask[1, 3] = True  # and a position fixed in one row only: the batch evaluates it
+    free = [i for i in range(L) if not mask[:, i].all()]
+    counted = CountedSteps(model, monkeypatch)
+    monkeypatch.setattr(ancestral, "_warned_infill", False)  # once per process: here, and in the test below
+    with pytest.warns(UserWarning, match="reads only the tokens before"):
+        x, stats = sample_ancestral(model, batch_size=2, length=L, fixed_tokens=fixed, fixed_mask=mask,
+                                    generator=torch.Generator().manual_seed(4), return_stats=True)
+    assert counted.scored == free and stats.nfe.tolist() == [len(free)] * 2 and stats.forward_calls == len(free)
+    assert torch.equal(x[mask], fixed[mask])
+    plain, plain_stats = sample_ancestral(model, batch_size=2, length=L, fixed_tokens=fixed, fixed_mask=mask,
+                                          generator=torch.Generator().manual_seed(4), return_stats=True,
+                                          kv_cache=False)
+    assert torch.equal(plain, x) and plain_stats.nfe.tolist() == stats.nfe.tolist()  # the same draws either way
+
+
 def test_ancestral_draws_follow_the_model():
     model = _model(seed=2).eval()
     fixed = torch.tensor([3, 0])
@@ -320,7 +356,8 @@ def test_checkpoint_round_trip_and_the_other_class_refuses_it(tmp_path):
     for name, value in model.state_dict().items():
         assert torch.equal(p.model.state_dict()[name], value), name
     assert p.model.vocab_embed.embedding.shape[0] == tok.vocab_size + 1  # the BOS row
-    assert p.model.output_layer.linear.weight.shape[0] == tok.vocab_size
+    assert p.model.state_dict()["output_layer.linear.weight"].shape[0] == tok.vocab_size  # no MASK row (the
+    # public layout: the aligned head's padding rows exist in memory only)
     with pytest.raises(ValueError, match="objective 'ar'.*ARModel"):
         SEDD.from_pretrained(tmp_path)
     SEDD(SEDD.config_for("cpu", tokens=tok.vocab_size, n_blocks=1)).save_pretrained(tmp_path / "sedd")
@@ -349,8 +386,9 @@ def test_generate_and_the_harness_with_an_autoregressive_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="temperature applies to autoregressive models"):
         generate(SEDD(SEDD.config_for("cpu", tokens=tok.vocab_size, n_blocks=1, length=16)), "a", length=8,
                  tokenizer=tok, temperature=0.5)
-    with pytest.raises(HarnessError, match="autoregressive checkpoint"):
-        SEDDLM(pretrained=str(tmp_path), device="cpu")
+    # the harness answers for it (tests/test_harness.py), and refuses the draws of t it has no use for
+    with pytest.raises(HarnessError, match="mc_samples does not apply to an autoregressive checkpoint"):
+        SEDDLM(pretrained=str(tmp_path), device="cpu", mc_samples=8)
 
 
 def test_no_sigma_input_and_the_trunk_of_sedd():

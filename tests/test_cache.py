@@ -85,9 +85,10 @@ def test_cached_and_uncached_steps_share_their_chunks(monkeypatch, one_thread):
     import sedd.model.scoring as scoring
 
     model = _model()
-    monkeypatch.setattr(scoring, "HEAD_CHUNK_BYTES", 3 * model.vocab_size * 4)  # 3 rows of fp32 scores
+    rows = model.output_layer.rows  # a chunk's rows are the aligned head's: V_pad values each
+    monkeypatch.setattr(scoring, "HEAD_CHUNK_BYTES", 3 * rows * 4)  # 3 rows of fp32 scores
     x, plain, scores = _run(model, monkeypatch, cache=False, backend="torch", steps=24)
-    monkeypatch.setattr(scoring, "HEAD_CHUNK_BYTES", 3 * model.vocab_size * 4)  # _run undid it
+    monkeypatch.setattr(scoring, "HEAD_CHUNK_BYTES", 3 * rows * 4)  # _run undid it
     y, cached, cached_scores = _run(model, monkeypatch, cache=True, backend="torch", steps=24)
     assert torch.equal(x, y) and cached.forward_rows < plain.forward_rows
     assert [s.shape[0] for s in scores] == [s.shape[0] for s in cached_scores] and max(s.shape[0] for s in scores) == 3

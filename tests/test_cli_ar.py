@@ -66,9 +66,12 @@ def test_training_writes_an_autoregressive_checkpoint(trained):
     model = ARModel.from_pretrained(trained)
     assert model.tokens == 512 and model.vocab_embed.embedding.shape[0] == 513
     metrics = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
-    vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+    vals = [m["val_loss_per_sequence"] for m in metrics if "val_loss" in m]
     # the exact NLL of a 32-token block starts at the uniform guess, 32·ln 512, and falls
     assert abs(vals[0] - 32 * torch.log(torch.tensor(512.0)).item()) < 0.5 and vals[-1] < vals[0] - 2
+    first = next(m for m in metrics if "val_loss" in m)  # the log's units: nats per token, the perplexity
+    assert first["val_loss"] == pytest.approx(vals[0] / 32) and first["val_perplexity"] == pytest.approx(
+        torch.exp(torch.tensor(vals[0] / 32)).item(), rel=1e-5)
     assert "ancestral" in (trained / "samples.txt").read_text()
 
 

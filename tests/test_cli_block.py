@@ -78,7 +78,7 @@ def test_training_writes_a_block_checkpoint(trained):
     assert isinstance(p.model, BlockSEDD) and p.objective == "block" and p.model.block_size == 8
     assert p.graph.absorbing and objective_of(p.model).block_size == 8
     metrics = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
-    vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+    vals = [m["val_loss_per_sequence"] for m in metrics if "val_loss" in m]
     # the masked blocks' score entropy starts near the uniform guess of every masked token, and falls
     assert len(vals) == 3 and vals[-1] < vals[0] - 2
     assert "blocks of 8" in (trained / "samples.txt").read_text()
@@ -255,12 +255,14 @@ def test_the_harness_answers_for_a_block_checkpoint(trained):
     # the clean blocks before it (a window of whole blocks: nothing padded)
     p = lm.pre
     x0 = torch.tensor([p.tokenizer.encode("ROMEO: To be, or not to be, that is the question:")[:16]])
-    best = lm.objective.masked_argmax(p.model, x0, 5)
+    score = lm.objective.continuation(p.model, x0, 5, num_samples=4, time_sampler="stratified", batch_size=8,
+                                      generator=torch.Generator().manual_seed(0))
     x_t = x0.clone()
     x_t[:, 5:] = p.graph.mask_id
     with torch.no_grad():
         want = p.model(x_t, x0, raw=True)[0, 5:, : p.graph.N].argmax(-1)
-    assert best.shape == (11,) and torch.equal(best, want)
+    assert x0.shape[1] % 8 == 0 and score.greedy == torch.equal(want, x0[0, 5:])
+    assert math.isfinite(score.nll) and score.nll > 0 and score.variance > 0
     (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("To be, or not to be",), 0)])
     assert math.isfinite(rolling) and rolling < 0
     (text,) = lm.generate_until([Instance("generate_until", {}, ("ROMEO:", {"max_gen_toks": 40, "until": ["\n\n"],

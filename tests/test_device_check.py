@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "device_check.sh"
-STAGES = ["device", "smoke", "kernels", "tests", "e2e", "sweep", "profile", "compiled"]
+STAGES = ["device", "smoke", "train", "sample", "kernelvsop", "kernels", "tests", "e2e", "profile", "sweep",
+          "compiled"]
 
 
 def _run(results: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -43,7 +44,8 @@ def test_dry_run_runs_or_skips_every_stage_with_a_reason(dry_run):
     assert "skipped" in stages["compiled"] and "skipped" in stages["tests"]
     # at most 8 files come back from a borrowed machine
     assert sorted(p.name for p in results.iterdir()) == sorted(
-        ["status.txt", "device-check.md", "device-check.log", "device.json", "smoke.json", "bench.jsonl", "sweep.jsonl"]
+        ["status.txt", "device-check.md", "summary.json", "device-check.log", "device.json", "smoke.json",
+         "bench.jsonl", "sweep.jsonl"]
     )
 
 
@@ -62,13 +64,74 @@ def test_dry_run_writes_the_figures_and_the_table(dry_run):
     records = [json.loads(line) for line in (results / "bench.jsonl").read_text().splitlines()]
     benches = {r["name"].split("::")[1].split("[")[0] for r in records}
     assert benches >= {"test_score_entropy", "test_reverse_step", "test_training_step", "test_sampling"}
-    assert all(r["median_s"] > 0 for r in records)
+    assert all(r["median_s"] > 0 for r in records if not r["extra_info"].get("skipped"))
     table = (results / "device-check.md").read_text()
     assert "| case | impl | median ms |" in table and "[smoke] ok" in table and "test-commit" in table
     sweep = [json.loads(line) for line in (results / "sweep.jsonl").read_text().splitlines()]
     assert {r["kernel"] for r in sweep} >= {"score_entropy absorb fwd+grad", "reverse_step uniform analytic"}
     assert all(r["median_s"] > 0 and "error" not in r for r in sweep)
-    assert "## Launch sweep" in table and "reverse_step uniform analytic" in table
+    # the launchers' own choice is a row of its own, once per kernel
+    assert sum(r["default"] for r in sweep) == len({r["kernel"] for r in sweep})
+    assert "## Launch sweep" in table and "reverse_step uniform analytic" in table and "| kernel | default |" in table
+
+
+def test_dry_run_times_each_kernel_apart_from_its_op_and_summarises_it(dry_run):
+    """The kernel-vs-op stage: every fused kernel (loss, loss + gradient, the three steps, both
+    graphs) with its kernel time, op time, host time and bandwidth, into bench.jsonl, the table and
+    the ``kernels`` entries of summary.json (issue 29's schema)."""
+    _, results = dry_run
+    records = [json.loads(line) for line in (results / "bench.jsonl").read_text().splitlines()]
+    kvo = [r["extra_info"] for r in records if r["extra_info"].get("bench") == "kernel_vs_op"]
+    names = {f"{i['kernel']} {i['graph']} {i['mode']}" for i in kvo}
+    for graph in ("absorb", "uniform"):
+        assert {f"score_entropy {graph} fwd", f"score_entropy {graph} fwd_bwd", f"reverse_step {graph} analytic",
+                f"reverse_step {graph} euler", f"reverse_step {graph} denoise"} <= names
+    for i in kvo:
+        assert i["kernel_ms_min"] <= i["kernel_ms"] <= i["kernel_ms_max"] and i["op_ms_min"] <= i["op_ms"] <= i["op_ms_max"]
+        assert i["host_us"] > 0 and i["bw_fraction"] > 0 and len(i["shape"]) == 3
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["commit"] == "test-commit" and summary["peaks"]["copy_gbps"] > 0
+    assert {e["name"] for e in summary["kernels"]} == names
+    for entry in summary["kernels"]:
+        assert {"name", "shape", "kernel_ms", "op_ms", "bw_fraction"} <= set(entry)
+        assert all(isinstance(entry[k], float) and entry[k] > 0 for k in ("kernel_ms", "op_ms", "bw_fraction"))
+    assert "## Kernel vs op" in (results / "device-check.md").read_text()
+
+
+def test_dry_run_writes_the_summary_json(dry_run):
+    """benchmarks/summarize.py's summary (issue 29's schema) from the dry run's records: train/run.py's
+    step in every mode at both shapes (graphs skipped on the CPU, with the reason), the benchmark's
+    own step, the sampler against today's path, the kernels as the benchmark table names them."""
+    import datetime
+
+    _, results = dry_run
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["commit"] == "test-commit" and summary["device"].startswith("cpu")
+    datetime.datetime.fromisoformat(summary["date"].replace("Z", "+00:00"))
+    assert summary["peaks"]["copy_gbps"] > 0 and summary["peaks"]["bf16_tflops"] > 0
+    run = [e for e in summary["train_step"] if e["path"] == "run.py"]
+    assert [(e["shape"], e["mode"]) for e in run] == [([B, 32], m) for B in (4, 2) for m in ("eager", "compiled", "graphs")]
+    for e in run:
+        if e["mode"] == "graphs":
+            assert "CUDA" in e["skipped"] and e["ms"] is None
+            continue
+        assert {"ms", "tokens_per_s", "mfu", "host_ms", "gpu_ms"} <= e.keys() and "skipped" not in e
+        assert e["ms"] > 0 and e["tokens_per_s"] == pytest.approx(e["shape"][0] * 32 / e["ms"] * 1e3)
+        assert e["host_ms"] > 0 and e["gpu_ms"] is None and e["mfu"] is None  # no GPU: no GPU time, no MFU
+    assert {e["impl"] for e in summary["train_step"] if e["path"] == "bench"} == {"eager"}
+    # one MFU denominator per run: stage 1's bf16 peak
+    records = [json.loads(line)["extra_info"] for line in (results / "bench.jsonl").read_text().splitlines()]
+    timed = [r for r in records if r["bench"] == "train_step_run" and not r.get("skipped")]
+    assert timed and all(r["bf16_peak_source"] == "device.json" for r in timed)
+    assert all(r["bf16_peak_tflop_per_s"] == pytest.approx(summary["peaks"]["bf16_tflops"]) for r in timed)
+    sampling = summary["sampling"]
+    assert [e["mode"] for e in sampling] == ["today", "eager", "compiled", "graphs"]
+    assert sampling[0]["x_today"] == 1.0 and all(e["tokens_per_s"] > 0 for e in sampling[:3])
+    assert sampling[0]["shape"] == [2, 32] and sampling[0]["steps"] == 4 and "skipped" in sampling[3]
+    kernels = {e["name"]: e for e in summary["kernels"]}
+    assert {"score_entropy absorb fwd_bwd", "reverse_step uniform analytic"} <= kernels.keys()
+    assert all(len(e["shape"]) == 3 and e["kernel_ms"] > 0 and e["bw_fraction"] > 0 for e in kernels.values())
+    assert "## Whole model" in (results / "device-check.md").read_text()
 
 
 def test_stage_failures_and_an_empty_budget_are_reported(tmp_path):

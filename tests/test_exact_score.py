@@ -136,14 +136,16 @@ def test_absorbing_conditioning_samples_the_true_conditional(predictor):
     P(x[1] = 0) = 0.9. Also a middle position of L = 3 fixed (infilling-like)."""
     graph, noise = _setup("absorb", 2)
     p = torch.tensor([[0.45, 0.05], [0.05, 0.45]], dtype=torch.float64)
-    x = sample(JointExactScore(p, graph), graph, noise, batch_size=6000, length=2, steps=16, predictor=predictor,
+    grid = {} if predictor == "first_hitting" else {"steps": 16}  # first hitting owns its grid (refuses steps)
+    x = sample(JointExactScore(p, graph), graph, noise, batch_size=6000, length=2, **grid, predictor=predictor,
                fixed_tokens=torch.tensor([0, 0]), fixed_mask=torch.tensor([True, False]),
                generator=torch.Generator().manual_seed(2))
     assert bool((x[:, 0] == 0).all())
     assert chi2_pvalue(x[:, 1], p[0] / p[0].sum()) > 1e-3
 
     p3 = _p_data(2, 3, seed=7)
-    x = sample(JointExactScore(p3, graph), graph, noise, batch_size=6000, length=3, steps=32, predictor=predictor,
+    grid = {} if predictor == "first_hitting" else {"steps": 32}
+    x = sample(JointExactScore(p3, graph), graph, noise, batch_size=6000, length=3, **grid, predictor=predictor,
                fixed_tokens=torch.tensor([0, 1, 0]), fixed_mask=torch.tensor([False, True, False]),
                generator=torch.Generator().manual_seed(3))
     assert bool((x[:, 1] == 1).all())

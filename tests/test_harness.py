@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -394,7 +395,255 @@ def test_readme_command_runs_the_local_tasks_through_lm_eval(ckpt, tmp_path):
     for key in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
         assert math.isfinite(wiki[key]) and wiki[key] > 0, (key, wiki[key])
     assert wiki["word_perplexity,none"] > wiki["byte_perplexity,none"] > 1  # a word is several bytes
-    lines = [json.loads(line) for line in (tmp_path / "out" / "harness" / "estimates.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "out" / "harness" / "estimates.jsonl").read_text().splitlines()]
+    lines = [e for e in records if e["request"] != "generate_until"]
     assert [e["request"] for e in lines] == ["loglikelihood"] * 32 + ["loglikelihood_rolling"] * 3
     assert all(math.isfinite(e["stderr"]) and e["stderr"] > 0 and e["mc_samples"] == 8 for e in lines)
     assert {e["task"] for e in lines} == {"sedd_python_cloze", "sedd_wikitext_style"}
+    # the README's default: first hitting, one network evaluation per generated token (16 each)
+    generations = [e for e in records if e["request"] == "generate_until"]
+    assert len(generations) == 6 and {e["task"] for e in generations} == {"sedd_python_generate"}
+    assert all(e["sampler"]["sampler"] == "first_hitting" and e["nfe"] == 16 == e["tokens"] for e in generations)
+
+
+# ----------------------------------------------------------------------------------------------
+# autoregressive checkpoints: exact numbers through the objective registry
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ar_ckpt(tmp_path_factory) -> Path:
+    from sedd.model import ARModel
+
+    torch.manual_seed(3)
+    model = ARModel(ARModel.config_for("cpu", tokens=257, hidden_size=64, cond_dim=32, n_blocks=1, n_heads=4,
+                                       length=32))
+    torch.nn.init.normal_(model.output_layer.linear.weight, std=0.5)
+    folder = tmp_path_factory.mktemp("tiny_ar")
+    model.save_pretrained(folder)
+    get_tokenizer("bytes").save(folder / "tokenizer.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ar_lm(ar_ckpt) -> SEDDLM:
+    return SEDDLM(pretrained=str(ar_ckpt), device="cpu", batch_size=8)
+
+
+def _ids(text: str) -> list[int]:
+    return get_tokenizer("bytes").encode(text)
+
+
+def test_autoregressive_loglikelihood_is_exact(ar_lm):
+    from sedd.losses import ar_loss
+    from sedd.sampling import sample_ancestral
+
+    model = ar_lm.model
+
+    def logp(ids: list[int]) -> float:  # log p(ids) by the training loss: the fused head, not the harness's path
+        with torch.no_grad():
+            return -float(ar_loss(model, torch.tensor([ids]), reduction="none")[0])
+
+    def greedy(ctx: list[int], cont: list[int]) -> bool:
+        with torch.no_grad():
+            return model(torch.tensor([ctx + cont]))[0, len(ctx):].argmax(-1).tolist() == cont
+
+    long_context = "x = 1\n" * 7 + "x = 1"  # 47 bytes: cut to the window's last 32 - 3 before 3 bytes
+    pairs = [("def main():", " pass"), (long_context, "y =")]
+    out = ar_lm.loglikelihood([_req("loglikelihood", c, x, idx=i) for i, (c, x) in enumerate(pairs)])
+    for (context, continuation), (ll, is_greedy), est in zip(pairs, out, ar_lm.estimates[-2:]):
+        ctx, cont = _ids(context)[-(32 - len(continuation)):], _ids(continuation)
+        assert ll == pytest.approx(logp(ctx + cont) - logp(ctx), abs=1e-4), (context, continuation)
+        assert is_greedy == greedy(ctx, cont)
+        assert est["stderr"] == 0 and est["mc_samples"] is None and est["tokens"] == len(cont)
+    # the model's own greedy continuation is greedy (ids: greedy bytes need not be text)
+    ctx = _ids("def main():")
+    fixed = torch.tensor(ctx + [0] * 4)
+    best = sample_ancestral(model, batch_size=1, length=len(ctx) + 4, temperature=0, fixed_tokens=fixed,
+                            fixed_mask=fixed.new_tensor([1] * len(ctx) + [0] * 4).bool())[0, len(ctx):].tolist()
+    score = ar_lm.objective.continuation(model, torch.tensor([ctx + best]), len(ctx), num_samples=2,
+                                         time_sampler="stratified", batch_size=8)
+    assert score.greedy and score.variance == 0
+    assert -score.nll == pytest.approx(logp(ctx + best) - logp(ctx), abs=1e-4)
+
+
+def test_autoregressive_rolling_is_eval_py_exact_nll(ar_lm, ar_ckpt, tmp_path, capsys):
+    data = tmp_path / "one_document.txt"
+    data.write_text(TEXT)
+    (value,) = ar_lm.loglikelihood_rolling([_req("loglikelihood_rolling", TEXT)])
+    assert eval_cli.main([str(ar_ckpt), "--data", str(data), "--doc-split", "file", "--detokenizer", "none",
+                          "--batch-size", "8", "--device", "cpu", "--json", "-", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["exact"] and report["tokens"] == len(TEXT) + 1 == ar_lm.estimates[-1]["tokens"]
+    assert -value == pytest.approx(report["nats_per_token"] * report["tokens"], rel=1e-12)
+    assert ar_lm.estimates[-1]["stderr"] == 0
+
+
+def test_autoregressive_generation_is_ancestral(ar_lm):
+    from sedd.sampling import sample_ancestral
+
+    context = "import os\nimport"
+    ctx = _ids(context)
+    greedy = sample_ancestral(ar_lm.model, batch_size=1, length=len(ctx) + 10, temperature=0,
+                              fixed_tokens=torch.tensor(ctx + [0] * 10),
+                              fixed_mask=torch.tensor([True] * len(ctx) + [False] * 10))[0, len(ctx):].tolist()
+    (text,) = ar_lm.generate_until([_req("generate_until", context, {"until": [], "max_gen_toks": 10})])
+    expected = get_tokenizer("bytes").decode(greedy[: greedy.index(256)] if 256 in greedy else greedy)
+    assert text == expected
+    record = ar_lm.estimates[-1]
+    assert record["nfe"] == 10 and record["windows"] == 1 and record["sampler"]["sampler"] == "ancestral"
+    assert record["sampler"]["temperature"] == 0.0  # greedy: the argmax, not a truncated draw
+    hot = ar_lm.generate_until([_req("generate_until", context, {"until": [], "max_gen_toks": 10, "do_sample": True,
+                                                               "temperature": 0.7})])
+    assert ar_lm.estimates[-1]["sampler"]["temperature"] == 0.7 and hot != [text]
+
+
+@pytest.mark.parametrize("model_args, message", [
+    ("mc_samples=8", "model_args mc_samples does not apply to an autoregressive checkpoint"),
+    ("time_sampler=iid", "model_args time_sampler does not apply to an autoregressive checkpoint"),
+    ("steps=16", "model_args steps applies to diffusion models"),
+    ("predictor=first_hitting", "model_args predictor applies to diffusion models"),
+])
+def test_refusals_decided_by_the_checkpoint_come_before_lm_eval_indexes_its_tasks(ar_ckpt, tmp_path, capsys,
+                                                                                   monkeypatch, model_args, message):
+    import lm_eval.__main__
+
+    def indexing():
+        raise AssertionError("lm_eval ran (and indexed its tasks) before the refusal")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", indexing)
+    argv = ["--model", "sedd", "--model_args", f"pretrained={ar_ckpt},{model_args}", "--tasks", "t"]
+    assert harness_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("harness.py: error: ") and message in err, err
+    # and one decided by a diffusion checkpoint's graph
+    uniform = tmp_path / "uniform"
+    _tiny("uniform").save_pretrained(uniform)
+    argv = ["--model", "sedd", "--model_args", f"pretrained={uniform},predictor=first_hitting", "--tasks", "t"]
+    assert harness_cli.main(argv) == 2
+    assert "model_args predictor first_hitting samples the absorbing graph only" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# generate_until: cost, windows, seeds, spaces, the fewer-evaluations samplers
+# ----------------------------------------------------------------------------------------------
+
+
+class Calls:
+    """Counts the network evaluations of a model (forward calls; one row each here)."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.register_forward_hook(lambda *_: setattr(self, "n", self.n + 1))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.handle.remove()
+
+
+def _generate(lm, context: str, **gen_kwargs) -> tuple[str, dict, int]:
+    """(text, its record, network evaluations counted) of one generate_until request."""
+    with Calls(lm.model) as calls:
+        (text,) = lm.generate_until([_req("generate_until", context, {"until": [], **gen_kwargs})])
+    return text, lm.estimates[-1], calls.n
+
+
+def test_generation_costs_the_tokens_it_generates(lm):
+    # first hitting by default on the absorbing graph: one network evaluation per generated token
+    text, record, calls = _generate(lm, "x" * 40, max_gen_toks=4)  # 40 context tokens before 4 new ones
+    assert calls == record["nfe"] == 4 and record["tokens"] == 4
+    assert record["sampler"]["sampler"] == "first_hitting" and record["sampler"]["steps"] is None
+    # the uniform graph (no first hitting): the analytic sampler, as many steps as new tokens (and the denoiser)
+    model = _tiny("uniform")
+    pre = Pretrained(model=model, graph=graph_from_config(model.config), noise=noise_from_config(model.config),
+                     tokenizer=get_tokenizer("bytes"), tokenizer_source="bytes", checkpoint="uniform")
+    uniform = SEDDLM(pretrained=pre, device="cpu")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="conditioning on the uniform graph is not exact")
+        _, record, calls = _generate(uniform, "x" * 40, max_gen_toks=4)
+    assert calls == record["nfe"] == 5 and record["sampler"]["sampler"] == "analytic"
+    assert record["sampler"]["steps"] == 4
+
+
+def test_a_request_that_fits_after_cutting_its_context_is_one_window(lm, letters_lm):
+    text, record, calls = _generate(lm, "y" * 25, max_gen_toks=8)  # 25 + 8 > 32: the context loses one token
+    assert record["windows"] == 1 and record["context_tokens"] == 24 and record["context_cut"] == 1
+    assert calls == 8
+    # max_gen_toks of the window's length or more: windows of 16 new tokens after the first
+    text, record, calls = _generate(letters_lm, "XYZ " * 5, max_gen_toks=40)
+    assert record["context_tokens"] == 16 and record["windows"] == 3 and len(text) == 40
+    assert calls == record["nfe"] == 3 * 9  # steps=8 and the denoiser in each window
+
+
+def test_a_generation_does_not_depend_on_the_other_requests(lm):
+    sampled = {"until": [], "max_gen_toks": 6, "do_sample": True}
+    a, b = _req("generate_until", "Hello", sampled), _req("generate_until", "World", sampled)
+    (alone,) = lm.generate_until([a])
+    assert lm.generate_until([b, a])[1] == alone  # today's batches shared one generator
+    assert lm.generate_until([a, b])[0] == alone
+    first, second = lm.generate_until([a, a])  # lm_eval's repeats: the same request twice
+    assert first == alone and second != first and lm.generate_until([a, a]) == [first, second]
+    reseeded = SEDDLM(pretrained=lm.pre, seed=1)
+    assert reseeded.generate_until([a]) != [alone]
+
+
+def test_the_context_keeps_its_space_with_the_bytes_tokenizer(letters_lm):
+    text, record, _ = _generate(letters_lm, "XYZ ", max_gen_toks=4)
+    assert record["context_tokens"] == 4 and text == "aaaa"  # "XYZ " held verbatim, then four 'a'
+
+
+class SpacedWords:
+    """A tokenizer that glues a space to the word after it, as byte-level BPEs do: " a" is one
+    token; any other character is "?"."""
+
+    name, eos_id = "spaced-words", 0
+    pieces = ["<eos>", " a", "a", " ", ".", "?", "X"]
+    vocab_size = len(pieces)
+
+    def encode(self, text: str) -> list[int]:
+        ids, i = [], 0
+        while i < len(text):
+            if text.startswith(" a", i):
+                ids.append(1)
+                i += 2
+                continue
+            ids.append(self.pieces.index(text[i]) if text[i] in self.pieces else 5)
+            i += 1
+        return ids
+
+    def decode(self, ids) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_a_continuation_never_repeats_the_context_space():
+    model = SEDD(small_model_config(SpacedWords.vocab_size, length=8, n_blocks=1))
+    with torch.no_grad():  # writes " a" wherever it can
+        model.output_layer.linear.bias.fill_(-30.0)
+        model.output_layer.linear.bias[1] = 0.0
+    pre = Pretrained(model=model.eval(), graph=graph_from_config(model.config), noise=noise_from_config(model.config),
+                     tokenizer=SpacedWords(), tokenizer_source="test", checkpoint="spaced")
+    lm = SEDDLM(pretrained=pre, device="cpu")
+    text, record, _ = _generate(lm, "X ", max_gen_toks=3)
+    assert record["context_tokens"] == 1 and text == "a a a"  # "X" + " a a a": the space is the context's
+    assert _generate(lm, "X", max_gen_toks=3)[0] == " a a a"  # no space in the context: the model's own
+
+
+def test_the_fewer_evaluations_samplers_are_reached_and_recorded(ckpt, tmp_path):
+    hitting = SEDDLM(pretrained=str(ckpt), device="cpu", predictor="first_hitting", tokens_per_step=3)
+    _, record, calls = _generate(hitting, "abc", max_gen_toks=8)
+    assert calls == record["nfe"] == 3 and record["sampler"]["tokens_per_step"] == 3  # ceil(8 / 3)
+    _, record, calls = _generate(hitting, "abc", max_gen_toks=8, tokens_per_step=8)  # per request too
+    assert calls == record["nfe"] == 1 and record["sampler"]["tokens_per_step"] == 8
+    torch.manual_seed(0)
+    free = SEDD(small_model_config(257, length=32, n_blocks=1, time_conditioning=False))
+    torch.nn.init.normal_(free.output_layer.linear.weight, std=0.3)
+    free.save_pretrained(tmp_path / "free")
+    get_tokenizer("bytes").save(tmp_path / "free" / "tokenizer.json")
+    cached = SEDDLM(pretrained=str(tmp_path / "free"), device="cpu", cache="true", steps=64)
+    text, record, calls = _generate(cached, "abc", max_gen_toks=8, do_sample=True)
+    assert record["sampler"]["cache"] is True and record["sampler"]["steps"] == 64
+    assert calls == record["nfe"] < 64  # steps that changed nothing reused the output
+    plain = SEDDLM(pretrained=str(tmp_path / "free"), device="cpu", steps=64)
+    assert _generate(plain, "abc", max_gen_toks=8, do_sample=True)[0] == text  # the exact cache: the same tokens

@@ -169,6 +169,7 @@ def test_value_checks_are_off_while_a_cuda_graph_is_captured(monkeypatch):
         ops.sample_transition(torch.randint(0, 10, (2, 8)), torch.ones(2), get_graph("absorb", 10))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_training_and_sampling_steps_do_not_sync(monkeypatch):
     model, graph, noise = _model("absorb")

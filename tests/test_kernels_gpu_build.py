@@ -148,15 +148,19 @@ def _launches():
         launches += _recorded(transition_kernels, "_sample_transition_kernel",
                               lambda: transition_kernels.sample_transition(x0, per_row.expand(4), seed, absorbing=absorbing,
                                                                            N=V_ABSORB - 1))
-        for kind in ("euler", "analytic", "denoise"):
+        # the steps on GPT-2-wide rows (misaligned: 16-byte windows with each tile's last columns
+        # after the loop) and on a view of rows padded to 64 (aligned, the model's padded head)
+        padded = torch.zeros(B, L, 50304, dtype=torch.bfloat16)[..., :scores.shape[-1]]
+        for rows in (scores, padded):
+            for kind in ("euler", "analytic", "denoise"):
+                launches += _recorded(sampling_kernels, "reverse_step_kernel",
+                                      lambda: sampling_kernels.reverse_step(kind, rows, x, per_row, absorbing,
+                                                                            V_ABSORB - 1, shift=per_row, seed=seed))
+            # a top-p / top-k step (the truncated path of the same kernel)
             launches += _recorded(sampling_kernels, "reverse_step_kernel",
-                                  lambda: sampling_kernels.reverse_step(kind, scores, x, per_row, absorbing,
-                                                                        V_ABSORB - 1, shift=per_row, seed=seed))
-        # a top-p / top-k step (the truncated path of the same kernel)
-        launches += _recorded(sampling_kernels, "reverse_step_kernel",
-                              lambda: sampling_kernels.reverse_step("analytic", scores, x, per_row, absorbing,
-                                                                    V_ABSORB - 1, shift=per_row, seed=seed,
-                                                                    truncation=torch.zeros(B, L, 2)))
+                                  lambda: sampling_kernels.reverse_step("analytic", rows, x, per_row, absorbing,
+                                                                        V_ABSORB - 1, shift=per_row, seed=seed,
+                                                                        truncation=torch.zeros(B, L, 2)))
     # the backward of a scaled sum/batchmean loss (loss * c).backward(): grad *= c in place, for
     # each gradient dtype; B·L·V is not a multiple of 16, as at the GPT-2 widths
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -229,7 +233,7 @@ def test_every_gpu_launch_compiles_within_budget(target, which):
     version, records = json.loads(proc.stdout.splitlines()[-1])
     if which == "side":
         assert version != triton.__version__, f"the side Triton is the installed one ({version})"
-    assert len(records) == 2 * (4 + 1 + 3 + 1) + 3
+    assert len(records) == 2 * (4 + 1 + 2 * (3 + 1)) + 3
     assert {r["kernel"] for r in records} == {"_score_entropy_kernel", "_sample_transition_kernel",
                                               "reverse_step_kernel", "_scale_unless_one_kernel"}
     if target == "sm90":  # the GPUs the benchmarks target; sm_80 spills 8 bytes in one per-row epilogue
@@ -242,7 +246,7 @@ def test_every_gpu_launch_compiles_within_budget(target, which):
 
 
 def _table(version: str, records: list[dict]) -> str:
-    lines = [f"Triton {version}", f"{'kernel':<26} {'specialisation':<32} {'REG':>4} {'STACK':>5} {'LOCAL':>5}  loops"]
+    lines = [f"Triton {version}", f"{'kernel':<26} {'specialisation':<42} {'REG':>4} {'STACK':>5} {'LOCAL':>5}  loops"]
     for r in records:
         c = r["constexprs"]
         if r["kernel"] == "_score_entropy_kernel":
@@ -250,13 +254,14 @@ def _table(version: str, records: list[dict]) -> str:
                 (" +grad" if c["WRITE_GRAD"] else "") + ("" if c["ALIGN"] > 1 else " unaligned")
         elif r["kernel"] == "reverse_step_kernel":
             spec = ("absorbing " if c["ABSORB"] else "uniform ") + ("euler", "analytic", "denoise")[c["KIND"]] + \
-                (" top-p/top-k" if c["TRUNCATE"] else "")
+                (" top-p/top-k" if c["TRUNCATE"] else "") + \
+                (" misaligned" if c["MISALIGNED"] else " unaligned" if c["ALIGN"] == 1 else "")
         elif r["kernel"] == "_scale_unless_one_kernel":
             spec = r["dtype"]
         else:
             spec = "absorbing" if c["ABSORB"] else "uniform"
         u = _usage(r)
-        lines.append(f"{r['kernel']:<26} {spec:<32} {u['REG']:>4} {u['STACK']:>5} {u['LOCAL']:>5}  "
+        lines.append(f"{r['kernel']:<26} {spec:<42} {u['REG']:>4} {u['STACK']:>5} {u['LOCAL']:>5}  "
                      f"{r.get('loop_instructions', '')}")
     return "\n".join(lines)
 

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+import sedd.kernels._draw as kdraw
+import sedd.kernels._noise as knoise
 import sedd.kernels.sampling as ks
 from sedd import ops
 from sedd.graph import Absorbing, Uniform
@@ -45,13 +47,13 @@ def _batch(graph, V, n=DRAWS, B=4, spread=2.0, seed=0, dtype=torch.float32):
     return log_score, x_t
 
 
-def _step(kind, log_score, x_t, scalar, graph, generator=None, shift=None, dt=None, block_v=None):
+def _step(kind, log_score, x_t, scalar, graph, generator=None, shift=None, dt=None, block_v=None, **trunc):
     B = log_score.shape[0]
     scalar = torch.full((B,), float(scalar))
     if kind == "euler":
-        return ops.euler_step(log_score, x_t, scalar, dt, graph, generator, shift=shift, block_v=block_v)
+        return ops.euler_step(log_score, x_t, scalar, dt, graph, generator, shift=shift, block_v=block_v, **trunc)
     fn = ops.analytic_step if kind == "analytic" else ops.denoise_step
-    return fn(log_score, x_t, scalar, graph, generator, shift=shift, block_v=block_v)
+    return fn(log_score, x_t, scalar, graph, generator, shift=shift, block_v=block_v, **trunc)
 
 
 def _probs(kind, log_score, x_t, scalar, graph, shift=None, dt=None):
@@ -261,7 +263,7 @@ def _noise_probe(hi_ptr, lo_ptr, out_ptr, n, BLOCK: tl.constexpr):
     ok = i < n
     hi = tl.load(hi_ptr + i, mask=ok, other=0).to(tl.uint32, bitcast=True)
     lo = tl.load(lo_ptr + i, mask=ok, other=0).to(tl.uint32, bitcast=True)
-    tl.store(out_ptr + i, ks.log_exp1_from_bits(hi, lo), mask=ok)
+    tl.store(out_ptr + i, knoise.log_exp1_from_bits(hi, lo), mask=ok)
 
 
 def test_exponential_noise_is_accurate_in_both_tails():
@@ -429,22 +431,23 @@ def test_denoise_with_no_real_token_of_positive_weight_gives_token_zero_on_both_
 
 
 @triton.jit
-def _no_candidate_noise(seed, rows, start, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, N_ROUNDS: tl.constexpr):
-    # log E = +∞ for every column: pass B's keys are all −∞, as when pass A counted a borderline
-    # candidate that pass B's own arithmetic rejects
+def _no_candidate_noise(seed, rows, stream, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, N_ROUNDS: tl.constexpr):
+    # log E = +∞ for every column: pass C's keys are all −∞, as when pass A counted a borderline
+    # candidate that the later passes' own arithmetic rejects
     return tl.full([BLOCK_R, BLOCK_V], float("inf"), dtype=tl.float32)
 
 
 @pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
 @pytest.mark.parametrize("kind", ["euler", "analytic", "denoise"])
-def test_a_winning_tile_without_a_pass_b_candidate_keeps_x(monkeypatch, graph_name, kind):
-    """Pass B finding no candidate in the tile pass A chose must not fall back to the tile's first
-    column (a real token, possibly of weight 0): the row keeps x_t (absorbing denoise, which
-    never keeps MASK: token 0, the rule for a row with no candidate)."""
+def test_a_winning_tile_without_a_candidate_in_the_later_passes_keeps_x(monkeypatch, graph_name, kind):
+    """The sub-tile and column races finding no candidate in the tile pass A chose must not fall
+    back to a column of the tile (a real token, possibly of weight 0): the row keeps x_t (absorbing
+    denoise, which never keeps MASK: token 0, the rule for a row with no candidate; uniform
+    analytic / denoise: every proposal is rejected, and the general path keeps x_t too)."""
     graph = _graph(graph_name, V_ODD)
     log_score, x_t = _batch(graph, V_ODD, n=64)
     x_t[:, 1::2] = 5  # absorbing: fixed rows; uniform: a current token inside the first tile
-    monkeypatch.setattr(ks, "_tile_log_noise", _no_candidate_noise)
+    monkeypatch.setattr(kdraw, "_lane_log_noise", _no_candidate_noise)
     with ops.use_backend("triton"):  # three tiles per row: the first column of the winner is 0, 16 or 32
         out = _step(kind, log_score, x_t, 50.0 if kind == "euler" else 2.0, graph, torch.Generator().manual_seed(0),
                     dt=1.0, block_v=16)
@@ -452,3 +455,90 @@ def test_a_winning_tile_without_a_pass_b_candidate_keeps_x(monkeypatch, graph_na
     if graph.absorbing and kind == "denoise":
         want[x_t == graph.mask_id] = 0
     assert torch.equal(out, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the rows sit in memory, the sub-tiles, the uniform Tweedie rejection
+# ---------------------------------------------------------------------------------------------
+
+
+def _layouts(z: torch.Tensor, pad: int):
+    """z [B, L, V] four ways: contiguous; a view of rows padded to a multiple of ``pad`` (each row
+    16-byte aligned); a view of rows padded by 3 (misaligned, row stride > V); a copy one element
+    into its storage (the base misaligned)."""
+    B, L, V = z.shape
+    padded = torch.full((B, L, -(-V // pad) * pad), float("nan"), dtype=z.dtype)
+    padded[..., :V] = z
+    odd_rows = torch.full((B, L, V + 3), float("nan"), dtype=z.dtype)
+    odd_rows[..., :V] = z
+    shifted = torch.empty(z.numel() + 1, dtype=z.dtype)[1:].view(B, L, V)
+    shifted.copy_(z)
+    return {"contiguous": z.contiguous(), "padded": padded[..., :V], "odd rows": odd_rows[..., :V],
+            "odd offset": shifted}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
+def test_draws_do_not_depend_on_where_the_rows_sit_in_memory(graph_name, dtype):
+    """The same tokens for the same seed from a contiguous tensor, a view of padded rows (aligned
+    or not), and a copy at an odd storage offset: the kernel aligns its windows to 16 bytes itself,
+    and the race's tiles stay in column space. Every kind, truncated or not; V = 45 is not a
+    multiple of the 16-column tile, so the last window is partial. The padding holds NaN: a read
+    of it would show."""
+    V = 45
+    graph = _graph(graph_name, V)
+    g = torch.Generator().manual_seed(31)
+    z = (torch.randn(2, 24, V, generator=g) * 2).to(dtype)
+    x_t = torch.randint(0, V, (2, 24), generator=g)
+    if graph.absorbing:
+        x_t[:, ::2] = graph.mask_id
+    layouts = _layouts(z, 64)
+    for kind in ("euler", "analytic", "denoise"):
+        for trunc in ({}, {"top_p": 0.7}):
+            draws = {}
+            for name, t in layouts.items():
+                with ops.use_backend("triton"):
+                    draws[name] = _step(kind, t, x_t, 0.4, graph, torch.Generator().manual_seed(5), dt=0.3,
+                                        block_v=16, **trunc)
+            assert all(torch.equal(d, draws["contiguous"]) for d in draws.values()), (kind, trunc, draws)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("graph_name, kind", [("absorb", "euler"), ("absorb", "denoise"), ("uniform", "euler")])
+def test_every_sub_tile_width_draws_from_the_reference_distribution(graph_name, kind):
+    """Pass B races the winning tile's sub-tiles, pass C the winner's columns: sub-tiles of 2
+    columns and of the whole tile, on misaligned bf16 rows (the aligned windows' last columns come
+    from the next 16 bytes)."""
+    graph = _graph(graph_name, V_ODD)
+    scalar, dt = 0.4, 0.5
+    log_score, x_t = _batch(graph, V_ODD, n=2048, B=2, spread=1.5, seed=8, dtype=torch.bfloat16)
+    log_score = _offset_to_target(log_score.float(), x_t, graph, kind, scalar, dt, 0.6).to(torch.bfloat16)
+    probs = _probs(kind, log_score, x_t, scalar, graph, dt=dt)
+    s = torch.full((2,), scalar * (dt if kind == "euler" else 1.0))
+    for i, sub in enumerate([2, 16]):
+        draws = ks.reverse_step(kind, log_score, x_t, s, graph.absorbing, graph.N, seed=torch.tensor([70 + i]),
+                                block_v=16, block_r=256, sub=sub)
+        assert chi2_pvalue(draws, probs) > 1e-3, sub
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("proposals", [0, 4])
+@pytest.mark.parametrize("dsigma", [0.05, 3.0])
+def test_uniform_tweedie_rejection_and_general_path_draw_the_same_distribution(dsigma, proposals):
+    """Uniform analytic (and denoise, the same code with Δσ = σ) accepts a proposal
+    y ~ s_y·T(x_t, y) with probability (1 − C/s_y)_+, and rows left without one after ``proposals``
+    take the general path. Δσ = 0.05 accepts most proposals, Δσ = 3 (e^{−Δσ} = 0.05) rejects most,
+    so both paths carry weight; ``proposals`` = 0 is the general path alone. Each must fit the
+    reference weights, the current token's cell on its own too."""
+    graph = Uniform(V_ODD)
+    log_score, x_t = _batch(graph, V_ODD, n=4000, B=2, spread=1.5, seed=12)
+    x_t[:, ::2] = 4  # a current token inside the first tile as well as in the last
+    draws = ks.reverse_step("analytic", log_score, x_t, torch.full((2,), dsigma), False, graph.N,
+                            seed=torch.tensor([40 + proposals]), block_v=16, block_r=256, proposals=proposals)
+    for x in (V_ODD - 1, 4):
+        mine = draws[x_t == x]
+        probs = _probs("analytic", log_score, torch.full_like(x_t, x), dsigma, graph)
+        assert chi2_pvalue(mine, probs) > 1e-3, x
+        n, p_stay = mine.numel(), probs[x].item()
+        stays = int((mine == x).sum())
+        assert abs(stays - n * p_stay) <= 4.5 * math.sqrt(n * p_stay * (1 - p_stay)) + 1e-9, (x, stays, n * p_stay)

@@ -137,13 +137,52 @@ def test_misaligned_scores(graph, dtype, reduction, inplace, offset):
     leaf = z.clone().requires_grad_()
     zin = torch.cat([torch.zeros(offset, dtype=dtype), leaf.reshape(-1)])[offset:].view(z.shape)
     assert zin.data_ptr() % 16 != 0
+    _backward_matches_reference(zin, leaf, (z, sigma, x_t, x0, shift, weight), graph, reduction, inplace)
+
+
+def _backward_matches_reference(zin, leaf, case, graph, reduction, inplace, grad_of=lambda g: g):
+    """ops.score_entropy on ``zin`` (a view into ``leaf``'s graph) with block_v = 16, backward, and
+    the loss and ``grad_of(leaf.grad)`` against the fp64 oracle of the contiguous ``case``."""
+    z, sigma, x_t, x0, shift, weight = case
     loss = ops.score_entropy(zin, sigma, x_t, x0, graph, shift=shift, weight=weight, reduction=reduction,
                              inplace_backward=inplace, block_v=16)
     go = torch.rand(loss.shape) if reduction == "none" else torch.tensor(1.0)
     loss.backward(go)
     want_loss, want_grad = _oracle(z, sigma, x_t, x0, graph, shift, weight, reduction, grad_output=go)
     _assert_loss(loss.detach(), want_loss)
-    _assert_grad(leaf.grad, want_grad)
+    _assert_grad(grad_of(leaf.grad), want_grad)
+
+
+@pytest.mark.parametrize("pad", [64, 3], ids=["padded-to-64", "padded-by-3"])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("graph", [Absorbing(36), Uniform(37)], ids=str)
+def test_padded_rows_are_read_in_place(monkeypatch, graph, dtype, reduction, inplace, pad):
+    """A view [B, L, V] of rows padded to V_pad (row stride V_pad > V, as the model's padded head
+    gives): the kernel reads it without a copy, never touches the padding (NaN there would show),
+    gives the contiguous result, and lays a fresh gradient out as the scores (aligned alike)."""
+    import sedd.kernels.score_entropy as kse
+
+    z, sigma, x_t, x0, shift, weight = score_entropy_case(graph, dtype=dtype)
+    B, L, V = z.shape
+    width = -(-V // pad) * pad if pad == 64 else V + pad
+    scratch = torch.full((B, L, width), float("nan"), dtype=dtype, requires_grad=True)
+    zin = scratch * 1  # a non-leaf, as the model output is
+    with torch.no_grad():
+        zin[..., :V] = z
+    view = zin[..., :V]
+    seen = []
+    real = kse.score_entropy
+    monkeypatch.setattr(kse, "score_entropy", lambda s, *a, **k: seen.append((s.data_ptr(), s.stride(),
+                        None if k.get("grad") is None else k["grad"].stride())) or real(s, *a, **k))
+    _backward_matches_reference(view, scratch, (z, sigma, x_t, x0, shift, weight), graph, reduction, inplace,
+                                grad_of=lambda g: g[..., :V].contiguous())
+    assert (scratch.grad[..., V:] == 0).all()
+    assert seen and all(ptr == view.data_ptr() and stride == view.stride() for ptr, stride, _ in seen)
+    assert all(g is None or g == view.stride() for _, _, g in seen)  # the gradient padded alike
+    if inplace:
+        assert torch.isnan(zin[..., V:]).all()  # the padding of the buffer the gradient went into
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8], ids=str)

@@ -88,8 +88,11 @@ def test_end_to_end(trained):
     assert [m["step"] for m in metrics] == list(range(11))
     assert [m["step"] for m in metrics if "val_loss" in m] == [0, 5, 10]
     for m in metrics[1:]:
-        assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= m.keys()
+        assert {"loss", "loss_per_sequence", "lr", "grad_norm", "tokens_per_s"} <= m.keys()
         assert all(isinstance(v, (int, float)) for v in m.values())
+    # the log's units: nats per token with the perplexity bound (issue 32, item 13)
+    assert re.search(r"step 5: val loss \d+\.\d+ nats/token, perplexity <= \d", result.stdout), result.stdout
+    assert metrics[5]["val_loss"] == pytest.approx(metrics[5]["val_loss_per_sequence"] / 32)
 
     config = json.loads((out / "config.json").read_text())
     assert config["step"] == 10
@@ -104,8 +107,9 @@ def test_end_to_end(trained):
     # The checkpoint loads with the public loader, and holds the EMA weights.
     model = SEDD.from_pretrained(out)
     state = torch.load(out / "training_state.pt", map_location="cpu", weights_only=True)
-    for name, p in model.named_parameters():
-        assert torch.equal(p, state["ema"][name]), name
+    weights = model.state_dict()  # the public layout (the aligned head's padding is in memory only)
+    for name in dict(model.named_parameters()):
+        assert torch.equal(weights[name], state["ema"][name]), name
     assert not all(torch.equal(state["model"][k], state["ema"][k]) for k in state["ema"])
     x = torch.tensor([tok.encode("To be, or not to be")])
     score = model(x, torch.tensor([1.0]))

@@ -37,12 +37,23 @@ def full_state(tensors: dict) -> dict:
 
 
 def like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """A full tensor laid out as ``param`` (its shard, under FSDP), as a fresh copy."""
+    """A full tensor laid out as ``param`` (its shard, under FSDP), as a fresh copy. A tensor in the
+    public checkpoint layout of a parameter padded in memory (the aligned head: fewer rows, the
+    weights having been checked against the model's state dict) gets zero rows appended."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    full = padded_to(full, param.shape)
     if isinstance(param, DTensor):
         return distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements)
     return full.to(param.device, param.dtype, copy=True)
+
+
+def padded_to(full: torch.Tensor, shape) -> torch.Tensor:
+    """``full`` with zero rows appended up to ``shape``'s rows when only the rows differ (the public
+    layout of the aligned head's padded parameters), else ``full`` itself."""
+    if full.dim() and full.shape[0] < shape[0] and tuple(full.shape[1:]) == tuple(shape[1:]):
+        return torch.cat([full, full.new_zeros((shape[0] - full.shape[0], *full.shape[1:]))])
+    return full
 
 
 class ReplicaMismatch(RuntimeError):
@@ -103,7 +114,7 @@ def read_training_state(out: Path) -> dict:
 
 def save_checkpoint(out: Path, *, net: torch.nn.Module, ema: dict, optimizer, step: int, cfg: dict,
                     config: dict, tokenizer, batches, metrics: list[dict], log_window: dict, master: bool,
-                    ddp_world: int = 1, loss_label: str = "score entropy (nats per sequence)") -> float | None:
+                    ddp_world: int = 1, loss_label: str = "score entropy (nats per token)") -> float | None:
     """Save the run at ``step``. Every rank calls it: the weights are gathered first (a collective
     under FSDP) and, with ``ddp_world > 1`` DDP ranks, checked equal across them; then rank 0
     writes every file, training_state.pt last (the commit point). Returns the replica checksum
@@ -112,6 +123,9 @@ def save_checkpoint(out: Path, *, net: torch.nn.Module, ema: dict, optimizer, st
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     raw, ema_full = full_state(net.state_dict()), full_state(ema)
+    # the public layout: a parameter padded in memory (the aligned head) is saved at its state-dict rows
+    ema_full = {k: v[: raw[k].shape[0]] if k in raw and v.dim() and v.shape != raw[k].shape else v
+                for k, v in ema_full.items()}
     optim = get_optimizer_state_dict(net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     checksum = None
     if ddp_world > 1:
@@ -136,7 +150,7 @@ def save_checkpoint(out: Path, *, net: torch.nn.Module, ema: dict, optimizer, st
     return checksum
 
 
-def plot_losses(metrics: list[dict], path: Path, label: str = "score entropy (nats per sequence)") -> None:
+def plot_losses(metrics: list[dict], path: Path, label: str = "score entropy (nats per token)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,6 +169,38 @@ def plot_losses(metrics: list[dict], path: Path, label: str = "score entropy (na
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+def resume_optimizer_and_ema(net: torch.nn.Module, optimizer, ema: dict, state: dict) -> None:
+    """Load a training state's optimizer state and EMA into ``optimizer`` and ``ema`` (name ->
+    tensor, filled in place). Moment buffers saved in the public layout of a parameter padded in
+    memory (a run saved before the aligned head) are padded with zero rows, as the weights are."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    params = dict(net.named_parameters())
+    optim = state["optimizer"]
+    for name, moments in optim.get("state", {}).items():
+        if name in params:
+            for key, value in moments.items():
+                if isinstance(value, torch.Tensor):
+                    moments[key] = padded_to(value, params[name].shape)
+    set_optimizer_state_dict(net, optimizer, optim_state_dict=optim, options=StateDictOptions(full_state_dict=True))
+    for name, p in params.items():
+        ema[name] = like(p, state["ema"][name])
+
+
+def per_token_history(metrics: list[dict], length: int) -> list[dict]:
+    """A saved metrics history in the log's units: entries written before the log gave nats per
+    token (their ``loss`` and ``val_loss`` per block) are converted, the per-block values kept
+    under ``*_per_sequence``."""
+    out = []
+    for m in metrics:
+        m = dict(m)
+        for key in ("loss", "val_loss"):
+            if key in m and f"{key}_per_sequence" not in m:
+                m[f"{key}_per_sequence"], m[key] = m[key], m[key] / length
+        out.append(m)
+    return out
 
 
 # -----------------------------------------------------------------------------------------------

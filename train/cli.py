@@ -8,17 +8,19 @@ Exit status 0 on success, 2 on bad input (a one-line message), 1 on other failur
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 __all__ = [
-    "ArgumentParser", "InputError", "SamplingPlan", "add_sampler_options", "check_outputs", "check_positive",
-    "check_seed", "check_spec", "check_threads", "checkpoint_inputs", "die", "files_of", "flag_of", "load_checkpoint",
-    "main_with_exit_codes", "parse_steps", "sampling_spec",
+    "ArgumentParser", "InputError", "Processes", "SamplingPlan", "add_sampler_options", "check_outputs",
+    "check_positive", "check_seed", "check_spec", "check_threads", "checkpoint_inputs", "die", "files_of", "flag_of",
+    "load_checkpoint", "main_with_exit_codes", "one_process", "parse_steps", "processes", "sampling_spec",
 ]
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below it; larger ones overflow
@@ -52,22 +54,139 @@ def main_with_exit_codes(
     (``prog: error: ...``) and exit status 2, as argparse's own errors with :class:`ArgumentParser`.
     Warnings raised while it runs print as one line each (``prog: warning: ...``), without the
     library source line Python would show. Returns the exit status (--help's too)."""
+    main = processes().main  # under torchrun every process meets the same bad input: the first says it
     try:
-        args = parser.parse_args(argv)
+        with contextlib.ExitStack() as quiet:
+            if not main:
+                quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+                quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            args = parser.parse_args(argv)
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else 2
 
     def one_line(message, category, filename, lineno, file=None, line=None):
         kind = "" if category is UserWarning else f" ({category.__name__})"
-        print(f"{prog}: warning: {message}{kind}", file=sys.stderr if file is None else file)
+        if main:
+            print(f"{prog}: warning: {message}{kind}", file=sys.stderr if file is None else file)
 
     try:
         with warnings.catch_warnings():
             warnings.showwarning = one_line
             return run(args)
     except InputError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        if main:
+            print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (torchrun)
+# ----------------------------------------------------------------------------------------------
+
+# What each entry point does with several processes, for the messages that refuse them.
+SEVERAL = ("train/run.py trains with DDP or FSDP, train/eval.py splits the blocks and train/sample.py --input the "
+           "requests over the processes")
+
+
+@dataclass(frozen=True)
+class Processes:
+    """The processes of one job: torchrun's RANK, WORLD_SIZE and LOCAL_RANK (one process when
+    not under torchrun). An entry point that splits its work joins them with :meth:`joined`."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def several(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """The process that reports: writes the outputs, prints the notes and the progress."""
+        return self.rank == 0
+
+    def share(self, n: int) -> range:
+        """This process's contiguous share of ``n`` items, in rank order (the shares differ by one
+        item at most)."""
+        return range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+    def device(self, requested: str) -> str:
+        """The device of this process for ``--device requested``: under several processes, auto
+        and cuda are cuda:LOCAL_RANK; one named CUDA device for all of them is an :class:`InputError`."""
+        if not self.several:
+            return requested
+        import torch
+
+        if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+            return f"cuda:{self.local_rank}"
+        if requested.startswith("cuda:"):
+            raise InputError(f"--device {requested}: the {self.world} processes would share one GPU; --device cuda "
+                             "(or auto) gives each process its own, cuda:LOCAL_RANK")
+        return requested
+
+    def threads(self, requested: int | None) -> None:
+        """CPU threads: ``requested`` (--threads), else under several processes their share of the
+        cores (each would otherwise take every core)."""
+        import torch
+
+        if requested:
+            torch.set_num_threads(requested)
+        elif self.several:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            torch.set_num_threads(max(1, cores // self.local_world))
+
+    @contextlib.contextmanager
+    def joined(self):
+        """The processes joined by a gloo group (the results only travel between them, so the CPU
+        backend serves CUDA runs too), left when the block ends; one already joined stays joined."""
+        import torch.distributed as dist
+
+        own = self.several and not dist.is_initialized()
+        if own:
+            dist.init_process_group("gloo", rank=self.rank, world_size=self.world)
+        try:
+            yield self
+        finally:
+            if own:
+                dist.destroy_process_group()
+
+    def broadcast(self, value: Any) -> Any:
+        """The main process's ``value`` (picklable), in every process."""
+        if not self.several:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list[Any] | None:
+        """Every process's ``value`` (picklable), in rank order, on the main process; None on the others."""
+        if not self.several:
+            return [value]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.main else None
+        dist.gather_object(value, out, dst=0)
+        return out
+
+
+def processes() -> Processes:
+    """The :class:`Processes` torchrun started (its environment variables), or one."""
+    env = {k: int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))}
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
+    return Processes(env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], local_world)
+
+
+def one_process(prog: str, command: str) -> None:
+    """:class:`InputError` under several processes, for an entry point that runs in one:
+    ``command`` is what to run instead."""
+    procs = processes()
+    if procs.several:
+        raise InputError(f"{prog} runs in one process, and torchrun started {procs.world}, each of which would run "
+                         f"the whole job: run {command} ({SEVERAL})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,13 +404,14 @@ def sampling_spec(args: argparse.Namespace, **overrides):
         raise _spec_error(err) from None
 
 
-def check_spec(spec, pre, length: int | None, prog: str):
+def check_spec(spec, pre, length: int | None, prog: str, *, quiet: bool = False):
     """``(objective, plan)``: the loaded checkpoint ``pre``'s objective
     (:func:`sedd.objectives.objective_of`), with ``spec`` checked against it (options its sampler
     does not read, a predictor its graph cannot run, an exact cache on a model that reads σ,
     ``--eps`` against its schedule), and the :class:`SamplingPlan` of ``length`` tokens (--length;
     None: the model's) in the windows of --window / --stride, with a note on stderr when they are
-    semi-autoregressive. :class:`InputError` for what cannot run."""
+    semi-autoregressive (not ``quiet``: the processes after the first of several).
+    :class:`InputError` for what cannot run."""
     from sedd.generation import plan_windows
     from sedd.objectives import objective_of
     from sedd.sampling import SamplingOptionError, check_eps
@@ -310,11 +430,11 @@ def check_spec(spec, pre, length: int | None, prog: str):
             check_eps(pre.noise, spec.eps)
         except ValueError as err:
             raise InputError(f"--{err}") from None
-    if window > model.length:
+    if window > model.length and not quiet:
         print(f"{prog}: warning: --window {window} is longer than the model's training length "
               f"{model.length}; quality drops past it", file=sys.stderr)
     plan = SamplingPlan(length, window, stride, objective.default_steps(min(length, window)))
-    if stride is not None:
+    if stride is not None and not quiet:
         print(f"{prog}: {length} tokens is longer than the {window}-token window: generating semi-autoregressively "
               f"in {plan.windows} windows, each holding the {window - stride} tokens before its {stride} new "
               "ones fixed (--window, --stride)", file=sys.stderr)

@@ -133,7 +133,12 @@ def parse_args(argv=None, *, epilog: str = ""):
     run = parser.add_argument_group("system")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                      help="auto: CUDA when available (default: auto)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                     help="torch.compile the transformer blocks (regional: one compiled block function reused by "
+                          "every block); auto: on for CUDA, off on the CPU (default: auto; --compile alone: on)")
+    run.add_argument("--cuda-graphs", action="store_true",
+                     help="capture the whole training step (forward, backward, clip, AdamW, EMA) as one CUDA graph "
+                          "and replay it (CUDA, one process)")
     run.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP (for CUDA)")
     run.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
     run.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")

@@ -61,6 +61,13 @@ Output: a table (stdout), and with ``--json PATH`` a JSON object holding the rep
 setting (checkpoint, data, split, tokenizer, K, time sampler, blocks, seed); ``--json -`` writes
 the JSON to stdout and the table to stderr. Exit status 0 on success, 2 on bad input (one-line
 message), 1 on other failures.
+
+Several processes: ``torchrun --nproc_per_node N train/eval.py ...`` splits the blocks into N
+contiguous shares, one per process (each on its own GPU with ``--device auto`` or ``cuda``, with
+its share of the cores on a CPU), and the first process writes the one report (``"processes": N``
+in the JSON). The draws of the first process come from ``--seed``, the others' from seeds derived
+from it and their rank: the same seed and number of processes give the same numbers, and an
+autoregressive checkpoint's exact numbers do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -75,12 +82,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python train/eval.py`: the package of this checkout, installed or not
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from sedd.data import DETOKENIZERS, DOC_SPLITS, HF_DATASETS, auto_detokenizer, evaluation_split, get_corpus, tokenize
 from sedd.data.public import public_blocks, public_rows
-from sedd.likelihood import TIME_SAMPLERS, make_blocks
+from sedd.likelihood import TIME_SAMPLERS, combine, make_blocks
 from sedd.objectives import objective_of
 from train import cli
 from train.cli import InputError
@@ -232,22 +241,31 @@ def run(args) -> int:
     inputs = [*cli.checkpoint_inputs(args.checkpoint, args.tokenizer),
               *cli.files_of(f"a file of --data {args.data}", args.data)]
     cli.check_outputs([("--json", args.json)], inputs)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    procs = cli.processes()
+    args.device = procs.device(args.device)
+    procs.threads(args.threads)
+    with procs.joined():
+        return _evaluate(args, procs)
+
+
+def _evaluate(args, procs: cli.Processes) -> int:
+    """The run, in one of ``procs``: each scores its share of the blocks, the main one reports."""
+    say = (lambda message: print(message, file=sys.stderr, flush=True)) if procs.main else (lambda message: None)
+    progress = procs.main and (sys.stderr.isatty() if args.progress is None else args.progress)
     started = time.perf_counter()
     pre = cli.load_checkpoint(args)
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
     block_size = args.block_size or model.length
     if block_size > model.length:
-        print(f"eval.py: warning: --block-size {block_size} is longer than the model's training length "
-              f"{model.length}", file=sys.stderr)
+        say(f"eval.py: warning: --block-size {block_size} is longer than the model's training length {model.length}")
 
     split = args.split or evaluation_split(args.data)
     detok, detok_reason = resolve_detokenizer(args.detokenizer, args.data)
-    print(f"eval.py: detokenizer {detok or 'none'} ({detok_reason})", file=sys.stderr)
+    say(f"eval.py: detokenizer {detok or 'none'} ({detok_reason})")
     last_block = args.last_block or "pad"
+    if procs.several and not procs.main:  # the main process fills the token cache, then the others read it
+        dist.barrier()
     try:
         if args.protocol == "sedd":
             rows = public_rows(args.data, split, detokenizer=detok)
@@ -262,6 +280,9 @@ def run(args) -> int:
             blocks, mask = make_blocks(tokens, block_size, last_block, args.max_blocks, tokenizer.eos_id)
     except (OSError, ValueError, RuntimeError) as err:  # no such path/split/dataset, Hub offline
         raise InputError(str(err)) from err
+    finally:
+        if procs.several and procs.main:
+            dist.barrier()
     if len(blocks) == 0:
         hint = "a smaller --block-size" + (" or --protocol packed" if args.protocol == "sedd" else
                                            " or --last-block pad")
@@ -270,21 +291,33 @@ def run(args) -> int:
     exact = objective.exact
     if exact and (args.num_samples != ESTIMATOR_DEFAULTS["num_samples"]
                   or args.time_sampler != ESTIMATOR_DEFAULTS["time_sampler"]):
-        print(f"eval.py: note: --num-samples and --time-sampler do not apply to {objective.a_label()} checkpoint "
-              "(its NLL is exact, no draws of t): ignored", file=sys.stderr)
+        say(f"eval.py: note: --num-samples and --time-sampler do not apply to {objective.a_label()} checkpoint "
+            "(its NLL is exact, no draws of t): ignored")
     how = (f"the exact NLL ({objective.label})" if exact
            else f"K = {args.num_samples} {args.time_sampler} draws each")
-    print(f"eval.py: {len(blocks)} block(s) of {block_size} tokens ({int(mask.sum())} tokens) from "
-          f"{args.data} [{split}], {how}, on {device}", file=sys.stderr)
-
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    _print_cost(args, model, objective, blocks, device)
-    total, unit = objective.likelihood_work(len(blocks), args.num_samples)
-    bar = tqdm(total=total, desc=f"{unit}s", unit=unit, disable=not progress, dynamic_ncols=True)
-    report = objective.likelihood(model, blocks, mask, num_samples=args.num_samples, time_sampler=args.time_sampler,
-                                  batch_size=args.batch_size, generator=generator, device=device,
-                                  on_progress=bar.update)
-    bar.close()
+    say(f"eval.py: {len(blocks)} block(s) of {block_size} tokens ({int(mask.sum())} tokens) from "
+        f"{args.data} [{split}], {how}, on {device}")
+    share = procs.share(len(blocks))
+    if procs.several:
+        each = sorted({len(blocks) // procs.world, -(-len(blocks) // procs.world)})
+        say(f"eval.py: {procs.world} processes score {' or '.join(map(str, each))} block(s) each (the first draws from "
+            "--seed, the others from seeds derived from it and their rank); the first writes the report")
+    mine, mine_mask = blocks[share.start : share.stop], mask[share.start : share.stop]
+    report = None
+    if len(mine):
+        generator = torch.Generator(device=device).manual_seed(_process_seed(args.seed, procs.rank))
+        if procs.main:
+            _print_cost(args, model, objective, mine, device)
+        total, unit = objective.likelihood_work(len(mine), args.num_samples)
+        bar = tqdm(total=total, desc=f"{unit}s", unit=unit, disable=not progress, dynamic_ncols=True)
+        report = objective.likelihood(model, mine, mine_mask, num_samples=args.num_samples,
+                                      time_sampler=args.time_sampler, batch_size=args.batch_size,
+                                      generator=generator, device=device, on_progress=bar.update)
+        bar.close()
+    reports = procs.gather(report)
+    if not procs.main:
+        return 0
+    report = combine([r for r in reports if r is not None])
     elapsed = time.perf_counter() - started
 
     result = {
@@ -304,6 +337,7 @@ def run(args) -> int:
         "protocol": args.protocol,
         "seed": args.seed,
         "device": str(device),
+        "processes": procs.world,
         **report.as_dict(),
         "stderr_bits_per_token": report.stderr_nats_per_token / math.log(2),
         # exact: an autoregressive model's exact likelihood; otherwise the bound, which includes the
@@ -331,6 +365,12 @@ def run(args) -> int:
         else:
             Path(args.json).write_text(payload)
     return 0
+
+
+def _process_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s draws: ``seed`` itself in the first (so one process draws
+    as it always has), one derived from the two numbers in the others."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,16 +4,21 @@
         --tasks TASKS [--include_path DIR] [any other lm_eval option]
 
 Everything after the program name goes to lm_eval's command line (``lm-eval run``), with the
-model ``sedd`` (:mod:`sedd.harness`) registered first; ``--model_args`` of ``sedd``:
-pretrained, tokenizer, device, batch_size, mc_samples, time_sampler, seed, steps, predictor,
-top_p, top_k, dtype, estimates (``sedd.harness.MODEL_ARGS`` says what each does).
+model ``sedd`` (:mod:`sedd.harness`, diffusion and autoregressive checkpoints) registered first;
+``--model_args`` of ``sedd``: pretrained, tokenizer, device, batch_size, mc_samples, time_sampler,
+seed, dtype, estimates and every sampler option (steps, predictor, top_p, top_k, cache,
+tokens_per_step, temperature, ...; ``sedd.harness.MODEL_ARGS`` says what each does).
 
 What this adds to lm_eval's own command line, for ``--model sedd`` only:
 
-* the model_args are checked before lm_eval indexes its tasks (which takes a while): a bad key or
-  value is one line and exit status 2, as is a local checkpoint directory that is missing, a
-  checkpoint that cannot be loaded, a request the model cannot answer, and what lm_eval's own
-  checks of its options reject (an unknown task name, options that do not go together);
+* the model_args are checked before lm_eval indexes its tasks (which takes a while), against the
+  checkpoint's config where it can be read without the network (a local directory, a Hub id in the
+  local cache): a bad key or value, an option the checkpoint's objective does not read (mc_samples
+  for an autoregressive checkpoint, first hitting on the uniform graph) is one line and exit status
+  2, as is a local checkpoint directory that is missing; a checkpoint that cannot be loaded, a
+  request the model cannot answer, and what lm_eval's own checks of its options reject (an unknown
+  task name, options that do not go together) are one line too;
+* it runs in one process: under torchrun, one line naming what to run instead;
 * without ``--device``, the model runs on CUDA when available, else on the CPU (lm_eval's own
   default, cuda:0, fails on a machine without one); without ``--batch_size``, rows per model
   call default to sedd.harness's (32) instead of lm_eval's 1. model_args ``device=`` and
@@ -83,7 +88,8 @@ def _model_args(values: list[str]) -> dict:
 def prepare(argv: list[str]) -> list[str]:
     """The command line for lm_eval: for ``--model sedd``, its model_args checked and the defaults
     above added. Raises :class:`sedd.harness.HarnessError` (or ValueError) for bad input."""
-    from sedd.harness import HarnessError, check_model_args
+    from sedd.harness import HarnessError, check_for_objective, check_model_args
+    from sedd.objectives import objective_of
     from sedd.pretrained import resolve_device
 
     _, models = _option(argv, "--model", "-M")
@@ -97,6 +103,9 @@ def prepare(argv: list[str]) -> list[str]:
     except ValueError as err:
         raise HarnessError(f"device: {err}") from None
     _check_checkpoint(args["pretrained"])
+    config = _checkpoint_config(args["pretrained"])
+    if config is not None:
+        check_for_objective(args, objective_of(config))
     argv = list(argv)
     if not _option(argv, "--device")[0] and "device" not in given:
         argv += ["--device", "auto"]
@@ -125,6 +134,26 @@ def _check_checkpoint(name: str) -> None:
                            "out/<preset>)")
 
 
+def _checkpoint_config(name: str) -> dict | None:
+    """The checkpoint's config.json, checked, where it can be read without the network (a local
+    directory, or a Hub id already in the local cache); None otherwise (the model checks it once
+    loaded). HarnessError for a config that cannot be used."""
+    from sedd.harness import HarnessError
+    from sedd.model.checkpoint import checkpoint_dir, config_objective, normalise_config, read_config
+
+    try:
+        folder = checkpoint_dir(name, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    try:
+        config = read_config(folder)
+        return normalise_config(config, objective=config_objective(config))
+    except FileNotFoundError:
+        return None
+    except (TypeError, ValueError) as err:
+        raise HarnessError(f"checkpoint {name!r}: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -134,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         return _error('lm-evaluation-harness is not installed: pip install -e ".[eval]" (the eval extra, '
                       'lm-eval>=0.4)', 1)
     from sedd.harness import MODEL_ARGS, HarnessError  # registers the model "sedd"
+    from train.cli import InputError, one_process, processes
+
+    try:
+        one_process(PROG, "python train/harness.py (the model sedd does not split lm_eval's requests between processes)")
+    except InputError as err:
+        return _error(str(err), 2) if processes().main else 2
 
     if "-h" in argv or "--help" in argv:  # lm_eval's help follows; it cannot know sedd's model_args
         width = max(map(len, MODEL_ARGS))

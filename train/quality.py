@@ -275,6 +275,7 @@ def _check_args(args) -> None:
 
 
 def run(args) -> int:
+    cli.one_process("quality.py", "python train/quality.py")
     _check_args(args)
     # one record per cost: --steps LIST (the diffusion samplers), or first hitting's
     # --tokens-per-step LIST; an autoregressive checkpoint's is fixed, one record

@@ -21,9 +21,19 @@ Objectives: --objective sedd (the default) trains SEDD on --graph with --noise; 
 trains the autoregressive baseline (sedd.model.ARModel): the same DDiT blocks with causal attention,
 the adaLN conditioning from a learned constant instead of sigma, the next-token cross entropy with
 the head fused into the loss. The diffusion flags (--graph, --noise, --sigma-min, --sampling-eps,
---sample-steps, ...) do not apply to it and are refused. Both losses are in nats per sequence; the
-autoregressive one is the exact -log p(block), SEDD's a bound on it. config.json records the objective,
-and --resume keeps it.
+--sample-steps, ...) do not apply to it and are refused. config.json records the objective, and
+--resume keeps it.
+
+Units: the log, the progress bar and loss.png give nats per token (the loss of a block over its L
+tokens) and the perplexity: the autoregressive loss is the exact -log p, so exp(nats per token) is
+its perplexity; SEDD's validation loss estimates its likelihood bound, so with the prior term
+(docs/math.md, "Likelihood bound") it gives a bound on the perplexity, written "perplexity <=".
+train/eval.py computes both with their standard errors.
+
+Speed: on CUDA the transformer blocks run torch.compile'd (regional: one compiled block function;
+--compile off turns it off; the CPU default is off, measured slower there, see the README) and the
+loop is sync-free: between two log lines it reads nothing from the GPU (train/step.py), so the host
+runs ahead. --cuda-graphs captures the whole step as one CUDA graph (one process, CUDA).
 
 Outputs (only rank 0 writes), in --out:
   config.json          the model config in the public layout (tokens, graph, noise, model; "objective")
@@ -32,12 +42,15 @@ Outputs (only rank 0 writes), in --out:
   tokenizer.json       the tokenizer: `sedd.data.get_tokenizer(out)` loads it, no cache needed
   training_state.pt    what --resume needs: raw and EMA weights, optimizer, step, RNG states,
                        data position, metrics history
-  metrics.jsonl        one JSON object per logged step: step, loss, lr, grad_norm, tokens_per_s,
-                       val_loss when evaluated (losses in nats per sequence, as sedd.losses)
+  metrics.jsonl        one JSON object per logged step: step, loss (nats per token), lr, grad_norm,
+                       tokens_per_s; when evaluated val_loss (nats per token) and val_perplexity_bound
+                       (SEDD; val_perplexity for AR); the losses per block (what sedd.losses returns)
+                       as loss_per_sequence and val_loss_per_sequence
   loss.png, samples.txt   train/validation loss curves; the samples printed at the end
 Each file is written to a temporary name and renamed into place, training_state.pt last, so a
 crash or a kill never leaves a half-written checkpoint. A non-finite loss or gradient stops the
-run (exit code 1) before the optimizer step, so the last good checkpoint is never overwritten.
+run (exit code 1) at the next log line, naming the step where it first appeared: the loop reads the
+device before every evaluation and checkpoint, so the last good checkpoint is never overwritten.
 
 Resuming: `--resume` continues from OUT/training_state.pt with the configuration saved there.
 Flags given with it may change how the run continues (--max-steps, --lr, --eval-every, ...) but
@@ -61,15 +74,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
-import math
 import os
 import sys
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -81,28 +91,106 @@ from sedd.objectives import get_objective
 from train.checkpoint import (
     MetricsLog,
     ReplicaMismatch,
-    like,
+    per_token_history,
     read_training_state,
+    resume_optimizer_and_ema,
     save_checkpoint,
     set_rng_state,
 )
 from train.cli import die
 from train.config import UsageError, model_config, parse_args, resolve_config
+from train.step import (  # noqa: F401  (ema_decay: part of this script's interface)
+    LogWindow,
+    TrainStep,
+    ema_decay,
+    loop_context,
+    lr_at,
+    make_optimizer,
+    step_seed,
+)
+from train.validation import describe_validation, ema_weights, validation_entry, validation_loss, validation_set
 
 # Every file a run writes into --out (besides its temporary files and tensorboard/).
 RUN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "training_state.pt", "metrics.jsonl",
              "loss.png", "samples.txt")
 
 
-def step_seed(seed: int, stream: int, rank: int, step: int, micro: int = 0) -> int:
-    """A seed for one (step, micro-batch, rank): randomness that depends on nothing but these
-    numbers is what makes a resumed run identical to an uninterrupted one."""
-    return int(np.random.SeedSequence([seed, stream, rank, step, micro]).generate_state(1, np.uint64)[0] >> 1)
+class Stop(Exception):
+    """The run cannot go on: ``message`` for the user, exit ``code`` (1 failure, 2 bad usage)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.message, self.code = message, code
 
 
-def lr_at(step: int, cfg: dict) -> float:
-    """Linear warmup, then constant: a pure function of the step, so the schedule has no state."""
-    return cfg["lr"] * min(1.0, (step + 1) / cfg["warmup_steps"]) if cfg["warmup_steps"] else cfg["lr"]
+def open_run(args, overrides: dict, world: int):
+    """(out, saved state or None, configuration): the run in --out opened or resumed, every
+    refusal decided before any work or any process connects."""
+    if args.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")  # fail now, not at the first log line
+        except ImportError:
+            raise Stop("--tensorboard needs the tensorboard package: pip install tensorboard", 2) from None
+    if args.fsdp and world == 1:
+        raise Stop("--fsdp needs several processes: launch with torchrun", 2)
+    if args.cuda_graphs and world > 1:
+        raise Stop("--cuda-graphs runs one process: DDP's and FSDP2's gradient collectives are not captured "
+                   "(drop --cuda-graphs, or run one process)", 2)
+    preset = getattr(args, "preset", None)
+    out = Path(args.out or f"out/{preset or 'cpu'}")
+    state = None
+    if args.resume:
+        try:
+            state = read_training_state(out)
+        except FileNotFoundError:
+            raise Stop(f"--resume: no training_state.pt in {out} (nothing to resume; drop --resume to start a run)",
+                       2) from None
+        except ValueError as e:
+            raise Stop(f"cannot resume: {e}. The files in {out} were left untouched.") from None
+    elif (out / "training_state.pt").exists() and not args.overwrite:
+        raise Stop(f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to "
+                   "start afresh (or choose another --out)", 2)
+    elif out.exists() and not out.is_dir():
+        raise Stop(f"--out {out} is a file, not a directory", 2)
+    elif not args.overwrite:
+        # Not a checkpoint of this script: files the run would write must not replace a user's.
+        clash = sorted(name for name in RUN_FILES if (out / name).exists())
+        if clash:
+            raise Stop(f"{out} is not a checkpoint of this script (no training_state.pt) but holds "
+                       f"{', '.join(clash)}, which this run would overwrite; choose another --out, or pass "
+                       "--overwrite to replace them", 2)
+    try:
+        cfg = resolve_config(overrides, preset, state["cfg"] if state else None, world, source=str(out))
+    except UsageError as e:
+        raise Stop(str(e), 2) from None
+    return out, state, cfg
+
+
+def pick_device(args, state: dict | None, world: int, local_rank: int) -> tuple[torch.device, str | None]:
+    """The device of this process, and a note for the log (or None)."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise Stop("--device cuda, but CUDA is not available", 2)
+    if args.cuda_graphs and not use_cuda:
+        raise Stop("--cuda-graphs needs a CUDA device", 2)
+    if use_cuda:
+        device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast: TF32 is plenty
+        torch.backends.cudnn.allow_tf32 = True
+        return device, None
+    # Processes on one machine share its cores; oversubscribing them slows every process down.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    threads, note = args.threads or max(1, cores // local_world), None
+    # A CPU sum's rounding depends on how many threads split it, so a resumed run keeps the
+    # count it was saved with (unless --threads says otherwise) to continue bit-identically.
+    saved = state.get("threads") if state is not None else None
+    if not args.threads and saved and saved != threads and saved * local_world <= cores:
+        threads = saved
+        note = f"threads: {threads} per process, as the run was saved with (--threads changes it)"
+    torch.set_num_threads(threads)
+    return torch.device("cpu"), note
 
 
 def load_data(cfg: dict, out: Path, resuming: bool, master: bool, log):
@@ -121,56 +209,51 @@ def load_data(cfg: dict, out: Path, resuming: bool, master: bool, log):
     return tok, train, val
 
 
-def doc_mask_kwargs(x0: torch.Tensor, cfg: dict, eos_id: int) -> dict:
-    return {"segment_ids": sdata.segment_ids(x0, eos_id)} if cfg["doc_mask"] else {}
+def wrap_model(net, args, device: torch.device, distributed: bool):
+    """What the training forward goes through: FSDP2 shards (--fsdp), the compiled blocks
+    (--compile), DDP. Returns (model, the line that says what was compiled, or None)."""
+    model, note = net, None
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        # The raw output is a view (a reshaped matmul); the loss reads it out of place, which is
+        # what this warning asks for.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        for block in net.blocks:
+            fully_shard(block)
+        fully_shard(net)
+    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+        note = net.compile_blocks()
+    if distributed and not args.fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, note
 
 
-def ema_decay(step: int, decay: float) -> float:
-    """The EMA decay of update ``step + 1``: ``decay``, ramped up as (1 + n)/(10 + n) over the
-    first n updates (as the public SEDD code does), so a short run's EMA is not dominated by the
-    initial weights (at a constant 0.9999 they would still weigh 37% after 10k steps)."""
-    n = step + 1
-    return min(decay, (1 + n) / (10 + n))
+def next_micro_batches(batches, n: int, vocab_size: int, device: torch.device, data: str) -> list[torch.Tensor]:
+    """The step's ``n`` micro-batches, their ids checked in host memory (the step itself checks no
+    value on the device) and, for CUDA, pinned so that their copy does not wait on the GPU."""
+    micro_batches = [next(batches) for _ in range(n)]
+    for x0 in micro_batches:
+        if int(x0.max()) >= vocab_size or int(x0.min()) < 0:
+            raise Stop(f"training data {data!r} holds token ids outside [0, {vocab_size}) (a token cache of "
+                       "another tokenizer?)")
+    return [x0.pin_memory() for x0 in micro_batches] if device.type == "cuda" else micro_batches
 
 
-@contextmanager
-def ema_weights(net: torch.nn.Module, ema: dict):
-    """Evaluate and sample with the EMA weights, then put the training weights back."""
-    params = list(net.parameters())
-    backup = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, ema.values()):
-            p.copy_(e)
-    net.eval()
-    try:
-        yield
-    finally:
-        net.train()
-        with torch.no_grad():
-            for p, b in zip(params, backup):
-                p.copy_(b)
-
-
-@torch.no_grad()
-def validation_loss(net, ema, val_blocks, index, objective, cfg, eos_id, device) -> float:
-    """The training loss (EMA weights) on the fixed validation blocks, this rank's share ``index``
-    of them, averaged over all ranks. Every block draws its t and forward noise (SEDD) from a
-    generator seeded by the block's index, so successive values measure the model and not the
-    draws, and the number is the same for any number of processes (up to float rounding)."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    index = [int(i) for i in index]
+def write_samples(net, ema, objective, tok, cfg, step, device, out: Path, *, master: bool, fsdp: bool) -> None:
+    """Samples from the EMA weights, printed and written to OUT/samples.txt by rank 0."""
+    g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 3, 0, step))
     with ema_weights(net, ema):
-        for start in range(0, len(index), cfg["batch_size"]):
-            chunk = index[start : start + cfg["batch_size"]]
-            x0 = val_blocks.get_batch(chunk).to(device)
-            # each block's draws from its own generator, so they do not depend on the blocks beside it
-            generators = [torch.Generator(device).manual_seed(step_seed(cfg["seed"], 1, 0, i)) for i in chunk]
-            loss = objective.validation_losses(net, x0, generators, **doc_mask_kwargs(x0, cfg, eos_id))
-            total += torch.stack([loss.double().sum(), torch.tensor(float(len(chunk)), dtype=torch.float64,
-                                                                    device=device)])
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+        x, _ = objective.sample(net, batch_size=cfg["num_samples"], length=cfg["sample_length"], generator=g,
+                                device=device, progress=master, spec=objective.training_spec(fsdp=fsdp))
+    texts = [tok.decode(row) for row in x.cpu()]
+    report = f"=== {len(texts)} samples at step {step} (EMA weights, {objective.sample_note()}) ===\n"
+    report += "".join(f"--- sample {i + 1} ---\n{text}\n" for i, text in enumerate(texts))
+    if master:
+        print(report, end="", flush=True)
+        atomic_write(out / "samples.txt", lambda tmp: tmp.write_text(report))
 
 
 def main(argv=None):
@@ -192,71 +275,19 @@ def main(argv=None):
             quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
             quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
         args, overrides = parse_args(argv, epilog=__doc__.split("\n\n", 2)[2])
-    if args.tensorboard:
-        try:
-            importlib.import_module("torch.utils.tensorboard")  # fail now, not at the first log line
-        except ImportError:
-            stop("--tensorboard needs the tensorboard package: pip install tensorboard", 2)
-    if args.fsdp and not distributed:
-        stop("--fsdp needs several processes: launch with torchrun", 2)
 
     # -------------------------------------------------------------------------------------------
-    # Configuration: the preset plus the flags, or, with --resume, the saved run plus the flags
-    # that do not change what it trains. Settled before the processes connect, so that bad input
-    # ends every rank at once.
-    preset = getattr(args, "preset", None)
-    out = Path(args.out or f"out/{preset or 'cpu'}")
-    state = None
-    if args.resume:
-        try:
-            state = read_training_state(out)
-        except FileNotFoundError:
-            stop(f"--resume: no training_state.pt in {out} (nothing to resume; drop --resume to start a run)", 2)
-        except ValueError as e:
-            stop(f"cannot resume: {e}. The files in {out} were left untouched.")
-    elif (out / "training_state.pt").exists() and not args.overwrite:
-        stop(f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to "
-             "start afresh (or choose another --out)", 2)
-    elif out.exists() and not out.is_dir():
-        stop(f"--out {out} is a file, not a directory", 2)
-    elif not args.overwrite:
-        # Not a checkpoint of this script: files the run would write must not replace a user's.
-        clash = sorted(name for name in RUN_FILES if (out / name).exists())
-        if clash:
-            stop(f"{out} is not a checkpoint of this script (no training_state.pt) but holds "
-                 f"{', '.join(clash)}, which this run would overwrite; choose another --out, or pass "
-                 "--overwrite to replace them", 2)
+    # The run: the preset plus the flags, or, with --resume, the saved run plus the flags that do
+    # not change what it trains; then the device. Settled before the processes connect, so that
+    # bad input ends every rank at once.
     try:
-        cfg = resolve_config(overrides, preset, state["cfg"] if state else None, world, source=str(out))
-    except UsageError as e:
-        stop(str(e), 2)
-
-    # -------------------------------------------------------------------------------------------
-    # Device, then the process group.
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        stop("--device cuda, but CUDA is not available", 2)
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    thread_note = None
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast: TF32 is plenty
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        # Processes on one machine share its cores; oversubscribing them slows every process down.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        threads = args.threads or max(1, cores // local_world)
-        # A CPU sum's rounding depends on how many threads split it, so a resumed run keeps the
-        # count it was saved with (unless --threads says otherwise) to continue bit-identically.
-        saved_threads = state.get("threads") if state is not None else None
-        if not args.threads and saved_threads and saved_threads != threads \
-                and saved_threads * local_world <= cores:
-            threads = saved_threads
-            thread_note = f"threads: {threads} per process, as the run was saved with (--threads changes it)"
-        torch.set_num_threads(threads)
+        out, state, cfg = open_run(args, overrides, world)
+        device, thread_note = pick_device(args, state, world, local_rank)
+    except Stop as e:
+        stop(e.message, e.code)
     if distributed:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     log = tqdm.write if master else (lambda message: None)
     if thread_note:
         log(thread_note)
@@ -280,16 +311,12 @@ def main(argv=None):
             batches.load_state_dict(state["data"])
     except ValueError as e:
         stop(f"training data {cfg['data']!r}: {e}")
-    val_blocks = sdata.PackedBlocks(val_tokens, L)
-    n_val = min(cfg["val_blocks"] or len(val_blocks), len(val_blocks))
-    # A fixed validation set spread over the whole split, sharded across ranks.
-    val_index = np.unique(np.linspace(0, len(val_blocks) - 1, n_val).round().astype(np.int64)) if n_val else []
-    my_val_index = np.array_split(val_index, world)[rank] if n_val else []
-    if cfg["eval_every"] and len(val_index) < world:
+    val_blocks, my_val_index, n_val = validation_set(val_tokens, cfg, rank, world)
+    if cfg["eval_every"] and n_val < world:
         log(f"warning: the validation split has {len(val_blocks)} blocks of {L} tokens; validation is off")
         cfg["eval_every"] = 0
     log(f"data: {cfg['data']}, tokenizer {tok.name} ({tok.vocab_size} ids); train {len(train_tokens):,} tokens "
-        f"= {len(train_blocks):,} blocks of {L}; validation set {len(val_index)} blocks")
+        f"= {len(train_blocks):,} blocks of {L}; validation set {n_val} blocks")
 
     # -------------------------------------------------------------------------------------------
     # Model, in the public config layout so SEDD.from_pretrained(out) (ARModel's) loads the checkpoint.
@@ -308,152 +335,107 @@ def main(argv=None):
     net.to(device)
     log(f"model: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {objective.describe()}; batch {cfg['global_batch']} = {cfg['batch_size']} x {grad_accum} accumulation "
         f"x {world} processes, device {device.type}")
-
-    model = net  # what the training forward goes through; net stays the plain SEDD (or ARModel)
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        # The raw output is a view (a reshaped matmul); the loss reads it out of place, which is
-        # what this warning asks for.
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        for block in net.blocks:
-            fully_shard(block)
-        fully_shard(net)
-    if args.compile:
-        model = torch.compile(model)
-    if distributed and not args.fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+    model, compiled = wrap_model(net, args, device, distributed)  # what the training forward goes through
+    if compiled:
+        log(compiled)
 
     # -------------------------------------------------------------------------------------------
-    # Optimizer and EMA. The learning rate is a pure function of the step (set before every update).
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=1e-8,
-                                  weight_decay=cfg["weight_decay"], fused=use_cuda and not args.fsdp)
-    params = dict(net.named_parameters())
-    ema = {name: p.detach().clone() for name, p in params.items()}
-    step, metrics, window = 0, [], {"loss": 0.0, "steps": 0}
-    saved_step = None  # step of the checkpoint in `out`, for the error message of a diverged run
+    # Optimizer, EMA and the step. The learning rate is a pure function of the step.
+    optimizer = make_optimizer(net, cfg, fused=not args.fsdp, capturable=args.cuda_graphs)
+    ema = {name: p.detach().clone() for name, p in net.named_parameters()}
+    step, metrics, saved_window, saved_step = 0, [], None, None  # saved_step: the checkpoint in `out`
     if state is not None:
         try:
-            set_optimizer_state_dict(net, optimizer, optim_state_dict=state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-            ema = {name: like(p, state["ema"][name]) for name, p in params.items()}
+            resume_optimizer_and_ema(net, optimizer, ema, state)
         except (ValueError, KeyError, RuntimeError) as e:
             stop(f"cannot resume from {out}: the optimizer or EMA state does not fit the model ({e})")
-        step, metrics, window = state["step"], state["metrics"], state["log_window"]
-        saved_step = step
+        step, saved_step, saved_window = state["step"], state["step"], state["log_window"]
+        metrics = per_token_history(state["metrics"], L)
         set_rng_state(state["rng"])
         log(f"resumed from {out} at step {step}")
     del state  # the full copies of the weights are no longer needed
+    window = LogWindow(device, saved_window)
+    step_fn = TrainStep(model, net, objective, optimizer, ema, cfg, window, device=device, eos_id=tok.eos_id,
+                        rank=rank, world=world, fsdp=args.fsdp, cuda_graphs=args.cuda_graphs)
+    if args.cuda_graphs:
+        log("cuda graphs: the whole step is captured after a few eager steps and replayed")
 
     # -------------------------------------------------------------------------------------------
     # Logs: metrics.jsonl is rewritten from the saved history.
     metrics_log = MetricsLog(out, metrics, master=master, tensorboard=args.tensorboard, step=step)
+
+    def evaluate(at: int) -> dict:
+        entry = validation_entry(validation_loss(net, ema, val_blocks, my_val_index, objective, cfg, tok.eos_id,
+                                                 device), L, objective)
+        log(f"step {at}: val loss {describe_validation(entry)}")
+        return entry
+
     if step == 0 and cfg["eval_every"]:
-        metrics_log.record({"step": 0, "val_loss": validation_loss(
-            net, ema, val_blocks, my_val_index, objective, cfg, tok.eos_id, device)})
-        log(f"step 0: val loss {metrics[-1]['val_loss']:.2f}")
+        metrics_log.record({"step": 0, **evaluate(0)})
     if step >= cfg["max_steps"]:
         log(f"{out} is already at step {step} (max_steps {cfg['max_steps']}): nothing to train")
 
     # -------------------------------------------------------------------------------------------
-    # Training loop.
-    tokens_per_step = cfg["global_batch"] * L
+    # Training loop. A step reads nothing from the device (train/step.py); the window of steps
+    # since the last log line is read at a log line, and before every evaluation and checkpoint.
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, unit="step", dynamic_ncols=True)
-    window_time, window_steps = 0.0, 0  # throughput of the steps since the last log line
+    clock, elapsed = time.perf_counter(), 0.0  # the window's wall time, evaluations and checkpoints aside
     model.train()
-    while step < cfg["max_steps"]:
-        t0 = time.perf_counter()
-        torch.manual_seed(step_seed(cfg["seed"], 2, rank, step))  # dropout
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            # Gradients are averaged across ranks on the last micro-batch only.
-            sync = micro == grad_accum - 1
-            if args.fsdp:
-                net.set_requires_gradient_sync(sync)
-            elif distributed:
-                model.require_backward_grad_sync = sync
-            x0 = next(batches).to(device, non_blocking=True)
-            g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 0, rank, step, micro))
-            loss = objective.loss(model, x0, g, 1.0 / grad_accum, **doc_mask_kwargs(x0, cfg, tok.eos_id))
-            loss.backward()
-            loss_sum += loss.detach()
-        loss = loss_sum
-        if distributed:
-            dist.all_reduce(loss)
-            loss /= world
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["grad_clip"] or math.inf)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP
-            grad_norm = grad_norm.full_tensor()
-        loss_value, grad_norm_value = torch.stack([loss.float(), grad_norm.float().to(device)]).tolist()
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
-            # Stop before the update: the weights stay finite and no checkpoint is written from them.
-            bar.close()
-            kept = f"{out} keeps its checkpoint of step {saved_step}" if saved_step else "no checkpoint was written"
-            stop(f"non-finite loss {loss_value} (gradient norm {grad_norm_value}) at step {step + 1}; stopped "
-                 f"without saving ({kept}). Try a lower --lr or check the data.")
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.values()), [p.detach() for p in params.values()], 1 - ema_decay(step, cfg["ema"]))
-        step += 1
-        window["loss"] += loss_value
-        window["steps"] += 1
-        window_time += time.perf_counter() - t0
-        window_steps += 1
-        bar.update(1)
-
-        entry = {"step": step}
-        if step % cfg["log_every"] == 0:
-            tokens_per_s = window_steps * tokens_per_step / window_time
-            entry.update(loss=window["loss"] / window["steps"], lr=lr, grad_norm=grad_norm_value,
-                         tokens_per_s=tokens_per_s)
-            bar.set_postfix(loss=f"{entry['loss']:.4g}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            window.update(loss=0.0, steps=0)
-            window_time, window_steps = 0.0, 0
-        if cfg["eval_every"] and step % cfg["eval_every"] == 0:
-            entry["val_loss"] = validation_loss(
-                net, ema, val_blocks, my_val_index, objective, cfg, tok.eos_id, device)
-            log(f"step {step}: val loss {entry['val_loss']:.2f}")
-        if len(entry) > 1:
-            metrics_log.record(entry)
-        if step % cfg["ckpt_every"] == 0 or step == cfg["max_steps"]:
+    with loop_context(device.type == "cuda"):
+        while step < cfg["max_steps"]:
             try:
-                checksum = save_checkpoint(
-                    out, net=net, ema=ema, optimizer=optimizer, step=step, cfg=cfg, config=config, tokenizer=tok,
-                    batches=batches, metrics=metrics, log_window=window, master=master, loss_label=objective.loss_label,
-                    ddp_world=world if distributed and not args.fsdp else 1)
-            except ReplicaMismatch as e:
-                stop(f"at step {step}: {e}")
-            if checksum is not None:
-                log(f"step {step}: weights identical on all {world} ranks (checksum {checksum:.6f})")
-            saved_step = step
+                micro_batches = next_micro_batches(batches, grad_accum, tok.vocab_size, device, cfg["data"])
+            except Stop as e:
+                stop(e.message, e.code)
+            step_fn(step, micro_batches)
+            step += 1
+            bar.update(1)
+            logging, evaluating = step % cfg["log_every"] == 0, cfg["eval_every"] and step % cfg["eval_every"] == 0
+            saving = step % cfg["ckpt_every"] == 0 or step == cfg["max_steps"]
+            if not (logging or evaluating or saving):
+                continue
+            figures = window.read()  # the one device read since the last log line
+            elapsed += time.perf_counter() - clock
+            if figures["bad"]:
+                bar.close()
+                at, loss_value, norm_value = figures["bad"]
+                kept = f"{out} keeps its checkpoint of step {saved_step}" if saved_step else "no checkpoint was written"
+                stop(f"non-finite loss {loss_value} (gradient norm {norm_value}) at step {at}; stopped "
+                     f"without saving ({kept}). Try a lower --lr or check the data.")
+            entry = {"step": step}
+            if logging:
+                tokens_per_s = window.steps * cfg["global_batch"] * L / elapsed
+                entry.update(loss=figures["loss"] / L, loss_per_sequence=figures["loss"], lr=lr_at(step - 1, cfg),
+                             grad_norm=figures["grad_norm"], tokens_per_s=tokens_per_s)
+                bar.set_postfix(loss=f"{entry['loss']:.4g} nats/token", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                window.reset()
+                elapsed = 0.0
+            if evaluating:
+                entry.update(evaluate(step))
+            if len(entry) > 1:
+                metrics_log.record(entry)
+            if saving:
+                try:
+                    checksum = save_checkpoint(
+                        out, net=net, ema=ema, optimizer=optimizer, step=step, cfg=cfg, config=config, tokenizer=tok,
+                        batches=batches, metrics=metrics, log_window=window.state(), master=master,
+                        loss_label=objective.loss_label, ddp_world=world if distributed and not args.fsdp else 1)
+                except ReplicaMismatch as e:
+                    stop(f"at step {step}: {e}")
+                if checksum is not None:
+                    log(f"step {step}: weights identical on all {world} ranks (checksum {checksum:.6f})")
+                saved_step = step
+            clock = time.perf_counter()
     bar.close()
 
     # -------------------------------------------------------------------------------------------
     # Samples from the EMA weights (every rank runs the sampler: FSDP needs all of them).
     if cfg["num_samples"] > 0:
-        g = torch.Generator(device).manual_seed(step_seed(cfg["seed"], 3, 0, step))
-        with ema_weights(net, ema):
-            x, _ = objective.sample(net, batch_size=cfg["num_samples"], length=cfg["sample_length"], generator=g,
-                                    device=device, progress=master, spec=objective.training_spec(fsdp=args.fsdp))
-        texts = [tok.decode(row) for row in x.cpu()]
-        report = f"=== {len(texts)} samples at step {step} (EMA weights, {objective.sample_note()}) ===\n"
-        report += "".join(f"--- sample {i + 1} ---\n{text}\n" for i, text in enumerate(texts))
-        if master:
-            print(report, end="", flush=True)
-            atomic_write(out / "samples.txt", lambda tmp: tmp.write_text(report))
+        write_samples(net, ema, objective, tok, cfg, step, device, out, master=master, fsdp=args.fsdp)
     if master:
-        vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+        vals = [m for m in metrics if "val_loss" in m]
         if len(vals) >= 2:
-            print(f"validation loss: {vals[0]:.2f} -> {vals[-1]:.2f} nats per sequence "
-                  f"({vals[0] / L:.3f} -> {vals[-1] / L:.3f} per token)")
+            print(f"validation loss: {describe_validation(vals[0])} -> {describe_validation(vals[-1])}")
         print(f"checkpoint: {out}  (load with sedd.load_pretrained({str(out)!r}))", flush=True)
     metrics_log.close()
     if distributed:

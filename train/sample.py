@@ -47,6 +47,13 @@ output is written as soon as it is done. The output is JSONL, one object per sam
 token ids, fixed spans, input line, seed, the seconds its request took and the settings (--jsonl
 PATH|- chooses where; it works without --input too).
 
+Several processes: ``torchrun --nproc_per_node N train/sample.py CKPT --input FILE ...`` splits
+the requests into N contiguous shares, one per process (each on its own GPU with ``--device auto``
+or ``cuda``); every request is sampled on its own generator, so the samples are those of one
+process, and the first process writes every output in the order of the requests (its own share as
+it is done, the others' at the end). One request's samples (no --input, or --input -) run in one
+process: under torchrun that is one line of error.
+
 A --length above the model's training length is generated semi-autoregressively: window by
 window (--window, default the model's length), each later window holding the tokens before its
 --stride new ones fixed (sedd.generation.sample_blockwise). A block-diffusion checkpoint
@@ -304,18 +311,31 @@ def run(args) -> int:
     if args.input not in (None, "-"):
         inputs.append((f"the --input file {args.input}", Path(args.input)))
     cli.check_outputs(outputs, inputs)
+    procs = cli.processes()
+    if procs.several and (args.input is None or args.input == "-"):
+        what = "the samples of one request" if args.input is None else "requests read from stdin"
+        raise InputError(f"torchrun started {procs.world} processes, which split --input FILE's requests between "
+                         f"them; {what} run in one process: run python train/sample.py without torchrun, or pass the "
+                         "requests as a file (--input FILE)")
     requests = read_requests(args.input) if args.input is not None else []
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    args.device = procs.device(args.device)
+    procs.threads(args.threads)
+    with procs.joined():
+        return _sample(args, procs, spec, jsonl, requests)
+
+
+def _sample(args, procs: cli.Processes, spec, jsonl: str | None, requests: list[dict]) -> int:
+    """The run, in one of ``procs``: each samples its share of the requests, the main one writes
+    every output, in the order of the requests."""
+    progress = procs.main and (sys.stderr.isatty() if args.progress is None else args.progress)
     pre = cli.load_checkpoint(args)
-    objective, plan = cli.check_spec(spec, pre, args.length, "sample.py")
+    objective, plan = cli.check_spec(spec, pre, args.length, "sample.py", quiet=not procs.main)
     model, tokenizer = pre.model, pre.tokenizer
     device = next(model.parameters()).device
     length = plan.length
     # what the sampler resolves: steps per window (the diffusion samplers' default), the windows
     resolved = plan.resolved
-    seed = args.seed if args.seed is not None else secrets.randbits(31)
+    seed = procs.broadcast(args.seed if args.seed is not None else secrets.randbits(31))
     max_rows = args.max_batch_rows or DEFAULT_MAX_BATCH_ROWS.get(device.type, DEFAULT_MAX_BATCH_ROWS["cpu"])
 
     # Every request's spans are checked before the first sample is drawn.
@@ -339,18 +359,28 @@ def run(args) -> int:
         "max_batch_rows": max_rows,
         "seed": seed,
         "device": str(device),
+        "processes": procs.world,
     }
 
     stream = None
-    if jsonl is not None:
+    if jsonl is not None and procs.main:
         stream = sys.stdout if jsonl == "-" else open(jsonl, "w", encoding="utf-8")
+
+    def write(batch: list[dict]) -> None:
+        if stream is not None:
+            for sample_ in batch:
+                stream.write(json.dumps({**sample_, "settings": settings}, ensure_ascii=False) + "\n")
+            stream.flush()
+
+    share = procs.share(len(jobs))
     samples: list[dict] = []
     start = time.perf_counter()
-    bar = tqdm(total=len(jobs) if requests else args.batch_size, unit="request" if requests else "sample",
+    bar = tqdm(total=len(share) if requests else args.batch_size, unit="request" if requests else "sample",
                desc="requests" if requests else "samples", dynamic_ncols=True,
                disable=not progress or (not requests and args.batch_size <= max_rows))
     try:
-        for line, job_seed, spans in jobs:
+        for number in share:
+            line, job_seed, spans = jobs[number]
             generator = torch.Generator(device=device).manual_seed(job_seed)
             began = time.perf_counter()
             done = []
@@ -370,21 +400,29 @@ def run(args) -> int:
                 if not requests:
                     bar.update(rows)
             elapsed = round(time.perf_counter() - began, 3)
+            batch = []
             for row, nfe in done:
-                sample_ = {"index": len(samples), "text": tokenizer.decode(row), "tokens": row, "nfe": int(nfe)}
+                # numbered as one process numbers them: every request has --batch-size samples
+                sample_ = {"index": number * args.batch_size + len(batch), "text": tokenizer.decode(row),
+                           "tokens": row, "nfe": int(nfe)}
                 if requests:
                     sample_.update(line=line, seed=job_seed, fixed=_described(spans), elapsed_s=elapsed)
-                samples.append(sample_)
-                if stream is not None:
-                    stream.write(json.dumps({**sample_, "settings": settings}, ensure_ascii=False) + "\n")
-            if stream is not None:
-                stream.flush()
+                batch.append(sample_)
+            samples += batch
+            write(batch)  # the main process's share comes first: its lines go out as they are done
             if requests:
                 bar.update(1)
+        shares = procs.gather(samples)
+        if procs.main:
+            for other in shares[1:]:
+                write(other)
+                samples += other
     finally:
         bar.close()
         if stream is not None and stream is not sys.stdout:
             stream.close()
+    if not procs.main:
+        return 0
     elapsed = time.perf_counter() - start
     settings["elapsed_s"] = round(elapsed, 3)
     mean_nfe = sum(s["nfe"] for s in samples) / max(1, len(samples))
@@ -395,6 +433,7 @@ def run(args) -> int:
         f"# {args.checkpoint}: {len(samples)} sample(s) of {length} tokens, {spec.describe(objective, **resolved)}, "
         + f"{mean_nfe:.1f} network evaluations per sample, seed {seed}, "
         + (f"{len(requests)} request(s) from {args.input}" if requests else f"{len(jobs[0][2])} fixed span(s)")
+        + (f" in {procs.world} processes" if procs.several else "")
         + f", {elapsed:.1f}s on {device}"
     )
     text = _format_text(samples, header)

@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sedd import data as sdata
+from train import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +90,12 @@ def mean_loss(model, blocks: sdata.PackedBlocks, index: np.ndarray, batch_size: 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        cli.one_process("train_judge.py", "python train/train_judge.py")
+    except cli.InputError as err:
+        if cli.processes().main:
+            print(f"train_judge.py: error: {err}", file=sys.stderr)
+        return 2
     for name in ("context", "n_embd", "n_layer", "n_head", "batch_size", "max_steps"):
         if getattr(args, name) < 1:
             print(f"train_judge.py: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)

@@ -5,28 +5,38 @@ weights, the rates, the transition row, their product, the normalised probabilit
 exponential noise and its log: about ten [B, L, V] tensors written and read again, i.e. ~20 bytes
 of traffic per score byte for bf16 input, plus as many allocations. A step needs none of it: the
 output is one token id per position. This kernel reads each row of the raw network output z once
-(plus the one tile its draw falls in; twice for the uniform analytic/denoise steps, see below), keeps a handful of per-row running
-values in registers and writes one id. Absorbing positions that are not MASK cannot move: their
-row is never read (the loads are masked off and the tile loop does not run for a block whose
-rows are all fixed).
+(plus the one tile its draw falls in), keeps a handful of per-row running values in registers and
+writes one id. Absorbing positions that are not MASK cannot move: their row is never read (the
+loads are masked off and the loops do not run for a block whose rows are all fixed).
 
-The draw. A categorical draw from unnormalised weights w is argmax_y (log w_y − log E_y) with
-E_y ~ Exp(1) i.i.d. (the exponential race; Gumbel-max with G = −log E). Drawing it per element
-costs a Philox-10 call and two precise logs per score: compiled for sm_90 that loop was ~140 SASS
-instructions per element, ~10× what a memory-bound step affords (≲ 15 per bf16 element on
-H100/H200). So the draw is two-level and exact: P(y) = P(tile(y) wins)·P(y wins inside its tile)
-= (W_τ/W)·(w_y/W_τ).
-- Pass A streams the row once; per element only load, convert, select, max, one exp2, add: per
-  (row, tile τ of BLOCK_V columns) it keeps the tile mass W_τ = Σ_{y∈τ} w_y over the candidates as
-  (tile max, exp-sum) in two small per-row arrays. After the loop the tiles race with one Exp(1)
-  per (row, tile): key_τ = log W_τ − log E_τ; the total W = Σ_τ W_τ gives the stay option.
-- Options whose weight needs the whole row (the Euler stay weight 1 − Σw, the absorbing analytic
-  MASK weight 1 − (e^{Δσ} − 1)Σ e^{ŝ}) race the best tile key with their own noise E_stay;
-  non-positive weights are never chosen.
-- Pass B re-reads only the winning tile of each row that still draws and races its columns with
-  per-element noise on the same log w_y (≈ 1/12 of a row at V = 50258, BLOCK_V = 4096).
-Each noise is drawn once from its own Philox stream, so the two stages are independent. The
-tokens drawn for a seed depend on BLOCK_V (the tile partition), their distribution does not.
+The draw: a three-level exponential race. A categorical draw from unnormalised weights w is
+argmax_y (log w_y − log E_y) with E_y ~ Exp(1) i.i.d. Per element that costs a Philox call and two
+precise logs (~100 instructions against a budget of ~15 per bf16 element at full bandwidth), so
+the race runs on group masses instead, which is exact: P(y) = P(τ)·P(j | τ)·P(y | j) with
+P(τ) = W_τ/W, P(j | τ) = W_j/W_τ, P(y | j) = w_y/W_j.
+- Pass A streams the row once; per element only load, convert, select, max, one exp2, add: it
+  keeps the mass W_τ of each tile τ of BLOCK_V columns as (tile max, exp-sum) in two small
+  per-row arrays. Then the tiles race, one Exp(1) each; options whose weight needs the whole row
+  (the Euler stay weight 1 − Σw, the absorbing analytic MASK weight 1 − (e^{Δσ} − 1)Σe^{ŝ}) race
+  the best tile with their own noise; non-positive weights are never chosen.
+- Pass B re-reads the winning tile (from L2) as SUB-column sub-tiles and races their masses.
+- Pass C races the SUB columns of the winning sub-tile, one Exp(1) per column.
+So a row draws N_TILES + BLOCK_V/SUB + SUB exponentials (≈ 130 at V = 50258, BLOCK_V = 2048,
+SUB = 64), where a two-level race over the same tiles drew BLOCK_V + N_TILES (≈ 2100) and a flat
+race V. Each exponential comes from its own Philox counter, so the levels are independent. The
+tokens drawn for a seed depend on BLOCK_V and SUB (the partition), their distribution does not;
+they do not depend on where the row sits in memory (below).
+
+16-byte windows. A row of V = 50258 bf16 values starts only 4-byte aligned, and a view of a padded
+head has a row stride other than V; per-element bound checks and misaligned bases make every load
+a 2-byte scalar, and Triton pipelines no load narrower than 32 bits. So pass A walks each row in
+windows aligned to 16 bytes (the row's base moved back by its misalignment ``mis`` < ALIGN
+elements), and every window wholly inside the candidate columns is loaded with one per-row
+predicate: 16-byte vector loads. The tiles of the race stay in column space (tile τ = columns
+τ·BLOCK_V …), so a misaligned window's first ``mis`` lanes add to tile τ − 1 and the rest to tile
+τ: two sums per window, compiled in only when some row is misaligned (``MISALIGNED``; rows of a
+64-padded head are all aligned). The draw for a seed is therefore the same for a padded view, a
+contiguous copy or a tensor at an odd storage offset.
 
 Noise accuracy (arXiv 2409.02908). A token of relative weight p wins only when its E_y < p·E_best,
 so tokens of tiny weight are decided entirely by the lower tail of E. The usual fp32 recipe
@@ -37,33 +47,34 @@ complement u = 1 − v = (~hi·2^32 + ~lo + 1/2)·2^-64 are both formed in fp32 
 numbers*, so each keeps 24-bit relative precision all the way down to 2^-65 (no fixed absolute
 grid). Then E = −log1p(−v) by its series v(1 + v/2 + … + v⁶/7) for v < 1/16 (relative error
 < 1e-8) and E = −log(u) otherwise (u ≤ 15/16 is well conditioned). Both tails of E are therefore
-those of a 64-bit uniform (E ∈ [2.7e-20, 45]) with ~1e-7 relative rounding, no systematic bias;
-only log E enters the key, in fp32, where it is exact to ~1e-7 absolute.
+those of a 64-bit uniform (E ∈ [2.7e-20, 45]) with ~1e-7 relative rounding, no systematic bias.
 
 RNG. Philox-4x32-10 (``tl.philox``) keyed by a 64-bit seed read from device memory (the launcher
 draws it from the caller's torch.Generator, so no host sync), with counter (c, row_lo, row_hi,
-stream): stream 0 is the within-tile draw (c = column pair: columns 2k and 2k + 1 share one call,
-words 0,1 and 2,3), stream 1 the stay option (c = 0), stream 2 the tile race (c = tile index).
+stream); stream = 8·round + {0: columns of the winning sub-tile (c = column within it), 1: the stay option, 2: the tiles (c = tile), 3: the sub-tiles of
+the winning tile (c = sub-tile), 4: an acceptance uniform}. Every step but uniform
+analytic / denoise draws in round 0.
 
-Uniform analytic / denoise. The staggered score s'_y = e^{Δσ}s_y − (E(Δσ)/N)·Σ_k s_k needs the row
-sum before any candidate can be scored, so these two steps make two passes over the row: pass 1
-computes log Σ_k e^{ŝ_k} (online max, overflow safe), then pass A and pass B run with
-p_y = s'_y·T(x_t, y) (the current token competing as an ordinary column); in pass A the tile mass
-is Σ T'_y(e^{ŝ_y − m} − C e^{−m}), C = (E/N)S e^{−Δσ}, which has the same absolute rounding as the
-per-element e^{ŝ}(1 − q) of pass B. Every other step streams the row once (plus one tile).
+Uniform analytic / denoise. The staggered score s'_y ∝ (s_y − C)_+ with C = ((1 − e^{−Δσ})/N)·S and
+S = Σ_k s_k needs the row sum before any weight is known, which took a statistics pass before the
+race (three passes in all, twice Euler's instructions at half its occupancy). Now the kernel draws
+by rejection: the proposal q_y ∝ s_y·T(x_t, y) is Euler-shaped (one pass A gives its tile masses
+and, from the same masses, S), and a proposal y is accepted with probability (1 − C/s_y)_+ (the
+current token, s = 1: (1 − C)_+). Accepted draws have exactly the target law p_y ∝ (s_y − C)_+·T.
+Since Σ_y T(x_t, y) = 1, the acceptance rate is at least e^{−Δσ}/(e^{−Δσ} + C): about e^{−Δσ} for a
+row with S ≈ N, so ≥ ½ once Δσ ≤ ln 2. Each row makes up to PROPOSALS proposals (the tile masses
+are reused, each proposal re-reads only its tile); a row with none accepted (probability
+(1 − rate)^PROPOSALS) draws on the general path: a second pass with C known and the race on
+(s_y − C)_+ directly. That fallback is independent of the rejected proposals, so the mixture is
+exact. A truncated uniform analytic / denoise step takes the general path (a pass for S first).
 
-Layout. One program handles BLOCK_R rows × the whole row width in tiles of BLOCK_V columns. On a
+Layout. One program handles BLOCK_R rows × the whole row width in windows of BLOCK_V columns. On a
 GPU BLOCK_R = 1 and BLOCK_V is a few thousand; under the interpreter (~1 ms per program) a program
-takes many rows at once.
+takes many rows at once. Pass A's loads carry no eviction hint (unlike the loss kernel's, which
+reads each byte once): pass B re-reads the winning tile, which should still be in L2.
 
-Instruction counts (sm_90, SASS of each loop body per warp ÷ 16 elements per thread; BLOCK_V =
-4096, 8 warps; Triton 3.9 / 3.6): pass A over whole tiles 12.9 / 12.2 per element for the absorbing
-steps, 15.0 / 14.1 for uniform Euler (the current-token test), 22.1 / 22.1 for uniform analytic /
-denoise (plus 18.2 / 19.4 for their statistics pass); before the two-level draw the single loop
-was 127–170. Registers (``python -m tests.test_kernels_gpu_build sm90 --table``): 92 / 64
-absorbing, 94 / 48 uniform Euler, 124 / 116 uniform analytic / denoise, no stack frame; pass B
-over the whole tile at once had needed 163 registers (uniform analytic) and a 24-byte stack frame
-(absorbing Euler / analytic) under Triton 3.6.
+Instruction counts and registers: ``python -m tests.test_kernels_gpu_build sm90 --loops --table``
+(each launch, both Triton versions, is held to its register budget by that test).
 
 The math: docs/math.md, "Reverse steps", "Categorical draws", "Truncation".
 """
@@ -76,115 +87,49 @@ import torch
 import triton
 import triton.language as tl
 
+from ._draw import _draw_in_tile, _logsumexp_tiles, _pass_a, _race
 from ._launch import on_device
-from ._math import LOG2E, interpreted
-from ._math import exp2 as _exp2
+from ._math import interpreted
+from ._noise import _row_log_noise, _row_uniform
 
 EULER, ANALYTIC, DENOISE = 0, 1, 2
 KINDS = {"euler": EULER, "analytic": ANALYTIC, "denoise": DENOISE}
 
-_NEG_BIG = tl.constexpr(-1.0e30)  # finite "−∞" for running maxima (keeps exp(m − m_new) free of nan)
+_STREAMS = tl.constexpr(8)  # Philox streams per round of the draw (module docstring)
 
 
 # ---------------------------------------------------------------------------------------------
-# jit helpers
+# Per-row constants (fp64, once per row)
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def log_exp1_from_bits(hi, lo):
-    """log E for E ~ Exp(1), from two uint32 random words (see the module docstring).
-
-    v = (hi·2^32 + lo + ½)·2^-64 and u = 1 − v from the complemented words, both in fp32 with
-    full relative precision down to 2^-65; E = −log1p(−v) by its series for small v, −log(u) else.
-    """
-    v = hi.to(tl.float32) * 2.3283064365386963e-10 + (lo.to(tl.float32) + 0.5) * 5.421010862427522e-20
-    hi_c = hi ^ 0xFFFFFFFF
-    lo_c = lo ^ 0xFFFFFFFF
-    u = hi_c.to(tl.float32) * 2.3283064365386963e-10 + (lo_c.to(tl.float32) + 0.5) * 5.421010862427522e-20
-    # −log1p(−v) = v + v²/2 + v³/3 + …; seven terms are exact to 1e-8 relative for v < 1/16
-    series = v * (1.0 + v * (0.5 + v * (0.3333333333333333 + v * (0.25 + v * (0.2 + v * (0.16666666666666666
-                                                                                        + v * 0.14285714285714285))))))
-    e = tl.where(v < 0.0625, series, -tl.log(u))
-    return tl.log(e)
+def _expm1(x):
+    """e^x − 1 in fp64 without cancellation (a 6-term series below |x| = 1e-2, error < 1e-14)."""
+    series = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0))))))
+    return tl.where(tl.abs(x) < 1e-2, series, tl.exp(x) - 1.0)
 
 
 @triton.jit
-def _tile_log_noise(seed, rows, start, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, N_ROUNDS: tl.constexpr):
-    """log E [BLOCK_R, BLOCK_V] for columns start_r … start_r + BLOCK_V − 1 of each row r (``start``
-    [BLOCK_R] int32, even): the within-tile draw of pass B.
-
-    One Philox call per column pair: column 2k uses words (0, 1) of counter (k, row, 0), column
-    2k + 1 uses words (2, 3).
-    """
-    pairs = ((start // 2)[:, None] + tl.arange(0, BLOCK_V // 2)[None, :]).to(tl.uint32)
-    r = rows.to(tl.uint64)
-    row_lo = (r & 0xFFFFFFFF).to(tl.uint32)
-    row_hi = (r >> 32).to(tl.uint32)
-    c0 = tl.broadcast_to(pairs, (BLOCK_R, BLOCK_V // 2))
-    c1 = tl.broadcast_to(row_lo[:, None], (BLOCK_R, BLOCK_V // 2))
-    c2 = tl.broadcast_to(row_hi[:, None], (BLOCK_R, BLOCK_V // 2))
-    c3 = c0 * 0
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3, N_ROUNDS)
-    hi = tl.reshape(tl.join(w0, w2), (BLOCK_R, BLOCK_V))
-    lo = tl.reshape(tl.join(w1, w3), (BLOCK_R, BLOCK_V))
-    return log_exp1_from_bits(hi, lo)
-
-
-@triton.jit
-def _row_log_noise(seed, rows, counter, STREAM: tl.constexpr, N_ROUNDS: tl.constexpr):
-    """log E, one per (row, counter) (``rows`` and ``counter`` broadcast against each other):
-    words 0, 1 of Philox counter (counter, row_lo, row_hi, STREAM).
-
-    Stream 1 is the stay / MASK option (counter 0), stream 2 the race of tile ``counter``.
-    """
-    r = rows.to(tl.uint64)
-    zero = (r * 0 + counter * 0).to(tl.uint32)
-    row_lo = zero + (r & 0xFFFFFFFF).to(tl.uint32)
-    row_hi = zero + (r >> 32).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed, zero + counter, row_lo, row_hi, zero + STREAM, N_ROUNDS)
-    return log_exp1_from_bits(w0, w1)
-
-
-@triton.jit
-def _pass_a_tile(row_ptr, start, lanes, active, n_cand, x, shift, log_q0, t_ratio, thr,
-                 ABSORB: tl.constexpr, TWO_PASS: tl.constexpr, WHOLE: tl.constexpr, TRUNCATE: tl.constexpr):
-    """Pass A on one tile (columns start … start + BLOCK_V − 1): (tile max, Σ e^{· − max}) of the
-    candidates' log-weights, per row (see the kernel). ``WHOLE``: every column is < n_cand."""
-    # lanes (int32) against per-row scalars: the load mask is the bound check only (constant
-    # along columns otherwise), the current token is dropped after the load
-    tile_ptr = row_ptr + start
-    if WHOLE:
-        ld = active[:, None]
-    else:
-        ld = active[:, None] & (lanes < n_cand - start)[None, :]
-    zt = tl.load(tile_ptr[:, None] + lanes[None, :], mask=ld).to(tl.float32)
-    if TWO_PASS:
-        # w_y ∝ T'_y·(e^{ŝ_y} − C), candidates ŝ_y > log C (s'_y > 0), T' = t_ratio at x_t, else 1
-        is_cur = lanes[None, :] == (x - start)[:, None]
-        sh = tl.where(is_cur, 0.0, zt + shift[:, None])
-        cand = ld & (sh > log_q0[:, None])
-        if TRUNCATE:  # the kept candidates only: ŝ ≥ thr, never the current token
-            cand = cand & (sh >= thr[:, None]) & ~is_cur
-        shc = tl.where(cand, sh, float("-inf"))
-        tile_m = tl.maximum(tl.max(shc, axis=1), _NEG_BIG)
-        c_t = tl.exp(tl.minimum(log_q0 - tile_m, 0.0))  # log C ≥ tile max: empty tile anyway
-        d = tl.maximum(_exp2(shc * LOG2E - (tile_m * LOG2E)[:, None]) - c_t[:, None], 0.0)
-        tile_s = tl.sum(tl.where(is_cur, d * t_ratio[:, None], d), axis=1)
-    else:
-        # candidates y ≠ x_t: log w_y = log(coef) + z_y + shift; per element only the raw z
-        # (max, one exp2, add); the shift and the row constant are added per tile / per row
+def _row_constants(c, log_n, KIND: tl.constexpr, ABSORB: tl.constexpr, TWEEDIE: tl.constexpr):
+    """(log_coef, log_c2, log_t) fp32 from the step's per-row scalar c (fp64): the candidates'
+    common factor of the exp family (Euler dσΔt, over N for uniform; absorbing analytic/denoise
+    E(c) = e^c − 1); for uniform analytic/denoise (c = Δσ) log c₂ = log((1 − e^{−Δσ})/N) = log T_off
+    and log t = log(T_on/T_off), T_on = e^{−Δσ} + T_off. Computed here, not by the launcher: a few
+    flops per row instead of a handful of tiny tensor ops per call on the host."""
+    zero = tl.zeros_like(c).to(tl.float32)
+    if TWEEDIE:
+        log_c2 = tl.log(-_expm1(-c)) - log_n
+        log_t = tl.log(tl.exp(-c) + tl.exp(log_c2)) - log_c2
+        return zero, log_c2.to(tl.float32), log_t.to(tl.float32)
+    if KIND == 0:
         if ABSORB:
-            cand = ld
+            log_coef = tl.log(c)
         else:
-            cand = ld & (lanes[None, :] != (x - start)[:, None])
-        if TRUNCATE:
-            cand = cand & (zt + shift[:, None] >= thr[:, None])
-        zc = tl.where(cand, zt, float("-inf"))
-        tile_mz = tl.maximum(tl.max(zc, axis=1), _NEG_BIG)
-        tile_s = tl.sum(_exp2(zc * LOG2E - (tile_mz * LOG2E)[:, None]), axis=1)
-        tile_m = tile_mz + shift
-    return tile_m, tile_s
+            log_coef = tl.log(c) - log_n
+    else:
+        log_coef = tl.log(_expm1(c))
+    return log_coef.to(tl.float32), zero, zero
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,26 +141,32 @@ def _pass_a_tile(row_ptr, start, lanes, active, n_cand, x, shift, log_q0, t_rati
 def reverse_step_kernel(
     z_ptr,  # [B, L, V] fp32/bf16/fp16 raw scores (ŝ = z + shift, ŝ[x_t] read as 0); column stride 1
     stride_zb,  # elements between batches of z
-    stride_zl,  # elements between positions of z
+    stride_zl,  # elements between positions of z (V, or more for a view of padded rows)
     shift_ptr,  # [B] fp32 per-row shift (read only when HAS_SHIFT)
     x_ptr,  # [B·L] int current tokens x_t (contiguous)
-    const_ptr,  # [B, 4] fp32 per-row constants from ``_row_constants``
+    scalar_ptr,  # [B] fp32 the step's scalar: Euler dσ·Δt, analytic Δσ, denoise σ
     seed_ptr,  # [1] int64 Philox seed
     trunc_ptr,  # [B·L, 2] fp32 (ŝ threshold of the kept candidates, 1 to move / 0 to stay); TRUNCATE
     out_ptr,  # [B·L] int next tokens (x's dtype)
     n_rows,  # B·L
     L,  # positions per sequence
     V,  # row width
+    log_n,  # log N (fp32), N real tokens
+    proposals,  # uniform analytic / denoise: proposals per row before the general path (a run-time
+    # value: as a constant the compiler unrolled their loop, 114 -> 162 registers)
+    n_sub,  # BLOCK_V // SUB, the sub-tiles of a tile (a run-time value for the same reason)
     KIND: tl.constexpr,  # 0 Euler, 1 analytic, 2 denoise
     ABSORB: tl.constexpr,  # absorbing graph (MASK = V − 1) or uniform
     HAS_SHIFT: tl.constexpr,
-    TWO_PASS: tl.constexpr,  # uniform analytic / denoise: row statistics first, then the race
+    TWEEDIE: tl.constexpr,  # uniform analytic / denoise: rejection, then the general path
     TRUNCATE: tl.constexpr,  # top-p / top-k: stay decided by the caller, draw among ŝ ≥ thr
+    MISALIGNED: tl.constexpr,  # some row does not start on a 16-byte boundary
+    ALIGN: tl.constexpr,  # elements per 16 bytes (1: no aligned windows)
     BLOCK_R: tl.constexpr,  # rows per program
-    BLOCK_V: tl.constexpr,  # columns per tile (even)
+    BLOCK_V: tl.constexpr,  # columns per tile / window (power of two)
+    SUB: tl.constexpr,  # columns per sub-tile (power of two, divides BLOCK_V)
     N_ROUNDS: tl.constexpr,  # Philox rounds
-    N_TILES: tl.constexpr,  # ≥ cdiv(V, BLOCK_V), a power of two: the per-row tile arrays
-    B_SPLIT: tl.constexpr,  # chunks of pass B's tile
+    N_TILES: tl.constexpr,  # ≥ cdiv(candidate columns, BLOCK_V), a power of two
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -231,145 +182,100 @@ def reverse_step_kernel(
     else:
         active = row_ok
     row_ptr = z_ptr + (b * stride_zb + (rows - b * L) * stride_zl)  # int64 element offsets
+    if MISALIGNED:  # elements between each row's start and the 16-byte boundary below it
+        mis = ((row_ptr.to(tl.int64, bitcast=True) % 16) // (16 // ALIGN)).to(tl.int32)
+        win_ptr = tl.multiple_of(row_ptr - mis, 16)  # pointer divisibility is in bytes
+    else:
+        mis = tl.zeros([BLOCK_R], dtype=tl.int32)
+        if ALIGN > 1:
+            row_ptr = tl.multiple_of(row_ptr, 16)
+        win_ptr = row_ptr
     seed = tl.load(seed_ptr)
-    # early exit: a block with no moving row reads nothing (loop bound 0)
-    n_cols = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, V, 0)
-    lanes = tl.arange(0, BLOCK_V)
-
-    # per-row constants, computed by the launcher in fp64 (see ``_row_constants``)
-    k0 = tl.load(const_ptr + b * 4 + 0, mask=row_ok, other=0.0)
-    k1 = tl.load(const_ptr + b * 4 + 1, mask=row_ok, other=0.0)
-    k2 = tl.load(const_ptr + b * 4 + 2, mask=row_ok, other=0.0)
-    k3 = tl.load(const_ptr + b * 4 + 3, mask=row_ok, other=0.0)
+    c = tl.load(scalar_ptr + b, mask=row_ok, other=1.0).to(tl.float64)
+    log_coef, log_c2, log_t = _row_constants(c, c * 0.0 + log_n, KIND, ABSORB, TWEEDIE)  # log N in fp64
     if TRUNCATE:
         thr = tl.load(trunc_ptr + rows * 2, mask=row_ok, other=0.0)
-        move = tl.load(trunc_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
+        move = tl.load(trunc_ptr + rows * 2 + 1, mask=row_ok, other=0.0) > 0.0
     else:
-        thr = k0
-        move = k0
-
-    # ---- stats pass (uniform analytic / denoise only): log S, S = Σ_k e^{ŝ_k} over the whole row
-    log_q0 = k1
-    t_ratio = k2  # (two-pass steps only)
-    if TWO_PASS:
-        m1 = tl.full([BLOCK_R], _NEG_BIG, dtype=tl.float32)
-        s1 = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + lanes
-            ld = active[:, None] & (cols < V)[None, :]
-            zt = tl.load(row_ptr[:, None] + cols[None, :], mask=ld, other=0.0).to(tl.float32)
-            sh = tl.where(cols[None, :] == x[:, None], 0.0, zt + shift[:, None])
-            sh = tl.where(ld, sh, float("-inf"))
-            m_new = tl.maximum(m1, tl.max(sh, axis=1))
-            s1 = s1 * tl.exp(m1 - m_new) + tl.sum(_exp2(sh * LOG2E - (m_new * LOG2E)[:, None]), axis=1)
-            m1 = m_new
-        # s'_y = e^{Δσ}s_y − (E/N)S = e^{Δσ}(e^{ŝ_y} − C), log C = [log(E/N) − Δσ] + log S =: log_q0
-        log_q0 = k1 + m1 + tl.log(s1)
-        t_ratio = tl.exp(k3 - k2)  # T(x_t, x_t) / T(x_t, y ≠ x_t)
-
-    # ---- pass A: the race among tiles. Per (row, tile τ): W_τ = Σ_{y∈τ} w_y over the candidates,
-    # kept as (tile max, exp-sum) in two small [BLOCK_R, N_TILES] arrays; the race itself (one Exp(1)
-    # per row and tile, Philox stream 2: key_τ = log W_τ − log E_τ) and the total for the stay /
-    # MASK option run once after the loop, all tiles at once. One-pass steps: W_τ omits the common
-    # factor e^{k0}; two-pass steps: W_τ omits e^{Δσ}·T_off.
-    # Absorbing: the moving rows are MASK rows and MASK = V − 1 is the last column, so the candidates
-    # are exactly the columns < V − 1 (no per-element test for the current token).
-    tiles = tl.arange(0, N_TILES)
-    lam_m = tl.full([BLOCK_R, N_TILES], _NEG_BIG, dtype=tl.float32)
-    lam_s = tl.zeros([BLOCK_R, N_TILES], dtype=tl.float32)
+        thr = shift
+        move = active
     n_cand = V - 1 if ABSORB else V
-    # Tiles wholly inside the candidate columns need only the per-row mask (one predicate for all
-    # of a thread's loads); the last tile checks the bound per element.
-    n_whole = tl.where(n_cols > 0, (n_cand // BLOCK_V) * BLOCK_V, 0)
-    for start in range(0, n_whole, BLOCK_V):
-        tile_m, tile_s = _pass_a_tile(row_ptr, start, lanes, active, n_cand, x, shift, log_q0, t_ratio,
-                                      thr, ABSORB, TWO_PASS, True, TRUNCATE)
-        this = tiles[None, :] == start // BLOCK_V
-        lam_m = tl.where(this, tile_m[:, None], lam_m)
-        lam_s = tl.where(this, tile_s[:, None], lam_s)
-    for start in range(n_whole, n_cols, BLOCK_V):
-        tile_m, tile_s = _pass_a_tile(row_ptr, start, lanes, active, n_cand, x, shift, log_q0, t_ratio,
-                                      thr, ABSORB, TWO_PASS, False, TRUNCATE)
-        this = tiles[None, :] == start // BLOCK_V
-        lam_m = tl.where(this, tile_m[:, None], lam_m)
-        lam_s = tl.where(this, tile_s[:, None], lam_s)
-
-    # the tile race, per row over its N_TILES tiles (an empty or missing tile never wins)
-    keys = lam_m + tl.log(lam_s) - _row_log_noise(seed, rows[:, None], tiles[None, :], 2, N_ROUNDS)
-    keys = tl.where(lam_s > 0.0, keys, float("-inf"))
-    best, best_tile = tl.max(keys, axis=1, return_indices=True)
-    best_tile = tl.where(best > float("-inf"), best_tile.to(tl.int32), -1)
-
-    # ---- the stay / MASK option (one-pass steps), with its own noise (stream 1)
-    draw = active & (best_tile >= 0)
-    if TRUNCATE:
-        # the caller drew stay-or-move with the untruncated probabilities; moving rows draw among
-        # the kept candidates (the current token is never one)
-        draw = draw & (move > 0.0)
-    elif not TWO_PASS:
-        if KIND != 2:  # denoise never keeps MASK
-            # stay weight 1 − coef·Σ e^{ŝ} (Euler stay, absorbing analytic MASK); ≤ 0: impossible
-            m = tl.max(lam_m, axis=1)
-            s = tl.sum(lam_s * tl.exp(lam_m - m[:, None]), axis=1)
-            total = tl.exp(k0 + m + tl.log(s))
-            stay_key = tl.log(1.0 - total) - _row_log_noise(seed, rows, 0, 1, N_ROUNDS)
-            stay_key = tl.where(total < 1.0, stay_key, float("-inf"))
-            draw = draw & ~(stay_key > best + k0)
-
-    # ---- pass B: re-read only the winning tile of each row that still draws, and race its columns
-    # with per-element 64-bit noise (stream 0) on the same log w_y. P(y) = (W_τ/W)·(w_y/W_τ).
-    # Pass B runs over the winning tile in chunks of BLOCK_V / B_SPLIT columns with a running
-    # (best key, column): the per-element Philox and logs of a whole tile at once kept ~150 values
-    # live per thread under ptxas 12.8 (Triton 3.6). Each column's noise is keyed by its column,
-    # not by the chunk, so the draw is the same token for the same seed whatever B_SPLIT is;
-    # ties go to the lower column, as one argmax over the tile would.
     choice = x
-    n_b = tl.max(draw.to(tl.int32), axis=0)  # 0 or 1: skip when no row of the block draws
-    chunk = tl.arange(0, BLOCK_V // B_SPLIT)
-    for _ in range(0, n_b):
-        base = best_tile * BLOCK_V
-        best_b = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-        arg_b = base
-        for part in tl.static_range(B_SPLIT):
-            first = base + part * (BLOCK_V // B_SPLIT)
-            cols = first[:, None] + chunk[None, :]
-            ld = draw[:, None] & (cols < n_cand)
-            zt = tl.load(row_ptr[:, None] + cols, mask=ld, other=0.0).to(tl.float32)
-            is_cur = cols == x[:, None]
-            sh = tl.where(is_cur, 0.0, zt + shift[:, None])
-            if TWO_PASS:
-                # log w_y = ŝ_y + log(1 − q_y) + log T(x_t, y) (+ Δσ, common); non-positive s'_y never chosen
-                q = tl.exp(log_q0[:, None] - sh)
-                log_w = sh + tl.log(1.0 - q) + tl.where(is_cur, k3[:, None], k2[:, None])
-                cand = ld & (sh > log_q0[:, None]) & (q < 1.0)
-                if TRUNCATE:
-                    cand = cand & (sh >= thr[:, None]) & ~is_cur
-            else:
-                log_w = sh
-                cand = ld & (~is_cur)
-                if TRUNCATE:
-                    cand = cand & (sh >= thr[:, None])
-            noise = _tile_log_noise(seed, rows, first, BLOCK_R, BLOCK_V // B_SPLIT, N_ROUNDS)
-            key_b = tl.where(cand, log_w - noise, float("-inf"))
-            part_best, part_arg = tl.max(key_b, axis=1, return_indices=True)
-            better = part_best > best_b
-            arg_b = tl.where(better, first + part_arg.to(tl.int32), arg_b)
-            best_b = tl.where(better, part_best, best_b)
-        # a row whose winning tile holds no pass-B candidate (pass A's FMA and pass B's exp can
-        # disagree by an ulp on a borderline one) keeps x, never the tile's first column: a real
-        # token possibly of weight 0; absorbing denoise, which never keeps MASK, takes token 0 as
-        # for a row with no candidate at all (below)
-        found = best_b > float("-inf")
-        if ABSORB and KIND == 2:
-            fallback = x * 0
+
+    if TWEEDIE:
+        if TRUNCATE:
+            # S over every candidate first (the truncation acts on where a row moves, not on S)
+            log_s = _logsumexp_tiles(_pass_a(win_ptr, row_ptr, active & move, mis, n_cand, x, shift, shift, thr,
+                                             ABSORB, False, False, MISALIGNED, ALIGN, BLOCK_R, BLOCK_V, N_TILES)
+                                     + shift[:, None])
+            pending = active & move
         else:
-            fallback = x
-        choice = tl.where(draw, tl.where(found, arg_b, fallback), x)
+            # the proposal's tile masses, Σ_{y≠x_t} s_y among them
+            logw = _pass_a(win_ptr, row_ptr, active, mis, n_cand, x, shift, shift, thr,
+                           ABSORB, False, False, MISALIGNED, ALIGN, BLOCK_R, BLOCK_V, N_TILES) + shift[:, None]
+            log_s = _logsumexp_tiles(logw)
+            pending = active
+        log_c = log_c2 + tl.maximum(log_s, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(log_s)))  # C = c₂·S, s_{x_t} = 1
+        if not TRUNCATE:
+            # ---- proposals q_y ∝ s_y·T(x_t, y), accepted with probability (1 − C/s_y)_+
+            for r in range(0, proposals):
+                for _ in range(0, tl.max(pending.to(tl.int32), axis=0)):  # skip when no row proposes
+                    best, tile = _race(logw, seed, rows, r * _STREAMS + 2, N_ROUNDS, N_TILES)
+                    stay_key = log_t - _row_log_noise(seed, rows, 0, r * _STREAMS + 1, N_ROUNDS)
+                    stay = stay_key > best
+                    found, col, sh = _draw_in_tile(row_ptr, tile, pending & ~stay, n_cand, x, shift, shift, thr, seed,
+                                                   rows, r * _STREAMS, n_sub, ABSORB, False, False, BLOCK_R, BLOCK_V, SUB,
+                                                   N_ROUNDS)
+                    accept = 1.0 - tl.exp(tl.where(stay, log_c, log_c - sh))  # 1 − C/s_y (s_{x_t} = 1)
+                    u = _row_uniform(seed, rows, r * _STREAMS + 4, N_ROUNDS)
+                    ok = pending & (stay | found) & (u < accept)
+                    choice = tl.where(ok & ~stay, col, choice)
+                    pending = pending & ~ok
+        # ---- the general path: the race on (s_y − C)_+ itself, for the rows left
+        for _ in range(0, tl.max(pending.to(tl.int32), axis=0)):
+            r = proposals
+            logw = _pass_a(win_ptr, row_ptr, pending, mis, n_cand, x, shift, log_c, thr,
+                           ABSORB, True, TRUNCATE, MISALIGNED, ALIGN, BLOCK_R, BLOCK_V, N_TILES)
+            best, tile = _race(logw, seed, rows, r * _STREAMS + 2, N_ROUNDS, N_TILES)
+            draw = pending & (tile >= 0)
+            if not TRUNCATE:  # staying weighs (1 − C)_+·T_on against the candidates' (s_y − C)_+·T_off
+                stay_key = tl.log(1.0 - tl.exp(tl.minimum(log_c, 0.0))) + log_t - _row_log_noise(
+                    seed, rows, 0, r * _STREAMS + 1, N_ROUNDS)
+                draw = draw & ~((log_c < 0.0) & (stay_key > best))
+            found, col, _ = _draw_in_tile(row_ptr, tile, draw, n_cand, x, shift, log_c, thr, seed, rows,
+                                          r * _STREAMS, n_sub, ABSORB, True, TRUNCATE, BLOCK_R, BLOCK_V, SUB, N_ROUNDS)
+            # a winning tile without a candidate in pass B/C (rounding) keeps x
+            choice = tl.where(draw & found, col, choice)
+    else:
+        # ---- the exp family: candidates e^{log_coef + ŝ_y}, one pass
+        logw = _pass_a(win_ptr, row_ptr, active, mis, n_cand, x, shift, shift, thr,
+                       ABSORB, False, TRUNCATE, MISALIGNED, ALIGN, BLOCK_R, BLOCK_V, N_TILES) + shift[:, None]
+        best, tile = _race(logw, seed, rows, 2, N_ROUNDS, N_TILES)
+        draw = active & (tile >= 0)
+        if TRUNCATE:
+            # the caller drew stay-or-move with the untruncated probabilities; moving rows draw among
+            # the kept candidates (the current token is never one)
+            draw = draw & move
+        elif KIND != 2:  # denoise never keeps MASK
+            # stay weight 1 − coef·Σ e^{ŝ} (Euler stay, absorbing analytic MASK); ≤ 0: impossible
+            total = tl.exp(log_coef + _logsumexp_tiles(logw))
+            stay_key = tl.log(1.0 - total) - log_coef - _row_log_noise(seed, rows, 0, 1, N_ROUNDS)
+            draw = draw & ~((total < 1.0) & (stay_key > best))
+        for _ in range(0, tl.max(draw.to(tl.int32), axis=0)):  # skip when no row of the block draws
+            found, col, _ = _draw_in_tile(row_ptr, tile, draw, n_cand, x, shift, shift, thr, seed, rows, 0, n_sub,
+                                          ABSORB, False, TRUNCATE, BLOCK_R, BLOCK_V, SUB, N_ROUNDS)
+            # a winning tile without a candidate in pass B/C keeps x, never a column of weight 0;
+            # absorbing denoise, which never keeps MASK, takes token 0 as for a row with no candidate
+            if ABSORB and KIND == 2:
+                fallback = x * 0
+            else:
+                fallback = x
+            choice = tl.where(draw, tl.where(found, col, fallback), choice)
+        if ABSORB and KIND == 2:
+            # denoise never keeps MASK: a row whose real tokens all have weight 0 (every score −∞)
+            # takes token 0, the lowest id, as the eager backend does (sedd.ops.reference.denoise_step)
+            choice = tl.where(active & (tile < 0), 0, choice)
     choice = tl.where(active, choice, x)
-    if ABSORB and KIND == 2:
-        # denoise never keeps MASK: a row whose real tokens all have weight 0 (every score −∞)
-        # takes token 0, the lowest id, as the eager backend does (sedd.ops.reference.denoise_step)
-        choice = tl.where(active & (best_tile < 0), 0, choice)
     tl.store(out_ptr + rows, choice.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -378,30 +284,24 @@ def reverse_step_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-B_SPLIT = 4  # chunks of pass B's tile (see the kernel)
+PROPOSALS = 4  # uniform analytic / denoise: rejection proposals per row before the general path
 
 
-def _row_constants(kind: int, scalar: torch.Tensor, absorbing: bool, N: int) -> torch.Tensor:
-    """[B, 4] fp32 per-row constants, computed in fp64 (expm1 without cancellation).
+def _sub_tile(block_v: int) -> int:
+    """Columns per sub-tile: about √BLOCK_V, so that passes B and C draw about as many
+    exponentials each (2048 → 64). Under the interpreter, where every loop trip costs its ops'
+    Python overhead, a quarter of the tile (four sub-tiles)."""
+    if interpreted():
+        return max(2, block_v // 4)
+    return min(block_v, max(2, 1 << math.ceil(math.log2(block_v) / 2)))
 
-    One-pass steps: column 0 is log of the candidates' common factor (Euler dσΔt, over N for
-    uniform; absorbing analytic/denoise E(c) = e^c − 1). Two-pass steps (uniform analytic and
-    denoise, c = Δσ): Δσ, log(E/N) − Δσ, log T_off = log((1 − e^{−Δσ})/N), log T_on =
-    log(e^{−Δσ} + (1 − e^{−Δσ})/N).
-    """
-    c = scalar.double()
-    out = torch.zeros(c.shape[0], 4, dtype=torch.float64, device=c.device)
-    if kind == EULER:
-        out[:, 0] = c.log() - (0.0 if absorbing else math.log(N))
-    elif absorbing:
-        out[:, 0] = torch.expm1(c).log()
-    else:
-        t_off = -torch.expm1(-c) / N
-        out[:, 0] = c
-        out[:, 1] = torch.expm1(c).log() - math.log(N) - c
-        out[:, 2] = t_off.log()
-        out[:, 3] = (torch.exp(-c) + t_off).log()
-    return out.float().contiguous()
+
+def _rows_aligned(z: torch.Tensor) -> bool:
+    """Every row of z starts on a 16-byte boundary (base and both row strides)."""
+    es = z.element_size()
+    B, L, _ = z.shape
+    return (z.data_ptr() % 16 == 0 and (B == 1 or z.stride(0) * es % 16 == 0)
+            and (L == 1 or z.stride(1) * es % 16 == 0))
 
 
 def reverse_step(
@@ -418,12 +318,17 @@ def reverse_step(
     block_v: int | None = None,
     block_r: int | None = None,
     num_warps: int | None = None,
+    num_stages: int | None = None,
+    sub: int | None = None,
+    proposals: int | None = None,
 ) -> torch.Tensor:
     """One fused reverse step; returns the next tokens [B, L] in x_t's dtype.
 
     Args:
         kind: "euler" (scalar = dσ·Δt), "analytic" (scalar = Δσ) or "denoise" (scalar = σ).
-        z: [B, L, V] fp32/bf16/fp16 scores, or raw output when ``shift`` is given.
+        z: [B, L, V] fp32/bf16/fp16 scores, or raw output when ``shift`` is given; any batch and
+            position strides (a view of padded rows reads no padding and is not copied), column
+            stride 1 (else it is copied).
         x_t: [B, L] int current tokens in [0, V).
         scalar: [B] fp32 per-sequence scalar (see ``kind``).
         absorbing: absorbing graph (MASK = V − 1, N = V − 1) or uniform (N = V).
@@ -433,8 +338,13 @@ def reverse_step(
             of the kept candidates (y ≠ x_t with ŝ_y ≥ it) and 1.0 to move / 0.0 to stay, decided
             by the caller with the untruncated stay probability. Moving positions draw among the
             kept candidates with the step's weights; without it the kernel compiles as before.
-        block_v, block_r: force the tile width (even) / rows per program (powers of two).
-        num_warps: force the warps per program (``benchmarks/sweep_launch.py`` times the choices).
+        block_v, block_r: force the tile width / rows per program (powers of two).
+        num_warps, num_stages: force the warps per program and the software-pipelining depth
+            (``benchmarks/sweep_launch.py`` times the choices, through ``sedd.ops.launch_options``).
+        sub: force the sub-tile width (a power of two dividing the tile); for tests.
+        proposals: uniform analytic / denoise, proposals per row before the general path (0: the
+            general path only; default ``PROPOSALS``, one under the interpreter, where each round
+            costs its Python, so the small tests run the general path too); for tests.
 
     The caller (``sedd.ops``) validates values; this checks only what the kernel relies on.
     """
@@ -448,34 +358,48 @@ def reverse_step(
     n_rows = B * L
     if n_rows == 0:
         return out
-    consts = _row_constants(KINDS[kind], scalar.reshape(B), absorbing, N)
-    shift_arg = shift.reshape(B).float().contiguous() if shift is not None else consts
-    two_pass = (not absorbing) and kind != "euler"
+    n_cand = V - 1 if absorbing else V
     if block_v is None:
-        # GPU: the fastest tile of the launch sweep on an H200 (benchmarks/results/h200-2026-12-04-21e83ed.md,
-        # 16 x 1024 rows at GPT-2 width): 2048 columns x 4 warps for the one-pass steps (absorbing
-        # 36 % of the copy bandwidth against 23 % at 4096 x 8), 4096 x 16 for the two-pass uniform
-        # analytic / denoise (12 % against 8 %)
-        block_v = min(256 if interpreted() else 4096 if two_pass else 2048, triton.next_power_of_2(V))
+        # GPU: 2048 columns × 4 warps, the fastest tile of the launch sweep on an H200 for the
+        # one-pass steps (benchmarks/results/h200-2026-12-04-21e83ed.md); uniform analytic /
+        # denoise is one pass too now
+        block_v = min(256 if interpreted() else 2048, triton.next_power_of_2(max(n_cand, 2)))
     block_v = max(2, int(block_v))
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
+    sub = _sub_tile(block_v) if sub is None else int(sub)
+    if sub < 2 or sub & (sub - 1) or block_v % sub:
+        raise ValueError(f"sub must be a power of two >= 2 dividing block_v = {block_v}, got {sub}")
     if block_r is None:
         # interpreter: wide programs (~1 ms each); GPU: one row per program
         block_r = max(1, min(triton.next_power_of_2(n_rows), 4096 // block_v, 256)) if interpreted() else 1
     if num_warps is None:
         # at least 8 columns per thread: a narrow tile spread over 4 warps replicated its values
-        # (V = 64: 167 registers under Triton 3.6); 16 at 2048 x 4
-        num_warps = 16 if two_pass and block_v >= 4096 and not interpreted() else min(4, max(1, block_v // 256))
-    grid = (triton.cdiv(n_rows, block_r),)
-    trunc_arg = truncation.reshape(n_rows, 2).float().contiguous() if truncation is not None else consts
+        num_warps = min(4, max(1, block_v // 256))
+    # 16-byte windows need tiles of at least 16 bytes
+    tweedie = (not absorbing) and kind != "euler"
+    if proposals is None:
+        proposals = 1 if interpreted() else PROPOSALS
+    align = 16 // z.element_size()
+    if block_v < align or ((tweedie or truncation is not None) and not _rows_aligned(z)):
+        # a truncated or uniform analytic / denoise step on misaligned rows: per-element loads
+        # (with the windows' spill columns on top, their extra pass-A instance went over 128
+        # registers, or spilled, under one Triton or the other); a 64-padded head's rows are aligned
+        align = 1
+    if shift is not None:
+        shift = shift.reshape(B).to(torch.float32).contiguous()
+    scalar = scalar.reshape(B).to(torch.float32).contiguous()
+    trunc = truncation.reshape(n_rows, 2).to(torch.float32).contiguous() if truncation is not None else scalar
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
     with on_device(z):
-        reverse_step_kernel[grid](
-            z, z.stride(0), z.stride(1), shift_arg, x, consts, seed, trunc_arg, out,
-            n_rows, L, V,
-            KIND=KINDS[kind], ABSORB=bool(absorbing), HAS_SHIFT=shift is not None,
-            TWO_PASS=two_pass, TRUNCATE=truncation is not None,
-            BLOCK_R=block_r, BLOCK_V=block_v, N_ROUNDS=10, N_TILES=triton.next_power_of_2(triton.cdiv(V, block_v)),
-            B_SPLIT=min(B_SPLIT, block_v // 2), num_warps=num_warps,
+        reverse_step_kernel[(triton.cdiv(n_rows, block_r),)](
+            z, z.stride(0), z.stride(1), shift if shift is not None else scalar, x, scalar, seed, trunc, out,
+            n_rows, L, V, math.log(N), int(proposals), block_v // sub,
+            KIND=KINDS[kind], ABSORB=bool(absorbing), HAS_SHIFT=shift is not None, TWEEDIE=tweedie,
+            TRUNCATE=truncation is not None, MISALIGNED=align > 1 and not _rows_aligned(z), ALIGN=align,
+            BLOCK_R=block_r, BLOCK_V=block_v, SUB=sub, N_ROUNDS=10,
+            N_TILES=triton.next_power_of_2(triton.cdiv(n_cand, block_v)), **options,
         )
     return out

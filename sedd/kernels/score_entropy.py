@@ -64,7 +64,9 @@ def _tile(z_win, g_win, start, cols0, V, mis, active, row_ok, xt_col, shift, k, 
         # every y ≠ x_t (for absorbing, active rows have x_t = MASK, so this drops the MASK column);
         # the x_t entry is never used, whatever the buffer holds there
         inc = ld & (j != xt_col[:, None])
-    s = tl.load((z_win + start)[:, None] + cols0[None, :], mask=ld, other=0.0).to(tl.float32) + shift[:, None]
+    # streamed once (the x0 entry was gathered before the pass): first out of the L2
+    s = tl.load((z_win + start)[:, None] + cols0[None, :], mask=ld, other=0.0,
+                eviction_policy="evict_first").to(tl.float32) + shift[:, None]
     if WRITE_LOSS:
         s_inc = tl.where(inc, s, float("-inf"))
         # the reference point of the running sum: the running max, capped at M_CAP so that the
@@ -84,7 +86,8 @@ def _tile(z_win, g_win, start, cols0, V, mis, active, row_ok, xt_col, shift, k, 
         else:
             es = exp2(s * LOG2E)
         gr = tl.where(inc, (k[:, None] * (es - c[:, None])) * g[:, None], 0.0)
-        tl.store((g_win + start)[:, None] + cols0[None, :], gr.to(g_win.dtype.element_ty), mask=st)
+        tl.store((g_win + start)[:, None] + cols0[None, :], gr.to(g_win.dtype.element_ty), mask=st,
+                 eviction_policy="evict_first")
     if WRITE_LOSS:
         m = m_new
     return m, acc, ssum
@@ -92,8 +95,12 @@ def _tile(z_win, g_win, start, cols0, V, mis, active, row_ok, xt_col, shift, k, 
 
 @triton.jit
 def _score_entropy_kernel(
-    z_ptr,  # [n_rows, V] raw output z (or ŝ), fp32/bf16/fp16, rows contiguous (row stride V)
-    grad_ptr,  # [n_rows, V] gradient out, z's dtype (may be z_ptr itself); unused unless WRITE_GRAD
+    z_ptr,  # [B, L, V] raw output z (or ŝ), fp32/bf16/fp16, column stride 1
+    stride_zb,  # elements between batches of z
+    stride_zl,  # elements between positions of z (V, or more for a view of padded rows)
+    grad_ptr,  # [B, L, V] gradient out, z's dtype (may be z_ptr itself); unused unless WRITE_GRAD
+    stride_gb,  # elements between batches of grad
+    stride_gl,  # elements between positions of grad
     loss_ptr,  # [n_rows] fp32 weighted per-token loss; unused unless WRITE_LOSS
     gout_ptr,  # [n_rows] fp32 incoming gradient per token; unused unless HAS_GOUT
     sigma_ptr,  # [B] fp32 σ
@@ -118,9 +125,10 @@ def _score_entropy_kernel(
     MASKED_SPLIT: tl.constexpr,  # sub-windows per masked (first / tail) window
 ):
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # 64-bit: rows·V overflows int32
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # 64-bit: row offsets overflow int32
     row_ok = rows < n_rows
     b = rows // L
+    pos = rows - b * L
     xt = tl.load(xt_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     x0 = tl.load(x0_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     if ABSORB:
@@ -139,8 +147,8 @@ def _score_entropy_kernel(
         w = tl.load(weight_ptr + b, mask=row_ok, other=0.0).to(tl.float32)
     else:
         w = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
-    row_start = rows * V
-    z_row = z_ptr + row_start
+    z_row = z_ptr + (b * stride_zb + pos * stride_zl)
+    g_row = grad_ptr + (b * stride_gb + pos * stride_gl)
     if ABSORB:
         # ∂ℓ/∂ŝ_j = k·(e^{ŝ_j} − c) − d·[j = x0]
         k = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
@@ -189,8 +197,8 @@ def _score_entropy_kernel(
         mis = ((z_row.to(tl.int64, bitcast=True) % 16) // (16 // ALIGN)).to(tl.int32)
     else:
         mis = tl.zeros([BLOCK_R], dtype=tl.int32)
-    z_win = z_ptr + (row_start - mis)
-    g_win = grad_ptr + (row_start - mis)
+    z_win = z_row - mis
+    g_win = g_row - mis
     if ALIGN > 1:  # pointer divisibility is in bytes
         z_win = tl.multiple_of(z_win, 16)
         g_win = tl.multiple_of(g_win, 16)
@@ -223,7 +231,7 @@ def _score_entropy_kernel(
         tl.debug_barrier()
         fix = active & (x0 != xt)
         g_x0 = g * (k * (tl.exp(s_x0) - c) - d)
-        tl.store(grad_ptr + row_start + x0, g_x0.to(grad_ptr.dtype.element_ty), mask=fix)
+        tl.store(g_row + x0, g_x0.to(grad_ptr.dtype.element_ty), mask=fix)
 
     if WRITE_LOSS:
         acc = tl.where(active, acc, 1.0)  # inactive rows: no included column (masked below)
@@ -270,6 +278,14 @@ def _launch_config(n_rows: int, V: int, element_size: int, block_v: int | None):
     return block_r, block_v, 4
 
 
+def _aligned_alike(z: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Every row of ``grad`` sits at the same offset from a 16-byte boundary as z's row: the
+    windows aligned for z are then aligned for the gradient's stores too."""
+    es = z.element_size()
+    return ((grad.data_ptr() - z.data_ptr()) % 16 == 0 and (grad.stride(0) - z.stride(0)) * es % 16 == 0
+            and (grad.stride(1) - z.stride(1)) * es % 16 == 0)
+
+
 def score_entropy(
     z: torch.Tensor,
     sigma: torch.Tensor,
@@ -285,49 +301,57 @@ def score_entropy(
     compute_loss: bool = True,
     block_v: int | None = None,
     num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor | None:
     """Launch the fused score entropy.
 
     Args:
-        z: [B, L, V] contiguous fp32/bf16/fp16 log-scores (raw output when ``shift`` is given).
-        sigma: [B] fp32 σ > 0.   x_t, x0: [B, L] int32/int64.
+        z: [B, L, V] fp32/bf16/fp16 log-scores (raw output when ``shift`` is given), column stride
+            1, any batch and position strides (a view of padded rows reads no padding).
+        sigma: [B] fp32 σ > 0.   x_t, x0: [B, L] contiguous int32/int64.
         absorbing: the graph (True: V = N + 1, MASK = V − 1; False: uniform, N = V).
         shift, weight: optional [B] fp32.
-        grad: optional [B, L, V] contiguous tensor of z's dtype to receive
-            ∂(Σ weight·ℓ)/∂ŝ · grad_scale (· grad_output per token); may be ``z`` itself (each tile
-            is read before it is written, by the same program).
+        grad: optional [B, L, V] tensor of z's dtype, column stride 1, to receive
+            ∂(Σ weight·ℓ)/∂ŝ · grad_scale (· grad_output per token); may be ``z`` itself (each
+            window is read before it is written, by the same program). Laid out as z (the same
+            strides), its stores use z's aligned windows.
         grad_output: optional [B, L] fp32 per-token incoming gradient.
         compute_loss: return the weighted loss [B, L] fp32 (else None: a backward-only pass).
         block_v: force the column tile (a power of two); for tests.
-        num_warps: force the warps per program (``benchmarks/sweep_launch.py`` times the choices).
+        num_warps, num_stages: force the warps per program and the software-pipelining depth
+            (``benchmarks/sweep_launch.py`` times the choices, through ``sedd.ops.launch_options``).
     """
     B, L, V = z.shape
-    assert z.is_contiguous() and z.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    assert z.stride(2) == 1 and z.dtype in (torch.float32, torch.bfloat16, torch.float16)
     n_rows = B * L
     N = V - 1 if absorbing else V
     loss = torch.empty((B, L), dtype=torch.float32, device=z.device) if compute_loss else None
     if grad is not None:
-        assert grad.shape == z.shape and grad.dtype == z.dtype and grad.is_contiguous()
+        assert grad.shape == z.shape and grad.dtype == z.dtype and grad.stride(2) == 1
     if not compute_loss and grad is None:
         return None
     if n_rows == 0:
         return loss
     block_r, block_v, default_warps = _launch_config(n_rows, V, z.element_size(), block_v)
-    # 16-byte windows need z and the gradient buffer to be misaligned alike (both fresh
-    # allocations, or the gradient written over z) and tiles of at least 16 bytes
+    # 16-byte windows need z and the gradient buffer to be misaligned alike (both laid out alike,
+    # or the gradient written over z) and tiles of at least 16 bytes
     align = 16 // z.element_size()
-    if block_v < align or (grad is not None and grad.data_ptr() % 16 != z.data_ptr() % 16):
+    if block_v < align or (grad is not None and not _aligned_alike(z, grad)):
         align = 1
     masked_split = min(MASKED_SPLIT, block_v)
     if num_warps is None:
         # the unaligned fallback (per-element masks and 64-bit addresses) at 32 elements per thread
         # takes 254 registers and a stack frame (uniform, Triton 3.9); at 16 it fits
         num_warps = default_warps if align > 1 else 8
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
     dummy = sigma
+    g = grad if grad is not None else z
     with on_device(z):
         _score_entropy_kernel[(triton.cdiv(n_rows, block_r),)](
-            z,
-            grad if grad is not None else z,
+            z, z.stride(0), z.stride(1),
+            g, g.stride(0), g.stride(1),
             loss if loss is not None else dummy,
             grad_output if grad_output is not None else dummy,
             sigma,
@@ -350,6 +374,6 @@ def score_entropy(
             BLOCK_V=block_v,
             ALIGN=align,
             MASKED_SPLIT=masked_split,
-            num_warps=num_warps,
+            **options,
         )
     return loss

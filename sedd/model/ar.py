@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from sedd.model.checkpoint import normalise_config
 from sedd.model.ddit import PRESETS, DDiTTrunk, resolve_preset
-from sedd.model.layers import EmbeddingLayer
+from sedd.model.layers import HEAD_MULTIPLE, EmbeddingLayer
 
 __all__ = ["ARModel", "KVCache"]
 
@@ -74,7 +74,7 @@ class ARModel(DDiTTrunk):
             ``model.{hidden_size, cond_dim, n_blocks, n_heads}`` and optionally
             ``model.{length, dropout, mlp_ratio}`` (SEDD's model section; its diffusion keys are
             not read). :meth:`config_for` makes one from a preset.
-        attn_backend, autocast_dtype: as for :class:`sedd.model.SEDD`.
+        attn_backend, autocast_dtype, pad_head_to: as for :class:`sedd.model.SEDD`.
 
     Attributes: ``tokens`` = ``vocab_size`` (N, the output width), ``bos_id`` (N, an input-only
     id), ``length`` (training length), ``objective`` ("ar"), ``validate_inputs``.
@@ -88,6 +88,7 @@ class ARModel(DDiTTrunk):
         *,
         attn_backend: str = "auto",
         autocast_dtype: torch.dtype | None = torch.bfloat16,
+        pad_head_to: int = HEAD_MULTIPLE,
     ):
         super().__init__()
         self.config = normalise_config(config, objective=self.objective)
@@ -103,7 +104,7 @@ class ARModel(DDiTTrunk):
         # would leave the adaLN weights without a gradient at the first steps
         self.cond_embed = nn.Parameter(0.125 * torch.randn(cond_dim))
         self._build_trunk(cond_dim, n_blocks, mlp_ratio, dropout, self.tokens, attn_backend=attn_backend,
-                          autocast_dtype=autocast_dtype)
+                          autocast_dtype=autocast_dtype, pad_head_to=pad_head_to)
 
     @staticmethod
     def config_for(preset: str, *, tokens: int = 50257, **model_overrides: Any) -> dict[str, Any]:
@@ -150,8 +151,8 @@ class ARModel(DDiTTrunk):
             head: replaces the output linear, as for :class:`sedd.model.SEDD` (e.g. the loss
                 fused with the head, :func:`sedd.ops.linear_cross_entropy`).
         Returns:
-            [B, L, N] logits in the compute dtype (bf16 on CUDA with the default autocast), or
-            what ``head`` returns.
+            [B, L, N] logits in the compute dtype (bf16 on CUDA with the default autocast; a view
+            of the padded head's [B, L, N_pad] output), or what ``head`` returns.
         """
         self._check_tokens(x)
         attention_mask, segment_ids = self._check_layouts(x, attention_mask, segment_ids)

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from sedd.model.ar import KVCache
 from sedd.model.attention import AttentionPlan, check_backend, document_ids
 from sedd.model.ddit import SEDD
+from sedd.model.layers import HEAD_MULTIPLE
 
 __all__ = ["BlockKVCache", "BlockSEDD", "block_diffusion_mask"]
 
@@ -102,7 +103,7 @@ class BlockSEDD(SEDD):
             ``model.time_conditioning: false`` and ``model.block_size`` (b, a divisor of
             ``model.length``); :meth:`config_for` makes one.
         attn_backend: "auto" or "sdpa" (both run SDPA); "flash" is refused.
-        autocast_dtype: as for :class:`sedd.model.SEDD`.
+        autocast_dtype, pad_head_to: as for :class:`sedd.model.SEDD`.
 
     Attributes: those of :class:`~sedd.model.SEDD`, and ``block_size`` (b), ``objective`` ("block").
     """
@@ -115,8 +116,9 @@ class BlockSEDD(SEDD):
         *,
         attn_backend: str = "auto",
         autocast_dtype: torch.dtype | None = torch.bfloat16,
+        pad_head_to: int = HEAD_MULTIPLE,
     ):
-        super().__init__(config, attn_backend=attn_backend, autocast_dtype=autocast_dtype)
+        super().__init__(config, attn_backend=attn_backend, autocast_dtype=autocast_dtype, pad_head_to=pad_head_to)
         m = self.config["model"]
         if self.time_conditioning:
             raise ValueError("a block model needs model.time_conditioning: false: every block has its own noise "

@@ -352,6 +352,7 @@ class Checkpointed:
         local_files_only: bool = False,
         attn_backend: str = "auto",
         autocast_dtype: torch.dtype | None = torch.bfloat16,
+        **model_kwargs,
     ):
         """Load a checkpoint: a local directory, or a Hub id such as ``"louaaron/sedd-small"``.
 
@@ -359,12 +360,13 @@ class Checkpointed:
         (preferred) or ``pytorch_model.bin``. Hub ids go through ``huggingface_hub.snapshot_download``
         (``revision``, ``cache_dir``, ``local_files_only`` are passed on); failing that (offline, no
         such repository) raises OSError. A checkpoint that does not fit its config raises ValueError.
+        ``model_kwargs`` go to the model's constructor (``pad_head_to``).
         Returns the model on ``map_location`` in eval mode.
         """
         folder = checkpoint_dir(
             os.fspath(dir_or_hub_id), revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
         )
-        model = cls(read_config(folder), attn_backend=attn_backend, autocast_dtype=autocast_dtype)
+        model = cls(read_config(folder), attn_backend=attn_backend, autocast_dtype=autocast_dtype, **model_kwargs)
         model.load_checkpoint_state(read_weights(folder))
         return model.to(map_location).eval()
 

@@ -53,12 +53,14 @@ from sedd.model.attention import (
 )
 from sedd.model.checkpoint import Checkpointed, normalise_config
 from sedd.model.layers import (
+    HEAD_MULTIPLE,
     DDiTBlock,
     DDiTFinalLayer,
     EmbeddingLayer,
     Rotary,
     SigmaEmbedder,
     apply_rotary,
+    block_forward,
     sigma_embedding,
 )
 
@@ -111,19 +113,41 @@ class DDiTTrunk(Checkpointed, nn.Module):
         return int(m["cond_dim"]), int(m["n_blocks"]), int(m.get("mlp_ratio", 4)), float(m.get("dropout", 0.1))
 
     def _build_trunk(self, cond_dim: int, n_blocks: int, mlp_ratio: int, dropout: float, outputs: int, *,
-                     attn_backend: str, autocast_dtype: torch.dtype | None) -> None:
-        """The rotary embedding, the blocks and the output layer (``outputs`` logits per position)."""
+                     attn_backend: str, autocast_dtype: torch.dtype | None, pad_head_to: int) -> None:
+        """The rotary embedding, the blocks and the output layer (``outputs`` logits per position,
+        its rows padded in memory to a multiple of ``pad_head_to``)."""
         hidden, n_heads = self.hidden_size, self.n_heads
         self.rotary_emb = Rotary(self.head_dim)
         self.blocks = nn.ModuleList(
             DDiTBlock(hidden, n_heads, cond_dim, mlp_ratio=mlp_ratio, dropout=dropout) for _ in range(n_blocks)
         )
-        self.output_layer = DDiTFinalLayer(hidden, outputs, cond_dim)
+        self.output_layer = DDiTFinalLayer(hidden, outputs, cond_dim, pad_to=pad_head_to)
         self.attn_backend = attn_backend
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast_dtype must be torch.bfloat16, torch.float16 or None, got {autocast_dtype}")
         self.autocast_dtype = autocast_dtype
         self.validate_inputs = True
+
+    # -- compiled blocks ------------------------------------------------------------------------
+
+    def compile_blocks(self, **options: Any) -> str:
+        """``torch.compile`` the blocks, regionally: one compiled copy of
+        :func:`sedd.model.layers.block_forward` that every block runs (its weights are inputs), so
+        compile time is one block's whatever the depth. The embedding, the σ conditioning, the
+        output layer and the fused heads stay eager (a head loops over chunks of a data-dependent
+        row count), and so do the module calls, whose hooks DDP and FSDP2 use. ``options`` go to
+        ``torch.compile`` (``backend``, ``mode``, ``dynamic``). Returns the line that says what
+        was compiled."""
+        compiled = torch.compile(block_forward, **options)
+        for block in self.blocks:
+            block.forward_fn = compiled
+        how = ", ".join(f"{k}={v}" for k, v in options.items()) or "inductor"
+        return (f"compiled: the {len(self.blocks)} transformer blocks (one torch.compile'd block function, {how}); "
+                "embedding, output layer and loss run eagerly")
+
+    @property
+    def blocks_compiled(self) -> bool:
+        return any(block.forward_fn is not block_forward for block in self.blocks)
 
     # -- attention backend and dtype ------------------------------------------------------------
 
@@ -152,8 +176,32 @@ class DDiTTrunk(Checkpointed, nn.Module):
 
     def _amp(self, device: torch.device):
         if device.type == "cuda" and self.autocast_dtype is not None:
-            return torch.autocast("cuda", dtype=self.autocast_dtype)
+            # autocast's cache of cast weights must not outlive a CUDA graph capture (torch.cuda.graph's notes)
+            return torch.autocast("cuda", dtype=self.autocast_dtype,
+                                  cache_enabled=not torch.cuda.is_current_stream_capturing())
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def inference_weights(self):
+        """Inside the block the matmul weights of the blocks and the output layer are held in the
+        autocast dtype (bf16), cast once, instead of autocast casting them again at every forward:
+        the same numbers (autocast rounds them the same way), fewer kernels and bytes per call. For
+        inference on CUDA (the samplers use it); a no-op without autocast, for a model with no
+        plain CUDA weights (FSDP2 shards), and while gradients are enabled."""
+        linears = [m for part in (self.blocks, self.output_layer) for m in part.modules() if isinstance(m, nn.Linear)]
+        params = [p for m in linears for p in (m.weight, m.bias) if p is not None]
+        plain = all(type(p.data) is torch.Tensor and p.device.type == "cuda" for p in params)
+        if self.autocast_dtype is None or not plain or torch.is_grad_enabled():
+            yield
+            return
+        saved = [p.data for p in params]
+        for p in params:
+            p.data = p.data.to(self.autocast_dtype)
+        try:
+            yield
+        finally:
+            for p, data in zip(params, saved):
+                p.data = data
 
     # -- input checks ---------------------------------------------------------------------------
 
@@ -232,6 +280,10 @@ class SEDD(DDiTTrunk):
             graph capture and ``torch.compile``; "flash" keeps flash-attn and its sync.
         autocast_dtype: dtype of the CUDA autocast around the blocks and output layer
             (bf16, as the checkpoints were trained), or None to run in the parameter dtype.
+        pad_head_to: the output layer holds its V rows padded in memory to a multiple of this
+            (default 64: 50258 -> 50304), so every row of scores starts 16-byte aligned; the
+            scores are the view [..., :V] of the padded output, and checkpoints keep V rows
+            (:class:`sedd.model.layers.DDiTFinalLayer`). 1: no padding.
 
     Attributes: ``vocab_size`` (V), ``tokens`` (N), ``graph_type``, ``absorb``, ``mask_id``
     (V − 1, or None for uniform), ``scale_by_sigma``, ``length`` (training length; rotary has no
@@ -258,6 +310,7 @@ class SEDD(DDiTTrunk):
         *,
         attn_backend: str = "auto",
         autocast_dtype: torch.dtype | None = torch.bfloat16,
+        pad_head_to: int = HEAD_MULTIPLE,
     ):
         super().__init__()
         self.config = normalise_config(config, objective=self.objective)
@@ -290,7 +343,7 @@ class SEDD(DDiTTrunk):
             # leave the adaLN weights without a gradient, a larger one would speed their updates up
             self.cond_embed = nn.Parameter(0.125 * torch.randn(cond_dim))
         self._build_trunk(cond_dim, n_blocks, mlp_ratio, dropout, self.vocab_size, attn_backend=attn_backend,
-                          autocast_dtype=autocast_dtype)
+                          autocast_dtype=autocast_dtype, pad_head_to=pad_head_to)
 
     # -- presets --------------------------------------------------------------------------------
 
@@ -374,15 +427,18 @@ class SEDD(DDiTTrunk):
                 their document, a maximal run of equal ids (an id that recurs later in the row
                 starts a new document). Positions keep counting across documents, which rotary
                 attention cannot see (it depends on relative positions only).
-            head: replaces the output linear: ``head(hidden [B, L, D], weight [V, D], bias [V])``
+            head: replaces the output linear: ``head(hidden [B, L, D], weight [V_pad, D], bias [V_pad])``
                 is called inside the output layer's forward (so DDP/FSDP2 see its parameters in
                 use; under autocast all three come cast to the autocast dtype) and ``forward``
                 returns its result as is: e.g. :func:`sedd.ops.linear_score_entropy` for the loss
-                without the [B, L, V] logits, or the head at a few rows only.
+                without the [B, L, V] logits (``width=V``), or the head at a few rows only. The
+                weight and bias are the padded ones (``V_pad`` ≥ V rows, see ``pad_head_to``):
+                the scores are the first V columns of ``hidden @ weightᵀ + bias``.
         Returns:
             raw=False: ŝ [B, L, V] float32, with ŝ[b, i, x_t[b, i]] = 0.
             raw=True: z [B, L, V] in the compute dtype (:meth:`compute_dtype`: bf16 on CUDA with
-            the default autocast, the parameter dtype elsewhere).
+            the default autocast, the parameter dtype elsewhere); with a padded head a view of
+            the [B, L, V_pad] output (last stride 1, row stride V_pad).
         """
         self._check_tokens(x_t)
         sigma = self._check_sigma(sigma, x_t.shape[0], x_t.device)

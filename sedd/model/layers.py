@@ -24,10 +24,12 @@ __all__ = [
     "DDiTBlock",
     "DDiTFinalLayer",
     "EmbeddingLayer",
+    "HEAD_MULTIPLE",
     "LayerNorm",
     "Rotary",
     "SigmaEmbedder",
     "apply_rotary",
+    "block_forward",
     "sigma_embedding",
 ]
 
@@ -167,20 +169,16 @@ class DDiTBlock(nn.Module):
         self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim, bias=True)
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
+        # what forward runs: block_forward, or the one compiled copy of it that every block of a
+        # model shares (DDiTTrunk.compile_blocks)
+        self.forward_fn: Callable = block_forward
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan
     ) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-
-        h = _modulate(self.norm1(x), shift1, scale1)
-        qkv = rearrange(self.attn_qkv(h), "b s (three h d) -> b s three h d", three=3, h=self.n_heads)
-        qkv = torch.cat([apply_rotary(qkv[:, :, :2], cos, sin), qkv[:, :, 2:]], dim=2)
-        a = rearrange(attention(qkv, plan), "b s h d -> b s (h d)")
-        x = x + gate1 * F.dropout(self.attn_out(a), self.dropout, self.training)
-
-        h = _modulate(self.norm2(x), shift2, scale2)
-        return x + gate2 * F.dropout(self.mlp(h), self.dropout, self.training)
+        # the module call stays outside the compiled function, so DDP's and FSDP2's hooks (which
+        # gather the block's parameters around forward) run eagerly, as without compile
+        return self.forward_fn(self, x, c, cos, sin, plan)
 
     def step(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
              values: torch.Tensor, start: int, mask: torch.Tensor | None = None, *, causal: bool = False) -> torch.Tensor:
@@ -207,27 +205,100 @@ class DDiTBlock(nn.Module):
         return x + gate2 * self.mlp(h)
 
 
-class DDiTFinalLayer(nn.Module):
-    """x: [B, L, D], c: [B, C] -> z [B, L, V]. Zero-initialised, so a fresh model outputs z = 0."""
+def block_forward(block: DDiTBlock, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  plan: AttentionPlan) -> torch.Tensor:
+    """The computation of a :class:`DDiTBlock`, as a function of the block: ``torch.compile`` traces
+    it once and every block of the model reuses the compiled code (its weights are inputs)."""
+    shift1, scale1, gate1, shift2, scale2, gate2 = block.adaLN_modulation(c)[:, None].chunk(6, dim=2)
 
-    def __init__(self, hidden_size: int, vocab_size: int, cond_dim: int):
+    h = _modulate(block.norm1(x), shift1, scale1)
+    qkv = rearrange(block.attn_qkv(h), "b s (three h d) -> b s three h d", three=3, h=block.n_heads)
+    qkv = torch.cat([apply_rotary(qkv[:, :, :2], cos, sin), qkv[:, :, 2:]], dim=2)
+    a = rearrange(attention(qkv, plan), "b s h d -> b s (h d)")
+    x = x + gate1 * F.dropout(block.attn_out(a), block.dropout, block.training)
+
+    h = _modulate(block.norm2(x), shift2, scale2)
+    return x + gate2 * F.dropout(block.mlp(h), block.dropout, block.training)
+
+
+HEAD_MULTIPLE = 64  # the output layer's rows are padded to a multiple of this in memory (see DDiTFinalLayer)
+
+
+def padded_rows(rows: int, multiple: int) -> int:
+    """``rows`` rounded up to a multiple of ``multiple`` (≥ 1)."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"pad_head_to must be a positive integer (1: no padding), got {multiple!r}")
+    return -(-rows // multiple) * multiple
+
+
+class DDiTFinalLayer(nn.Module):
+    """x: [B, L, D], c: [B, C] -> z [B, L, V]. Zero-initialised, so a fresh model outputs z = 0.
+
+    The aligned head. ``linear`` holds ``V_pad`` = V rounded up to a multiple of ``pad_to`` rows
+    (50258 -> 50304 at GPT-2's width): a bf16 row of 50258 logits is not 16-byte aligned, so
+    cuBLAS falls back to slower kernels for the head and every kernel reading a score row loads
+    it element by element. The matmul writes [.., V_pad] rows and ``forward`` returns the view
+    [.., :V] (last stride 1, row stride V_pad): the padding columns are never read as scores. The
+    padding rows of the weight and bias start at zero and get no gradient from any loss here;
+    :meth:`state_dict` holds the public [V, D] / [V] tensors and loading pads them back.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, cond_dim: int, pad_to: int = HEAD_MULTIPLE):
         super().__init__()
         self.norm_final = LayerNorm(hidden_size)
-        self.linear = nn.Linear(hidden_size, vocab_size)
+        self.vocab_size = vocab_size
+        self.linear = nn.Linear(hidden_size, vocab_size)  # drawn at [V, D] as before: the same RNG stream
         self.adaLN_modulation = nn.Linear(cond_dim, 2 * hidden_size, bias=True)
         for layer in (self.linear, self.adaLN_modulation):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        rows = padded_rows(vocab_size, pad_to)
+        if rows != vocab_size:
+            self.linear.weight = nn.Parameter(torch.zeros(rows, hidden_size))
+            self.linear.bias = nn.Parameter(torch.zeros(rows))
+        self._register_state_dict_hook(_public_head_rows)
+        self._register_load_state_dict_pre_hook(_pad_loaded_head_rows, with_module=True)
+
+    @property
+    def rows(self) -> int:
+        """V_pad: the rows of the output linear in memory (V ≤ V_pad)."""
+        return self.linear.weight.shape[0]
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, head: Callable | None = None) -> Any:
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
         h = _modulate(self.norm_final(x), shift, scale)
         if head is None:
-            return self.linear(h)
+            out = self.linear(h)  # [B, L, V_pad]: aligned rows
+            return out if self.rows == self.vocab_size else out[..., : self.vocab_size]
         weight, bias = self.linear.weight, self.linear.bias
         if torch.is_autocast_enabled(h.device.type):  # the casts nn.Linear would get from autocast
             dtype = torch.get_autocast_dtype(h.device.type)
             h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
         # Called here, inside this module's forward, so DDP and FSDP2 (whose hooks gather the
-        # parameters around the forward) see the head's parameters in use.
+        # parameters around the forward) see the head's parameters in use. The head gets the
+        # padded [V_pad, D] weight and [V_pad] bias: its scores are the first V columns.
         return head(h, weight, bias)
+
+
+HEAD_KEYS = ("linear.weight", "linear.bias")
+
+
+def _public_head_rows(module: DDiTFinalLayer, state: dict, prefix: str, local_metadata) -> None:
+    # the checkpoint layout: [V, D] and [V], whatever the padding in memory
+    for key in HEAD_KEYS:
+        if prefix + key in state and state[prefix + key].shape[0] != module.vocab_size:
+            state[prefix + key] = state[prefix + key][: module.vocab_size]
+
+
+def _pad_loaded_head_rows(module: DDiTFinalLayer, state: dict, prefix: str, *args) -> None:
+    for key in HEAD_KEYS:
+        value = state.get(prefix + key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == module.vocab_size < module.rows:
+            state[prefix + key] = pad_head_rows(value, module.rows)
+
+
+def pad_head_rows(value: torch.Tensor, rows: int) -> torch.Tensor:
+    """``value`` [V, ...] with zero rows appended up to ``rows`` (a new tensor)."""
+    out = value.new_zeros((rows, *value.shape[1:]))
+    out[: value.shape[0]] = value
+    return out

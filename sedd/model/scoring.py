@@ -66,17 +66,21 @@ def row_chunks(count: int, width: int, element_size: int) -> Iterator[slice]:
         yield slice(start, min(start + per_chunk, count))
 
 
-def head_at_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The output linear at gathered rows, hidden [R, D] -> [R, V], R at most one chunk
+def head_at_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """The output linear at gathered rows, hidden [R, D] -> scores [R, V], R at most one chunk
     (:func:`row_chunks`); small R padded to :data:`HEAD_MIN_ROWS` (or to the chunk size, the
-    memory bound, if smaller), so a row's result does not depend on R."""
+    memory bound, if smaller), so a row's result does not depend on R. ``weight`` [V_pad, D] and
+    ``bias`` may carry an aligned head's padding rows: the scores are the first ``width`` columns
+    (default all), a view of the aligned [R, V_pad] output."""
     rows = hidden.shape[0]
     least = min(HEAD_MIN_ROWS, head_chunk_rows(weight.shape[0], hidden.element_size()))
     if rows >= least:
-        return torch.nn.functional.linear(hidden, weight, bias)
-    padded = hidden.new_zeros(least, hidden.shape[1])
-    padded[:rows] = hidden
-    return torch.nn.functional.linear(padded, weight, bias)[:rows]
+        out = torch.nn.functional.linear(hidden, weight, bias)
+    else:
+        padded = hidden.new_zeros(least, hidden.shape[1])
+        padded[:rows] = hidden
+        out = torch.nn.functional.linear(padded, weight, bias)[:rows]
+    return out if width is None or width == out.shape[1] else out[:, :width]
 
 
 def step_on_rows(x: torch.Tensor, rows: torch.Tensor, shift: torch.Tensor, step, scores, width: int,
@@ -128,7 +132,8 @@ def step_on_scores(model, x: torch.Tensor, sigma: torch.Tensor, graph, step, *, 
 
     def head(hidden, weight, bias):
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        return step_on_rows(x, masked, shift, step, lambda idx: head_at_rows(hidden[idx], weight, bias)[:, None],
+        return step_on_rows(x, masked, shift, step,
+                            lambda idx: head_at_rows(hidden[idx], weight, bias, graph.dim)[:, None],
                             weight.shape[0], hidden.element_size())
 
     return model(x, sigma, head=head)

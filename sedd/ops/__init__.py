@@ -35,23 +35,29 @@ Token ids (``x_t``, ``x0``) may be int64, int32, int16 or uint8 on both backends
 dtype holds every id the op reads or writes ([0, V) for x_t, [0, N) for x0); a narrower dtype is
 a ``TypeError`` up front. The steps return x_t's dtype.
 
+:func:`launch_options` sets the fused kernels' tile, warps and pipelining depth inside a block;
+:func:`kernel_launch` prepares one call and returns its bare kernel launch (kernel time apart from
+the op's host work, :mod:`sedd.ops.prepared`).
+
 Files: the loss in :mod:`sedd.ops.loss`, forward noising in :mod:`sedd.ops.noising`, the reverse
-steps in :mod:`sedd.ops.steps`, the output head fused with the loss in :mod:`sedd.ops.linear`, and
+steps in :mod:`sedd.ops.steps` (the truncation's threshold in :mod:`sedd.ops.truncation`), the
+output head fused with the loss in :mod:`sedd.ops.linear`, and
 the head fused with the next-token cross entropy of the autoregressive baseline in
 :mod:`sedd.ops.cross_entropy` (plain torch on every device).
 """
 
-from sedd.ops.backend import BACKENDS, get_backend, last_backend, resolve_backend, use_backend
+from sedd.ops.backend import BACKENDS, get_backend, last_backend, launch_options, resolve_backend, use_backend
 from sedd.ops.checks import TOKEN_DTYPES, checking_values, host_sync_allowed, sync_free, value_checks
 from sedd.ops.cross_entropy import linear_cross_entropy
 from sedd.ops.linear import linear_score_entropy
 from sedd.ops.loss import score_entropy
 from sedd.ops.noising import sample_transition
+from sedd.ops.prepared import kernel_launch
 from sedd.ops.steps import TRUNCATION, analytic_step, denoise_step, euler_step
 
 __all__ = [
     "BACKENDS", "TOKEN_DTYPES", "TRUNCATION",
     "score_entropy", "linear_score_entropy", "linear_cross_entropy", "sample_transition", "euler_step", "analytic_step", "denoise_step",
-    "get_backend", "use_backend", "resolve_backend", "last_backend",
+    "get_backend", "use_backend", "resolve_backend", "last_backend", "launch_options", "kernel_launch",
     "value_checks", "checking_values", "sync_free", "host_sync_allowed",
 ]

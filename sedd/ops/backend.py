@@ -67,6 +67,34 @@ def dispatch(device: torch.device, graph: Graph) -> str:
     return backend
 
 
+_launch: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sedd_launch_options", default=None)
+
+
+@contextlib.contextmanager
+def launch_options(*, block_v: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
+    """Inside the block, the fused kernels launch with these choices (None: the launcher's own):
+    the columns per tile (a power of two; a call's own ``block_v`` argument takes precedence), the
+    warps per program and the software-pipelining depth. Results do not change beyond rounding
+    (the reverse steps' draws for a seed depend on the tile, not their distribution). The launch
+    sweep (``benchmarks/sweep_launch.py``) times the choices through this."""
+    for name, value in (("block_v", block_v), ("num_warps", num_warps), ("num_stages", num_stages)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+    if block_v is not None and (block_v < 2 or block_v & (block_v - 1)):
+        raise ValueError(f"block_v must be None or a power of two >= 2, got {block_v!r}")
+    token = _launch.set({k: v for k, v in (("block_v", block_v), ("num_warps", num_warps),
+                                           ("num_stages", num_stages)) if v is not None})
+    try:
+        yield
+    finally:
+        _launch.reset(token)
+
+
+def current_launch_options() -> dict:
+    """The innermost :func:`launch_options` as launcher keywords ({} outside one)."""
+    return dict(_launch.get() or {})
+
+
 def last_backend() -> str | None:
     """The backend ("torch" or "triton") that ran the most recent ``sedd.ops`` call in this thread."""
     return getattr(_last, "backend", None)

@@ -45,6 +45,7 @@ def linear_cross_entropy(
     loss_weight: torch.Tensor | float | None = None,
     reduction: str = "batchmean",
     chunk_bytes: int | None = None,
+    width: int | None = None,
 ) -> torch.Tensor:
     """Cross entropy ``−log softmax(hidden @ weightᵀ + bias)[targets]`` per position, differentiable
     in ``hidden``, ``weight`` and ``bias``, without the [B·L, V] logits.
@@ -59,11 +60,14 @@ def linear_cross_entropy(
         reduction: "batchmean" (Σ / B: nats per sequence, averaged over sequences), "sum" or
             "none" ([B, L], 0 outside ``mask``).
         chunk_bytes: bound on one chunk's fp32 logits (default 256 MiB on CUDA, 32 MiB elsewhere).
+        width: the number of classes V when ``weight`` [V_pad, D] and ``bias`` [V_pad] carry
+            padding rows beyond it (an aligned head); those logits are never read and get no
+            gradient. Default: every row is a class.
 
     Returns:
         float32 loss (float64 for float64 input), a scalar or [B, L].
     """
-    B, L, D, V = _check_head(hidden, weight, bias)
+    B, L, D, V = _check_head(hidden, weight, bias, width)
     device = hidden.device
     check_tokens("targets", targets, (B, L), device, V, "the next tokens")
     if mask is not None:
@@ -80,15 +84,16 @@ def linear_cross_entropy(
     _check_chunk_bytes(chunk_bytes)
     if chunk_bytes is None:
         chunk_bytes = DEFAULT_CHUNK_BYTES if device.type == "cuda" else _CPU_CHUNK_BYTES
-    rows_per_chunk = max(1, chunk_bytes // (V * 4))
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, mask, loss_weight, reduction, rows_per_chunk)
+    rows_per_chunk = max(1, chunk_bytes // (weight.shape[0] * 4))
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, mask, loss_weight, reduction, rows_per_chunk, V)
 
 
 class _Rows(RowIndex):
     """The scored rows, flattened: all B·L, or the rows of ``mask`` when a host read is allowed."""
 
-    def __init__(self, hidden, targets, mask, loss_weight):
+    def __init__(self, hidden, targets, mask, loss_weight, width: int):
         B, L, D = hidden.shape
+        self.width = width  # the classes: the first `width` logits of the (possibly padded) head
         self.hidden = hidden.reshape(B * L, D)
         fp64 = hidden.dtype == torch.float64
         self.dtype = torch.float64 if fp64 else torch.float32
@@ -108,8 +113,8 @@ class _Rows(RowIndex):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, mask, loss_weight, reduction, rows_per_chunk):
-        rows = _Rows(hidden, targets, mask, loss_weight)
+    def forward(ctx, hidden, weight, bias, targets, mask, loss_weight, reduction, rows_per_chunk, width):
+        rows = _Rows(hidden, targets, mask, loss_weight, width)
         ctx.rows_per_chunk = rows_per_chunk
 
         def run(row_weight, grads):
@@ -122,7 +127,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         def rerun(rows, weight, bias, row_weight, grads):
             _chunks(rows, weight, bias, ctx.rows_per_chunk, row_weight, grads=grads)
 
-        return fused_head_backward(ctx, grad_output, rerun, "linear_cross_entropy", 5)
+        return fused_head_backward(ctx, grad_output, rerun, "linear_cross_entropy", 6)
 
 
 def _chunks(rows: _Rows, weight, bias, rows_per_chunk: int, row_weight, *, grads: _Grads | None) -> torch.Tensor:
@@ -133,9 +138,10 @@ def _chunks(rows: _Rows, weight, bias, rows_per_chunk: int, row_weight, *, grads
         for start in range(0, rows.n, rows_per_chunk):
             stop = min(start + rows_per_chunk, rows.n)
             h = rows.take(start, stop, rows.hidden)
-            z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())  # [c, V]
-            # the loss in fp32 whatever the compute dtype: a bf16 logsumexp over 50k ids is off by percents
-            zf = z.to(rows.dtype)
+            z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())  # [c, V_pad]
+            # the loss in fp32 whatever the compute dtype: a bf16 logsumexp over 50k ids is off by
+            # percents. The first V columns: the aligned head's padding is never read
+            zf = z[:, : rows.width].to(rows.dtype)
             target = rows.targets[start:stop, None]
             lse = torch.logsumexp(zf, dim=1)
             w = row_weight[start:stop]

@@ -18,7 +18,9 @@ Score entropy, with g = weight · (1/B for "batchmean") the per-row gradient sca
 With ``inplace_backward=True`` log_score's storage holds the gradient after the forward
 ("sum"/"batchmean") or after the backward ("none"): the caller must not read log_score
 afterwards. The fused reductions' backward may run once (retain_graph then a second backward
-raises). A non-contiguous log_score is copied first (the storage reuse then is the copy's).
+raises). Rows may have any batch and position strides (a view of padded rows is read in place, and
+its gradient buffer is padded alike); a log_score whose columns are not contiguous is copied first
+(the storage reuse then is the copy's).
 Gradients w.r.t. sigma, shift and weight are not computed (None): they depend on σ, not on
 trained parameters.
 
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from sedd.graph import Graph
+from sedd.ops.backend import current_launch_options
 
 
 @dataclass(frozen=True)
@@ -56,18 +59,32 @@ class ScoreEntropySpec:
         """The fields in order, as the ops (and ``ScoreEntropySpec(*flat)``) take them."""
         return (*self.tensors(), self.absorbing, self.block_v)
 
-    def launch(self, log_score: torch.Tensor, **outputs) -> torch.Tensor:
-        """Run the kernel on ``log_score`` [B, L, V]; ``outputs`` say what it writes (see the launcher)."""
+    def launch(self, log_score: torch.Tensor, options: dict | None = None, **outputs) -> torch.Tensor:
+        """Run the kernel on ``log_score`` [B, L, V]; ``outputs`` say what it writes (see the launcher);
+        ``options``: launch choices (default: the current :func:`sedd.ops.launch_options`)."""
         from sedd.kernels.score_entropy import score_entropy as launch
 
+        options = current_launch_options() if options is None else dict(options)
+        block_v = self.block_v or options.pop("block_v", None)  # a call's own tile wins
+        options.pop("block_v", None)
         return launch(
             log_score, self.sigma, self.x_t, self.x0, absorbing=self.absorbing, shift=self.shift,
-            weight=self.weight, block_v=self.block_v or None, **outputs,
+            weight=self.weight, block_v=block_v, **options, **outputs,
         )
 
 
 def _loss_like(log_score: torch.Tensor) -> torch.Tensor:
     return log_score.new_empty(log_score.shape[:2], dtype=torch.float32)
+
+
+def _like_rows(log_score: torch.Tensor) -> torch.Tensor:
+    """A gradient buffer laid out as ``log_score``: for a view of padded rows (the model's padded
+    head, row stride > V) a padded buffer, so the kernel's 16-byte windows fit its rows too."""
+    B, L, V = log_score.shape
+    st = log_score.stride()
+    if st[2] != 1 or st[1] < V or st[0] < L * st[1]:  # overlapping or permuted: a contiguous buffer
+        return torch.empty_like(log_score, memory_format=torch.contiguous_format)
+    return torch.empty_strided(log_score.shape, st, dtype=log_score.dtype, device=log_score.device)
 
 
 # The arguments of one score-entropy call after the scores (ScoreEntropySpec.flat()), as a schema.
@@ -94,11 +111,11 @@ def _se_fwd(log_score, *spec):
 
 
 @_op("score_entropy_fwd_grad", f"(Tensor log_score, {_SPEC}, float grad_scale) -> (Tensor, Tensor)",
-     fake=lambda log_score, *_: (_loss_like(log_score), torch.empty_like(log_score)))
+     fake=lambda log_score, *_: (_loss_like(log_score), _like_rows(log_score)))
 def _se_fwd_grad(log_score, *spec_and_scale):
     """(loss [B, L] fp32, grad_scale · ∂Σloss/∂log_score [B, L, V] in log_score's dtype), one pass."""
     *spec, grad_scale = spec_and_scale
-    grad = torch.empty_like(log_score)
+    grad = _like_rows(log_score)
     return ScoreEntropySpec(*spec).launch(log_score, grad=grad, grad_scale=grad_scale), grad
 
 
@@ -111,10 +128,10 @@ def _se_fwd_grad_inplace(log_score, *spec_and_scale):
 
 
 @_op("score_entropy_bwd", f"(Tensor grad_loss, Tensor log_score, {_SPEC}) -> Tensor",
-     fake=lambda grad_loss, log_score, *_: torch.empty_like(log_score))
+     fake=lambda grad_loss, log_score, *_: _like_rows(log_score))
 def _se_bwd(grad_loss, log_score, *spec):
     """∂/∂log_score of Σ grad_loss·loss for a per-token grad_loss [B, L]; a new [B, L, V] buffer."""
-    grad = torch.empty_like(log_score)
+    grad = _like_rows(log_score)
     ScoreEntropySpec(*spec).launch(log_score, grad=grad, grad_output=grad_loss.float().contiguous(), compute_loss=False)
     return grad
 
@@ -190,8 +207,10 @@ def _fwd(log_score: torch.Tensor, spec: ScoreEntropySpec) -> torch.Tensor:
 
 
 def score_entropy(log_score: torch.Tensor, spec: ScoreEntropySpec, reduction: str, inplace_backward: bool):
-    """Validated arguments -> the loss ([B, L] fp32, or a scalar for "sum"/"batchmean")."""
-    log_score = log_score.contiguous()
+    """Validated arguments -> the loss ([B, L] fp32, or a scalar for "sum"/"batchmean"). Rows may be
+    a view of padded rows (row stride > V): the kernel reads them in place, no copy."""
+    if log_score.stride(2) != 1:
+        log_score = log_score.contiguous()
     if log_score.requires_grad and torch.is_grad_enabled():
         return _ScoreEntropy.apply(log_score, reduction, bool(inplace_backward), *spec.flat())
     loss = _fwd(log_score, spec)
@@ -223,8 +242,11 @@ def _reverse_step(kind, log_score, x_t, scalar, shift, seed, absorbing, N, block
     "analytic": Δσ, "denoise": σ; [B] fp32), drawn in-kernel with Philox keyed by ``seed`` [1]."""
     from sedd.kernels.sampling import reverse_step as launch
 
-    return launch(kind, log_score, x_t, scalar, absorbing, N, shift=shift, seed=seed, block_v=block_v or None,
-                  truncation=truncation)
+    options = current_launch_options()
+    block_v = block_v or options.pop("block_v", None)  # a call's own tile wins
+    options.pop("block_v", None)
+    return launch(kind, log_score, x_t, scalar, absorbing, N, shift=shift, seed=seed, block_v=block_v,
+                  truncation=truncation, **options)
 
 
 def absorbing_tag(graph: Graph) -> bool:
@@ -252,3 +274,34 @@ def reverse_step(kind: str, log_score, x_t, scalar, graph: Graph, shift, generat
     return torch.ops.sedd.reverse_step(
         kind, log_score, x_t, scalar, shift, seed, absorbing_tag(graph), graph.N, block_v, truncation
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# One call's host work done once, its kernel launched alone (sedd.ops.kernel_launch)
+# ---------------------------------------------------------------------------------------------
+
+
+def score_entropy_launch(log_score, spec: ScoreEntropySpec, grad: bool, grad_scale: float):
+    """A function launching the score-entropy kernel alone on validated arguments: the loss, and with
+    ``grad`` the gradient into one buffer allocated here (the launch options read now)."""
+    if log_score.stride(2) != 1:
+        log_score = log_score.contiguous()
+    out = _like_rows(log_score) if grad else None
+    options = current_launch_options()
+    if grad:
+        return lambda: spec.launch(log_score, options, grad=out, grad_scale=grad_scale)
+    return lambda: spec.launch(log_score, options)
+
+
+def reverse_step_launch(kind: str, log_score, x_t, scalar, graph: Graph, shift, generator, block_v: int):
+    """A function launching the reverse-step kernel alone on validated arguments (one Philox seed
+    drawn here: every launch draws the same tokens; the launch options read now)."""
+    from sedd.kernels.sampling import reverse_step as launch
+
+    seed = philox_seed(log_score.device, generator)
+    absorbing = absorbing_tag(graph)
+    options = current_launch_options()
+    block_v = block_v or options.pop("block_v", None)  # a call's own tile wins
+    options.pop("block_v", None)
+    return lambda: launch(kind, log_score, x_t, scalar, absorbing, graph.N, shift=shift, seed=seed, block_v=block_v,
+                          **options)

@@ -14,10 +14,10 @@ distributions with less work and memory:
 * Rows in chunks. A bf16/fp16 input is converted to fp32 one chunk of rows at a time, so the
   temporaries are bounded (about ``_CHUNK_ELEMENTS`` fp32 values), never [B, L, V].
 * Truncation (top-p / top-k, ``sedd.ops.steps.TRUNCATION``) in log space too: the kept set is a
-  threshold on ŝ (a step's candidate weights increase with ŝ), found per row from the sorted
-  scores with weights relative to the row's maximum (or its log-sum-exp) and the top-p running
-  sum in fp64; the stay option keeps its untruncated probability. :func:`truncation` gives the
-  fused kernel the same threshold and stay-or-move decision, chunk by chunk.
+  threshold on ŝ (a step's candidate weights increase with ŝ), found per row without sorting it
+  (:mod:`sedd.ops.truncation`); the stay option keeps its untruncated probability.
+  :func:`truncation` gives the fused kernel the same threshold and stay-or-move decision, chunk
+  by chunk.
 
 Weights (ŝ = z + shift, ŝ[x_t] = 0; docs/math.md, "Reverse steps"):
   exp family (absorbing euler/analytic/denoise, uniform euler): candidate y has log-weight
@@ -33,6 +33,7 @@ import math
 import torch
 
 from sedd.graph import Graph
+from sedd.ops.truncation import threshold
 
 _TILE = 256  # columns per tile of the race; rows of at most _SINGLE_TILE columns are one tile
 _SINGLE_TILE = 1024
@@ -41,8 +42,9 @@ _SINGLE_TILE = 1024
 # so launch overhead dominates: 128 MiB there.
 _CHUNK_ELEMENTS = 1 << 21
 _CUDA_CHUNK_ELEMENTS = 1 << 25
-# A truncated step also sorts each row and keeps fp64 weights and a mask: ~30 bytes per score in
-# all, so its chunks are smaller on CPU (cache-sized) and larger on a GPU (fewer launches).
+# A truncated step also keeps the threshold search's weights, bucket codes and an fp64 copy of the
+# weights (sedd/ops/truncation.py) and a mask: ~30 bytes per score in all, so its chunks are
+# smaller on CPU (cache-sized) and larger on a GPU (fewer launches).
 _TRUNC_CHUNK_ELEMENTS = {"cpu": 1 << 19}
 _TRUNC_CHUNK_ELEMENTS_DEVICE = 1 << 23
 
@@ -104,7 +106,7 @@ def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, tru
     keep = None
     if trunc is not None:
         # the kept candidates, {ŝ_y ≥ thr}, before the scores are exponentiated in place
-        thr = _threshold(s, kind, c, graph, absorbing, *trunc)
+        thr = threshold(s, *trunc, _log_c2(kind, c, graph, absorbing))
         keep = buf >= thr.unsqueeze(1)
     if uniform_tweedie:
         s.scatter_(1, col, 0.0)  # s_{x_t} = 1 enters S = Σ_k s_k
@@ -137,7 +139,7 @@ def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, tru
         # moving keeps its untruncated probability and goes to the kept candidates only: their
         # tiles, rescaled to the whole candidate mass, race the stay option
         total = torch.logsumexp(cand, -1)
-        tiles.masked_fill_(~keep.view(n, n_tiles, tile), 0.0)
+        tiles.mul_(keep.view(n, n_tiles, tile))  # (a boolean-mask fill costs ~10× this on a CPU)
         sums = tiles.sum(-1).double().log()
         kept = offset.unsqueeze(1) + sums if uniform_tweedie else log_c.unsqueeze(1) + tmax.double() + sums
         kept_total = torch.logsumexp(kept, -1)
@@ -165,57 +167,23 @@ def _log_coef(kind, c, absorbing: bool, N: int) -> torch.Tensor:
     return torch.zeros_like(c)
 
 
+def _log_c2(kind, c, graph: Graph, absorbing: bool):
+    """Uniform analytic / denoise: log c₂ (fp64 [n]) for the truncation's weights; else None."""
+    if absorbing or kind == "euler":
+        return None
+    return torch.log(_tweedie_constants(c, graph.N)[1])
+
+
 def _tweedie_constants(dsig, N: int):
     """Uniform analytic / denoise, Δσ fp64 [n]: log((e^{Δσ} − 1)/N) and c₂ = (1 − e^{−Δσ})/N."""
     return torch.log(torch.expm1(dsig) / N), -torch.expm1(-dsig) / N
-
-
-def _threshold(s, kind, c, graph: Graph, absorbing: bool, top_p, top_k) -> torch.Tensor:
-    """The ŝ threshold of the kept candidates per row (fp32 [n]; +∞: none kept) for scores ``s``
-    [n, V] fp32 that are −∞ off the candidates (uniform: x_t too).
-
-    The candidate weights increase with ŝ, so both rules of :data:`sedd.ops.steps.TRUNCATION` cut
-    the row sorted by ŝ: top-k at the k-th score (ties kept), top-p where the running sum of the
-    weights (fp64, relative to the row maximum, or to S for uniform Tweedie; a share, so the scale
-    does not matter) first reaches ``top_p`` of the kept total (the crossing token and its ties
-    kept). Weights are never exponentiated outside [0, 1], whatever the scores.
-    """
-    n, V = s.shape
-    by_p = top_p is not None and float(top_p) < 1.0
-    if top_k is not None and not by_p:
-        vals = s.topk(min(int(top_k), V), dim=-1).values  # top-k alone needs no full sort
-    else:
-        vals = s.sort(-1, descending=True).values
-    if not absorbing and kind != "euler":  # uniform Tweedie: weight ∝ e^{ŝ_y}/S − c₂, S with s_{x_t} = 1
-        m = s.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, 0.0)
-        log_s = torch.logaddexp(m.double() + (s - m).exp().sum(-1, keepdim=True, dtype=torch.float64).log(),
-                                torch.zeros_like(m, dtype=torch.float64))
-        _, c2 = _tweedie_constants(c, graph.N)
-        w = ((vals.double() - log_s).exp_() - c2.unsqueeze(1)).clamp_min_(0)
-    else:
-        top = vals[:, :1].double()
-        w = (vals.double() - torch.where(torch.isfinite(top), top, 0.0)).exp_()
-    pos = w > 0  # a prefix of the sorted row
-    if top_k is not None and by_p:
-        k = min(int(top_k), V)
-        pos &= vals >= vals[:, k - 1 : k]
-        w.masked_fill_(~pos, 0.0)
-    n_pos = pos.sum(-1)
-    if by_p:
-        cum = w.cumsum_(-1)
-        last = (cum < float(top_p) * cum[:, -1:]).sum(-1)  # the token whose weight crosses the share
-    else:
-        last = n_pos - 1
-    thr = vals.gather(1, last.clamp(0, vals.shape[1] - 1).unsqueeze(1)).squeeze(1)
-    return torch.where(n_pos > 0, thr, torch.inf)
 
 
 def truncation(kind: str, log_score, x_t, scalar, graph: Graph, shift, top_p, top_k, generator) -> torch.Tensor:
     """What the fused kernel needs for a truncated step: [B, L, 2] fp32, per position the ŝ
     threshold of the kept candidates and 1 to move / 0 to stay, drawn with the untruncated stay
     probability (a U[0, 1) fp64 per position from ``generator``). Arguments as
-    :func:`reverse_step`; rows in chunks, so the sort and its temporaries stay bounded."""
+    :func:`reverse_step`; rows in chunks, so the threshold search's temporaries stay bounded."""
     B, L, V = log_score.shape
     absorbing = graph.kernel == "absorb"
     z = log_score.reshape(B * L, V)
@@ -231,7 +199,7 @@ def truncation(kind: str, log_score, x_t, scalar, graph: Graph, shift, top_p, to
         s.scatter_(1, x[r0:r1].unsqueeze(1), -torch.inf)  # absorbing: x_t is MASK on every row that moves
         if absorbing:
             s[:, graph.mask_id] = -torch.inf
-        out[r0:r1, 0] = _threshold(s, kind, c[r0:r1], graph, absorbing, top_p, top_k)
+        out[r0:r1, 0] = threshold(s, top_p, top_k, _log_c2(kind, c[r0:r1], graph, absorbing))
         log_stay = _stay_share(kind, s, c[r0:r1], graph, absorbing)
         out[r0:r1, 1] = (u[r0:r1] >= log_stay.exp()).float()
         del s

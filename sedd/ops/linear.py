@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from sedd.graph import Graph
-from sedd.ops.backend import last_backend, resolve_backend
+from sedd.ops.backend import resolve_backend
 from sedd.ops.checks import check_graph, check_loss_args, host_sync_allowed, value_checks
 from sedd.ops.loss import score_entropy
 
@@ -53,6 +53,7 @@ def linear_score_entropy(
     loss_weight: torch.Tensor | None = None,
     reduction: str = "batchmean",
     chunk_bytes: int | None = None,
+    width: int | None = None,
 ) -> torch.Tensor:
     """Score entropy of the head's output, ``score_entropy(hidden @ weightᵀ + bias, …)``,
     differentiable in ``hidden``, ``weight`` and ``bias``, without the [B·L, V] logits.
@@ -69,11 +70,15 @@ def linear_score_entropy(
         reduction: "batchmean" (Σ / B, the training loss), "sum" or "none" ([B, L]).
         chunk_bytes: bound on one chunk's logits in bytes; default 256 MiB on the Triton backend
             and 32 MiB on the torch backend (whose eager loss holds several fp32 copies of it).
+        width: the score width V when ``weight`` [V_pad, D] (and ``bias`` [V_pad]) carry padding
+            rows beyond it (an aligned head, :class:`sedd.model.layers.DDiTFinalLayer`): each
+            chunk's logits are [c, V_pad] rows of which the first V are scores; the padding is
+            never read as a score and gets a zero gradient. Default: every row is a score.
 
     Returns:
         float32 loss, a scalar or [B, L] (float64 for float64 input on the torch backend).
     """
-    B, L, D, V = _check_head(hidden, weight, bias)
+    B, L, D, V = _check_head(hidden, weight, bias, width)
     g = check_graph(graph, V, source="weight")
     device = hidden.device
     fp64 = hidden.dtype == torch.float64  # the fp64 loss keeps fp64 σ, shift and weight
@@ -85,13 +90,14 @@ def linear_score_entropy(
         raise TypeError("hidden must be float32, bfloat16 or float16 on the triton backend, got torch.float64")
     if chunk_bytes is None:
         chunk_bytes = DEFAULT_CHUNK_BYTES // (1 if backend == "triton" else _EAGER_CHUNK_DIVISOR)
-    rows_per_chunk = max(1, chunk_bytes // (V * hidden.element_size()))
+    rows_per_chunk = max(1, chunk_bytes // (weight.shape[0] * hidden.element_size()))
     return _LinearScoreEntropy.apply(
         hidden, weight, bias, sigma, x_t, x0, g, shift, loss_weight, reduction, rows_per_chunk
     )
 
 
-def _check_head(hidden, weight, bias) -> tuple[int, int, int, int]:
+def _check_head(hidden, weight, bias, width: int | None = None) -> tuple[int, int, int, int]:
+    """(B, L, D, V) of a fused head's arguments, V the score width (``width``, or weight's rows)."""
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if hidden.dtype not in _HIDDEN_DTYPES:
@@ -106,6 +112,10 @@ def _check_head(hidden, weight, bias) -> tuple[int, int, int, int]:
     V = weight.shape[0]
     if V < 2:
         raise ValueError(f"weight must have V >= 2 rows (scores per token), got V = {V}")
+    if width is not None:
+        if isinstance(width, bool) or not isinstance(width, int) or not 2 <= width <= V:
+            raise ValueError(f"width must be an int in [2, {V}] (weight's rows, padding included), got {width!r}")
+        V = width
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -115,8 +125,8 @@ def _check_head(hidden, weight, bias) -> tuple[int, int, int, int]:
             raise TypeError(f"{name} has dtype {t.dtype}, but hidden has {hidden.dtype}: cast them alike")
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, but hidden is on {hidden.device}")
-    if bias is not None and tuple(bias.shape) != (V,):
-        raise ValueError(f"bias must have shape [V] with V = {V} (weight's rows), got {list(bias.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [V] with V = {weight.shape[0]} (weight's rows), got {list(bias.shape)}")
     return B, L, D, V
 
 
@@ -250,18 +260,23 @@ class _Grads:
         self.dtype = weight.dtype
 
     def add(self, rows: _Rows, start: int, stop: int, h: torch.Tensor, g: torch.Tensor, weight: torch.Tensor):
+        """Fold the chunk's logit gradient ``g`` [c, V] into the accumulators; ``weight`` may hold
+        padding rows beyond V (an aligned head), which get no gradient."""
+        V = g.shape[1]
+        weight = weight[:V]
         if self.hidden is not None:
             if rows.index is None:
                 torch.mm(g, weight, out=self.hidden[start:stop])
             else:
                 self.hidden.index_copy_(0, rows.index[start:stop], g @ weight)
         if self.weight is not None:
-            if g.dtype == self.weight.dtype:
-                self.weight.addmm_(g.t(), h)
+            acc = self.weight[:V]
+            if g.dtype == acc.dtype:
+                acc.addmm_(g.t(), h)
             else:  # the product in the compute dtype, accumulated over the chunks in fp32
-                self.weight.add_(g.t() @ h)
+                acc.add_(g.t() @ h)
         if self.bias is not None:
-            self.bias += g.sum(0, dtype=self.bias.dtype)
+            self.bias[:V] += g.sum(0, dtype=self.bias.dtype)
 
     def result(self, grad_output):
         out = []
@@ -278,14 +293,14 @@ class _Grads:
 def _chunks(rows: _Rows, weight, bias, graph, rows_per_chunk: int, row_weight, *, grads: _Grads | None):
     """One pass over the rows in chunks: the per-row weighted loss [n] fp32, and with ``grads``
     the gradients (of Σ row_weight·ℓ) accumulated into it."""
-    losses = []
+    losses, V = [], graph.dim
     # the arguments were checked once on the whole batch; each chunk needs no device sync
     with value_checks(False), torch.autocast(rows.hidden.device.type, enabled=False):
         for start in range(0, rows.n, rows_per_chunk):
             stop = min(start + rows_per_chunk, rows.n)
             c = stop - start
             h = rows.take(start, stop, rows.hidden)
-            z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())  # [c, V]
+            z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())  # [c, V_pad]
             args = (
                 rows.sigma[start:stop], rows.x_t[start:stop, None], rows.x0[start:stop, None], graph,
             )
@@ -294,18 +309,16 @@ def _chunks(rows: _Rows, weight, bias, graph, rows_per_chunk: int, row_weight, *
             )
             if grads is None:
                 with torch.no_grad():
-                    losses.append(score_entropy(z.view(c, 1, -1), *args, **kwargs).reshape(c))
+                    losses.append(score_entropy(z[:, None, :V], *args, **kwargs).reshape(c))
                 continue
             with torch.enable_grad():
-                leaf = z.detach().requires_grad_()
+                # the scores are the first V columns (the rest is the aligned head's padding)
+                leaf = z.detach()[:, :V].requires_grad_()
                 # on the Triton backend the fused pass writes the gradient over the chunk's logits
-                # (through a view: ops refuses inplace_backward on a leaf that requires grad)
-                loss = score_entropy(leaf.view(c, 1, -1), *args, **kwargs, reduction="sum", inplace_backward=True)
-                if last_backend() == "triton":
-                    g = z
-                else:
-                    (g,) = torch.autograd.grad(loss, leaf)
-                    g = g.view(c, -1)
+                # (through a view: ops refuses inplace_backward on a leaf that requires grad), so
+                # the gradient autograd hands back is z's own storage: no new buffer
+                loss = score_entropy(leaf[:, None], *args, **kwargs, reduction="sum", inplace_backward=True)
+                (g,) = torch.autograd.grad(loss, leaf)  # [c, V]
             losses.append(loss.detach().reshape(1))
             grads.add(rows, start, stop, h, g, weight)
             del z, g, leaf

@@ -35,10 +35,11 @@ among those, the smallest prefix in decreasing probability whose share of their 
 exactly this distribution (``sedd.ops.reference.truncate``). ``top_p`` = 1 keeps every candidate:
 the untruncated step. The kept set is a threshold on the scores, found in log space (the weights
 relative to each row's maximum, the top-p running sum in fp64), so scores beyond fp32's exp range
-truncate correctly; rows go in chunks, so a truncated step's temporaries stay bounded. The Triton
-backend finds the threshold and the stay-or-move decision with torch (``sedd.ops.eager.truncation``)
-and draws with the fused kernel; without ``top_p``/``top_k`` the kernel launch is the untruncated
-one, unchanged."""
+truncate correctly, and without sorting the rows (``sedd.ops.truncation``: a bucket histogram of the
+weights, then a sort of the one bucket holding the crossing); rows go in chunks, so a truncated
+step's temporaries stay bounded. The Triton backend finds the threshold and the stay-or-move
+decision with torch (``sedd.ops.eager.truncation``) and draws with the fused kernel; without
+``top_p``/``top_k`` the kernel launch is the untruncated one, unchanged."""
 
 
 def euler_step(log_score: torch.Tensor, x_t: torch.Tensor, dsigma: torch.Tensor, dt: float | torch.Tensor,

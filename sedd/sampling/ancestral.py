@@ -1,6 +1,8 @@
 """Ancestral sampling of the autoregressive baseline (:class:`sedd.model.ARModel`): one position
-per network evaluation, left to right, so NFE = L for a sequence of L tokens (L − p with a fixed
-prefix of p tokens, which one evaluation reads at once).
+per network evaluation, left to right, so NFE = L for a sequence of L tokens. Only the positions
+free in some row are evaluated: positions every row holds fixed are read with the next evaluation
+(a prefix of p tokens by the first: NFE = L − p), and fixed positions after the last free one (a
+suffix) are never evaluated.
 
 Each evaluation reads only the new position, with the keys and values of the earlier ones kept in
 a cache (:meth:`sedd.model.ARModel.step`); ``kv_cache=False`` re-runs the whole prefix instead (the
@@ -114,8 +116,8 @@ def sample_ancestral(
             ``fixed_tokens`` (a prompt; module docstring for fixed text after generated text).
         generator: a torch.Generator on ``device`` for reproducible samples.
         return_stats: also return the network calls (:class:`~sedd.sampling.SamplingStats`):
-            ``nfe`` is L − p for every row, p the positions every row holds fixed from the start
-            (all rows share every evaluation).
+            ``nfe`` is the number of positions free in some row (L − p after a prefix of p tokens
+            fixed in every row; all rows share every evaluation).
     Returns:
         [B, L] int64 tokens (and the stats).
     """
@@ -138,22 +140,24 @@ def sample_ancestral(
                       "window", UserWarning, stacklevel=2)
     x, mask = _fixed(fixed_tokens, fixed_mask, B, L, N, device)
     free = ~mask
-    # the leading positions every row holds fixed: read by the first evaluation at once
-    prefix = int(free.any(0).int().argmax()) if bool(free.any()) else L
-    evaluations = L - prefix
+    # one evaluation per position free in some row: the fixed positions before it are read with it
+    # (the prefix by the first), and those after the last free one are never evaluated
+    positions = free.any(0).nonzero()[:, 0].tolist()
+    evaluations = len(positions)
     stats = SamplingStats(nfe=torch.full((B,), evaluations, dtype=torch.long), forward_rows=B * evaluations,
                           forward_calls=evaluations)
-    if prefix == L:
+    if not positions:
         return (x, stats) if return_stats else x
-    if bool((mask[:, prefix:] & free.cumsum(1)[:, prefix:].bool()).any()):
+    if bool((mask & free.cumsum(1).bool()).any()):
         _warn_infill()
     bos = torch.full((B, 1), net.bos_id, dtype=torch.long, device=device)
     cache = net.new_cache(B, L, device) if kv_cache else None
-    for i in tqdm(range(prefix, L), desc="sampling", disable=not progress, leave=False):
+    read = 0  # inputs in the cache: BOS at input 0, then x_{j−1} at input j
+    for i in tqdm(positions, desc="sampling", disable=not progress, leave=False):
         if cache is not None:
-            # the inputs not yet read: BOS and x_0 … x_{i−1} at the first evaluation, then x_{i−1}
-            inputs = torch.cat([bos, x[:, :i]], dim=1) if i == prefix else x[:, i - 1 : i]
+            inputs = torch.cat([bos, x[:, :i]], dim=1) if read == 0 else x[:, read - 1 : i]
             logits = net.step(inputs, cache)[:, -1]
+            read = i + 1
         else:
             logits = model(x[:, : i + 1])[:, i]
         x[:, i] = torch.where(mask[:, i], x[:, i], _draw(logits, temperature, top_p, top_k, generator))

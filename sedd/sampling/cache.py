@@ -132,7 +132,7 @@ class NetworkCalls:
         self.cached_step = self._cached_step if mode else None
         self._x_at: torch.Tensor | None = None  # [B, L] tokens each row's stored output was computed at
         self._valid: torch.Tensor | None = None  # [B] bool: a stored output exists
-        self._store: torch.Tensor | None = None  # masked rows: [slots, V]; full head: [B, L, V]
+        self._store: torch.Tensor | None = None  # masked rows: [slots, V_pad]; full head: [B, L, V]
         self._slot: torch.Tensor | None = None  # masked rows: [B·L] row of _store, −1 for none
         self._full = False
 
@@ -216,8 +216,10 @@ class NetworkCalls:
         # the step the uncached path takes (sedd.model.scoring.step_on_rows), on the stored scores
         store, slot = self._store, self._slot
         shift = unwrap(self.module).score_shift(sigma)
-        return step_on_rows(x, masked, shift, step, lambda idx: store[slot[idx]][:, None], store.shape[1],
-                            store.element_size())
+        # the store holds a padded head's V_pad columns (the rows of the uncached path's chunks): its
+        # scores are the first V
+        return step_on_rows(x, masked, shift, step, lambda idx: store[slot[idx]][:, None, : graph.dim],
+                            store.shape[1], store.element_size())
 
     def _compute_masked_rows(self, x, sigma, rows, mask_id) -> None:
         """Run the network on the batch rows ``rows`` and store the head output at their MASKs."""

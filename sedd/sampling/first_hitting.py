@@ -56,6 +56,8 @@ class FirstHittingPredictor(Predictor):
         "denoiser": "{denoiser} does not apply to first_hitting: its last event fills every MASK",
         "masked_only": "{masked_only} does not apply to first_hitting: it runs the output layer at the positions "
                        "it unmasks only",
+        "cuda_graph": "{cuda_graph} does not apply to first_hitting: it runs the network on sub-batches whose "
+                      "size changes from one evaluation to the next, which a captured graph cannot replay",
         # every evaluation unmasks a token of every row it runs: no output is ever reusable
         "cache": "{cache} does not apply to first_hitting: each network evaluation unmasks a token in every "
                  "sequence it runs, so there is no unchanged sequence whose output could be reused; drop {cache}",
@@ -136,7 +138,8 @@ class FirstHittingPredictor(Predictor):
                 hidden = hidden.reshape(-1, hidden.shape[-1])
                 out = torch.empty(flat.numel(), dtype=torch.long, device=hidden.device)
                 for part in row_chunks(flat.numel(), weight.shape[0], hidden.element_size()):
-                    out[part] = draw(head_at_rows(hidden[flat[part]], weight, bias)[:, None], sel_row[part], shift)
+                    z = head_at_rows(hidden[flat[part]], weight, bias, graph.dim)[:, None]  # [rows, 1, V]
+                    out[part] = draw(z, sel_row[part], shift)
                 return out
 
             with on_rows(model, active):

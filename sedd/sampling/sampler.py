@@ -25,6 +25,7 @@ The math: docs/math.md, "Reverse steps", "Conditioning", "Fewer network evaluati
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 
@@ -37,6 +38,7 @@ from sedd.model.scoring import unwrap
 from sedd.noise import Noise
 from sedd.sampling import first_hitting  # noqa: F401  (registers "first_hitting")
 from sedd.sampling.cache import NetworkCalls, SamplingStats, cache_mode
+from sedd.sampling.graphs import GraphedForward
 from sedd.sampling.predictors import DENOISERS, PREDICTORS, Predictor, get_predictor, register_predictor
 from sedd.sampling.spans import check_fixed
 from sedd.sampling.spec import SamplingSpec, target_for
@@ -89,7 +91,7 @@ def sample(
         graph, noise: the forward process and schedule the model was trained with.
         spec, options: how to sample: a :class:`~sedd.sampling.SamplingSpec` and/or its fields as
             keyword arguments (``predictor``, ``steps``, ``eps``, ``denoise``, ``denoiser``,
-            ``masked_only``, ``top_p``, ``top_k``, ``cache``, ``tokens_per_step``; the fields say
+            ``masked_only``, ``top_p``, ``top_k``, ``cache``, ``tokens_per_step``, ``cuda_graph``; the fields say
             what each does), checked against this graph and model before anything runs. ``steps``
             defaults to ``length``; a ``window`` shorter than ``length`` is for
             :func:`sedd.generation.sample_blockwise`; the autoregressive options are refused.
@@ -134,13 +136,18 @@ def sample(
             "drops past it; sedd.generation.sample_blockwise (sedd.generate) samples longer sequences "
             "window by window", UserWarning, stacklevel=3)
 
-    calls = NetworkCalls(model, B, cache_mode(spec.cache, model, device))
+    cuda_graph = spec.cuda_graph
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device; this sampler runs on {device}")
+    calls = NetworkCalls(GraphedForward(model) if cuda_graph else model, B, cache_mode(spec.cache, model, device))
     project = _projector(fixed_tokens, fixed_mask, B, length, graph, device)
     x = project(graph.sample_limit((B, length), device=device, generator=generator))
 
     # Every tensor the steps see from here on is made here (the fixed tokens were checked above):
     # no value checks, so no device sync per step.
-    with ops.value_checks(False):
+    weights = getattr(net, "inference_weights", None)
+    with ops.value_checks(False), weights() if weights else contextlib.nullcontext(), \
+            ops.sync_free() if cuda_graph else contextlib.nullcontext():
         if step.owns_grid:
             x = project(step.run(calls, x, graph=graph, noise=noise, eps=eps, generator=generator, project=project,
                                  progress=progress, **trunc))

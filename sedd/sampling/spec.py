@@ -147,6 +147,11 @@ class SamplingSpec:
             block-diffusion models: of the finished blocks (False re-runs them at every call).
         stop_at_eos: block-diffusion models: a sequence ends at its first generated EOS (the
             sampler is told the EOS id by its caller, who knows the tokenizer).
+        cuda_graph: capture the network call of the first step as a CUDA graph and replay it at
+            every later step (:mod:`sedd.sampling.graphs`): one launch per forward instead of one
+            per kernel; the steps then run sync-free (the full head at every position, the same
+            distribution). CUDA only; not with ``cache`` (finding the changed rows is a host read)
+            nor a predictor with its own grid (its sub-batches change size).
         window, stride: longer than ``window`` tokens (default: the model's length) is generated
             window by window, ``stride`` new tokens per later window (default: half the window);
             read by :func:`sedd.generation.sample_blockwise` and what calls it. A block-diffusion
@@ -174,6 +179,8 @@ class SamplingSpec:
     kv_cache: bool = _option(True, ("ancestral", "block"), _BOOL,
                              "autoregressive, block diffusion: keep the keys and values of the tokens before")
     stop_at_eos: bool = _option(False, ("block",), _BOOL, "block diffusion: end a sequence at its first generated EOS")
+    cuda_graph: bool = _option(False, ("reverse",), _BOOL,
+                               "CUDA: capture the network call once and replay it (sync-free steps)")
     window: int | None = _option(None, ALL, _POSITIVE, "tokens the model sees at once (default: its length)")
     stride: int | None = _option(None, WINDOWED, _POSITIVE, "new tokens per later window (default: half the window)")
 
@@ -192,6 +199,10 @@ class SamplingSpec:
         for option, why in step.refuses.items():
             if self.given(option):
                 raise SamplingOptionError((option,), lambda n, why=why: why.format_map(_Names(n)))
+        if self.cuda_graph and self.cache is not False:
+            raise SamplingOptionError(("cuda_graph", "cache"), lambda n: (
+                f"{n('cuda_graph')} cannot be combined with {n('cache')}: the cache finds the rows that changed "
+                "by a host read, which a captured step cannot make"))
 
     # -- building ------------------------------------------------------------------------------
 

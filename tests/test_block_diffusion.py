@@ -27,7 +27,7 @@ from sedd.model import SEDD, BlockSEDD
 from sedd.model.block import block_diffusion_mask
 from sedd.noise import LogLinear
 from sedd.sampling import sample_block_diffusion
-from tests.helpers import chi2_pvalue, run_on_two_processes
+from tests.helpers import assert_same_grads, chi2_pvalue, run_on_two_processes, wrap_for_two_processes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -596,22 +596,13 @@ def test_sampler_refusals_and_warnings(monkeypatch):
 
 
 def _distributed_worker(rank, world):
-    from torch.distributed.fsdp import fully_shard
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     from sedd.objectives import objective_of
 
     x0 = _tokens(B=2, L=12, seed=10 + rank)
     for wrap in ("ddp", "fsdp"):
         model = _model(dtype=torch.float32).train()
         objective = objective_of(model)
-        if wrap == "ddp":
-            wrapped = DDP(model)
-        else:
-            for block in model.blocks:
-                fully_shard(block)
-            fully_shard(model)
-            wrapped = model
+        wrapped = wrap_for_two_processes(model, wrap)
         grads = []
         for fused in (True, False):
             model.zero_grad(set_to_none=True)
@@ -622,12 +613,7 @@ def _distributed_worker(rank, world):
                 loss = 0.5 * block_diffusion_loss(wrapped, x0, GRAPH, NOISE, generator=g, fused=False)
             loss.backward()
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        assert grads[0].keys() == grads[1].keys() and "output_layer.linear.weight" in grads[0], wrap
-        for name, a in grads[0].items():
-            b = grads[1][name]
-            if wrap == "fsdp":  # DTensor shards: compare this rank's shard
-                a, b = a.to_local(), b.to_local()
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (wrap, name)
+        assert_same_grads(*grads, wrap)
         if wrap == "fsdp":  # train/run.py's samples under FSDP: every call through forward, no KV cache
             spec = objective.training_spec(fsdp=True)
             assert spec.kv_cache is False

@@ -16,6 +16,7 @@ from sedd.data import get_corpus, get_tokenizer, tokenize
 from sedd.likelihood import make_blocks
 from sedd.model import SEDD, ARModel, BlockSEDD
 from sedd.objectives import objective_of
+from tests.helpers import tiny_judge
 from train import eval as eval_cli
 from train import quality
 from train import run as run_cli
@@ -218,16 +219,8 @@ def test_generate_stops_at_eos_and_takes_any_length(trained):
 
 
 def test_quality_scores_stopped_samples_up_to_their_eos(trained, tmp_path, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from train.train_judge import hf_tokenizer
-
     judge = tmp_path / "judge"
-    tok = get_tokenizer(str(trained / "tokenizer.json"))
-    hf_tokenizer(tok, judge)
-    torch.manual_seed(1)
-    GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=16, n_layer=1, n_head=2,
-                               bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)).save_pretrained(judge)
+    tiny_judge(get_tokenizer(str(trained / "tokenizer.json")), judge)
     report = tmp_path / "q.json"
     argv = [str(trained), "--judge", str(judge), "--num-samples", "3", "--batch-size", "3", "--length", "48",
             "--steps", "2,8", "--json", str(report), "--no-progress"]

@@ -64,10 +64,10 @@ class Diffusion(Objective):
                    device=None, on_progress=None) -> BoundReport:
         parts = block_bounds(model, blocks, mask, self.graph, self.noise, num_samples=num_samples,
                              time_sampler=time_sampler, batch_size=batch_size, generator=generator, device=device,
-                             on_draws=on_progress, estimator=self.bound_estimator)
+                             on_draws=on_progress, estimator=self._bound_estimator)
         return summarize(parts, num_samples, time_sampler)
 
-    def bound_estimator(self, model, x0, graph, noise, **estimator):
+    def _bound_estimator(self, model, x0, graph, noise, **estimator):
         """:meth:`sequence_bounds` as :func:`sedd.likelihood.block_bounds` calls its ``estimator``."""
         return self.sequence_bounds(model, x0, **estimator)
 

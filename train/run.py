@@ -1,4 +1,4 @@
-"""Train a Score Entropy Discrete Diffusion (SEDD) model, or the autoregressive baseline on its trunk.
+"""Train a Score Entropy Discrete Diffusion (SEDD) model, or the autoregressive or block-diffusion model on its trunk.
 
     python train/run.py                                  # CPU, a few minutes, no download
     python train/run.py --data notes/ --max-steps 2000   # your own text files

@@ -42,3 +42,25 @@ def test_harness_default_generation_of_a_block_model_stops_at_eos(block_checkpoi
     # the block holding the prompt's end and the EOS is denoised (2 free positions: 2 evaluations);
     # nothing after it
     assert record["nfe"] == 2
+
+
+@pytest.mark.parametrize("objective", ["sedd", "ar", "block"])
+def test_loss_plot_names_the_objectives_loss_in_the_units_it_plots(objective, tmp_path, monkeypatch):
+    # plot_losses' legend loop reused the name of its label argument: every loss.png said
+    # "validation (EMA)" on its y axis; and the block objective's label said "per sequence" where
+    # train/run.py logs (and loss.png plots) nats per token
+    import matplotlib.pyplot as plt
+
+    from sedd.objectives import get_objective
+    from train import checkpoint
+
+    labels = []
+
+    def capture(path, write):  # atomic_write, reading the figure before it is saved
+        labels.append(plt.gcf().axes[0].get_ylabel())
+
+    monkeypatch.setattr(checkpoint, "atomic_write", capture)
+    label = get_objective(objective).loss_label
+    checkpoint.plot_losses([{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0, "val_loss": 4.5}],
+                           tmp_path / "loss.png", label)
+    assert labels == [label] and label.endswith("(nats per token)")

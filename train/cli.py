@@ -314,8 +314,8 @@ def flag_of(field: str) -> str:
 def add_sampler_options(group, *, steps_list: bool = False) -> None:
     """Add the options that choose how samples are drawn: --steps (one count, or with
     ``steps_list`` a comma-separated list), --sampler/--predictor, --cache, --tokens-per-step,
-    --threshold and --entropy-bound (lists too with ``steps_list``), --top-p, --top-k, --temperature, --kv-cache, --eps, --length, --window
-    and --stride: the fields of :class:`sedd.sampling.SamplingSpec` (its defaults are theirs) and
+    --threshold and --entropy-bound (lists too with ``steps_list``), --top-p, --top-k, --temperature,
+    --kv-cache, --eps, --length, --window and --stride: the fields of :class:`sedd.sampling.SamplingSpec` (its defaults are theirs) and
     --length. :func:`sampling_spec` makes the spec of them; :func:`check_spec` checks it against the
     checkpoint loaded."""
     from sedd.sampling import PREDICTORS, SamplingSpec
@@ -347,22 +347,13 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
     else:
         group.add_argument("--tokens-per-step", type=int, metavar="K",
                            help="first_hitting: tokens unmasked per network evaluation (default: 1, exact)")
-    if steps_list:
-        group.add_argument("--threshold", metavar="LIST",
-                           help="first_hitting: comma-separated confidence thresholds tau in (0, 1], one record each: "
-                                "each evaluation also unmasks every position whose most likely token has probability "
-                                ">= tau (default: off)")
-        group.add_argument("--entropy-bound", metavar="LIST",
-                           help="first_hitting: comma-separated entropy bounds gamma >= 0 (nats), one record each: each "
-                                "evaluation also unmasks the surest positions while their entropies sum to <= gamma "
-                                "(default: off)")
-    else:
-        group.add_argument("--threshold", type=float, metavar="TAU",
-                           help="first_hitting: each evaluation also unmasks every position whose most likely token "
-                                "has probability >= TAU, in (0, 1] (default: off)")
-        group.add_argument("--entropy-bound", type=float, metavar="GAMMA",
-                           help="first_hitting: each evaluation also unmasks the surest positions while their "
-                                "entropies (nats) sum to <= GAMMA >= 0 (default: off)")
+    for flag, value, what in (("--threshold", "TAU", "every position whose most likely token has probability >= "
+                                                     "TAU, in (0, 1]"),
+                              ("--entropy-bound", "GAMMA", "the surest positions while their entropies (nats) sum "
+                                                           "to <= GAMMA >= 0")):
+        group.add_argument(flag, type=None if steps_list else float, metavar="LIST" if steps_list else value,
+                           help=f"first_hitting: each evaluation also unmasks {what} (default: off)"
+                                + ("; a comma-separated list of values, one record each" if steps_list else ""))
     group.add_argument("--top-p", type=float, metavar="P",
                        help="nucleus sampling: each step jumps only to the smallest set of candidate tokens holding "
                             "at least P of the jump probability (0 < P <= 1; default: off)")

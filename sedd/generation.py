@@ -376,7 +376,8 @@ def generate(
             ``spec=`` (a :class:`~sedd.sampling.SamplingSpec`) and/or its fields: ``steps``
             (reverse steps per window, default the window length, as in the paper: fewer is
             faster at some cost in quality), ``predictor`` ("analytic", "euler", "first_hitting":
-            one evaluation per unmasked token, ``tokens_per_step`` per evaluation), ``window``,
+            one evaluation per unmasked token, ``tokens_per_step`` per evaluation, or as many as the
+            model is sure of with ``threshold`` / ``entropy_bound``), ``window``,
             ``stride``, ``top_p``, ``top_k``, ``cache`` (True: reuse the outputs of unchanged rows,
             exact for a model without time conditioning), ``eps``; for an autoregressive model
             ``temperature`` and ``kv_cache``; for a block-diffusion model ``kv_cache`` and

@@ -233,6 +233,12 @@ def test_quality_scores_stopped_samples_up_to_their_eos(trained, tmp_path, capsy
         assert r["tokens_per_s"] == pytest.approx(r["mean_length"] * 3 / r["wall_s"])
     assert quality.main(argv) == 0
     assert all(r["mean_length"] == 48 for r in json.loads(report.read_text())["records"])
+    # without --steps: b/4, b/2 and b steps per block (a quarter, half and one evaluation per
+    # token), not SEDD's 16, 32, 64 per window, which would cost up to 8 evaluations per token here
+    argv = [str(trained), "--judge", str(judge), "--num-samples", "2", "--batch-size", "2", "--length", "16",
+            "--json", str(report), "--no-progress"]
+    assert quality.main(argv) == 0
+    assert [r["steps"] for r in json.loads(report.read_text())["records"]] == [2, 4, 8]
     capsys.readouterr()
 
 

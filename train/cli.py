@@ -323,8 +323,9 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
     default = SamplingSpec()
     if steps_list:
         group.add_argument("--steps", metavar="LIST",
-                           help=f"comma-separated step counts (default: {DEFAULT_STEPS_LIST}; an autoregressive "
-                                "checkpoint takes none: one network evaluation per token)")
+                           help=f"comma-separated step counts (default: {DEFAULT_STEPS_LIST}; per block for a block-diffusion "
+                                "checkpoint, b/4,b/2,b by default; an autoregressive checkpoint takes none: one "
+                                "network evaluation per token)")
     else:
         group.add_argument(
             "--steps", type=int,

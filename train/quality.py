@@ -70,8 +70,8 @@ PNG of generative perplexity and entropy against NFE. Exit status 0 on success, 
 (with a one-line message), 1 otherwise.
 
 A block-diffusion checkpoint (``train/run.py --objective block``) is sampled block by block
-(``--steps`` per block: each count of the list, 16,32,64 by default as for SEDD, is the steps of every
-block, whose sampler otherwise takes one per token; any --length without windows); with
+(``--steps`` per block: each count of the list is the steps of every block; by default b/4, b/2
+and b, a quarter, half and one network evaluation per token; any --length without windows); with
 ``--stop-at-eos`` each sample ends at its first generated EOS: the judge scores it up to there, the
 entropy counts its own tokens, tokens/s counts the tokens generated (``mean_length`` per record).
 """
@@ -304,7 +304,7 @@ def run(args) -> int:
     # the sampler options against the checkpoint, before the judge loads
     objective, plan = cli.check_spec(spec, pre, args.length, "quality.py")
     if spec.applies("steps", objective):
-        variants = [replace(spec, steps=n) for n in steps_list or cli.parse_steps(cli.DEFAULT_STEPS_LIST)]
+        variants = [replace(spec, steps=n) for n in steps_list or objective.steps_sweep(plan.window)]
     elif rules:
         ((name, values),) = rules.items()
         variants = [replace(spec, **{name: v}) for v in values]

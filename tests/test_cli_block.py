@@ -131,6 +131,7 @@ def test_eval_reports_the_bound_for_any_evaluation_length(trained, capsys, tmp_p
     assert "perplexity ≤" in capsys.readouterr().out
     got = json.loads(report.read_text())
     assert got["objective"] == "block" and not got["exact"] and got["tokens"] == 60 and got["stderr_nats_per_token"] > 0
+    assert got["model"].startswith("block diffusion, blocks of 8 tokens")  # the model's b, beside the data's block_size
     # 20 is no multiple of b = 8: the blocks are padded to 24, and the padding is read by no one
     p = load_pretrained(str(trained), device="cpu")
     tok = get_tokenizer(str(trained / "tokenizer.json"))

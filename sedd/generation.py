@@ -282,7 +282,8 @@ def generate_samples(
     NFE); ``infills`` adds per-row lists of (position, text) spans (see :func:`fixed_spans`)."""
     spec = SamplingSpec.build(spec, **options)
     net, graph, noise, tok = _resolve(model, tokenizer, device)
-    spec.validate(objective_of(net, graph=graph, noise=noise))
+    objective = objective_of(net, graph=graph, noise=noise)
+    spec.validate(objective)
     lists = {name: _as_rows(name, value) for name, value in
              (("prompts", prompts), ("suffixes", suffixes), ("templates", templates))}
     if infills is not None:
@@ -301,7 +302,10 @@ def generate_samples(
     if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
         raise ValueError(f"length must be a positive integer, got {length!r}")
     model_length = getattr(net, "length", None)
-    length = length if length is not None else spec.window if spec.window is not None else model_length
+    # a windowing sampler's default sample is one window; a sampler that takes any length in one call
+    # (block diffusion, where window only bounds the context a block reads) samples the model's length
+    windowed = FAMILIES[objective.sampler].windows and spec.window is not None
+    length = length if length is not None else spec.window if windowed else model_length
     if length is None:
         raise ValueError("length is needed for a model without a training length")
     if noise is not None:

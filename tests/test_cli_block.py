@@ -268,3 +268,11 @@ def test_the_harness_answers_for_a_block_checkpoint(trained):
     (text,) = lm.generate_until([Instance("generate_until", {}, ("ROMEO:", {"max_gen_toks": 40, "until": ["\n\n"],
                                                                             "steps": 2}), 0)])
     assert isinstance(text, str)
+
+
+def test_a_block_models_default_length_is_its_own_whatever_the_window(trained):
+    # window bounds the context a block reads; it is not the length of a sample, as it is for the
+    # windowing samplers (where the default sample is one window)
+    p = load_pretrained(str(trained), device="cpu")
+    (s,) = generate_samples(p, "ROMEO:", length=None, window=16, seed=0, steps=2)
+    assert len(s.tokens) == p.model.length

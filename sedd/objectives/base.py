@@ -52,6 +52,9 @@ class Objective:
     implied_flags: ClassVar[dict[str, tuple[Any, str]]] = {}
     # train/run.py flags of this objective alone, {key: (default, help)}: every other objective refuses them
     flags: ClassVar[dict[str, tuple[Any, str]]] = {}
+    # those of its flags that are training hyper-parameters (config.json's training section, may
+    # change on --resume); the others shape the model (its model config records them; frozen)
+    training_flags: ClassVar[tuple[str, ...]] = ()
 
     graph: Graph | None = None
     noise: Noise | None = None

@@ -100,11 +100,42 @@ def test_resume_is_exact_and_keeps_the_block_size(trained, tmp_path, capsys):
     assert train("--resume", "--out", out, "--max-steps", 12, "--graph", "absorb") == 0  # what it implies
 
 
+def test_both_settings_round_trip_through_config_and_resume(tmp_path, capsys):
+    """Per-block sigma and the clipped mask-rate range: recorded in config.json (the model section,
+    the training section), read back by the objective, kept by --resume (a resumed run's weights
+    are the straight run's), the range changeable on resume and sigma frozen."""
+    flags = ["--time-conditioning", "on", "--mask-rate-range", "0.3,0.8", "--eval-every", 0, "--num-samples", 0]
+    straight, out = tmp_path / "straight", tmp_path / "resumed"
+    assert train(*TINY, *flags, "--max-steps", 6, "--out", straight) == 0
+    assert train(*TINY, *flags, "--max-steps", 3, "--out", out) == 0
+    assert train("--resume", "--out", out, "--max-steps", 6) == 0
+    assert (out / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["time_conditioning"] is True and config["training"]["mask_rate_range"] == "0.3,0.8"
+    assert "mask_rate_range" not in config["model"]
+    p = load_pretrained(str(out), device="cpu")
+    objective = objective_of(p.model)
+    assert p.model.time_conditioning and objective.mask_rate_range == (0.3, 0.8)
+    assert "sigma per block" in objective.describe() and "mask rates in [0.3, 0.8]" in objective.describe()
+    capsys.readouterr()
+    assert train("--resume", "--out", out, "--max-steps", 7, "--time-conditioning", "off") == 2
+    err = capsys.readouterr().err
+    assert "cannot change time_conditioning" in err and len(err.strip().splitlines()) == 1, err
+    assert train("--resume", "--out", out, "--max-steps", 7, "--mask-rate-range", "0.2,0.9") == 0
+    assert json.loads((out / "config.json").read_text())["training"]["mask_rate_range"] == "0.2,0.9"
+    assert train("--resume", "--out", out, "--max-steps", 8, "--mask-rate-range", "0.9,0.2") == 2
+    assert "--mask-rate-range must be BETA,OMEGA with 0 <= BETA < OMEGA <= 1, got '0.9,0.2'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--block-size", "5"], "--objective block: --block-size 5 must divide --length 32"),
     (["--block-size", "0"], "--block-size must be a positive integer"),
     (["--graph", "uniform"], "--graph uniform cannot run: it takes --graph absorb"),
-    (["--time-conditioning", "on"], "--time-conditioning on cannot run: it takes --time-conditioning off"),
+    (["--mask-rate-range", "0.5,0.5"], "--objective block: --mask-rate-range must be BETA,OMEGA with 0 <= BETA < "
+                                       "OMEGA <= 1, got '0.5,0.5'"),
+    (["--mask-rate-range", "0.4"], "--mask-rate-range must be BETA,OMEGA"),
+    (["--objective", "sedd", "--mask-rate-range", "0.4,0.9", "--block-size", "8"],
+     "--objective sedd: --block-size, --mask-rate-range apply to the block-diffusion objective only"),
     (["--sample-steps", "4"], "--sample-steps applies to the diffusion objective only"),
     (["--objective", "ar"], "--objective ar: --block-size applies to the block-diffusion objective only"),
     (["--objective", "sedd"], "--objective sedd: --block-size applies to the block-diffusion objective only"),

@@ -95,7 +95,9 @@ def modulation(linear: nn.Linear, c: torch.Tensor | PerToken, chunks: int) -> tu
     [B, 1, D] for one row c [B, C] per sequence (broadcast over the tokens), of [B, S, D] for
     :class:`PerToken`."""
     if isinstance(c, PerToken):
-        return linear(c.rows)[:, c.groups].chunk(chunks, dim=2)
+        # index_select, not c.rows[:, groups]: on the CPU its backward is an index_add, 4x faster
+        # than advanced indexing's accumulating index_put at the cpu preset's shapes
+        return linear(c.rows).index_select(1, c.groups).chunk(chunks, dim=2)
     return linear(c)[:, None].chunk(chunks, dim=2)
 
 

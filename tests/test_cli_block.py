@@ -290,8 +290,13 @@ def test_the_harness_answers_for_a_block_checkpoint(trained):
                                       generator=torch.Generator().manual_seed(0))
     x_t = x0.clone()
     x_t[:, 5:] = p.graph.mask_id
+    # each block at the noise level at which its masked fraction (3/8, then 8/8) is masked on average
+    noise = lm.objective.noise
+    top = float(noise.total(torch.tensor(1.0)))
+    sigma = torch.tensor([[-math.log1p(-3 / 8), top]])
+    assert sigma[0, 0] > float(noise.total(torch.tensor(lm.objective.training["sampling_eps"])))
     with torch.no_grad():
-        want = p.model(x_t, x0, raw=True)[0, 5:, : p.graph.N].argmax(-1)
+        want = p.model(x_t, x0, sigma, raw=True)[0, 5:, : p.graph.N].argmax(-1)
     assert x0.shape[1] % 8 == 0 and score.greedy == torch.equal(want, x0[0, 5:])
     assert math.isfinite(score.nll) and score.nll > 0 and score.variance > 0
     (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("To be, or not to be",), 0)])

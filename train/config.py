@@ -57,9 +57,9 @@ HELP = {
     "noise": "noise schedule: loglinear, geometric, or auto (loglinear for absorb, geometric for uniform)",
     "noise_eps": "epsilon of the log-linear schedule", "sigma_min": "geometric schedule sigma_min",
     "sigma_max": "geometric schedule sigma_max",
-    "time_conditioning": "on: the network reads sigma (SEDD; --objective block: each block's own sigma); off: it "
-                         "does not (absorbing only; sigma enters through the score shift alone), so sampling with "
-                         "--cache reuses its outputs exactly",
+    "time_conditioning": "on (SEDD's default): the network reads sigma (--objective block: each block's own sigma); "
+                         "off (--objective block's default): it does not (absorbing only; sigma enters through the "
+                         "score shift alone), so sampling with --cache reuses its outputs exactly",
     "hidden_size": "transformer width", "cond_dim": "width of the sigma conditioning",
     "n_blocks": "transformer blocks", "n_heads": "attention heads",
     "length": "tokens per training block (documents are packed into blocks with EOS between them)",
@@ -235,6 +235,7 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
         cls = get_objective(cfg["objective"])
         for key in (*cls.refused_flags, *(k for k, owner in OBJECTIVE_FLAGS.items() if owner is not cls)):
             del cfg[key]
+        cfg.update({key: value for key, (value, _) in cls.default_flags.items() if key not in overrides})
         cfg.update({key: value for key, (value, _) in cls.implied_flags.items()})
     try:  # also on --resume, for the flags it may change
         get_objective(cfg["objective"]).check_run(cfg)

@@ -50,6 +50,9 @@ class Objective:
     # run-config keys this objective fixes, {key: (value, why)}: the flag given with another value
     # is refused, and the run takes that value
     implied_flags: ClassVar[dict[str, tuple[Any, str]]] = {}
+    # run-config keys whose default this objective changes, {key: (value, why)}: the flag given
+    # on the command line wins
+    default_flags: ClassVar[dict[str, tuple[Any, str]]] = {}
     # train/run.py flags of this objective alone, {key: (default, help)}: every other objective refuses them
     flags: ClassVar[dict[str, tuple[Any, str]]] = {}
     # those of its flags that are training hyper-parameters (config.json's training section, may

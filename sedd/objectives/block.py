@@ -47,6 +47,10 @@ class BlockDiffusion(Diffusion):
     implied_flags = {
         "graph": ("absorb", "a block's score given the clean blocks before it is the absorbing graph's"),
     }
+    default_flags = {
+        "time_conditioning": ("off", "at the cpu preset, per-block sigma conditioning gave b = 4 a worse bound "
+                                     "(benchmarks/results/block-cpu-2026-12-07.md); BD3-LM's models read no sigma either"),
+    }
     # the end-of-run samples take one reverse step per token of each block
     refused_flags = ("sample_steps",)
     refused_because = "a block model's samples at the end of the run take one reverse step per token of each block"

@@ -73,6 +73,7 @@ def test_training_writes_a_block_checkpoint(trained):
     assert config["objective"] == "block" and config["graph"] == {"type": "absorb"}
     assert config["model"]["block_size"] == 8 and config["model"]["time_conditioning"] is False
     assert not {"sample_steps", "block_size"} & set(config["training"])  # the model section holds b
+    assert config["training"]["mask_rate_range"] == "0.3,0.8"  # auto, settled for b = 8: what trained
     state = torch.load(trained / "training_state.pt", weights_only=False)
     assert state["cfg"]["block_size"] == 8 and state["cfg"]["time_conditioning"] == "off"
     p = load_pretrained(str(trained), device="cpu")
@@ -124,16 +125,16 @@ def test_both_settings_round_trip_through_config_and_resume(tmp_path, capsys):
     assert train("--resume", "--out", out, "--max-steps", 7, "--mask-rate-range", "0.2,0.9") == 0
     assert json.loads((out / "config.json").read_text())["training"]["mask_rate_range"] == "0.2,0.9"
     assert train("--resume", "--out", out, "--max-steps", 8, "--mask-rate-range", "0.9,0.2") == 2
-    assert "--mask-rate-range must be BETA,OMEGA with 0 <= BETA < OMEGA <= 1, got '0.9,0.2'" in capsys.readouterr().err
+    assert "--mask-rate-range must be auto or BETA,OMEGA with 0 <= BETA < OMEGA <= 1, got '0.9,0.2'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [
     (["--block-size", "5"], "--objective block: --block-size 5 must divide --length 32"),
     (["--block-size", "0"], "--block-size must be a positive integer"),
     (["--graph", "uniform"], "--graph uniform cannot run: it takes --graph absorb"),
-    (["--mask-rate-range", "0.5,0.5"], "--objective block: --mask-rate-range must be BETA,OMEGA with 0 <= BETA < "
+    (["--mask-rate-range", "0.5,0.5"], "--objective block: --mask-rate-range must be auto or BETA,OMEGA with 0 <= BETA < "
                                        "OMEGA <= 1, got '0.5,0.5'"),
-    (["--mask-rate-range", "0.4"], "--mask-rate-range must be BETA,OMEGA"),
+    (["--mask-rate-range", "0.4"], "--mask-rate-range must be auto or BETA,OMEGA"),
     (["--objective", "sedd", "--mask-rate-range", "0.4,0.9", "--block-size", "8"],
      "--objective sedd: --block-size, --mask-rate-range apply to the block-diffusion objective only"),
     (["--sample-steps", "4"], "--sample-steps applies to the diffusion objective only"),
@@ -145,6 +146,18 @@ def test_bad_combinations_are_one_line_and_exit_2_before_any_work(tmp_path, caps
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("b,rates", [(1, "0.45,0.95"), (4, "0.45,0.95"), (8, "0.3,0.8"), (16, "0.3,0.8"), (32, "0,1")])
+def test_auto_mask_rates_by_block_size_and_no_sigma_by_default(b, rates):
+    from train.config import resolve_config
+
+    cfg = resolve_config({"objective": "block", "block_size": b, "length": 32}, "cpu", None, 1)
+    assert cfg["mask_rate_range"] == rates and cfg["time_conditioning"] == "off"
+    given = resolve_config({"objective": "block", "block_size": b, "length": 32, "mask_rate_range": "0,1",
+                            "time_conditioning": "on"}, "cpu", None, 1)
+    assert given["mask_rate_range"] == "0,1" and given["time_conditioning"] == "on"  # the command line wins
+    assert resolve_config({}, "cpu", None, 1)["time_conditioning"] == "on"  # SEDD's default unchanged
 
 
 def test_the_implied_flags_may_be_given(tmp_path):

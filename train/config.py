@@ -209,7 +209,8 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
     """The run's configuration: ``PRESETS[preset]`` with the flags ``overrides``, or the ``saved``
     configuration of the run being resumed (from ``source``) with the flags that do not change
     what it trains.
-    Also settles ``noise="auto"`` and adds ``grad_accum`` (micro-batches per optimizer step).
+    Also settles ``noise="auto"`` and the objective's own "auto" values (:meth:`~sedd.objectives.Objective.settle_run`)
+    and adds ``grad_accum`` (micro-batches per optimizer step).
     Raises :class:`UsageError` for a combination that cannot run."""
     if saved is not None:
         cfg = dict(saved)
@@ -241,6 +242,7 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
         get_objective(cfg["objective"]).check_run(cfg)
     except ValueError as err:
         raise UsageError(f"--objective {cfg['objective']}: {err}") from None
+    get_objective(cfg["objective"]).settle_run(cfg)
     if cfg.get("noise") == "auto":
         cfg["noise"] = GRAPHS[cfg["graph"]].default_noise
     if cfg.get("time_conditioning") == "off" and not GRAPHS[cfg["graph"]].absorbing:

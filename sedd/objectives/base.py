@@ -88,6 +88,11 @@ class Objective:
         """ValueError (one line, naming the flags) for a train/run.py configuration ``run`` this
         objective cannot train, before any work."""
 
+    @classmethod
+    def settle_run(cls, run: dict) -> None:
+        """Replace, in ``run`` (checked by :meth:`check_run`), the "auto" values of this objective's
+        flags by what they choose, so that config.json records what trained."""
+
     def build(self, config: dict, autocast_dtype=None) -> torch.nn.Module:
         return self.model_class(config, autocast_dtype=autocast_dtype)
 

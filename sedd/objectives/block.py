@@ -22,6 +22,15 @@ from sedd.sampling import SamplingSpec, sample_block_diffusion
 __all__ = ["BlockDiffusion"]
 
 FULL_RANGE = "0,1"  # --mask-rate-range: every masking rate, the bound's own draws
+# --mask-rate-range auto: BD3-LM's ranges by block size (their LM1B search), the largest b each
+# applies to; larger blocks train on every rate (b = L is SEDD). b = 4 and 16 measured here
+# (benchmarks/results/block-cpu-2026-12-07.md, "Per-block sigma and the clipped schedule").
+CLIPPED_RANGES = ((4, "0.45,0.95"), (16, "0.3,0.8"))
+
+
+def auto_mask_rates(block_size: int) -> str:
+    """``--mask-rate-range auto`` for blocks of ``block_size`` tokens."""
+    return next((rates for largest, rates in CLIPPED_RANGES if block_size <= largest), FULL_RANGE)
 
 
 @register_objective
@@ -38,10 +47,11 @@ class BlockDiffusion(Diffusion):
     flags = {
         "block_size": (16, "--objective block: tokens per diffusion block, a divisor of --length (1 is "
                            "autoregressive, --length is SEDD)"),
-        "mask_rate_range": (FULL_RANGE, "--objective block: BETA,OMEGA, 0 <= BETA < OMEGA <= 1: each block's training "
-                                        "time is drawn among those whose masking rate lies in [BETA, OMEGA] (BD3-LM's "
-                                        "clipped schedule, e.g. 0.45,0.95 for blocks of 4: a training loss of lower "
-                                        "variance; the validation loss and eval.py's bound keep the whole range)"),
+        "mask_rate_range": ("auto", "--objective block: BETA,OMEGA, 0 <= BETA < OMEGA <= 1: each block's training "
+                                    "time is drawn among those whose masking rate lies in [BETA, OMEGA] (BD3-LM's "
+                                    "clipped schedule: a training loss of lower variance; the validation loss and "
+                                    "eval.py's bound keep the whole range); 0,1: every rate; auto: BD3-LM's range for "
+                                    "the block size, 0.45,0.95 up to b = 4, 0.3,0.8 up to 16, else 0,1"),
     }
     training_flags = ("mask_rate_range",)
     implied_flags = {
@@ -59,9 +69,11 @@ class BlockDiffusion(Diffusion):
     def check_run(cls, run: dict) -> None:
         rates = run.get("mask_rate_range", FULL_RANGE)  # a run saved before the flag: all of them
         try:
-            mask_rate_range(rates)
+            if rates != "auto":
+                mask_rate_range(rates)
         except ValueError:
-            raise ValueError(f"--mask-rate-range must be BETA,OMEGA with 0 <= BETA < OMEGA <= 1, got {rates!r}") from None
+            raise ValueError(f"--mask-rate-range must be auto or BETA,OMEGA with 0 <= BETA < OMEGA <= 1, got "
+                             f"{rates!r}") from None
         b, L = run["block_size"], run["length"]
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"--block-size must be a positive integer, got {b!r}")
@@ -69,6 +81,11 @@ class BlockDiffusion(Diffusion):
             divisors = ", ".join(str(d) for d in range(1, L + 1) if L % d == 0)
             raise ValueError(f"--block-size {b} must divide --length {L}: the blocks tile every training sequence "
                              f"({divisors})")
+
+    @classmethod
+    def settle_run(cls, run: dict) -> None:
+        if run.get("mask_rate_range") == "auto":
+            run["mask_rate_range"] = auto_mask_rates(run["block_size"])
 
     @classmethod
     def model_config(cls, run: dict, tokens: int, model_keys: dict) -> dict:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
 import numpy as np
 import torch
 
@@ -219,3 +224,35 @@ def run_on_two_processes(worker) -> None:
         while not errors.empty():
             msgs.append(errors.get())
         pytest.fail(f"{msgs or e}")
+
+
+# -- an entry point's main(argv) in this process ----------------------------------------------------
+
+
+@dataclass
+class Ran:
+    """What an entry point did, in the shape of ``subprocess.run``'s result."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(main: Callable, argv: Sequence, env: dict | None = None) -> Ran:
+    """Call an entry point's ``main(argv)`` in this process as a subprocess would run it: its exit
+    status (what ``main`` returns, or the code of the ``SystemExit`` it raises), what it printed to
+    stdout and stderr, and ``env`` set for the call only. No interpreter to start and nothing to
+    import again: a usage error is read in milliseconds instead of the ~4 s a `python train/run.py`
+    takes on the 2-core machine."""
+    import pytest
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (env or {}).items():
+            patch.setenv(name, str(value))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in argv])
+            except SystemExit as stop:
+                code = stop.code
+    return Ran(0 if code is None else code if isinstance(code, int) else 1, out.getvalue(), err.getvalue())

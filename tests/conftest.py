@@ -9,11 +9,33 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
+# pytest-xdist (the `dev` extra): the suite runs on this many worker processes unless the command
+# line says otherwise (-n N, -n 0, -p no:xdist). Two: CI's 2-core machine, one thread each.
+WORKERS = 2
+
 # One intra-op thread for the whole session, module fixtures included: at the tiny shapes of the
 # tests more threads only add synchronisation. On the 2-core machine under load,
 # tests/test_exact_score.py's four sampler cases took 66 s with the default two threads and 4.3 s
 # with one. A test that wants more sets them itself; `one_thread` puts the count back after it.
 torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Run the suite on WORKERS processes, a test module to a process (``--dist loadscope``: its
+    module fixtures are built once). Here rather than in pyproject's addopts, which every pytest
+    run in the checkout reads: `pytest benchmarks/...` (pytest-benchmark refuses to time under
+    xdist) and a machine without pytest-xdist would fail on ``-n``. Before xdist's own hook
+    (tryfirst), which turns ``numprocesses`` into worker processes."""
+    option = config.option
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return
+    if option.numprocesses is not None or option.dist != "no" or option.tx or option.usepdb or option.collectonly:
+        return  # the command line chose, or a debugger / a collection needs one process
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cores < WORKERS:
+        return
+    option.numprocesses, option.dist = WORKERS, "loadscope"
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +54,15 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def sedd_cache(tmp_path_factory):
-    """One token cache (``SEDD_CACHE``: trained tokenizers, token streams) for the modules that
-    train through train/run.py on the same text, so each tokenizer is trained once a session."""
+    """The session's token cache (trained tokenizers, token streams): ``SEDD_CACHE`` for every
+    test that sets no other, so nothing is written to the user's ~/.cache/sedd and two workers
+    never share a file; the modules that train through train/run.py on the same text share it,
+    so each tokenizer is trained once a session (a worker)."""
     return tmp_path_factory.mktemp("sedd-cache")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(sedd_cache):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEDD_CACHE", str(sedd_cache))
+        yield

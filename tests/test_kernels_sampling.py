@@ -150,6 +150,7 @@ def test_seeding():
     assert a.dtype == x_t.dtype and a.shape == x_t.shape
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
 @pytest.mark.parametrize("kind", ["euler", "analytic", "denoise"])
 def test_every_block_size_draws_from_the_reference_distribution(graph_name, kind):
@@ -384,6 +385,7 @@ def test_full_sampler_on_the_triton_backend_respects_conditioning(monkeypatch):
     assert counts["analytic"] <= 3 and counts["denoise"] <= 1 and set(counts) <= {"analytic", "denoise"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
 def test_full_sampler_reproduces_a_product_distribution_on_triton(graph_name):
     pi = torch.tensor([0.05, 0.3, 0.1, 0.35, 0.2])
@@ -479,6 +481,7 @@ def _layouts(z: torch.Tensor, pad: int):
             "odd offset": shifted}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
 def test_draws_do_not_depend_on_where_the_rows_sit_in_memory(graph_name, dtype):

@@ -126,6 +126,7 @@ def _oracle_nll(tok, model, text: str) -> tuple[float, int]:
     return float(-logp.gather(-1, ids[0, 1:, None]).sum()), ids.shape[1] - 1
 
 
+@pytest.mark.slow
 def test_cli_records_match_an_independent_judge(cli_run, judge_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

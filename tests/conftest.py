@@ -66,3 +66,23 @@ def _session_cache(sedd_cache):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SEDD_CACHE", str(sedd_cache))
         yield
+
+
+@pytest.fixture(scope="session")
+def argparse_bpe(tmp_path_factory):
+    """A 300-id byte-level BPE trained on argparse.py (tests.helpers.ARGPARSE): the modules that
+    need a real BPE and no test data share one."""
+    from sedd.data import get_corpus, train_bpe
+    from tests.helpers import ARGPARSE
+
+    return train_bpe(get_corpus(ARGPARSE, "all"), 300, cache_dir=tmp_path_factory.mktemp("bpe-cache"),
+                     progress=False)
+
+
+@pytest.fixture(scope="session")
+def judge_dir(tmp_path_factory, argparse_bpe):
+    """A tiny random GPT-2 judge over ``argparse_bpe``, with a context (256) long enough that every
+    sample of the tests is scored in one window."""
+    from tests.helpers import tiny_gpt2_judge
+
+    return tiny_gpt2_judge(tmp_path_factory.mktemp("judge"), argparse_bpe, n_positions=256)

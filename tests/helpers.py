@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sysconfig
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -114,6 +116,25 @@ class ExactSequenceScore(torch.nn.Module):
                 out[b, i] = logp[tuple(index)] - logp[here] + self.perturb[here][i]
                 out[b, i, here[i]] = 0.0
         return out.float()
+
+
+# One file of this interpreter's standard library: text every machine has, nothing to download.
+ARGPARSE = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
+
+
+def tiny_gpt2_judge(folder: Path, tokenizer, n_positions: int) -> Path:
+    """A tiny random GPT-2 (one layer of width 16) over ``tokenizer``, saved in ``folder`` with the
+    tokenizer files ``transformers`` reads: a judge for train/quality.py and sedd.metrics."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from train.train_judge import hf_tokenizer
+
+    hf_tokenizer(tokenizer, folder)
+    torch.manual_seed(1)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=n_positions, n_embd=16, n_layer=1, n_head=2,
+                        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
 
 
 def small_model_config(tokens: int, graph: str = "absorb", **model_overrides) -> dict:

@@ -195,6 +195,7 @@ def block_diffusion_sequence_bounds(
     generator: torch.Generator | None = None,
     progress: bool = False,
     on_draws=None,
+    maskable: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-sequence terms of the block-diffusion bound on −log p(x0) for clean sequences ``x0``
     [B, L]: the dict of :func:`sedd.likelihood.sequence_bounds` (``integral``, ``variance``,
@@ -205,7 +206,12 @@ def block_diffusion_sequence_bounds(
     The strata are shuffled independently per block, so that one draw does not put every block in
     the same stratum (which would add the blocks' stratum means coherently and inflate the
     variance estimate; it stays conservative, as for SEDD). With one block (b = L) the draws and
-    the numbers are those of ``sequence_bounds`` on the same generator."""
+    the numbers are those of ``sequence_bounds`` on the same generator.
+
+    ``maskable``: optional [B, L] bool, as for ``sequence_bounds``: the other positions stay clean
+    in every draw (the context of a conditional bound, within a block and in the blocks before
+    it), so the terms bound −log p(x0[maskable] | x0[~maskable]) for a context that ends anywhere;
+    a block with nothing maskable adds nothing. All True gives the numbers of None."""
     K, _ = _blocks_of(model, x0)
     B = x0.shape[0]
     times = draw_times(B * K, num_samples, time_sampler, generator=generator, device=x0.device)
@@ -214,13 +220,23 @@ def block_diffusion_sequence_bounds(
         order = torch.rand(times.shape, generator=generator, device=x0.device).argsort(-1)
         times = times.gather(-1, order)
 
+    if maskable is not None and (maskable.shape != x0.shape or maskable.dtype != torch.bool):
+        raise ValueError(f"maskable must be a bool tensor of shape {tuple(x0.shape)}, got {maskable.dtype} "
+                         f"{tuple(maskable.shape)}")
+
     def integrand(x, t, mask, index):
-        return block_diffusion_loss(model, x, graph, noise, t=t.float(), generator=generator, attention_mask=mask,
-                                    reduction="none")
+        x_t = None
+        if maskable is not None:  # the draw the loss would make, then the context put back (it adds no loss)
+            x_t = torch.where(maskable[index], noise_blocks(x, noise(t.float())[0], graph, generator), x)
+        return block_diffusion_loss(model, x, graph, noise, t=t.float(), x_t=x_t, generator=generator,
+                                    attention_mask=mask, reduction="none")
 
     values = integrand_draws(x0, times.transpose(1, 2), integrand, attention_mask=attention_mask,
                              batch_size=batch_size, progress=progress, on_draws=on_draws)
-    return bound_terms(values, x0, attention_mask, graph, noise)
+    scored = attention_mask
+    if maskable is not None:
+        scored = maskable if scored is None else scored & maskable
+    return bound_terms(values, x0, scored, graph, noise)
 
 
 def block_diffusion_bounds(model, blocks: torch.Tensor, mask: torch.Tensor, graph: Graph, noise: Noise,

@@ -24,6 +24,11 @@ through the same functions: each window is sampled ancestrally (:func:`sedd.samp
 one network evaluation per generated token; ``temperature`` applies, and ``steps``, ``predictor``
 and the other options of the diffusion samplers are refused, by the spec's check). A prompt conditions it exactly; fixed text after generated text is placed but does not steer
 what comes before it.
+
+A block-diffusion checkpoint (``train/run.py --objective block``) is never windowed: its sampler
+(:func:`sedd.sampling.sample_block_diffusion`) takes any length in one call, block by block over a
+KV cache of the finished blocks, ``window`` capping the context a block reads; ``stop_at_eos=True``
+ends each sample at its first generated EOS (its text and tokens end there, EOS included).
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ from tqdm.auto import tqdm
 from sedd.objectives import objective_of
 from sedd.sampling import SamplingSpec, SamplingStats, check_eps
 from sedd.sampling.spans import Span, fixed_spans, spans_to_mask
-from sedd.sampling.spec import SamplingOptionError
+from sedd.sampling.spec import FAMILIES, SamplingOptionError
 
-__all__ = ["Sample", "continuation_layout", "sample_blockwise", "generate", "generate_samples", "plan_windows"]
+__all__ = ["Sample", "continuation_layout", "sample_blockwise", "generate", "generate_samples", "plan_windows",
+           "stopped_lengths"]
 
 
 @dataclass
@@ -55,13 +61,15 @@ class Sample:
     nfe: int | None = None
 
 
-def plan_windows(spec: SamplingSpec, length: int, model_length: int | None) -> tuple[int, int | None]:
+def plan_windows(spec: SamplingSpec, length: int, model_length: int | None, *,
+                 windows: bool = True) -> tuple[int, int | None]:
     """(window, stride) of ``length`` tokens as ``spec`` asks (its ``window`` defaults to
-    ``model_length``): stride None when one window holds them all, else the new tokens per later
-    window (default: half the window). :class:`~sedd.sampling.SamplingOptionError` for what
+    ``model_length``): stride None when one window holds them all (or, ``windows=False``, when the
+    model's sampler takes any length itself: its family's ``windows``), else the new tokens per
+    later window (default: half the window). :class:`~sedd.sampling.SamplingOptionError` for what
     cannot run."""
     window = spec.window if spec.window is not None else model_length if model_length is not None else length
-    if length <= window:
+    if length <= window or not windows:
         return window, None
     if window < 2:
         raise SamplingOptionError(("window",), lambda n: (
@@ -74,12 +82,27 @@ def plan_windows(spec: SamplingSpec, length: int, model_length: int | None) -> t
     return window, stride
 
 
-def continuation_layout(context: int, new: int, window: int, stride: int) -> tuple[int, int, int | None]:
+def stopped_lengths(tokens: torch.Tensor, eos_id: int, fixed_mask: torch.Tensor | None = None) -> list[int]:
+    """Per row of ``tokens`` [B, L], the tokens up to and including its first generated EOS (an EOS
+    at a position of ``fixed_mask`` [B, L] or [L], a prompt's, does not count), or L without one:
+    where a ``stop_at_eos`` sample ends."""
+    hit = tokens == eos_id
+    if fixed_mask is not None:
+        hit &= ~fixed_mask.to(hit.device).bool()
+    first = hit.long().argmax(1)
+    return torch.where(hit.any(1), first + 1, tokens.shape[1]).tolist()
+
+
+def continuation_layout(context: int, new: int, window: int, stride: int, *,
+                        windows: bool = True) -> tuple[int, int, int | None]:
     """(context tokens kept, windows, stride or None) of ``new`` tokens generated after
     ``context`` tokens by a model that sees ``window`` at once: one window holding the last
     ``window - new`` context tokens when ``new < window`` (lm_eval's own models cut the context so),
     else windows of ``stride`` new tokens after the first, which holds the last
-    ``window - stride`` context tokens."""
+    ``window - stride`` context tokens. ``windows=False`` (a sampler that takes any length, its
+    family's ``windows``): one call holding the last ``window`` context tokens."""
+    if not windows:
+        return min(context, window), 1, None
     if new < window:
         return min(context, window - new), 1, None
     keep = min(context, window - stride)
@@ -101,6 +124,7 @@ def sample_blockwise(
     device: torch.device | str | None = None,
     progress: bool = False,
     return_stats: bool = False,
+    eos_id: int | None = None,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
     """Semi-autoregressive sampling of sequences longer than the model's window.
@@ -121,6 +145,9 @@ def sample_blockwise(
             training length); ``stride``: new tokens per later window, in [1, window) (default
             ``window // 2``); the other options apply within each window (``steps`` per window).
         fixed_tokens, fixed_mask: [length] or [B, length], as for :func:`sedd.sampling.sample`.
+        eos_id: the tokenizer's EOS id, for ``stop_at_eos`` (read only then).
+    A model whose sampler takes any length (block diffusion: its family's ``windows`` is False)
+    is sampled in one call with the spec as given.
     Returns:
         [B, length] int64 tokens; with ``return_stats`` also the network calls of all windows
         (:class:`~sedd.sampling.SamplingStats`, ``nfe`` per sequence summed over the windows).
@@ -131,19 +158,22 @@ def sample_blockwise(
     for name, value in (("batch_size", batch_size), ("length", length)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    window, stride = plan_windows(spec, length, getattr(model, "length", None))
+    windowed = FAMILIES[objective.sampler].windows
+    window, stride = plan_windows(spec, length, getattr(model, "length", None), windows=windowed)
     if (fixed_tokens is None) != (fixed_mask is None):
         raise ValueError("fixed_tokens and fixed_mask must be given together")
     if device is None:
         param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
-    each = dataclasses.replace(spec, window=None, stride=None)  # what every window's sampler reads
+    # what every window's sampler reads; a sampler that takes any length reads the window itself
+    each = dataclasses.replace(spec, window=None, stride=None) if windowed else spec
+    eos = {"eos_id": eos_id} if spec.stop_at_eos else {}  # only the samplers that read stop_at_eos take it
 
     def run(**kw):
-        return objective.sample(model, spec=each, generator=generator, device=device, **kw)
+        return objective.sample(model, spec=each, generator=generator, device=device, **eos, **kw)
 
-    if length <= window:
+    if stride is None:  # one window holds it all, or the sampler takes any length
         x, stats = run(batch_size=batch_size, length=length, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask,
                        progress=progress)
         return (x, stats) if return_stats else x
@@ -303,10 +333,12 @@ def generate_samples(
     try:
         x, stats = sample_blockwise(net, graph, noise, batch_size=len(spans), length=length, spec=spec,
                                     fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
-                                    device=device, progress=progress, return_stats=True)
+                                    device=device, progress=progress, return_stats=True, eos_id=tok.eos_id)
     finally:
         net.train(was_training)
     ids = x.cpu().tolist()
+    if spec.stop_at_eos:  # each sample ends at its first generated EOS
+        ids = [row[:n] for row, n in zip(ids, stopped_lengths(x, tok.eos_id, fixed_mask))]
     return [Sample(tok.decode(row), row, list(fixed), int(n)) for row, fixed, n in zip(ids, spans, stats.nfe)]
 
 
@@ -347,8 +379,9 @@ def generate(
             one evaluation per unmasked token, ``tokens_per_step`` per evaluation), ``window``,
             ``stride``, ``top_p``, ``top_k``, ``cache`` (True: reuse the outputs of unchanged rows,
             exact for a model without time conditioning), ``eps``; for an autoregressive model
-            ``temperature`` and ``kv_cache``. An option the model's sampler does not read is a
-            ValueError.
+            ``temperature`` and ``kv_cache``; for a block-diffusion model ``kv_cache`` and
+            ``stop_at_eos`` (each sample ends at its first generated EOS, included). An option
+            the model's sampler does not read is a ValueError.
     Returns:
         ``len(rows) * num_samples`` strings, each a whole sequence (its fixed text included),
         row by row: the samples of row 0 first.

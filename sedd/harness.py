@@ -61,6 +61,7 @@ from sedd.likelihood import TIME_SAMPLERS, make_blocks
 from sedd.objectives import objective_of
 from sedd.sampling import SamplingOptionError, SamplingSpec, conditioning
 from sedd.sampling.spans import spaces_join_next_word
+from sedd.sampling.spec import FAMILIES
 
 __all__ = ["HarnessError", "SEDDLM", "MODEL_ARGS", "check_model_args", "check_for_objective"]
 
@@ -463,8 +464,10 @@ class SEDDLM(LM):
                 return dataclasses.replace(spec, predictor="first_hitting").validate(self.objective)
             except SamplingOptionError:  # another graph or family, or an option first hitting does not read
                 pass
-        if spec.steps is None and spec.applies("steps", self.objective):
-            return dataclasses.replace(spec, steps=new_per_window)
+        if spec.steps is None and spec.applies("steps", self.objective):  # a block model's: per block
+            spec = dataclasses.replace(spec, steps=self.objective.default_steps(new_per_window))
+        if spec.applies("stop_at_eos", self.objective):  # the text is cut at EOS: generate nothing after it
+            spec = dataclasses.replace(spec, stop_at_eos=True)
         return spec
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -488,14 +491,15 @@ class SEDDLM(LM):
         stride = s["spec"].stride or window // 2
         if new >= window and stride >= window:
             raise HarnessError(f"gen_kwargs stride must be smaller than the window ({window}), got {stride}")
-        keep, windows, stride = continuation_layout(len(ctx), new, window, stride)
+        keep, windows, stride = continuation_layout(len(ctx), new, window, stride,
+                                                    windows=FAMILIES[self.objective.sampler].windows)
         spec = self._generation_spec(s["spec"], s["given"], new if stride is None else stride)
         fixed, mask = conditioning(keep + new, {0: ctx[len(ctx) - keep :]}, device=self._device)
         # seeded by the request, not by how it is sampled: the exact cache, say, draws the same tokens
         generator = self._generator("generate_until", context, s["until"], new, s["greedy"], repeat)
         x, stats = sample_blockwise(self.model, self.graph, self.noise, batch_size=1, length=keep + new, spec=spec,
                                     fixed_tokens=fixed, fixed_mask=mask, generator=generator, device=self._device,
-                                    return_stats=True)
+                                    return_stats=True, eos_id=self.tok.eos_id)
         ids = x[0, keep:].tolist()
         text = self.tok.decode(ids[: ids.index(self.tok.eos_id)] if self.tok.eos_id in ids else ids)
         spaces = context[len(kept):]

@@ -83,6 +83,6 @@ def argparse_bpe(tmp_path_factory):
 def judge_dir(tmp_path_factory, argparse_bpe):
     """A tiny random GPT-2 judge over ``argparse_bpe``, with a context (256) long enough that every
     sample of the tests is scored in one window."""
-    from tests.helpers import tiny_gpt2_judge
+    from tests.helpers import tiny_judge
 
-    return tiny_gpt2_judge(tmp_path_factory.mktemp("judge"), argparse_bpe, n_positions=256)
+    return tiny_judge(argparse_bpe, tmp_path_factory.mktemp("judge"), n_positions=256)

@@ -122,21 +122,6 @@ class ExactSequenceScore(torch.nn.Module):
 ARGPARSE = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
 
 
-def tiny_gpt2_judge(folder: Path, tokenizer, n_positions: int) -> Path:
-    """A tiny random GPT-2 (one layer of width 16) over ``tokenizer``, saved in ``folder`` with the
-    tokenizer files ``transformers`` reads: a judge for train/quality.py and sedd.metrics."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from train.train_judge import hf_tokenizer
-
-    hf_tokenizer(tokenizer, folder)
-    torch.manual_seed(1)
-    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=n_positions, n_embd=16, n_layer=1, n_head=2,
-                        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
-
-
 def small_model_config(tokens: int, graph: str = "absorb", **model_overrides) -> dict:
     """A whole config of a small DDiT (width 64, 2 blocks: the former "tiny" preset), cheap enough
     for tests on CPU; ``model_overrides`` change the model section."""
@@ -245,6 +230,45 @@ def run_on_two_processes(worker) -> None:
         while not errors.empty():
             msgs.append(errors.get())
         pytest.fail(f"{msgs or e}")
+
+
+def wrap_for_two_processes(model, kind: str):
+    """``model`` wrapped as train/run.py wraps it in a process group: ``kind`` "ddp" (DDP) or
+    "fsdp" (FSDP2 over every DDiT block and the root); what the losses get."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if kind == "ddp":
+        return DDP(model)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def assert_same_grads(a: dict, b: dict, kind: str) -> None:
+    """Two {name: gradient} of one model match (``kind`` "fsdp": DTensor shards, this rank's)."""
+    assert a.keys() == b.keys() and "output_layer.linear.weight" in a, kind
+    for name, x in a.items():
+        y = b[name]
+        if kind == "fsdp":
+            x, y = x.to_local(), y.to_local()
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-6), (kind, name)
+
+
+def tiny_judge(tokenizer, folder: Path, n_positions: int = 64) -> Path:
+    """A one-layer GPT-2 (width 16) over ``tokenizer``'s ids saved in ``folder`` with its tokenizer
+    files: a judge for train/quality.py and sedd.metrics that needs no training and no download."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from train.train_judge import hf_tokenizer
+
+    hf_tokenizer(tokenizer, folder)
+    torch.manual_seed(1)
+    GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=n_positions, n_embd=16, n_layer=1,
+                               n_head=2, bos_token_id=tokenizer.eos_id,
+                               eos_token_id=tokenizer.eos_id)).save_pretrained(folder)
+    return folder
 
 
 # -- an entry point's main(argv) in this process ----------------------------------------------------

@@ -12,7 +12,7 @@ from sedd.losses import ar_loss
 from sedd.model import SEDD, ARModel
 from sedd.sampling import ancestral, sample_ancestral
 from sedd.sampling.ancestral import truncate_probs
-from tests.helpers import chi2_pvalue, run_on_two_processes
+from tests.helpers import assert_same_grads, chi2_pvalue, run_on_two_processes, wrap_for_two_processes
 
 N, L = 11, 12
 
@@ -380,7 +380,7 @@ def test_generate_and_the_harness_with_an_autoregressive_checkpoint(tmp_path):
     (plain,) = generate_samples(str(tmp_path), "import ", length=40, seed=1, temperature=0.7, top_k=50,
                                 kv_cache=False)
     assert plain.tokens == long.tokens  # re-running the prefix at every token: the same draws
-    with pytest.raises(ValueError, match="kv_cache applies to autoregressive models"):
+    with pytest.raises(ValueError, match="kv_cache applies to autoregressive and block-diffusion models"):
         generate(SEDD(SEDD.config_for("cpu", tokens=tok.vocab_size, n_blocks=1, length=16)), "a", length=8,
                  tokenizer=tok, kv_cache=False)
     with pytest.raises(ValueError, match="temperature applies to autoregressive models"):
@@ -408,26 +408,12 @@ def test_no_sigma_input_and_the_trunk_of_sedd():
 
 
 def _distributed_worker(rank, world):
-    from torch.distributed.fsdp import fully_shard
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     x = _tokens(B=2, seed=10 + rank)
     for wrap in ("ddp", "fsdp"):
         model = _model(torch.float32)
-        if wrap == "ddp":
-            wrapped = DDP(model)
-        else:
-            for block in model.blocks:
-                fully_shard(block)
-            fully_shard(model)
-            wrapped = model
+        wrapped = wrap_for_two_processes(model, wrap)
         grads = [_grads(model, lambda: ar_loss(wrapped, x, fused=fused)) for fused in (True, False)]
-        assert grads[0].keys() == grads[1].keys() and "output_layer.linear.weight" in grads[0], wrap
-        for name, a in grads[0].items():
-            b = grads[1][name]
-            if wrap == "fsdp":  # DTensor shards: compare this rank's shard
-                a, b = a.to_local(), b.to_local()
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (wrap, name)
+        assert_same_grads(*grads, wrap)
         if wrap == "fsdp":  # train/run.py's samples under FSDP: the forward on every position, no cache
             model.eval()
             x = sample_ancestral(model, batch_size=2, length=L, generator=torch.Generator().manual_seed(0),

@@ -27,7 +27,7 @@ from sedd.model import SEDD, BlockSEDD
 from sedd.model.block import block_diffusion_mask
 from sedd.noise import LogLinear
 from sedd.sampling import sample_block_diffusion
-from tests.helpers import chi2_pvalue
+from tests.helpers import assert_same_grads, chi2_pvalue, run_on_two_processes, wrap_for_two_processes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,6 +73,9 @@ def test_the_mask_is_the_block_causal_rule():
         kb = (k - n_noisy) // b if k_clean else (start + k) // b
         want = (kb <= qb if k_clean else False) if q_clean else (kb < qb if k_clean else kb == qb)
         assert bool(mask[q, k]) == want, (q, k)
+        # a context of one block also keeps every query from the clean blocks two or more before its own
+        near = block_diffusion_mask(n_noisy, n_clean, b, start=start, context=b)
+        assert bool(near[q, k]) == (want and kb >= qb - 1), (q, k)
 
 
 def test_a_noisy_block_sees_itself_and_the_clean_blocks_before_it_only():
@@ -372,6 +375,47 @@ def test_the_bound_with_the_exact_conditionals_is_minus_log_p_data(L, b):
     assert torch.equal(out["tokens"], torch.full((3,), float(L)))
 
 
+def test_the_conditional_bound_with_the_exact_conditionals(n_fixed=3):
+    """Positions outside ``maskable`` stay clean (a context that ends inside a block): the integral
+    is −log p(x0[n_fixed:] | x0[:n_fixed]) less each block's KL at t = 1 over its maskable
+    positions, within Monte Carlo error; the prior counts those positions only."""
+    L, b = 6, 2
+    p, graph = _p_data(L, seed=21), Absorbing(2)
+    model = ExactBlockModel(p, graph, b)
+    x0 = torch.tensor([[0] * L, [0, 1, 1, 0, 1, 0], [1, 1, 0, 0, 0, 1]])
+    maskable = torch.arange(L)[None].expand(3, L) >= n_fixed  # the context ends inside block 1
+    out = block_diffusion_sequence_bounds(model, x0, graph, NOISE, num_samples=2000, batch_size=6000,
+                                          maskable=maskable, generator=torch.Generator().manual_seed(7))
+    eps = math.exp(-float(NOISE.total(torch.tensor(1.0, dtype=torch.float64))))
+    for row, integral, var in zip(x0.tolist(), out["integral"], out["variance"]):
+        nll = -math.log(p[tuple(row)] / p[tuple(row[:n_fixed])].sum())
+        kl = 0.0
+        for k in range(L // b):
+            c = min(max(k * b, n_fixed), (k + 1) * b)  # blocks < k and the block's own context, clean
+            free = list(range(c, (k + 1) * b))
+            if not free:
+                continue
+            given = p[tuple(row[:c])]  # [2] * (L − c)
+            later = tuple(range(len(free), given.dim()))
+            table = given.sum(dim=later) if later else given  # [2] * len(free)
+            table = table / table.sum()
+            for visible in itertools.product([False, True], repeat=len(free)):
+                if any(visible):
+                    marginal = table.sum(dim=tuple(i for i, v in enumerate(visible) if not v)) if not all(visible) \
+                        else table
+                    q = marginal[tuple(row[free[i]] for i, v in enumerate(visible) if v)].item()
+                    kl += eps ** sum(visible) * (1 - eps) ** (len(free) - sum(visible)) * -math.log(q)
+        se = float(var) ** 0.5
+        assert se < 0.1 * nll and abs(float(integral) - (nll - kl)) < 4 * se + 1e-3, (row, float(integral), nll - kl)
+    assert torch.equal(out["tokens"], torch.full((3,), float(L - n_fixed)))
+    # all maskable: the unconditional bound, draw for draw
+    every = block_diffusion_sequence_bounds(model, x0, graph, NOISE, num_samples=8, maskable=torch.ones_like(maskable),
+                                            generator=torch.Generator().manual_seed(7))
+    plain = block_diffusion_sequence_bounds(model, x0, graph, NOISE, num_samples=8,
+                                            generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(every["integral"], plain["integral"], rtol=0, atol=0)
+
+
 def test_the_corpus_bound_and_its_report():
     model = _model()
     blocks, mask = make_blocks(list(range(N)) * 3, 12)  # 33 tokens: the last block padded
@@ -406,6 +450,37 @@ def test_the_kv_cache_gives_the_forward_and_a_one_pass_extend():
         model.block_scores(x_t[:, :4], step)
     with pytest.raises(RuntimeError, match="eval mode"):
         model.train().extend(x0, model.new_cache(3))
+
+
+def test_past_the_training_length_a_block_reads_a_window_of_the_cache():
+    """Past the training length (12 tokens) a block reads the last window − b = 8 clean tokens:
+    the cached steps equal the forward with the same context, and cached samples equal the
+    recomputed ones; with one layer (no deeper keys to carry older tokens) a block's scores do
+    not depend on anything before its window."""
+    model, x0 = _model(), _tokens(L=24)
+    x_t = _noisy(x0)
+    full = model(x_t, x0, raw=True, context=8)
+    assert not torch.allclose(full, model(x_t, x0, raw=True))  # the window binds
+    step, once = model.new_cache(3, 24), model.new_cache(3, 24)
+    model.extend(x0, once, context=8)
+    for k in range(6):
+        span = slice(4 * k, 4 * k + 4)
+        torch.testing.assert_close(model.block_scores(x_t[:, span], step, context=8), full[:, span],
+                                   rtol=1e-12, atol=1e-12)
+        model.extend(x0[:, span], step, context=8)
+    for a, b in zip(step.keys + step.values, once.keys + once.values):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    shallow = copy.deepcopy(model)
+    shallow.blocks = shallow.blocks[:1]
+    edited = x0.clone()
+    edited[:, :12] = (edited[:, :12] + 1) % N  # every token more than 8 before the last block
+    torch.testing.assert_close(shallow(x_t, x0, raw=True, context=8)[:, 20:],
+                               shallow(x_t, edited, raw=True, context=8)[:, 20:], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        model(x_t, x0, raw=True, context=6)
+    runs = [sample_block_diffusion(model, GRAPH, NOISE, batch_size=3, length=22, steps=3, kv_cache=kv,
+                                   generator=torch.Generator().manual_seed(5)) for kv in (True, False)]
+    assert torch.equal(*runs)
 
 
 @pytest.mark.parametrize("predictor,cache", [("analytic", False), ("euler", True), ("first_hitting", False)])
@@ -457,7 +532,7 @@ def test_stop_at_eos():
     with torch.no_grad():
         model.output_layer.linear.bias[eos] += 1.5  # EOS likely, not certain: rows stop in different blocks
     prompt = torch.tensor([eos, 5] + [0] * 14)
-    x, stats = sample_block_diffusion(model, GRAPH, NOISE, batch_size=12, steps=4, eos_id=eos, pad_id=pad,
+    x, stats = sample_block_diffusion(model, GRAPH, NOISE, batch_size=12, steps=4, stop_at_eos=True, eos_id=eos, pad_id=pad,
                                       fixed_tokens=prompt, fixed_mask=torch.arange(16) < 2, return_stats=True,
                                       generator=torch.Generator().manual_seed(4))
     stopped = stats.lengths < 16
@@ -477,7 +552,8 @@ def test_stop_at_eos():
     assert torch.equal(x[:, :4], torch.where(torch.arange(4) >= stats.lengths[:, None], pad, free[:, :4]))
     with torch.no_grad():
         model.output_layer.linear.bias[eos] += 50.0  # EOS certain: every row stops in its first block
-    _, stats = sample_block_diffusion(model, GRAPH, NOISE, batch_size=4, steps=4, eos_id=eos, return_stats=True,
+    _, stats = sample_block_diffusion(model, GRAPH, NOISE, batch_size=4, steps=4, stop_at_eos=True, eos_id=eos,
+                                      return_stats=True,
                                       generator=torch.Generator().manual_seed(4))
     assert stats.blocks.tolist() == [1] * 4 and stats.lengths.tolist() == [1] * 4
     assert stats.forward_calls <= 5  # the first block's steps, no cache append, no later block
@@ -499,10 +575,52 @@ def test_sampler_refusals_and_warnings(monkeypatch):
     with pytest.warns(UserWarning, match="do not steer the blocks before it"):
         sample_block_diffusion(model, GRAPH, NOISE, fixed_tokens=torch.tensor([0] * 11 + [4]),
                                fixed_mask=torch.arange(12) == 11, **kw)
-    with pytest.warns(UserWarning, match="never trained"):
-        x = sample_block_diffusion(model, GRAPH, NOISE, length=14, **kw)
+    with pytest.warns(UserWarning, match="distances never trained"):
+        x = sample_block_diffusion(model, GRAPH, NOISE, length=14, window=16, **kw)
     assert x.shape == (2, 14)
+    with pytest.raises(ValueError, match="window 3 is shorter than one block"):
+        sample_block_diffusion(model, GRAPH, NOISE, length=14, window=3, **kw)
+    with pytest.raises(ValueError, match="stop_at_eos needs the EOS token's id"):
+        sample_block_diffusion(model, GRAPH, NOISE, stop_at_eos=True, **kw)
+    with pytest.raises(ValueError, match="temperature applies to autoregressive models"):
+        sample_block_diffusion(model, GRAPH, NOISE, temperature=0.5, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with ops.value_checks(True):
             assert sample_block_diffusion(model, GRAPH, NOISE, length=10, **kw).shape == (2, 10)
+            # past the training length with the default window: the relative positions of training
+            assert sample_block_diffusion(model, GRAPH, NOISE, length=30, **kw).shape == (2, 30)
+
+
+# -- DDP and FSDP2 on CPU: gloo, two processes -------------------------------------------------------
+
+
+def _distributed_worker(rank, world):
+    from sedd.objectives import objective_of
+
+    x0 = _tokens(B=2, L=12, seed=10 + rank)
+    for wrap in ("ddp", "fsdp"):
+        model = _model(dtype=torch.float32).train()
+        objective = objective_of(model)
+        wrapped = wrap_for_two_processes(model, wrap)
+        grads = []
+        for fused in (True, False):
+            model.zero_grad(set_to_none=True)
+            g = torch.Generator().manual_seed(3 + rank)
+            if fused:  # train/run.py's step: the objective's loss, through the fused head
+                loss = objective.loss(wrapped, x0, g, 0.5)
+            else:
+                loss = 0.5 * block_diffusion_loss(wrapped, x0, GRAPH, NOISE, generator=g, fused=False)
+            loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert_same_grads(*grads, wrap)
+        if wrap == "fsdp":  # train/run.py's samples under FSDP: every call through forward, no KV cache
+            spec = objective.training_spec(fsdp=True)
+            assert spec.kv_cache is False
+            model.eval()
+            x, _ = objective.sample(model, batch_size=2, length=12, spec=spec, generator=torch.Generator().manual_seed(0))
+            assert x.shape == (2, 12) and int(x.max()) < N
+
+
+def test_ddp_and_fsdp2_gradients_of_the_objective_match_the_unfused_loss():
+    run_on_two_processes(_distributed_worker)

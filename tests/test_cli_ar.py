@@ -15,7 +15,7 @@ import torch
 from sedd.data import get_corpus, get_tokenizer, tokenize
 from sedd.likelihood import make_blocks
 from sedd.model import ARModel
-from tests.helpers import run_main
+from tests.helpers import run_main, tiny_judge
 from train import eval as eval_cli
 from train import quality
 from train import run as run_cli
@@ -193,7 +193,7 @@ def test_sample_refuses_what_an_autoregressive_checkpoint_does_not_read(trained,
 
 @pytest.mark.parametrize("args,message", [
     (["--temperature", "0.5"], "--temperature applies to autoregressive models"),
-    (["--no-kv-cache"], "--no-kv-cache applies to autoregressive models"),
+    (["--no-kv-cache"], "--no-kv-cache applies to autoregressive and block-diffusion models"),
 ])
 def test_ar_options_are_refused_for_a_diffusion_checkpoint(tmp_path, capsys, args, message):
     from sedd.model import SEDD
@@ -206,16 +206,8 @@ def test_ar_options_are_refused_for_a_diffusion_checkpoint(tmp_path, capsys, arg
 
 
 def test_quality_samples_an_autoregressive_checkpoint_at_nfe_l(trained, tmp_path, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from train.train_judge import hf_tokenizer
-
     judge = tmp_path / "judge"
-    tok = get_tokenizer(str(trained / "tokenizer.json"))
-    hf_tokenizer(tok, judge)
-    torch.manual_seed(1)
-    GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=16, n_layer=1, n_head=2,
-                               bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)).save_pretrained(judge)
+    tiny_judge(get_tokenizer(str(trained / "tokenizer.json")), judge)
     report = tmp_path / "q.json"
     argv = [str(trained), "--judge", str(judge), "--num-samples", "3", "--batch-size", "2", "--length", "24",
             "--json", str(report), "--plot", str(tmp_path / "q.png")]

@@ -28,7 +28,7 @@ from sedd.losses import score_entropy_loss
 from sedd.metrics import judge_windows, load_judge
 from sedd.model import SEDD
 from sedd.noise import noise_from_config
-from tests.helpers import ARGPARSE, small_model_config, tiny_gpt2_judge
+from tests.helpers import ARGPARSE, small_model_config, tiny_judge
 from train import quality
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_degenerate_sampler_is_flagged(degenerate_ckpt, judge_dir, tmp_path, cap
 def test_windows_score_each_token_once_with_the_stated_context(tmp_path, argparse_bpe):
     """A judge with an 8-token context on longer texts: windows of 8 every 4 tokens, each token
     scored in the first window holding it, against a per-token oracle; both conventions."""
-    judge_dir = tiny_gpt2_judge(tmp_path / "short", argparse_bpe, n_positions=8)
+    judge_dir = tiny_judge(argparse_bpe, tmp_path / "short", n_positions=8)
     texts = ["To be, or not to be, that is the question: whether 'tis nobler", "H", "a b c d e f g"]
     for first_token in ("bos", "skip"):
         judge = load_judge(str(judge_dir), torch.device("cpu"), first_token=first_token)

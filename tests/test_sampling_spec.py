@@ -148,7 +148,7 @@ def test_an_autoregressive_model_refuses_the_diffusion_options_in_the_api(option
 
 def test_a_diffusion_model_refuses_the_autoregressive_options_and_the_uniform_graph_first_hitting():
     graph, noise = Absorbing(5), LogLinear()
-    with pytest.raises(ValueError, match="kv_cache applies to autoregressive models"):
+    with pytest.raises(ValueError, match="kv_cache applies to autoregressive and block-diffusion models"):
         sample(FactorizedScore(PI, graph), graph, noise, batch_size=1, length=4, kv_cache=False)
     uniform = Uniform(5)
     calls = []
@@ -186,7 +186,7 @@ def test_the_training_flags_an_objective_refuses_come_from_the_registry(monkeypa
     from train.config import UsageError, resolve_config
 
     monkeypatch.setattr(get_objective("ar"), "refused_flags", ("graph", "lr"))
-    with pytest.raises(UsageError, match=r"--objective ar: --lr applies to the diffusion objective only \(an "):
+    with pytest.raises(UsageError, match=r"--objective ar: --lr applies to the diffusion and block-diffusion objectives only \(an "):
         resolve_config({"objective": "ar", "lr": 0.1}, "cpu", None, 1)
 
 

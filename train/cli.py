@@ -354,13 +354,19 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
                             "(default: 1; the diffusion samplers have none)")
     group.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=default.kv_cache,
                        help="autoregressive checkpoints: keep the keys and values of earlier positions, one new "
-                            "position per evaluation (default); --no-kv-cache re-runs the whole prefix each time")
+                            "position per evaluation (default); block-diffusion checkpoints: of the finished blocks; "
+                            "--no-kv-cache re-runs the whole prefix each time (the same tokens)")
+    group.add_argument("--stop-at-eos", action="store_true", default=default.stop_at_eos,
+                       help="block-diffusion checkpoints: end each sample at its first generated EOS (no later "
+                            "block is generated; the sample's text and tokens end with the EOS)")
     group.add_argument("--eps", type=float, default=default.eps, help="final time of the grid, in (0, 1) "
                        f"(default: {default.eps:g})")
     group.add_argument("--length", type=int, help="tokens per sample (default: the model's training length); "
-                       "longer than the model's length is generated window by window (--window, --stride)")
+                       "longer than the model's length is generated window by window (--window, --stride), or "
+                       "block by block by a block-diffusion checkpoint")
     group.add_argument("--window", type=int, help="semi-autoregressive window: tokens the model sees at once "
-                       "(default: the model's training length)")
+                       "(default: the model's training length); block-diffusion checkpoints: a block and the "
+                       "context it reads")
     group.add_argument("--stride", type=int, help="new tokens per window after the first, the rest of the window "
                        "holding the tokens before them (default: half the window)")
 
@@ -409,13 +415,14 @@ def check_spec(spec, pre, length: int | None, prog: str, *, quiet: bool = False)
     from sedd.generation import plan_windows
     from sedd.objectives import objective_of
     from sedd.sampling import SamplingOptionError, check_eps
+    from sedd.sampling.spec import FAMILIES
 
     model = pre.model
     objective = objective_of(model, graph=pre.graph, noise=pre.noise)
     try:
         spec.validate(objective)
         length = model.length if length is None else length
-        window, stride = plan_windows(spec, length, model.length)
+        window, stride = plan_windows(spec, length, model.length, windows=FAMILIES[objective.sampler].windows)
     except SamplingOptionError as err:
         raise _spec_error(err) from None
     if spec.applies("eps", objective):
@@ -426,7 +433,7 @@ def check_spec(spec, pre, length: int | None, prog: str, *, quiet: bool = False)
     if window > model.length and not quiet:
         print(f"{prog}: warning: --window {window} is longer than the model's training length "
               f"{model.length}; quality drops past it", file=sys.stderr)
-    plan = SamplingPlan(length, window, stride)
+    plan = SamplingPlan(length, window, stride, objective.default_steps(min(length, window)))
     if stride is not None and not quiet:
         print(f"{prog}: {length} tokens is longer than the {window}-token window: generating semi-autoregressively "
               f"in {plan.windows} windows, each holding the {window - stride} tokens before its {stride} new "
@@ -436,12 +443,19 @@ def check_spec(spec, pre, length: int | None, prog: str, *, quiet: bool = False)
 
 @dataclass
 class SamplingPlan:
-    """Tokens per sample, the window the model sees at once, and the new tokens per later window
-    (None when one window holds the whole sample)."""
+    """Tokens per sample, the window the model sees at once, the new tokens per later window
+    (None when one window holds the whole sample), and the steps per sampler call where the spec
+    gives none (:meth:`sedd.objectives.Objective.default_steps`)."""
 
     length: int
     window: int
     stride: int | None
+    steps: int | None = None
+
+    @property
+    def resolved(self) -> dict:
+        """What the sampler resolves, for :meth:`sedd.sampling.SamplingSpec.record`."""
+        return dict(steps=self.steps, window=self.window, stride=self.stride)
 
     @property
     def windows(self) -> int:

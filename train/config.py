@@ -49,8 +49,10 @@ HELP = {
                  "(from the hub), or a directory holding vocab.json + merges.txt (or tokenizer.json)",
     "doc_mask": "no attention across the EOS boundaries of packed documents (the paper attends across them)",
     # model and diffusion
-    "objective": "sedd (score entropy discrete diffusion) or ar (the autoregressive baseline on the same trunk: "
-                 "causal attention, no sigma, next-token cross entropy; the diffusion flags do not apply)",
+    "objective": "sedd (score entropy discrete diffusion), ar (the autoregressive baseline on the same trunk: "
+                 "causal attention, no sigma, next-token cross entropy; the diffusion flags do not apply) or block "
+                 "(block diffusion: SEDD within blocks of --block-size tokens, causal across them; absorbing, no "
+                 "sigma input)",
     "graph": "forward process: absorb (masking) or uniform",
     "noise": "noise schedule: loglinear, geometric, or auto (loglinear for absorb, geometric for uniform)",
     "noise_eps": "epsilon of the log-linear schedule", "sigma_min": "geometric schedule sigma_min",
@@ -88,6 +90,14 @@ GROUPS = {
 }
 CHOICES = {"objective": list(OBJECTIVES), "graph": list(GRAPHS), "noise": ["auto", *NOISES],
            "time_conditioning": ["on", "off"]}
+# The flags of one objective alone (sedd.objectives: its `flags`, e.g. --block-size): every preset
+# takes their defaults, every other objective refuses them, and they shape the model (frozen).
+OBJECTIVE_FLAGS = {key: cls for cls in OBJECTIVES.values() for key in cls.flags}
+for _key, _cls in OBJECTIVE_FLAGS.items():
+    for _preset in PRESETS.values():
+        _preset.setdefault(_key, _cls.flags[_key][0])
+    HELP[_key] = _cls.flags[_key][1]
+    GROUPS["model and diffusion"].append(_key)
 # What an objective does not read (sedd.objectives: its refused_flags, e.g. the diffusion flags for
 # --objective ar) a run of it refuses, and keeps none of in its configuration.
 # What a run trains: --resume refuses to change these (the checkpoint would no longer fit, or
@@ -95,10 +105,11 @@ CHOICES = {"objective": list(OBJECTIVES), "graph": list(GRAPHS), "noise": ["auto
 # (batch_size) is not among them: it only says how each process makes up its share of the global
 # batch, and is derived again for another number of processes.
 FROZEN = ["data", "tokenizer", "doc_mask", "objective", "graph", "noise", "noise_eps", "sigma_min", "sigma_max",
-          "time_conditioning", "hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "global_batch", "seed"]
+          "time_conditioning", "hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "global_batch", "seed",
+          *OBJECTIVE_FLAGS]
 MODEL_KEYS = ["hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "dropout"]
 NOT_TRAINING = ["data", "tokenizer", "objective", "graph", "noise", "noise_eps", "sigma_min", "sigma_max",
-                "time_conditioning", *MODEL_KEYS]  # own keys in config.json
+                "time_conditioning", *MODEL_KEYS, *OBJECTIVE_FLAGS]  # own keys in config.json
 
 
 def parse_args(argv=None, *, epilog: str = ""):
@@ -218,8 +229,14 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
     else:
         cfg = dict(PRESETS[preset or "cpu"], **overrides, preset=preset or "cpu")
         _check_objective_flags(cfg["objective"], overrides, resuming=False)
-        for key in get_objective(cfg["objective"]).refused_flags:
+        cls = get_objective(cfg["objective"])
+        for key in (*cls.refused_flags, *(k for k, owner in OBJECTIVE_FLAGS.items() if owner is not cls)):
             del cfg[key]
+        cfg.update({key: value for key, (value, _) in cls.implied_flags.items()})
+        try:
+            cls.check_run(cfg)
+        except ValueError as err:
+            raise UsageError(f"--objective {cfg['objective']}: {err}") from None
     if cfg.get("noise") == "auto":
         cfg["noise"] = GRAPHS[cfg["graph"]].default_noise
     if cfg.get("time_conditioning") == "off" and not GRAPHS[cfg["graph"]].absorbing:
@@ -256,15 +273,31 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
 
 def _check_objective_flags(objective: str, overrides: dict, *, resuming: bool) -> None:
     """:class:`UsageError` for a flag the run's objective does not read (a diffusion flag given to
-    an autoregressive run)."""
+    an autoregressive run, another objective's own flag) or fixes to another value."""
     cls = get_objective(objective)
+    run = f"the checkpoint trains --objective {objective}" if resuming else f"--objective {objective}"
+
+    def flag(key: str) -> str:
+        return "--" + key.replace("_", "-")
+
+    def readers(keys) -> str:  # the objectives where the user chooses these flags
+        names = [o.label for o in OBJECTIVES.values()
+                 if not set(keys) & {*o.refused_flags, *o.implied_flags, *(k for k, c in OBJECTIVE_FLAGS.items()
+                                                                          if c is not o)}]
+        return f"the {' and '.join(names)} objective{'s' * (len(names) > 1)} only"
+
     given = [key for key in cls.refused_flags if key in overrides]
     if given:
-        flags = ", ".join("--" + key.replace("_", "-") for key in given)
-        run = f"the checkpoint trains --objective {objective}" if resuming else f"--objective {objective}"
-        readers = " and ".join(o.label for o in OBJECTIVES.values() if not set(given) & set(o.refused_flags))
-        raise UsageError(f"{run}: {flags} {'applies' if len(given) == 1 else 'apply'} to the {readers} objective "
-                         f"only ({cls.refused_because})")
+        raise UsageError(f"{run}: {', '.join(map(flag, given))} {'applies' if len(given) == 1 else 'apply'} to "
+                         f"{readers(given)} ({cls.refused_because})")
+    foreign = [key for key, owner in OBJECTIVE_FLAGS.items() if owner is not cls and key in overrides]
+    if foreign:
+        raise UsageError(f"{run}: {', '.join(map(flag, foreign))} {'applies' if len(foreign) == 1 else 'apply'} to "
+                         f"{readers(foreign)}")
+    for key, (value, why) in cls.implied_flags.items():
+        if key in overrides and overrides[key] != value:
+            raise UsageError(f"{run}: {flag(key)} {overrides[key]} cannot run: it takes {flag(key)} {value} ({why}); "
+                             "drop the flag")
 
 
 def _divisors(n: int) -> list[int]:

@@ -65,6 +65,11 @@ gen_ppl_ci, nll, nll_se, judge_tokens, entropy, degenerate, wall_s, tokens_per_s
 null for an autoregressive checkpoint), the reference record and every setting; ``--plot PATH`` a
 PNG of generative perplexity and entropy against NFE. Exit status 0 on success, 2 on bad input
 (with a one-line message), 1 otherwise.
+
+A block-diffusion checkpoint (``train/run.py --objective block``) is sampled block by block
+(``--steps`` per block, default one per token of a block; any --length without windows); with
+``--stop-at-eos`` each sample ends at its first generated EOS: the judge scores it up to there, the
+entropy counts its own tokens, tokens/s counts the tokens generated (``mean_length`` per record).
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ if __package__ in (None, ""):  # `python train/quality.py`: the package of this 
 import numpy as np
 import torch
 
-from sedd.generation import sample_blockwise
+from sedd.generation import sample_blockwise, stopped_lengths
 from sedd.metrics import Judge, generation_metrics, judge_source, load_judge
 from train import cli
 from train.cli import InputError
@@ -296,7 +301,7 @@ def run(args) -> int:
     judge = _judge(load_judge, args.judge, device, first_token=args.first_token, context=args.judge_context,
                    progress=progress)
     length = plan.length
-    resolved = dict(steps=min(length, plan.window), window=plan.window, stride=plan.stride)
+    resolved = plan.resolved
     print(f"quality.py: {args.num_samples} samples of {length} tokens, "
           f"{'; '.join(v.describe(objective, **resolved) for v in variants)}, judge {args.judge} "
           f"(context {judge.context}, first token {args.first_token}) on {device}", file=sys.stderr)
@@ -309,21 +314,25 @@ def run(args) -> int:
             b = min(args.batch_size, args.num_samples - start)
             began = time.perf_counter()
             x, stats = sample_blockwise(model, pre.graph, pre.noise, batch_size=b, length=length, spec=variant,
-                                        generator=generator, device=device, progress=progress, return_stats=True)
-            parts.append(x.cpu())
+                                        generator=generator, device=device, progress=progress, return_stats=True,
+                                        eos_id=tokenizer.eos_id)
+            ends = stopped_lengths(x, tokenizer.eos_id) if variant.stop_at_eos else [length] * b
+            parts += [row[:n] for row, n in zip(x.cpu(), ends)]  # a stop_at_eos sample ends at its EOS
             nfe.append(stats.nfe)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             wall += time.perf_counter() - began
-        tokens = torch.cat(parts)
+        tokens = parts if variant.stop_at_eos else torch.stack(parts)
         texts = [tokenizer.decode(row) for row in tokens]
+        generated = sum(len(row) for row in tokens)
         began = time.perf_counter()
         ran = variant.record(objective, **resolved)
         record = {"steps": ran["steps"], "tokens_per_step": ran["tokens_per_step"],
                   **sample_stats(tokens, texts, judge, args, progress)}
         record.update(
-            wall_s=wall, tokens_per_s=tokens.numel() / wall, judge_s=time.perf_counter() - began,
+            wall_s=wall, tokens_per_s=generated / wall, judge_s=time.perf_counter() - began,
             num_samples=len(tokens), length=length, nfe=float(torch.cat(nfe).double().mean()),
+            mean_length=generated / len(tokens),
         )
         if args.keep_samples:
             record["samples"] = texts

@@ -1,8 +1,9 @@
-"""Train a Score Entropy Discrete Diffusion (SEDD) model, or the autoregressive baseline on its trunk.
+"""Train a Score Entropy Discrete Diffusion (SEDD) model, or the autoregressive or block-diffusion model on its trunk.
 
     python train/run.py                                  # CPU, a few minutes, no download
     python train/run.py --data notes/ --max-steps 2000   # your own text files
     python train/run.py --objective ar --out out/cpu-ar  # the autoregressive baseline, same everything else
+    python train/run.py --objective block --block-size 16 --out out/cpu-block   # block diffusion (BD3-LM)
     torchrun --nproc_per_node 8 train/run.py --preset small --out out/sedd-small
     python train/run.py --out out/cpu --resume           # continue an interrupted run exactly
 
@@ -21,8 +22,11 @@ Objectives: --objective sedd (the default) trains SEDD on --graph with --noise; 
 trains the autoregressive baseline (sedd.model.ARModel): the same DDiT blocks with causal attention,
 the adaLN conditioning from a learned constant instead of sigma, the next-token cross entropy with
 the head fused into the loss. The diffusion flags (--graph, --noise, --sigma-min, --sampling-eps,
---sample-steps, ...) do not apply to it and are refused. config.json records the objective, and
---resume keeps it.
+--sample-steps, ...) do not apply to it and are refused. --objective block trains block diffusion
+(sedd.model.BlockSEDD): the sequence in blocks of --block-size tokens, each a SEDD model on the
+absorbing graph conditioned on the clean blocks before it (a block-causal mask over [x_t ; x0], no
+sigma input, its own noise level per block); it implies --graph absorb and --time-conditioning off.
+config.json records the objective (and the block size), and --resume keeps it.
 
 Units: the log, the progress bar and loss.png give nats per token (the loss of a block over its L
 tokens) and the perplexity: the autoregressive loss is the exact -log p, so exp(nats per token) is

@@ -56,7 +56,10 @@ process: under torchrun that is one line of error.
 
 A --length above the model's training length is generated semi-autoregressively: window by
 window (--window, default the model's length), each later window holding the tokens before its
---stride new ones fixed (sedd.generation.sample_blockwise).
+--stride new ones fixed (sedd.generation.sample_blockwise). A block-diffusion checkpoint
+(``train/run.py --objective block``) generates any --length block by block over a KV cache of the
+finished blocks, with no window re-run (--window caps the context a block reads; --no-kv-cache
+re-runs the prefix instead); with --stop-at-eos each sample ends at its first generated EOS.
 
 The output is every decoded sample under a header (to stdout and to --out), or JSON with the
 token ids of every sample and of every fixed span (--json). Every value and every output path
@@ -82,7 +85,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sedd.generation import sample_blockwise
+from sedd.generation import sample_blockwise, stopped_lengths
 from sedd.sampling.spans import Span, fixed_spans, spans_to_mask
 from train import cli
 from train.cli import InputError
@@ -331,7 +334,7 @@ def _sample(args, procs: cli.Processes, spec, jsonl: str | None, requests: list[
     device = next(model.parameters()).device
     length = plan.length
     # what the sampler resolves: steps per window (the diffusion samplers' default), the windows
-    resolved = dict(steps=min(length, plan.window), window=plan.window, stride=plan.stride)
+    resolved = plan.resolved
     seed = procs.broadcast(args.seed if args.seed is not None else secrets.randbits(31))
     max_rows = args.max_batch_rows or DEFAULT_MAX_BATCH_ROWS.get(device.type, DEFAULT_MAX_BATCH_ROWS["cpu"])
 
@@ -388,8 +391,12 @@ def _sample(args, procs: cli.Processes, spec, jsonl: str | None, requests: list[
                     fixed_tokens, fixed_mask = spans_to_mask([spans] * rows, length, device=device)
                 x, stats = sample_blockwise(model, pre.graph, pre.noise, batch_size=rows, length=length, spec=spec,
                                             fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, generator=generator,
-                                            device=device, progress=progress, return_stats=True)
-                done += zip(x.cpu().tolist(), stats.nfe)
+                                            device=device, progress=progress, return_stats=True,
+                                            eos_id=tokenizer.eos_id)
+                ids = x.cpu().tolist()
+                if spec.stop_at_eos:  # each sample ends at its first generated EOS
+                    ids = [row[:n] for row, n in zip(ids, stopped_lengths(x, tokenizer.eos_id, fixed_mask))]
+                done += zip(ids, stats.nfe)
                 if not requests:
                     bar.update(rows)
             elapsed = round(time.perf_counter() - began, 3)

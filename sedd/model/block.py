@@ -53,7 +53,7 @@ from sedd.model.layers import HEAD_MULTIPLE
 __all__ = ["BlockKVCache", "BlockSEDD", "block_diffusion_mask"]
 
 
-def block_diffusion_mask(n_noisy: int, n_clean: int, block_size: int, *, start: int = 0,
+def block_diffusion_mask(n_noisy: int, n_clean: int, block_size: int, *, start: int = 0, context: int | None = None,
                          device: torch.device | str | None = None) -> torch.Tensor:
     """[S, S] bool (True = may attend), S = n_noisy + n_clean: the attention of the tokens
     [noisy ; clean], the noisy ones at positions ``start`` … ``start + n_noisy − 1``, the clean ones
@@ -63,6 +63,10 @@ def block_diffusion_mask(n_noisy: int, n_clean: int, block_size: int, *, start: 
         noisy q → clean k:  block(k) < block(q)  (and the clean blocks before it)
         clean q → clean k:  block(k) ≤ block(q)  (clean blocks are causal by block)
         clean q → noisy k:  never
+
+    ``context`` (a multiple of ``block_size``, or None: no limit) also keeps every query from the
+    clean blocks more than ``context`` tokens before its own block: block(k) ≥ block(q) − context/b
+    (generation past the training length, :meth:`BlockSEDD.extend`).
     """
     noisy_blocks = torch.arange(start, start + n_noisy, device=device) // block_size
     clean_blocks = torch.arange(n_clean, device=device) // block_size
@@ -70,8 +74,11 @@ def block_diffusion_mask(n_noisy: int, n_clean: int, block_size: int, *, start: 
     clean = torch.arange(n_noisy + n_clean, device=device) >= n_noisy
     q_block, k_block = blocks[:, None], blocks[None, :]
     q_clean, k_clean = clean[:, None], clean[None, :]
-    return ((~q_clean & ~k_clean & (k_block == q_block)) | (~q_clean & k_clean & (k_block < q_block))
-            | (q_clean & k_clean & (k_block <= q_block)))
+    allowed = ((~q_clean & ~k_clean & (k_block == q_block)) | (~q_clean & k_clean & (k_block < q_block))
+               | (q_clean & k_clean & (k_block <= q_block)))
+    if context is not None:
+        allowed &= k_block >= q_block - context // block_size
+    return allowed
 
 
 class BlockKVCache(KVCache):
@@ -165,6 +172,12 @@ class BlockSEDD(SEDD):
             raise ValueError(f"x0 must have the shape and device of x_t ({list(like.shape)} on {like.device}), got "
                              f"{list(x0.shape)} on {x0.device}")
 
+    def _check_context(self, context: Any) -> None:
+        if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 0
+                                    or context % self.block_size):
+            raise ValueError(f"context must be None or a multiple of the block size {self.block_size} (clean tokens "
+                             f"a block reads before it), got {context!r}")
+
     def _check_block_sigma(self, sigma: Any, B: int, K: int, device: torch.device) -> torch.Tensor:
         if not isinstance(sigma, torch.Tensor) or sigma.shape != (B, K):
             got = list(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__
@@ -184,6 +197,7 @@ class BlockSEDD(SEDD):
         segment_ids: torch.Tensor | None = None,
         head: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None,
         only_last_block: bool = False,
+        context: int | None = None,
     ) -> torch.Tensor:
         """Log concrete scores of every noisy block given the clean blocks before it.
 
@@ -200,6 +214,9 @@ class BlockSEDD(SEDD):
                 states of the noisy tokens, [B, L, D] (or [B, b, D] with ``only_last_block``).
             only_last_block: score x_t's last block only (the others are not read): [B, b, V].
                 What a sampler without the KV cache runs.
+            context: no token reads the clean blocks more than ``context`` tokens (a multiple
+                of b) before its own block (:func:`block_diffusion_mask`); None: all of them. What
+                the sampler past the training length runs (:meth:`extend`).
         Returns:
             raw=False: ŝ [B, L, V] float32 with ŝ[x_t] = 0; raw=True: z in the compute dtype; or
             what ``head`` returns.
@@ -209,6 +226,7 @@ class BlockSEDD(SEDD):
         B, L = x_t.shape
         K, b = self._check_blocks("x_t", x_t), self.block_size
         attention_mask, segment_ids = self._check_layouts(x_t, attention_mask, segment_ids)
+        self._check_context(context)
         if not raw and head is None:
             sigma = self._check_block_sigma(sigma, B, K, x_t.device)
         first = L - b if only_last_block else 0  # the first noisy position scored
@@ -217,7 +235,7 @@ class BlockSEDD(SEDD):
         positions = torch.cat([torch.arange(first, L, device=x_t.device), torch.arange(L - b, device=x_t.device)])
         allowed = None
         if L - b > 0:  # with one block and nothing clean, the mask is all True: SEDD's forward
-            allowed = block_diffusion_mask(L - first, L - b, b, start=first, device=x_t.device)[None]
+            allowed = block_diffusion_mask(L - first, L - b, b, start=first, context=context, device=x_t.device)[None]
         if attention_mask is not None or segment_ids is not None:
             allowed = self._layout_mask(allowed, positions, attention_mask, segment_ids)
         z = self._run_masked(torch.cat([noisy, clean], dim=1), positions, allowed, L - first, head)
@@ -290,35 +308,48 @@ class BlockSEDD(SEDD):
         return h, F.silu(self.cond_embed)[None], cos, sin
 
     @torch.no_grad()
-    def extend(self, x0: torch.Tensor, cache: BlockKVCache) -> None:
+    def extend(self, x0: torch.Tensor, cache: BlockKVCache, *, context: int | None = None) -> None:
         """Append the clean blocks ``x0`` [B, n·b] (token ids < N) at ``cache.length``: their keys
-        and values as the clean stream of :meth:`forward` computes them (block-causal among
-        themselves, every cached block before them)."""
+        and values as the clean stream of :meth:`forward` (with the same ``context``) computes
+        them: block-causal among themselves, every cached block before them, or only the cached
+        blocks within ``context`` tokens (a multiple of b) before each block.
+
+        A block at position p reads positions [p − context, p + b) only, so a cache longer than
+        ``context`` + b costs no more per block, and every query meets the relative positions of
+        training when ``context`` ≤ L − b (rotary positions are relative): what generation past
+        the training length runs (:func:`sedd.sampling.sample_block_diffusion`, ``window``)."""
         self._check_ids("x0", x0, self.tokens, "clean tokens are real tokens")
         self._check_blocks("x0", x0)
-        start, n = cache.length, x0.shape[1]
+        self._check_context(context)
+        start, n, b = cache.length, x0.shape[1], self.block_size
         if start + n > cache.capacity:
             raise ValueError(f"the cache holds {cache.capacity} positions; {start} + {n} do not fit")
         h, c, cos, sin = self._cache_inputs(x0, start)
-        mask = None  # one block sees itself and the whole cache: no mask
-        if n > self.block_size:
-            q = (start + torch.arange(n, device=h.device)) // self.block_size
-            mask = (torch.arange(start + n, device=h.device) // self.block_size)[None, :] <= q[:, None]
+        lo = 0 if context is None else max(0, start - context)  # the first cached position any of them reads
+        mask = None  # one block sees itself and the cache from lo: no mask
+        if n > b:
+            q = ((start + torch.arange(n, device=h.device)) // b)[:, None]
+            k = (torch.arange(lo, start + n, device=h.device) // b)[None, :]
+            mask = (k <= q) if context is None else (k <= q) & (k >= q - context // b)
         with self._amp(h.device):
             for i, block in enumerate(self.blocks):
-                h = block.step(h, c, cos, sin, cache.keys[i], cache.values[i], start, mask)
+                h = block.step(h, c, cos, sin, cache.keys[i][:, :, lo:], cache.values[i][:, :, lo:], start - lo, mask)
         cache.length = start + n
 
     @torch.no_grad()
     def block_scores(self, x_t: torch.Tensor, cache: BlockKVCache, *, rows: torch.Tensor | None = None,
-                     head: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None) -> Any:
+                     head: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None,
+                     context: int | None = None) -> Any:
         """The raw output z [r, b, V] (compute dtype) of the noisy block ``x_t`` [r, b] at positions
         ``cache.length`` …, given the cached clean blocks of the batch rows ``rows`` (default: all
-        of them, r = the cache's batch), or what ``head`` returns for its hidden states [r, b, D].
+        of them, r = the cache's batch), the last ``context`` tokens of them only where given (as
+        :meth:`extend`), or what ``head`` returns for its hidden states [r, b, D].
         The cache is not extended. The numbers of :meth:`forward`'s block at that position, up to
         float rounding."""
         self._check_tokens(x_t)
+        self._check_context(context)
         start, b = cache.length, self.block_size
+        lo = 0 if context is None else max(0, start - context)
         if x_t.shape[1] != b:
             raise ValueError(f"x_t must be one block [r, {b}], got {list(x_t.shape)}")
         if start + b > cache.capacity:
@@ -329,9 +360,9 @@ class BlockSEDD(SEDD):
         with self._amp(h.device):
             for i, block in enumerate(self.blocks):
                 # the block's own keys go to the scratch slots past the cache (of a copy for a sub-batch)
-                keys, values = (t[:, :, : start + b] if rows is None else t[rows, :, : start + b]
+                keys, values = (t[:, :, lo : start + b] if rows is None else t[rows, :, lo : start + b]
                                 for t in (cache.keys[i], cache.values[i]))
-                h = block.step(h, c, cos, sin, keys, values, start)
+                h = block.step(h, c, cos, sin, keys, values, start - lo)
             return self.output_layer(h, c, head)
 
     # -- checkpoints ----------------------------------------------------------------------------

@@ -143,7 +143,10 @@ class SamplingSpec:
         tokens_per_step: first hitting's unmasking events per evaluation (None: 1).
         top_p, top_k: nucleus / top-k truncation of every step (every draw for an AR model).
         temperature: autoregressive models: logits / T before each draw, 0 greedy.
-        kv_cache: autoregressive models: keep the keys and values of earlier positions.
+        kv_cache: autoregressive models: keep the keys and values of earlier positions;
+            block-diffusion models: of the finished blocks (False re-runs them at every call).
+        stop_at_eos: block-diffusion models: a sequence ends at its first generated EOS (the
+            sampler is told the EOS id by its caller, who knows the tokenizer).
         cuda_graph: capture the network call of the first step as a CUDA graph and replay it at
             every later step (:mod:`sedd.sampling.graphs`): one launch per forward instead of one
             per kernel; the steps then run sync-free (the full head at every position, the same
@@ -151,7 +154,9 @@ class SamplingSpec:
             nor a predictor with its own grid (its sub-batches change size).
         window, stride: longer than ``window`` tokens (default: the model's length) is generated
             window by window, ``stride`` new tokens per later window (default: half the window);
-            read by :func:`sedd.generation.sample_blockwise` and what calls it.
+            read by :func:`sedd.generation.sample_blockwise` and what calls it. A block-diffusion
+            model takes any length in one call and no stride: ``window`` caps what a block sees
+            (itself and the clean tokens before it).
     """
 
     predictor: str | Predictor = _option("analytic", DIFFUSION, _step_kind(False), "reverse-step predictor")
@@ -171,10 +176,12 @@ class SamplingSpec:
     temperature: float = _option(1.0, ("ancestral",), _rule(lambda v: _real(v) and math.isfinite(v) and v >= 0,
                                                          "a finite number >= 0"),
                                  "autoregressive: logits / T, 0 greedy")
-    kv_cache: bool = _option(True, ("ancestral",), _BOOL, "autoregressive: keep keys and values")
+    kv_cache: bool = _option(True, ("ancestral", "block"), _BOOL,
+                             "autoregressive, block diffusion: keep the keys and values of the tokens before")
+    stop_at_eos: bool = _option(False, ("block",), _BOOL, "block diffusion: end a sequence at its first generated EOS")
     cuda_graph: bool = _option(False, ("reverse",), _BOOL,
                                "CUDA: capture the network call once and replay it (sync-free steps)")
-    window: int | None = _option(None, WINDOWED, _POSITIVE, "tokens the model sees at once (default: its length)")
+    window: int | None = _option(None, ALL, _POSITIVE, "tokens the model sees at once (default: its length)")
     stride: int | None = _option(None, WINDOWED, _POSITIVE, "new tokens per later window (default: half the window)")
 
     def __post_init__(self):
@@ -279,11 +286,18 @@ class SamplingSpec:
         unread = [f.name for f in dataclasses.fields(self)
                   if objective.sampler not in f.metadata["reads"] and self.given(f.name)]
         if unread:
+            # a block-diffusion model is a diffusion model: "diffusion" names both where both read it
             readers = " and ".join(dict.fromkeys(FAMILIES[r].models for f in dataclasses.fields(self)
-                                                 if f.name in unread for r in f.metadata["reads"]))
+                                                 if f.name in unread for r in f.metadata["reads"]
+                                                 if not (r == "block" and "reverse" in f.metadata["reads"])))
             raise SamplingOptionError(tuple(unread), lambda n: (
                 f"{', '.join(n(u) for u in unread)} {'applies' if len(unread) == 1 else 'apply'} to {readers} "
                 f"models; " + family.refusal.format_map(_Names(n, it="it" if len(unread) == 1 else "them"))))
+        floor = getattr(objective, "min_window", None)
+        if self.window is not None and floor is not None and self.window < floor:
+            raise SamplingOptionError(("window",), lambda n: (
+                f"{n('window')} {self.window} is shorter than one block ({floor} tokens): a block reads itself and "
+                "the clean blocks before it within the window"))
         if not family.predictors:
             return self
         graph = objective.graph
@@ -372,7 +386,8 @@ class SamplerTarget(Protocol):
     provides these): ``sampler``, the family of its sampler ("reverse" or "ancestral", a key of
     :data:`FAMILIES`); ``label``, its kind in messages ("diffusion"); ``graph``, the forward
     process (None: none, or not known); ``time_conditioning``, whether the network reads σ
-    (None: not known)."""
+    (None: not known); optionally ``min_window``, the fewest tokens its sampler takes as a window
+    (a block-diffusion model's block size)."""
 
     sampler: str
     label: str
@@ -386,12 +401,14 @@ class _Target:
     label: str
     graph: Any = None
     time_conditioning: bool | None = None
+    min_window: int | None = None
 
 
-def target_for(sampler: str, *, graph=None, time_conditioning: bool | None = None) -> SamplerTarget:
+def target_for(sampler: str, *, graph=None, time_conditioning: bool | None = None,
+               min_window: int | None = None) -> SamplerTarget:
     """A :class:`SamplerTarget` for a bare model sampled by the ``sampler`` family (what
     :func:`sedd.sampling.sample` and :func:`sedd.sampling.sample_ancestral` check their spec against)."""
-    return _Target(sampler, FAMILIES[sampler].label, graph, time_conditioning)
+    return _Target(sampler, FAMILIES[sampler].label, graph, time_conditioning, min_window)
 
 
 @dataclass(frozen=True)
@@ -406,6 +423,9 @@ class Family:
     refusal: str
     cost: str = ""
     predictors: bool = True  # it runs the registered predictors (the options of sedd.sampling.predictors)
+    # longer than its window is sampled window by window (sedd.generation.sample_blockwise); False:
+    # its sampler takes any length in one call (and reads ``window`` itself)
+    windows: bool = True
 
 
 FAMILIES: dict[str, Family] = {
@@ -415,8 +435,9 @@ FAMILIES: dict[str, Family] = {
     "ancestral": Family("autoregressive", "autoregressive",
                         "this one is autoregressive (sampled ancestrally, one network evaluation per token): drop {it}",
                         "one network evaluation per token", predictors=False),
-    "block": Family("block diffusion", "diffusion",
+    "block": Family("block diffusion", "block-diffusion",
                     "a block-diffusion model is sampled block by block, each block by a diffusion sampler given the "
-                    "blocks before it: it has no temperature and no windows ({top_p} and {top_k} truncate its steps; its "
-                    "own kv_cache argument keeps the clean blocks)"),
+                    "blocks before it, over a cache of their keys and values: it has no temperature and takes any "
+                    "length without a stride ({top_p} and {top_k} truncate its steps; {window} caps what a block "
+                    "sees)", windows=False),
 }

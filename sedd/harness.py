@@ -459,6 +459,8 @@ class SEDDLM(LM):
     def _generation_spec(self, spec: SamplingSpec, given, new_per_window: int) -> SamplingSpec:
         """The spec that runs: first hitting where the user chose no predictor and it can run, else
         the steps the user chose or as many as the window's new tokens (module docstring)."""
+        if spec.applies("stop_at_eos", self.objective):  # the text is cut at EOS: generate nothing after it
+            spec = dataclasses.replace(spec, stop_at_eos=True)
         if "predictor" not in given:
             try:
                 return dataclasses.replace(spec, predictor="first_hitting").validate(self.objective)
@@ -466,8 +468,6 @@ class SEDDLM(LM):
                 pass
         if spec.steps is None and spec.applies("steps", self.objective):  # a block model's: per block
             spec = dataclasses.replace(spec, steps=self.objective.default_steps(new_per_window))
-        if spec.applies("stop_at_eos", self.objective):  # the text is cut at EOS: generate nothing after it
-            spec = dataclasses.replace(spec, stop_at_eos=True)
         return spec
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

@@ -83,9 +83,9 @@ class Pretrained:
 
     @property
     def objective(self) -> str:
-        """The objective's name: "sedd" (a diffusion model) or "ar" (the autoregressive baseline),
-        a key of :data:`sedd.objectives.OBJECTIVES`; "sedd" for a score network without a config
-        (a test double, a wrapped public model)."""
+        """The objective's name, a key of :data:`sedd.objectives.OBJECTIVES`: "sedd" (a diffusion
+        model), "ar" (the autoregressive baseline), "block" (block diffusion); "sedd" for a score
+        network without a config (a test double, a wrapped public model)."""
         return config_objective(getattr(self.model, "config", {}))
 
 

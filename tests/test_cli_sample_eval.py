@@ -127,16 +127,16 @@ def test_sample_script_unconditional(bpe_ckpt, cache_dir, tmp_path):
 
 
 def test_sample_top_p_top_k_reach_every_window(bpe_ckpt, capsys, monkeypatch):
-    import sedd.objectives
+    import sedd.objectives.diffusion
 
     seen = []
-    real = sedd.objectives.sample
+    real = sedd.objectives.diffusion.sample
 
     def spy(*args, spec, **kwargs):
         seen.append((spec.top_p, spec.top_k))
         return real(*args, spec=spec, **kwargs)
 
-    monkeypatch.setattr(sedd.objectives, "sample", spy)
+    monkeypatch.setattr(sedd.objectives.diffusion, "sample", spy)
     # 96 tokens with the model's 64-token window: semi-autoregressive, two windows
     out = _sample_json(capsys, bpe_ckpt, "--length", 96, "--steps", 3, "--seed", 0, "--top-p", 0.8, "--top-k", 7)
     assert seen == [(0.8, 7), (0.8, 7)]

@@ -217,16 +217,16 @@ def test_bad_input_is_one_line(ckpt, judge_dir, capsys):
 
 def test_longer_than_the_model_is_sampled_window_by_window_with_truncation(ckpt, judge_dir, tmp_path, capsys,
                                                                             monkeypatch):
-    import sedd.objectives
+    import sedd.objectives.diffusion
 
     seen = []
-    real = sedd.objectives.sample
+    real = sedd.objectives.diffusion.sample
 
     def spy(*args, spec, **kwargs):
         seen.append((kwargs["length"], spec.top_p, spec.top_k))
         return real(*args, spec=spec, **kwargs)
 
-    monkeypatch.setattr(sedd.objectives, "sample", spy)
+    monkeypatch.setattr(sedd.objectives.diffusion, "sample", spy)
     path = tmp_path / "q.json"
     # the model's length is 32: 48 tokens are two windows, ending at 32 and 48 (stride 16)
     assert quality.main([str(ckpt), "--judge", str(judge_dir), "--steps", "2", "--num-samples", "2", "--length", "48",

@@ -157,10 +157,10 @@ def plot_losses(metrics: list[dict], path: Path, label: str = "score entropy (na
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train"), ("val_loss", "validation (EMA)")):
+    for key, curve in (("loss", "train"), ("val_loss", "validation (EMA)")):
         points = [(m["step"], m[key]) for m in metrics if key in m]
         if points:
-            ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, markersize=3, label=label)
+            ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, markersize=3, label=curve)
     ax.set_xlabel("step")
     ax.set_ylabel(label)
     ax.set_yscale("log")

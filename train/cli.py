@@ -327,8 +327,9 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
     else:
         group.add_argument(
             "--steps", type=int,
-            help="reverse-process steps, one model call each (default: --length, as in the paper; "
-            "fewer is faster, e.g. 128, at some cost in quality, more so for euler)",
+            help="reverse-process steps per window (per block for a block-diffusion checkpoint), one model "
+            "call each (default: one per token, as in the paper: the window's length, or the block size; fewer "
+            "is faster, e.g. 128, at some cost in quality, more so for euler)",
         )
     group.add_argument("--sampler", "--predictor", dest="predictor", choices=PREDICTORS, default=default.predictor,
                        help="predictor of every step (default: analytic); first_hitting: one network evaluation "

@@ -67,7 +67,8 @@ PNG of generative perplexity and entropy against NFE. Exit status 0 on success, 
 (with a one-line message), 1 otherwise.
 
 A block-diffusion checkpoint (``train/run.py --objective block``) is sampled block by block
-(``--steps`` per block, default one per token of a block; any --length without windows); with
+(``--steps`` per block: each count of the list, 16,32,64 by default as for SEDD, is the steps of every
+block, whose sampler otherwise takes one per token; any --length without windows); with
 ``--stop-at-eos`` each sample ends at its first generated EOS: the judge scores it up to there, the
 entropy counts its own tokens, tokens/s counts the tokens generated (``mean_length`` per record).
 """

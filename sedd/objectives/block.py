@@ -29,7 +29,7 @@ class BlockDiffusion(Diffusion):
     label = "block-diffusion"
     model_class = BlockSEDD
     sampler = "block"
-    loss_label = "score entropy over blocks (nats per sequence)"
+    loss_label = "score entropy over blocks (nats per token)"  # train/run.py's loss.png
     flags = {"block_size": (16, "--objective block: tokens per diffusion block, a divisor of --length (1 is "
                                 "autoregressive, --length is SEDD)")}
     implied_flags = {

@@ -383,8 +383,8 @@ class _Names(dict):
 
 class SamplerTarget(Protocol):
     """What :meth:`SamplingSpec.validate` reads of a model's objective (:mod:`sedd.objectives`
-    provides these): ``sampler``, the family of its sampler ("reverse" or "ancestral", a key of
-    :data:`FAMILIES`); ``label``, its kind in messages ("diffusion"); ``graph``, the forward
+    provides these): ``sampler``, the family of its sampler ("reverse", "ancestral" or "block", a
+    key of :data:`FAMILIES`); ``label``, its kind in messages ("diffusion"); ``graph``, the forward
     process (None: none, or not known); ``time_conditioning``, whether the network reads σ
     (None: not known); optionally ``min_window``, the fewest tokens its sampler takes as a window
     (a block-diffusion model's block size)."""

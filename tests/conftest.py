@@ -35,8 +35,9 @@ def pytest_cmdline_main(config):
     option = config.option
     if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
         return
-    if option.numprocesses is not None or option.dist != "no" or option.tx or option.usepdb or option.collectonly:
-        return  # the command line chose, or a debugger / a collection needs one process
+    if (option.numprocesses is not None or option.dist != "no" or option.tx or option.usepdb or option.trace
+            or option.collectonly or option.capture == "no"):
+        return  # the command line chose, or a debugger, -s or a collection wants this one process
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if cores < WORKERS:
         return

@@ -190,14 +190,12 @@ def reverse_step(kind, log_score, x_t, graph, gen):
 # -- two CPU processes joined by gloo (DDP and FSDP2 tests) ------------------------------------------
 
 
-def _gloo_process(rank: int, world: int, port: int, errors, worker) -> None:
-    import os
+def _gloo_process(rank: int, world: int, rendezvous: str, errors, worker) -> None:
     import warnings
 
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -212,24 +210,24 @@ def _gloo_process(rank: int, world: int, port: int, errors, worker) -> None:
 def run_on_two_processes(worker) -> None:
     """Run ``worker(rank, world)`` (a module-level function: it is pickled) in two spawned CPU
     processes joined by a gloo process group, one thread each; a failure in either fails the
-    calling test with the ranks' messages."""
-    import socket
+    calling test with the ranks' messages. The processes meet through a file, not a TCP port
+    chosen beforehand, which another test (another pytest-xdist worker) could take in between."""
+    import tempfile
 
     import pytest
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    try:
-        mp.start_processes(_gloo_process, args=(2, port, errors, worker), nprocs=2, start_method="spawn")
-    except Exception as e:
-        msgs = []
-        while not errors.empty():
-            msgs.append(errors.get())
-        pytest.fail(f"{msgs or e}")
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            mp.start_processes(_gloo_process, args=(2, f"{folder}/rendezvous", errors, worker), nprocs=2,
+                               start_method="spawn")
+        except Exception as e:
+            msgs = []
+            while not errors.empty():
+                msgs.append(errors.get())
+            pytest.fail(f"{msgs or e}")
 
 
 def wrap_for_two_processes(model, kind: str):

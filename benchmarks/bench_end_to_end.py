@@ -18,8 +18,13 @@ interpreter is a correctness tool, not a fast path).
 Fewer network evaluations (``benchmarks/results/nfe-*`` for quality): on a model of the same shapes
 without time conditioning, the analytic sampler at T = L steps uncached and with ``cache=True`` (the
 same tokens; ``same_tokens`` records whether they were, which on a GPU depends on the BLAS computing
-a row alike in any batch), and first hitting with 8 tokens per evaluation (L/8 evaluations). These
-run at batch 4: T = L uncached steps at batch 16 would outlast the stage. Each records its NFE.
+a row alike in any batch), and first hitting with 1 and 8 tokens per evaluation (L and L/8
+evaluations) and with the entropy bound (``benchmarks/results/adaptive-*`` for quality). These run
+at batch 4: T = L uncached steps at batch 16 would outlast the stage. Each records its NFE and
+tokens/s. The untrained model's every MASK position is close to uniform, H ≈ log V, so the bound
+γ = 8·log V admits about 8 positions besides the event per evaluation: the adaptive sampler at
+about fixed k = 8's NFE, which prices what the rule adds to an evaluation (the head at every MASK
+row and the fused step with its statistics there, against the head at one row per sequence).
 
     python -m pytest benchmarks/bench_end_to_end.py --benchmark-only
 
@@ -27,6 +32,8 @@ Each case records tokens/s and the peak memory allocated in ``benchmark.extra_in
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -43,19 +50,21 @@ CUDA, DEVICE = common.CUDA, common.DEVICE
 BACKENDS = ["triton", "torch"] if CUDA else ["torch"]
 
 # Sampling cases (backend, steps, sampler, batch). Sampler: "analytic" on the σ-conditioned model;
-# on the model without time conditioning "analytic-free" (uncached), "cached" (cache=True) and
-# "first_hitting-k" (k tokens per evaluation; steps unused).
+# on the model without time conditioning "analytic-free" (uncached), "cached" (cache=True),
+# "first_hitting-k" (k tokens per evaluation; steps unused) and "entropy_bound-g" (first hitting with
+# entropy_bound = g nats).
 if CUDA:
     CONFIG = SEDD.config_for("small")
     TRAIN_BATCH, SAMPLE_BATCH, LENGTH = 8, 16, 1024
     SAMPLING = [("triton", 128, "analytic", 16), ("triton", 32, "analytic", 16), ("torch", 32, "analytic", 16),
                 ("triton", 1024, "analytic-free", 4), ("triton", 1024, "cached", 4),
-                ("triton", 0, "first_hitting-8", 4)]
+                ("triton", 0, "first_hitting-1", 4), ("triton", 0, "first_hitting-8", 4),
+                ("triton", 0, f"entropy_bound-{8 * math.log(CONFIG['tokens']):.1f}", 4)]
 else:
     CONFIG = SEDD.config_for("cpu", tokens=255, hidden_size=64, cond_dim=32, n_blocks=1)
     TRAIN_BATCH, SAMPLE_BATCH, LENGTH = 2, 2, 32
     SAMPLING = [("torch", 4, "analytic", 2), ("torch", 32, "analytic-free", 2), ("torch", 32, "cached", 2),
-                ("torch", 0, "first_hitting-8", 2)]
+                ("torch", 0, "first_hitting-8", 2), ("torch", 0, f"entropy_bound-{8 * math.log(CONFIG['tokens']):.1f}", 2)]
 
 
 def _model(config):
@@ -140,6 +149,8 @@ def test_sampling(benchmark, request, measure_peak, backend, steps, sampler, bat
         kwargs["cache"] = True
     elif sampler.startswith("first_hitting"):  # its own grid: no steps (the spec refuses them)
         kwargs = dict(predictor="first_hitting", tokens_per_step=int(sampler.split("-")[1]))
+    elif sampler.startswith("entropy_bound"):
+        kwargs = dict(predictor="first_hitting", entropy_bound=float(sampler.split("-")[1]))
     result = {}
 
     def run():

@@ -121,12 +121,13 @@ def nfe_table(records: list[dict]) -> list[str]:
     if not rows:
         return []
     lines = ["", "## Network evaluations of the sampling cases (same tokens: cached against uncached, same seed)", "",
-             "| case | impl | median ms | NFE per sequence | forward rows | reused rows | same tokens |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+             "| case | impl | median ms | tokens/s | NFE per sequence | forward rows | reused rows | same tokens |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         info, median = r["extra_info"], r.get("median_s")
         same = info.get("same_tokens")
         lines.append(f"| {info.get('mode')} {info.get('shape')} | {info.get('impl')} | {_fmt(median and median * 1e3, '.1f')} "
+                     f"| {_fmt(info.get('tokens_per_s'), ',.0f')} "
                      f"| {info['nfe_mean']:.1f} | {info.get('forward_rows')} | {info.get('reused_rows')} "
                      f"| {'–' if same is None else ('yes' if same else 'NO')} |")
     return lines

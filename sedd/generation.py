@@ -282,7 +282,8 @@ def generate_samples(
     NFE); ``infills`` adds per-row lists of (position, text) spans (see :func:`fixed_spans`)."""
     spec = SamplingSpec.build(spec, **options)
     net, graph, noise, tok = _resolve(model, tokenizer, device)
-    spec.validate(objective_of(net, graph=graph, noise=noise))
+    objective = objective_of(net, graph=graph, noise=noise)
+    spec.validate(objective)
     lists = {name: _as_rows(name, value) for name, value in
              (("prompts", prompts), ("suffixes", suffixes), ("templates", templates))}
     if infills is not None:
@@ -301,7 +302,10 @@ def generate_samples(
     if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
         raise ValueError(f"length must be a positive integer, got {length!r}")
     model_length = getattr(net, "length", None)
-    length = length if length is not None else spec.window if spec.window is not None else model_length
+    # a windowing sampler's default sample is one window; a sampler that takes any length in one call
+    # (block diffusion, where window only bounds the context a block reads) samples the model's length
+    windowed = FAMILIES[objective.sampler].windows and spec.window is not None
+    length = length if length is not None else spec.window if windowed else model_length
     if length is None:
         raise ValueError("length is needed for a model without a training length")
     if noise is not None:
@@ -376,7 +380,8 @@ def generate(
             ``spec=`` (a :class:`~sedd.sampling.SamplingSpec`) and/or its fields: ``steps``
             (reverse steps per window, default the window length, as in the paper: fewer is
             faster at some cost in quality), ``predictor`` ("analytic", "euler", "first_hitting":
-            one evaluation per unmasked token, ``tokens_per_step`` per evaluation), ``window``,
+            one evaluation per unmasked token, ``tokens_per_step`` per evaluation, or as many as the
+            model is sure of with ``threshold`` / ``entropy_bound``), ``window``,
             ``stride``, ``top_p``, ``top_k``, ``cache`` (True: reuse the outputs of unchanged rows,
             exact for a model without time conditioning), ``eps``; for an autoregressive model
             ``temperature`` and ``kv_cache``; for a block-diffusion model ``kv_cache`` and

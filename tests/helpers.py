@@ -118,6 +118,55 @@ class ExactSequenceScore(torch.nn.Module):
         return out.float()
 
 
+class JointExactScore(torch.nn.Module):
+    """Exact concrete score of ``p_data`` (a tensor with L axes of size N, L ≤ 3), vectorised over the batch."""
+
+    def __init__(self, p_data: torch.Tensor, graph):
+        super().__init__()
+        self.graph, self.L = graph, p_data.dim()
+        self.p_data = (p_data / p_data.sum()).double()
+        V = graph.dim
+        self.strides = torch.tensor([V ** (self.L - 1 - i) for i in range(self.L)])
+
+    def kernel(self, sigma: torch.Tensor) -> torch.Tensor:
+        """[B, V, N]: p_{t|0}(y | x0) for one position, per row's σ."""
+        N = self.graph.N
+        x0 = torch.arange(N).expand(sigma.shape[0], N)
+        return self.graph.transition_probs(x0, sigma.double()).double().transpose(1, 2)
+
+    def marginal(self, sigma: torch.Tensor) -> torch.Tensor:
+        """p_t over all V^L noisy sequences, [B, V^L] float64."""
+        P = self.kernel(sigma)
+        letters = "abc"[: self.L]
+        noisy = "".join(ch.upper() for ch in letters)
+        spec = ",".join(f"z{u}{c}" for u, c in zip(noisy, letters)) + f",{letters}->z{noisy}"
+        return torch.einsum(spec, *([P] * self.L), self.p_data).reshape(sigma.shape[0], -1)
+
+    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = sigma.reshape(-1)
+        logp = self.marginal(sigma).clamp_min(1e-300).log()  # [B, V^L]
+        code = (x_t.long() * self.strides).sum(-1)  # [B]
+        y = torch.arange(self.graph.dim)
+        neighbours = code[:, None, None] + (y[None, None, :] - x_t.long()[:, :, None]) * self.strides[None, :, None]
+        rows = logp.gather(1, neighbours.reshape(len(code), -1)).reshape(neighbours.shape)
+        return (rows - logp.gather(1, code[:, None])[:, :, None]).float()
+
+
+def sequence_codes(x: torch.Tensor, N: int) -> torch.Tensor:
+    """Each row of ``x`` [B, L] (tokens < N) as one integer, the index of its cell in an N^L table."""
+    strides = torch.tensor([N ** (x.shape[1] - 1 - i) for i in range(x.shape[1])])
+    return (x * strides).sum(-1)
+
+
+def correlated_p_data(N: int, L: int, seed: int) -> torch.Tensor:
+    """Correlated, full-support: a random table plus a large bonus on the 'all equal' sequences."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(*([N] * L), generator=g, dtype=torch.float64) + 0.1
+    for k in range(N):
+        p[(k,) * L] += 1.5
+    return p / p.sum()
+
+
 # One file of this interpreter's standard library: text every machine has, nothing to download.
 ARGPARSE = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
 
@@ -127,6 +176,19 @@ def small_model_config(tokens: int, graph: str = "absorb", **model_overrides) ->
     for tests on CPU; ``model_overrides`` change the model section."""
     return SEDD.config_for("cpu", tokens=tokens, graph=graph,
                            **{"hidden_size": 64, "cond_dim": 32, "n_blocks": 2, **model_overrides})
+
+
+def random_sedd(tokens: int, length: int, time_conditioning: bool = True, seed: int = 0) -> SEDD:
+    """A small SEDD (width 32, eval mode) with its adaLN and output weights drawn N(0, 0.3²) (zero
+    at initialisation): scores that differ between tokens, positions and σ, for the samplers' tests."""
+    torch.manual_seed(seed)
+    model = SEDD(small_model_config(tokens, hidden_size=32, cond_dim=16, n_heads=2, length=length,
+                                    time_conditioning=time_conditioning))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN" in name or "output_layer.linear" in name:
+                p.normal_(0, 0.3)
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------

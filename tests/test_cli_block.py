@@ -131,6 +131,7 @@ def test_eval_reports_the_bound_for_any_evaluation_length(trained, capsys, tmp_p
     assert "perplexity ≤" in capsys.readouterr().out
     got = json.loads(report.read_text())
     assert got["objective"] == "block" and not got["exact"] and got["tokens"] == 60 and got["stderr_nats_per_token"] > 0
+    assert got["model"].startswith("block diffusion, blocks of 8 tokens")  # the model's b, beside the data's block_size
     # 20 is no multiple of b = 8: the blocks are padded to 24, and the padding is read by no one
     p = load_pretrained(str(trained), device="cpu")
     tok = get_tokenizer(str(trained / "tokenizer.json"))
@@ -233,6 +234,12 @@ def test_quality_scores_stopped_samples_up_to_their_eos(trained, tmp_path, capsy
         assert r["tokens_per_s"] == pytest.approx(r["mean_length"] * 3 / r["wall_s"])
     assert quality.main(argv) == 0
     assert all(r["mean_length"] == 48 for r in json.loads(report.read_text())["records"])
+    # without --steps: b/4, b/2 and b steps per block (a quarter, half and one evaluation per
+    # token), not SEDD's 16, 32, 64 per window, which would cost up to 8 evaluations per token here
+    argv = [str(trained), "--judge", str(judge), "--num-samples", "2", "--batch-size", "2", "--length", "16",
+            "--json", str(report), "--no-progress"]
+    assert quality.main(argv) == 0
+    assert [r["steps"] for r in json.loads(report.read_text())["records"]] == [2, 4, 8]
     capsys.readouterr()
 
 
@@ -261,3 +268,11 @@ def test_the_harness_answers_for_a_block_checkpoint(trained):
     (text,) = lm.generate_until([Instance("generate_until", {}, ("ROMEO:", {"max_gen_toks": 40, "until": ["\n\n"],
                                                                             "steps": 2}), 0)])
     assert isinstance(text, str)
+
+
+def test_a_block_models_default_length_is_its_own_whatever_the_window(trained):
+    # window bounds the context a block reads; it is not the length of a sample, as it is for the
+    # windowing samplers (where the default sample is one window)
+    p = load_pretrained(str(trained), device="cpu")
+    (s,) = generate_samples(p, "ROMEO:", length=None, window=16, seed=0, steps=2)
+    assert len(s.tokens) == p.model.length

@@ -137,3 +137,34 @@ def test_eval_loads_a_model_without_time_conditioning(capsys, free_ckpt, tmp_pat
     assert eval_cli.main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert 0 < report["nats_per_token"] < float("inf")
+
+
+def test_sample_and_quality_take_the_adaptive_rules(capsys, free_ckpt, judge_dir):
+    """--threshold / --entropy-bound (issue 33): recorded, one quality record per value of a list,
+    each with its NFE; no position of the untrained model is 99% sure, every one is 0.1% sure."""
+    out = _sample(capsys, free_ckpt, "--predictor", "first_hitting", "--entropy-bound", 1000, "--prefix", "ab")
+    assert out["entropy_bound"] == 1000 and out["threshold"] is None and out["tokens_per_step"] == 1
+    assert [s["nfe"] for s in out["samples"]] == [1] * 3  # every free position joins the first event
+    common = [str(free_ckpt), "--judge", str(judge_dir), "--tokenizer", "bytes", "--device", "cpu",
+              "--num-samples", "3", "--batch-size", "2", "--no-progress", "--json", "-", "--predictor", "first_hitting"]
+    assert quality.main([*common, "--threshold", "0.99,0.001"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [(r["threshold"], r["entropy_bound"], r["nfe"]) for r in result["records"]] == [(0.001, None, 1),
+                                                                                            (0.99, None, L)]
+    assert "threshold" not in result and result["sampler"] == "first_hitting"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "0"], "--threshold must be a number in (0, 1], got 0.0"),
+    (["--entropy-bound", "-1"], "--entropy-bound must be a finite number >= 0, got -1.0"),
+    (["--threshold", "0.9", "--entropy-bound", "1"], "--threshold and --entropy-bound cannot be combined"),
+    (["--threshold", "0.9", "--tokens-per-step", "2"], "--tokens-per-step and --threshold cannot be combined"),
+])
+def test_bad_adaptive_options_are_one_line(capsys, free_ckpt, judge_dir, args, message):
+    common = ["--tokenizer", "bytes", "--device", "cpu", "--predictor", "first_hitting", *args]
+    assert sample_cli.main([str(free_ckpt), *common]) == 2
+    assert quality.main([str(free_ckpt), "--judge", str(judge_dir), *common]) == 2
+    assert quality.main([str(free_ckpt), "--judge", str(judge_dir), *common[:-2], "--threshold", "0.5,x"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(message in line for line in lines[:2]), lines
+    assert "--threshold expects comma-separated numbers" in lines[2]

@@ -25,55 +25,9 @@ from sedd.graph import Absorbing, Uniform
 from sedd.likelihood import prior_kl, sequence_bounds
 from sedd.noise import Geometric, LogLinear
 from sedd.sampling import sample
-from tests.helpers import chi2_pvalue
-
-
-class JointExactScore(torch.nn.Module):
-    """Exact concrete score of ``p_data`` (a tensor with L axes of size N), vectorised over the batch."""
-
-    def __init__(self, p_data: torch.Tensor, graph):
-        super().__init__()
-        self.graph, self.L = graph, p_data.dim()
-        self.p_data = (p_data / p_data.sum()).double()
-        V = graph.dim
-        self.strides = torch.tensor([V ** (self.L - 1 - i) for i in range(self.L)])
-
-    def kernel(self, sigma: torch.Tensor) -> torch.Tensor:
-        """[B, V, N]: p_{t|0}(y | x0) for one position, per row's σ."""
-        N = self.graph.N
-        x0 = torch.arange(N).expand(sigma.shape[0], N)
-        return self.graph.transition_probs(x0, sigma.double()).double().transpose(1, 2)
-
-    def marginal(self, sigma: torch.Tensor) -> torch.Tensor:
-        """p_t over all V^L noisy sequences, [B, V^L] float64."""
-        P = self.kernel(sigma)
-        letters = "abc"[: self.L]
-        noisy = "".join(ch.upper() for ch in letters)
-        spec = ",".join(f"z{u}{c}" for u, c in zip(noisy, letters)) + f",{letters}->z{noisy}"
-        return torch.einsum(spec, *([P] * self.L), self.p_data).reshape(sigma.shape[0], -1)
-
-    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        sigma = sigma.reshape(-1)
-        logp = self.marginal(sigma).clamp_min(1e-300).log()  # [B, V^L]
-        code = (x_t.long() * self.strides).sum(-1)  # [B]
-        y = torch.arange(self.graph.dim)
-        neighbours = code[:, None, None] + (y[None, None, :] - x_t.long()[:, :, None]) * self.strides[None, :, None]
-        rows = logp.gather(1, neighbours.reshape(len(code), -1)).reshape(neighbours.shape)
-        return (rows - logp.gather(1, code[:, None])[:, :, None]).float()
-
-
-def _codes(x: torch.Tensor, N: int) -> torch.Tensor:
-    strides = torch.tensor([N ** (x.shape[1] - 1 - i) for i in range(x.shape[1])])
-    return (x * strides).sum(-1)
-
-
-def _p_data(N: int, L: int, seed: int) -> torch.Tensor:
-    """Correlated, full-support: a random table plus a large bonus on the 'all equal' sequences."""
-    g = torch.Generator().manual_seed(seed)
-    p = torch.rand(*([N] * L), generator=g, dtype=torch.float64) + 0.1
-    for k in range(N):
-        p[(k,) * L] += 1.5
-    return p / p.sum()
+from tests.helpers import JointExactScore, chi2_pvalue
+from tests.helpers import correlated_p_data as _p_data
+from tests.helpers import sequence_codes as _codes
 
 
 def _setup(graph_name: str, N: int):

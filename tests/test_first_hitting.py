@@ -8,24 +8,16 @@ import torch
 
 from sedd import ops
 from sedd.graph import Absorbing, Uniform, get_graph
-from sedd.model import SEDD
 from sedd.noise import Geometric, LogLinear, get_noise
 from sedd.sampling import FirstHittingPredictor, sample
-from tests.helpers import FactorizedScore, chi2_pvalue, small_model_config
+from tests.helpers import FactorizedScore, chi2_pvalue, random_sedd
 
 N, L, B = 20, 12, 6
 PI = torch.tensor([0.05, 0.3, 0.1, 0.35, 0.2])
 
 
 def _model(time_conditioning):
-    torch.manual_seed(0)
-    model = SEDD(small_model_config(N, hidden_size=32, cond_dim=16, n_heads=2, length=L,
-                                    time_conditioning=time_conditioning))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN" in name or "output_layer.linear" in name:
-                p.normal_(0, 0.3)
-    return model.eval()
+    return random_sedd(N, L, time_conditioning)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

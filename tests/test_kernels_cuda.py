@@ -238,6 +238,29 @@ def test_ops_on_the_second_gpu_match_the_first_while_device_0_is_current(graph_n
         assert torch.equal(a, b), i
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("trunc", [{}, {"top_p": 0.9}, {"top_k": 50}])
+def test_denoise_with_stats_at_gpt2_width(dtype, trunc):
+    """The compiled kernel's confidence and entropy (first hitting's adaptive rules) against the fp64
+    reference on GPT-2-wide rows, misaligned and as a view of the padded head's rows; its tokens are
+    the plain denoise step's."""
+    graph = Absorbing(N)
+    g = _gen(5)
+    B, L = 2, 16
+    held = (torch.randn(B, L, 50304, device=CUDA, generator=g) * 3).to(dtype)
+    for z in (held[..., : graph.dim].contiguous(), held[..., : graph.dim]):
+        x = torch.full((B, L), graph.mask_id, device=CUDA)
+        x[0, :3] = 7
+        sigma, shift = torch.tensor([0.3, 2.0], device=CUDA), torch.tensor([-1.0, 0.5], device=CUDA)
+        with ops.use_backend("triton"):
+            tokens, conf, ent = ops.denoise_with_stats(z, x, sigma, graph, _gen(1), shift=shift, **trunc)
+            plain = ops.denoise_step(z, x, sigma, graph, _gen(1), shift=shift, **trunc)
+        want_c, want_h = reference.denoise_stats(z.double(), x, sigma, graph, shift.double(), **trunc)
+        assert torch.equal(tokens, plain)
+        torch.testing.assert_close(conf, want_c, atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(ent, want_h, atol=1e-4, rtol=1e-4)
+
+
 def test_absorbing_step_keeps_unmasked_positions_at_scale():
     graph = Absorbing(N)
     B, L = 16, 1024

@@ -164,6 +164,13 @@ def _launches():
                                   lambda: sampling_kernels.reverse_step("analytic", rows, x, per_row, absorbing,
                                                                         V_ABSORB - 1, shift=per_row, seed=seed,
                                                                         truncation=torch.zeros(B, L, 2)))
+            if absorbing:  # the denoise step with its statistics (first hitting's adaptive rules), plain and truncated
+                for trunc in (None, torch.zeros(B, L, 2)):
+                    launches += _recorded(sampling_kernels, "reverse_step_kernel",
+                                          lambda: sampling_kernels.reverse_step("denoise", rows, x, per_row, True,
+                                                                                V_ABSORB - 1, shift=per_row, seed=seed,
+                                                                                truncation=trunc,
+                                                                                stats=torch.zeros(B, L, 2)))
     # the backward of a scaled sum/batchmean loss (loss * c).backward(): grad *= c in place, for
     # each gradient dtype; B·L·V is not a multiple of 16, as at the GPT-2 widths
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -236,7 +243,9 @@ def test_every_gpu_launch_compiles_within_budget(target, which):
     version, records = json.loads(proc.stdout.splitlines()[-1])
     if which == "side":
         assert version != triton.__version__, f"the side Triton is the installed one ({version})"
-    assert len(records) == 2 * (4 + 1 + 2 * (3 + 1)) + 3
+    # per graph: 4 losses, the noising, 2 layouts x 3 steps + truncated; absorbing denoise with its
+    # statistics, 2 layouts x plain and truncated; 3 scales
+    assert len(records) == 2 * (4 + 1 + 2 * (3 + 1)) + 2 * 2 + 3
     assert {r["kernel"] for r in records} == {"_score_entropy_kernel", "_sample_transition_kernel",
                                               "reverse_step_kernel", "_scale_unless_one_kernel"}
     if target == "sm90":  # the GPUs the benchmarks target; sm_80 spills 8 bytes in one per-row epilogue

@@ -20,7 +20,8 @@ from typing import Any, Callable, NoReturn, Sequence
 __all__ = [
     "ArgumentParser", "InputError", "Processes", "SamplingPlan", "add_sampler_options", "check_outputs",
     "check_positive", "check_seed", "check_spec", "check_threads", "checkpoint_inputs", "die", "files_of", "flag_of",
-    "load_checkpoint", "main_with_exit_codes", "one_process", "parse_steps", "processes", "sampling_spec",
+    "load_checkpoint", "main_with_exit_codes", "one_process", "parse_steps", "parse_values", "processes",
+    "sampling_spec",
 ]
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below it; larger ones overflow
@@ -312,9 +313,9 @@ def flag_of(field: str) -> str:
 
 def add_sampler_options(group, *, steps_list: bool = False) -> None:
     """Add the options that choose how samples are drawn: --steps (one count, or with
-    ``steps_list`` a comma-separated list), --sampler/--predictor, --cache, --tokens-per-step (a list
-    too with ``steps_list``), --top-p, --top-k, --temperature, --kv-cache, --eps, --length, --window
-    and --stride: the fields of :class:`sedd.sampling.SamplingSpec` (its defaults are theirs) and
+    ``steps_list`` a comma-separated list), --sampler/--predictor, --cache, --tokens-per-step,
+    --threshold and --entropy-bound (lists too with ``steps_list``), --top-p, --top-k, --temperature,
+    --kv-cache, --eps, --length, --window and --stride: the fields of :class:`sedd.sampling.SamplingSpec` (its defaults are theirs) and
     --length. :func:`sampling_spec` makes the spec of them; :func:`check_spec` checks it against the
     checkpoint loaded."""
     from sedd.sampling import PREDICTORS, SamplingSpec
@@ -322,8 +323,9 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
     default = SamplingSpec()
     if steps_list:
         group.add_argument("--steps", metavar="LIST",
-                           help=f"comma-separated step counts (default: {DEFAULT_STEPS_LIST}; an autoregressive "
-                                "checkpoint takes none: one network evaluation per token)")
+                           help=f"comma-separated step counts (default: {DEFAULT_STEPS_LIST}; per block for a block-diffusion "
+                                "checkpoint, b/4,b/2,b by default; an autoregressive checkpoint takes none: one "
+                                "network evaluation per token)")
     else:
         group.add_argument(
             "--steps", type=int,
@@ -333,7 +335,8 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
         )
     group.add_argument("--sampler", "--predictor", dest="predictor", choices=PREDICTORS, default=default.predictor,
                        help="predictor of every step (default: analytic); first_hitting: one network evaluation "
-                            "per generated token, or per --tokens-per-step tokens (no --steps, no --cache)")
+                            "per generated token, or per --tokens-per-step tokens, or as many as --threshold or "
+                            "--entropy-bound admit (no --steps, no --cache)")
     group.add_argument("--cache", nargs="?", const="on", default="off", choices=list(CACHE_CHOICES),
                        help="reuse the network output of a sequence the last step left unchanged: on (exact, "
                             "for a model trained with --time-conditioning off), approximate (any model), off "
@@ -345,6 +348,13 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
     else:
         group.add_argument("--tokens-per-step", type=int, metavar="K",
                            help="first_hitting: tokens unmasked per network evaluation (default: 1, exact)")
+    for flag, value, what in (("--threshold", "TAU", "every position whose most likely token has probability >= "
+                                                     "TAU, in (0, 1]"),
+                              ("--entropy-bound", "GAMMA", "the surest positions while their entropies (nats) sum "
+                                                           "to <= GAMMA >= 0")):
+        group.add_argument(flag, type=None if steps_list else float, metavar="LIST" if steps_list else value,
+                           help=f"first_hitting: each evaluation also unmasks {what} (default: off)"
+                                + ("; a comma-separated list of values, one record each" if steps_list else ""))
     group.add_argument("--top-p", type=float, metavar="P",
                        help="nucleus sampling: each step jumps only to the smallest set of candidate tokens holding "
                             "at least P of the jump probability (0 < P <= 1; default: off)")
@@ -370,6 +380,18 @@ def add_sampler_options(group, *, steps_list: bool = False) -> None:
                        "context it reads")
     group.add_argument("--stride", type=int, help="new tokens per window after the first, the rest of the window "
                        "holding the tokens before them (default: half the window)")
+
+
+def parse_values(text: str, flag: str) -> list[float]:
+    """The numbers of a comma-separated list option of real values (quality.py's ``--threshold``),
+    sorted, without repeats; their range is the sampling spec's to check."""
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"{flag} expects comma-separated numbers such as 0.5,0.9, got {text!r}") from None
+    if not values:
+        raise InputError(f"{flag} needs at least one number, got {text!r}")
+    return sorted(set(values))
 
 
 def parse_steps(text: str, flag: str = "--steps") -> list[int]:

@@ -329,6 +329,7 @@ def _evaluate(args, procs: cli.Processes) -> int:
         "doc_split": args.doc_split,
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
         "objective": pre.objective,
+        "model": objective.describe(),  # a block-diffusion model's own block size is here, not in block_size
         "graph": pre.graph.name if pre.graph is not None else None,
         "noise": repr(pre.noise) if pre.noise is not None else None,
         "block_size": block_size,

@@ -3,14 +3,16 @@ autoregressive checkpoint, sampled ancestrally: one record at NFE = L).
 
     python train/quality.py CKPT --judge DIR_OR_HUB_ID [--steps 16,32,64] [--num-samples N]
                             [--predictor analytic|euler|first_hitting] [--cache [on|approximate]]
-                            [--tokens-per-step 1,2,4,8] [--top-p P] [--top-k K] [--length L]
+                            [--tokens-per-step 1,2,4,8] [--threshold 0.5,0.9] [--entropy-bound 0.3,1]
+                            [--top-p P] [--top-k K] [--length L]
                             [--window W] [--stride S] [--batch-size B]
                             [--reference-data PATH_OR_NAME] [--json out.json] [--plot out.png]
                             [--first-token bos|skip] [--judge-batch-size B] [--judge-context C]
                             [--seed S] [--threads T] [--device auto|cpu|cuda] [--tokenizer SPEC]
 
 For every step count (with ``--predictor first_hitting``: for every count of tokens unmasked per
-network evaluation, --tokens-per-step, which takes no --steps), N sequences are sampled
+network evaluation, --tokens-per-step, which takes no --steps, or every value of --threshold or of
+--entropy-bound, its adaptive rules), N sequences are sampled
 (``sedd.generation.sample_blockwise``: the chosen predictor, with --top-p/--top-k truncation if
 asked for, then the final denoising step; a --length above the model's training length window by
 window, as train/sample.py samples it; the sampler
@@ -30,7 +32,7 @@ options are train/sample.py's, ``train.cli.add_sampler_options``) and reported a
 * **NFE**: the forward rows each sequence took (``SamplingStats.nfe``; a row served from the
   cache is not counted): steps + 1 for the diffusion samplers at most (the final denoising step;
   on the absorbing graph a step with no MASK left runs no network), L / k for first hitting at
-  k tokens per evaluation, L for an
+  k tokens per evaluation (between 1 and L with --threshold or --entropy-bound), L for an
   autoregressive checkpoint (``train/run.py --objective ar``), which takes no --steps and is
   sampled ancestrally with --temperature / --top-p / --top-k (``sedd.sampling.sample_ancestral``).
 
@@ -61,14 +63,15 @@ the Hub does not answer (``sedd.data.offline``: one probe of about 2 s), only th
 is tried; if the judge is not there the command fails at once, naming ``--judge DIR``.
 
 Output: a table on stdout; ``--json PATH`` with one record per step count (steps, gen_ppl,
-gen_ppl_ci, nll, nll_se, judge_tokens, entropy, degenerate, wall_s, tokens_per_s, nfe, ...; steps
+gen_ppl_ci, nll, nll_se, judge_tokens, entropy, degenerate, wall_s, tokens_per_s, nfe, the sampler
+options that vary (tokens_per_step, threshold, entropy_bound), ...; steps
 null for an autoregressive checkpoint), the reference record and every setting; ``--plot PATH`` a
 PNG of generative perplexity and entropy against NFE. Exit status 0 on success, 2 on bad input
 (with a one-line message), 1 otherwise.
 
 A block-diffusion checkpoint (``train/run.py --objective block``) is sampled block by block
-(``--steps`` per block: each count of the list, 16,32,64 by default as for SEDD, is the steps of every
-block, whose sampler otherwise takes one per token; any --length without windows); with
+(``--steps`` per block: each count of the list is the steps of every block; by default b/4, b/2
+and b, a quarter, half and one network evaluation per token; any --length without windows); with
 ``--stop-at-eos`` each sample ends at its first generated EOS: the judge scores it up to there, the
 entropy counts its own tokens, tokens/s counts the tokens generated (``mean_length`` per record).
 """
@@ -158,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 
 JUDGE_FLAGS = {"judge": "--judge", "context": "--judge-context", "first_token": "--first-token"}
+PER_RECORD = ("steps", "tokens_per_step", "threshold", "entropy_bound")  # the sampler options a list may vary
 
 
 def sample_stats(tokens: torch.Tensor, texts: list[str], judge: Judge, args, progress: bool) -> dict:
@@ -204,7 +208,11 @@ def reference_blocks(spec: str, split: str | None, tokenizer, n: int, length: in
 
 
 def _label(record: dict, short: bool = False) -> str:
-    """What sets a record's cost: its steps, first hitting's tokens per evaluation, or ancestral."""
+    """What sets a record's cost: its steps, first hitting's rule or tokens per evaluation, or ancestral."""
+    if record.get("threshold") is not None:
+        return f"t={record['threshold']:g}" if short else f"threshold {record['threshold']:g}"
+    if record.get("entropy_bound") is not None:
+        return f"g={record['entropy_bound']:g}" if short else f"entropy bound {record['entropy_bound']:g}"
     if record.get("tokens_per_step") is not None:
         return f"k={record['tokens_per_step']}" if short else f"{record['tokens_per_step']} token(s) per evaluation"
     if record["steps"] is None:
@@ -279,11 +287,15 @@ def run(args) -> int:
     cli.one_process("quality.py", "python train/quality.py")
     _check_args(args)
     # one record per cost: --steps LIST (the diffusion samplers), or first hitting's
-    # --tokens-per-step LIST; an autoregressive checkpoint's is fixed, one record
+    # --tokens-per-step, --threshold or --entropy-bound LIST; an autoregressive checkpoint's is fixed
     steps_list = cli.parse_steps(args.steps) if args.steps else None
     k_list = cli.parse_steps(args.tokens_per_step, "--tokens-per-step") if args.tokens_per_step else None
+    rules = {name: cli.parse_values(text, cli.flag_of(name)) for name, text in
+             (("threshold", args.threshold), ("entropy_bound", args.entropy_bound)) if text}
+    # the largest count meets a rule's list in the spec's check (at most one of them sets the count)
     spec = cli.sampling_spec(args, steps=steps_list[0] if steps_list else None,
-                         tokens_per_step=k_list[0] if k_list else None)
+                             tokens_per_step=(max(k_list) if rules else k_list[0]) if k_list else None,
+                             **{name: values[0] for name, values in rules.items()})
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -292,7 +304,10 @@ def run(args) -> int:
     # the sampler options against the checkpoint, before the judge loads
     objective, plan = cli.check_spec(spec, pre, args.length, "quality.py")
     if spec.applies("steps", objective):
-        variants = [replace(spec, steps=n) for n in steps_list or cli.parse_steps(cli.DEFAULT_STEPS_LIST)]
+        variants = [replace(spec, steps=n) for n in steps_list or objective.steps_sweep(plan.window)]
+    elif rules:
+        ((name, values),) = rules.items()
+        variants = [replace(spec, **{name: v}) for v in values]
     elif spec.applies("tokens_per_step", objective):
         variants = [replace(spec, tokens_per_step=k) for k in k_list or [None]]
     else:
@@ -328,8 +343,8 @@ def run(args) -> int:
         generated = sum(len(row) for row in tokens)
         began = time.perf_counter()
         ran = variant.record(objective, **resolved)
-        record = {"steps": ran["steps"], "tokens_per_step": ran["tokens_per_step"],
-                  **sample_stats(tokens, texts, judge, args, progress)}
+        record = {name: ran[name] for name in PER_RECORD}
+        record.update(sample_stats(tokens, texts, judge, args, progress))
         record.update(
             wall_s=wall, tokens_per_s=generated / wall, judge_s=time.perf_counter() - began,
             num_samples=len(tokens), length=length, nfe=float(torch.cat(nfe).double().mean()),
@@ -357,8 +372,8 @@ def run(args) -> int:
         "tokenizer": {"name": tokenizer.name, "source": pre.tokenizer_source, "vocab_size": tokenizer.vocab_size},
         "objective": pre.objective,
         "graph": pre.graph.name if pre.graph is not None else None,
-        # what ran; steps and tokens_per_step, which vary between records, are in each record
-        **{k: v for k, v in spec.record(objective, **resolved).items() if k not in ("steps", "tokens_per_step")},
+        # what ran; the options that vary between records are in each record
+        **{k: v for k, v in spec.record(objective, **resolved).items() if k not in PER_RECORD},
         "length": length,
         "num_samples": args.num_samples,
         "seed": args.seed,

@@ -1,6 +1,7 @@
 """The passes of the reverse-step kernel (``sampling.py``, whose docstring tells the story):
-pass A (every tile's mass in one streaming pass of 16-byte windows), the race among tiles, and
-passes B and C (the sub-tile race inside the winning tile, the column race inside the winner)."""
+pass A (every tile's mass in one streaming pass of 16-byte windows, and with ``STATS`` the
+row's confidence and entropy from the same values), the race among tiles, and passes B and C
+(the sub-tile race inside the winning tile, the column race inside the winner)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ def _logsumexp_tiles(logw):
 
 
 @triton.jit
-def _window(win_ptr, w, lanes, tiles, active, mis, n_cand, x, shift, log_c, thr, lam_m, lam_s,
-            ABSORB: tl.constexpr, GEN: tl.constexpr, TRUNC: tl.constexpr, MISALIGNED: tl.constexpr,
-            WHOLE: tl.constexpr, BLOCK_V: tl.constexpr):
+def _window(win_ptr, w, lanes, tiles, active, mis, n_cand, x, shift, log_c, thr, lam_m, lam_s, acc_m, acc_s,
+            acc_t, ABSORB: tl.constexpr, GEN: tl.constexpr, TRUNC: tl.constexpr, MISALIGNED: tl.constexpr,
+            WHOLE: tl.constexpr, STATS: tl.constexpr, BLOCK_V: tl.constexpr):
     """Tile w of pass A: the (max, exp-sum) of its candidates into (lam_m, lam_s). The window's
     lanes sit at columns w·BLOCK_V − mis + lane: lanes ≥ mis are tile w's columns up to
     (w + 1)·BLOCK_V − mis − 1, lanes < mis belong to tile w − 1 and are left out (the tiles' last
@@ -39,7 +40,8 @@ def _window(win_ptr, w, lanes, tiles, active, mis, n_cand, x, shift, log_c, thr,
 
     Weights: exp family (``GEN`` False) e^{z_y}; general uniform Tweedie (``GEN``) (e^{ŝ_y} − C)_+
     with log C = ``log_c``, C > 0. The current token is never a candidate (absorbing: it is MASK,
-    the column after the last candidate)."""
+    the column after the last candidate). ``STATS``: the window's (max, Σe, Σe·(v − max)) also
+    merge into the row's running ``acc_*`` (:func:`_merge_tilt`)."""
     start = w * BLOCK_V
     if WHOLE:
         ld = active[:, None]
@@ -52,9 +54,14 @@ def _window(win_ptr, w, lanes, tiles, active, mis, n_cand, x, shift, log_c, thr,
         cand = cand & (lanes[None, :] >= mis[:, None])
     if not ABSORB:
         cand = cand & (lanes[None, :] != (x + mis - start)[:, None])
-    m, s = _mass(_candidates(zt, cand, shift[:, None], log_c[:, None], thr[:, None], GEN, TRUNC), log_c, 1, GEN)
+    v = _candidates(zt, cand, shift[:, None], log_c[:, None], thr[:, None], GEN, TRUNC)
+    if STATS:
+        m, s, t = _mass_tilt(v, 1)
+        acc_m, acc_s, acc_t = _merge_tilt(acc_m, acc_s, acc_t, m, s, t)
+    else:
+        m, s = _mass(v, log_c, 1, GEN)
     this = tiles[None, :] == w
-    return tl.where(this, m[:, None], lam_m), tl.where(this, s[:, None], lam_s)
+    return tl.where(this, m[:, None], lam_m), tl.where(this, s[:, None], lam_s), acc_m, acc_s, acc_t
 
 
 @triton.jit
@@ -84,15 +91,46 @@ def _mass(v, log_c, AXIS: tl.constexpr, GEN: tl.constexpr):
 
 
 @triton.jit
+def _mass_tilt(v, AXIS: tl.constexpr):
+    """:func:`_mass` of the exp family (the same m and Σ e^{v − m}, bit for bit, so the race draws
+    what it draws without stats) and Σ e^{v − m}·(v − m), the tilt the entropy needs."""
+    m = tl.maximum(tl.max(v, axis=AXIS), _NEG_BIG)
+    e = _exp2(v * LOG2E - tl.expand_dims(m * LOG2E, AXIS))
+    # −∞ off the candidates, where e = 0: clamped to −1e30 so that 0·(v − m) is 0, not NaN
+    t = e * tl.maximum(v - tl.expand_dims(m, AXIS), _NEG_BIG)
+    return m, tl.sum(e, axis=AXIS), tl.sum(t, axis=AXIS)
+
+
+@triton.jit
+def _merge_tilt(acc_m, acc_s, acc_t, m, s, t):
+    """The running (M, S = Σ e^{v − M}, T = Σ e^{v − M}·(v − M)) of a row merged with a group's
+    (m, s, t): both rescaled to the larger maximum, e^{v − M'}(v − M') = a·e^{v − M}((v − M) + (M − M'))
+    with a = e^{M − M'}. An empty side (max −1e30, s = t = 0) adds nothing."""
+    new = tl.maximum(acc_m, m)
+    a = tl.exp(acc_m - new)
+    b = tl.exp(m - new)
+    return (new, a * acc_s + b * s,
+            a * (acc_t + (acc_m - new) * acc_s) + b * (t + (m - new) * s))
+
+
+@triton.jit
 def _pass_a(win_ptr, row_ptr, active, mis, n_cand, x, shift, log_c, thr,
             ABSORB: tl.constexpr, GEN: tl.constexpr, TRUNC: tl.constexpr, MISALIGNED: tl.constexpr,
-            ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, N_TILES: tl.constexpr):
+            ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, N_TILES: tl.constexpr,
+            STATS: tl.constexpr = False):
     """log W_τ [BLOCK_R, N_TILES] of the rows in ``active`` (−∞: an empty or missing tile); the
-    exp family's masses leave out the shift and the common factor, the general ones e^{Δσ}·T_off."""
+    exp family's masses leave out the shift and the common factor, the general ones e^{Δσ}·T_off.
+
+    Also (confidence, entropy) [BLOCK_R] of the categorical ∝ e^{v} over the candidates, from the
+    values the masses are made of (``STATS``, exp family only; else (1, 0)): with M the row's
+    maximum, S = Σ e^{v − M} and T = Σ e^{v − M}(v − M), max_y p_y = 1/S and
+    H = −Σ p log p = log S − T/S. A row with no candidate gets (1, 0)."""
     lanes = tl.arange(0, BLOCK_V)
     tiles = tl.arange(0, N_TILES)
     lam_m = tl.full([BLOCK_R, N_TILES], _NEG_BIG, dtype=tl.float32)
     lam_s = tl.zeros([BLOCK_R, N_TILES], dtype=tl.float32)
+    zero = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc_m, acc_s, acc_t = zero + _NEG_BIG, zero, zero
     # early exit: a block with no row to read runs no window. Window 0 and the tail are masked per
     # element; the windows between are whole: w ≥ 1 puts the first lane at column ≥ BLOCK_V − mis
     # ≥ 0, and (w + 1)·BLOCK_V ≤ n_cand the last one below n_cand, whatever mis < ALIGN ≤ BLOCK_V.
@@ -100,14 +138,17 @@ def _pass_a(win_ptr, row_ptr, active, mis, n_cand, x, shift, log_c, thr,
     n_win = tl.where(any_row, tl.cdiv(n_cand, BLOCK_V), 0)
     n_whole = tl.where(any_row, tl.maximum(n_cand // BLOCK_V, 1), 1)
     for w in range(0, tl.minimum(n_win, 1)):
-        lam_m, lam_s = _window(win_ptr, w, lanes, tiles, active, mis, n_cand, x, shift, log_c, thr, lam_m, lam_s,
-                               ABSORB, GEN, TRUNC, MISALIGNED, False, BLOCK_V)
+        lam_m, lam_s, acc_m, acc_s, acc_t = _window(
+            win_ptr, w, lanes, tiles, active, mis, n_cand, x, shift, log_c, thr, lam_m, lam_s, acc_m, acc_s, acc_t,
+            ABSORB, GEN, TRUNC, MISALIGNED, False, STATS, BLOCK_V)
     for w in range(1, n_whole):
-        lam_m, lam_s = _window(win_ptr, w, lanes, tiles, active, mis, n_cand, x, shift, log_c, thr, lam_m, lam_s,
-                               ABSORB, GEN, TRUNC, MISALIGNED, True, BLOCK_V)
+        lam_m, lam_s, acc_m, acc_s, acc_t = _window(
+            win_ptr, w, lanes, tiles, active, mis, n_cand, x, shift, log_c, thr, lam_m, lam_s, acc_m, acc_s, acc_t,
+            ABSORB, GEN, TRUNC, MISALIGNED, True, STATS, BLOCK_V)
     for w in range(n_whole, n_win):
-        lam_m, lam_s = _window(win_ptr, w, lanes, tiles, active, mis, n_cand, x, shift, log_c, thr, lam_m, lam_s,
-                               ABSORB, GEN, TRUNC, MISALIGNED, False, BLOCK_V)
+        lam_m, lam_s, acc_m, acc_s, acc_t = _window(
+            win_ptr, w, lanes, tiles, active, mis, n_cand, x, shift, log_c, thr, lam_m, lam_s, acc_m, acc_s, acc_t,
+            ABSORB, GEN, TRUNC, MISALIGNED, False, STATS, BLOCK_V)
     if MISALIGNED:
         # every tile's last mis columns, one column of all tiles at a time ([BLOCK_R, N_TILES] each;
         # as one [BLOCK_R, N_TILES, ALIGN] block this took 40 more registers under Triton 3.6)
@@ -124,7 +165,17 @@ def _pass_a(win_ptr, row_ptr, active, mis, n_cand, x, shift, log_c, thr,
                 e = tl.maximum(e - tl.exp(tl.minimum(log_c[:, None] - m_new, 0.0)), 0.0)
             lam_s = lam_s * tl.exp(lam_m - m_new) + e
             lam_m = m_new
-    return tl.where(lam_s > 0.0, lam_m + tl.log(lam_s), float("-inf"))
+            if STATS:  # this column of every tile, as one group
+                c_m, c_s, c_t = _mass_tilt(v, 1)
+                acc_m, acc_s, acc_t = _merge_tilt(acc_m, acc_s, acc_t, c_m, c_s, c_t)
+    logw = tl.where(lam_s > 0.0, lam_m + tl.log(lam_s), float("-inf"))
+    confidence, entropy = zero + 1.0, zero
+    if STATS:
+        some = acc_s > 0.0
+        safe = tl.where(some, acc_s, 1.0)
+        confidence = tl.where(some, 1.0 / safe, 1.0)
+        entropy = tl.where(some, tl.log(safe) - acc_t / safe, 0.0)
+    return logw, confidence, entropy
 
 
 @triton.jit

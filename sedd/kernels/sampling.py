@@ -68,6 +68,17 @@ are reused, each proposal re-reads only its tile); a row with none accepted (pro
 (s_y − C)_+ directly. That fallback is independent of the rejected proposals, so the mixture is
 exact. A truncated uniform analytic / denoise step takes the general path (a pass for S first).
 
+Statistics (``STATS``, absorbing denoise). First hitting's adaptive rules choose positions by the
+confidence max_y p_y and the entropy H(p) of each MASK position's denoising distribution p ∝ e^{ŝ}
+(after truncation). Computed apart, they would cost a
+second read of every row (two more bytes of traffic per score byte in bf16) or a [B, L, V]
+softmax. Pass A already holds each window's values and maximum m: with e = e^{v − m} it also sums
+e·(v − m) and merges (m, Σe, Σe(v − m)) into the row's running (M, S, T) (rescaled to the larger
+maximum, as an online softmax), so max p = 1/S and H = log S − T/S come out of the same read. The
+masses the race reads are computed exactly as without it: the tokens for a seed do not change.
+Cost on sm_90 (``tests/test_kernels_gpu_build.py``): pass A's loop grows from ~190 to ~290
+instructions per 2048-column window (per warp), registers 72 under both Tritons.
+
 Layout. One program handles BLOCK_R rows × the whole row width in windows of BLOCK_V columns. On a
 GPU BLOCK_R = 1 and BLOCK_V is a few thousand; under the interpreter (~1 ms per program) a program
 takes many rows at once. Pass A's loads carry no eviction hint (unlike the loss kernel's, which
@@ -76,7 +87,7 @@ reads each byte once): pass B re-reads the winning tile, which should still be i
 Instruction counts and registers: ``python -m tests.test_kernels_gpu_build sm90 --loops --table``
 (each launch, both Triton versions, is held to its register budget by that test).
 
-The math: docs/math.md, "Reverse steps", "Categorical draws", "Truncation".
+The math: docs/math.md, "Reverse steps", "Categorical draws", "Truncation", "Adaptive parallel decoding".
 """
 
 from __future__ import annotations
@@ -148,6 +159,7 @@ def reverse_step_kernel(
     seed_ptr,  # [1] int64 Philox seed
     trunc_ptr,  # [B·L, 2] fp32 (ŝ threshold of the kept candidates, 1 to move / 0 to stay); TRUNCATE
     out_ptr,  # [B·L] int next tokens (x's dtype)
+    stats_ptr,  # [B·L, 2] fp32 out: max_y p_y and the entropy (nats) of each row's draw; STATS
     n_rows,  # B·L
     L,  # positions per sequence
     V,  # row width
@@ -160,6 +172,7 @@ def reverse_step_kernel(
     HAS_SHIFT: tl.constexpr,
     TWEEDIE: tl.constexpr,  # uniform analytic / denoise: rejection, then the general path
     TRUNCATE: tl.constexpr,  # top-p / top-k: stay decided by the caller, draw among ŝ ≥ thr
+    STATS: tl.constexpr,  # absorbing denoise: also write stats_ptr, from pass A's values
     MISALIGNED: tl.constexpr,  # some row does not start on a 16-byte boundary
     ALIGN: tl.constexpr,  # elements per 16 bytes (1: no aligned windows)
     BLOCK_R: tl.constexpr,  # rows per program
@@ -205,14 +218,15 @@ def reverse_step_kernel(
     if TWEEDIE:
         if TRUNCATE:
             # S over every candidate first (the truncation acts on where a row moves, not on S)
-            log_s = _logsumexp_tiles(_pass_a(win_ptr, row_ptr, active & move, mis, n_cand, x, shift, shift, thr,
-                                             ABSORB, False, False, MISALIGNED, ALIGN, BLOCK_R, BLOCK_V, N_TILES)
-                                     + shift[:, None])
+            logw_all, _conf, _ent = _pass_a(win_ptr, row_ptr, active & move, mis, n_cand, x, shift, shift, thr,
+                                     ABSORB, False, False, MISALIGNED, ALIGN, BLOCK_R, BLOCK_V, N_TILES)
+            log_s = _logsumexp_tiles(logw_all + shift[:, None])
             pending = active & move
         else:
             # the proposal's tile masses, Σ_{y≠x_t} s_y among them
-            logw = _pass_a(win_ptr, row_ptr, active, mis, n_cand, x, shift, shift, thr,
-                           ABSORB, False, False, MISALIGNED, ALIGN, BLOCK_R, BLOCK_V, N_TILES) + shift[:, None]
+            logw, _conf, _ent = _pass_a(win_ptr, row_ptr, active, mis, n_cand, x, shift, shift, thr,
+                                 ABSORB, False, False, MISALIGNED, ALIGN, BLOCK_R, BLOCK_V, N_TILES)
+            logw = logw + shift[:, None]
             log_s = _logsumexp_tiles(logw)
             pending = active
         log_c = log_c2 + tl.maximum(log_s, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(log_s)))  # C = c₂·S, s_{x_t} = 1
@@ -234,8 +248,8 @@ def reverse_step_kernel(
         # ---- the general path: the race on (s_y − C)_+ itself, for the rows left
         for _ in range(0, tl.max(pending.to(tl.int32), axis=0)):
             r = proposals
-            logw = _pass_a(win_ptr, row_ptr, pending, mis, n_cand, x, shift, log_c, thr,
-                           ABSORB, True, TRUNCATE, MISALIGNED, ALIGN, BLOCK_R, BLOCK_V, N_TILES)
+            logw, _conf, _ent = _pass_a(win_ptr, row_ptr, pending, mis, n_cand, x, shift, log_c, thr,
+                                 ABSORB, True, TRUNCATE, MISALIGNED, ALIGN, BLOCK_R, BLOCK_V, N_TILES)
             best, tile = _race(logw, seed, rows, r * _STREAMS + 2, N_ROUNDS, N_TILES)
             draw = pending & (tile >= 0)
             if not TRUNCATE:  # staying weighs (1 − C)_+·T_on against the candidates' (s_y − C)_+·T_off
@@ -247,9 +261,15 @@ def reverse_step_kernel(
             # a winning tile without a candidate in pass B/C (rounding) keeps x
             choice = tl.where(draw & found, col, choice)
     else:
-        # ---- the exp family: candidates e^{log_coef + ŝ_y}, one pass
-        logw = _pass_a(win_ptr, row_ptr, active, mis, n_cand, x, shift, shift, thr,
-                       ABSORB, False, TRUNCATE, MISALIGNED, ALIGN, BLOCK_R, BLOCK_V, N_TILES) + shift[:, None]
+        # ---- the exp family: candidates e^{log_coef + ŝ_y}, one pass (with STATS, the row's
+        # confidence and entropy from the same values)
+        logw, confidence, entropy = _pass_a(win_ptr, row_ptr, active, mis, n_cand, x, shift, shift, thr, ABSORB,
+                                            False, TRUNCATE, MISALIGNED, ALIGN, BLOCK_R, BLOCK_V, N_TILES, STATS)
+        logw = logw + shift[:, None]
+        if STATS:
+            # a position that does not move keeps its token with certainty: (1, 0)
+            tl.store(stats_ptr + rows * 2, tl.where(active, confidence, 1.0), mask=row_ok)
+            tl.store(stats_ptr + rows * 2 + 1, tl.where(active, entropy, 0.0), mask=row_ok)
         best, tile = _race(logw, seed, rows, 2, N_ROUNDS, N_TILES)
         draw = active & (tile >= 0)
         if TRUNCATE:
@@ -321,6 +341,7 @@ def reverse_step(
     num_stages: int | None = None,
     sub: int | None = None,
     proposals: int | None = None,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One fused reverse step; returns the next tokens [B, L] in x_t's dtype.
 
@@ -342,6 +363,10 @@ def reverse_step(
         num_warps, num_stages: force the warps per program and the software-pipelining depth
             (``benchmarks/sweep_launch.py`` times the choices, through ``sedd.ops.launch_options``).
         sub: force the sub-tile width (a power of two dividing the tile); for tests.
+        stats: absorbing denoise only: a [B, L, 2] fp32 contiguous buffer the kernel fills with each
+            position's max_y p_y and entropy −Σ p log p (nats) of the categorical it draws from
+            (after truncation), computed in pass A from the values the draw reads, so the tokens
+            are those drawn without it; a position that is not MASK (or has no candidate) (1, 0).
         proposals: uniform analytic / denoise, proposals per row before the general path (0: the
             general path only; default ``PROPOSALS``, one under the interpreter, where each round
             costs its Python, so the small tests run the general path too); for tests.
@@ -350,6 +375,9 @@ def reverse_step(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
+    if stats is not None and (kind != "denoise" or not absorbing):
+        raise ValueError(f"stats are written by the absorbing denoise step only, not {kind} on the "
+                         f"{'absorbing' if absorbing else 'uniform'} graph")
     B, L, V = z.shape
     if z.stride(2) != 1:
         z = z.contiguous()
@@ -400,9 +428,10 @@ def reverse_step(
     with on_device(z):
         reverse_step_kernel[(triton.cdiv(n_rows, block_r),)](
             z, z.stride(0), z.stride(1), shift if shift is not None else scalar, x, scalar, seed, trunc, out,
+            stats if stats is not None else scalar,
             n_rows, L, V, math.log(N), int(proposals), block_v // sub,
             KIND=KINDS[kind], ABSORB=bool(absorbing), HAS_SHIFT=shift is not None, TWEEDIE=tweedie,
-            TRUNCATE=truncation is not None, MISALIGNED=align > 1 and not _rows_aligned(z), ALIGN=align,
+            TRUNCATE=truncation is not None, STATS=stats is not None, MISALIGNED=align > 1 and not _rows_aligned(z), ALIGN=align,
             BLOCK_R=block_r, BLOCK_V=block_v, SUB=sub, N_ROUNDS=10,
             N_TILES=triton.next_power_of_2(triton.cdiv(n_cand, block_v)), **options,
         )

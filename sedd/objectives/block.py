@@ -123,3 +123,9 @@ class BlockDiffusion(Diffusion):
 
     def default_steps(self, window: int) -> int | None:
         return self.block_size  # each block's sampler runs on its b tokens
+
+    def steps_sweep(self, window: int) -> list[int]:
+        # per block: a quarter, half and one network evaluation per token (16, 32, 64 steps per
+        # block would cost up to 16 evaluations per token at b = 4)
+        b = self.block_size
+        return sorted({max(1, b // 4), max(1, b // 2), b})

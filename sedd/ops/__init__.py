@@ -40,7 +40,8 @@ a ``TypeError`` up front. The steps return x_t's dtype.
 the op's host work, :mod:`sedd.ops.prepared`).
 
 Files: the loss in :mod:`sedd.ops.loss`, forward noising in :mod:`sedd.ops.noising`, the reverse
-steps in :mod:`sedd.ops.steps` (the truncation's threshold in :mod:`sedd.ops.truncation`), the
+steps in :mod:`sedd.ops.steps` (with the denoise step that also returns each position's confidence
+and entropy; the truncation's threshold in :mod:`sedd.ops.truncation`), the
 output head fused with the loss in :mod:`sedd.ops.linear`, and
 the head fused with the next-token cross entropy of the autoregressive baseline in
 :mod:`sedd.ops.cross_entropy` (plain torch on every device).
@@ -53,11 +54,12 @@ from sedd.ops.linear import linear_score_entropy
 from sedd.ops.loss import score_entropy
 from sedd.ops.noising import sample_transition
 from sedd.ops.prepared import kernel_launch
-from sedd.ops.steps import TRUNCATION, analytic_step, denoise_step, euler_step
+from sedd.ops.steps import TRUNCATION, analytic_step, denoise_step, denoise_with_stats, euler_step
 
 __all__ = [
     "BACKENDS", "TOKEN_DTYPES", "TRUNCATION",
     "score_entropy", "linear_score_entropy", "linear_cross_entropy", "sample_transition", "euler_step", "analytic_step", "denoise_step",
+    "denoise_with_stats",
     "get_backend", "use_backend", "resolve_backend", "last_backend", "launch_options", "kernel_launch",
     "value_checks", "checking_values", "sync_free", "host_sync_allowed",
 ]

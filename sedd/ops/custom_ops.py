@@ -249,6 +249,23 @@ def _reverse_step(kind, log_score, x_t, scalar, shift, seed, absorbing, N, block
                   truncation=truncation, **options)
 
 
+@_op("denoise_stats", "(Tensor log_score, Tensor x_t, Tensor sigma, Tensor? shift, Tensor seed, int N, int block_v, "
+     "Tensor? truncation=None) -> (Tensor, Tensor)",
+     fake=lambda log_score, x_t, *_: (torch.empty_like(x_t), x_t.new_empty((*x_t.shape, 2), dtype=torch.float32)))
+def _denoise_stats(log_score, x_t, sigma, shift, seed, N, block_v, truncation=None):
+    """The absorbing denoise step's tokens [B, L] (x_t's dtype) and, from the same pass, [B, L, 2]
+    fp32: each position's max_y p_y and entropy (nats) of the categorical it draws from."""
+    from sedd.kernels.sampling import reverse_step as launch
+
+    options = current_launch_options()
+    block_v = block_v or options.pop("block_v", None)  # a call's own tile wins
+    options.pop("block_v", None)
+    stats = x_t.new_empty((*x_t.shape, 2), dtype=torch.float32)
+    tokens = launch("denoise", log_score, x_t, sigma, True, N, shift=shift, seed=seed, block_v=block_v,
+                    truncation=truncation, stats=stats, **options)
+    return tokens, stats
+
+
 def absorbing_tag(graph: Graph) -> bool:
     """The kernels' graph switch, from the graph's kernel tag (dispatch has checked it is set)."""
     if graph.kernel not in ("absorb", "uniform"):
@@ -274,6 +291,13 @@ def reverse_step(kind: str, log_score, x_t, scalar, graph: Graph, shift, generat
     return torch.ops.sedd.reverse_step(
         kind, log_score, x_t, scalar, shift, seed, absorbing_tag(graph), graph.N, block_v, truncation
     )
+
+
+def denoise_stats(log_score, x_t, sigma, graph: Graph, shift, generator, block_v: int, truncation=None):
+    """Validated arguments (absorbing graph) -> (tokens [B, L], stats [B, L, 2]) from the reverse-step
+    kernel with its statistics; the tokens are those :func:`reverse_step` draws for "denoise"."""
+    seed = philox_seed(log_score.device, generator)
+    return torch.ops.sedd.denoise_stats(log_score, x_t, sigma, shift, seed, graph.N, block_v, truncation)
 
 
 # ---------------------------------------------------------------------------------------------

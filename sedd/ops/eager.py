@@ -63,10 +63,12 @@ def _trunc_rows(V: int, device: torch.device) -> int:
 
 
 def reverse_step(kind: str, log_score, x_t, scalar, graph: Graph, shift=None, generator=None, top_p=None,
-                 top_k=None) -> torch.Tensor:
+                 top_k=None, stats: torch.Tensor | None = None) -> torch.Tensor:
     """The next tokens [B, L] (int64) of an ``euler`` (scalar = Δt·dσ), ``analytic`` (Δσ) or
     ``denoise`` (σ) step, truncated by ``top_p``/``top_k`` when given. ``scalar``/``shift``: fp32
-    [B]; ``x_t``: int64 [B, L]."""
+    [B]; ``x_t``: int64 [B, L]. ``stats`` (absorbing denoise): a [B·L, 2] fp32 buffer that
+    receives each position's max_y p_y and entropy (nats) from the tiles the race reads
+    (:func:`_stats`); the draws do not change."""
     B, L, V = log_score.shape
     absorbing = graph.kernel == "absorb"
     z = log_score.reshape(B * L, V)
@@ -84,11 +86,11 @@ def reverse_step(kind: str, log_score, x_t, scalar, graph: Graph, shift=None, ge
         r1 = min(B * L, r0 + rows)
         sh_c = sh[r0:r1] if sh is not None else None
         out[r0:r1] = _chunk(kind, z[r0:r1], x[r0:r1], c[r0:r1], sh_c, graph, absorbing, tile, n_tiles, generator,
-                            trunc)
+                            trunc, None if stats is None else stats[r0:r1])
     return out.reshape(B, L)
 
 
-def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, trunc=None):
+def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, trunc=None, stats=None):
     n, V = z.shape
     buf = torch.full((n, n_tiles * tile), -torch.inf, dtype=torch.float32, device=z.device)
     s = buf[:, :V]
@@ -113,7 +115,11 @@ def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, tru
     tiles = buf.view(n, n_tiles, tile)
     tmax = tiles.amax(-1)
     tmax = torch.where(torch.isfinite(tmax), tmax, 0.0)
-    tiles.sub_(tmax.unsqueeze(-1)).exp_()  # in place: weights relative to the tile maximum
+    gap = tiles.sub_(tmax.unsqueeze(-1))  # ŝ − tile max
+    if stats is None:
+        tiles = gap.exp_()  # in place: weights relative to the tile maximum
+    else:
+        tiles = gap.exp()  # the same weights; the statistics read the gaps too (:func:`_stats`)
     tile_lse = tmax.double() + tiles.sum(-1).double().log()  # [n, T] fp64
     lse = torch.logsumexp(tile_lse, -1)  # log Σ_y s_y over the candidates (uniform tweedie: all y)
 
@@ -144,6 +150,8 @@ def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, tru
         kept = offset.unsqueeze(1) + sums if uniform_tweedie else log_c.unsqueeze(1) + tmax.double() + sums
         kept_total = torch.logsumexp(kept, -1)
         cand = kept + torch.where(kept_total > -torch.inf, total - kept_total, 0.0).unsqueeze(1)
+    if stats is not None:
+        stats.copy_(_stats(tiles, gap, tmax, x != graph.mask_id))
 
     options = torch.cat([cand, stay.unsqueeze(1)], dim=1)  # [n, T + 1] fp64 log-weights
     k = _race(options, generator)
@@ -155,6 +163,29 @@ def _chunk(kind, z, x, c, shift, graph, absorbing, tile, n_tiles, generator, tru
     if absorbing:
         token = torch.where(x == graph.mask_id, token, x)
     return token
+
+
+def _stats(tiles: torch.Tensor, gap: torch.Tensor, tmax: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """[n, 2] fp32: max_y p_y and −Σ p log p (nats) of p ∝ the candidates' weights, from the race's
+    tiles (e = e^{ŝ − tile max}, the kept ones after truncation), the gaps ŝ − tile max (consumed)
+    and the tile maxima ``tmax`` [n, T]. Per tile s = Σ e and t = Σ e·gap (fp32: at most a tile of
+    values in [0, 1]); relative to the row maximum M: S = Σ e^{tmax − M}s, T = Σ e^{tmax − M}(t +
+    (tmax − M)s), so max p = 1/S and H = log S − T/S, in fp64 over the tiles (no cancellation: the
+    leading tile has tmax = M). Rows in ``fixed`` (not MASK) and rows without a candidate: (1, 0),
+    a certain token. (Summing the [n, T, tile] values in fp64, or e·log e by xlogy, cost 2× the draw
+    on a CPU at [2048, 4097]: a conversion pass, and a log per element.)"""
+    s_t = tiles.sum(-1).double()
+    # −∞ gaps off the candidates, where e = 0: clamped so that 0·gap is 0, not NaN
+    t_t = gap.clamp_min_(-1e30).mul_(tiles).sum(-1).double()
+    tm = torch.where(s_t > 0, tmax.double(), -torch.inf)
+    M = tm.amax(-1, keepdim=True)
+    M = torch.where(torch.isfinite(M), M, 0.0)
+    a = (tm - M).exp()  # 0 for an empty tile
+    S = (a * s_t).sum(-1)
+    T = (a * (t_t + torch.where(s_t > 0, tm - M, 0.0) * s_t)).sum(-1)
+    some = (S > 0) & ~fixed
+    safe = torch.where(some, S, 1.0)
+    return torch.stack([torch.where(some, 1.0 / safe, 1.0), torch.where(some, safe.log() - T / safe, 0.0)], 1).float()
 
 
 def _log_coef(kind, c, absorbing: bool, N: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from sedd.graph import Graph, esigm1, per_row
 __all__ = [
     "esigm1", "log_scores", "score_entropy", "reverse_rates", "euler_probs", "analytic_probs", "denoise_probs",
     "truncate", "truncation_keep",
-    "sample_categorical", "euler_step", "analytic_step", "denoise_step", "sample_transition",
+    "sample_categorical", "euler_step", "analytic_step", "denoise_step", "denoise_stats", "sample_transition",
 ]
 
 
@@ -180,6 +180,19 @@ def denoise_step(log_score, x_t, sigma, graph: Graph, shift=None, generator=None
     # all −∞ key row; the fused kernel returns the same (sedd/kernels/sampling.py)
     probs = truncate(denoise_probs(log_score, x_t, sigma, graph, shift), x_t, top_p, top_k)
     return sample_categorical(probs, generator).to(x_t.dtype)
+
+
+def denoise_stats(log_score, x_t, sigma, graph: Graph, shift=None, top_p=None, top_k=None):
+    """(confidence, entropy), each [B, L] fp32: max_y p_y and −Σ_y p_y log p_y (nats) of the
+    categorical p that :func:`denoise_step` draws from (after truncation). A row with no positive
+    weight (every real-token score −∞) draws token 0 with certainty: (1, 0), as a position that is
+    not MASK (its token stays)."""
+    probs = truncate(denoise_probs(log_score, x_t, sigma, graph, shift), x_t, top_p, top_k).double()
+    probs = torch.nan_to_num(probs, nan=0.0)  # 0/0 where no weight is positive
+    some = probs.sum(-1) > 0
+    confidence = torch.where(some, probs.amax(-1), 1.0)
+    entropy = torch.where(some, -torch.xlogy(probs, probs).sum(-1), 0.0)
+    return confidence.float(), entropy.float()
 
 
 def sample_transition(x0, sigma, graph: Graph, generator=None) -> torch.Tensor:

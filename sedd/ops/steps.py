@@ -3,7 +3,8 @@
 graphs, truncated or not) or the reference (:mod:`sedd.ops.reference`: any other graph).
 
 Each step reads the scores at x_t and writes one token id per position; on the Triton backend no
-[B, L, V] tensor is allocated besides the caller's scores.
+[B, L, V] tensor is allocated besides the caller's scores. :func:`denoise_with_stats` also writes
+each position's confidence and entropy, from the same pass.
 
 The math: docs/math.md, "Reverse steps", "Truncation".
 """
@@ -90,6 +91,54 @@ def denoise_step(log_score: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor
     B, g, shift = check_step_args(log_score, x_t, graph, shift)
     sigma = check_per_row("sigma", sigma, B, log_score.device)
     return _reverse_step("denoise", log_score, x_t, (sigma,), g, shift, generator, block_v, top_p, top_k)
+
+
+def denoise_with_stats(log_score: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, graph: str | Graph,
+                       generator: torch.Generator | None = None, *, shift: torch.Tensor | None = None,
+                       block_v: int | None = None, top_p: float | None = None,
+                       top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`denoise_step` on the absorbing graph that also says how sure each draw was: the
+    per-position statistics of the categorical p it draws from (p_y ∝ e^{ŝ_y} over the real tokens,
+    after ``top_p`` / ``top_k``), computed from the values the draw reads, in the same pass on the
+    Triton backend. What first hitting's adaptive rules select positions by
+    (:mod:`sedd.sampling.first_hitting`; docs/math.md, "Adaptive parallel decoding").
+
+    Args: as :func:`denoise_step`; ``graph`` must be absorbing.
+
+    Returns:
+        tokens: [B, L] in x_t's dtype: the tokens :func:`denoise_step` draws from the same
+            generator state on the same backend.
+        confidence: [B, L] fp32, max_y p_y.
+        entropy: [B, L] fp32, −Σ_y p_y log p_y in nats.
+        A position that is not MASK (its token stays) or whose real tokens all have weight 0 (it
+        takes token 0) has confidence 1 and entropy 0: its next token is certain.
+    """
+    B, g, shift = check_step_args(log_score, x_t, graph, shift)
+    if not g.absorbing:
+        raise ValueError(f"denoise_with_stats samples the absorbing graph only (a MASK position's denoising "
+                         f"distribution); got the {g.name} graph")
+    sigma = check_per_row("sigma", sigma, B, log_score.device)
+    check_generator(generator, log_score.device)
+    check_truncation(top_p, top_k)
+    block_v = check_block_v(block_v)
+    if not eager.truncating(top_p, top_k):
+        top_p = top_k = None
+    backend = dispatch(log_score.device, g)
+    if backend == "triton":
+        check_triton_dtype("log_score", log_score)
+        trunc = None
+        if top_p is not None or top_k is not None:
+            trunc = eager.truncation("denoise", log_score, x_t.long(), sigma, g, shift, top_p, top_k, generator)
+        tokens, stats = custom_ops.denoise_stats(log_score, x_t, sigma, g, shift, generator, block_v, trunc)
+        return tokens, stats[..., 0], stats[..., 1]
+    if g.kernel is not None:
+        stats = torch.empty(B * x_t.shape[1], 2, dtype=torch.float32, device=log_score.device)
+        tokens = eager.reverse_step("denoise", log_score, x_t.long(), sigma, g, shift, generator, top_p, top_k,
+                                    stats=stats).to(x_t.dtype)
+        stats = stats.view(*x_t.shape, 2)
+        return tokens, stats[..., 0], stats[..., 1]
+    tokens = reference.denoise_step(log_score, x_t.long(), sigma, g, shift, generator, top_p, top_k).to(x_t.dtype)
+    return (tokens, *reference.denoise_stats(log_score, x_t.long(), sigma, g, shift, top_p, top_k))
 
 
 _REFERENCE_STEPS = {"euler": reference.euler_step, "analytic": reference.analytic_step,

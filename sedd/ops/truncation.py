@@ -19,10 +19,12 @@ about 50× an untruncated one at [8, 128, 50258] on a CPU. Here:
 Ties: tokens of equal score are kept or cut together (at either rule's boundary, all are kept).
 Exactness: the same set as the sorted running sum, up to the order of fp64 additions: the weights
 are fp32 (e^{ŝ − max}, the precision of the reference's probabilities) summed in fp64, so the sets
-can differ only where p·T lies within ~1e-15 relative of a running sum. Rows whose crossing lies
-more than ``SPAN`` nats below their maximum (weights under e^-40: top_p within ~1e-12 of 1), and
-every row where a host read is not allowed (:func:`sedd.ops.checks.host_sync_allowed`: the
-crossing bucket's size is data-dependent), take the sorted route.
+can differ only where p·T lies within ~1e-15 relative of a running sum. Scores more than ``SPAN``
+nats below their row's maximum share the last bucket, which is sorted like any other when the
+crossing falls in it (weights under e^-40: top_p within ~1e-12 of 1), so the set stays exact; the
+rare row whose bucket sums and sorted sum round apart at a boundary, and every row where a host
+read is not allowed (:func:`sedd.ops.checks.host_sync_allowed`: the crossing bucket's size is
+data-dependent), take the sorted route.
 """
 
 from __future__ import annotations

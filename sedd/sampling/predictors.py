@@ -25,9 +25,11 @@ generator=, project=, progress=, top_p=, top_k=)`` once instead of the step loop
 
 What a predictor reads of the :class:`~sedd.sampling.SamplingSpec`: ``options`` names the spec
 fields that are its own (its constructor takes them; ``tokens_per_step``): the sampler passes them
-on, and every other predictor refuses them. ``refuses`` maps the general options it does not read
-(``steps`` for a predictor with its own grid) to the message that refuses them, with each option
-written ``{name}`` (the caller's name for it). ``absorbing_only`` refuses the uniform graph.
+on, and every other predictor refuses them; ``exclusive`` names those of them of which at most one
+may differ from its default at a time (``exclusive_why`` says why). ``refuses`` maps the general
+options it does not read (``steps`` for a predictor with its own grid) to the message that refuses
+them, with each option written ``{name}`` (the caller's name for it). ``absorbing_only`` refuses
+the uniform graph.
 
 The sampler hands ``update`` the model wrapped in a :class:`sedd.sampling.cache.NetworkCalls`,
 which counts the forward rows per sequence and, with ``sample(..., cache=...)``, serves
@@ -66,6 +68,8 @@ class Predictor:
     final: bool = False
     owns_grid: bool = False
     options: tuple[str, ...] = ()
+    exclusive: tuple[str, ...] = ()  # of its options, at most one set away from its default at a time
+    exclusive_why: str = ""  # why (``{name}`` placeholders, as in ``refuses``)
     refuses: dict[str, str] = {}
     absorbing_only: bool = False
 

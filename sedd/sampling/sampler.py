@@ -17,7 +17,8 @@ sampler warns once per process.
 
 Fewer network evaluations: ``cache=True`` reuses the output of a row that the last step left
 unchanged (exact for a model without time conditioning, :mod:`sedd.sampling.cache`);
-``predictor="first_hitting"`` unmasks one position per evaluation at the exact event times
+``predictor="first_hitting"`` unmasks one position per evaluation at the exact event times, or
+as many as the model is sure of with ``threshold`` / ``entropy_bound``
 (:mod:`sedd.sampling.first_hitting`). ``return_stats=True`` reports the forward rows per sequence.
 
 The math: docs/math.md, "Reverse steps", "Conditioning", "Fewer network evaluations".
@@ -91,7 +92,8 @@ def sample(
         graph, noise: the forward process and schedule the model was trained with.
         spec, options: how to sample: a :class:`~sedd.sampling.SamplingSpec` and/or its fields as
             keyword arguments (``predictor``, ``steps``, ``eps``, ``denoise``, ``denoiser``,
-            ``masked_only``, ``top_p``, ``top_k``, ``cache``, ``tokens_per_step``, ``cuda_graph``; the fields say
+            ``masked_only``, ``top_p``, ``top_k``, ``cache``, ``tokens_per_step``, ``threshold``,
+            ``entropy_bound``, ``cuda_graph``; the fields say
             what each does), checked against this graph and model before anything runs. ``steps``
             defaults to ``length``; a ``window`` shorter than ``length`` is for
             :func:`sedd.generation.sample_blockwise`; the autoregressive options are refused.

@@ -141,6 +141,13 @@ class SamplingSpec:
         cache: True: reuse the network output of a sequence the last step left unchanged (exact for
             a model without time conditioning); "approximate": the same for a σ-conditioned model.
         tokens_per_step: first hitting's unmasking events per evaluation (None: 1).
+        threshold: first hitting, τ in (0, 1]: at each evaluation also unmask every MASK position
+            whose denoising distribution p has max_y p(y) ≥ τ, each with a token drawn from p
+            (Fast-dLLM's confidence rule; :mod:`sedd.sampling.first_hitting`).
+        entropy_bound: first hitting, γ ≥ 0: at each evaluation also unmask MASK positions in
+            increasing order of their entropy H(p) (nats) while the sum stays ≤ γ (the
+            EB-sampler's rule). At most one of ``threshold``, ``entropy_bound`` and
+            ``tokens_per_step`` > 1.
         top_p, top_k: nucleus / top-k truncation of every step (every draw for an AR model).
         temperature: autoregressive models: logits / T before each draw, 0 greedy.
         kv_cache: autoregressive models: keep the keys and values of earlier positions;
@@ -170,6 +177,14 @@ class SamplingSpec:
                                                         "False, True or 'approximate'"),
                                 "reuse the outputs of unchanged sequences: True (exact), approximate")
     tokens_per_step: int | None = _option(None, DIFFUSION, _POSITIVE, "first_hitting: tokens per evaluation")
+    threshold: float | None = _option(None, DIFFUSION, _rule(_optional(lambda v: _real(v) and 0 < v <= 1),
+                                                             "a number in (0, 1]"),
+                                      "first_hitting: also unmask every position whose max probability is >= this")
+    entropy_bound: float | None = _option(None, DIFFUSION,
+                                          _rule(_optional(lambda v: _real(v) and math.isfinite(v) and v >= 0),
+                                                "a finite number >= 0"),
+                                          "first_hitting: also unmask the surest positions while their entropies "
+                                          "(nats) sum to at most this")
     top_p: float | None = _option(None, ALL, _rule(_optional(lambda v: _real(v) and 0 < v <= 1),
                                                      "a number in (0, 1]"), "nucleus truncation")
     top_k: int | None = _option(None, ALL, _POSITIVE, "top-k truncation")
@@ -199,6 +214,13 @@ class SamplingSpec:
         for option, why in step.refuses.items():
             if self.given(option):
                 raise SamplingOptionError((option,), lambda n, why=why: why.format_map(_Names(n)))
+        defaults = inspect.signature(step.__init__).parameters
+        rival = tuple(o for o in step.exclusive if getattr(self, o) is not None
+                      and getattr(self, o) != defaults[o].default)
+        if len(rival) > 1:
+            raise SamplingOptionError(rival, lambda n: (
+                f"{' and '.join(n(o) for o in rival)} cannot be combined: "
+                + step.exclusive_why.format_map(_Names(n))))
         if self.cuda_graph and self.cache is not False:
             raise SamplingOptionError(("cuda_graph", "cache"), lambda n: (
                 f"{n('cuda_graph')} cannot be combined with {n('cache')}: the cache finds the rows that changed "
@@ -346,7 +368,11 @@ class SamplingSpec:
         words = [f"{r['sampler']} sampler"]
         if r["steps"] is not None:
             words.append(f"{r['steps']} steps")
-        if r["tokens_per_step"] is not None:
+        if r["threshold"] is not None:
+            words.append(f"threshold {r['threshold']:g}")
+        elif r["entropy_bound"] is not None:
+            words.append(f"entropy bound {r['entropy_bound']:g}")
+        elif r["tokens_per_step"] is not None:
             words.append(f"{r['tokens_per_step']} token(s) per network evaluation")
         if FAMILIES[objective.sampler].cost:
             words.append(FAMILIES[objective.sampler].cost)

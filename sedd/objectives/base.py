@@ -166,6 +166,11 @@ class Objective:
         tokens (the records say what ran): the window (the paper's one step per token)."""
         return window
 
+    def steps_sweep(self, window: int) -> list[int]:
+        """The step counts train/quality.py sweeps when ``--steps`` gives none: SEDD's 16, 32 and 64
+        per window (train/cli.py's DEFAULT_STEPS_LIST)."""
+        return [16, 32, 64]
+
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 

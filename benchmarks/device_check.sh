@@ -150,7 +150,9 @@ stage kernels 120 "${pytest_bench[@]}" benchmarks/bench_score_entropy.py benchma
 if (( dry_run )); then
   skip tests "the -m gpu tests need CUDA (the CPU test run collects them and skips every one)"
 else
-  stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_kernels_cuda.py \
+  # one process on the one GPU (-p no:xdist: tests/conftest.py would start two workers where
+  # pytest-xdist is installed; harmless where it is not)
+  stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -p no:xdist -rs -m gpu tests/test_kernels_cuda.py \
     tests/test_train_loop.py tests/test_sampling_graphs.py tests/test_host_sync.py
 fi
 stage e2e 240 "${pytest_bench[@]}" benchmarks/bench_end_to_end.py

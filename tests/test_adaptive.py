@@ -48,7 +48,8 @@ def _factorised_sedd(pi: torch.Tensor, L: int) -> SEDD:
 # -- 1. nothing sure enough: today's first hitting --------------------------------------------
 
 
-@pytest.mark.parametrize("backend,time_conditioning", [("torch", False), ("torch", True), ("triton", False)])
+@pytest.mark.parametrize("backend,time_conditioning", [("torch", False), ("torch", True),
+                                                       pytest.param("triton", False, marks=pytest.mark.slow)])
 def test_with_no_position_sure_enough_it_is_todays_first_hitting(one_thread, backend, time_conditioning):
     """τ above every confidence, or γ = 0 (every entropy is positive), draws exactly the tokens of
     k = 1 from the same generator in the same evaluations, fixed positions and truncation included

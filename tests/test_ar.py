@@ -421,5 +421,6 @@ def _distributed_worker(rank, world):
             assert x.shape == (2, L) and int(x.max()) < N
 
 
+@pytest.mark.slow
 def test_ddp_and_fsdp2_gradients_of_the_fused_head_match_the_logits_path():
     run_on_two_processes(_distributed_worker)

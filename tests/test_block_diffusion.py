@@ -717,5 +717,6 @@ def _distributed_worker(rank, world):
             assert x.shape == (2, 12) and int(x.max()) < N
 
 
+@pytest.mark.slow
 def test_ddp_and_fsdp2_gradients_of_the_objective_match_the_unfused_loss():
     run_on_two_processes(_distributed_worker)

@@ -18,8 +18,6 @@ from sedd.model import SEDD
 from sedd.pretrained import load_pretrained
 from train import sample as sample_cli
 
-TEXT = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
-
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
@@ -44,9 +42,9 @@ def bytes_ckpt(tmp_path_factory) -> Path:
     return _save(tmp_path_factory.mktemp("bytes_ckpt"), get_tokenizer("bytes"), record="bytes")
 
 
-@pytest.fixture(scope="module")
-def bpe300(tmp_path_factory):
-    return train_bpe(get_corpus(TEXT, "all"), 300, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+@pytest.fixture
+def bpe300(argparse_bpe):
+    return argparse_bpe  # the session's 300-id BPE of argparse.py
 
 
 def _edited(ckpt: Path, folder: Path, edit) -> Path:

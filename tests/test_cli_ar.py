@@ -1,12 +1,12 @@
 """The autoregressive baseline through the entry points: train/run.py --objective ar (and resume),
-train/eval.py's exact NLL, train/sample.py, train/quality.py, and the combinations they refuse."""
+train/eval.py's exact NLL, train/sample.py, train/quality.py, and the combinations they refuse.
+Every entry point runs in this process (``main(argv)``; tests/test_train.py runs train/run.py as a
+process of its own); the token cache is the session's, shared with tests/test_train.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,13 +15,13 @@ import torch
 from sedd.data import get_corpus, get_tokenizer, tokenize
 from sedd.likelihood import make_blocks
 from sedd.model import ARModel
-from tests.helpers import tiny_judge
+from tests.helpers import run_main, tiny_judge
 from train import eval as eval_cli
 from train import quality
+from train import run as run_cli
 from train import sample as sample_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "train" / "run.py"
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 pytestmark = pytest.mark.skipif(not TEXT.is_file(), reason=f"test text {TEXT} is missing")
@@ -36,20 +36,19 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return dict(os.environ, SEDD_CACHE=str(tmp_path_factory.mktemp("sedd-cache")), PYTHONUNBUFFERED="1",
-                HF_HUB_OFFLINE="1")
+def env(sedd_cache):
+    return {"SEDD_CACHE": str(sedd_cache), "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(autouse=True)
-def _cache(env, monkeypatch, one_thread):
-    monkeypatch.setenv("SEDD_CACHE", env["SEDD_CACHE"])
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _cache(env, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
 
 
-def train(env, *args, timeout=300):
-    cmd = [sys.executable, str(SCRIPT), *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def train(env, *args):
+    """train/run.py's ``main(ARGS)`` in this process: exit status, stdout and stderr."""
+    return run_main(run_cli.main, args, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +100,7 @@ def test_resume_is_exact_and_keeps_the_objective(env, trained, tmp_path):
     (["--objective", "gpt"], "invalid choice: 'gpt'"),
 ])
 def test_bad_combinations_are_one_line_and_exit_2(env, tmp_path, args, message):
-    result = train(env, "--objective", "ar", *args, "--out", tmp_path / "x", timeout=120)
+    result = train(env, "--objective", "ar", *args, "--out", tmp_path / "x")
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "x").exists()

@@ -37,8 +37,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("sedd-cache")
+def cache_dir(sedd_cache):
+    return sedd_cache  # the session's: the BPE and token streams tests/test_train.py builds too
 
 
 @pytest.fixture(autouse=True)

@@ -2,26 +2,24 @@
 take --predictor first_hitting, --cache and --tokens-per-step and report each sample's NFE.
 
 Two untrained checkpoints with the byte tokenizer (so nothing is trained or downloaded), one
-without time conditioning and one with; the judge of quality.py is a tiny random GPT-2."""
+without time conditioning and one with; the judge of quality.py is the session's tiny random
+GPT-2 (tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
-from sedd.data import get_corpus, get_tokenizer, train_bpe
+from sedd.data import get_tokenizer
 from sedd.model import SEDD
 from tests.helpers import small_model_config
 from train import quality
 from train import sample as sample_cli
-from train.train_judge import hf_tokenizer
 
 L = 16
-TEXT = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
 
 
 @pytest.fixture(autouse=True)
@@ -53,19 +51,6 @@ def conditioned_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def uniform_ckpt(tmp_path_factory) -> Path:
     return _checkpoint(tmp_path_factory.mktemp("uniform"), time_conditioning=True, graph="uniform")
-
-
-@pytest.fixture(scope="module")
-def judge_dir(tmp_path_factory) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    folder = tmp_path_factory.mktemp("judge")
-    tok = train_bpe(get_corpus(TEXT, "all"), 300, progress=False)
-    hf_tokenizer(tok, folder)
-    torch.manual_seed(1)
-    GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=128, n_embd=16, n_layer=1, n_head=2,
-                               bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)).save_pretrained(folder)
-    return folder
 
 
 def _sample(capsys, ckpt, *args) -> dict:

@@ -113,6 +113,7 @@ def _sample_json(capsys, *args) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sample_script_unconditional(bpe_ckpt, cache_dir, tmp_path):
     out = tmp_path / "samples.txt"
     proc = _run_script("sample.py", [bpe_ckpt, "--steps", 8, "--batch-size", 2, "--seed", 3,
@@ -307,6 +308,7 @@ def test_sample_bad_input(bpe_ckpt, capsys, args, message):
     assert err.startswith("sample.py: error:") and message in err, err
 
 
+@pytest.mark.slow
 def test_sample_missing_checkpoint_and_tokenizer(tmp_path, gpt2_ckpt, bpe_ckpt, cache_dir, capsys):
     assert sample_cli.main([str(tmp_path / "nope")]) == 2
     assert "no checkpoint directory" in capsys.readouterr().err
@@ -472,6 +474,7 @@ def _check_report(rep: dict, *, blocks: int, block_size: int, K: int, sampler: s
     assert rep["num_samples"] == K and rep["time_sampler"] == sampler
 
 
+@pytest.mark.slow
 def test_eval_script_wikitext(bpe_ckpt, cache_dir, tmp_path):
     out = tmp_path / "report.json"
     proc = _run_script("eval.py", [bpe_ckpt, "--data", WIKITEXT, "--max-blocks", 2, "--num-samples", 4,
@@ -587,6 +590,7 @@ def test_eval_bad_input(bpe_ckpt, capsys, args, message):
     assert "eval.py: error:" in err and message in err, err
 
 
+@pytest.mark.slow
 def test_eval_dataset_name_offline(bpe_ckpt, cache_dir):
     proc = _run_script("eval.py", [bpe_ckpt, "--data", "wikitext-103", "--num-samples", 2], cache_dir)
     assert proc.returncode == 2

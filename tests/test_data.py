@@ -107,6 +107,7 @@ def test_bpe_trains_once_and_round_trips(text_dir, tmp_path, monkeypatch):
         D.get_tokenizer("bpe:100", corpus=str(text_dir), cache_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_default_corpus_and_bpe(tmp_path):
     """The one test that reads the whole standard library (a few seconds)."""
     train = D.get_corpus("default", "train")
@@ -274,6 +275,7 @@ def test_no_text_found(tmp_path):
         list(D.get_corpus(blank / "a.txt", "all"))
 
 
+@pytest.mark.slow
 def test_hub_offline_errors_in_subprocess(tmp_path):
     """With the hub really unreachable (offline mode, empty caches), both hub paths fail fast
     with errors that say what to do instead. A subprocess keeps the env vars out of this one."""

@@ -17,8 +17,15 @@ STAGES = ["device", "smoke", "train", "sample", "kernelvsop", "kernels", "tests"
           "compiled"]
 
 
+def _environ() -> dict[str, str]:
+    """This process's environment less pytest-xdist's worker variables: the script's own pytest
+    runs (the benchmarks) would read them as running under xdist, and pytest-benchmark then
+    refuses to time anything."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+
+
 def _run(results: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "PYTHON": sys.executable, "RESULTS": str(results), "SEDD_COMMIT": "test-commit", **env}
+    environ = {**_environ(), "PYTHON": sys.executable, "RESULTS": str(results), "SEDD_COMMIT": "test-commit", **env}
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=environ, capture_output=True, text=True,
                           timeout=600)
 
@@ -30,10 +37,13 @@ def _stage_lines(results: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
+    """The whole dry run, once for the module's four tests (~45 s of CPU: nine stages, each a
+    Python process of its own); the tests that use it are marked slow."""
     results = tmp_path_factory.mktemp("device-check")
     return _run(results, "--dry-run"), results
 
 
+@pytest.mark.slow
 def test_dry_run_runs_or_skips_every_stage_with_a_reason(dry_run):
     proc, results = dry_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -49,6 +59,7 @@ def test_dry_run_runs_or_skips_every_stage_with_a_reason(dry_run):
     )
 
 
+@pytest.mark.slow
 def test_dry_run_writes_the_figures_and_the_table(dry_run):
     _, results = dry_run
     device = json.loads((results / "device.json").read_text())
@@ -75,6 +86,7 @@ def test_dry_run_writes_the_figures_and_the_table(dry_run):
     assert "## Launch sweep" in table and "reverse_step uniform analytic" in table and "| kernel | default |" in table
 
 
+@pytest.mark.slow
 def test_dry_run_times_each_kernel_apart_from_its_op_and_summarises_it(dry_run):
     """The kernel-vs-op stage: every fused kernel (loss, loss + gradient, the three steps, both
     graphs) with its kernel time, op time, host time and bandwidth, into bench.jsonl, the table and
@@ -98,6 +110,7 @@ def test_dry_run_times_each_kernel_apart_from_its_op_and_summarises_it(dry_run):
     assert "## Kernel vs op" in (results / "device-check.md").read_text()
 
 
+@pytest.mark.slow
 def test_dry_run_writes_the_summary_json(dry_run):
     """benchmarks/summarize.py's summary (issue 29's schema) from the dry run's records: train/run.py's
     step in every mode at both shapes (graphs skipped on the CPU, with the reason), the benchmark's
@@ -202,7 +215,7 @@ def test_a_copy_with_an_older_git_is_labelled_by_its_recorded_commit(tmp_path):
     for cmd in (["init", "-q"], ["add", "file.txt"], ["commit", "-qm", "old"]):
         subprocess.run([*git, *cmd], cwd=tmp_path, check=True, capture_output=True)
     old = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
-    environ = {k: v for k, v in os.environ.items() if k != "SEDD_COMMIT"}
+    environ = {k: v for k, v in _environ().items() if k != "SEDD_COMMIT"}
     run = dict(cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
     def label(results: str) -> str:

@@ -194,16 +194,10 @@ def test_byte_tokenizer_round_trips_any_text():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    """A byte-level BPE, which glues a space to the word after it."""
-    import sysconfig
-    from pathlib import Path
-
-    from sedd.data import get_corpus, train_bpe
-
-    text = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
-    return train_bpe(get_corpus(text, "all"), 300, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+@pytest.fixture
+def bpe(argparse_bpe):
+    """A byte-level BPE, which glues a space to the word after it (the session's, of argparse.py)."""
+    return argparse_bpe
 
 
 def test_trailing_spaces_are_dropped_only_where_the_tokenizer_glues_them_to_the_next_word(bpe):

@@ -369,6 +369,7 @@ def test_entry_point_without_lm_eval_names_the_extra(capsys, monkeypatch):
     assert err.count("\n") == 1 and '.[eval]' in err and "lm-evaluation-harness is not installed" in err
 
 
+@pytest.mark.slow
 def test_readme_command_runs_the_local_tasks_through_lm_eval(ckpt, tmp_path):
     """The README's command, as written, from a directory laid out like the repository after
     `python train/run.py` (out/cpu: here the tiny checkpoint): lm_eval writes its results with

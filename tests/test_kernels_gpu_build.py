@@ -43,7 +43,10 @@ import sedd.kernels.score_entropy as score_entropy_kernels  # noqa: E402
 import sedd.kernels.transitions as transition_kernels  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-pytestmark = pytest.mark.skipif(not (BIN / "ptxas").is_file(), reason="this Triton has no bundled ptxas")
+# slow: ~20 s of LLVM and ptxas per target and Triton on a fresh machine (the compiled kernels are
+# cached in ~/.triton after a first run)
+pytestmark = [pytest.mark.skipif(not (BIN / "ptxas").is_file(), reason="this Triton has no bundled ptxas"),
+              pytest.mark.slow]
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
 _TYPES = {

@@ -137,5 +137,6 @@ def _distributed_worker(rank, world):
             _assert_same(gf, gu)
 
 
+@pytest.mark.slow
 def test_ddp_and_fsdp2_gradients_match_the_logits_path():
     run_on_two_processes(_distributed_worker)

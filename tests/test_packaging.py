@@ -45,6 +45,7 @@ def test_no_other_installed_distribution_provides_our_top_level_names():
     assert not {n: d for n, d in shared.items() if d}, f"top-level names owned twice: {shared}"
 
 
+@pytest.mark.slow
 def test_a_built_wheel_holds_only_the_sedd_package(tmp_path):
     """What a regular `pip install .` writes: every top-level entry of the wheel."""
     src = tmp_path / "src"
@@ -67,6 +68,7 @@ def test_a_built_wheel_holds_only_the_sedd_package(tmp_path):
     assert "sedd/kernels/__init__.py" in kernel_files and "sedd/kernels/score_entropy.py" in kernel_files
 
 
+@pytest.mark.slow
 def test_transformers_imports_from_the_repository_root():
     """`python -c` from the root puts the checkout first on sys.path, as pytest and notebooks do."""
     code = (

@@ -4,8 +4,9 @@ Everything is built here from one file of this interpreter's standard library (a
 nothing is downloaded and no shared data is needed: a tiny SEDD checkpoint (one block, 32 tokens,
 a 512-id BPE, a few optimizer steps) and a tiny GPT-2 judge built with ``transformers`` (random
 weights, its own 300-id BPE, so the samples really are retokenized), saved to temporary
-directories. The main path runs once as a subprocess (the real entry point); the other cases call
-main(argv) or the scoring functions in-process.
+directories (the judge and its BPE are the session's, tests/conftest.py). The main path runs once
+as a subprocess (the real entry point, slow); the other cases call main(argv) or the scoring
+functions in-process.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import math
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +28,11 @@ from sedd.losses import score_entropy_loss
 from sedd.metrics import judge_windows, load_judge
 from sedd.model import SEDD
 from sedd.noise import noise_from_config
-from tests.helpers import small_model_config
+from tests.helpers import ARGPARSE, small_model_config, tiny_judge
 from train import quality
-from train.train_judge import hf_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
+TEXT = ARGPARSE
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -83,24 +82,6 @@ def degenerate_ckpt(ckpt, tmp_path_factory) -> Path:
     return folder
 
 
-def _tiny_gpt2(folder: Path, n_positions: int) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tok = train_bpe(get_corpus(TEXT, "all"), 300, progress=False)
-    hf_tokenizer(tok, folder)
-    torch.manual_seed(1)
-    config = GPT2Config(vocab_size=tok.vocab_size, n_positions=n_positions, n_embd=16, n_layer=1, n_head=2,
-                        bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def judge_dir(tmp_path_factory) -> Path:
-    """Context long enough that every sample is scored in one window (the oracle is one forward)."""
-    return _tiny_gpt2(tmp_path_factory.mktemp("judge"), n_positions=256)
-
-
 @pytest.fixture(scope="module")
 def cli_run(ckpt, judge_dir, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("quality")
@@ -126,6 +107,7 @@ def _oracle_nll(tok, model, text: str) -> tuple[float, int]:
     return float(-logp.gather(-1, ids[0, 1:, None]).sum()), ids.shape[1] - 1
 
 
+@pytest.mark.slow
 def test_cli_records_match_an_independent_judge(cli_run, judge_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,10 +158,10 @@ def test_degenerate_sampler_is_flagged(degenerate_ckpt, judge_dir, tmp_path, cap
     assert "degenerate samples" in out
 
 
-def test_windows_score_each_token_once_with_the_stated_context(tmp_path):
+def test_windows_score_each_token_once_with_the_stated_context(tmp_path, argparse_bpe):
     """A judge with an 8-token context on longer texts: windows of 8 every 4 tokens, each token
     scored in the first window holding it, against a per-token oracle; both conventions."""
-    judge_dir = _tiny_gpt2(tmp_path / "short", n_positions=8)
+    judge_dir = tiny_judge(argparse_bpe, tmp_path / "short", n_positions=8)
     texts = ["To be, or not to be, that is the question: whether 'tis nobler", "H", "a b c d e f g"]
     for first_token in ("bos", "skip"):
         judge = load_judge(str(judge_dir), torch.device("cpu"), first_token=first_token)

@@ -1,8 +1,12 @@
-"""The training entry point, run the way users run it: `python train/run.py ...` in a subprocess.
+"""The training entry point, train/run.py: its outputs, resume, refusals and messages.
 
 A tiny model (one block of width 32) on 32-token blocks of Shakespeare with a 512-id BPE trained on
-that text, so each run takes a few seconds on a CPU. The cache (tokenizer, token streams) lives in a
-temporary directory shared by the tests of this module.
+that text, so each run takes a second or two on a CPU. Most cases call ``main(argv)`` in this
+process (tests.helpers.run_main: exit status, stdout and stderr as a subprocess gives them); the
+ones that need a process of their own run it the way users do, `python train/run.py ...` in a
+subprocess, and are marked slow: a run killed with SIGKILL and resumed, torchrun's two processes,
+and the other entry points on the trained checkpoint. The cache (tokenizer, token streams) is the
+session's (``sedd_cache`` in tests/conftest.py), shared with tests/test_cli_ar.py.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import run_main
+from train import run as run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train" / "run.py"
@@ -38,13 +45,19 @@ FILES = ["config.json", "model.safetensors", "tokenizer.json", "training_state.p
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return dict(os.environ, SEDD_CACHE=str(tmp_path_factory.mktemp("sedd-cache")), PYTHONUNBUFFERED="1")
+def env(sedd_cache):
+    return dict(os.environ, SEDD_CACHE=str(sedd_cache), PYTHONUNBUFFERED="1")
 
 
 def train(env, *args, launcher=(), timeout=300):
+    """`python train/run.py ARGS` in a subprocess (``launcher``: e.g. torchrun's module)."""
     cmd = [sys.executable, *launcher, str(SCRIPT), *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def train_here(env, *args, **more_env):
+    """train/run.py's ``main(ARGS)`` in this process, with the module's cache (and ``more_env``)."""
+    return run_main(run_cli.main, args, env={"SEDD_CACHE": env["SEDD_CACHE"], **more_env})
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -63,7 +76,7 @@ def snapshot(out: Path) -> dict[str, bytes]:
 def trained(env, tmp_path_factory):
     """A finished 10-step run: (output directory, completed process)."""
     out = tmp_path_factory.mktemp("run") / "out"
-    result = train(env, *TINY, "--max-steps", 10, "--out", out)
+    result = train_here(env, *TINY, "--max-steps", 10, "--out", out)
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -116,6 +129,7 @@ def test_end_to_end(trained):
     assert score.shape == (1, x.shape[1], 513) and torch.isfinite(score).all()
 
 
+@pytest.mark.slow
 def test_sample_and_eval_the_trained_checkpoint(env, trained, tmp_path):
     """The trained run's directory is all the other entry points need: sample with a prompt, then bound it."""
     out, _ = trained
@@ -138,11 +152,12 @@ def test_sample_and_eval_the_trained_checkpoint(env, trained, tmp_path):
     assert 0 < report["nats_per_token"] < 50 and report["perplexity_bound"] > 1
 
 
+@pytest.mark.slow
 def test_interrupt_and_resume_is_exact(env, tmp_path):
     steps = 40
     args = [*TINY, "--max-steps", steps]
     a, b = tmp_path / "a", tmp_path / "b"
-    result = train(env, *args, "--out", a)
+    result = train_here(env, *args, "--out", a)  # the uninterrupted run: here, as a process of its own would
     assert result.returncode == 0, result.stderr
 
     # Kill run b for real (SIGKILL, no clean-up) as soon as its first checkpoint is on disk.
@@ -179,6 +194,7 @@ def test_interrupt_and_resume_is_exact(env, tmp_path):
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(env, tmp_path):
     out = tmp_path / "ddp"
     # no --batch-size: the preset's 16 does not divide a global batch of 8 over 2 processes, so
@@ -204,7 +220,7 @@ def test_torchrun_two_processes(env, tmp_path):
 
     # Elastic resume: the 2-process run continues with 1 process (2 micro-batches per step), the
     # global data position re-split.
-    resumed = train(env, *args, "--max-steps", 8, "--resume")
+    resumed = train_here(env, *args, "--max-steps", 8, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {out} at step 6" in resumed.stdout
     assert [m["step"] for m in read_metrics(out)] == list(range(9))
@@ -212,7 +228,7 @@ def test_torchrun_two_processes(env, tmp_path):
     assert training["world_size"] == 1 and training["grad_accum"] == 2
 
     # ... then with a micro-batch of the whole global batch (--batch-size may change on resume) ...
-    resumed = train(env, *args, "--max-steps", 9, "--resume", "--batch-size", 8)
+    resumed = train_here(env, *args, "--max-steps", 9, "--resume", "--batch-size", 8)
     assert resumed.returncode == 0, resumed.stderr
     training = json.loads((out / "config.json").read_text())["training"]
     assert training["world_size"] == 1 and training["batch_size"] == 8 and training["grad_accum"] == 1
@@ -228,7 +244,7 @@ def test_torchrun_two_processes(env, tmp_path):
     assert training["world_size"] == 2 and training["batch_size"] == 4 and training["grad_accum"] == 1
 
     # Validation draws are seeded by block: one process sees the same number at step 0.
-    single = train(env, *args[:-1], tmp_path / "single", "--max-steps", 1, "--num-samples", 0)
+    single = train_here(env, *args[:-1], tmp_path / "single", "--max-steps", 1, "--num-samples", 0)
     assert single.returncode == 0, single.stderr
     assert read_metrics(tmp_path / "single")[0]["val_loss"] == pytest.approx(ddp_val0, rel=1e-5)
 
@@ -269,9 +285,9 @@ def test_an_error_is_printed_by_rank_0_only(env, trained, tmp_path):
     shutil.copytree(trained[0], out)
     results = {}
     for rank in (0, 1, 2):
-        ranked = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="3", LOCAL_WORLD_SIZE="3")
-        results[rank] = (train(ranked, *TINY, "--max-steps", 20, "--out", out, "--resume", timeout=60),
-                         train(ranked, *TINY, "--preset", "huge", "--out", out, timeout=60))
+        ranked = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=3, LOCAL_WORLD_SIZE=3)
+        results[rank] = (train_here(env, *TINY, "--max-steps", 20, "--out", out, "--resume", **ranked),
+                         train_here(env, *TINY, "--preset", "huge", "--out", out, **ranked))
     for rank, (resumed, bad_flag) in results.items():
         assert resumed.returncode == bad_flag.returncode == 2, resumed.stderr
         if rank == 0:
@@ -284,7 +300,7 @@ def test_an_error_is_printed_by_rank_0_only(env, trained, tmp_path):
 
 
 def test_help_lists_the_flags():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    result = run_main(run_cli.main, ["--help"])
     assert result.returncode == 0
     for flag in ("--max-steps", "--out", "--resume", "--seed", "--data", "--preset", "--graph", "--noise",
                  "--tokenizer", "--lr", "--global-batch", "--batch-size", "--ema", "--warmup-steps", "--grad-clip",
@@ -309,7 +325,7 @@ def test_help_lists_the_flags():
     (["--time-conditioning", "no"], "invalid choice: 'no'"),
 ])
 def test_bad_arguments(env, tmp_path, args, message):
-    result = train(env, *args, "--out", tmp_path / "out", timeout=60)
+    result = train_here(env, *args, "--out", tmp_path / "out")
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # argparse's usage block too
@@ -322,7 +338,7 @@ def test_corrupt_checkpoint_is_reported_and_left_alone(env, trained, tmp_path):
     state = out / "training_state.pt"
     state.write_bytes(state.read_bytes()[:5000])  # a truncated file, as from a full disk
     before = snapshot(out)
-    result = train(env, *TINY, "--max-steps", 20, "--out", out, "--resume")
+    result = train_here(env, *TINY, "--max-steps", 20, "--out", out, "--resume")
     assert result.returncode == 1
     assert "corrupt" in result.stderr and str(state) in result.stderr
     assert snapshot(out) == before
@@ -332,7 +348,7 @@ def test_nan_loss_stops_without_saving(env, trained, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(trained[0], out)
     before = snapshot(out)
-    result = train(env, *TINY, "--max-steps", 20, "--out", out, "--resume", "--lr", "1e30")
+    result = train_here(env, *TINY, "--max-steps", 20, "--out", out, "--resume", "--lr", "1e30")
     assert result.returncode == 1
     assert "non-finite loss" in result.stderr
     step = int(result.stderr.split(" at step ")[1].split(";")[0])
@@ -345,11 +361,11 @@ def test_existing_checkpoint_is_never_silently_replaced(env, trained, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(trained[0], out)
     before = snapshot(out)
-    fresh = train(env, *TINY, "--max-steps", 20, "--out", out)  # forgot --resume
+    fresh = train_here(env, *TINY, "--max-steps", 20, "--out", out)  # forgot --resume
     assert fresh.returncode == 2 and "--resume" in fresh.stderr
-    reshaped = train(env, *TINY, "--max-steps", 20, "--out", out, "--resume", "--hidden-size", 64)
+    reshaped = train_here(env, *TINY, "--max-steps", 20, "--out", out, "--resume", "--hidden-size", 64)
     assert reshaped.returncode == 2 and "cannot change hidden_size" in reshaped.stderr
-    missing = train(env, *TINY, "--out", tmp_path / "empty", "--resume")
+    missing = train_here(env, *TINY, "--out", tmp_path / "empty", "--resume")
     assert missing.returncode == 2 and "no training_state.pt" in missing.stderr
     assert snapshot(out) == before
 
@@ -359,7 +375,7 @@ def test_existing_checkpoint_is_never_silently_replaced(env, trained, tmp_path):
     (notes / "config.json").write_text('{"mine": true}')
     (notes / "samples.txt").write_text("my samples")
     (notes / "ideas.md").write_text("keep")
-    refused = train(env, *TINY, "--max-steps", 1, "--out", notes)
+    refused = train_here(env, *TINY, "--max-steps", 1, "--out", notes)
     assert refused.returncode == 2, refused.stderr
     assert "config.json, samples.txt" in refused.stderr and "--overwrite" in refused.stderr
     assert (notes / "config.json").read_text() == '{"mine": true}' and sorted(p.name for p in notes.iterdir()) == [
@@ -368,17 +384,18 @@ def test_existing_checkpoint_is_never_silently_replaced(env, trained, tmp_path):
 
 def test_time_conditioning_off_is_saved_and_frozen(env, tmp_path):
     out = tmp_path / "out"
-    first = train(env, *TINY, "--max-steps", 2, "--ckpt-every", 2, "--num-samples", 0, "--time-conditioning", "off",
-                  "--out", out)
+    first = train_here(env, *TINY, "--max-steps", 2, "--ckpt-every", 2, "--num-samples", 0, "--time-conditioning",
+                       "off", "--out", out)
     assert first.returncode == 0, first.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["time_conditioning"] is False
     from sedd.model import SEDD
 
     assert SEDD.from_pretrained(out).time_conditioning is False
-    changed = train(env, *TINY, "--max-steps", 4, "--out", out, "--resume", "--time-conditioning", "on")
+    changed = train_here(env, *TINY, "--max-steps", 4, "--out", out, "--resume", "--time-conditioning", "on")
     assert changed.returncode == 2 and "cannot change time_conditioning" in changed.stderr
-    resumed = train(env, *TINY, "--max-steps", 4, "--ckpt-every", 2, "--num-samples", 0, "--out", out, "--resume")
+    resumed = train_here(env, *TINY, "--max-steps", 4, "--ckpt-every", 2, "--num-samples", 0, "--out", out,
+                         "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "config.json").read_text())["model"]["time_conditioning"] is False
     assert "cond_embed" in torch.load(out / "training_state.pt", weights_only=False)["model"]

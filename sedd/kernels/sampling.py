@@ -399,8 +399,12 @@ def reverse_step(
     if sub < 2 or sub & (sub - 1) or block_v % sub:
         raise ValueError(f"sub must be a power of two >= 2 dividing block_v = {block_v}, got {sub}")
     if block_r is None:
-        # interpreter: wide programs (~1 ms each); GPU: one row per program
-        block_r = max(1, min(triton.next_power_of_2(n_rows), 4096 // block_v, 256)) if interpreted() else 1
+        # GPU: one row per program. Interpreter: as few programs as 2^16 elements a tile allow, since
+        # each costs the Python of its ops whatever its size (4000 rows of 37 columns: 16 programs
+        # of 256 rows took 1.0 s, one of 4096 rows 0.09 s); which rows share a program changes no
+        # draw (the noise is keyed by row and column), and the tests that force block_r cover
+        # several programs.
+        block_r = max(1, min(triton.next_power_of_2(n_rows), (1 << 16) // block_v)) if interpreted() else 1
     if num_warps is None:
         # at least 8 columns per thread: a narrow tile spread over 4 warps replicated its values
         num_warps = min(4, max(1, block_v // 256))

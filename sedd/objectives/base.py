@@ -177,6 +177,11 @@ class Objective:
         tokens (the records say what ran): the window (the paper's one step per token)."""
         return window
 
+    def steps_sweep(self, window: int) -> list[int]:
+        """The step counts ``quality.py`` sweeps when ``--steps`` gives none: 16, 32 and 64 per
+        window, the paper's low-NFE end of its generative-perplexity curve."""
+        return [16, 32, 64]
+
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 

@@ -18,14 +18,14 @@ and a noisy block sees neither its own clean tokens nor anything after it; x0's 
 be read by nobody and is left out (for b = L nothing clean is left: the forward is SEDD's). Both
 streams take the positions 0 … L − 1 of their tokens (rotary).
 
-σ conditioning (``model.time_conditioning``). Every block has its own noise level σ_k, so the
-adaLN conditioning is per token (:class:`sedd.model.layers.PerToken`): the tokens of noisy block k
-read c_k = SiLU(sigma_map(σ_k)), the clean tokens c_0 = SiLU(sigma_map(0)) (they are x0, noise level
-0, and their keys and values then stay a function of x0 alone: the KV cache is exact). With one
-block and nothing clean (b = L) the conditioning is per sequence, SEDD's. Without time
-conditioning the network is the time-independent SEDD: c = SiLU(cond_embed) for every token, and
-σ_k enters only through block k's score shift, as the exact score does (docs/math.md, "Block
-diffusion").
+σ conditioning (``model.time_conditioning``; off by default, as it measured better). Without it
+the network is the time-independent SEDD: c = SiLU(cond_embed) for every token, and σ_k enters
+only through block k's score shift, as the exact score does (docs/math.md, "Block diffusion").
+With it, every block has its own noise level σ_k, so the adaLN conditioning is per token
+(:class:`sedd.model.layers.PerToken`): the tokens of noisy block k read c_k = SiLU(sigma_map(σ_k)),
+the clean tokens c_0 = SiLU(sigma_map(0)) (they are x0, noise level 0, and their keys and values
+then stay a function of x0 alone: the KV cache is exact). With one block and nothing clean (b = L)
+the conditioning is per sequence, SEDD's.
 
 Attention runs on SDPA with a boolean mask on every device (flash-attn's varlen kernel has no
 block-causal mask; FlexAttention is not used).

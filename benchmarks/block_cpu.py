@@ -107,7 +107,9 @@ def collect(name: str, folder: Path, quality: Path | None) -> dict:
         "generation": [],
     }
     if quality is not None:
-        for path in sorted(quality.glob(f"{folder.name}-*.json")):
+        # RUN-LENGTH.json only: block-4-256.json, not block-4-clip-256.json of another run
+        for path in sorted(p for p in quality.glob(f"{folder.name}-*.json")
+                           if p.stem[len(folder.name) + 1:].isdigit()):
             q = _load(path)
             for r in q["records"]:
                 out["generation"].append({

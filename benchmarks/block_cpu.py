@@ -43,8 +43,10 @@ def step_flops(config: dict, global_batch: int, sampling_eps: float = 1e-3) -> d
                  network reads: L (SEDD, AR), 2L − b (block diffusion: [x_t ; x0 without its last block])
       attention  4 · S² · D per block (scores and values; SDPA computes the S² pairs whatever its mask)
       head       2 · D · V per row it computes: all L rows (AR), the masked rows (SEDD absorbing and
-                 block diffusion: the fused head reads those only; E[masked] = L·(1 − ε)·E[t], t ~ U[ε_s, 1])
-    adaLN, embeddings and the loss's elementwise work are left out (under 1% here)."""
+                 block diffusion: the fused head reads those only; E[masked] = L·(1 − ε)·E[t], t ~ U[ε_s, 1],
+                 or U[t_β, t_ω] for a block run trained on a clipped range of masking rates)
+    adaLN, embeddings and the loss's elementwise work are left out (under 1% here), and so is the
+    per-token conditioning's gather of the adaLN rows (memory traffic, no matmul)."""
     m = config["model"]
     D, n, L = m["hidden_size"], m["n_blocks"], m["length"]
     ratio = m.get("mlp_ratio", 4)
@@ -56,7 +58,14 @@ def step_flops(config: dict, global_batch: int, sampling_eps: float = 1e-3) -> d
         rows = L
     else:
         eps = config.get("noise", {}).get("eps", 1e-3)
-        rows = L * (1 - eps) * (1 + sampling_eps) / 2
+        lo, hi = sampling_eps, 1.0
+        rates = config.get("training", {}).get("mask_rate_range")
+        if rates is not None:
+            from sedd.block_diffusion import clipped_times
+            from sedd.noise import noise_from_config
+
+            lo, hi = clipped_times(noise_from_config(config), rates, sampling_eps)
+        rows = L * (1 - eps) * (lo + hi) / 2
     trunk = 2 * (4 + 2 * ratio) * D * D * n * S
     attention = 4 * S * S * D * n
     head = 2 * D * V * rows
@@ -98,7 +107,9 @@ def collect(name: str, folder: Path, quality: Path | None) -> dict:
         "generation": [],
     }
     if quality is not None:
-        for path in sorted(quality.glob(f"{folder.name}-*.json")):
+        # RUN-LENGTH.json only: block-4-256.json, not block-4-clip-256.json of another run
+        for path in sorted(p for p in quality.glob(f"{folder.name}-*.json")
+                           if p.stem[len(folder.name) + 1:].isdigit()):
             q = _load(path)
             for r in q["records"]:
                 out["generation"].append({
@@ -245,6 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--quality", type=Path, help="directory of the quality.py JSON files, RUN-LENGTH.json")
     p.add_argument("--out", required=True, type=Path, help="path prefix of OUT.json and OUT.png")
     p.add_argument("--title", default="cpu preset, default corpus, 1000 steps, seed 0 (2-core shared CPU)")
+    p.add_argument("--section", help="add the runs to OUT.json under sections.SECTION (the file's other figures "
+                                     "kept) and plot them to OUT-SECTION.png")
     args = p.parse_args(argv)
     runs = []
     for spec in args.run:
@@ -253,8 +266,14 @@ def main(argv=None) -> int:
             raise SystemExit(f"block_cpu.py: error: --run expects NAME=DIR, got {spec!r}")
         runs.append(collect(name, Path(folder), args.quality))
     cmp = compare(runs)
-    Path(f"{args.out}.json").write_text(json.dumps({"runs": runs, "comparison": cmp}, indent=2) + "\n")
-    plot(runs, Path(f"{args.out}.png"), args.title)
+    if args.section:
+        whole = _load(Path(f"{args.out}.json"))
+        whole.setdefault("sections", {})[args.section] = {"runs": runs, "comparison": cmp}
+        Path(f"{args.out}.json").write_text(json.dumps(whole, indent=2) + "\n")
+        plot(runs, Path(f"{args.out}-{args.section}.png"), args.title)
+    else:
+        Path(f"{args.out}.json").write_text(json.dumps({"runs": runs, "comparison": cmp}, indent=2) + "\n")
+        plot(runs, Path(f"{args.out}.png"), args.title)
     sys.stdout.write(tables(runs, cmp))
     sys.stdout.write("\n" + json.dumps(cmp, indent=2) + "\n")
     return 0

@@ -9,7 +9,10 @@ x_t's block k ~ p_{t_k|0}(· | x0's block k), ŝ = model(x_t, x0) (block k given
 
 In expectation over the t_k this is Σ_k of block k's SEDD bound on −log p(x0's block k | blocks < k)
 less its prior term, so the loss of one forward is an unbiased estimate of the bound on −log p(x0)
-(docs/math.md, "Block diffusion"). The blocks are handed to the score-entropy ops as rows: the
+(docs/math.md, "Block diffusion"). BD3-LM's clipped schedule (``mask_rate_range`` = (β, ω)) draws
+the t_k instead among the times whose masking rate 1 − e^{−σ̄(t)} lies in [β, ω]: a lower-variance
+training loss that estimates the integrand's mean over those times, not the bound; the validation
+losses and the bound keep the whole range. The blocks are handed to the score-entropy ops as rows: the
 scores [B, L, V] viewed as [B·K, b, V] with one σ, shift and weight per row, so the fused head and
 the fused kernels run unchanged.
 
@@ -22,6 +25,8 @@ The model: :class:`sedd.model.BlockSEDD`, or any ``model(x_t, x0, sigma) -> log_
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -39,6 +44,8 @@ __all__ = [
     "block_diffusion_sequence_bounds",
     "block_diffusion_validation_losses",
     "block_times",
+    "clipped_times",
+    "mask_rate_range",
     "noise_blocks",
 ]
 
@@ -53,9 +60,47 @@ def _blocks_of(model, x0: torch.Tensor) -> tuple[int, int]:
     return x0.shape[1] // b, b
 
 
-def block_times(batch: int, n_blocks: int, sampling_eps: float = 1e-3, *, device=None, generator=None) -> torch.Tensor:
-    """t ~ U[ε_s, 1] for every block of every sequence, [B, K] fp32 (row-major draws)."""
-    return sample_times(batch * n_blocks, sampling_eps, device=device, generator=generator).view(batch, n_blocks)
+def block_times(batch: int, n_blocks: int, sampling_eps: float = 1e-3, *, device=None, generator=None,
+                span: tuple[float, float] | None = None) -> torch.Tensor:
+    """t for every block of every sequence, [B, K] fp32 (row-major draws): U[ε_s, 1], or U[lo, hi]
+    for ``span`` = (lo, hi), the times of a clipped range of masking rates (:func:`clipped_times`)."""
+    if span is None:
+        return sample_times(batch * n_blocks, sampling_eps, device=device, generator=generator).view(batch, n_blocks)
+    lo, hi = span
+    u = torch.rand(batch * n_blocks, device=device, generator=generator)
+    return ((hi - lo) * u + lo).view(batch, n_blocks)
+
+
+def mask_rate_range(value) -> tuple[float, float]:
+    """(β, ω) from ``value``, a pair of numbers or the string "β,ω" (``--mask-rate-range``);
+    ValueError, one line, unless 0 ≤ β < ω ≤ 1."""
+    pair = value.split(",") if isinstance(value, str) else value
+    try:
+        beta, omega = (float(v) for v in pair)
+    except (TypeError, ValueError):
+        beta = omega = math.nan
+    if not 0 <= beta < omega <= 1:  # NaN fails too
+        raise ValueError(f"the mask rate range must be two numbers BETA,OMEGA with 0 <= BETA < OMEGA <= 1 (the "
+                         f"masking rates a block's training times are drawn within; 0,1: all of them), got {value!r}")
+    return beta, omega
+
+
+def clipped_times(noise: Noise, rates, sampling_eps: float = 1e-3) -> tuple[float, float]:
+    """(lo, hi): the times t ∈ [ε_s, 1] at which the masking rate 1 − e^{−σ̄(t)} lies in the range
+    ``rates`` (:func:`mask_rate_range`'s argument); (ε_s, 1) for 0,1. ValueError for a range that
+    leaves no time above ε_s."""
+    beta, omega = mask_rate_range(rates)
+
+    def time(rate: float) -> float:  # σ̄ = −log(1 − rate), then the schedule's inverse
+        if rate >= 1:
+            return 1.0
+        return float(noise.time_at(-torch.log1p(torch.tensor(-rate, dtype=torch.float64))))
+
+    lo, hi = max(sampling_eps, time(beta)), min(1.0, time(omega))
+    if not lo < hi:
+        raise ValueError(f"the mask rate range {beta:g},{omega:g} holds no training time above sampling_eps = "
+                         f"{sampling_eps:g} under {noise}")
+    return lo, hi
 
 
 def noise_blocks(x0: torch.Tensor, sigma: torch.Tensor, graph: Graph, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -75,6 +120,7 @@ def block_diffusion_loss(
     t: torch.Tensor | None = None,
     x_t: torch.Tensor | None = None,
     sampling_eps: float = 1e-3,
+    mask_rate_range=None,
     generator: torch.Generator | None = None,
     attention_mask: torch.Tensor | None = None,
     reduction: str = "mean",
@@ -90,6 +136,9 @@ def block_diffusion_loss(
         x0: [B, L] int clean tokens, L a multiple of the block size b.
         graph, noise: the forward process (absorbing, for a BlockSEDD) and its schedule.
         t: optional [B, K] times, one per block; drawn from U[sampling_eps, 1] when None.
+        mask_rate_range: (β, ω) or "β,ω", 0 ≤ β < ω ≤ 1: draw each block's time among those
+            whose masking rate lies in [β, ω] (BD3-LM's clipped schedule: module docstring); None
+            (or 0,1): all of them. Refused with ``t``.
         x_t: optional [B, L] noisy tokens, each block a draw at its time (``t`` must be given
             too), e.g. from :func:`noise_blocks`; drawn here when None.
         generator: optional generator for t and the forward noise.
@@ -114,7 +163,10 @@ def block_diffusion_loss(
     if x_t is not None and t is None:
         raise ValueError("x_t was drawn at some times t: pass those t too")
     if t is None:
-        t = block_times(B, K, sampling_eps, device=x0.device, generator=generator)
+        span = None if mask_rate_range is None else clipped_times(noise, mask_rate_range, sampling_eps)
+        t = block_times(B, K, sampling_eps, device=x0.device, generator=generator, span=span)
+    elif mask_rate_range is not None:
+        raise ValueError("mask_rate_range clips the drawn times: pass it or t, not both")
     elif t.shape != (B, K):
         raise ValueError(f"t must be [B, K] = [{B}, {K}] (one time per block), got {list(t.shape)}")
     sigma, dsigma = noise(t)
@@ -142,12 +194,10 @@ def block_diffusion_loss(
                     graph, shift=shift, loss_weight=row_weight, reduction="none" if per_token else "sum",
                     width=graph.dim)  # the aligned head's padding rows are no scores
 
-            loss = model(x_t, x0, head=head, **model_kwargs)
+            loss = model(x_t, x0, sigma, head=head, **model_kwargs)
         else:
-            if shift is not None:
-                log_score = model(x_t, x0, raw=True, **model_kwargs)
-            else:
-                log_score = model(x_t, x0, sigma, **model_kwargs)
+            # σ [B, K]: what a time-conditioned network reads, and the scores' shift
+            log_score = model(x_t, x0, sigma, raw=shift is not None, **model_kwargs)
             V = log_score.shape[-1]
             # a view, also of scores whose rows are padded in memory (row stride > V)
             loss = ops.score_entropy(

@@ -24,6 +24,11 @@ class Noise:
     def rate(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def time_at(self, total: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`total`: the time t with σ̄(t) = ``total`` (σ̄ increases with t),
+        outside [0, 1] where ``total`` is outside σ̄'s range on it."""
+        raise NotImplementedError
+
     def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = _as_float(t)
         return self.total(t), self.rate(t)
@@ -49,6 +54,9 @@ class LogLinear(Noise):
     def rate(self, t: torch.Tensor) -> torch.Tensor:
         return (1 - self.eps) / (1 - (1 - self.eps) * t)
 
+    def time_at(self, total: torch.Tensor) -> torch.Tensor:
+        return -torch.expm1(-total) / (1 - self.eps)
+
     def __repr__(self) -> str:
         return f"LogLinear(eps={self.eps})"
 
@@ -69,6 +77,9 @@ class Geometric(Noise):
 
     def rate(self, t: torch.Tensor) -> torch.Tensor:
         return self.total(t) * math.log(self.sigma_max / self.sigma_min)
+
+    def time_at(self, total: torch.Tensor) -> torch.Tensor:
+        return torch.log(total / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
 
     def __repr__(self) -> str:
         return f"Geometric(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"

@@ -18,6 +18,9 @@ from sedd.block_diffusion import (
     block_diffusion_loss,
     block_diffusion_sequence_bounds,
     block_diffusion_validation_losses,
+    block_times,
+    clipped_times,
+    mask_rate_range,
     noise_blocks,
 )
 from sedd.graph import Absorbing
@@ -25,9 +28,10 @@ from sedd.likelihood import make_blocks, sequence_bounds, summarize
 from sedd.losses import score_entropy_loss
 from sedd.model import SEDD, BlockSEDD
 from sedd.model.block import block_diffusion_mask
-from sedd.noise import LogLinear
+from sedd.model.layers import PerToken
+from sedd.noise import Geometric, LogLinear
 from sedd.sampling import sample_block_diffusion
-from tests.helpers import assert_same_grads, chi2_pvalue, run_on_two_processes, wrap_for_two_processes
+from tests.helpers import assert_same_grads, chi2_pvalue, random_sedd, run_on_two_processes, wrap_for_two_processes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,10 +39,10 @@ N = 11
 GRAPH, NOISE = Absorbing(N), LogLinear()
 
 
-def _model(block_size=4, length=12, dtype=torch.float64, seed=0) -> BlockSEDD:
+def _model(block_size=4, length=12, dtype=torch.float64, seed=0, time_conditioning=False) -> BlockSEDD:
     torch.manual_seed(seed)
     config = BlockSEDD.config_for("cpu", block_size=block_size, tokens=N, hidden_size=32, cond_dim=16, n_blocks=2,
-                                  n_heads=2, length=length)
+                                  n_heads=2, length=length, time_conditioning=time_conditioning)
     model = BlockSEDD(config).to(dtype).eval()
     # adaLN (the gates included) and the head start at zero, which would make every block the
     # identity: random weights, so that attention carries information the tests can see
@@ -105,6 +109,47 @@ def test_a_noisy_block_sees_itself_and_the_clean_blocks_before_it_only():
         handle.remove()
 
 
+def test_per_token_conditioning_equals_the_per_sequence_path_when_every_token_reads_the_same():
+    """The trunk's blocks and output layer with PerToken conditioning whose tokens all read their
+    sequence's row give SEDD's per-sequence numbers (to fp32 rounding: the adaLN linear runs on
+    [B, 1, C] rows instead of [B, C])."""
+    sedd = random_sedd(N + 1, 12)
+    x = _tokens(L=12)
+    sigma = torch.tensor([0.2, 1.5, 6.0])
+    want = sedd(x, sigma, raw=True)
+    c = torch.nn.functional.silu(sedd.sigma_map(sigma))  # [B, C]
+    got = sedd._run_blocks(sedd.vocab_embed(x), PerToken(c[:, None], torch.zeros(12, dtype=torch.long)), None,
+                           None, None)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(want[0], want[1], atol=1e-3)  # the premise: σ reaches the scores
+
+
+def test_each_noisy_block_reads_its_own_sigma_and_the_clean_stream_none():
+    """σ-conditioned: block k's scores depend on σ_k and on no other block's σ (the gradient), and
+    changing every σ leaves the clean stream's keys and values (what the KV cache holds) unchanged."""
+    model, x0 = _model(time_conditioning=True), _tokens()
+    x_t = _noisy(x0)
+    sigma = torch.tensor([[0.3, 1.0, 2.0]] * 3, dtype=torch.float64, requires_grad=True)
+    for k in range(3):
+        sigma.grad = None
+        model(x_t, x0, sigma, raw=True)[:, 4 * k : 4 * k + 4].sum().backward()
+        seen = sigma.grad.abs().sum(0) > 0
+        assert seen.tolist() == [j == k for j in range(3)], k
+    keys = {}
+    handles = [block.attn_qkv.register_forward_hook(lambda mod, args, out, i=i: keys.__setitem__(i, out.detach()))
+               for i, block in enumerate(model.blocks)]
+    try:
+        clean = []
+        for s in (sigma.detach(), 3 * sigma.detach()):
+            model(x_t, x0, s, raw=True)
+            clean.append([keys[i][:, 12:] for i in range(len(model.blocks))])  # the clean stream's q, k, v
+    finally:
+        for h in handles:
+            h.remove()
+    for a, b in zip(*clean):
+        assert torch.equal(a, b)
+
+
 def test_layouts_refusals_and_the_checkpoint(tmp_path):
     model, x0 = _model(), _tokens()
     x_t = _noisy(x0)
@@ -136,8 +181,10 @@ def test_layouts_refusals_and_the_checkpoint(tmp_path):
     config = BlockSEDD.config_for("cpu", block_size=5, tokens=N, length=12)
     with pytest.raises(ValueError, match="must divide model.length"):
         BlockSEDD(config)
-    with pytest.raises(ValueError, match="time_conditioning: false"):
-        BlockSEDD({**config, "model": {**config["model"], "block_size": 4, "time_conditioning": True}})
+    with pytest.raises(ValueError, match="a block model needs the absorbing graph"):
+        BlockSEDD({**config, "graph": {"type": "uniform"}, "model": {**config["model"], "block_size": 4}})
+    with pytest.raises(ValueError, match="sigma is missing: this block model reads the noise of every block"):
+        _model(time_conditioning=True)(x_t, x0, raw=True)
     with pytest.raises(ValueError, match="model.block_size must be a positive integer"):
         BlockSEDD({**config, "model": {**config["model"], "block_size": 2.0}})
     with pytest.raises(ValueError, match="block_size is missing"):
@@ -154,16 +201,19 @@ def test_layouts_refusals_and_the_checkpoint(tmp_path):
     torch.testing.assert_close(loaded(x_t, x0, raw=True), model(x_t, x0, raw=True), rtol=1e-5, atol=1e-5)
 
 
-def test_block_size_L_is_sedd_without_time_conditioning():
-    """One block and nothing clean: the forward, the loss and the bound are SEDD's, number for number."""
-    block = _model(block_size=12, dtype=torch.float32)
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_block_size_L_is_sedd(time_conditioning):
+    """One block and nothing clean: the forward, the loss and the bound are SEDD's, number for number
+    (σ-conditioned: SEDD's per-sequence conditioning, the per-token path is not taken)."""
+    block = _model(block_size=12, dtype=torch.float32, time_conditioning=time_conditioning)
     config = copy.deepcopy(block.config)
     del config["objective"]
     sedd = SEDD(config).eval()
     sedd.load_state_dict(block.state_dict())
     x0 = _tokens()
     x_t = _noisy(x0)
-    assert torch.equal(block(x_t, x0, raw=True), sedd(x_t, torch.ones(3), raw=True))
+    sigma = torch.tensor([0.3, 1.0, 4.0])
+    assert torch.equal(block(x_t, x0, sigma[:, None], raw=True), sedd(x_t, sigma, raw=True))
     for fused in (True, False):
         got = block_diffusion_loss(block, x0, GRAPH, NOISE, generator=torch.Generator().manual_seed(0), fused=fused)
         want = score_entropy_loss(sedd, x0, GRAPH, NOISE, generator=torch.Generator().manual_seed(0), fused=fused)
@@ -207,8 +257,9 @@ def _reference_loss(model, x0, t, x_t, mask=None):
     return total
 
 
-def test_the_loss_is_the_sum_of_the_blocks_score_entropies():
-    model = _model()
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_the_loss_is_the_sum_of_the_blocks_score_entropies(time_conditioning):
+    model = _model(time_conditioning=time_conditioning)
     x0 = _tokens()
     g = torch.Generator().manual_seed(5)
     t = 0.05 + 0.9 * torch.rand(3, 3, generator=g, dtype=torch.float64)
@@ -236,8 +287,9 @@ def test_the_loss_is_the_sum_of_the_blocks_score_entropies():
         block_diffusion_loss(SEDD(SEDD.config_for("cpu", tokens=N, n_blocks=1)), x0, GRAPH, NOISE)
 
 
-def test_fused_and_unfused_losses_have_the_same_gradients():
-    model = _model()
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_fused_and_unfused_losses_have_the_same_gradients(time_conditioning):
+    model = _model(time_conditioning=time_conditioning)
     x0 = _tokens()
 
     def grads(fused):
@@ -248,8 +300,38 @@ def test_fused_and_unfused_losses_have_the_same_gradients():
 
     fused, unfused = grads(True), grads(False)
     assert fused.keys() == unfused.keys() and "output_layer.linear.weight" in fused
+    assert ("sigma_map.mlp.0.weight" in fused) == time_conditioning
     for name in fused:
         torch.testing.assert_close(fused[name], unfused[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_the_clipped_schedule_draws_masking_rates_within_its_range():
+    """mask_rate_range (β, ω): every block's time has its masking rate 1 − e^{−σ̄(t)} in [β, ω] and
+    the draws span it, on both schedules; 0,1 draws the unclipped loss's times bit for bit; the
+    loss draws its times so; ranges outside 0 ≤ β < ω ≤ 1 are one-line errors."""
+    for noise in (NOISE, Geometric()):
+        t = block_times(400, 8, span=clipped_times(noise, (0.45, 0.95)), generator=torch.Generator().manual_seed(0))
+        rate = -torch.expm1(-noise.total(t.double()))
+        assert float(rate.min()) >= 0.45 - 1e-6 and float(rate.max()) <= 0.95 + 1e-6, noise
+        assert float(rate.min()) < 0.46 and float(rate.max()) > 0.94, noise
+    assert clipped_times(NOISE, "0,1") == (1e-3, 1.0)
+    assert torch.equal(block_times(4, 3, generator=torch.Generator().manual_seed(1)),
+                       block_times(4, 3, span=clipped_times(NOISE, "0,1"), generator=torch.Generator().manual_seed(1)))
+    model, x0 = _model(), _tokens()
+    g = torch.Generator().manual_seed(5)
+    t = block_times(3, 3, span=clipped_times(NOISE, "0.3,0.8"), generator=g)
+    x_t = noise_blocks(x0, NOISE(t)[0], GRAPH, g)
+    torch.testing.assert_close(
+        block_diffusion_loss(model, x0, GRAPH, NOISE, mask_rate_range="0.3,0.8", generator=torch.Generator().manual_seed(5)),
+        block_diffusion_loss(model, x0, GRAPH, NOISE, t=t, x_t=x_t), rtol=0, atol=0)
+    for bad in ["0.5,0.5", "0.9,0.1", "-0.1,0.5", "0.2,1.1", "a,b", "0.5", (0.1,), "nan,0.5", None]:
+        with pytest.raises(ValueError, match="two numbers BETA,OMEGA with 0 <= BETA < OMEGA <= 1") as err:
+            mask_rate_range(bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="holds no training time above sampling_eps"):
+        clipped_times(NOISE, (0, 0.0005))
+    with pytest.raises(ValueError, match="pass it or t, not both"):
+        block_diffusion_loss(model, x0, GRAPH, NOISE, t=t, mask_rate_range=(0.3, 0.8))
 
 
 def test_validation_losses_draw_each_sequence_from_its_own_generator():
@@ -429,25 +511,32 @@ def test_the_corpus_bound_and_its_report():
 # -- generation ----------------------------------------------------------------------------------
 
 
-def test_the_kv_cache_gives_the_forward_and_a_one_pass_extend():
-    model = _model()
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_the_kv_cache_gives_the_forward_and_a_one_pass_extend(time_conditioning):
+    """σ-conditioned, the cached block at σ_k (per sequence) equals the forward's per-token path."""
+    model = _model(time_conditioning=time_conditioning)
     x0 = _tokens()
     x_t = _noisy(x0)
-    full = model(x_t, x0, raw=True)
+    sigma = torch.tensor([[0.2, 0.9, 3.0], [1.1, 0.05, 0.7], [2.5, 2.5, 0.4]], dtype=torch.float64)
+    full = model(x_t, x0, sigma, raw=True)
     step, once = model.new_cache(3), model.new_cache(3)
     model.extend(x0, once)  # all three blocks in one pass, block-causal among themselves
     for k in range(3):
         span = slice(4 * k, 4 * k + 4)
-        torch.testing.assert_close(model.block_scores(x_t[:, span], step), full[:, span], rtol=1e-12, atol=1e-12)
-        rows = torch.tensor([2, 0])
-        torch.testing.assert_close(model.block_scores(x_t[rows, span], step, rows=rows), full[rows, span],
+        torch.testing.assert_close(model.block_scores(x_t[:, span], step, sigma=sigma[:, k]), full[:, span],
                                    rtol=1e-12, atol=1e-12)
+        rows = torch.tensor([2, 0])
+        torch.testing.assert_close(model.block_scores(x_t[rows, span], step, sigma=sigma[rows, k], rows=rows),
+                                   full[rows, span], rtol=1e-12, atol=1e-12)
         model.extend(x0[:, span], step)
     for a, b in zip(step.keys + step.values, once.keys + once.values):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(model(x_t, x0, raw=True, only_last_block=True), full[:, 8:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model(x_t, x0, sigma, raw=True, only_last_block=True), full[:, 8:], rtol=1e-12,
+                               atol=1e-12)
+    if time_conditioning:  # the premise: the scores read σ
+        assert not torch.allclose(full, model(x_t, x0, 2 * sigma, raw=True))
     with pytest.raises(ValueError, match="no room"):
-        model.block_scores(x_t[:, :4], step)
+        model.block_scores(x_t[:, :4], step, sigma=sigma[:, 0])
     with pytest.raises(RuntimeError, match="eval mode"):
         model.train().extend(x0, model.new_cache(3))
 
@@ -483,10 +572,14 @@ def test_past_the_training_length_a_block_reads_a_window_of_the_cache():
     assert torch.equal(*runs)
 
 
-@pytest.mark.parametrize("predictor,cache", [("analytic", False), ("euler", True), ("first_hitting", False)])
-def test_kv_cached_samples_equal_the_recomputed_ones(predictor, cache):
-    """Same generator, same tokens, with prompts ending inside a block and at a block's end."""
-    model = _model(length=16)
+@pytest.mark.filterwarnings("ignore:cache='approximate'")
+@pytest.mark.parametrize("predictor,cache,time_conditioning", [
+    ("analytic", False, False), ("euler", True, False), ("first_hitting", False, False),
+    ("analytic", False, True), ("first_hitting", False, True), ("euler", "approximate", True)])
+def test_kv_cached_samples_equal_the_recomputed_ones(predictor, cache, time_conditioning):
+    """Same generator, same tokens, with prompts ending inside a block and at a block's end;
+    σ-conditioned too (the clean blocks' keys and values do not depend on the block's σ)."""
+    model = _model(length=16, time_conditioning=time_conditioning)
     prompts = torch.tensor([[1, 2, 3, 4, 5, 6, 0, 0], [7, 8, 9, 10, 0, 0, 0, 0], [3, 3, 0, 0, 0, 0, 0, 0]])
     fixed_tokens = torch.cat([prompts, torch.zeros(3, 8, dtype=torch.long)], 1)
     fixed_mask = torch.zeros(3, 16, dtype=torch.bool)
@@ -564,6 +657,8 @@ def test_sampler_refusals_and_warnings(monkeypatch):
     kw = dict(batch_size=2, steps=4)
     with pytest.raises(TypeError, match="needs a block model"):
         sample_block_diffusion(SEDD(SEDD.config_for("cpu", tokens=N, n_blocks=1)), GRAPH, NOISE, **kw)
+    with pytest.raises(ValueError, match="the exact cache reuses network outputs only for a model that does not read"):
+        sample_block_diffusion(_model(time_conditioning=True), GRAPH, NOISE, cache=True, **kw)
     for bad, match in [(dict(predictor="nope"), "predictor must be one of"), (dict(top_p=1.5), "top_p"),
                        (dict(eos_id=N), "eos_id must be a real token"), (dict(steps=0), "steps must be"),
                        (dict(cache="maybe"), "cache must be")]:

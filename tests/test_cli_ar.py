@@ -96,7 +96,7 @@ def test_resume_is_exact_and_keeps_the_objective(env, trained, tmp_path):
     (["--graph", "uniform"], "--objective ar: --graph applies to the diffusion objective only"),
     (["--noise", "geometric", "--sampling-eps", "0.01"], "--noise, --sampling-eps apply to the diffusion"),
     (["--sample-steps", "4"], "--sample-steps applies to the diffusion objective only"),
-    (["--time-conditioning", "off"], "--time-conditioning applies to the diffusion objective only"),
+    (["--time-conditioning", "off"], "--time-conditioning applies to the diffusion and block-diffusion objectives only"),
     (["--objective", "gpt"], "invalid choice: 'gpt'"),
 ])
 def test_bad_combinations_are_one_line_and_exit_2(env, tmp_path, args, message):

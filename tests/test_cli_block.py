@@ -73,6 +73,7 @@ def test_training_writes_a_block_checkpoint(trained):
     assert config["objective"] == "block" and config["graph"] == {"type": "absorb"}
     assert config["model"]["block_size"] == 8 and config["model"]["time_conditioning"] is False
     assert not {"sample_steps", "block_size"} & set(config["training"])  # the model section holds b
+    assert config["training"]["mask_rate_range"] == "0.3,0.8"  # auto, settled for b = 8: what trained
     state = torch.load(trained / "training_state.pt", weights_only=False)
     assert state["cfg"]["block_size"] == 8 and state["cfg"]["time_conditioning"] == "off"
     p = load_pretrained(str(trained), device="cpu")
@@ -100,11 +101,42 @@ def test_resume_is_exact_and_keeps_the_block_size(trained, tmp_path, capsys):
     assert train("--resume", "--out", out, "--max-steps", 12, "--graph", "absorb") == 0  # what it implies
 
 
+def test_both_settings_round_trip_through_config_and_resume(tmp_path, capsys):
+    """Per-block sigma and the clipped mask-rate range: recorded in config.json (the model section,
+    the training section), read back by the objective, kept by --resume (a resumed run's weights
+    are the straight run's), the range changeable on resume and sigma frozen."""
+    flags = ["--time-conditioning", "on", "--mask-rate-range", "0.3,0.8", "--eval-every", 0, "--num-samples", 0]
+    straight, out = tmp_path / "straight", tmp_path / "resumed"
+    assert train(*TINY, *flags, "--max-steps", 6, "--out", straight) == 0
+    assert train(*TINY, *flags, "--max-steps", 3, "--out", out) == 0
+    assert train("--resume", "--out", out, "--max-steps", 6) == 0
+    assert (out / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["time_conditioning"] is True and config["training"]["mask_rate_range"] == "0.3,0.8"
+    assert "mask_rate_range" not in config["model"]
+    p = load_pretrained(str(out), device="cpu")
+    objective = objective_of(p.model)
+    assert p.model.time_conditioning and objective.mask_rate_range == (0.3, 0.8)
+    assert "sigma per block" in objective.describe() and "mask rates in [0.3, 0.8]" in objective.describe()
+    capsys.readouterr()
+    assert train("--resume", "--out", out, "--max-steps", 7, "--time-conditioning", "off") == 2
+    err = capsys.readouterr().err
+    assert "cannot change time_conditioning" in err and len(err.strip().splitlines()) == 1, err
+    assert train("--resume", "--out", out, "--max-steps", 7, "--mask-rate-range", "0.2,0.9") == 0
+    assert json.loads((out / "config.json").read_text())["training"]["mask_rate_range"] == "0.2,0.9"
+    assert train("--resume", "--out", out, "--max-steps", 8, "--mask-rate-range", "0.9,0.2") == 2
+    assert "--mask-rate-range must be auto or BETA,OMEGA with 0 <= BETA < OMEGA <= 1, got '0.9,0.2'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--block-size", "5"], "--objective block: --block-size 5 must divide --length 32"),
     (["--block-size", "0"], "--block-size must be a positive integer"),
     (["--graph", "uniform"], "--graph uniform cannot run: it takes --graph absorb"),
-    (["--time-conditioning", "on"], "--time-conditioning on cannot run: it takes --time-conditioning off"),
+    (["--mask-rate-range", "0.5,0.5"], "--objective block: --mask-rate-range must be auto or BETA,OMEGA with 0 <= BETA < "
+                                       "OMEGA <= 1, got '0.5,0.5'"),
+    (["--mask-rate-range", "0.4"], "--mask-rate-range must be auto or BETA,OMEGA"),
+    (["--objective", "sedd", "--mask-rate-range", "0.4,0.9", "--block-size", "8"],
+     "--objective sedd: --block-size, --mask-rate-range apply to the block-diffusion objective only"),
     (["--sample-steps", "4"], "--sample-steps applies to the diffusion objective only"),
     (["--objective", "ar"], "--objective ar: --block-size applies to the block-diffusion objective only"),
     (["--objective", "sedd"], "--objective sedd: --block-size applies to the block-diffusion objective only"),
@@ -114,6 +146,18 @@ def test_bad_combinations_are_one_line_and_exit_2_before_any_work(tmp_path, caps
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("b,rates", [(1, "0.45,0.95"), (4, "0.45,0.95"), (8, "0.3,0.8"), (16, "0.3,0.8"), (32, "0,1")])
+def test_auto_mask_rates_by_block_size_and_no_sigma_by_default(b, rates):
+    from train.config import resolve_config
+
+    cfg = resolve_config({"objective": "block", "block_size": b, "length": 32}, "cpu", None, 1)
+    assert cfg["mask_rate_range"] == rates and cfg["time_conditioning"] == "off"
+    given = resolve_config({"objective": "block", "block_size": b, "length": 32, "mask_rate_range": "0,1",
+                            "time_conditioning": "on"}, "cpu", None, 1)
+    assert given["mask_rate_range"] == "0,1" and given["time_conditioning"] == "on"  # the command line wins
+    assert resolve_config({}, "cpu", None, 1)["time_conditioning"] == "on"  # SEDD's default unchanged
 
 
 def test_the_implied_flags_may_be_given(tmp_path):
@@ -259,8 +303,13 @@ def test_the_harness_answers_for_a_block_checkpoint(trained):
                                       generator=torch.Generator().manual_seed(0))
     x_t = x0.clone()
     x_t[:, 5:] = p.graph.mask_id
+    # each block at the noise level at which its masked fraction (3/8, then 8/8) is masked on average
+    noise = lm.objective.noise
+    top = float(noise.total(torch.tensor(1.0)))
+    sigma = torch.tensor([[-math.log1p(-3 / 8), top]])
+    assert sigma[0, 0] > float(noise.total(torch.tensor(lm.objective.training["sampling_eps"])))
     with torch.no_grad():
-        want = p.model(x_t, x0, raw=True)[0, 5:, : p.graph.N].argmax(-1)
+        want = p.model(x_t, x0, sigma, raw=True)[0, 5:, : p.graph.N].argmax(-1)
     assert x0.shape[1] % 8 == 0 and score.greedy == torch.equal(want, x0[0, 5:])
     assert math.isfinite(score.nll) and score.nll > 0 and score.variance > 0
     (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("To be, or not to be",), 0)])

@@ -57,8 +57,9 @@ HELP = {
     "noise": "noise schedule: loglinear, geometric, or auto (loglinear for absorb, geometric for uniform)",
     "noise_eps": "epsilon of the log-linear schedule", "sigma_min": "geometric schedule sigma_min",
     "sigma_max": "geometric schedule sigma_max",
-    "time_conditioning": "on: the network reads sigma (SEDD); off: it does not (absorbing only; sigma enters "
-                         "through the score shift alone), so sampling with --cache reuses its outputs exactly",
+    "time_conditioning": "on (SEDD's default): the network reads sigma (--objective block: each block's own sigma); "
+                         "off (--objective block's default): it does not (absorbing only; sigma enters through the "
+                         "score shift alone), so sampling with --cache reuses its outputs exactly",
     "hidden_size": "transformer width", "cond_dim": "width of the sigma conditioning",
     "n_blocks": "transformer blocks", "n_heads": "attention heads",
     "length": "tokens per training block (documents are packed into blocks with EOS between them)",
@@ -91,8 +92,10 @@ GROUPS = {
 CHOICES = {"objective": list(OBJECTIVES), "graph": list(GRAPHS), "noise": ["auto", *NOISES],
            "time_conditioning": ["on", "off"]}
 # The flags of one objective alone (sedd.objectives: its `flags`, e.g. --block-size): every preset
-# takes their defaults, every other objective refuses them, and they shape the model (frozen).
+# takes their defaults, every other objective refuses them; they shape the model (frozen, in its
+# config), except the objective's training_flags (e.g. --mask-rate-range: the training section).
 OBJECTIVE_FLAGS = {key: cls for cls in OBJECTIVES.values() for key in cls.flags}
+MODEL_SHAPING_FLAGS = [key for key, cls in OBJECTIVE_FLAGS.items() if key not in cls.training_flags]
 for _key, _cls in OBJECTIVE_FLAGS.items():
     for _preset in PRESETS.values():
         _preset.setdefault(_key, _cls.flags[_key][0])
@@ -106,10 +109,10 @@ for _key, _cls in OBJECTIVE_FLAGS.items():
 # batch, and is derived again for another number of processes.
 FROZEN = ["data", "tokenizer", "doc_mask", "objective", "graph", "noise", "noise_eps", "sigma_min", "sigma_max",
           "time_conditioning", "hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "global_batch", "seed",
-          *OBJECTIVE_FLAGS]
+          *MODEL_SHAPING_FLAGS]
 MODEL_KEYS = ["hidden_size", "cond_dim", "n_blocks", "n_heads", "length", "dropout"]
 NOT_TRAINING = ["data", "tokenizer", "objective", "graph", "noise", "noise_eps", "sigma_min", "sigma_max",
-                "time_conditioning", *MODEL_KEYS, *OBJECTIVE_FLAGS]  # own keys in config.json
+                "time_conditioning", *MODEL_KEYS, *MODEL_SHAPING_FLAGS]  # own keys in config.json
 
 
 def parse_args(argv=None, *, epilog: str = ""):
@@ -206,7 +209,8 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
     """The run's configuration: ``PRESETS[preset]`` with the flags ``overrides``, or the ``saved``
     configuration of the run being resumed (from ``source``) with the flags that do not change
     what it trains.
-    Also settles ``noise="auto"`` and adds ``grad_accum`` (micro-batches per optimizer step).
+    Also settles ``noise="auto"`` and the objective's own "auto" values (:meth:`~sedd.objectives.Objective.settle_run`)
+    and adds ``grad_accum`` (micro-batches per optimizer step).
     Raises :class:`UsageError` for a combination that cannot run."""
     if saved is not None:
         cfg = dict(saved)
@@ -232,11 +236,13 @@ def resolve_config(overrides: dict, preset: str | None, saved: dict | None, worl
         cls = get_objective(cfg["objective"])
         for key in (*cls.refused_flags, *(k for k, owner in OBJECTIVE_FLAGS.items() if owner is not cls)):
             del cfg[key]
+        cfg.update({key: value for key, (value, _) in cls.default_flags.items() if key not in overrides})
         cfg.update({key: value for key, (value, _) in cls.implied_flags.items()})
-        try:
-            cls.check_run(cfg)
-        except ValueError as err:
-            raise UsageError(f"--objective {cfg['objective']}: {err}") from None
+    try:  # also on --resume, for the flags it may change
+        get_objective(cfg["objective"]).check_run(cfg)
+    except ValueError as err:
+        raise UsageError(f"--objective {cfg['objective']}: {err}") from None
+    get_objective(cfg["objective"]).settle_run(cfg)
     if cfg.get("noise") == "auto":
         cfg["noise"] = GRAPHS[cfg["graph"]].default_noise
     if cfg.get("time_conditioning") == "off" and not GRAPHS[cfg["graph"]].absorbing:

@@ -24,9 +24,10 @@ the adaLN conditioning from a learned constant instead of sigma, the next-token 
 the head fused into the loss. The diffusion flags (--graph, --noise, --sigma-min, --sampling-eps,
 --sample-steps, ...) do not apply to it and are refused. --objective block trains block diffusion
 (sedd.model.BlockSEDD): the sequence in blocks of --block-size tokens, each a SEDD model on the
-absorbing graph conditioned on the clean blocks before it (a block-causal mask over [x_t ; x0], no
-sigma input, its own noise level per block); it implies --graph absorb and --time-conditioning off.
-config.json records the objective (and the block size), and --resume keeps it.
+absorbing graph conditioned on the clean blocks before it (a block-causal mask over [x_t ; x0], its
+own noise level per block); it implies --graph absorb, reads no sigma unless --time-conditioning on
+(each block then at its own sigma), and --mask-rate-range BETA,OMEGA trains on a clipped range of
+masking rates. config.json records the objective (and the block size), and --resume keeps it.
 
 Units: the log, the progress bar and loss.png give nats per token (the loss of a block over its L
 tokens) and the perplexity: the autoregressive loss is the exact -log p, so exp(nats per token) is

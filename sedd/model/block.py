@@ -18,10 +18,14 @@ and a noisy block sees neither its own clean tokens nor anything after it; x0's 
 be read by nobody and is left out (for b = L nothing clean is left: the forward is SEDD's). Both
 streams take the positions 0 … L − 1 of their tokens (rotary).
 
-No σ input: every block has its own noise level, which the trunk's per-sequence adaLN conditioning
-cannot carry, so the network is the time-independent SEDD (``model.time_conditioning: false``,
-absorbing graph, ``scale_by_sigma``): c = SiLU(cond_embed) for every token, and σ_k enters only
-through block k's score shift, as the exact score does (docs/math.md, "Block diffusion").
+σ conditioning (``model.time_conditioning``; off by default, as it measured better). Without it
+the network is the time-independent SEDD: c = SiLU(cond_embed) for every token, and σ_k enters
+only through block k's score shift, as the exact score does (docs/math.md, "Block diffusion").
+With it, every block has its own noise level σ_k, so the adaLN conditioning is per token
+(:class:`sedd.model.layers.PerToken`): the tokens of noisy block k read c_k = SiLU(sigma_map(σ_k)),
+the clean tokens c_0 = SiLU(sigma_map(0)) (they are x0, noise level 0, and their keys and values
+then stay a function of x0 alone: the KV cache is exact). With one block and nothing clean (b = L)
+the conditioning is per sequence, SEDD's.
 
 Attention runs on SDPA with a boolean mask on every device (flash-attn's varlen kernel has no
 block-causal mask; FlexAttention is not used).
@@ -33,8 +37,8 @@ blocks outside ``forward`` (like :meth:`sedd.model.ARModel.step`), where FSDP2 h
 the weights, so a sharded model samples through ``forward(..., only_last_block=True)`` instead.
 
 Files: ``config.json`` (``"objective": "block"``, SEDD's ``tokens``, ``graph``, ``noise`` and
-``model`` with ``block_size`` and ``time_conditioning: false``) and ``model.safetensors``, SEDD's
-layout and keys (:mod:`sedd.model.checkpoint`).
+``model`` with ``block_size`` and ``time_conditioning``) and ``model.safetensors``, SEDD's layout
+and keys (:mod:`sedd.model.checkpoint`).
 """
 
 from __future__ import annotations
@@ -45,10 +49,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sedd.graph import GRAPHS
 from sedd.model.ar import KVCache
 from sedd.model.attention import AttentionPlan, check_backend, document_ids
+from sedd.model.checkpoint import normalise_config
 from sedd.model.ddit import SEDD
-from sedd.model.layers import HEAD_MULTIPLE
+from sedd.model.layers import HEAD_MULTIPLE, PerToken
 
 __all__ = ["BlockKVCache", "BlockSEDD", "block_diffusion_mask"]
 
@@ -99,9 +105,10 @@ class BlockSEDD(SEDD):
     config, a block-causal forward over noisy and clean tokens, and a KV cache for generation.
 
     Arguments:
-        config: a whole SEDD config with ``"objective": "block"``, the absorbing graph,
-            ``model.time_conditioning: false`` and ``model.block_size`` (b, a divisor of
-            ``model.length``); :meth:`config_for` makes one.
+        config: a whole SEDD config with ``"objective": "block"``, the absorbing graph and
+            ``model.block_size`` (b, a divisor of ``model.length``); ``model.time_conditioning``
+            true (SEDD's default for a config without the key) conditions each block on its own
+            σ; :meth:`config_for` makes one (without σ unless asked).
         attn_backend: "auto" or "sdpa" (both run SDPA); "flash" is refused.
         autocast_dtype, pad_head_to: as for :class:`sedd.model.SEDD`.
 
@@ -118,12 +125,13 @@ class BlockSEDD(SEDD):
         autocast_dtype: torch.dtype | None = torch.bfloat16,
         pad_head_to: int = HEAD_MULTIPLE,
     ):
+        graph = normalise_config(config, objective=self.objective)["graph"]
+        graph = graph["type"] if isinstance(graph, dict) else graph
+        if graph in GRAPHS and not GRAPHS[graph].absorbing:  # before SEDD's checks, whose message is about σ
+            raise ValueError(f"a block model needs the absorbing graph (got {graph!r}): a block's score given the "
+                             "clean blocks before it is the absorbing graph's")
         super().__init__(config, attn_backend=attn_backend, autocast_dtype=autocast_dtype, pad_head_to=pad_head_to)
         m = self.config["model"]
-        if self.time_conditioning:
-            raise ValueError("a block model needs model.time_conditioning: false: every block has its own noise "
-                             "level, which the per-sequence adaLN conditioning cannot carry; sigma enters through "
-                             "each block's score shift instead (BlockSEDD.config_for sets it)")
         if "block_size" not in m:
             raise ValueError("config model.block_size is missing: the tokens per diffusion block, a divisor of "
                              f"model.length ({self.length})")
@@ -133,12 +141,13 @@ class BlockSEDD(SEDD):
 
     @staticmethod
     def config_for(preset: str, *, block_size: int, tokens: int = 50257, noise: str | Mapping[str, Any] | None = None,
-                   **model_overrides: Any) -> dict[str, Any]:
+                   time_conditioning: bool = False, **model_overrides: Any) -> dict[str, Any]:
         """A whole config for a preset of :data:`sedd.model.PRESETS` with blocks of ``block_size``
-        tokens: the absorbing graph, no time conditioning, e.g.
+        tokens on the absorbing graph, the network reading no σ unless ``time_conditioning`` (each
+        block then conditioned on its own σ; at the cpu preset it gave b = 4 a worse bound), e.g.
         ``BlockSEDD(BlockSEDD.config_for("cpu", block_size=16, tokens=4096))``."""
-        config = SEDD.config_for(preset, tokens=tokens, noise=noise, time_conditioning=False, block_size=block_size,
-                                 **model_overrides)
+        config = SEDD.config_for(preset, tokens=tokens, noise=noise, time_conditioning=time_conditioning,
+                                 block_size=block_size, **model_overrides)
         return {"objective": "block", **config}
 
     # -- attention backend ----------------------------------------------------------------------
@@ -179,6 +188,9 @@ class BlockSEDD(SEDD):
                              f"a block reads before it), got {context!r}")
 
     def _check_block_sigma(self, sigma: Any, B: int, K: int, device: torch.device) -> torch.Tensor:
+        if sigma is None:
+            raise ValueError(f"sigma is missing: this block model reads the noise of every block ([B, K] = [{B}, {K}]; "
+                             "model.time_conditioning is true)")
         if not isinstance(sigma, torch.Tensor) or sigma.shape != (B, K):
             got = list(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__
             raise ValueError(f"sigma must be a [B, K] = [{B}, {K}] tensor (the noise of every block), got {got}")
@@ -204,8 +216,10 @@ class BlockSEDD(SEDD):
         Arguments:
             x_t: [B, L] noisy token ids in [0, V), L a multiple of the block size.
             x0: [B, L] clean token ids in [0, N); block k of the output reads blocks < k of it.
-            sigma: [B, K] total noise of every block, finite and > 0; needed for the scores
-                (``raw=False``) only: the network does not read it.
+            sigma: [B, K] total noise of every block, finite and > 0: what a time-conditioned
+                network reads (block k's tokens at σ_k, module docstring); without time
+                conditioning only the scores (``raw=False``) need it. With ``only_last_block``
+                the last column is read.
             raw: return the network output z (the shift per block is :meth:`score_shift` of σ_k).
             attention_mask: [B, L] bool, True on real tokens: padding is never attended to (in
                 either stream) and its own outputs are unspecified.
@@ -227,7 +241,7 @@ class BlockSEDD(SEDD):
         K, b = self._check_blocks("x_t", x_t), self.block_size
         attention_mask, segment_ids = self._check_layouts(x_t, attention_mask, segment_ids)
         self._check_context(context)
-        if not raw and head is None:
+        if sigma is not None or (not raw and head is None) or self.time_conditioning:
             sigma = self._check_block_sigma(sigma, B, K, x_t.device)
         first = L - b if only_last_block else 0  # the first noisy position scored
         # the tokens of both streams and their positions; x0's last block is read by no one
@@ -238,7 +252,8 @@ class BlockSEDD(SEDD):
             allowed = block_diffusion_mask(L - first, L - b, b, start=first, context=context, device=x_t.device)[None]
         if attention_mask is not None or segment_ids is not None:
             allowed = self._layout_mask(allowed, positions, attention_mask, segment_ids)
-        z = self._run_masked(torch.cat([noisy, clean], dim=1), positions, allowed, L - first, head)
+        c = self._conditioning(None if sigma is None else sigma[:, first // b :], L - b)
+        z = self._run_masked(torch.cat([noisy, clean], dim=1), positions, allowed, L - first, head, c)
         if raw or head is not None:
             return z
         shift = self._score_shift(sigma.reshape(-1)).view(B, K)[:, first // b :]
@@ -261,18 +276,42 @@ class BlockSEDD(SEDD):
             allowed = allowed | torch.eye(S, dtype=torch.bool, device=positions.device)
         return allowed
 
-    def _run_masked(self, tokens, positions, allowed, n_noisy: int, head):
+    def _block_cond(self, sigma: torch.Tensor | None) -> torch.Tensor:
+        """The conditioning of a block at the noise ``sigma`` [r] of each row: [r, C] (σ = 0: the
+        clean stream's), or the time-independent model's one row [1, C] (``sigma`` unread).
+        Outside autocast, as SEDD's (σ's features feed every block's scale and gate)."""
+        if not self.time_conditioning:
+            return F.silu(self.cond_embed)[None]  # one row for the whole batch
+        return F.silu(self.sigma_map(sigma))
+
+    def _conditioning(self, sigma: torch.Tensor | None, n_clean: int) -> torch.Tensor | PerToken:
+        """The conditioning of the noisy blocks at ``sigma`` [B, K'] followed by ``n_clean`` clean
+        tokens: one row per sequence where every token reads the same one (no time conditioning;
+        one block and nothing clean: SEDD's c), else :class:`PerToken` with K' + 1 rows per
+        sequence, noisy block k's tokens reading row k and the clean tokens row K' (σ = 0)."""
+        if not self.time_conditioning:
+            return self._block_cond(None)
+        B, K = sigma.shape
+        if K == 1 and not n_clean:
+            return self._block_cond(sigma[:, 0])
+        noisy = self._block_cond(sigma.reshape(-1)).view(B, K, -1)
+        clean = self._block_cond(sigma.new_zeros(1))  # [1, C]
+        rows = torch.cat([noisy, clean[:, None].expand(B, 1, -1)], dim=1)
+        groups = torch.cat([torch.arange(K, device=sigma.device).repeat_interleave(self.block_size),
+                            torch.full((n_clean,), K, device=sigma.device)])
+        return PerToken(rows, groups)
+
+    def _run_masked(self, tokens, positions, allowed, n_noisy: int, head, c):
         """The DDiT blocks over ``tokens`` [B, S] (noisy first) at ``positions`` [S] with the
-        attention ``allowed`` ([1 or B, S, S], or None for full attention); the output layer (or
-        ``head``) on the first ``n_noisy`` tokens."""
+        attention ``allowed`` ([1 or B, S, S], or None for full attention) and the conditioning
+        ``c``; the output layer (or ``head``) on the first ``n_noisy`` tokens."""
         h = self.vocab_embed(tokens.long())
-        c = F.silu(self.cond_embed)[None]  # [1, C]: one row for the whole batch
         cos, sin = (t[positions] for t in self.rotary_emb(int(positions.max()) + 1, h.device))
         plan = AttentionPlan("sdpa", sdpa_mask=None if allowed is None else allowed[:, None])
         with self._amp(h.device):
             for block in self.blocks:
                 h = block(h, c, cos, sin, plan)
-            return self.output_layer(h[:, :n_noisy], c, head)
+            return self.output_layer(h[:, :n_noisy], c.first(n_noisy) if isinstance(c, PerToken) else c, head)
 
     def _postprocess_blocks(self, z: torch.Tensor, x_t: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """ŝ = z + shift of each position's block (shift [B, K]), then ŝ[x_t] = 0: float32."""
@@ -300,12 +339,12 @@ class BlockSEDD(SEDD):
         device = device if device is not None else self.vocab_embed.embedding.device
         return BlockKVCache(self, batch, capacity, torch.device(device))
 
-    def _cache_inputs(self, tokens: torch.Tensor, start: int):
+    def _cache_inputs(self, tokens: torch.Tensor, start: int, sigma: torch.Tensor | None):
         if self.training:
             raise RuntimeError("the KV-cached steps run in eval mode only (no dropout): call model.eval() first")
         h = self.vocab_embed(tokens.long())
         cos, sin = (t[start:] for t in self.rotary_emb(start + tokens.shape[1], h.device))
-        return h, F.silu(self.cond_embed)[None], cos, sin
+        return h, self._block_cond(sigma), cos, sin
 
     @torch.no_grad()
     def extend(self, x0: torch.Tensor, cache: BlockKVCache, *, context: int | None = None) -> None:
@@ -324,7 +363,8 @@ class BlockSEDD(SEDD):
         start, n, b = cache.length, x0.shape[1], self.block_size
         if start + n > cache.capacity:
             raise ValueError(f"the cache holds {cache.capacity} positions; {start} + {n} do not fit")
-        h, c, cos, sin = self._cache_inputs(x0, start)
+        # clean tokens at σ = 0, as the clean stream of forward reads them
+        h, c, cos, sin = self._cache_inputs(x0, start, x0.new_zeros(1, dtype=torch.float32))
         lo = 0 if context is None else max(0, start - context)  # the first cached position any of them reads
         mask = None  # one block sees itself and the cache from lo: no mask
         if n > b:
@@ -337,24 +377,30 @@ class BlockSEDD(SEDD):
         cache.length = start + n
 
     @torch.no_grad()
-    def block_scores(self, x_t: torch.Tensor, cache: BlockKVCache, *, rows: torch.Tensor | None = None,
+    def block_scores(self, x_t: torch.Tensor, cache: BlockKVCache, *, sigma: torch.Tensor | None = None,
+                     rows: torch.Tensor | None = None,
                      head: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None,
                      context: int | None = None) -> Any:
         """The raw output z [r, b, V] (compute dtype) of the noisy block ``x_t`` [r, b] at positions
-        ``cache.length`` …, given the cached clean blocks of the batch rows ``rows`` (default: all
-        of them, r = the cache's batch), the last ``context`` tokens of them only where given (as
-        :meth:`extend`), or what ``head`` returns for its hidden states [r, b, D].
-        The cache is not extended. The numbers of :meth:`forward`'s block at that position, up to
-        float rounding."""
+        ``cache.length`` … and noise ``sigma`` [r] (what a time-conditioned network reads), given
+        the cached clean blocks of the batch rows ``rows`` (default: all of them, r = the cache's
+        batch), the last ``context`` tokens of them only where given (as :meth:`extend`), or what
+        ``head`` returns for its hidden states [r, b, D]. The cache is not extended. The numbers of
+        :meth:`forward`'s block at that position, up to float rounding."""
         self._check_tokens(x_t)
         self._check_context(context)
+        if sigma is None and self.time_conditioning:
+            raise ValueError(f"sigma is missing: this block model reads the noise of the block ([r] = "
+                             f"[{x_t.shape[0]}]; model.time_conditioning is true)")
+        if sigma is not None:
+            sigma = self._check_sigma(sigma, x_t.shape[0], x_t.device)
         start, b = cache.length, self.block_size
         lo = 0 if context is None else max(0, start - context)
         if x_t.shape[1] != b:
             raise ValueError(f"x_t must be one block [r, {b}], got {list(x_t.shape)}")
         if start + b > cache.capacity:
             raise ValueError(f"the cache holds {cache.capacity} positions: no room for a block after {start}")
-        h, c, cos, sin = self._cache_inputs(x_t, start)
+        h, c, cos, sin = self._cache_inputs(x_t, start, sigma)
         if rows is not None:
             rows = rows.to(h.device)
         with self._amp(h.device):

@@ -8,7 +8,7 @@ differs between objectives, so no other module compares the name:
   :meth:`Objective.model_config` (a run's config.json) and :meth:`Objective.build`;
 * training: :meth:`Objective.loss`, :meth:`Objective.validation_losses`, ``loss_label``, the
   training flags it does not read (``refused_flags``, refused by ``train/config.py``), those it
-  fixes (``implied_flags``), its own (``flags``: every other objective refuses them) and the check
+  fixes (``implied_flags``), those whose default it changes (``default_flags``), its own (``flags``: every other objective refuses them) and the check
   of a run's configuration before any work (:meth:`Objective.check_run`);
 * the likelihood: :meth:`Objective.likelihood` (the SEDD bound, or an exact NLL: ``exact``), and
   of a continuation given its context, :meth:`Objective.continuation` (where

@@ -50,8 +50,14 @@ class Objective:
     # run-config keys this objective fixes, {key: (value, why)}: the flag given with another value
     # is refused, and the run takes that value
     implied_flags: ClassVar[dict[str, tuple[Any, str]]] = {}
+    # run-config keys whose default this objective changes, {key: (value, why)}: the flag given
+    # on the command line wins
+    default_flags: ClassVar[dict[str, tuple[Any, str]]] = {}
     # train/run.py flags of this objective alone, {key: (default, help)}: every other objective refuses them
     flags: ClassVar[dict[str, tuple[Any, str]]] = {}
+    # those of its flags that are training hyper-parameters (config.json's training section, may
+    # change on --resume); the others shape the model (its model config records them; frozen)
+    training_flags: ClassVar[tuple[str, ...]] = ()
 
     graph: Graph | None = None
     noise: Noise | None = None
@@ -81,6 +87,11 @@ class Objective:
     def check_run(cls, run: dict) -> None:
         """ValueError (one line, naming the flags) for a train/run.py configuration ``run`` this
         objective cannot train, before any work."""
+
+    @classmethod
+    def settle_run(cls, run: dict) -> None:
+        """Replace, in ``run`` (checked by :meth:`check_run`), the "auto" values of this objective's
+        flags by what they choose, so that config.json records what trained."""
 
     def build(self, config: dict, autocast_dtype=None) -> torch.nn.Module:
         return self.model_class(config, autocast_dtype=autocast_dtype)

@@ -3,6 +3,8 @@ the loss and bound :mod:`sedd.block_diffusion`, the sampler :mod:`sedd.sampling.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +12,7 @@ from sedd.block_diffusion import (
     block_diffusion_loss,
     block_diffusion_sequence_bounds,
     block_diffusion_validation_losses,
+    mask_rate_range,
 )
 from sedd.model import BlockSEDD
 from sedd.objectives.base import register_objective
@@ -17,6 +20,17 @@ from sedd.objectives.diffusion import Diffusion
 from sedd.sampling import SamplingSpec, sample_block_diffusion
 
 __all__ = ["BlockDiffusion"]
+
+FULL_RANGE = "0,1"  # --mask-rate-range: every masking rate, the bound's own draws
+# --mask-rate-range auto: BD3-LM's ranges by block size (their LM1B search), the largest b each
+# applies to; larger blocks train on every rate (b = L is SEDD). b = 4 and 16 measured here
+# (benchmarks/results/block-cpu-2026-12-07.md, "Per-block sigma and the clipped schedule").
+CLIPPED_RANGES = ((4, "0.45,0.95"), (16, "0.3,0.8"))
+
+
+def auto_mask_rates(block_size: int) -> str:
+    """``--mask-rate-range auto`` for blocks of ``block_size`` tokens."""
+    return next((rates for largest, rates in CLIPPED_RANGES if block_size <= largest), FULL_RANGE)
 
 
 @register_objective
@@ -30,11 +44,22 @@ class BlockDiffusion(Diffusion):
     model_class = BlockSEDD
     sampler = "block"
     loss_label = "score entropy over blocks (nats per token)"  # train/run.py's loss.png
-    flags = {"block_size": (16, "--objective block: tokens per diffusion block, a divisor of --length (1 is "
-                                "autoregressive, --length is SEDD)")}
+    flags = {
+        "block_size": (16, "--objective block: tokens per diffusion block, a divisor of --length (1 is "
+                           "autoregressive, --length is SEDD)"),
+        "mask_rate_range": ("auto", "--objective block: BETA,OMEGA, 0 <= BETA < OMEGA <= 1: each block's training "
+                                    "time is drawn among those whose masking rate lies in [BETA, OMEGA] (BD3-LM's "
+                                    "clipped schedule: a training loss of lower variance; the validation loss and "
+                                    "eval.py's bound keep the whole range); 0,1: every rate; auto: BD3-LM's range for "
+                                    "the block size, 0.45,0.95 up to b = 4, 0.3,0.8 up to 16, else 0,1"),
+    }
+    training_flags = ("mask_rate_range",)
     implied_flags = {
         "graph": ("absorb", "a block's score given the clean blocks before it is the absorbing graph's"),
-        "time_conditioning": ("off", "every block has its own sigma, which enters through its score shift alone"),
+    }
+    default_flags = {
+        "time_conditioning": ("off", "at the cpu preset, per-block sigma conditioning gave b = 4 a worse bound "
+                                     "(benchmarks/results/block-cpu-2026-12-07.md); BD3-LM's models read no sigma either"),
     }
     # the end-of-run samples take one reverse step per token of each block
     refused_flags = ("sample_steps",)
@@ -42,6 +67,13 @@ class BlockDiffusion(Diffusion):
 
     @classmethod
     def check_run(cls, run: dict) -> None:
+        rates = run.get("mask_rate_range", FULL_RANGE)  # a run saved before the flag: all of them
+        try:
+            if rates != "auto":
+                mask_rate_range(rates)
+        except ValueError:
+            raise ValueError(f"--mask-rate-range must be auto or BETA,OMEGA with 0 <= BETA < OMEGA <= 1, got "
+                             f"{rates!r}") from None
         b, L = run["block_size"], run["length"]
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"--block-size must be a positive integer, got {b!r}")
@@ -51,10 +83,16 @@ class BlockDiffusion(Diffusion):
                              f"({divisors})")
 
     @classmethod
+    def settle_run(cls, run: dict) -> None:
+        if run.get("mask_rate_range") == "auto":
+            run["mask_rate_range"] = auto_mask_rates(run["block_size"])
+
+    @classmethod
     def model_config(cls, run: dict, tokens: int, model_keys: dict) -> dict:
         return BlockSEDD.config_for(run["preset"], block_size=run["block_size"], tokens=tokens,
                                     noise={"type": run["noise"], "sigma_min": run["sigma_min"],
-                                           "sigma_max": run["sigma_max"], "eps": run["noise_eps"]}, **model_keys)
+                                           "sigma_max": run["sigma_max"], "eps": run["noise_eps"]},
+                                    time_conditioning=run["time_conditioning"] == "on", **model_keys)
 
     @property
     def block_size(self) -> int | None:
@@ -64,12 +102,23 @@ class BlockDiffusion(Diffusion):
     def min_window(self) -> int | None:
         return self.block_size  # a block reads itself at least
 
+    @property
+    def mask_rate_range(self) -> tuple[float, float]:
+        """The masking rates the training draws within (a config that records none: all of them)."""
+        return mask_rate_range(self.training.get("mask_rate_range", FULL_RANGE))
+
     def describe(self) -> str:
-        return f"block diffusion, blocks of {self.block_size} tokens, {super().describe()}, no sigma input"
+        sigma = "sigma per block" if self.time_conditioning else "no sigma input"
+        words = f"block diffusion, blocks of {self.block_size} tokens, {super().describe()}, {sigma}"
+        if self.mask_rate_range != (0.0, 1.0):
+            words += ", trained on mask rates in [{:g}, {:g}]".format(*self.mask_rate_range)
+        return words
 
     def loss(self, model, x0, generator, scale: float, **model_kwargs) -> torch.Tensor:
+        clipped = self.mask_rate_range
         return block_diffusion_loss(model, x0, self.graph, self.noise, generator=generator,
-                                    sampling_eps=self.training["sampling_eps"], scale=scale, **model_kwargs)
+                                    sampling_eps=self.training["sampling_eps"], scale=scale,
+                                    mask_rate_range=None if clipped == (0.0, 1.0) else clipped, **model_kwargs)
 
     def validation_losses(self, net, x0, generators, **model_kwargs) -> torch.Tensor:
         return block_diffusion_validation_losses(net, x0, self.graph, self.noise, generators,
@@ -95,13 +144,19 @@ class BlockDiffusion(Diffusion):
     @torch.no_grad()
     def _greedy(self, model, tokens, context):
         # every continuation position masked, each block read against the clean blocks before it
-        # (its own context positions clean); no σ input and a block's σ shifts all its scores
-        # alike, so the raw output has the scores' argmax
+        # (its own context positions clean), at the σ where its masked fraction is masked on
+        # average (as SEDD's); a block's σ shifts all its scores alike, so the raw output has
+        # the scores' argmax
         n = tokens.shape[1]
         x0, mask = self._whole_blocks(tokens, None)
         x_t = x0.clone()
         x_t[:, context:] = self.graph.mask_id
-        best = model(x_t, x0, raw=True, attention_mask=mask)[0, context:n, : self.graph.N].argmax(-1)
+        b = self.block_size
+        masked = (x_t == self.graph.mask_id).view(1, -1, b).double().mean(-1)  # [1, K]
+        top = float(self.noise.total(torch.tensor(1.0, dtype=torch.float64)))
+        floor = float(self.noise.total(torch.tensor(self.training["sampling_eps"], dtype=torch.float64)))
+        sigma = (-torch.log1p(-masked.clamp_max(1 - math.exp(-top)))).clamp(floor, top).float().to(x0.device)
+        best = model(x_t, x0, sigma, raw=True, attention_mask=mask)[0, context:n, : self.graph.N].argmax(-1)
         return bool(torch.equal(best, tokens[0, context:]))
 
     def likelihood_probe(self, model, x, generator=None) -> None:
@@ -116,10 +171,11 @@ class BlockDiffusion(Diffusion):
     def training_spec(self, *, fsdp: bool = False) -> SamplingSpec:
         # the KV cache reads the weights outside forward(), where FSDP2 has not gathered them:
         # under FSDP every network call re-runs the clean blocks instead (the same tokens)
-        return SamplingSpec(kv_cache=not fsdp, cache=True)
+        return SamplingSpec(kv_cache=not fsdp, cache=not self.time_conditioning)
 
     def sample_note(self) -> str:
-        return f"blocks of {self.block_size}, one analytic step per token of each, exact cache"
+        cache = "" if self.time_conditioning else ", exact cache"
+        return f"blocks of {self.block_size}, one analytic step per token of each{cache}"
 
     def default_steps(self, window: int) -> int | None:
         return self.block_size  # each block's sampler runs on its b tokens

@@ -3,8 +3,9 @@ by a diffusion sampler given the clean blocks before it, whose keys and values a
 cache; no window is ever re-run.
 
 For block k of b tokens: :func:`sedd.sampling.sample` runs on a [B, b] batch with any predictor
-("analytic", "euler", "first_hitting", any registered one), truncation and its exact output cache
-(``cache=True``: the network does not read σ), with the model's scores of that block read against
+("analytic", "euler", "first_hitting", any registered one), truncation and its output cache (exact,
+``cache=True``, for a network that does not read σ), with the model's scores of that block, at the
+sampler's σ, read against
 the cache (:meth:`sedd.model.BlockSEDD.block_scores`); then the finished block is appended to the
 cache in one pass over its b clean tokens (:meth:`~sedd.model.BlockSEDD.extend`). The spec's
 ``kv_cache=False`` re-runs the clean prefix at every network call instead (``forward(..., only_last_block=True)``),
@@ -84,15 +85,16 @@ class BlockSamplingStats(SamplingStats):
 class _BlockScores:
     """The block at ``start`` as :func:`sedd.sampling.sample` sees a model: ``forward(x_t [r, b],
     sigma [r], raw=, head=, rows=)`` scores it given the clean blocks before it, read from the KV
-    cache or (``prefix``: their tokens [B, start]) recomputed. σ enters through the score shift
-    only, so the sampler's own output cache is exact (``time_conditioning`` False)."""
+    cache or (``prefix``: their tokens [B, start]) recomputed. ``time_conditioning`` is the
+    network's: without it σ enters through the score shift only, and the sampler's own output
+    cache is exact."""
 
-    time_conditioning = False
     takes_rows = True  # sedd.sampling.cache.NetworkCalls passes the rows of a sub-batch
 
     def __init__(self, model, cache=None, prefix: torch.Tensor | None = None, context: int | None = None):
         self.model, self.cache, self.prefix, self.context = model, cache, prefix, context
         self.length = unwrap(model).block_size
+        self.time_conditioning = getattr(unwrap(model), "time_conditioning", False)
 
     def score_shift(self, sigma: torch.Tensor) -> torch.Tensor:
         return unwrap(self.model).score_shift(sigma)
@@ -101,12 +103,14 @@ class _BlockScores:
                 rows: torch.Tensor | None = None):
         window = {} if self.context is None else {"context": self.context}
         if self.cache is not None:
-            z = unwrap(self.model).block_scores(x_t, self.cache, rows=rows, head=head, **window)
+            z = unwrap(self.model).block_scores(x_t, self.cache, sigma=sigma, rows=rows, head=head, **window)
         else:
             prefix = self.prefix if rows is None else self.prefix[rows.to(self.prefix.device)]
-            # the block's tokens stand in for x0's last block, which the forward does not read
+            # the block's tokens stand in for x0's last block, which the forward does not read; the
+            # forward reads the last block's σ of the [r, K] it takes
+            blocks = prefix.shape[1] // self.length + 1
             z = self.model(torch.cat([prefix, x_t], 1), torch.cat([prefix, prefix.new_zeros(x_t.shape)], 1),
-                           raw=True, head=head, only_last_block=True, **window)
+                           sigma[:, None].expand(-1, blocks), raw=True, head=head, only_last_block=True, **window)
         if raw or head is not None:
             return z
         out = z.float() + self.score_shift(sigma)[:, None, None]
@@ -135,8 +139,9 @@ def _check(model, graph, batch_size, length, spec: SamplingSpec, eos_id, pad_id)
     for name, value in (("batch_size", batch_size), ("length", length)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    # σ enters through the score shift only: the sampler's output cache is exact (_BlockScores)
-    spec.validate(target_for("block", graph=graph, time_conditioning=False, min_window=net.block_size))
+    # without time conditioning σ enters through the score shift only: the output cache is exact
+    spec.validate(target_for("block", graph=graph, time_conditioning=getattr(net, "time_conditioning", False),
+                             min_window=net.block_size))
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
                                   or not 0 <= value < graph.N):

@@ -24,7 +24,7 @@ __all__ = ["BlockDiffusion"]
 FULL_RANGE = "0,1"  # --mask-rate-range: every masking rate, the bound's own draws
 # --mask-rate-range auto: BD3-LM's ranges by block size (their LM1B search), the largest b each
 # applies to; larger blocks train on every rate (b = L is SEDD). b = 4, 8 and 16 measured here
-# (benchmarks/results/block-cpu-2026-12-07.md, "Per-block sigma and the clipped schedule").
+# (benchmarks/results/block-cpu-2026-12-07.md, "The clipped ranges by block size").
 CLIPPED_RANGES = ((4, "0.45,0.95"), (16, "0.3,0.8"))
 
 

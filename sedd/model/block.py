@@ -49,10 +49,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sedd.graph import GRAPHS
 from sedd.model.ar import KVCache
 from sedd.model.attention import AttentionPlan, check_backend, document_ids
-from sedd.model.checkpoint import normalise_config
 from sedd.model.ddit import SEDD
 from sedd.model.layers import HEAD_MULTIPLE, PerToken
 
@@ -125,11 +123,6 @@ class BlockSEDD(SEDD):
         autocast_dtype: torch.dtype | None = torch.bfloat16,
         pad_head_to: int = HEAD_MULTIPLE,
     ):
-        graph = normalise_config(config, objective=self.objective)["graph"]
-        graph = graph["type"] if isinstance(graph, dict) else graph
-        if graph in GRAPHS and not GRAPHS[graph].absorbing:  # before SEDD's checks, whose message is about σ
-            raise ValueError(f"a block model needs the absorbing graph (got {graph!r}): a block's score given the "
-                             "clean blocks before it is the absorbing graph's")
         super().__init__(config, attn_backend=attn_backend, autocast_dtype=autocast_dtype, pad_head_to=pad_head_to)
         m = self.config["model"]
         if "block_size" not in m:
@@ -138,6 +131,11 @@ class BlockSEDD(SEDD):
         self.block_size = int(m["block_size"])
         if self.length % self.block_size:
             raise ValueError(f"config model.block_size ({self.block_size}) must divide model.length ({self.length})")
+
+    def _check_graph(self) -> None:
+        if not self.absorb:
+            raise ValueError(f"a block model needs the absorbing graph (got {self.graph_type!r}): a block's score "
+                             "given the clean blocks before it is the absorbing graph's")
 
     @staticmethod
     def config_for(preset: str, *, block_size: int, tokens: int = 50257, noise: str | Mapping[str, Any] | None = None,

@@ -325,6 +325,7 @@ class SEDD(DDiTTrunk):
         if self.vocab_size < 2:
             raise ValueError(f"config tokens = {self.tokens} gives graph {self.graph_type!r} score rows of width "
                              f"{self.vocab_size}; at least 2 are needed")
+        self._check_graph()
 
         cond_dim, n_blocks, mlp_ratio, dropout = self._read_sizes(m)
         self.scale_by_sigma = bool(m.get("scale_by_sigma", True))
@@ -344,6 +345,10 @@ class SEDD(DDiTTrunk):
             self.cond_embed = nn.Parameter(0.125 * torch.randn(cond_dim))
         self._build_trunk(cond_dim, n_blocks, mlp_ratio, dropout, self.vocab_size, attn_backend=attn_backend,
                           autocast_dtype=autocast_dtype, pad_head_to=pad_head_to)
+
+    def _check_graph(self) -> None:
+        """ValueError for a forward process this network cannot model (a subclass's; SEDD takes
+        both), before the checks of its other settings."""
 
     # -- presets --------------------------------------------------------------------------------
 

@@ -90,9 +90,7 @@ class BlockDiffusion(Diffusion):
     @classmethod
     def model_config(cls, run: dict, tokens: int, model_keys: dict) -> dict:
         return BlockSEDD.config_for(run["preset"], block_size=run["block_size"], tokens=tokens,
-                                    noise={"type": run["noise"], "sigma_min": run["sigma_min"],
-                                           "sigma_max": run["sigma_max"], "eps": run["noise_eps"]},
-                                    time_conditioning=run["time_conditioning"] == "on", **model_keys)
+                                    **cls.process_keys(run), **model_keys)
 
     @property
     def block_size(self) -> int | None:

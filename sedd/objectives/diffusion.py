@@ -35,12 +35,18 @@ class Diffusion(Objective):
             self.graph, self.noise = graph_from_config(config), noise_from_config(config)
             self.time_conditioning = config.get("model", {}).get("time_conditioning", True) is not False
 
+    @staticmethod
+    def process_keys(run: dict) -> dict:
+        """The forward-process keywords of ``config_for`` from a train/run.py configuration: the
+        noise schedule and whether the network reads σ."""
+        return {"noise": {"type": run["noise"], "sigma_min": run["sigma_min"], "sigma_max": run["sigma_max"],
+                          "eps": run["noise_eps"]},
+                "time_conditioning": run["time_conditioning"] == "on"}
+
     @classmethod
     def model_config(cls, run: dict, tokens: int, model_keys: dict) -> dict:
-        return SEDD.config_for(run["preset"], graph=run["graph"], tokens=tokens,
-                               noise={"type": run["noise"], "sigma_min": run["sigma_min"],
-                                      "sigma_max": run["sigma_max"], "eps": run["noise_eps"]},
-                               time_conditioning=run["time_conditioning"] == "on", **model_keys)
+        return SEDD.config_for(run["preset"], graph=run["graph"], tokens=tokens, **cls.process_keys(run),
+                               **model_keys)
 
     def describe(self) -> str:
         noise = self.config.get("noise", {}).get("type") if self.config else self.noise

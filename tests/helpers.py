@@ -265,6 +265,10 @@ def _gloo_process(rank: int, world: int, rendezvous: str, errors, worker) -> Non
     except BaseException as e:
         errors.put(f"rank {rank}: {type(e).__name__}: {e}")
         raise
+    else:
+        # neither rank tears gloo down while the other may still use it: a rank that exited first
+        # once aborted the other in its teardown ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
